@@ -1,0 +1,1 @@
+"""The per-host agent: supervisor, routers and health checks behind a Unix-socket control API."""

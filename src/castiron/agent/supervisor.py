@@ -1,0 +1,1 @@
+"""Supervises local instances: starts, watches and replaces processes; never restarts in place."""

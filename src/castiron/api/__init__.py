@@ -1,0 +1,1 @@
+"""The HTTP API edge (later): parses requests, calls the engine, renders responses."""

@@ -1,0 +1,1 @@
+"""The command line edge: parses input, calls the library, renders output. Thin by design."""

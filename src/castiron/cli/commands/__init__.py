@@ -1,0 +1,15 @@
+"""One module per command (or command group); :mod:`castiron.cli.main` registers them.
+
+Each module exposes ``commands: list[click.Command]``. Add new modules to
+:data:`COMMAND_MODULES` (keep it sorted by module name).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from castiron.cli.commands import version_cmd
+
+COMMAND_MODULES: list[ModuleType] = [
+    version_cmd,
+]

@@ -1,0 +1,94 @@
+"""The ``castiron`` command: the root group, global options and the error boundary.
+
+Expected failures (:class:`castiron.errors.CastironError`) become one ``error: ...`` line and
+the documented exit code; anything else is a bug and is shown with a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from castiron import __version__
+from castiron.cli.context import CliContext
+from castiron.cli.render import emit_error
+from castiron.errors import CastironError, ExitCode
+from castiron.settings import load_settings
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(
+    __version__, "--version", prog_name="castiron", message="%(prog)s %(version)s"
+)
+@click.option(
+    "--home",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="State directory (default: $CASTIRON_HOME, else .castiron/ beside the spec).",
+)
+@click.option(
+    "-f",
+    "--file",
+    "spec_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Spec file (default: $CASTIRON_SPEC, else ./castiron.yaml).",
+)
+@click.pass_context
+def cli(ctx: click.Context, home: Path | None, spec_file: Path | None) -> None:
+    """castiron: bake immutable images, deploy them with zero downtime, roll back in a blink.
+
+    Exit codes: 0 ok, 1 operation failed, 2 usage or spec error, 3 drift found,
+    4 environment locked, 5 refused by policy.
+    """
+    settings = load_settings(os.environ, spec_path=spec_file, home=home)
+    ctx.obj = CliContext(settings=settings)
+
+
+def _register() -> None:
+    # Each command module exposes `commands`, a list of click commands or groups.
+    from castiron.cli.commands import COMMAND_MODULES
+
+    for module in COMMAND_MODULES:
+        for command in module.commands:
+            cli.add_command(command)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code (the console script's entry point)."""
+    try:
+        cli.main(args=argv, prog_name="castiron", standalone_mode=False)
+    except CastironError as exc:
+        emit_error(str(exc))
+        return int(exc.exit_code)
+    except click.exceptions.Abort:
+        emit_error("aborted")
+        return int(ExitCode.FAILED)
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        return int(ExitCode.USAGE) if exc.exit_code == 2 else int(exc.exit_code)
+    except KeyboardInterrupt:
+        emit_error("interrupted")
+        return 130
+    except BrokenPipeError:
+        return int(ExitCode.OK)
+    except Exception:
+        traceback.print_exc()
+        sys.stderr.write(
+            "castiron hit an unexpected error (a bug). Please report it with the traceback above.\n"
+        )
+        return 70
+    return int(ExitCode.OK)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

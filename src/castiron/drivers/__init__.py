@@ -1,0 +1,1 @@
+"""Runtime drivers: one small protocol per runtime; create, destroy, observe, inspect. No policy."""

@@ -1,0 +1,1 @@
+"""The engine: the only place where spec meets runtime (plans, strategies, rollback, drift)."""

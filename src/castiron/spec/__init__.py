@@ -1,0 +1,4 @@
+"""The spec: parses and validates ``castiron.yaml`` into frozen model objects.
+
+Knows nothing else.
+"""

@@ -1,0 +1,1 @@
+"""State: images, releases, deployments, journal, instances, events, locks and the audit chain."""

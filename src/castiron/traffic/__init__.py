@@ -1,0 +1,1 @@
+"""Traffic: routers that switch backend sets atomically, drain, weight and count per release."""

@@ -1,0 +1,69 @@
+"""Shared fixtures: a per-test CASTIRON_HOME, an in-process CLI runner, and the CI guard.
+
+The CI guard: with CI=true, a skipped test marked ``docker``, ``haproxy`` or ``sandbox`` fails
+the session, because those legs must run in CI.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from castiron.cli.main import main
+
+GUARDED_MARKERS = ("docker", "haproxy", "sandbox")
+_guarded_skips: list[str] = []
+
+
+@dataclass
+class CliResult:
+    """What a CLI invocation produced."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh CASTIRON_HOME for the test, set in the environment."""
+    path = tmp_path / "home"
+    monkeypatch.setenv("CASTIRON_HOME", str(path))
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("CASTIRON_ACTOR", "tester@testhost")
+    return path
+
+
+@pytest.fixture
+def run_cli(home: Path, capfd: pytest.CaptureFixture[str]) -> Iterator[object]:
+    """Run ``castiron ARGS`` in-process; returns a :class:`CliResult`."""
+
+    def _run(*args: str) -> CliResult:
+        capfd.readouterr()
+        code = main(list(args))
+        out, err = capfd.readouterr()
+        return CliResult(code, out, err)
+
+    yield _run
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and any(m in report.keywords for m in GUARDED_MARKERS):
+        _guarded_skips.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if os.environ.get("CI", "").lower() == "true" and _guarded_skips:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(
+                f"CI=true but {len(_guarded_skips)} Docker/HAProxy/sandbox test(s) were skipped:",
+                red=True,
+            )
+            for nodeid in _guarded_skips:
+                reporter.write_line(f"  {nodeid}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
