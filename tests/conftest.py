@@ -28,6 +28,24 @@ class CliResult:
     stderr: str
 
 
+@pytest.fixture(scope="session")
+def docker_engine() -> Iterator[object]:
+    """A ``docker.DockerClient`` on the local engine; skips (a failure in CI) without one."""
+    try:
+        import docker
+    except ImportError:
+        pytest.skip("the docker SDK is not installed")
+    try:
+        client = docker.from_env(timeout=60)
+        client.ping()
+    except Exception as exc:
+        pytest.skip(f"no Docker engine: {exc}")
+    try:
+        yield client
+    finally:
+        client.close()
+
+
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh CASTIRON_HOME for the test, set in the environment."""
