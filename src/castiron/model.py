@@ -6,8 +6,12 @@ spec format, the state schema, or any runtime; it imports only :mod:`castiron.er
 
 from __future__ import annotations
 
+import dataclasses as _dc
 import hashlib
 import re
+from collections.abc import Mapping as _Mapping
+from pathlib import Path as _Path
+from typing import Literal as _Literal
 from typing import NewType
 
 from castiron.errors import UsageError
@@ -48,4 +52,94 @@ def is_name(value: str) -> bool:
     return bool(_NAME_RE.match(value))
 
 
-__all__ = ["Digest", "ReleaseId", "is_digest", "is_name", "parse_digest", "sha256_digest"]
+# --- values the engine hands to drivers (drivers never see the spec) -------------------------
+
+
+Isolation = _Literal["auto", "sandbox", "none"]
+InstanceState = _Literal["starting", "running", "exited", "missing"]
+
+
+@_dc.dataclass(frozen=True)
+class ImageRef:
+    """An image in castiron's store, by digest. Drivers load or unpack it from ``store``."""
+
+    digest: Digest
+    """The manifest digest: the image's identity."""
+    config_digest: Digest
+    """The config digest: Docker's image ID once loaded."""
+    store: _Path
+    """The OCI image layout that holds the image."""
+
+
+@_dc.dataclass(frozen=True)
+class InstanceSpec:
+    """Everything a driver needs to create one instance; resolved by the engine.
+
+    ``env`` holds resolved secrets: drivers pass it to the instance and never persist or log
+    the values of ``secret_names``.
+    """
+
+    id: str
+    app: str
+    environment: str
+    release: ReleaseId
+    image: ImageRef
+    command: tuple[str, ...]
+    env: _Mapping[str, str]
+    workdir: str
+    port: int
+    host: str = "127.0.0.1"
+    user: str | None = None
+    secret_names: frozenset[str] = frozenset()
+    isolation: Isolation = "auto"
+    writable: tuple[str, ...] = ()
+    memory: str | None = None
+    cpus: float | None = None
+    labels: _Mapping[str, str] = _dc.field(default_factory=dict)
+
+
+@_dc.dataclass(frozen=True)
+class Instance:
+    """A created instance, as recorded and observed. Never modified: only destroyed."""
+
+    id: str
+    app: str
+    environment: str
+    release: ReleaseId
+    runtime: str
+    address: str
+    """``HOST:PORT`` where it serves."""
+    handle: str
+    """The runtime's own handle: a pid and start time, a container id, ..."""
+    image: Digest
+
+
+@_dc.dataclass(frozen=True)
+class Observed:
+    """What a driver sees of an instance, for status and drift detection."""
+
+    instance: Instance
+    state: InstanceState
+    image: Digest | None
+    """The digest actually running (None when it cannot be told)."""
+    config: _Mapping[str, object] = _dc.field(default_factory=dict)
+    """Runtime config as observed: env (names only for secrets), command, user, ports, labels."""
+    stray: bool = False
+    """True when the runtime shows it but castiron's records do not know it."""
+    exit_code: int | None = None
+
+
+__all__ = [
+    "Digest",
+    "ImageRef",
+    "Instance",
+    "InstanceSpec",
+    "InstanceState",
+    "Isolation",
+    "Observed",
+    "ReleaseId",
+    "is_digest",
+    "is_name",
+    "parse_digest",
+    "sha256_digest",
+]

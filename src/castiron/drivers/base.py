@@ -1,0 +1,54 @@
+"""The runtime driver protocol: create, destroy, observe, inspect — and nothing else.
+
+There is deliberately no update, exec or patch: an instance is never modified after it is
+created (invariant 1). A driver sees only model values (:class:`InstanceSpec`,
+:class:`ImageRef`), never the spec, and decides no policy (no retries, no replacement, no
+health judgement): the engine does.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from castiron.model import ImageRef, Instance, InstanceSpec, Observed
+
+MUTATING_VERBS = ("update", "exec", "patch", "restart", "modify", "set")
+"""Verbs a driver must never offer (a conformance test checks every driver)."""
+
+
+class Driver(Protocol):
+    """One runtime (local processes, Docker, ...)."""
+
+    name: str
+
+    def ensure_image(self, image: ImageRef) -> None:
+        """Make ``image`` available to the runtime (load, unpack). Idempotent.
+
+        Raises:
+            RuntimeDriverError: when the image cannot be made available.
+            DigestMismatchError: when what the runtime holds is not ``image``.
+        """
+        ...
+
+    def create(self, spec: InstanceSpec) -> Instance:
+        """Create and start a NEW instance; returns it with its address.
+
+        Raises:
+            RuntimeDriverError: when the runtime cannot create it (naming env and instance).
+        """
+        ...
+
+    def destroy(self, instance: Instance, grace: float) -> None:
+        """Stop ``instance`` (SIGTERM, then SIGKILL after ``grace`` s) and remove it.
+
+        Destroying an instance that is already gone is not an error.
+        """
+        ...
+
+    def observe(self, app: str, environment: str) -> list[Observed]:
+        """Everything of ``app``/``environment`` the runtime shows, strays included."""
+        ...
+
+    def inspect(self, instance: Instance) -> Observed:
+        """What runs for ``instance`` (state ``missing`` when it is gone)."""
+        ...

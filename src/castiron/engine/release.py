@@ -1,0 +1,159 @@
+"""Releases: an image digest plus the fully resolved runtime config of one environment.
+
+Owns how a spec and a digest become a :class:`Release` and how its id is derived (a hash of
+both, so changing one env var makes a new release). Secret *values* never enter a release:
+only references (``env:NAME`` / ``file:PATH``), resolved at deploy time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from castiron.errors import UsageError
+from castiron.model import Digest, ReleaseId
+from castiron.spec.schema import Spec
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """The resolved health check of a release."""
+
+    kind: str
+    """``http``, ``tcp``, ``command`` or ``none``."""
+    target: str
+    """The http path, or the command as a JSON list; empty for tcp/none."""
+    interval: float
+    timeout: float
+    healthy_after: int
+    start_period: float
+
+
+@dataclass(frozen=True)
+class ReleaseConfig:
+    """Everything about how a release runs, except the image itself."""
+
+    app: str
+    environment: str
+    runtime: str
+    replicas: int
+    port: int
+    env: tuple[tuple[str, str], ...]
+    secrets: tuple[tuple[str, str], ...]
+    """(NAME, reference) pairs: ``env:VAR`` or ``file:PATH``; never values."""
+    health: HealthConfig
+    isolation: str
+    network: str
+    writable: tuple[str, ...]
+    memory: str | None
+    cpus: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (lists for tuples, dicts for pair lists)."""
+        data = asdict(self)
+        data["env"] = dict(self.env)
+        data["secrets"] = dict(self.secrets)
+        data["writable"] = list(self.writable)
+        return data
+
+
+@dataclass(frozen=True)
+class Release:
+    """An image digest plus its resolved config; ``id`` is a hash of both."""
+
+    id: ReleaseId
+    digest: Digest
+    config: ReleaseConfig
+
+    @property
+    def environment(self) -> str:
+        return self.config.environment
+
+
+def canonical_json(data: Any) -> bytes:
+    """Sorted keys, no insignificant whitespace, UTF-8."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def release_id(digest: Digest, config: ReleaseConfig) -> ReleaseId:
+    """The id of the release made of ``digest`` and ``config``."""
+    payload = canonical_json({"digest": digest, "config": config.to_json()})
+    return ReleaseId(hashlib.sha256(payload).hexdigest()[:16])
+
+
+def resolve_release(spec: Spec, environment: str, digest: Digest) -> Release:
+    """Resolve ``environment`` of ``spec`` running image ``digest`` into a release.
+
+    Raises:
+        UsageError: when ``environment`` is not in the spec.
+    """
+    env = spec.environments.get(environment)
+    if env is None:
+        known = ", ".join(sorted(spec.environments)) or "none"
+        raise UsageError(f"no environment {environment!r} in the spec (known: {known})")
+    service = spec.service
+    health = service.health
+    if health.http is not None:
+        kind, target = "http", health.http
+    elif health.tcp:
+        kind, target = "tcp", ""
+    elif health.command is not None:
+        kind, target = "command", json.dumps(list(health.command))
+    else:
+        kind, target = "none", ""
+    merged_env = {**service.env, **env.env}
+    secrets = {
+        name: (f"env:{ref.env}" if ref.env is not None else f"file:{ref.file}")
+        for name, ref in service.secrets.items()
+    }
+    config = ReleaseConfig(
+        app=spec.app,
+        environment=environment,
+        runtime=env.runtime,
+        replicas=env.replicas if env.replicas is not None else service.replicas,
+        port=service.port,
+        env=tuple(sorted(merged_env.items())),
+        secrets=tuple(sorted(secrets.items())),
+        health=HealthConfig(
+            kind=kind,
+            target=target,
+            interval=health.interval,
+            timeout=health.timeout,
+            healthy_after=health.healthy_after,
+            start_period=health.start_period,
+        ),
+        isolation=env.isolation,
+        network=env.network,
+        writable=tuple(service.writable),
+        memory=service.memory,
+        cpus=service.cpus,
+    )
+    return Release(id=release_id(digest, config), digest=digest, config=config)
+
+
+def release_from_json(data: dict[str, Any]) -> Release:
+    """Rebuild a release stored with :func:`release_to_json`.
+
+    Raises:
+        UsageError: when the record does not describe a release, or its id does not match.
+    """
+    try:
+        cfg = dict(data["config"])
+        cfg["env"] = tuple(sorted(dict(cfg["env"]).items()))
+        cfg["secrets"] = tuple(sorted(dict(cfg["secrets"]).items()))
+        cfg["writable"] = tuple(cfg["writable"])
+        cfg["health"] = HealthConfig(**cfg["health"])
+        config = ReleaseConfig(**cfg)
+        release = Release(id=ReleaseId(data["id"]), digest=Digest(data["digest"]), config=config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UsageError(f"not a release record: {exc}") from exc
+    if release_id(release.digest, config) != release.id:
+        raise UsageError(f"release record {release.id} does not match its content")
+    return release
+
+
+def release_to_json(release: Release) -> dict[str, Any]:
+    """A JSON-ready record of ``release``."""
+    return {"id": release.id, "digest": release.digest, "config": release.config.to_json()}

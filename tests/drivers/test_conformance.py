@@ -1,0 +1,119 @@
+"""The driver conformance suite: every driver (fake, local, docker, ...) passes the same tests.
+
+A new driver joins by adding a case to ``DRIVER_CASES``: a factory that returns the driver and an
+image it can run (an HTTP server answering on ``$PORT``).
+"""
+
+from __future__ import annotations
+
+import inspect as pyinspect
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from castiron.drivers.base import MUTATING_VERBS, Driver
+from castiron.drivers.fake import FakeDriver
+from castiron.errors import RuntimeDriverError
+from castiron.model import Digest, ImageRef, InstanceSpec, ReleaseId
+
+
+@dataclass
+class DriverCase:
+    driver: Driver
+    image: ImageRef
+    command: tuple[str, ...]
+
+
+def _fake_case(tmp_path: Path) -> DriverCase:
+    image = ImageRef(Digest("sha256:" + "a" * 64), Digest("sha256:" + "b" * 64), tmp_path)
+    return DriverCase(FakeDriver(), image, ("server",))
+
+
+DRIVER_CASES: dict[str, Callable[[Path], DriverCase]] = {"fake": _fake_case}
+
+
+@pytest.fixture(params=sorted(DRIVER_CASES))
+def case(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DriverCase]:
+    made = DRIVER_CASES[request.param](tmp_path)
+    yield made
+    for observed in made.driver.observe("conf", "test"):
+        made.driver.destroy(observed.instance, grace=1.0)
+
+
+def _spec(case: DriverCase, instance_id: str, port: int = 0, **env: str) -> InstanceSpec:
+    return InstanceSpec(
+        id=instance_id,
+        app="conf",
+        environment="test",
+        release=ReleaseId("r-1"),
+        image=case.image,
+        command=case.command,
+        env={"GREETING": "hi", **env},
+        workdir="/app",
+        port=port,
+    )
+
+
+def test_protocol_has_no_mutating_verbs(case: DriverCase) -> None:
+    names = {n for n, _ in pyinspect.getmembers(case.driver) if not n.startswith("_")}
+    offending = {n for n in names if any(n.startswith(v) for v in MUTATING_VERBS)}
+    assert offending == set()
+    protocol_names = {n for n in vars(Driver) if not n.startswith("_")} | set(
+        Driver.__annotations__
+    )
+    assert protocol_names == {"name", "ensure_image", "create", "destroy", "observe", "inspect"}
+
+
+def test_ensure_image_is_idempotent(case: DriverCase) -> None:
+    case.driver.ensure_image(case.image)
+    case.driver.ensure_image(case.image)
+
+
+def test_create_observe_destroy(case: DriverCase) -> None:
+    case.driver.ensure_image(case.image)
+    instance = case.driver.create(_spec(case, "i-1"))
+    assert instance.id == "i-1"
+    assert instance.release == "r-1"
+    assert instance.image == case.image.digest
+    host, _, port = instance.address.rpartition(":")
+    assert host and int(port) > 0
+    observed = case.driver.observe("conf", "test")
+    assert [o.instance.id for o in observed] == ["i-1"]
+    assert observed[0].state in {"starting", "running"}
+    assert observed[0].image == case.image.digest
+    assert not observed[0].stray
+    case.driver.destroy(instance, grace=2.0)
+    assert case.driver.observe("conf", "test") == []
+    assert case.driver.inspect(instance).state == "missing"
+
+
+def test_destroy_twice_is_not_an_error(case: DriverCase) -> None:
+    case.driver.ensure_image(case.image)
+    instance = case.driver.create(_spec(case, "i-2"))
+    case.driver.destroy(instance, grace=1.0)
+    case.driver.destroy(instance, grace=1.0)
+
+
+def test_instance_ids_are_never_reused(case: DriverCase) -> None:
+    case.driver.ensure_image(case.image)
+    case.driver.create(_spec(case, "i-3"))
+    with pytest.raises(RuntimeDriverError, match="i-3"):
+        case.driver.create(_spec(case, "i-3"))
+
+
+def test_observe_is_scoped_to_app_and_environment(case: DriverCase) -> None:
+    case.driver.ensure_image(case.image)
+    case.driver.create(_spec(case, "i-4"))
+    assert case.driver.observe("conf", "other") == []
+    assert case.driver.observe("other", "test") == []
+
+
+def test_inspect_reports_config(case: DriverCase) -> None:
+    case.driver.ensure_image(case.image)
+    instance = case.driver.create(_spec(case, "i-5", EXTRA="1"))
+    observed = case.driver.inspect(instance)
+    env = observed.config.get("env")
+    assert isinstance(env, dict)
+    assert env.get("EXTRA") == "1"
