@@ -1,0 +1,52 @@
+"""Secrets: references resolved at deploy time, never written anywhere castiron keeps.
+
+Owns turning a release's secret references (``env:VAR``, ``file:PATH``) into values for the
+instances of one deployment. Values live only in memory and in the instances' environment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from castiron.engine.release import Release
+from castiron.errors import UsageError
+
+MAX_SECRET_BYTES = 64 * 1024
+
+
+def resolve_secrets(
+    release: Release, environ: Mapping[str, str], base_dir: Path
+) -> dict[str, str]:
+    """Values of ``release``'s secrets, read from ``environ`` or files under ``base_dir``.
+
+    Raises:
+        UsageError: naming the secret and its reference when a value cannot be read.
+    """
+    values: dict[str, str] = {}
+    for name, ref in release.config.secrets:
+        kind, _, target = ref.partition(":")
+        if kind == "env":
+            if target not in environ:
+                raise UsageError(
+                    f"secret {name}: environment variable {target} is not set "
+                    f"(environment {release.environment})"
+                )
+            values[name] = environ[target]
+        elif kind == "file":
+            path = Path(target)
+            if not path.is_absolute():
+                path = base_dir / path
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise UsageError(f"secret {name}: cannot read {path}: {exc.strerror}") from exc
+            if len(data) > MAX_SECRET_BYTES:
+                raise UsageError(f"secret {name}: {path} is larger than 64 KiB")
+            try:
+                values[name] = data.decode("utf-8").rstrip("\n")
+            except UnicodeDecodeError as exc:
+                raise UsageError(f"secret {name}: {path} is not UTF-8 text") from exc
+        else:
+            raise UsageError(f"secret {name}: unknown reference {ref!r}")
+    return values
