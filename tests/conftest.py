@@ -7,9 +7,12 @@ the session, because those legs must run in CI.
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,6 +38,14 @@ def docker_engine() -> Iterator[object]:
         import docker
     except ImportError:
         pytest.skip("the docker SDK is not installed")
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if host.startswith("unix://"):
+        # Probe first: the SDK leaks its socket when the connection fails (a ResourceWarning).
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(host.removeprefix("unix://"))
+            except OSError as exc:
+                pytest.skip(f"no Docker engine at {host}: {exc}")
     try:
         client = docker.from_env(timeout=60)
         client.ping()
@@ -44,6 +55,28 @@ def docker_engine() -> Iterator[object]:
         yield client
     finally:
         client.close()
+
+
+BUSYBOX_IMAGE = "castiron-test/busybox:latest"
+
+
+@pytest.fixture(scope="session")
+def busybox_image(docker_engine: Any, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tag of a tiny image built once per session: ``FROM scratch``, ``/bin/busybox``
+    (busybox-static), ``CMD ["/bin/busybox", "sh"]``. Get its id with
+    ``docker_engine.images.get(busybox_image).id``."""
+    busybox = Path("/bin/busybox")
+    if not busybox.is_file():
+        pytest.skip("/bin/busybox is missing: install busybox-static")
+    context = tmp_path_factory.mktemp("busybox-image")
+    shutil.copy2(busybox, context / "busybox")
+    (context / "Dockerfile").write_text(
+        'FROM scratch\nCOPY busybox /bin/busybox\nCMD ["/bin/busybox", "sh"]\n'
+    )
+    docker_engine.images.build(
+        path=str(context), tag=BUSYBOX_IMAGE, network_mode="host", pull=False, rm=True, forcerm=True
+    )
+    return BUSYBOX_IMAGE
 
 
 @pytest.fixture

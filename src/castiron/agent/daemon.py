@@ -1,1 +1,962 @@
-"""The agent process: composes the supervisor, routers and health checks; serves the control API."""
+"""The agent process: composes the supervisor, a router and the fd keeper; serves the control API.
+
+Owns the agent's life cycle (one agent per ``CASTIRON_HOME``: an exclusive ``flock`` on
+``agent/agent.lock`` held for the agent's life, and ``agent/agent.pid``), the control API
+(HTTP/1.1 + JSON on the Unix socket ``agent/agent.sock``, mode 0600, in a 0700 directory),
+the persisted route configurations (``agent/routes.json``), the event list
+(``agent/events.jsonl``) and the optional Prometheus listener.
+
+On start it adopts the instances a previous agent left running, takes the listening sockets
+back from the fd keeper and re-applies the recorded routes, so listeners are back within a
+second of a restart. On SIGTERM/SIGINT (or ``POST /v1/shutdown``) routers drain and close and
+the keeper lets the ports go; supervised instances are left running.
+
+This is a process entry point (``python -m castiron.agent.daemon --home H``), like the CLI: it
+may log to stderr and exit. It knows nothing of the spec, the engine or the state store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import time
+import traceback
+import urllib.parse
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from castiron import __version__
+from castiron.agent.client import (
+    API_VERSION,
+    LOCK_NAME,
+    PID_NAME,
+    SOCKET_NAME,
+    AgentEvent,
+    AgentStatus,
+    EventKind,
+    SpawnRequest,
+    from_json,
+    to_json,
+    unix_address,
+)
+from castiron.agent.fdkeeper import FdKeeperClient
+from castiron.agent.routes import (
+    counters_to_json,
+    is_loopback,
+    route_from_json,
+    route_to_json,
+    split_address,
+)
+from castiron.agent.supervisor import LogPolicy, Supervisor, rotate_file, write_json_atomic
+from castiron.errors import AgentError, CastironError, NotFoundError, RouterError, UsageError
+from castiron.traffic.base import RouteConfig, Router
+from castiron.traffic.stats import prometheus_text
+
+log = logging.getLogger("castiron.agent")
+
+ROUTES_NAME = "routes.json"
+METRICS_NAME = "metrics.json"
+EVENTS_NAME = "events.jsonl"
+INSTANCES_NAME = "instances.json"
+_MAX_BODY = 1024 * 1024
+_MAX_HEAD = 16 * 1024
+_HEAD_TIMEOUT = 10.0
+_EVENTS_KEPT = 5000
+_HOUSEKEEPING_INTERVAL = 1.0
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    """How one agent process runs."""
+
+    home: Path
+    """The ``CASTIRON_HOME`` it serves; its files live in ``home/agent``."""
+    router: Literal["builtin", "haproxy"] = "builtin"
+    """The data plane: the builtin asyncio proxy or a system HAProxy."""
+    haproxy_bin: str = "haproxy"
+    metrics: str | None = None
+    """Loopback ``HOST:PORT`` for a Prometheus listener (overrides a recorded one)."""
+    log_file: Path | None = None
+    """The file stderr goes to, when daemonised; rotated like instance logs."""
+    log_policy: LogPolicy = field(default_factory=LogPolicy)
+    keep_listeners: bool = True
+    """Hand listening sockets to the fd keeper so they outlive the agent process."""
+
+    @property
+    def agent_dir(self) -> Path:
+        """``home/agent``."""
+        return self.home / "agent"
+
+
+# --- single instance ------------------------------------------------------------------------------
+
+
+def acquire_lock(agent_dir: Path, *, wait: float = 1.0) -> int:
+    """Take the agent lock of ``agent_dir``; returns the fd that holds it (keep it open).
+
+    Waits up to ``wait`` seconds, because a status probe may hold it for a moment.
+
+    Raises:
+        AgentError: when another agent holds it.
+    """
+    fd = os.open(agent_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                try:
+                    pid = (agent_dir / PID_NAME).read_text().strip()
+                except OSError:
+                    pid = "unknown"
+                raise AgentError(
+                    f"another agent already runs for {agent_dir.parent} (pid {pid}); "
+                    "stop it with `castiron agent stop`"
+                ) from None
+            time.sleep(0.02)
+
+
+# --- events ---------------------------------------------------------------------------------------
+
+
+class EventLog:
+    """Numbered events, kept in memory (the newest few thousand) and in ``events.jsonl``."""
+
+    def __init__(self, path: Path, keep: int = _EVENTS_KEPT) -> None:
+        self.path = path
+        self._events: deque[AgentEvent] = deque(maxlen=keep)
+        self._seq = 0
+        self._load()
+
+    @property
+    def last_seq(self) -> int:
+        """The number of the newest event (0 when none)."""
+        return self._seq
+
+    def append(self, event: AgentEvent) -> AgentEvent:
+        """Number ``event``, keep it and append it to the file (errors are logged)."""
+        self._seq += 1
+        numbered = replace(event, seq=self._seq)
+        self._events.append(numbered)
+        try:
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(to_json(numbered), sort_keys=True) + "\n")
+            if self.path.stat().st_size > 4 * 1024 * 1024:
+                self._compact()
+        except OSError as exc:
+            log.error("cannot write %s: %s", self.path, exc)
+        return numbered
+
+    def since(self, seq: int) -> list[AgentEvent]:
+        """Events numbered above ``seq``, oldest first."""
+        return [e for e in self._events if e.seq > seq]
+
+    def _compact(self) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("w", encoding="utf-8") as fh:
+            for e in self._events:
+                fh.write(json.dumps(to_json(e), sort_keys=True) + "\n")
+        os.replace(tmp, self.path)
+
+    def _load(self) -> None:
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.error("cannot read %s: %s", self.path, exc)
+            return
+        for n, line in enumerate(lines, 1):
+            try:
+                event = from_json(AgentEvent, json.loads(line), f"{self.path.name}:{n}")
+            except (ValueError, UsageError) as exc:
+                log.warning("skipping a bad event line: %s", exc)
+                continue
+            self._events.append(event)
+            self._seq = max(self._seq, event.seq)
+
+
+# --- a minimal HTTP/1.1 server side ---------------------------------------------------------------
+
+
+class HttpError(Exception):
+    """An HTTP error answer: ``status`` and a reason for ``{"error": ...}``."""
+
+    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = headers or {}
+
+
+@dataclass(frozen=True)
+class Request:
+    """One parsed request."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    body: bytes
+
+
+_REASONS = {
+    200: "OK",
+    201: "Created",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    409: "Conflict",
+    411: "Length Required",
+    413: "Content Too Large",
+    500: "Internal Server Error",
+    505: "HTTP Version Not Supported",
+}
+
+
+async def read_request(reader: asyncio.StreamReader) -> Request:
+    """Read one HTTP/1.x request (``Content-Length`` bodies only).
+
+    Raises:
+        HttpError: for malformed, oversized or chunked requests.
+    """
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.LimitOverrunError:
+        raise HttpError(413, "request head too large") from None
+    except asyncio.IncompleteReadError:
+        raise HttpError(400, "incomplete request") from None
+    if len(head) > _MAX_HEAD:
+        raise HttpError(413, "request head too large")
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3:
+        raise HttpError(400, "malformed request line")
+    method, target, version = parts
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        raise HttpError(505, f"unsupported protocol {version!r}")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise HttpError(400, "malformed header line")
+        headers[name.lower()] = value.strip()
+    if "transfer-encoding" in headers:
+        raise HttpError(411, "chunked request bodies are not supported; send Content-Length")
+    length_text = headers.get("content-length", "0")
+    if not length_text.isdigit():
+        raise HttpError(400, "bad Content-Length")
+    length = int(length_text)
+    if length > _MAX_BODY:
+        raise HttpError(413, f"body larger than {_MAX_BODY} bytes")
+    try:
+        body = await reader.readexactly(length)
+    except asyncio.IncompleteReadError:
+        raise HttpError(400, "body shorter than its Content-Length") from None
+    split = urllib.parse.urlsplit(target)
+    query: dict[str, str] = {}
+    for key, value in urllib.parse.parse_qsl(split.query, keep_blank_values=True):
+        query[key] = value
+    return Request(method=method, path=urllib.parse.unquote(split.path), query=query, body=body)
+
+
+def response_bytes(
+    status: int,
+    body: bytes,
+    content_type: str = "application/json",
+    headers: dict[str, str] | None = None,
+) -> bytes:
+    """A complete ``Connection: close`` HTTP/1.1 response."""
+    lines = [
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+        *(f"{k}: {v}" for k, v in (headers or {}).items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def _refuse_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json_body(request: Request) -> object:
+    if not request.body:
+        raise HttpError(400, "body: a JSON object is required")
+    try:
+        return json.loads(request.body, parse_constant=_refuse_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HttpError(400, f"body: invalid JSON: {exc}") from None
+
+
+def _query_number(request: Request, name: str, default: float, low: float, high: float) -> float:
+    text = request.query.get(name)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise HttpError(400, f"query {name}: {text!r} is not a number") from None
+    if not low <= value <= high:
+        raise HttpError(400, f"query {name}: must be between {low:g} and {high:g}")
+    return value
+
+
+# --- the agent ------------------------------------------------------------------------------------
+
+
+Handler = Callable[[Request, "asyncio.StreamWriter", dict[str, str]], Awaitable[object]]
+
+
+class _Streamed:
+    """Marker: the handler wrote its own response."""
+
+
+STREAMED = _Streamed()
+
+
+class Agent:
+    """One agent process: its routes, instances, events and control API."""
+
+    def __init__(self, options: AgentOptions, router: Router | None = None) -> None:
+        self.options = options
+        self.dir = options.agent_dir
+        self.started_at = time.time()
+        self.events = EventLog(self.dir / EVENTS_NAME)
+        self.supervisor = Supervisor(
+            self.dir / INSTANCES_NAME,
+            self.dir / "logs",
+            on_event=self._event,
+            log_policy=options.log_policy,
+        )
+        log_fd = None if options.log_file is None else sys.stderr.fileno()
+        self.keeper = FdKeeperClient(self.dir, log_fd=log_fd) if options.keep_listeners else None
+        self.router: Router = router if router is not None else self._make_router()
+        self.routes: dict[str, RouteConfig] = {}
+        self.inherited: set[str] = set()
+        self.metrics_listen: str | None = None
+        self._metrics_server: asyncio.Server | None = None
+        self._routes_lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self._control: asyncio.Server | None = None
+        table: list[tuple[str, dict[str, Handler]]] = [
+            (r"/health", {"GET": self._health}),
+            (r"/status", {"GET": self._status}),
+            (r"/shutdown", {"POST": self._shutdown}),
+            (r"/events", {"GET": self._events}),
+            (r"/metrics", {"GET": self._metrics_get, "PUT": self._metrics_put}),
+            (r"/routes", {"GET": self._routes_list}),
+            (
+                r"/routes/(?P<env>[^/]+)",
+                {"GET": self._route_get, "PUT": self._route_put, "DELETE": self._route_delete},
+            ),
+            (r"/routes/(?P<env>[^/]+)/counters", {"GET": self._route_counters}),
+            (r"/instances", {"GET": self._instances_list, "POST": self._instances_spawn}),
+            (
+                r"/instances/(?P<id>[^/]+)",
+                {"GET": self._instance_get, "DELETE": self._instance_delete},
+            ),
+            (r"/instances/(?P<id>[^/]+)/logs", {"GET": self._instance_logs}),
+        ]
+        self._endpoints = [(re.compile(pattern), methods) for pattern, methods in table]
+
+    # -- composition
+
+    def _make_router(self) -> Router:
+        if self.options.router == "haproxy":
+            from castiron.traffic.haproxy import HaproxyRouter
+
+            return HaproxyRouter(self.dir / "haproxy", haproxy_bin=self.options.haproxy_bin)
+        from castiron.traffic.proxy import BuiltinRouter
+
+        return BuiltinRouter(listen_socket_factory=self._listen_socket)
+
+    def _listen_socket(self, address: str) -> socket.socket:
+        """The listening socket for ``address``: the kept one if any, else a new one."""
+        if self.keeper is not None:
+            kept = self.keeper.get(address)
+            if kept is not None:
+                kept.setblocking(False)
+                self.inherited.add(address)
+                log.info("listener %s taken over from the fd keeper", address)
+                return kept
+        host, port = split_address(address, "listen")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(1024)
+        except OSError as exc:
+            sock.close()
+            raise RouterError(f"cannot listen on {address}: {exc.strerror or exc}") from exc
+        sock.setblocking(False)
+        if self.keeper is not None:
+            try:
+                self.keeper.put(address, sock)
+            except AgentError as exc:
+                log.warning("listener %s will not survive an agent restart: %s", address, exc)
+        return sock
+
+    def _event(self, event: AgentEvent) -> None:
+        numbered = self.events.append(event)
+        log.info(
+            "event %d %s %s%s",
+            numbered.seq,
+            numbered.kind,
+            numbered.instance or numbered.environment,
+            f" ({numbered.detail})" if numbered.detail else "",
+        )
+
+    def _note(self, kind: EventKind, environment: str = "", detail: str = "") -> None:
+        self._event(
+            AgentEvent(seq=0, at=time.time(), kind=kind, environment=environment, detail=detail)
+        )
+
+    # -- life cycle
+
+    async def run(self, ready: Callable[[], None] | None = None) -> None:
+        """Serve until asked to stop (signal or API). The lock must already be held.
+
+        Raises:
+            AgentError: when the records are unreadable or the control socket cannot be bound.
+        """
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        await self.supervisor.open()
+        await self._restore_routes()
+        metrics = self.options.metrics or self._recorded_metrics()
+        if metrics:
+            try:
+                await self._set_metrics(metrics)
+            except CastironError as exc:
+                log.error("metrics listener %s not started: %s", metrics, exc)
+        self._control = await self._bind_control()
+        housekeeping = loop.create_task(self._housekeeping())
+        self._note("agent-started", detail=f"pid {os.getpid()}")
+        log.info("agent %d ready on %s", os.getpid(), self.dir / SOCKET_NAME)
+        if ready is not None:
+            ready()
+        try:
+            await self._stop.wait()
+        finally:
+            log.info("agent stopping")
+            housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await housekeeping
+            self._control.close()
+            with contextlib.suppress(FileNotFoundError):
+                (self.dir / SOCKET_NAME).unlink()
+            await self._close_metrics()
+            try:
+                await self.router.close()
+            except Exception:
+                log.exception("router close failed")
+            if self.keeper is not None:
+                self.keeper.quit()
+            await self.supervisor.close()
+            self._note("agent-stopped", detail=f"pid {os.getpid()}")
+            log.info("agent stopped; instances left running: %d", self._running_count())
+
+    async def _bind_control(self) -> asyncio.Server:
+        path = self.dir / SOCKET_NAME
+        tmp = self.dir / f".{SOCKET_NAME}.{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        address, dir_fd = unix_address(tmp)
+        try:
+            sock.bind(address)
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, path)  # the socket appears under its name already 0600
+            sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            raise AgentError(f"cannot bind the control socket {path}: {exc}") from exc
+        finally:
+            if dir_fd is not None:
+                os.close(dir_fd)
+        return await asyncio.start_unix_server(self._serve, sock=sock, limit=_MAX_HEAD)
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(_HOUSEKEEPING_INTERVAL)
+            self.supervisor.rotate_logs()
+            log_file = self.options.log_file
+            try:
+                if log_file is not None and (
+                    log_file.stat().st_size >= self.options.log_policy.max_bytes
+                ):
+                    rotate_file(log_file, self.options.log_policy.backups)
+            except OSError as exc:
+                log.warning("cannot rotate %s: %s", log_file, exc)
+
+    def _running_count(self) -> int:
+        return sum(1 for r in self.supervisor.records() if r.state == "running")
+
+    # -- routes
+
+    async def _restore_routes(self) -> None:
+        path = self.dir / ROUTES_NAME
+        try:
+            data = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            data = {"version": 1, "routes": {}}
+        except (OSError, ValueError) as exc:
+            raise AgentError(f"{path}: not a valid routes file: {exc}") from exc
+        routes = data.get("routes") if isinstance(data, dict) else None
+        if not isinstance(routes, dict):
+            raise AgentError(f"{path}: not a valid routes file: routes: expected object")
+        for env, raw in sorted(routes.items()):
+            try:
+                config = route_from_json(env, raw)
+                await self.router.apply(config)
+            except CastironError as exc:
+                log.error("route %s not restored: %s", env, exc)
+                self._note("route-failed", env, f"not restored: {exc}")
+                continue
+            self.routes[env] = config
+            self._note("route-applied", env, f"restored on {config.listen}")
+        if self.keeper is not None:
+            wanted = {c.listen for c in self.routes.values()}
+            for name in self.keeper.names():
+                if name not in wanted:
+                    self.keeper.delete(name)
+
+    def _save_routes(self) -> None:
+        write_json_atomic(
+            self.dir / ROUTES_NAME,
+            {"version": 1, "routes": {e: route_to_json(c) for e, c in sorted(self.routes.items())}},
+        )
+
+    def _route(self, env: str) -> RouteConfig:
+        try:
+            return self.routes[env]
+        except KeyError:
+            raise NotFoundError(f"no route for environment {env!r}") from None
+
+    # -- metrics
+
+    def _recorded_metrics(self) -> str | None:
+        try:
+            value = json.loads((self.dir / METRICS_NAME).read_bytes()).get("listen")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return value if isinstance(value, str) else None
+
+    async def _set_metrics(self, listen: str | None) -> None:
+        if listen is not None:
+            host, port = split_address(listen, "listen")
+            if not is_loopback(host):
+                raise UsageError(f"listen: the metrics listener must be on loopback, not {host}")
+        await self._close_metrics()
+        if listen is not None:
+            try:
+                self._metrics_server = await asyncio.start_server(
+                    self._serve_metrics, host, port, reuse_address=True, limit=_MAX_HEAD
+                )
+            except OSError as exc:
+                raise AgentError(f"cannot listen on {listen} for metrics: {exc}") from exc
+        self.metrics_listen = listen
+
+    async def _close_metrics(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            await self._metrics_server.wait_closed()
+            self._metrics_server = None
+        self.metrics_listen = None
+
+    async def _serve_metrics(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            request = await asyncio.wait_for(read_request(reader), _HEAD_TIMEOUT)
+            if request.path != "/metrics":
+                raise HttpError(404, "try /metrics")
+            if request.method not in ("GET", "HEAD"):
+                raise HttpError(405, "use GET", {"Allow": "GET, HEAD"})
+            text = prometheus_text({e: self.router.counters(e) for e in sorted(self.routes)})
+            writer.write(
+                response_bytes(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
+            )
+        except HttpError as exc:
+            writer.write(response_bytes(exc.status, exc.reason.encode() + b"\n", "text/plain"))
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+            writer.close()
+
+    # -- control API
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        status, payload, headers = 200, b"", {}
+        try:
+            try:
+                request = await asyncio.wait_for(read_request(reader), _HEAD_TIMEOUT)
+                result = await self._dispatch(request, writer)
+                if isinstance(result, _Streamed):
+                    return
+                if isinstance(result, tuple):
+                    status, obj = result
+                else:
+                    obj = result
+                payload = json.dumps(obj, sort_keys=True).encode()
+            except TimeoutError:
+                status, payload = 408, b'{"error": "request head not received in time"}'
+            except HttpError as exc:
+                status, headers = exc.status, exc.headers
+                payload = json.dumps({"error": exc.reason}).encode()
+            except NotFoundError as exc:
+                status, payload = 404, json.dumps({"error": str(exc)}).encode()
+            except UsageError as exc:
+                status, payload = 400, json.dumps({"error": str(exc)}).encode()
+            except CastironError as exc:
+                status, payload = 409, json.dumps({"error": str(exc)}).encode()
+            except Exception as exc:
+                log.error("internal error: %s", "".join(traceback.format_exception(exc)))
+                status = 500
+                payload = json.dumps({"error": f"internal error: {exc!r}"}).encode()
+            writer.write(response_bytes(status, payload, headers=headers))
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def _dispatch(self, request: Request, writer: asyncio.StreamWriter) -> object:
+        prefix = f"/{API_VERSION}"
+        if not request.path.startswith(prefix + "/"):
+            raise HttpError(404, f"no such endpoint: {request.path} (the API lives under {prefix})")
+        path = request.path[len(prefix) :]
+        for pattern, methods in self._endpoints:
+            match = pattern.fullmatch(path)
+            if match is None:
+                continue
+            handler = methods.get(request.method)
+            if handler is None:
+                allowed = ", ".join(sorted(methods))
+                raise HttpError(
+                    405,
+                    f"{request.method} not allowed on {request.path}; use {allowed}",
+                    {"Allow": allowed},
+                )
+            return await handler(request, writer, match.groupdict())
+        raise HttpError(404, f"no such endpoint: {request.path}")
+
+    async def _health(self, request: Request, w: asyncio.StreamWriter, p: dict[str, str]) -> object:
+        return {"ok": True, "pid": os.getpid()}
+
+    async def _status(self, request: Request, w: asyncio.StreamWriter, p: dict[str, str]) -> object:
+        records = self.supervisor.records()
+        return to_json(
+            AgentStatus(
+                pid=os.getpid(),
+                home=str(self.options.home),
+                version=__version__,
+                started_at=self.started_at,
+                uptime_s=round(time.time() - self.started_at, 3),
+                router=self.router.name,
+                routes=tuple(sorted(self.routes)),
+                instances=len(records),
+                running_instances=sum(1 for r in records if r.state == "running"),
+                adopted_instances=sum(1 for r in records if r.adopted),
+                inherited_listeners=tuple(sorted(self.inherited)),
+                metrics=self.metrics_listen,
+                last_event=self.events.last_seq,
+            )
+        )
+
+    async def _shutdown(
+        self, request: Request, w: asyncio.StreamWriter, p: dict[str, str]
+    ) -> object:
+        asyncio.get_running_loop().call_later(0.01, self._stop.set)
+        return {"ok": True, "pid": os.getpid()}
+
+    async def _events(self, request: Request, w: asyncio.StreamWriter, p: dict[str, str]) -> object:
+        since = int(_query_number(request, "since", 0, 0, 2**53))
+        return {
+            "events": [to_json(e) for e in self.events.since(since)],
+            "last": self.events.last_seq,
+        }
+
+    async def _metrics_get(
+        self, request: Request, w: asyncio.StreamWriter, p: dict[str, str]
+    ) -> object:
+        return {"listen": self.metrics_listen}
+
+    async def _metrics_put(
+        self, request: Request, w: asyncio.StreamWriter, p: dict[str, str]
+    ) -> object:
+        data = _json_body(request)
+        if not isinstance(data, dict):
+            raise UsageError("body: expected object")
+        unknown = sorted(set(data) - {"listen"})
+        if unknown:
+            raise UsageError(f"body: unknown field {unknown[0]!r}")
+        listen = data.get("listen")
+        if listen is not None and not isinstance(listen, str):
+            raise UsageError("body.listen: expected string or null")
+        await self._set_metrics(listen)
+        write_json_atomic(self.dir / METRICS_NAME, {"listen": listen})
+        return {"listen": self.metrics_listen}
+
+    async def _routes_list(
+        self, request: Request, w: asyncio.StreamWriter, p: dict[str, str]
+    ) -> object:
+        return {"routes": {e: route_to_json(c) for e, c in sorted(self.routes.items())}}
+
+    async def _route_get(
+        self, request: Request, w: asyncio.StreamWriter, p: dict[str, str]
+    ) -> object:
+        return route_to_json(self._route(p["env"]))
+
+    async def _route_put(
+        self, request: Request, w: asyncio.StreamWriter, p: dict[str, str]
+    ) -> object:
+        env = p["env"]
+        config = route_from_json(env, _json_body(request))
+        async with self._routes_lock:
+            old = self.routes.get(env)
+            clash = [e for e, c in self.routes.items() if e != env and c.listen == config.listen]
+            if clash:
+                raise UsageError(f"body.listen: {config.listen} is already used by {clash[0]!r}")
+            # A moved listener: the router opens the new one, then drains the old one.
+            await self.router.apply(config)
+            self.routes[env] = config
+            self._save_routes()
+            if old is not None and old.listen != config.listen and self.keeper is not None:
+                self.keeper.delete(old.listen)
+        releases = [s.release for s in (config.stable, config.canary) if s is not None]
+        self._note("route-applied", env, f"{config.listen} -> {', '.join(releases) or 'none'}")
+        return route_to_json(config)
+
+    async def _route_delete(
+        self, request: Request, w: asyncio.StreamWriter, p: dict[str, str]
+    ) -> object:
+        env = p["env"]
+        async with self._routes_lock:
+            config = self._route(env)
+            await self.router.remove(env)
+            self.routes.pop(env)
+            self._save_routes()
+            if self.keeper is not None:
+                self.keeper.delete(config.listen)
+        self._note("route-removed", env, config.listen)
+        return {"ok": True}
+
+    async def _route_counters(
+        self, request: Request, w: asyncio.StreamWriter, p: dict[str, str]
+    ) -> object:
+        env = p["env"]
+        self._route(env)
+        return {"environment": env, "counters": counters_to_json(self.router.counters(env))}
+
+    async def _instances_list(
+        self, request: Request, w: asyncio.StreamWriter, p: dict[str, str]
+    ) -> object:
+        env = request.query.get("environment") or None
+        return {"instances": [to_json(r) for r in self.supervisor.records(env)]}
+
+    async def _instances_spawn(
+        self, request: Request, w: asyncio.StreamWriter, p: dict[str, str]
+    ) -> object:
+        spawn = from_json(SpawnRequest, _json_body(request), "body")
+        return 201, to_json(self.supervisor.spawn(spawn))
+
+    async def _instance_get(
+        self, request: Request, w: asyncio.StreamWriter, p: dict[str, str]
+    ) -> object:
+        return to_json(self.supervisor.get(p["id"]))
+
+    async def _instance_delete(
+        self, request: Request, w: asyncio.StreamWriter, p: dict[str, str]
+    ) -> object:
+        grace = _query_number(request, "grace", 10.0, 0.0, 3600.0)
+        return to_json(await self.supervisor.stop(p["id"], grace))
+
+    async def _instance_logs(
+        self, request: Request, writer: asyncio.StreamWriter, p: dict[str, str]
+    ) -> object:
+        path = self.supervisor.log_path(p["id"])
+        lines = int(_query_number(request, "lines", 100, 0, 100_000))
+        follow = request.query.get("follow", "") in ("1", "true", "yes")
+        text, offset = tail_file(path, lines)
+        if not follow:
+            return {"id": p["id"], "text": text.decode("utf-8", errors="replace")}
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Connection: close\r\n\r\n" + text
+        )
+        await writer.drain()
+        await self._follow(p["id"], path, offset, writer)
+        return STREAMED
+
+    async def _follow(
+        self, instance_id: str, path: Path, offset: int, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    size = path.stat().st_size
+                except FileNotFoundError:
+                    size = 0
+                if size < offset:  # rotated by copy-truncate
+                    offset = 0
+                if size > offset:
+                    with path.open("rb") as fh:
+                        fh.seek(offset)
+                        chunk = fh.read(size - offset)
+                    offset += len(chunk)
+                    writer.write(chunk)
+                    await writer.drain()
+                    continue
+                try:
+                    record = self.supervisor.get(instance_id)
+                except NotFoundError:
+                    break
+                if record.state != "running" or writer.is_closing():
+                    break
+                await asyncio.sleep(0.2)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+def tail_file(path: Path, lines: int) -> tuple[bytes, int]:
+    """The last ``lines`` lines of ``path`` and the file's size (where following starts)."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            if lines <= 0:
+                return b"", size
+            block = 65536
+            pos = size
+            data = b""
+            while pos > 0 and data.count(b"\n") <= lines:
+                step = min(block, pos)
+                pos -= step
+                fh.seek(pos)
+                data = fh.read(step) + data
+    except FileNotFoundError:
+        return b"", 0
+    kept = data.splitlines(keepends=True)[-lines:]
+    return b"".join(kept), size
+
+
+# --- entry point ----------------------------------------------------------------------------------
+
+
+def prepare_dir(agent_dir: Path) -> None:
+    """Create ``agent_dir`` with mode 0700 (and tighten it when it exists).
+
+    Raises:
+        AgentError: when it cannot be created.
+    """
+    try:
+        agent_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(agent_dir, 0o700)
+    except OSError as exc:
+        raise AgentError(f"cannot create the agent directory {agent_dir}: {exc}") from exc
+
+
+async def serve(options: AgentOptions) -> None:
+    """Run the agent of ``options.home`` until it is told to stop.
+
+    Raises:
+        AgentError: when another agent runs for the same home, or the agent cannot start.
+    """
+    agent_dir = options.agent_dir
+    prepare_dir(agent_dir)
+    lock_fd = acquire_lock(agent_dir)
+    pid_path = agent_dir / PID_NAME
+    try:
+        pid_path.write_text(f"{os.getpid()}\n")
+        agent = Agent(options)
+        await agent.run()
+    finally:
+        with contextlib.suppress(OSError):
+            if pid_path.read_text().strip() == str(os.getpid()):
+                pid_path.unlink()
+        os.close(lock_fd)
+
+
+def _parse_args(argv: list[str] | None) -> AgentOptions:
+    parser = argparse.ArgumentParser(
+        prog="python -m castiron.agent.daemon",
+        description="Run the castiron host agent in the foreground.",
+    )
+    parser.add_argument("--home", type=Path, required=True, help="The CASTIRON_HOME to serve.")
+    parser.add_argument("--router", choices=("builtin", "haproxy"), default="builtin")
+    parser.add_argument("--haproxy-bin", default="haproxy", help="The haproxy executable.")
+    parser.add_argument("--metrics", default=None, help="Loopback HOST:PORT for Prometheus.")
+    parser.add_argument("--log-file", type=Path, default=None, help="Rotate this log file.")
+    parser.add_argument("--log-max-bytes", type=int, default=LogPolicy.max_bytes)
+    parser.add_argument("--log-backups", type=int, default=LogPolicy.backups)
+    parser.add_argument(
+        "--no-keep-listeners",
+        action="store_true",
+        help="Do not hand listening sockets to the fd keeper.",
+    )
+    args = parser.parse_args(argv)
+    if args.log_max_bytes < 1024 or args.log_backups < 0:
+        parser.error("--log-max-bytes must be at least 1024 and --log-backups at least 0")
+    return AgentOptions(
+        home=args.home.absolute(),
+        router=args.router,
+        haproxy_bin=args.haproxy_bin,
+        metrics=args.metrics,
+        log_file=args.log_file.absolute() if args.log_file else None,
+        log_policy=LogPolicy(max_bytes=args.log_max_bytes, backups=args.log_backups),
+        keep_listeners=not args.no_keep_listeners,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m castiron.agent.daemon``; returns the exit status."""
+    options = _parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(serve(options))
+    except CastironError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return int(exc.exit_code)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            sys.stderr.write(f"error: {exc}\n")
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

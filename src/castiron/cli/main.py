@@ -64,7 +64,8 @@ _register()
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (the console script's entry point)."""
     try:
-        cli.main(args=argv, prog_name="castiron", standalone_mode=False)
+        # Without standalone mode click returns a command's `ctx.exit(code)` value.
+        result = cli.main(args=argv, prog_name="castiron", standalone_mode=False)
     except CastironError as exc:
         emit_error(str(exc))
         return int(exc.exit_code)
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             "castiron hit an unexpected error (a bug). Please report it with the traceback above.\n"
         )
         return 70
-    return int(ExitCode.OK)
+    return result if isinstance(result, int) else int(ExitCode.OK)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,24 @@ import ipaddress
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 NAME_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
 _NAME_RE = re.compile(NAME_PATTERN)
-_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
+DURATION_PATTERN = r"^(\d+(?:\.\d+)?)(ms|s|m|h)$"
+_DURATION_RE = re.compile(DURATION_PATTERN)
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_ENV_KEY_RE = re.compile(ENV_NAME_PATTERN)
 
 
 def parse_duration(value: object) -> float:
@@ -85,17 +96,43 @@ def parse_listen(value: object) -> str:
     return f"{host}:{int(port_s)}"
 
 
+def _port_from_text(value: object) -> object:
+    # A quoted `"${PORT}"` arrives as text; digits are a port, anything else stays an error.
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    return value
+
+
 def _check_port(value: int) -> int:
     if not 1 <= value <= 65535:
         raise ValueError("must be a port number from 1 to 65535")
     return value
 
 
-def _check_env(value: dict[str, str]) -> dict[str, str]:
-    for key in value:
-        if not _ENV_KEY_RE.match(key):
-            raise ValueError(f"{key!r} is not a valid environment variable name")
+def _check_env_name(value: str) -> str:
+    if not _ENV_KEY_RE.match(value):
+        raise ValueError(
+            f"{value!r} is not a valid environment variable name: use letters, digits and '_', "
+            "not starting with a digit"
+        )
     return value
+
+
+def _check_pause(value: object) -> object:
+    if value == "manual":
+        return value
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise ValueError("must be a duration such as 30s or 5m, or 'manual'") from None
+
+
+def _check_require_signature(value: object) -> object:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ValueError("must be true, false or a list of key names")
 
 
 def _stringify_scalar(value: object) -> object:
@@ -113,51 +150,106 @@ def _stringify_env(value: object) -> object:
     return value
 
 
-Name = Annotated[str, AfterValidator(_check_name)]
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-Port = Annotated[int, Field(strict=True), AfterValidator(_check_port)]
-Listen = Annotated[str, BeforeValidator(parse_listen)]
-EnvMap = Annotated[dict[str, str], BeforeValidator(_stringify_env), AfterValidator(_check_env)]
+_DURATION_JSON: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string", "pattern": DURATION_PATTERN},
+        {"type": "number", "minimum": 0},
+    ],
+    "description": "A duration: 500ms, 30s, 10m, 1h, or a number of seconds.",
+}
+_LISTEN_JSON: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string", "pattern": r"^(\[[0-9A-Fa-f:.]+\]|[0-9.]+|localhost):[0-9]{1,5}$"},
+        {"type": "integer", "minimum": 1, "maximum": 65535},
+    ],
+    "description": "HOST:PORT ([v6]:PORT for IPv6); a bare port means 127.0.0.1:PORT.",
+}
+_ENV_JSON: dict[str, Any] = {
+    "type": "object",
+    "propertyNames": {"pattern": ENV_NAME_PATTERN},
+    "additionalProperties": {"type": ["string", "number", "boolean"]},
+}
+
+Name = Annotated[
+    str, AfterValidator(_check_name), WithJsonSchema({"type": "string", "pattern": NAME_PATTERN})
+]
+Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(_DURATION_JSON)]
+Port = Annotated[
+    int, Field(strict=True), BeforeValidator(_port_from_text), AfterValidator(_check_port)
+]
+Listen = Annotated[str, BeforeValidator(parse_listen), WithJsonSchema(_LISTEN_JSON)]
+EnvName = Annotated[str, AfterValidator(_check_env_name)]
+EnvMap = Annotated[dict[EnvName, str], BeforeValidator(_stringify_env), WithJsonSchema(_ENV_JSON)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, use_attribute_docstrings=True
+    )
 
 
 class ImageSection(_Section):
     """How to bake the app's image (``image:``)."""
 
     base: str = "scratch"
+    """The base: scratch, oci:DIR[:TAG], oci-archive:FILE, docker-archive:FILE or docker:REF."""
     context: str = "."
+    """The directory copied into the image, relative to the spec file."""
     workdir: str = "/app"
+    """Where the context lands inside the image (an absolute path); the working directory."""
     exclude: tuple[str, ...] = ()
+    """Glob patterns of context files to leave out (e.g. .git, **/__pycache__)."""
     build: tuple[str, ...] = ()
+    """Shell commands run on the host in a clean temporary copy of the context before packing."""
     layers: tuple[str, ...] = ()
+    """Glob patterns split into their own layer, first, for cache-friendly rebuilds."""
     entrypoint: tuple[str, ...] = ()
+    """The command an instance runs, as a list of arguments."""
     cmd: tuple[str, ...] = ()
+    """Default arguments appended to the entrypoint."""
     env: EnvMap = Field(default_factory=dict)
+    """Environment variables baked into the image (never secrets)."""
     user: str | None = None
+    """The user (name or UID[:GID]) instances run as."""
     labels: dict[str, str] = Field(default_factory=dict)
+    """OCI labels added to the image configuration."""
     dockerfile: str | None = None
+    """Build with the Docker engine from this Dockerfile instead, then import the result."""
     allow_secrets: tuple[str, ...] = ()
+    """Context paths that look like secrets but are allowed into the image on purpose."""
 
-    @model_validator(mode="after")
-    def _check_workdir(self) -> ImageSection:
-        if not self.workdir.startswith("/"):
-            raise ValueError("workdir must be an absolute path inside the image")
-        return self
+    @field_validator("workdir")
+    @classmethod
+    def _check_workdir(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must be an absolute path inside the image (starting with '/')")
+        return value
 
 
 class HealthCheck(_Section):
     """How to tell that an instance is ready for traffic (``service.health``)."""
 
     http: str | None = None
+    """Probe with an HTTP GET of this path; any 2xx or 3xx answer is healthy."""
     tcp: bool = False
+    """Probe by opening a TCP connection to the instance's port."""
     command: tuple[str, ...] | None = None
+    """Probe by running this command; exit status 0 is healthy."""
     interval: Duration = 1.0
+    """Time between probes."""
     timeout: Duration = 2.0
+    """How long one probe may take."""
     healthy_after: int = Field(default=1, ge=1, le=100)
+    """Consecutive successful probes before an instance takes traffic."""
     start_period: Duration = 30.0
+    """How long a new instance may take to become healthy."""
+
+    @field_validator("http")
+    @classmethod
+    def _check_http(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError("must be a path starting with '/'")
+        return value
 
     @model_validator(mode="after")
     def _one_probe(self) -> HealthCheck:
@@ -166,8 +258,6 @@ class HealthCheck(_Section):
         ]
         if len(kinds) > 1:
             raise ValueError(f"choose one of http, tcp or command (got {', '.join(kinds)})")
-        if self.http is not None and not self.http.startswith("/"):
-            raise ValueError("http must be a path starting with '/'")
         return self
 
 
@@ -175,7 +265,9 @@ class SecretRef(_Section):
     """Where a secret comes from at deploy time; the value itself never enters the spec."""
 
     env: str | None = None
+    """Read the value from this variable of the deploying process's environment."""
     file: str | None = None
+    """Read the value from this file (relative to the spec file) at deploy time."""
 
     @model_validator(mode="after")
     def _one_source(self) -> SecretRef:
@@ -188,90 +280,178 @@ class Service(_Section):
     """How instances run (``service:``); environments may override some fields."""
 
     port: Port = 8000
+    """The port the app listens on; it is passed to the app as $PORT."""
     health: HealthCheck = Field(default_factory=HealthCheck)
+    """How to tell that an instance is ready for traffic."""
     replicas: int = Field(default=1, ge=1, le=1000)
+    """Instances per environment (an environment may override it)."""
     env: EnvMap = Field(default_factory=dict)
-    secrets: dict[str, SecretRef] = Field(default_factory=dict)
+    """Environment variables of every instance (merged under the environment's env)."""
+    secrets: dict[EnvName, SecretRef] = Field(default_factory=dict)
+    """Variables whose values are resolved at deploy time only; never interpolated."""
     writable: tuple[str, ...] = ()
+    """Paths inside the instance that are writable (everything else is read-only)."""
     memory: str | None = None
+    """Memory limit per instance, e.g. 256m or 1g."""
     cpus: float | None = Field(default=None, gt=0)
+    """CPU limit per instance, e.g. 0.5."""
 
 
 class CanaryStep(_Section):
     """One canary step: send ``weight`` percent to the new release, then wait."""
 
     weight: int = Field(ge=0, le=100)
-    pause: Duration | Literal["manual"] = 60.0
+    """Percent of requests sent to the new release during this step."""
+    pause: Annotated[Duration | Literal["manual"], BeforeValidator(_check_pause)] = 60.0
+    """How long to hold this step before the next, or 'manual' to wait for a promote."""
 
 
 class Analysis(_Section):
     """What a canary step must show before it may go on."""
 
     max_error_rate: float | None = Field(default=None, ge=0, le=1)
+    """Highest share of 5xx answers (and failed connections) of the new release, 0 to 1."""
     max_p95_ms: float | None = Field(default=None, gt=0)
+    """Highest 95th percentile latency of the new release, in milliseconds."""
     min_requests: int = Field(default=20, ge=0)
+    """Requests the new release must have served before a step is judged."""
 
 
 class Strategy(_Section):
     """How a deployment moves traffic (``strategy:``)."""
 
     type: Literal["blue-green", "rolling", "canary"] = "blue-green"
+    """blue-green (switch all at once), rolling (in batches) or canary (in weighted steps)."""
     batch: int = Field(default=1, ge=1)
+    """Instances replaced at a time by a rolling deployment."""
     steps: tuple[CanaryStep, ...] = ()
+    """The canary's weight steps, in order."""
     analysis: Analysis | None = None
+    """Limits checked at each canary step; a breach aborts and rolls back."""
 
 
 class Policy(_Section):
     """Gates a deployment must pass (``policy:``)."""
 
     soak: Duration | None = None
-    require_signature: bool | tuple[str, ...] = False
+    """How long a release must have run in promote_from before it may be promoted here."""
+    require_signature: Annotated[
+        bool | tuple[str, ...], BeforeValidator(_check_require_signature)
+    ] = False
+    """Refuse unsigned images (true), or images not signed by one of these key names."""
     checks: tuple[tuple[str, ...], ...] = ()
+    """Commands (argument lists) that must exit 0 before traffic moves; $URL is the new set."""
     approvals: int = Field(default=0, ge=0)
+    """Number of distinct approvals required before a promotion."""
 
 
 class Environment(_Section):
     """A named deployment target (``environments.<name>``)."""
 
     runtime: Literal["local", "docker", "kubernetes"] = "local"
+    """Where instances run: local processes, Docker containers or Kubernetes pods."""
     listen: Listen
+    """The address the environment's router serves on (HOST:PORT)."""
     replicas: int | None = Field(default=None, ge=1, le=1000)
+    """Instances in this environment (default: service.replicas)."""
     env: EnvMap = Field(default_factory=dict)
+    """Environment variables for this environment, over service.env."""
     strategy: Strategy = Field(default_factory=Strategy)
+    """How deployments move traffic here."""
     promote_from: Name | None = None
+    """The environment whose releases may be promoted here."""
     policy: Policy = Field(default_factory=Policy)
+    """Gates a deployment or promotion must pass."""
     router: Literal["builtin", "haproxy"] = "builtin"
+    """The data plane in front of instances: castiron's builtin proxy or HAProxy."""
     isolation: Literal["auto", "sandbox", "none"] = "auto"
+    """Local runtime only: run instances in a bubblewrap sandbox (auto: when available)."""
     network: str = "host"
+    """Docker runtime only: the network containers join."""
     metrics: Listen | None = None
+    """An address serving the router's counters in Prometheus text format."""
     drain_timeout: Duration = 30.0
+    """How long instances leaving service may finish in-flight requests."""
     keep_warm: Duration = 600.0
+    """How long the previous release keeps running after a switch, for instant rollback."""
     deploy_timeout: Duration = 60.0
+    """How long a deployment may wait for new instances to become healthy."""
 
 
 class Spec(_Section):
     """The whole of ``castiron.yaml``."""
 
     app: Name
+    """The app's name: 1-63 lowercase letters, digits and '-'."""
     image: ImageSection = Field(default_factory=ImageSection)
+    """How to bake the image."""
     service: Service = Field(default_factory=Service)
+    """How instances run."""
     environments: dict[Name, Environment] = Field(default_factory=dict)
+    """Deployment targets by name."""
     extensions: dict[str, Any] = Field(default_factory=dict, exclude=True)
+    """Top-level keys starting with x-, as written (the loader fills this)."""
 
     @model_validator(mode="after")
     def _check_references(self) -> Spec:
+        # Messages start with a dotted path so the loader can point at the right line.
         for name, env in self.environments.items():
-            if env.promote_from is not None and env.promote_from not in self.environments:
+            if env.promote_from is None:
+                continue
+            if env.promote_from == name:
+                raise ValueError(
+                    f"environments.{name}.promote_from: an environment cannot promote from itself"
+                )
+            if env.promote_from not in self.environments:
                 raise ValueError(
                     f"environments.{name}.promote_from: no environment named {env.promote_from!r}"
                 )
+        for name in self.environments:
+            seen = [name]
+            current = self.environments[name].promote_from
+            while current is not None and current in self.environments:
+                if current in seen:
+                    cycle = " -> ".join([*seen, current])
+                    raise ValueError(f"environments.{name}.promote_from: promotion cycle {cycle}")
+                seen.append(current)
+                current = self.environments[current].promote_from
         return self
 
 
+def spec_json_schema() -> dict[str, Any]:
+    """A JSON Schema (draft 2020-12) of ``castiron.yaml`` for editors and linters.
+
+    Keys starting with ``x-`` are allowed on every mapping (``patternProperties``).
+    """
+    schema = Spec.model_json_schema(mode="validation")
+    schema["properties"].pop("extensions", None)
+    _allow_extensions(schema)
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "castiron.yaml",
+        **{k: v for k, v in schema.items() if k != "title"},
+    }
+
+
+def _allow_extensions(node: object) -> None:
+    if isinstance(node, dict):
+        if node.get("additionalProperties") is False and "properties" in node:
+            node["patternProperties"] = {"^x-": {}}
+        for value in node.values():
+            _allow_extensions(value)
+    elif isinstance(node, list):
+        for value in node:
+            _allow_extensions(value)
+
+
 __all__ = [
+    "DURATION_PATTERN",
+    "ENV_NAME_PATTERN",
+    "NAME_PATTERN",
     "Analysis",
     "CanaryStep",
     "Duration",
+    "EnvName",
     "Environment",
     "HealthCheck",
     "ImageSection",
@@ -284,4 +464,5 @@ __all__ = [
     "Strategy",
     "parse_duration",
     "parse_listen",
+    "spec_json_schema",
 ]

@@ -94,7 +94,11 @@ class ReleaseCounters:
     """In-flight requests cut because they outlived the drain deadline."""
     latency: LatencySummary
     histogram: tuple[tuple[float, int], ...] = ()
-    """Cumulative histogram buckets: (upper bound in ms, count)."""
+    """Cumulative histogram buckets: (upper bound in ms, count); empty when not measured."""
+    latency_sum_ms: float = 0.0
+    """Sum of all observed latencies (ms), for a Prometheus histogram's ``_sum``."""
+    latency_is_average: bool = False
+    """True when the data plane has no histogram and the percentiles are one average."""
 
 
 class Router(Protocol):

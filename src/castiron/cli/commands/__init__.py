@@ -8,8 +8,20 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from castiron.cli.commands import version_cmd
+from castiron.cli.commands import (
+    agent_cmd,
+    audit_cmd,
+    image_cmd,
+    lock_cmd,
+    spec_cmd,
+    version_cmd,
+)
 
 COMMAND_MODULES: list[ModuleType] = [
+    agent_cmd,
+    audit_cmd,
+    image_cmd,
+    lock_cmd,
+    spec_cmd,
     version_cmd,
 ]

@@ -1,0 +1,313 @@
+"""Router benchmark: direct vs the builtin proxy vs HAProxy, on the same backend, in one run.
+
+    python bench/router.py [--duration 10] [--connections 32]
+
+Needs wrk and haproxy on PATH. Everything stays on 127.0.0.1. Prints, side by side:
+throughput and p99 latency (wrk -t2 -cN -dD --latency) direct to the backend, through the
+builtin router and through HAProxy (driven by castiron's HaproxyRouter); the p99 added by each
+router at half of the builtin's maximum throughput (an open-loop, rate-limited Python load
+generator that measures from each request's scheduled send time); and failed requests across
+50 backend-set switches under constant wrk load.
+
+The backend is a tiny asyncio (uvloop when installed) server answering a fixed 200 with
+keep-alive, run as its own process, as is each router.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\nContent-Type: text/plain\r\n\r\nhello, world\n"
+)
+
+
+def _loop_policy() -> str:
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+# --- processes ---
+class _Fixed(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t = transport
+        self.buf = b""
+        sock = transport.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data
+        n = buf.count(b"\r\n\r\n")
+        if n:
+            self.t.write(RESPONSE * n)  # type: ignore[attr-defined]
+            buf = buf[buf.rfind(b"\r\n\r\n") + 4 :]
+        self.buf = buf
+
+
+def run_backend(port: int) -> None:
+    _loop_policy()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(_Fixed, "127.0.0.1", port, backlog=1024)
+        print("ready", flush=True)
+        await server.serve_forever()
+
+    asyncio.run(main())
+
+
+def run_router(kind: str, listen: str, backends: list[str], workdir: str) -> None:
+    """A router process: applies release r0, then switches on each 'switch' line on stdin."""
+    print(f"loop {_loop_policy()}", file=sys.stderr, flush=True)
+    from castiron.traffic.base import Backend, BackendSet, RouteConfig
+
+    async def main() -> None:
+        if kind == "builtin":
+            from castiron.traffic.proxy import BuiltinRouter
+
+            router = BuiltinRouter()
+        else:
+            from castiron.traffic.haproxy import HaproxyRouter
+
+            router = HaproxyRouter(Path(workdir), haproxy_bin=shutil.which("haproxy") or "haproxy")
+
+        def config(i: int) -> RouteConfig:
+            address = backends[i % len(backends)]
+            return RouteConfig(
+                environment="bench",
+                listen=listen,
+                stable=BackendSet(f"r{i}", (Backend(f"b{i}", address),)),
+                drain_timeout=5,
+            )
+
+        await router.apply(config(0))
+        print("ready", flush=True)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        i = 0
+        while line := await reader.readline():
+            if line.strip() == b"switch":
+                i += 1
+                await router.apply(config(i))
+                print("switched", flush=True)
+        await router.close()
+
+    asyncio.run(main())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def spawn(*args: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__)), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if line.strip() != "ready":
+        proc.kill()
+        raise SystemExit(f"{args[0]} did not start: {line!r}")
+    return proc
+
+
+# --- load ---
+def wrk(port: int, duration: int, connections: int) -> dict[str, float]:
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t2",
+            f"-c{connections}",
+            f"-d{duration}s",
+            "--latency",
+            f"http://127.0.0.1:{port}/",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=duration + 30,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    assert p99 is not None
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
+    errors = 0
+    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    if m:
+        errors += int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        errors += sum(int(x) for x in m.groups())
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    return {"rps": rps, "p99_ms": float(p99.group(1)) * scale, "errors": errors, "total": total}
+
+
+async def _paced(port: int, rate: float, duration: float, conns: int) -> tuple[float, float, int]:
+    """Open-loop load: each connection sends on a fixed schedule; latency from scheduled time."""
+    latencies: list[float] = []
+    errors = 0
+    per_conn = rate / conns
+    request = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+
+    async def one() -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        start = time.perf_counter()
+        i = 0
+        while True:
+            due = start + i / per_conn
+            if due - start > duration:
+                break
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            writer.write(request)
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+                await reader.readexactly(13)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                errors += 1
+                break
+            latencies.append((time.perf_counter() - due) * 1000)
+            i += 1
+        writer.close()
+
+    await asyncio.gather(*(one() for _ in range(conns)))
+    latencies.sort()
+    p99 = latencies[int(len(latencies) * 0.99)] if latencies else float("nan")
+    return len(latencies) / duration, p99, errors
+
+
+def paced(port: int, rate: float, duration: float) -> tuple[float, float, int]:
+    _loop_policy()
+    return asyncio.run(_paced(port, rate, duration, 16))
+
+
+def switches(router: subprocess.Popen[str], port: int, n: int = 50) -> dict[str, float]:
+    assert router.stdin is not None and router.stdout is not None
+    load = subprocess.Popen(
+        ["wrk", "-t2", "-c16", "-d12s", "--latency", f"http://127.0.0.1:{port}/"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1)
+    for _ in range(n):
+        router.stdin.write("switch\n")
+        router.stdin.flush()
+        if router.stdout.readline().strip() != "switched":
+            raise SystemExit("switch failed")
+        time.sleep(0.1)
+    out, _ = load.communicate(timeout=60)
+    errors = 0
+    for pat in (r"Non-2xx or 3xx responses:\s+(\d+)",):
+        m = re.search(pat, out)
+        if m:
+            errors += int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        errors += sum(int(x) for x in m.groups())
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    return {"total": total, "errors": errors}
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    py = platform.python_version()
+    return f"{os.cpu_count()} CPU ({cpu}), Linux {platform.release()}, Python {py}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--connections", type=int, default=32)
+    args = ap.parse_args()
+    for tool in ("wrk", "haproxy"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is not installed")
+    print(f"machine: {machine()}")
+    ports = [free_port(), free_port()]
+    procs = [spawn("backend", str(p)) for p in ports]
+    addrs = [f"127.0.0.1:{p}" for p in ports]
+    workdir = tempfile.mkdtemp(prefix="castiron-bench-")
+    try:
+        b_port, h_port = free_port(), free_port()
+        builtin = spawn("router", "builtin", f"127.0.0.1:{b_port}", ",".join(addrs), workdir)
+        hap = spawn("router", "haproxy", f"127.0.0.1:{h_port}", ",".join(addrs), workdir)
+        procs += [builtin, hap]
+        d, c = args.duration, args.connections
+        print(f"\n== max throughput: wrk -t2 -c{c} -d{d}s --latency")
+        res = {}
+        for name, port in (("direct", ports[0]), ("builtin", b_port), ("haproxy", h_port)):
+            res[name] = wrk(port, d, c)
+            r = res[name]
+            print(
+                f"{name:8s} {r['rps']:10.0f} req/s   p99 {r['p99_ms']:7.2f} ms"
+                f"   errors {r['errors']:.0f}"
+            )
+        print(
+            f"builtin/haproxy throughput ratio: {res['builtin']['rps'] / res['haproxy']['rps']:.2f}"
+        )
+        rate = res["builtin"]["rps"] / 2
+        print(f"\n== p99 at half the builtin's max ({rate:.0f} req/s, open loop, 16 conns, {d}s)")
+        base = None
+        for name, port in (("direct", ports[0]), ("builtin", b_port), ("haproxy", h_port)):
+            achieved, p99, errors = paced(port, rate, d)
+            base = p99 if base is None else base
+            added = p99 - base
+            print(
+                f"{name:8s} achieved {achieved:8.0f} req/s   p99 {p99:7.2f} ms"
+                f"   added {added:6.2f} ms   errors {errors}"
+            )
+        print("\n== 50 backend-set switches under constant load (wrk -t2 -c16 -d12s)")
+        for name, proc, port in (("builtin", builtin, b_port), ("haproxy", hap, h_port)):
+            s = switches(proc, port)
+            print(f"{name:8s} {s['total']:.0f} requests, failed {s['errors']:.0f}")
+    finally:
+        for p in procs:
+            if p.stdin:
+                p.stdin.close()
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "backend":
+        run_backend(int(sys.argv[2]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "router":
+        run_router(sys.argv[2], sys.argv[3], sys.argv[4].split(","), sys.argv[5])
+    else:
+        main()

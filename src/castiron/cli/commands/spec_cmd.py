@@ -1,0 +1,120 @@
+"""``castiron init``, ``castiron validate`` and ``castiron schema``: the spec file's commands.
+
+Thin edges over :mod:`castiron.spec`: they pick the file, call the loader and render. They know
+nothing of images, runtimes or state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import click
+
+from castiron.cli.context import CliContext, pass_cli
+from castiron.cli.render import emit_json
+from castiron.errors import SpecError, UsageError
+from castiron.model import is_name
+from castiron.spec.load import load_spec
+from castiron.spec.schema import spec_json_schema
+from castiron.spec.starter import starter_spec
+
+
+def _default_app_name(directory: Path) -> str:
+    name = re.sub(r"[^a-z0-9-]+", "-", directory.name.lower()).strip("-")[:63].strip("-")
+    return name if is_name(name) else "app"
+
+
+@click.command("init")
+@click.option(
+    "--app",
+    "app",
+    default=None,
+    metavar="NAME",
+    help="The app's name (default: derived from the spec's directory).",
+)
+@pass_cli
+def init(cli: CliContext, app: str | None) -> None:
+    """Write a commented starter castiron.yaml; never overwrites an existing file."""
+    path = cli.settings.spec_path
+    name = app if app is not None else _default_app_name(path.parent)
+    text = starter_spec(name)
+    if not path.parent.is_dir():
+        raise UsageError(f"cannot write {path}: directory {path.parent} does not exist")
+    try:
+        # O_EXCL: refuse to overwrite, even if the file appears between a check and the write.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        raise UsageError(f"{path} already exists; not overwriting it") from None
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    click.echo(f"wrote {path} for app {name!r}")
+    click.echo("next: put your app in ./app, then run `castiron validate`")
+
+
+@click.command("validate")
+@click.argument(
+    "file", required=False, type=click.Path(path_type=Path, dir_okay=True), metavar="[FILE]"
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@pass_cli
+def validate(cli: CliContext, file: Path | None, as_json: bool) -> None:
+    """Check the spec file and report every problem with its line and column.
+
+    FILE defaults to the global -f/--file, else ./castiron.yaml. Exits 2 when the spec is
+    invalid.
+    """
+    path = cli.spec_file(file)
+    try:
+        loaded = load_spec(path, cli.settings.environ)
+    except SpecError as exc:
+        if as_json:
+            emit_json(
+                {
+                    "ok": False,
+                    "errors": [
+                        {
+                            "file": i.file,
+                            "line": i.line,
+                            "column": i.column,
+                            "path": i.path,
+                            "message": i.message,
+                        }
+                        for i in exc.issues
+                    ],
+                }
+            )
+        # The boundary prints every issue on stderr, one per line, and exits 2.
+        raise
+    if as_json:
+        emit_json(
+            {
+                "ok": True,
+                "file": str(loaded.path),
+                "digest": loaded.digest,
+                "app": loaded.spec.app,
+                "environments": sorted(loaded.spec.environments),
+            }
+        )
+    else:
+        click.echo("ok")
+
+
+@click.command("schema")
+@click.option("--json", "as_json", is_flag=True, help="Print the schema on one line.")
+def schema(as_json: bool) -> None:
+    """Print a JSON Schema of castiron.yaml for editors and linters."""
+    document = spec_json_schema()
+    if as_json:
+        emit_json(document)
+    else:
+        click.echo(json.dumps(document, indent=2, sort_keys=False))
+
+
+commands: list[click.Command] = [init, validate, schema]

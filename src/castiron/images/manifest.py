@@ -1,0 +1,222 @@
+"""The file manifest of an image: every path of its root filesystem with type, mode, size,
+content hash and link target, for drift detection.
+
+Owns the :class:`FileEntry` value, the manifest's JSON form (a blob of media type
+``application/vnd.castiron.files.v1+json`` named by the image manifest's ``dev.castiron.files``
+annotation) and the computation from layers (applying OCI whiteouts). Knows nothing of the
+spec, of building, or of any runtime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import tarfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import IO, Any, Literal
+
+from castiron.errors import ImageError
+from castiron.images import oci
+from castiron.images.layer import LayerEntry
+from castiron.images.store import ImageStore
+from castiron.model import Digest, is_digest
+
+FileType = Literal["file", "dir", "symlink", "hardlink"]
+_WHITEOUT = ".wh."
+_OPAQUE = ".wh..wh..opq"
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One path of an image's root filesystem."""
+
+    path: str
+    """Absolute in-image path (``/app/server.py``)."""
+    type: FileType
+    mode: int
+    size: int = 0
+    sha256: str | None = None
+    target: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form stored in the file manifest."""
+        out: dict[str, Any] = {"type": self.type, "mode": self.mode}
+        if self.type == "file":
+            out["size"] = self.size
+            out["sha256"] = self.sha256
+        if self.target is not None:
+            out["target"] = self.target
+        return out
+
+    @classmethod
+    def from_json(cls, path: str, obj: object) -> FileEntry:
+        """Read one entry from the stored JSON.
+
+        Raises:
+            ImageError: for a malformed entry.
+        """
+        if not isinstance(obj, dict) or obj.get("type") not in (
+            "file",
+            "dir",
+            "symlink",
+            "hardlink",
+        ):
+            raise ImageError(f"file manifest: bad entry for {path!r}")
+        mode, size = obj.get("mode", 0), obj.get("size", 0)
+        sha, target = obj.get("sha256"), obj.get("target")
+        if not isinstance(mode, int) or not isinstance(size, int):
+            raise ImageError(f"file manifest: bad mode or size for {path!r}")
+        return cls(
+            path=path,
+            type=obj["type"],
+            mode=mode,
+            size=size,
+            sha256=sha if isinstance(sha, str) else None,
+            target=target if isinstance(target, str) else None,
+        )
+
+
+def from_layer_entries(entries: Iterable[LayerEntry]) -> list[FileEntry]:
+    """File entries for entries castiron wrote itself (no need to read the layer back)."""
+    return [
+        FileEntry(
+            path="/" + e.path,
+            type=e.kind,
+            mode=e.mode,
+            size=e.size if e.kind == "file" else 0,
+            sha256=e.sha256 if e.kind == "file" else None,
+            target=("/" + e.target if e.kind == "hardlink" and e.target else e.target),
+        )
+        for e in entries
+    ]
+
+
+def _clean(name: str) -> str:
+    while name.startswith("./"):
+        name = name[2:]
+    path = posixpath.normpath("/" + name)
+    return "/" + path.lstrip("/")
+
+
+def read_layer_entries(fileobj: IO[bytes], where: str) -> list[FileEntry]:
+    """List a layer tar stream (gzip or plain), hashing regular files; whiteouts are kept as
+    entries of type ``file`` named ``.wh.*`` for :func:`merge` to apply.
+
+    Raises:
+        ImageError: naming ``where`` when the stream is not a readable tar.
+    """
+    out: list[FileEntry] = []
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|*") as tf:
+            for info in tf:
+                path = _clean(info.name)
+                if path == "/":
+                    continue
+                mode = info.mode & 0o7777
+                if info.isdir():
+                    out.append(FileEntry(path, "dir", mode))
+                elif info.issym():
+                    out.append(FileEntry(path, "symlink", mode, target=info.linkname))
+                elif info.islnk():
+                    out.append(FileEntry(path, "hardlink", mode, target=_clean(info.linkname)))
+                elif info.isreg():
+                    h = hashlib.sha256()
+                    src = tf.extractfile(info)
+                    if src is not None:
+                        while block := src.read(1 << 20):
+                            h.update(block)
+                    out.append(FileEntry(path, "file", mode, info.size, h.hexdigest()))
+    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+        raise ImageError(f"{where}: cannot read layer ({exc})") from None
+    return out
+
+
+def merge(layers: Iterable[Iterable[FileEntry]]) -> dict[str, FileEntry]:
+    """Apply layers bottom to top (with OCI whiteouts) into one path → entry mapping."""
+    tree: dict[str, FileEntry] = {}
+    for layer in layers:
+        entries = list(layer)
+        for e in entries:
+            parent, base = posixpath.split(e.path)
+            if base == _OPAQUE:
+                prefix = parent.rstrip("/") + "/"
+                for key in [k for k in tree if k.startswith(prefix)]:
+                    del tree[key]
+        for e in entries:
+            parent, base = posixpath.split(e.path)
+            if base == _OPAQUE:
+                continue
+            if base.startswith(_WHITEOUT):
+                gone = posixpath.join(parent, base[len(_WHITEOUT) :])
+                tree.pop(gone, None)
+                prefix = gone + "/"
+                for key in [k for k in tree if k.startswith(prefix)]:
+                    del tree[key]
+                continue
+            if e.type != "dir" and e.path in tree and tree[e.path].type == "dir":
+                prefix = e.path + "/"
+                for key in [k for k in tree if k.startswith(prefix)]:
+                    del tree[key]
+            tree[e.path] = e
+    return dict(sorted(tree.items()))
+
+
+def encode(files: Mapping[str, FileEntry]) -> bytes:
+    """The stored JSON form of a file manifest (canonical, so its digest is deterministic)."""
+    return oci.canonical_json(
+        {"mediaType": oci.FILES, "files": {p: e.to_json() for p, e in sorted(files.items())}}
+    )
+
+
+def decode(data: bytes, where: str) -> dict[str, FileEntry]:
+    """Parse a stored file manifest.
+
+    Raises:
+        ImageError: naming ``where`` when it is malformed.
+    """
+    doc = oci.parse_json_object(data, where)
+    files = doc.get("files")
+    if doc.get("mediaType") != oci.FILES or not isinstance(files, dict):
+        raise ImageError(f"{where}: not a castiron file manifest")
+    return {str(p): FileEntry.from_json(str(p), e) for p, e in files.items()}
+
+
+def layer_file_entries(store: ImageStore, layer: oci.Descriptor) -> list[FileEntry]:
+    """Read one stored layer's entries.
+
+    Raises:
+        NotFoundError: when the blob is missing.
+        ImageError: when it is not a readable tar.
+    """
+    with store.open_blob(layer.digest) as fh:
+        return read_layer_entries(fh, f"layer {layer.digest}")
+
+
+def file_manifest(store: ImageStore, digest: Digest) -> dict[str, FileEntry]:
+    """The file manifest of image ``digest``: path → :class:`FileEntry`.
+
+    Uses the stored manifest blob when the image has one; otherwise (imported images) reads
+    the layers.
+
+    Raises:
+        NotFoundError: when the image or a blob is missing.
+        ImageError: when something is damaged.
+    """
+    image = store.image(digest)
+    ref = image.annotations.get(oci.ANN_FILES)
+    if ref is not None and is_digest(ref) and store.has_blob(ref):
+        return decode(store.read_blob(ref, max_size=1 << 30), f"file manifest {ref}")
+    return merge(layer_file_entries(store, layer) for layer in image.layers)
+
+
+__all__ = [
+    "FileEntry",
+    "decode",
+    "encode",
+    "file_manifest",
+    "from_layer_entries",
+    "layer_file_entries",
+    "merge",
+    "read_layer_entries",
+]

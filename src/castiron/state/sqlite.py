@@ -1,0 +1,1003 @@
+"""The SQLite state store: the embedded default behind :class:`castiron.state.base.StateStore`.
+
+Owns the database file (WAL, foreign keys, busy timeout), opening it safely (a missing file is
+created atomically; a corrupt, foreign or newer file is refused and never touched), the named
+migrations in ``migrations/*.sql`` recorded in ``schema_migrations``, and the SQL behind every
+typed read and write. Every write happens inside :meth:`SqliteStateStore.mutate`, in the same
+transaction as its audit entry and the newly signed head.
+
+It knows nothing of the spec, runtimes, or the CLI, and never reads the environment: the
+caller passes the path, the actor, the key path and the clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+from castiron.errors import (
+    AuditError,
+    NotFoundError,
+    SchemaTooNewError,
+    StateCorruptError,
+    StateError,
+    TagConflictError,
+)
+from castiron.model import Digest, ReleaseId
+from castiron.settings import Settings
+from castiron.state import audit
+from castiron.state.base import (
+    AuditDraft,
+    AuditEntry,
+    AuditReport,
+    Clock,
+    DeploymentOutcome,
+    DeploymentRow,
+    EnvironmentRow,
+    EventRow,
+    ImageRow,
+    InstanceRow,
+    JsonObject,
+    Lease,
+    ReleaseRow,
+    SignedHead,
+    StateStore,
+    StateTx,
+    StepRow,
+    SystemClock,
+    TagRow,
+    format_time,
+    parse_time,
+)
+
+T = TypeVar("T")
+
+APPLICATION_ID = 0x63617374
+"""``PRAGMA application_id`` of a castiron database (``cast`` in ASCII)."""
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_AUDIT_COLUMNS = (
+    "seq, time, actor, action, environment, subject, from_value, to_value, result, details, "
+    "prev, hash"
+)
+
+
+CANONICAL_SQL = (
+    "'{\"action\":' || json_quote(action) || ',\"actor\":' || json_quote(actor)"
+    " || ',\"details\":' || details || ',\"environment\":' || json_quote(environment)"
+    " || ',\"from\":' || json_quote(from_value) || ',\"prev\":' || json_quote(prev)"
+    " || ',\"result\":' || json_quote(result) || ',\"seq\":' || seq"
+    " || ',\"subject\":' || json_quote(subject) || ',\"time\":' || json_quote(time)"
+    " || ',\"to\":' || json_quote(to_value) || '}'"
+)
+"""An audit row's canonical JSON, assembled by SQLite (its ``json_quote`` escapes exactly as
+Python's ``json.dumps(ensure_ascii=False)``; a test pins the equality)."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One named schema change, applied once, in one transaction."""
+
+    name: str
+    sql: str
+
+
+def migrations() -> list[Migration]:
+    """Every migration shipped with this castiron, in the order they apply (by file name)."""
+    folder = resources.files("castiron.state.migrations")
+    found = [
+        Migration(entry.name.removesuffix(".sql"), entry.read_text(encoding="utf-8"))
+        for entry in folder.iterdir()
+        if entry.name.endswith(".sql")
+    ]
+    return sorted(found, key=lambda m: m.name)
+
+
+def _statements(sql: str) -> Iterator[str]:
+    """Split a migration into statements (comments travel with the statement they precede)."""
+    buffer = ""
+    for line in sql.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            yield buffer.strip()
+            buffer = ""
+    leftover = [ln for ln in buffer.splitlines() if ln.strip() and not ln.strip().startswith("--")]
+    if leftover:
+        raise StateError(f"a migration ends with an incomplete statement: {leftover[0][:60]}")
+
+
+def _json(value: JsonObject | None) -> str:
+    return audit.canonical_json(dict(value or {}))
+
+
+def _time(value: datetime | None) -> str | None:
+    return None if value is None else format_time(value)
+
+
+def _ptime(value: str | None) -> datetime | None:
+    return None if value is None else parse_time(value)
+
+
+@contextlib.contextmanager
+def _db_errors(path: Path) -> Iterator[None]:
+    """Turn sqlite3 errors into castiron's: busy/locked/IO are StateError, damage is corrupt."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        text = str(exc)
+        if "malformed" in text or "not a database" in text:
+            raise StateCorruptError(f"{path}: the database is damaged ({text})") from exc
+        raise StateError(f"{path}: {text}") from exc
+    except sqlite3.DatabaseError as exc:
+        if isinstance(exc, sqlite3.IntegrityError):
+            raise
+        raise StateCorruptError(f"{path}: the database is damaged ({exc})") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# opening
+
+
+def open_state(
+    target: Settings | Path,
+    *,
+    actor: str | None = None,
+    key_path: Path | None = None,
+    clock: Clock | None = None,
+    busy_timeout: float = 10.0,
+) -> SqliteStateStore:
+    """Open (creating when missing) the state store of ``target``.
+
+    ``target`` is the settings (their ``state_path``, ``audit_key_path`` and ``actor`` are used)
+    or a database path (then the key lives beside it as ``audit.key``). Explicit keyword
+    arguments win over the settings.
+
+    Raises:
+        StateCorruptError: when the file is not SQLite, is truncated or is not castiron's.
+        SchemaTooNewError: when it was migrated by a newer castiron.
+        StateError: when it cannot be created or opened.
+    """
+    if isinstance(target, Settings):
+        path = target.state_path
+        key = key_path if key_path is not None else target.audit_key_path
+        who = actor if actor is not None else target.actor
+    else:
+        path = target
+        key = key_path if key_path is not None else path.with_name("audit.key")
+        who = actor if actor is not None else "unknown@unknown"
+    conn = _connect(path, busy_timeout)
+    return SqliteStateStore(conn, path, who, key, clock if clock is not None else SystemClock())
+
+
+def _connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
+    if not path.exists():
+        _create(path)
+    _check_header(path)
+    try:
+        conn = sqlite3.connect(
+            f"file:{path}?mode=rw",
+            uri=True,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=busy_timeout,
+        )
+    except sqlite3.Error as exc:
+        raise StateError(f"cannot open the state database {path}: {exc}") from exc
+    try:
+        with _db_errors(path):
+            # Read-only checks first: a refused file must be left exactly as it was.
+            _check_identity(conn, path)
+            _check_version(conn, path, [m.name for m in migrations()])
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+            _migrate(conn, path)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _create(path: Path) -> None:
+    home = path.parent
+    try:
+        if not home.exists():
+            home.mkdir(mode=0o700, parents=True)
+            os.chmod(home, 0o700)
+        tmp = home / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        conn = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            _migrate(conn, path)
+        finally:
+            conn.close()
+        try:
+            os.link(tmp, path)  # never replaces a file another process created meanwhile
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    except OSError as exc:
+        raise StateError(f"cannot create the state database {path}: {exc.strerror}") from exc
+    except sqlite3.Error as exc:
+        raise StateError(f"cannot create the state database {path}: {exc}") from exc
+
+
+def _check_header(path: Path) -> None:
+    try:
+        with open(path, "rb") as fh:
+            header = fh.read(100)
+            size = os.fstat(fh.fileno()).st_size
+    except OSError as exc:
+        raise StateError(f"cannot read the state database {path}: {exc.strerror}") from exc
+    if not header:
+        raise StateCorruptError(f"{path} is empty, not a castiron database")
+    if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
+        raise StateCorruptError(f"{path} is not a SQLite database")
+    (page_size,) = struct.unpack(">H", header[16:18])
+    page_size = 65536 if page_size == 1 else page_size
+    change_counter, pages = struct.unpack(">II", header[24:32])
+    (valid_for,) = struct.unpack(">I", header[92:96])
+    if valid_for == change_counter and size < pages * page_size:
+        raise StateCorruptError(
+            f"{path} is truncated: {size} bytes, its header says {pages * page_size}"
+        )
+    if size % page_size:
+        raise StateCorruptError(f"{path} is truncated: {size} bytes is not whole pages")
+
+
+def _check_identity(conn: sqlite3.Connection, path: Path) -> None:
+    (app_id,) = conn.execute("PRAGMA application_id").fetchone()
+    if app_id != APPLICATION_ID:
+        raise StateCorruptError(
+            f"{path} is a SQLite database but not castiron's (application_id {app_id})"
+        )
+
+
+def _applied(conn: sqlite3.Connection, path: Path) -> list[str]:
+    exists = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+    ).fetchone()
+    if not exists:
+        return []
+    return [r[0] for r in conn.execute("SELECT name FROM schema_migrations ORDER BY rowid")]
+
+
+def _check_version(conn: sqlite3.Connection, path: Path, known: list[str]) -> list[str]:
+    applied = _applied(conn, path)
+    unknown = [name for name in applied if name not in known]
+    (user_version,) = conn.execute("PRAGMA user_version").fetchone()
+    if unknown or user_version > len(known):
+        names = ", ".join(unknown) if unknown else f"schema version {user_version}"
+        raise SchemaTooNewError(
+            f"{path} was migrated by a newer castiron ({names}); this one knows "
+            f"{len(known)} migration(s): upgrade castiron, the file was left untouched"
+        )
+    if applied != known[: len(applied)]:
+        raise StateCorruptError(
+            f"{path}: schema_migrations lists {applied}, which is not a prefix of {known}"
+        )
+    audit_table = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'audit'"
+    if applied and not conn.execute(audit_table).fetchone():
+        raise StateCorruptError(f"{path}: the audit table is missing")
+    return applied
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    plan = migrations()
+    known = [m.name for m in plan]
+    applied = _check_version(conn, path, known)
+    for index, migration in enumerate(plan):
+        if migration.name in applied:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Another process may have migrated while we waited for the write lock.
+            applied = _check_version(conn, path, known)
+            if migration.name in applied:
+                conn.execute("ROLLBACK")
+                continue
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " name TEXT PRIMARY KEY, applied_at TEXT NOT NULL) STRICT"
+            )
+            for statement in _statements(migration.sql):
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)",
+                (migration.name, format_time(SystemClock().now())),
+            )
+            conn.execute(f"PRAGMA user_version={index + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+
+# --------------------------------------------------------------------------------------------
+# rows
+
+
+def _image(r: Any) -> ImageRow:
+    return ImageRow(Digest(r[0]), r[1], parse_time(r[2]), r[3], json.loads(r[4]))
+
+
+def _environment(r: Any) -> EnvironmentRow:
+    return EnvironmentRow(
+        r[0],
+        r[1],
+        r[2],
+        json.loads(r[3]),
+        None if r[4] is None else ReleaseId(r[4]),
+        None if r[5] is None else ReleaseId(r[5]),
+        _ptime(r[6]),
+    )
+
+
+def _release(r: Any) -> ReleaseRow:
+    return ReleaseRow(ReleaseId(r[0]), r[1], Digest(r[2]), json.loads(r[3]), parse_time(r[4]))
+
+
+def _deployment(r: Any) -> DeploymentRow:
+    return DeploymentRow(
+        id=r[0],
+        environment=r[1],
+        from_release=None if r[2] is None else ReleaseId(r[2]),
+        to_release=ReleaseId(r[3]),
+        strategy=r[4],
+        actor=r[5],
+        started=parse_time(r[6]),
+        finished=_ptime(r[7]),
+        outcome=r[8],
+        details=json.loads(r[9]),
+        git_commit=r[10],
+    )
+
+
+def _instance(r: Any) -> InstanceRow:
+    return InstanceRow(r[0], r[1], ReleaseId(r[2]), r[3], r[4], r[5], json.loads(r[6]))
+
+
+def _lease(r: Any) -> Lease:
+    return Lease(r[0], r[1], r[2], r[3], r[4], r[5], r[6], parse_time(r[7]), parse_time(r[8]))
+
+
+_LEASE_COLUMNS = "environment, token, holder, pid, host, purpose, kind, acquired, expires"
+_DEPLOYMENT_COLUMNS = (
+    "id, environment, from_release, to_release, strategy, actor, started, finished, outcome, "
+    "details, git_commit"
+)
+
+
+# --------------------------------------------------------------------------------------------
+# the transaction
+
+
+class SqliteTx:
+    """Writes inside one :meth:`SqliteStateStore.mutate`; dead once it returns."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, clock: Clock) -> None:
+        self._conn = conn
+        self._path = path
+        self._clock = clock
+        self._open = True
+        self.notes: dict[str, Any] = {}
+
+    def _db(self) -> sqlite3.Connection:
+        if not self._open:
+            raise StateError("this transaction has ended; write through store.mutate(...)")
+        return self._conn
+
+    def close(self) -> None:
+        """End the handle (the store calls this when the transaction ends)."""
+        self._open = False
+
+    def note(self, **details: Any) -> None:
+        self._db()
+        json.dumps(details, allow_nan=False)
+        self.notes.update(details)
+
+    def record_image(self, image: ImageRow) -> None:
+        self._db().execute(
+            "INSERT INTO images (digest, size, created, source, data) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (digest) DO NOTHING",
+            (image.digest, image.size, format_time(image.created), image.source, _json(image.data)),
+        )
+
+    def bind_tag(self, tag: str, digest: Digest) -> TagRow:
+        db = self._db()
+        row = db.execute("SELECT tag, digest, created FROM tags WHERE tag = ?", (tag,)).fetchone()
+        if row is not None:
+            if row[1] != digest:
+                raise TagConflictError(
+                    f"tag {tag!r} is already bound to {row[1]}; tags never move "
+                    f"(refusing to bind it to {digest})"
+                )
+            return TagRow(row[0], Digest(row[1]), parse_time(row[2]))
+        if db.execute("SELECT 1 FROM images WHERE digest = ?", (digest,)).fetchone() is None:
+            raise NotFoundError(f"no image {digest} in the state store; cannot tag it {tag!r}")
+        created = parse_time(format_time(self._clock.now()))
+        db.execute(
+            "INSERT INTO tags (tag, digest, created) VALUES (?, ?, ?)",
+            (tag, digest, format_time(created)),
+        )
+        return TagRow(tag, digest, created)
+
+    def upsert_environment(self, environment: EnvironmentRow) -> None:
+        e = environment
+        self._write(
+            "INSERT INTO environments (name, runtime, listen, config, current_release,"
+            " known_good_release, updated) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET runtime = excluded.runtime,"
+            " listen = excluded.listen, config = excluded.config,"
+            " current_release = excluded.current_release,"
+            " known_good_release = excluded.known_good_release, updated = excluded.updated",
+            (
+                e.name,
+                e.runtime,
+                e.listen,
+                _json(e.config),
+                e.current_release,
+                e.known_good_release,
+                _time(e.updated),
+            ),
+            f"environment {e.name!r} names a release that is not recorded",
+        )
+
+    def create_release(self, release: ReleaseRow) -> None:
+        db = self._db()
+        r = release
+        row = db.execute(
+            "SELECT id, environment, digest, config, created FROM releases WHERE id = ?", (r.id,)
+        ).fetchone()
+        if row is not None:
+            existing = _release(row)
+            if (existing.environment, existing.digest, _json(existing.config)) != (
+                r.environment,
+                r.digest,
+                _json(r.config),
+            ):
+                raise StateError(f"release {r.id} is already recorded with other content")
+            return
+        self._write(
+            "INSERT INTO releases (id, environment, digest, config, created)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (r.id, r.environment, r.digest, _json(r.config), format_time(r.created)),
+            f"release {r.id}: image {r.digest} is not recorded",
+        )
+
+    def create_deployment(self, deployment: DeploymentRow) -> None:
+        d = deployment
+        self._write(
+            f"INSERT INTO deployments ({_DEPLOYMENT_COLUMNS})"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                d.id,
+                d.environment,
+                d.from_release,
+                d.to_release,
+                d.strategy,
+                d.actor,
+                format_time(d.started),
+                _time(d.finished),
+                d.outcome,
+                _json(d.details),
+                d.git_commit,
+            ),
+            f"deployment {d.id}: a release it names is not recorded (or the id is taken)",
+        )
+
+    def finish_deployment(
+        self,
+        deployment_id: str,
+        outcome: DeploymentOutcome,
+        finished: datetime,
+        details: JsonObject | None = None,
+    ) -> DeploymentRow:
+        db = self._db()
+        row = db.execute(
+            f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments WHERE id = ?", (deployment_id,)
+        ).fetchone()
+        if row is None:
+            raise NotFoundError(f"no deployment {deployment_id!r}")
+        current = _deployment(row)
+        merged = {**current.details, **(details or {})}
+        db.execute(
+            "UPDATE deployments SET outcome = ?, finished = ?, details = ? WHERE id = ?",
+            (outcome, format_time(finished), _json(merged), deployment_id),
+        )
+        return replace(current, outcome=outcome, finished=finished, details=merged)
+
+    def append_step(
+        self, deployment_id: str, step: str, state: str, data: JsonObject, at: datetime
+    ) -> StepRow:
+        db = self._db()
+        if (
+            db.execute("SELECT 1 FROM deployments WHERE id = ?", (deployment_id,)).fetchone()
+            is None
+        ):
+            raise NotFoundError(f"no deployment {deployment_id!r}")
+        (seq,) = db.execute(
+            "SELECT COALESCE(MAX(seq), 0) + 1 FROM deployment_steps WHERE deployment_id = ?",
+            (deployment_id,),
+        ).fetchone()
+        db.execute(
+            "INSERT INTO deployment_steps (deployment_id, seq, step, state, data, at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (deployment_id, seq, step, state, _json(data), format_time(at)),
+        )
+        return StepRow(deployment_id, seq, step, state, dict(data), at)
+
+    def put_instance(self, instance: InstanceRow) -> None:
+        i = instance
+        self._write(
+            "INSERT OR REPLACE INTO instances (id, environment, release, address, runtime,"
+            " status, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (i.id, i.environment, i.release, i.address, i.runtime, i.status, _json(i.data)),
+            f"instance {i.id}: release {i.release} is not recorded",
+        )
+
+    def set_instance_status(
+        self, instance_id: str, status: str, data: JsonObject | None = None
+    ) -> InstanceRow:
+        db = self._db()
+        row = db.execute(
+            "SELECT id, environment, release, address, runtime, status, data FROM instances"
+            " WHERE id = ?",
+            (instance_id,),
+        ).fetchone()
+        if row is None:
+            raise NotFoundError(f"no instance {instance_id!r}")
+        current = _instance(row)
+        merged = {**current.data, **(data or {})}
+        db.execute(
+            "UPDATE instances SET status = ?, data = ? WHERE id = ?",
+            (status, _json(merged), instance_id),
+        )
+        return replace(current, status=status, data=merged)
+
+    def remove_instance(self, instance_id: str) -> None:
+        self._db().execute("DELETE FROM instances WHERE id = ?", (instance_id,))
+
+    def add_event(self, event: EventRow) -> EventRow:
+        cur = self._db().execute(
+            "INSERT INTO events (time, environment, kind, message, data) VALUES (?, ?, ?, ?, ?)",
+            (
+                format_time(event.time),
+                event.environment,
+                event.kind,
+                event.message,
+                _json(event.data),
+            ),
+        )
+        return replace(event, id=cur.lastrowid)
+
+    def get_lease(self, environment: str) -> Lease | None:
+        row = (
+            self._db()
+            .execute(f"SELECT {_LEASE_COLUMNS} FROM locks WHERE environment = ?", (environment,))
+            .fetchone()
+        )
+        return None if row is None else _lease(row)
+
+    def put_lease(self, lease: Lease) -> None:
+        x = lease
+        self._db().execute(
+            f"INSERT OR REPLACE INTO locks ({_LEASE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                x.environment,
+                x.token,
+                x.holder,
+                x.pid,
+                x.host,
+                x.purpose,
+                x.kind,
+                format_time(x.acquired),
+                format_time(x.expires),
+            ),
+        )
+
+    def delete_lease(self, environment: str) -> None:
+        self._db().execute("DELETE FROM locks WHERE environment = ?", (environment,))
+
+    def _write(self, sql: str, params: tuple[Any, ...], missing: str) -> None:
+        try:
+            self._db().execute(sql, params)
+        except sqlite3.IntegrityError as exc:
+            raise NotFoundError(f"{missing} ({exc})") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# the store
+
+
+class SqliteStateStore:
+    """State in one SQLite file. One connection, shared by threads under a lock."""
+
+    def __init__(
+        self, conn: sqlite3.Connection, path: Path, actor: str, key_path: Path, clock: Clock
+    ) -> None:
+        self._conn = conn
+        self._path = path
+        self._actor = actor
+        self._key_path = key_path
+        self._head_path = audit.head_file_for(key_path)
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._key: audit.AuditKey | None = None
+
+    def __enter__(self) -> SqliteStateStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._path
+
+    @property
+    def actor(self) -> str:
+        return self._actor
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    @property
+    def key_path(self) -> Path:
+        """The audit signing key."""
+        return self._key_path
+
+    @property
+    def head_path(self) -> Path:
+        """The head file beside the key."""
+        return self._head_path
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # -- the one writer ------------------------------------------------------------------
+
+    def mutate(self, draft: AuditDraft, apply: Callable[[StateTx], T]) -> T:
+        """Run ``apply`` and append ``draft``'s audit entry in one transaction.
+
+        Raises:
+            StateError: when the database cannot be written.
+            AuditError: when the chain's tail does not match its signed head, or the key is
+                missing or is not the one that signed the chain.
+        """
+        if not isinstance(draft, AuditDraft):
+            raise TypeError("mutate needs an AuditDraft: every change is audited")
+        with self._lock, _db_errors(self._path):
+            conn = self._conn
+            tx = SqliteTx(conn, self._path, self._clock)
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = apply(tx)
+                head = self._append(draft, tx.notes)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            finally:
+                tx.close()
+        audit.advance_head_file(self._head_path, head)
+        return result
+
+    def _signing_key(self, head: SignedHead | None) -> audit.AuditKey:
+        key = self._key if self._key is not None else audit.load_key(self._key_path)
+        if key is None:
+            if head is not None:
+                raise AuditError(
+                    f"the audit key {self._key_path} is missing but the chain was signed with "
+                    f"key {head.public_key[:16]}...; restore the key (refusing to sign with a "
+                    "new one)",
+                    head.seq,
+                )
+            key = audit.create_key(self._key_path)
+        if head is not None and key.public_hex != head.public_key:
+            raise AuditError(
+                f"the audit key {self._key_path} is not the key that signed this chain "
+                f"({head.public_key[:16]}...)",
+                head.seq,
+            )
+        self._key = key
+        return key
+
+    def _append(self, draft: AuditDraft, notes: dict[str, Any]) -> SignedHead:
+        conn = self._conn
+        head = self._read_head()
+        last = conn.execute(
+            f"SELECT {_AUDIT_COLUMNS} FROM audit ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        key = self._signing_key(head)
+        self._check_tail(last, head, key)
+        seq = 1 if last is None else last[0] + 1
+        prev = audit.GENESIS if last is None else last[11]
+        details = audit.canonical_json({**draft.details, **notes})
+        row = (
+            seq,
+            format_time(self._clock.now()),
+            self._actor,
+            draft.action,
+            draft.environment,
+            draft.subject,
+            draft.from_,
+            draft.to,
+            draft.result,
+            details,
+            prev,
+        )
+        digest = audit.entry_hash(prev, audit.canonical_bytes(row))
+        conn.execute(
+            f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (*row, digest),
+        )
+        signed = key.sign_head(seq, digest)
+        conn.execute(
+            "INSERT OR REPLACE INTO audit_head (id, seq, hash, public_key, signature)"
+            " VALUES (1, ?, ?, ?, ?)",
+            (signed.seq, signed.hash, signed.public_key, signed.signature),
+        )
+        return signed
+
+    def _check_tail(self, last: Any, head: SignedHead | None, key: audit.AuditKey) -> None:
+        # Signing over a tampered tail would launder it, so the tail must match the head first.
+        refuse = "refusing to extend the audit chain; run `castiron audit verify`"
+        if last is None and head is None:
+            return
+        if last is None or head is None:
+            seq = head.seq if head is not None else last[0]
+            raise AuditError(f"the audit chain and its signed head disagree ({refuse})", seq)
+        try:
+            audit.check_row(last, head.seq, last[10])
+        except AuditError as exc:
+            raise AuditError(f"{exc.message} ({refuse})", exc.seq) from None
+        if last[11] != head.hash or not audit.signature_valid(head, key.public_hex):
+            raise AuditError(f"entry {last[0]} does not match the signed head ({refuse})", last[0])
+
+    def renew_lease(self, environment: str, token: str, expires: datetime) -> bool:
+        """Move the expiry of the lease held with ``token`` forward (the heartbeat).
+
+        The only write outside :meth:`mutate`: it cannot create, take over or drop a lease.
+
+        Raises:
+            StateError: when the database cannot be written.
+        """
+        with self._lock, _db_errors(self._path):
+            cur = self._conn.execute(
+                "UPDATE locks SET expires = ? WHERE environment = ? AND token = ? AND expires < ?",
+                (format_time(expires), environment, token, format_time(expires)),
+            )
+            if cur.rowcount == 1:
+                return True
+            row = self._conn.execute(
+                "SELECT 1 FROM locks WHERE environment = ? AND token = ?", (environment, token)
+            ).fetchone()
+            return row is not None
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def _all(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        with self._lock, _db_errors(self._path):
+            return self._conn.execute(sql, params).fetchall()
+
+    def _one(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        with self._lock, _db_errors(self._path):
+            return self._conn.execute(sql, params).fetchone()
+
+    def pragma(self, name: str) -> Any:
+        """The value of ``PRAGMA name`` on this store's connection (for diagnostics)."""
+        if not name.isidentifier():
+            raise ValueError(f"not a pragma name: {name!r}")
+        return self._one(f"PRAGMA {name}")[0]
+
+    def schema_migrations(self) -> list[tuple[str, str]]:
+        return [
+            (r[0], r[1])
+            for r in self._all("SELECT name, applied_at FROM schema_migrations ORDER BY rowid")
+        ]
+
+    def get_image(self, digest: Digest) -> ImageRow | None:
+        row = self._one(
+            "SELECT digest, size, created, source, data FROM images WHERE digest = ?", (digest,)
+        )
+        return None if row is None else _image(row)
+
+    def list_images(self) -> list[ImageRow]:
+        return [
+            _image(r)
+            for r in self._all(
+                "SELECT digest, size, created, source, data FROM images ORDER BY created, digest"
+            )
+        ]
+
+    def get_tag(self, tag: str) -> TagRow | None:
+        row = self._one("SELECT tag, digest, created FROM tags WHERE tag = ?", (tag,))
+        return None if row is None else TagRow(row[0], Digest(row[1]), parse_time(row[2]))
+
+    def list_tags(self, digest: Digest | None = None) -> list[TagRow]:
+        sql = "SELECT tag, digest, created FROM tags"
+        params: tuple[Any, ...] = ()
+        if digest is not None:
+            sql += " WHERE digest = ?"
+            params = (digest,)
+        return [
+            TagRow(r[0], Digest(r[1]), parse_time(r[2]))
+            for r in self._all(sql + " ORDER BY tag", params)
+        ]
+
+    _ENV = (
+        "SELECT name, runtime, listen, config, current_release, known_good_release, updated"
+        " FROM environments"
+    )
+
+    def get_environment(self, name: str) -> EnvironmentRow | None:
+        row = self._one(self._ENV + " WHERE name = ?", (name,))
+        return None if row is None else _environment(row)
+
+    def list_environments(self) -> list[EnvironmentRow]:
+        return [_environment(r) for r in self._all(self._ENV + " ORDER BY name")]
+
+    _REL = "SELECT id, environment, digest, config, created FROM releases"
+
+    def get_release(self, release_id: ReleaseId) -> ReleaseRow | None:
+        row = self._one(self._REL + " WHERE id = ?", (release_id,))
+        return None if row is None else _release(row)
+
+    def list_releases(self, environment: str) -> list[ReleaseRow]:
+        return [
+            _release(r)
+            for r in self._all(
+                self._REL + " WHERE environment = ? ORDER BY created, id", (environment,)
+            )
+        ]
+
+    def get_deployment(self, deployment_id: str) -> DeploymentRow | None:
+        row = self._one(
+            f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments WHERE id = ?", (deployment_id,)
+        )
+        return None if row is None else _deployment(row)
+
+    def list_deployments(
+        self, environment: str | None = None, limit: int | None = None
+    ) -> list[DeploymentRow]:
+        sql = f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments"
+        params: list[Any] = []
+        if environment is not None:
+            sql += " WHERE environment = ?"
+            params.append(environment)
+        sql += " ORDER BY started DESC, rowid DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [_deployment(r) for r in self._all(sql, tuple(params))]
+
+    def steps(self, deployment_id: str) -> list[StepRow]:
+        return [
+            StepRow(r[0], r[1], r[2], r[3], json.loads(r[4]), parse_time(r[5]))
+            for r in self._all(
+                "SELECT deployment_id, seq, step, state, data, at FROM deployment_steps"
+                " WHERE deployment_id = ? ORDER BY seq",
+                (deployment_id,),
+            )
+        ]
+
+    def list_instances(self, environment: str | None = None) -> list[InstanceRow]:
+        sql = "SELECT id, environment, release, address, runtime, status, data FROM instances"
+        params: tuple[Any, ...] = ()
+        if environment is not None:
+            sql += " WHERE environment = ?"
+            params = (environment,)
+        return [_instance(r) for r in self._all(sql + " ORDER BY id", params)]
+
+    def events(
+        self, environment: str | None = None, since: datetime | None = None
+    ) -> list[EventRow]:
+        sql = "SELECT id, time, environment, kind, message, data FROM events WHERE 1 = 1"
+        params: list[Any] = []
+        if environment is not None:
+            sql += " AND environment = ?"
+            params.append(environment)
+        if since is not None:
+            sql += " AND time >= ?"
+            params.append(format_time(since))
+        return [
+            EventRow(parse_time(r[1]), r[2], r[3], r[4], json.loads(r[5]), id=r[0])
+            for r in self._all(sql + " ORDER BY id", tuple(params))
+        ]
+
+    def get_lease(self, environment: str) -> Lease | None:
+        row = self._one(f"SELECT {_LEASE_COLUMNS} FROM locks WHERE environment = ?", (environment,))
+        return None if row is None else _lease(row)
+
+    def list_leases(self) -> list[Lease]:
+        return [_lease(r) for r in self._all(f"SELECT {_LEASE_COLUMNS} FROM locks ORDER BY 1")]
+
+    def audit_entries(
+        self, environment: str | None = None, since: datetime | None = None
+    ) -> list[AuditEntry]:
+        sql = f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE 1 = 1"
+        params: list[Any] = []
+        if environment is not None:
+            sql += " AND environment = ?"
+            params.append(environment)
+        if since is not None:
+            sql += " AND time >= ?"
+            params.append(format_time(since))
+        return [audit.row_to_entry(r) for r in self._all(sql + " ORDER BY seq", tuple(params))]
+
+    def audit_rows(self) -> Iterator[audit.AuditRow]:
+        """Every stored audit row in seq order, streamed (for export and verification)."""
+        with self._lock, _db_errors(self._path):
+            cur = self._conn.execute(f"SELECT {_AUDIT_COLUMNS} FROM audit ORDER BY seq")
+            while batch := cur.fetchmany(4096):
+                yield from batch
+
+    def audit_links(self) -> Iterator[audit.ChainLink]:
+        """(seq, prev, hash, canonical JSON bytes) of every entry in seq order, streamed."""
+        with self._lock, _db_errors(self._path):
+            cur = self._conn.execute(
+                f"SELECT seq, prev, hash, CAST({CANONICAL_SQL} AS BLOB) FROM audit ORDER BY seq"
+            )
+            while batch := cur.fetchmany(4096):
+                yield from batch
+
+    def _read_head(self) -> SignedHead | None:
+        row = self._conn.execute(
+            "SELECT seq, hash, public_key, signature FROM audit_head WHERE id = 1"
+        ).fetchone()
+        return None if row is None else SignedHead(row[0], row[1], row[2], row[3])
+
+    def audit_head(self) -> SignedHead | None:
+        with self._lock, _db_errors(self._path):
+            return self._read_head()
+
+    def verify_audit(self) -> AuditReport:
+        """Verify the chain, the database head and the head file against the key.
+
+        Raises:
+            AuditError: when the key file exists but is not a readable ed25519 key.
+            StateError: when the database cannot be read.
+        """
+        with self._lock, _db_errors(self._path):
+            self._conn.execute("BEGIN")  # one consistent snapshot of rows and head
+            try:
+                head = self._read_head()
+                return audit.verify_chain(self.audit_links(), head, self._key_path, self._head_path)
+            finally:
+                self._conn.execute("COMMIT")
+
+
+__all__ = [
+    "APPLICATION_ID",
+    "Migration",
+    "SqliteStateStore",
+    "SqliteTx",
+    "migrations",
+    "open_state",
+]
+
+
+def _conforms(store: SqliteStateStore) -> StateStore:
+    return store  # mypy checks here that SqliteStateStore satisfies the StateStore protocol
