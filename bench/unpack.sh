@@ -32,16 +32,16 @@ with tarfile.open(f"{work}/layer.tar", "w", format=tarfile.PAX_FORMAT) as tar:
         info = tarfile.TarInfo(f"app/d{d:03}"); info.type = tarfile.DIRTYPE; info.mode = 0o755
         add(info)
     for i in range(files):
-        info = tarfile.TarInfo(f"app/d{i % 100:03}/f{i:06}.txt"); info.mode = 0o644
+        info = tarfile.TarInfo(f"app/d{i * 100 // files:03}/f{i:06}.txt"); info.mode = 0o644
         add(info, rng.randbytes(rng.randint(1024, 4096)))
     for i in range(big):
         info = tarfile.TarInfo(f"app/big{i}.bin"); info.mode = 0o644
         add(info, rng.randbytes(16 * 1024 * 1024))
     for i in range(200):
         info = tarfile.TarInfo(f"app/links/s{i}"); info.type = tarfile.SYMTYPE
-        info.linkname = f"../d{i % 100:03}/f{i:06}.txt"; add(info)
+        info.linkname = f"../d{i * 100 // files:03}/f{i:06}.txt"; add(info)
         info = tarfile.TarInfo(f"app/links/h{i}"); info.type = tarfile.LNKTYPE
-        info.linkname = f"app/d{i % 100:03}/f{i:06}.txt"; add(info)
+        info.linkname = f"app/d{i * 100 // files:03}/f{i:06}.txt"; add(info)
 with open(f"{work}/layer.tar", "rb") as src, gzip.open(f"{work}/layer.tar.gz", "wb", 6) as dst:
     shutil.copyfileobj(src, dst)
 EOF

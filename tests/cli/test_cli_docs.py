@@ -13,12 +13,20 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
 
 def _walk(group: click.Group, prefix: str = "") -> list[tuple[str, click.Command]]:
     found: list[tuple[str, click.Command]] = []
-    for name, command in sorted(group.commands.items()):
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
+        assert command is not None, name
         full = f"{prefix}{name}"
         found.append((full, command))
         if isinstance(command, click.Group):
             found.extend(_walk(command, full + " "))
     return found
+
+
+def test_all_commands_are_found() -> None:
+    names = {name for name, _ in _walk(cli)}
+    assert {"version", "validate", "audit verify", "lock status"} <= names
 
 
 def test_every_command_has_help() -> None:
@@ -40,3 +48,13 @@ def test_every_option_has_help() -> None:
         if isinstance(param, click.Option) and not (param.help or "").strip()
     ]
     assert missing == []
+
+
+def test_declared_command_names_match_modules() -> None:
+    import importlib
+
+    from castiron.cli.commands import COMMAND_MODULES
+
+    for module_name, names in COMMAND_MODULES.items():
+        module = importlib.import_module(f"castiron.cli.commands.{module_name}")
+        assert sorted(c.name for c in module.commands) == sorted(names), module_name

@@ -380,3 +380,26 @@ def test_docker_base_without_an_engine_is_explained(tmp_path: Path) -> None:
 
 def test_busybox_fixture_exists() -> None:
     assert BUSYBOX.is_file()
+
+
+def test_file_manifest_merge_applies_whiteouts() -> None:
+    from castiron.images.manifest import FileEntry, merge
+
+    lower = [
+        FileEntry("/etc", "dir", 0o755),
+        FileEntry("/etc/a", "file", 0o644, 1, "a"),
+        FileEntry("/etc/b", "file", 0o644, 1, "b"),
+        FileEntry("/var", "dir", 0o755),
+        FileEntry("/var/x", "file", 0o644, 1, "x"),
+        FileEntry("/opt", "dir", 0o755),
+        FileEntry("/opt/old", "file", 0o644, 1, "o"),
+    ]
+    upper = [
+        FileEntry("/etc/.wh.a", "file", 0o644),
+        FileEntry("/var/.wh..wh..opq", "file", 0o644),
+        FileEntry("/var/y", "file", 0o644, 1, "y"),
+        FileEntry("/opt", "symlink", 0o777, target="/usr"),
+    ]
+    tree = merge([lower, upper])
+    assert sorted(tree) == ["/etc", "/etc/b", "/opt", "/var", "/var/y"]
+    assert tree["/opt"].type == "symlink"

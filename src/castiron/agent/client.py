@@ -50,6 +50,26 @@ T = TypeVar("T")
 # --- wire values ----------------------------------------------------------------------------------
 
 
+HealthKind = Literal["http", "tcp", "command", "none"]
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """How the agent judges a replacement instance ready for traffic (see ``SpawnRequest``)."""
+
+    kind: HealthKind = "tcp"
+    """``http`` (GET ``target`` answers 2xx), ``tcp`` (the port accepts), ``command`` (exits 0)
+    or ``none`` (treated as ``tcp``: a listening port is the least required)."""
+    target: str = ""
+    """The http path, or the command as a JSON array of strings; empty for tcp/none."""
+    interval: float = 1.0
+    timeout: float = 2.0
+    healthy_after: int = 1
+    """Consecutive successes needed."""
+    start_period: float = 30.0
+    """Failures during this many seconds after the start do not count."""
+
+
 @dataclass(frozen=True)
 class SpawnRequest:
     """What the supervisor runs for one instance (``POST /v1/instances``).
@@ -78,6 +98,22 @@ class SpawnRequest:
     """The app name, recorded for observers."""
     address: str = ""
     """``HOST:PORT`` where the instance will serve, recorded for observers."""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    """Who the instance belongs to (app, environment, release, image, ...), recorded as given."""
+    public_env: tuple[str, ...] = ()
+    """Names in ``env`` whose *values* may be recorded (for drift detection); every other
+    value is treated as a secret: kept in memory only, never written."""
+    instance_dir: str = ""
+    """An absolute directory private to the instance, created (mode 0700) before it starts and
+    removed when it is stopped; a replacement gets its own (see ``replace``)."""
+    instance_subdirs: tuple[str, ...] = ()
+    """Relative directories created inside ``instance_dir`` (bind sources, scratch space)."""
+    replace: bool = False
+    """When the process exits by itself, start a fresh instance of the same request (a new id
+    and port; paths under ``instance_dir`` rebased to its own), with backoff, and swap it into
+    the routes once healthy. Stopping the instance through the API never triggers this."""
+    health: HealthCheck | None = None
+    """The check a replacement must pass before it gets traffic (``tcp`` when absent)."""
 
 
 InstanceStateName = Literal["running", "exited"]
@@ -110,6 +146,15 @@ class InstanceRecord:
     exited_at: float | None = None
     adopted: bool = False
     """True when the current agent took the instance over from a previous agent process."""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    env_values: Mapping[str, str] = field(default_factory=dict)
+    """Values of the request's ``public_env`` names only (never secrets)."""
+    sandboxed: bool = False
+    """True when started through a sandbox prefix: stop signals go to the sandboxed processes,
+    not to the sandbox launcher (which would die at once and orphan them)."""
+    replaces: str = ""
+    """The id of the exited instance this one replaced (empty for a first instance)."""
+    instance_dir: str = ""
 
     @property
     def handle(self) -> str:
@@ -125,6 +170,9 @@ EventKind = Literal[
     "instance-exited",
     "instance-lost",
     "instance-stopped",
+    "instance-replaced",
+    "instance-replace-failed",
+    "instance-unreplaceable",
     "route-applied",
     "route-removed",
     "route-failed",
@@ -144,6 +192,8 @@ class AgentEvent:
     pid: int | None = None
     exit_code: int | None = None
     detail: str = ""
+    replaced_by: str = ""
+    """For ``instance-replaced``: the id of the new instance (``instance`` is the old one)."""
 
 
 @dataclass(frozen=True)
@@ -715,6 +765,8 @@ __all__ = [
     "AgentEvent",
     "AgentStatus",
     "EventKind",
+    "HealthCheck",
+    "HealthKind",
     "InstanceRecord",
     "InstanceStateName",
     "SpawnRequest",

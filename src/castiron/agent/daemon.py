@@ -8,7 +8,15 @@ the persisted route configurations (``agent/routes.json``), the event list
 
 On start it adopts the instances a previous agent left running, takes the listening sockets
 back from the fd keeper and re-applies the recorded routes, so listeners are back within a
-second of a restart. On SIGTERM/SIGINT (or ``POST /v1/shutdown``) routers drain and close and
+second of a restart.
+
+It also replaces instances spawned with ``replace``: when one exits by itself, a fresh
+instance of the same request (new id, new port) is started after a backoff (1 s, 2 s, 4 s …
+at most 60 s; back to 1 s once an instance has lived 60 s), health-checked, and swapped into
+its environment's route in place of the dead one; ``instance-replaced`` records old id, new
+id and exit code. Spawn requests are kept in memory with their secret values and persisted
+without them (``agent/requests.json``): after an agent restart an instance that had secrets
+cannot be re-created (``instance-unreplaceable``); the engine's next command reconciles. On SIGTERM/SIGINT (or ``POST /v1/shutdown``) routers drain and close and
 the keeper lets the ports go; supervised instances are left running.
 
 This is a process entry point (``python -m castiron.agent.daemon --home H``), like the CLI: it
@@ -47,6 +55,8 @@ from castiron.agent.client import (
     AgentEvent,
     AgentStatus,
     EventKind,
+    HealthCheck,
+    InstanceRecord,
     SpawnRequest,
     from_json,
     to_json,
@@ -60,9 +70,14 @@ from castiron.agent.routes import (
     route_to_json,
     split_address,
 )
-from castiron.agent.supervisor import LogPolicy, Supervisor, rotate_file, write_json_atomic
+from castiron.agent.supervisor import (
+    LogPolicy,
+    Supervisor,
+    rotate_file,
+    write_json_atomic,
+)
 from castiron.errors import AgentError, CastironError, NotFoundError, RouterError, UsageError
-from castiron.traffic.base import RouteConfig, Router
+from castiron.traffic.base import Backend, BackendSet, RouteConfig, Router
 from castiron.traffic.stats import prometheus_text
 
 log = logging.getLogger("castiron.agent")
@@ -71,11 +86,26 @@ ROUTES_NAME = "routes.json"
 METRICS_NAME = "metrics.json"
 EVENTS_NAME = "events.jsonl"
 INSTANCES_NAME = "instances.json"
+REQUESTS_NAME = "requests.json"
 _MAX_BODY = 1024 * 1024
 _MAX_HEAD = 16 * 1024
 _HEAD_TIMEOUT = 10.0
 _EVENTS_KEPT = 5000
 _HOUSEKEEPING_INTERVAL = 1.0
+
+
+@dataclass(frozen=True)
+class ReplaceBackoff:
+    """Delays before an exited instance is replaced: ``initial * 2**n``, at most ``maximum``."""
+
+    initial: float = 1.0
+    maximum: float = 60.0
+    reset_after: float = 60.0
+    """An instance that lived this long resets the backoff to ``initial``."""
+
+    def delay(self, failures: int) -> float:
+        """The wait before the replacement that follows ``failures`` short-lived instances."""
+        return min(self.maximum, self.initial * 2 ** min(failures, 32))
 
 
 @dataclass(frozen=True)
@@ -94,6 +124,8 @@ class AgentOptions:
     log_policy: LogPolicy = field(default_factory=LogPolicy)
     keep_listeners: bool = True
     """Hand listening sockets to the fd keeper so they outlive the agent process."""
+    backoff: ReplaceBackoff = field(default_factory=lambda: ReplaceBackoff())
+    """How soon exited instances are replaced."""
 
     @property
     def agent_dir(self) -> Path:
@@ -346,8 +378,16 @@ class Agent:
             self.dir / INSTANCES_NAME,
             self.dir / "logs",
             on_event=self._event,
+            on_exit=self._on_instance_exit,
             log_policy=options.log_policy,
         )
+        self._requests: dict[str, tuple[SpawnRequest, bool]] = self._load_requests()
+        """Spawn requests of replaceable instances by id, and whether they are complete (their
+        secret values are known: false after an agent restart for instances with secrets)."""
+        self._carry: dict[str, tuple[int, bool]] = {}
+        """For a replacement: the short-lived predecessors so far, and whether the first one
+        was routed (so the chain ends in the route even if a replacement dies in between)."""
+        self._replacing: dict[str, asyncio.Task[None]] = {}
         log_fd = None if options.log_file is None else sys.stderr.fileno()
         self.keeper = FdKeeperClient(self.dir, log_fd=log_fd) if options.keep_listeners else None
         self.router: Router = router if router is not None else self._make_router()
@@ -443,8 +483,9 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        await self.supervisor.open()
-        await self._restore_routes()
+        async with self._routes_lock:  # replacements of lost instances wait for the routes
+            await self.supervisor.open()
+            await self._restore_routes()
         metrics = self.options.metrics or self._recorded_metrics()
         if metrics:
             try:
@@ -474,6 +515,8 @@ class Agent:
                 log.exception("router close failed")
             if self.keeper is not None:
                 self.keeper.quit()
+            for task in list(self._replacing.values()):
+                task.cancel()
             await self.supervisor.close()
             self._note("agent-stopped", detail=f"pid {os.getpid()}")
             log.info("agent stopped; instances left running: %d", self._running_count())
@@ -607,6 +650,268 @@ class Agent:
             with contextlib.suppress(ConnectionError):
                 await writer.drain()
             writer.close()
+
+    # -- replacement of exited instances
+
+    def _load_requests(self) -> dict[str, tuple[SpawnRequest, bool]]:
+        path = self.dir / REQUESTS_NAME
+        try:
+            data = json.loads(path.read_bytes())
+            items = data["requests"]
+            if not isinstance(items, dict):
+                raise TypeError("requests: expected object")
+            return {
+                key: (
+                    from_json(SpawnRequest, item["request"], f"requests.{key}"),
+                    bool(item["complete"]),
+                )
+                for key, item in items.items()
+            }
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError, UsageError) as exc:
+            log.error("%s unreadable, exited instances will not be replaced: %s", path, exc)
+            return {}
+
+    def _save_requests(self) -> None:
+        # Secret values never reach the disk: only public_env values are written.
+        items = {}
+        for key, (spawn, complete) in sorted(self._requests.items()):
+            public = {k: v for k, v in spawn.env.items() if k in spawn.public_env}
+            items[key] = {
+                "request": to_json(replace(spawn, env=public)),
+                "complete": complete and len(public) == len(spawn.env),
+            }
+        try:
+            write_json_atomic(self.dir / REQUESTS_NAME, {"version": 1, "requests": items})
+        except OSError as exc:
+            log.error("cannot write %s: %s", self.dir / REQUESTS_NAME, exc)
+
+    def _remember(self, spawn: SpawnRequest) -> None:
+        self._requests[spawn.id] = (spawn, True)
+        self._save_requests()
+
+    def _forget(self, instance_id: str) -> None:
+        """Never replace ``instance_id`` (it is being stopped on request)."""
+        task = self._replacing.pop(instance_id, None)
+        if task is not None:
+            task.cancel()
+        self._carry.pop(instance_id, None)
+        if self._requests.pop(instance_id, None) is not None:
+            self._save_requests()
+
+    def _on_instance_exit(self, record: InstanceRecord) -> None:
+        entry = self._requests.get(record.id)
+        if entry is None or record.id in self._replacing:
+            return
+        spawn, complete = entry
+        if not complete:
+            self._requests.pop(record.id)
+            self._save_requests()
+            self._event(
+                AgentEvent(
+                    seq=0,
+                    at=time.time(),
+                    kind="instance-unreplaceable",
+                    instance=record.id,
+                    environment=record.environment,
+                    release=record.release,
+                    exit_code=record.exit_code,
+                    detail="its secret values are not kept across agent restarts; "
+                    "the next deploy or status reconciles it",
+                )
+            )
+            return
+        lived = (record.exited_at or time.time()) - record.started_at
+        failures, routed = self._carry.pop(record.id, (0, False))
+        if lived >= self.options.backoff.reset_after:
+            failures = 0
+        self._replacing[record.id] = asyncio.get_running_loop().create_task(
+            self._replace(record, spawn, failures, routed)
+        )
+
+    async def _replace(
+        self, dead: InstanceRecord, spawn: SpawnRequest, failures: int, routed: bool
+    ) -> None:
+        """Replace ``dead``: take it out of its route, wait, start, health-check, swap in."""
+        try:
+            routed = await self._unroute(dead) or routed
+            while True:
+                await asyncio.sleep(self.options.backoff.delay(failures))
+                failures += 1
+                new_spawn = self._successor(spawn, dead.id)
+                try:
+                    record = self.supervisor.spawn(new_spawn, replaces=dead.id)
+                except CastironError as exc:
+                    self._replace_event("instance-replace-failed", dead, detail=str(exc))
+                    continue
+                self._carry[record.id] = (failures, routed)
+                self._requests[record.id] = (new_spawn, True)
+                self._save_requests()
+                healthy, detail = await self._wait_healthy(record, new_spawn)
+                if healthy:
+                    break
+                self._replace_event(
+                    "instance-replace-failed", dead, detail=f"{record.id}: {detail}"
+                )
+                if record.id in self._requests:
+                    self._forget(record.id)
+                    with contextlib.suppress(NotFoundError):
+                        await self.supervisor.stop(record.id, grace=5.0)
+                    continue
+                return  # it exited: its own replacement has taken over
+            if routed:
+                await self._route_in(dead, record)
+            self._requests.pop(dead.id, None)
+            self._save_requests()
+            self._replace_event(
+                "instance-replaced", dead, replaced_by=record.id, detail=f"now {record.address}"
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("replacing %s failed", dead.id)
+        finally:
+            if self._replacing.get(dead.id) is asyncio.current_task():
+                del self._replacing[dead.id]
+
+    def _successor(self, spawn: SpawnRequest, dead_id: str) -> SpawnRequest:
+        """The request of the next instance: a new id, a new port, its own instance dir."""
+        root = re.sub(r"\.r\d+$", "", dead_id)
+        match = re.search(r"\.r(\d+)$", dead_id)
+        n = int(match.group(1)) + 1 if match else 1
+        known = {r.id for r in self.supervisor.records()}
+        while f"{root}.r{n}" in known:
+            n += 1
+        new_id = f"{root}.r{n}"
+        if len(new_id) > 128:
+            new_id = f"{root[: 127 - len(f'.r{n}')]}.r{n}"
+        env = dict(spawn.env)
+        address = spawn.address
+        if address:
+            host, _ = split_address(address, "address")
+            port = _free_port(host)
+            address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            if "PORT" in env:
+                env["PORT"] = str(port)
+        old_dir = spawn.instance_dir
+        new_dir = str(Path(old_dir).with_name(new_id)) if old_dir else ""
+
+        def rebase(value: str) -> str:
+            if old_dir and (value == old_dir or value.startswith(old_dir + "/")):
+                return new_dir + value[len(old_dir) :]
+            return value
+
+        return replace(
+            spawn,
+            id=new_id,
+            env={k: rebase(v) for k, v in env.items()},
+            argv=tuple(rebase(a) for a in spawn.argv),
+            sandbox=tuple(rebase(a) for a in spawn.sandbox),
+            cwd=rebase(spawn.cwd),
+            address=address,
+            instance_dir=new_dir,
+        )
+
+    async def _wait_healthy(self, record: InstanceRecord, spawn: SpawnRequest) -> tuple[bool, str]:
+        """Probe ``record`` until healthy, exited, or past its deadline."""
+        # Imported here: the health module is only needed once an instance must be replaced.
+        from castiron.engine.health import HealthTracker, probe
+        from castiron.engine.release import HealthConfig
+
+        check = spawn.health or HealthCheck()
+        if not record.address:
+            return True, "no address to probe"
+        config = HealthConfig(
+            kind="tcp" if check.kind == "none" else check.kind,
+            target=check.target,
+            interval=check.interval,
+            timeout=check.timeout,
+            healthy_after=check.healthy_after,
+            start_period=check.start_period,
+        )
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        deadline = started + check.start_period + check.healthy_after * (
+            check.interval + check.timeout
+        ) + 30.0
+        tracker = HealthTracker(check=config, started_at=started)
+        while True:
+            current = self.supervisor.records()
+            alive = next((r for r in current if r.id == record.id), None)
+            if alive is None or alive.state != "running":
+                return False, "exited before it became healthy"
+            result = await loop.run_in_executor(None, probe, config, record.address, spawn.env)
+            if tracker.record(result, time.monotonic()):
+                return True, result.detail
+            if time.monotonic() > deadline:
+                return False, f"not healthy in time: {result.detail}"
+            await asyncio.sleep(check.interval)
+
+    async def _unroute(self, dead: InstanceRecord) -> bool:
+        """Take ``dead`` out of its environment's route; True when it was in it."""
+        async with self._routes_lock:
+            config = self.routes.get(dead.environment)
+            if config is None:
+                return False
+            sets = {"stable": config.stable, "canary": config.canary}
+            changed = {
+                name: BackendSet(s.release, tuple(b for b in s.backends if b.id != dead.id))
+                for name, s in sets.items()
+                if s is not None and any(b.id == dead.id for b in s.backends)
+            }
+            if not changed:
+                return False
+            await self._apply_locked(replace(config, **changed), f"without {dead.id}")
+            return True
+
+    async def _route_in(self, dead: InstanceRecord, new: InstanceRecord) -> None:
+        """Add ``new`` where ``dead`` served, if its release is still routed there."""
+        async with self._routes_lock:
+            config = self.routes.get(dead.environment)
+            if config is None:
+                return
+            for name in ("stable", "canary"):
+                backend_set: BackendSet | None = getattr(config, name)
+                if backend_set is None or backend_set.release != new.release:
+                    continue
+                if any(b.id == new.id for b in backend_set.backends):
+                    return
+                grown = BackendSet(
+                    backend_set.release, (*backend_set.backends, Backend(new.id, new.address))
+                )
+                await self._apply_locked(
+                    replace(config, **{name: grown}), f"{new.id} replaces {dead.id}"
+                )
+                return
+
+    async def _apply_locked(self, config: RouteConfig, why: str) -> None:
+        try:
+            await self.router.apply(config)
+        except CastironError as exc:
+            self._note("route-failed", config.environment, f"{why}: {exc}")
+            return
+        self.routes[config.environment] = config
+        self._save_routes()
+        self._note("route-applied", config.environment, why)
+
+    def _replace_event(
+        self, kind: EventKind, dead: InstanceRecord, *, replaced_by: str = "", detail: str = ""
+    ) -> None:
+        self._event(
+            AgentEvent(
+                seq=0,
+                at=time.time(),
+                kind=kind,
+                instance=dead.id,
+                environment=dead.environment,
+                release=dead.release,
+                pid=dead.pid,
+                exit_code=dead.exit_code,
+                detail=detail,
+                replaced_by=replaced_by,
+            )
+        )
 
     # -- control API
 
@@ -785,7 +1090,11 @@ class Agent:
         self, request: Request, w: asyncio.StreamWriter, p: dict[str, str]
     ) -> object:
         spawn = from_json(SpawnRequest, _json_body(request), "body")
-        return 201, to_json(self.supervisor.spawn(spawn))
+        _check_health(spawn.health)
+        record = self.supervisor.spawn(spawn)
+        if spawn.replace:
+            self._remember(spawn)
+        return 201, to_json(record)
 
     async def _instance_get(
         self, request: Request, w: asyncio.StreamWriter, p: dict[str, str]
@@ -796,6 +1105,8 @@ class Agent:
         self, request: Request, w: asyncio.StreamWriter, p: dict[str, str]
     ) -> object:
         grace = _query_number(request, "grace", 10.0, 0.0, 3600.0)
+        self.supervisor.get(p["id"])
+        self._forget(p["id"])
         return to_json(await self.supervisor.stop(p["id"], grace))
 
     async def _instance_logs(
@@ -845,6 +1156,40 @@ class Agent:
             pass
         finally:
             writer.close()
+
+
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _check_health(check: HealthCheck | None) -> None:
+    """Refuse a health check the agent could not run.
+
+    Raises:
+        UsageError: naming the bad field.
+    """
+    if check is None:
+        return
+    for name in ("interval", "timeout", "start_period"):
+        value = getattr(check, name)
+        if not 0 <= value < 86400:
+            raise UsageError(f"body.health.{name}: must be between 0 and 86400 seconds")
+    if check.interval <= 0 or check.timeout <= 0:
+        raise UsageError("body.health: interval and timeout must be positive")
+    if check.healthy_after < 1:
+        raise UsageError("body.health.healthy_after: must be at least 1")
+    if check.kind == "http" and not check.target.startswith("/"):
+        raise UsageError("body.health.target: an http check needs a path starting with '/'")
+    if check.kind == "command":
+        try:
+            argv = json.loads(check.target)
+        except ValueError:
+            argv = None
+        if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
+            raise UsageError("body.health.target: a command check needs a JSON array of strings")
 
 
 def tail_file(path: Path, lines: int) -> tuple[bytes, int]:

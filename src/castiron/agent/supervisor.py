@@ -14,10 +14,14 @@ Design choices that let instances outlive the agent (even a SIGKILL of it):
   agent adopts a record only if that pid is alive *and* has the same start time; otherwise
   the instance is recorded as exited (``instance-lost``);
 * exits are seen through ``os.pidfd_open`` on the event loop (polling where pidfds are not
-  available); the exit status is known only for the agent's own children.
+  available); the exit status is known only for the agent's own children;
+* an instance *is its session*: stopping signals every process of the session (for a
+  sandboxed instance every one but the sandbox launcher, which would die at once and leave
+  the sandbox orphaned), and once the session leader has exited, whatever is left of the
+  session is killed, so an instance never leaves stray processes behind.
 
 The supervisor emits events to a callback and decides no policy: replacing an exited instance
-is the engine's job. It must not know routers, images, drivers, the spec or the state store.
+is the daemon's job (it is told through ``on_exit``). It must not know routers, images, drivers, the spec or the state store.
 """
 
 from __future__ import annotations
@@ -76,6 +80,30 @@ def process_start_time(pid: int) -> int | None:
     if not rest or rest[0] in (b"Z", b"X"):
         return None
     return int(rest[19])
+
+
+def session_members(sid: int) -> list[int]:
+    """Live (not zombie) processes whose session id is ``sid``, sorted by pid.
+
+    A pid is never reused while it still names a session, so this is safe after the leader
+    has exited.
+    """
+    found: list[int] = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return found
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{name}/stat").read_bytes()
+        except OSError:
+            continue
+        rest = raw[raw.rfind(b")") + 2 :].split()
+        if len(rest) > 3 and rest[0] not in (b"Z", b"X") and int(rest[3]) == sid:
+            found.append(int(name))
+    return sorted(found)
 
 
 def write_json_atomic(path: Path, data: object) -> None:
@@ -154,6 +182,8 @@ class Supervisor:
             if process_start_time(record.pid) != record.start_time:
                 if pidfd is not None:
                     os.close(pidfd)
+                if process_start_time(record.pid) is None:  # else the pid names another process
+                    kill_session(record.pid)
                 self._mark_exited(record.id, None, "instance-lost", "process gone while no agent")
                 continue
             adopted = dataclasses.replace(record, adopted=True)
@@ -199,8 +229,10 @@ class Supervisor:
 
     # -- spawn and stop
 
-    def spawn(self, request: SpawnRequest) -> InstanceRecord:
+    def spawn(self, request: SpawnRequest, *, replaces: str = "") -> InstanceRecord:
         """Start ``request.sandbox + request.argv`` in its own session, output to its log file.
+
+        ``replaces`` names the exited instance this one replaces (recorded for observers).
 
         Raises:
             UsageError: when the request is invalid, the id is taken, or the command cannot be
@@ -209,6 +241,16 @@ class Supervisor:
         self._validate(request)
         log_dir = Path(request.log_dir) if request.log_dir else self.default_log_dir
         argv = [*request.sandbox, *request.argv]
+        if request.instance_dir:
+            try:
+                base = Path(request.instance_dir)
+                base.mkdir(parents=True, exist_ok=True, mode=0o700)
+                for sub in request.instance_subdirs:
+                    (base / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+            except OSError as exc:
+                raise UsageError(
+                    f"instance {request.id}: cannot create {request.instance_dir}: {exc}"
+                ) from None
         try:
             log_dir.mkdir(parents=True, exist_ok=True)
             log_path = log_dir / f"{request.id}.log"
@@ -247,6 +289,11 @@ class Supervisor:
             started_at=self._clock(),
             app=request.app,
             address=request.address,
+            labels=dict(request.labels),
+            env_values={k: request.env[k] for k in request.public_env if k in request.env},
+            sandboxed=bool(request.sandbox),
+            replaces=replaces,
+            instance_dir=request.instance_dir,
         )
         self._records[record.id] = record
         self._save()
@@ -265,12 +312,13 @@ class Supervisor:
         record = self.get(instance_id)
         watch = self._watches.get(instance_id)
         if record.state == "running" and watch is not None:
-            _signal_group(record.pid, signal.SIGTERM)
+            _signal_instance(record, signal.SIGTERM)
             try:
                 await asyncio.wait_for(watch.exited.wait(), timeout=max(grace, 0.0))
             except TimeoutError:
                 log.warning("instance %s did not stop in %.1fs: SIGKILL", instance_id, grace)
                 _signal_group(record.pid, signal.SIGKILL)
+                kill_session(record.pid)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(watch.exited.wait(), timeout=10.0)
         final = self._records.get(instance_id, record)
@@ -278,6 +326,8 @@ class Supervisor:
             final = dataclasses.replace(final, state="exited", exited_at=self._clock())
         self._records.pop(instance_id, None)
         self._save()
+        if final.instance_dir:
+            shutil.rmtree(final.instance_dir, ignore_errors=True)
         self._emit("instance-stopped", final, detail="stopped on request")
         return final
 
@@ -355,6 +405,11 @@ class Supervisor:
         if watch is None:
             return
         self._unwatch(watch)
+        record = self._records.get(instance_id)
+        if record is not None:
+            # What the leader left behind (an orphaned sandbox, a background child). Before
+            # reaping: the zombie still holds the pid, so the session id cannot be reused.
+            kill_session(record.pid)
         code: int | None = None
         if watch.popen is not None:
             code = watch.popen.wait()
@@ -475,6 +530,27 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         log.warning("cannot signal process group %d: %s", pid, exc)
 
 
+def _signal_instance(record: InstanceRecord, sig: signal.Signals) -> None:
+    """Ask an instance to stop: its process group, and every process of its session.
+
+    For a sandboxed instance the launcher (the session leader) is spared: it exits by itself,
+    with the sandboxed command's status, once the sandbox is empty.
+    """
+    members = [p for p in session_members(record.pid) if p != record.pid]
+    if not record.sandboxed or not members:
+        _signal_group(record.pid, sig)
+    for pid in members:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every live process of session ``sid`` (nothing when there is none)."""
+    for pid in session_members(sid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _describe(code: int | None) -> str:
     if code is None:
         return "exited (status unknown: adopted process)"
@@ -486,4 +562,12 @@ def _describe(code: int | None) -> str:
     return f"exited with status {code}"
 
 
-__all__ = ["LogPolicy", "Supervisor", "process_start_time", "rotate_file", "write_json_atomic"]
+__all__ = [
+    "LogPolicy",
+    "Supervisor",
+    "kill_session",
+    "process_start_time",
+    "rotate_file",
+    "session_members",
+    "write_json_atomic",
+]

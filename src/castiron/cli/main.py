@@ -6,21 +6,47 @@ the documented exit code; anything else is a bug and is shown with a traceback.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import traceback
 from pathlib import Path
+from typing import cast
 
 import click
 
 from castiron import __version__
+from castiron.cli.commands import COMMAND_MODULES
 from castiron.cli.context import CliContext
 from castiron.cli.render import emit_error
 from castiron.errors import CastironError, ExitCode
 from castiron.settings import load_settings
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class LazyGroup(click.Group):
+    """The root group: imports a command's module only when that command is used."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_command_index()})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module_name = _command_index().get(cmd_name)
+        if module_name is None:
+            return super().get_command(ctx, cmd_name)
+        module = importlib.import_module(f"castiron.cli.commands.{module_name}")
+        for command in module.commands:
+            if command.name == cmd_name:
+                return cast(click.Command, command)
+        return None
+
+
+def _command_index() -> dict[str, str]:
+    return {name: module for module, names in COMMAND_MODULES.items() for name in names}
+
+
+@click.group(
+    cls=LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(
     __version__, "--version", prog_name="castiron", message="%(prog)s %(version)s"
 )
@@ -49,16 +75,6 @@ def cli(ctx: click.Context, home: Path | None, spec_file: Path | None) -> None:
     ctx.obj = CliContext(settings=settings)
 
 
-def _register() -> None:
-    # Each command module exposes `commands`, a list of click commands or groups.
-    from castiron.cli.commands import COMMAND_MODULES
-
-    for module in COMMAND_MODULES:
-        for command in module.commands:
-            cli.add_command(command)
-
-
-_register()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -476,6 +476,7 @@ def bake(
         tempfile.TemporaryDirectory(prefix="castiron-bake-") as tmp_s,
     ):
         tmp = Path(tmp_s)
+        prior_stats: dict[str, list[int | str]] = {}
         obs.step(f"base {recipe.base}")
         base = _resolve_base(recipe.base, store, options, tmp)
         if recipe.build:
@@ -488,11 +489,12 @@ def bake(
             scanned = scan(root, exclude, pool=pool)
         else:
             obs.step("scanning the context")
+            prior_stats = cache.stat_entries(context)
             scanned = scan(
                 context,
                 exclude,
                 skip=options.skip,
-                stat_cache=cache.stat_entries(context),
+                stat_cache=prior_stats,
                 pool=pool,
             )
         found = secret_files(scanned.files, allow)
@@ -579,7 +581,7 @@ def bake(
         )
         name = f"{options.app}:{tags[0]}" if options.app else tags[0]
         prov = provenance.attach(store, image, provenance.statement(image.digest, name, record))
-        if not recipe.build:
+        if not recipe.build and scanned.stats != prior_stats:
             cache.save_stat_entries(context, scanned.stats)
     base_infos = [
         LayerInfo(f"base {i}", d.digest, diff, d.size, 0, True)

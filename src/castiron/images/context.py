@@ -59,6 +59,8 @@ SECRET_PATTERNS = (
 """File names that usually hold credentials; baking them needs ``image.allow_secrets``."""
 
 _SNIFF_LIMIT = 64 * 1024
+# A file modified within a second of the scan may change again within the same timestamp tick
+# without changing its stat; such files are not remembered, so they are re-hashed next time.
 _RACY_NS = 1_000_000_000
 _HASH_BLOCK = 1 << 20
 

@@ -137,24 +137,26 @@ def merge(layers: Iterable[Iterable[FileEntry]]) -> dict[str, FileEntry]:
     tree: dict[str, FileEntry] = {}
     for layer in layers:
         entries = list(layer)
-        for e in entries:
+        whiteouts = [e for e in entries if "/" + _WHITEOUT in e.path]
+        for e in whiteouts:
             parent, base = posixpath.split(e.path)
             if base == _OPAQUE:
                 prefix = parent.rstrip("/") + "/"
                 for key in [k for k in tree if k.startswith(prefix)]:
                     del tree[key]
-        for e in entries:
+        for e in whiteouts:
             parent, base = posixpath.split(e.path)
-            if base == _OPAQUE:
-                continue
-            if base.startswith(_WHITEOUT):
+            if base.startswith(_WHITEOUT) and base != _OPAQUE:
                 gone = posixpath.join(parent, base[len(_WHITEOUT) :])
                 tree.pop(gone, None)
                 prefix = gone + "/"
                 for key in [k for k in tree if k.startswith(prefix)]:
                     del tree[key]
+        for e in entries:
+            if "/" + _WHITEOUT in e.path and posixpath.basename(e.path).startswith(_WHITEOUT):
                 continue
-            if e.type != "dir" and e.path in tree and tree[e.path].type == "dir":
+            prior = tree.get(e.path)
+            if prior is not None and prior.type == "dir" and e.type != "dir":
                 prefix = e.path + "/"
                 for key in [k for k in tree if k.startswith(prefix)]:
                     del tree[key]

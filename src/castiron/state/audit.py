@@ -261,7 +261,7 @@ def head_from_json(obj: Mapping[str, Any]) -> SignedHead:
     return SignedHead(seq, hash_, public, sig)
 
 
-class HeadFileUnreadable(Exception):
+class _HeadFileUnreadable(Exception):
     """The head file exists but cannot be parsed (internal to verification)."""
 
 
@@ -269,18 +269,18 @@ def read_head_file(path: Path) -> SignedHead | None:
     """The signed head recorded in ``path`` (``None`` when absent).
 
     Raises:
-        HeadFileUnreadable: when the file exists but is not a signed head.
+        _HeadFileUnreadable: when the file exists but is not a signed head.
     """
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise HeadFileUnreadable(str(exc)) from exc
+        raise _HeadFileUnreadable(str(exc)) from exc
     try:
         return head_from_json(json.loads(data))
     except (ValueError, KeyError, TypeError) as exc:
-        raise HeadFileUnreadable(str(exc)) from exc
+        raise _HeadFileUnreadable(str(exc)) from exc
 
 
 def advance_head_file(path: Path, head: SignedHead) -> None:
@@ -298,7 +298,7 @@ def advance_head_file(path: Path, head: SignedHead) -> None:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             try:
                 current = read_head_file(path)
-            except HeadFileUnreadable:
+            except _HeadFileUnreadable:
                 current = None
             if current is not None and current.seq >= head.seq:
                 return
@@ -378,7 +378,7 @@ def verify_chain(
     try:
         file_head = read_head_file(head_file)
         file_unreadable: str | None = None
-    except HeadFileUnreadable as exc:
+    except _HeadFileUnreadable as exc:
         file_head, file_unreadable = None, str(exc)
     file_seq = file_head.seq if file_head is not None else -1
     hash_at_file_seq: str | None = None

@@ -1,0 +1,717 @@
+"""The deploy engine: resolve, plan, lock, journal, execute a strategy, audit — and recover.
+
+Owns :class:`Engine`, where the spec meets the runtime: it resolves an image reference to a
+digest once (:meth:`Engine.resolve`), plans (:meth:`Engine.plan`, pure apart from reads), and
+deploys under the environment's lock (:meth:`Engine.deploy`): every step is journaled before
+it acts, a failure undoes what was created and leaves traffic where it was. It also owns
+recovery of a deployment whose process died (:meth:`Engine.recover`: before the final switch
+it is undone, after it it is completed), reaping warm instances past ``keep_warm``
+(:meth:`Engine.reap`) and taking an environment down (:meth:`Engine.down`).
+
+The engine is given its collaborators (state store, image store, drivers by runtime, the
+traffic controller, a clock) and never reads the process environment, prints, or exits; see
+:mod:`castiron.engine.compose` for how the CLI builds one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from castiron.drivers.base import Driver
+from castiron.engine.health import probe
+from castiron.engine.journal import (
+    Journal,
+    SilentObserver,
+    StepObserver,
+    finish_deployment,
+    new_deployment_id,
+)
+from castiron.engine.plan import Plan, plan_deployment
+from castiron.engine.release import Release, release_from_json, resolve_release
+from castiron.engine.secrets import resolve_secrets
+from castiron.engine.strategies import (
+    STRATEGIES,
+    ImageRuntime,
+    Policy,
+    Prober,
+    Rollout,
+    backends_of,
+    remove_instances,
+    row_instance,
+)
+from castiron.errors import (
+    CastironError,
+    DeployFailedError,
+    ImageError,
+    LockedError,
+    NotFoundError,
+    UsageError,
+)
+from castiron.images import oci
+from castiron.images.store import ImageStore
+from castiron.model import Digest, ImageRef, Instance, ReleaseId
+from castiron.spec.load import LoadedSpec
+from castiron.state.base import (
+    AuditDraft,
+    DeploymentRow,
+    EnvironmentRow,
+    ImageRow,
+    InstanceRow,
+    ReleaseRow,
+    StateStore,
+    StateTx,
+    format_time,
+    parse_time,
+)
+from castiron.state.locks import LockManager
+from castiron.traffic.controller import TrafficController
+
+
+@dataclass(frozen=True)
+class Target:
+    """A release ready to deploy: digest resolved once, with the policy it deploys under."""
+
+    release: Release
+    policy: Policy
+    tag: str | None
+    """The tag the image was asked for by (None when given by digest or by default)."""
+    git_commit: str | None
+
+    @property
+    def environment(self) -> str:
+        return self.release.environment
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    """What a deployment (or rollback) did."""
+
+    environment: str
+    release: str
+    digest: str
+    outcome: str
+    """``succeeded``, ``unchanged``, ``failed`` or ``aborted``."""
+    duration_s: float
+    deployment: str | None = None
+    timings: Mapping[str, float] = field(default_factory=dict)
+    """``switch_s`` (start to traffic switched), ``health_s`` (waiting for health)."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` object of ``castiron deploy`` / ``rollback``."""
+        return {
+            "environment": self.environment,
+            "release": self.release,
+            "digest": self.digest,
+            "outcome": self.outcome,
+            "duration_s": round(self.duration_s, 3),
+            "deployment": self.deployment,
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+        }
+
+
+def image_runtime(images: ImageStore, digest: str) -> ImageRuntime:
+    """How the image ``digest`` says to run it: entrypoint + cmd, env, workdir, user.
+
+    Raises:
+        NotFoundError: when the image is not in the store.
+        ImageError: when its config is damaged.
+    """
+    config = images.image(digest).config.get("config") or {}
+    if not isinstance(config, dict):
+        raise ImageError(f"image {digest}: config is not an object")
+    command = [*(config.get("Entrypoint") or []), *(config.get("Cmd") or [])]
+    env: list[tuple[str, str]] = []
+    for item in config.get("Env") or []:
+        name, sep, value = str(item).partition("=")
+        if sep:
+            env.append((name, value))
+    if not command:
+        raise ImageError(f"image {digest} has no entrypoint or cmd: nothing to run")
+    user = config.get("User")
+    return ImageRuntime(
+        command=tuple(str(a) for a in command),
+        env=tuple(env),
+        workdir=str(config.get("WorkingDir") or "/"),
+        user=str(user) if user else None,
+    )
+
+
+def newest_image(images: ImageStore, app: str) -> tuple[Digest, str | None]:
+    """The most recently added image of ``app`` in the store, and its most recent tag.
+
+    Raises:
+        UsageError: when the store has no image of ``app`` (bake one first).
+    """
+    for descriptor in reversed(images.index()):
+        if descriptor.artifact_type is not None:
+            continue
+        try:
+            title = images.image(descriptor.digest).annotations.get(oci.ANN_TITLE)
+        except (ImageError, NotFoundError):
+            continue
+        if title == app:
+            return descriptor.digest, descriptor.annotations.get(oci.ANN_REF_NAME)
+    raise UsageError(
+        f"no image of app {app!r} in {images.root}: run `castiron bake` first (or pass --image REF)"
+    )
+
+
+class Engine:
+    """Deploys releases to environments; one per CLI invocation (or API request)."""
+
+    def __init__(
+        self,
+        *,
+        store: StateStore,
+        images: ImageStore,
+        driver_for: Callable[[str], Driver],
+        traffic: Callable[[], TrafficController],
+        environ: Mapping[str, str] | None = None,
+        observer: StepObserver | None = None,
+        instance_logs: Callable[[Instance], str] | None = None,
+        prober: Prober = probe,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        locks: LockManager | None = None,
+    ) -> None:
+        self.store = store
+        self.images = images
+        self._driver_for = driver_for
+        self._traffic_factory = traffic
+        self._traffic: TrafficController | None = None
+        self.environ: Mapping[str, str] = dict(environ or {})
+        self.observer: StepObserver = observer if observer is not None else SilentObserver()
+        self.instance_logs = instance_logs
+        self.prober = prober
+        self.monotonic = monotonic
+        self.sleep = sleep
+        self.locks = locks if locks is not None else LockManager(store)
+
+    # --- collaborators (built on first use: read commands stay fast) -------------------------
+
+    @property
+    def traffic(self) -> TrafficController:
+        """The traffic controller (built on first use)."""
+        if self._traffic is None:
+            self._traffic = self._traffic_factory()
+        return self._traffic
+
+    def driver(self, runtime: str) -> Driver:
+        """The driver of ``runtime``.
+
+        Raises:
+            UsageError: when the runtime is not available.
+        """
+        return self._driver_for(runtime)
+
+    # --- resolve and plan ------------------------------------------------------------------
+
+    def resolve(self, loaded: LoadedSpec, environment: str, image: str | None = None) -> Target:
+        """Resolve ``environment`` of the spec with image ``image`` (a tag, digest or unique
+        prefix; default: the newest baked image of the app) to a :class:`Target`.
+
+        The reference is resolved to a digest here, once; everything after uses the digest.
+
+        Raises:
+            UsageError: unknown environment, no image, unsupported strategy.
+            NotFoundError: when ``image`` names nothing in the store.
+        """
+        spec = loaded.spec
+        env = spec.environments.get(environment)
+        if env is None:
+            known = ", ".join(sorted(spec.environments)) or "none"
+            raise UsageError(f"no environment {environment!r} in {loaded.path} (known: {known})")
+        if image is None:
+            digest, tag = newest_image(self.images, spec.app)
+        else:
+            digest = self.images.resolve(image)
+            tag = image if image in self.images.tags() else None
+        if env.strategy.type not in STRATEGIES:
+            raise UsageError(
+                f"environments.{environment}.strategy.type: {env.strategy.type!r} is not "
+                f"available yet (use one of: {', '.join(STRATEGIES)})"
+            )
+        stored = self.images.image(digest)
+        release = resolve_release(spec, environment, digest)
+        policy = Policy(
+            app=spec.app,
+            runtime=env.runtime,
+            listen=env.listen,
+            strategy=env.strategy.type,
+            batch=env.strategy.batch,
+            drain_timeout=env.drain_timeout,
+            keep_warm=env.keep_warm,
+            deploy_timeout=env.deploy_timeout,
+            base_dir=str(loaded.base_dir),
+        )
+        return Target(release, policy, tag, stored.annotations.get(oci.ANN_REVISION))
+
+    def current_release(self, environment: str) -> Release | None:
+        """The release the environment serves, as recorded (None before the first deploy)."""
+        row = self.store.get_environment(environment)
+        if row is None or row.current_release is None:
+            return None
+        return self.load_release(row.current_release)
+
+    def load_release(self, release_id: str) -> Release:
+        """A recorded release.
+
+        Raises:
+            NotFoundError: when it is not recorded.
+        """
+        row = self.store.get_release(ReleaseId(release_id))
+        if row is None:
+            raise NotFoundError(f"no release {release_id} in the state store")
+        return release_from_json({"id": row.id, "digest": row.digest, "config": row.config})
+
+    def in_service(self, environment: str) -> list[InstanceRow]:
+        """Recorded instances of ``environment`` that serve (or are about to)."""
+        return [r for r in self.store.list_instances(environment) if r.status == "running"]
+
+    def plan(self, target: Target) -> Plan:
+        """What deploying ``target`` would do (reads state; changes nothing)."""
+        current = self.current_release(target.environment)
+        running = [
+            r
+            for r in self.in_service(target.environment)
+            if current is not None and r.release == current.id
+        ]
+        return plan_deployment(current, target.release, len(running), target.policy.strategy)
+
+    # --- locking, recovery, reaping ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self, environment: str, purpose: str, wait: float = 0.0) -> Iterator[None]:
+        """Hold ``environment``'s lock; recover and reap it first.
+
+        Raises:
+            LockedError: when another live process holds it after ``wait`` seconds.
+        """
+
+        def waiting(lease: Any) -> None:
+            self.observer.progress(f"waiting for the lock held by {lease.holder} ({lease.purpose})")
+
+        with self.locks.acquire(environment, purpose, wait=wait, on_wait=waiting) as held:
+            self.recover(environment)
+            self.reap(environment)
+            yield
+            held.check()
+
+    def housekeeping(self, environment: str | None = None) -> None:
+        """Recover interrupted deployments and reap expired warm instances, if any need it
+        and their environment's lock is free (cheap when there is nothing to do)."""
+        names = (
+            [environment]
+            if environment is not None
+            else [e.name for e in self.store.list_environments()]
+        )
+        now = self.store.clock.now()
+        for name in names:
+            pending = any(
+                d.outcome == "running" for d in self.store.list_deployments(name, limit=5)
+            )
+            due = any(_warm_due(r, now) for r in self.store.list_instances(name))
+            if not (pending or due):
+                continue
+            with contextlib.suppress(LockedError), self.locked(name, "recovery"):
+                pass
+
+    def recover(self, environment: str) -> list[DeploymentRow]:
+        """Finish or undo deployments of ``environment`` whose process died (call with the
+        environment's lock held): after the final traffic switch they are completed, before
+        it they are undone (new instances destroyed, traffic back where it was).
+
+        Raises:
+            StateError, RuntimeDriverError, RouterError, AgentError: when recovery cannot act.
+        """
+        done: list[DeploymentRow] = []
+        for deployment in self.store.list_deployments(environment, limit=20):
+            if deployment.outcome != "running":
+                continue
+            self.observer.progress(f"recovering interrupted deployment {deployment.id}")
+            steps = self.store.steps(deployment.id)
+            policy = self._policy_of(environment)
+            finals = [s for s in steps if s.step in ("switch", "switched") and s.data.get("final")]
+            forward = any(s.step == "switched" for s in finals)
+            if not forward and finals:
+                forward = self._route_is_final(environment, deployment, finals[-1].data)
+            if forward:
+                done.append(self._complete(deployment, steps, policy))
+            else:
+                done.append(self._undo(deployment, steps, policy, "aborted", recovered=True))
+        return done
+
+    def _route_is_final(
+        self, environment: str, deployment: DeploymentRow, data: Mapping[str, Any]
+    ) -> bool:
+        routing = self.traffic.current(environment)
+        if routing is None or routing.stable is None or routing.canary_weight:
+            return False
+        return routing.stable.release == deployment.to_release and routing.backend_ids == set(
+            data.get("to", [])
+        )
+
+    def _complete(
+        self, deployment: DeploymentRow, steps: Sequence[Any], policy: Policy
+    ) -> DeploymentRow:
+        previous = [str(i) for s in steps if s.step == "start" for i in s.data.get("previous", [])]
+        rows = {r.id: r for r in self.store.list_instances(deployment.environment)}
+        leaving = [rows[i] for i in previous if i in rows and rows[i].status == "running"]
+        new_ids = [i for s in steps if s.step == "switched" for i in s.data.get("to", [])]
+        now = self.store.clock.now()
+        until = now.timestamp() + policy.keep_warm
+        to = deployment.to_release
+
+        def apply(tx: StateTx) -> None:
+            for instance_id in new_ids:
+                if instance_id in rows:
+                    tx.set_instance_status(instance_id, "running")
+            for row in leaving:
+                tx.set_instance_status(row.id, "warm", {"warm_until": _iso(until)})
+            self._set_env(tx, deployment.environment, policy, current=to, known_good=to)
+
+        return finish_deployment(
+            self.store,
+            deployment,
+            "succeeded",
+            {"recovered": True, "resolution": "completed after the traffic switch"},
+            apply,
+            action="deploy.recover",
+        )
+
+    def _undo(
+        self,
+        deployment: DeploymentRow,
+        steps: Sequence[Any],
+        policy: Policy,
+        outcome: Any,
+        *,
+        recovered: bool = False,
+        error: str | None = None,
+    ) -> DeploymentRow:
+        """Put traffic back on the previous instances, destroy this deployment's instances
+        and close it with ``outcome``."""
+        environment = deployment.environment
+        previous = [str(i) for s in steps if s.step == "start" for i in s.data.get("previous", [])]
+        planned = {str(s.data.get("instance")) for s in steps if s.step == "create"}
+        rows = {r.id: r for r in self.store.list_instances(environment)}
+        back = [rows[i] for i in previous if i in rows]
+        moved = any(s.step == "switch" for s in steps)
+        if moved:
+            if back:
+                self.traffic.switch(
+                    environment,
+                    policy.listen,
+                    backends_of(back[0].release, back),
+                    drain_timeout=policy.drain_timeout,
+                )
+            else:
+                self.traffic.remove(environment)
+        ours = [r for r in rows.values() if r.data.get("deployment") == deployment.id]
+        driver = self.driver(policy.runtime)
+        for row in ours:
+            driver.destroy(row_instance(row), grace=min(policy.drain_timeout, 10.0))
+        known = {r.id for r in ours}
+        for observed in driver.observe(policy.app, environment):
+            if observed.instance.id in planned and observed.instance.id not in known:
+                driver.destroy(observed.instance, grace=5.0)
+        details: dict[str, Any] = {
+            "resolution": "undone: new instances destroyed, traffic on the previous release",
+            "destroyed": sorted(known),
+        }
+        if recovered:
+            details["recovered"] = True
+        if error:
+            details["error"] = error[:500]
+        back_ids = [r.id for r in back]
+
+        def apply(tx: StateTx) -> None:
+            remove_instances(tx, sorted(known))
+            for instance_id in back_ids:
+                if rows[instance_id].status != "running":
+                    tx.set_instance_status(instance_id, "running")
+            self._set_env(tx, environment, policy, current=deployment.from_release)
+
+        return finish_deployment(
+            self.store,
+            deployment,
+            outcome,
+            details,
+            apply,
+            action="deploy.recover" if recovered else "deploy.finish",
+        )
+
+    def _policy_of(self, environment: str) -> Policy:
+        row = self.store.get_environment(environment)
+        if row is None:
+            raise NotFoundError(f"environment {environment!r} was never deployed")
+        return Policy.from_json(row.config)
+
+    def _set_env(
+        self,
+        tx: StateTx,
+        environment: str,
+        policy: Policy,
+        *,
+        current: ReleaseId | None,
+        known_good: ReleaseId | None = None,
+    ) -> None:
+        row = self.store.get_environment(environment)
+        tx.upsert_environment(
+            EnvironmentRow(
+                name=environment,
+                runtime=policy.runtime,
+                listen=policy.listen,
+                config=policy.to_json(),
+                current_release=current,
+                known_good_release=known_good
+                if known_good is not None
+                else (row.known_good_release if row is not None else None),
+                updated=self.store.clock.now(),
+            )
+        )
+
+    def reap(self, environment: str) -> list[str]:
+        """Destroy warm instances of ``environment`` past their ``keep_warm`` (call with the
+        lock held); returns their ids.
+
+        Raises:
+            RuntimeDriverError: when an instance cannot be destroyed.
+        """
+        now = self.store.clock.now()
+        due = [r for r in self.store.list_instances(environment) if _warm_due(r, now)]
+        if not due:
+            return []
+        by_runtime: dict[str, list[InstanceRow]] = {}
+        for row in due:
+            by_runtime.setdefault(row.runtime, []).append(row)
+        ids = [r.id for r in due]
+        for runtime, rows in by_runtime.items():
+            driver = self.driver(runtime)
+            for row in rows:
+                driver.destroy(row_instance(row), grace=5.0)
+        self.store.mutate(
+            AuditDraft(
+                "instance.reap",
+                environment=environment,
+                subject=",".join(ids),
+                details={"ids": ids, "why": "keep_warm expired"},
+            ),
+            lambda tx: remove_instances(tx, ids),
+        )
+        self.observer.progress(f"destroyed {len(ids)} warm instance(s) past keep_warm")
+        return ids
+
+    # --- deploy ------------------------------------------------------------------------------
+
+    def deploy(
+        self, target: Target, *, lock_wait: float = 0.0, strategy: str | None = None
+    ) -> DeployResult:
+        """Deploy ``target`` under the environment's lock.
+
+        Raises:
+            LockedError: when another deployment holds the environment.
+            DeployFailedError: when it failed; it was undone and traffic never moved.
+            UsageError: when a secret cannot be resolved.
+            RuntimeDriverError, RouterError, AgentError, StateError: on infrastructure
+                failures (after undoing what was created).
+        """
+        started = self.monotonic()
+        release = target.release
+        with self.locked(target.environment, f"deploy {release.id}", lock_wait):
+            plan = self.plan(target)
+            if not plan.has_changes:
+                self.observer.progress(f"{target.environment} already runs release {release.id}")
+                return DeployResult(
+                    target.environment,
+                    release.id,
+                    release.digest,
+                    "unchanged",
+                    self.monotonic() - started,
+                )
+            return self._run(target, plan, started, strategy or target.policy.strategy)
+
+    def _run(self, target: Target, plan: Plan, started: float, strategy: str) -> DeployResult:
+        release, policy = target.release, target.policy
+        environment = target.environment
+        secret_values = resolve_secrets(release, self.environ, Path(policy.base_dir))
+        runtime = image_runtime(self.images, release.digest)
+        stored = self.images.image(release.digest)
+        image = ImageRef(release.digest, stored.config_digest, self.images.root)
+        previous = [
+            r
+            for r in self.in_service(environment)
+            if plan.current is not None and r.release == plan.current.id
+        ]
+        size = stored.manifest_size + sum(layer.size for layer in stored.layers)
+        env_row = self.store.get_environment(environment)
+        now = self.store.clock.now()
+
+        def prepare(tx: StateTx) -> None:
+            tx.record_image(ImageRow(release.digest, size, now, "bake", {"tag": target.tag}))
+            tx.create_release(
+                ReleaseRow(release.id, environment, release.digest, release.config.to_json(), now)
+            )
+            tx.upsert_environment(
+                EnvironmentRow(
+                    name=environment,
+                    runtime=policy.runtime,
+                    listen=policy.listen,
+                    config=policy.to_json(),
+                    current_release=env_row.current_release if env_row else None,
+                    known_good_release=env_row.known_good_release if env_row else None,
+                    updated=now,
+                )
+            )
+
+        deployment = DeploymentRow(
+            id=new_deployment_id(),
+            environment=environment,
+            from_release=plan.current.id if plan.current is not None else None,
+            to_release=release.id,
+            strategy=strategy,
+            actor=self.store.actor,
+            started=now,
+            details={"digest": release.digest, "tag": target.tag, "replicas": plan.create},
+            git_commit=target.git_commit,
+        )
+        journal = Journal.open(
+            self.store,
+            deployment,
+            self.observer,
+            prepare,
+            {"previous": [r.id for r in previous], "release": release.id, "tag": target.tag},
+        )
+        driver = self.driver(policy.runtime)
+        rollout = Rollout(
+            journal=journal,
+            release=release,
+            policy=policy,
+            image=image,
+            runtime=runtime,
+            secrets=secret_values,
+            driver=driver,
+            traffic=self.traffic,
+            previous=previous,
+            prober=self.prober,
+            instance_logs=self.instance_logs,
+            monotonic=self.monotonic,
+            sleep=self.sleep,
+        )
+        try:
+            driver.ensure_image(image)
+            STRATEGIES[strategy](rollout)
+        except BaseException as exc:
+            reason = str(exc) if isinstance(exc, CastironError) else repr(exc)
+            self.observer.progress("deployment failed: undoing it")
+            outcome = "failed" if isinstance(exc, CastironError) else "aborted"
+            try:
+                self._undo(deployment, journal.steps(), policy, outcome, error=reason)
+            except CastironError as undo_exc:
+                raise DeployFailedError(
+                    f"{reason}\nand undoing it failed too: {undo_exc} (the next castiron "
+                    f"command on {environment!r} retries the recovery)"
+                ) from exc
+            if isinstance(exc, DeployFailedError):
+                raise
+            if isinstance(exc, CastironError):
+                raise DeployFailedError(
+                    f"deployment of release {release.id} to {environment!r} failed and was "
+                    f"undone: {reason}"
+                ) from exc
+            raise
+
+        def apply(tx: StateTx) -> None:
+            self._set_env(tx, environment, policy, current=release.id, known_good=release.id)
+
+        journal.finish("succeeded", {"health_s": round(rollout.health_s, 3)}, apply)
+        timings = {"health_s": rollout.health_s}
+        if rollout.switched_at is not None:
+            timings["switch_s"] = rollout.switched_at - started
+        return DeployResult(
+            environment,
+            release.id,
+            release.digest,
+            "succeeded",
+            self.monotonic() - started,
+            deployment.id,
+            timings,
+        )
+
+    # --- down ----------------------------------------------------------------------------------
+
+    def down(self, environment: str, *, lock_wait: float = 0.0) -> list[str]:
+        """Stop everything in ``environment``: route removed, instances destroyed (audited).
+
+        Returns the ids of the destroyed instances.
+
+        Raises:
+            NotFoundError: when the environment was never deployed.
+            LockedError: when another process holds its lock.
+        """
+        policy = self._policy_of(environment)
+        with self.locked(environment, "down", lock_wait):
+            rows = self.store.list_instances(environment)
+            self.store.mutate(
+                AuditDraft(
+                    "env.down.start",
+                    environment=environment,
+                    details={"instances": [r.id for r in rows]},
+                ),
+                lambda tx: None,
+            )
+            self.traffic.remove(environment)
+            driver = self.driver(policy.runtime)
+            ids = [r.id for r in rows]
+            for row in rows:
+                driver.destroy(row_instance(row), grace=min(policy.drain_timeout, 10.0))
+            for observed in driver.observe(policy.app, environment):
+                driver.destroy(observed.instance, grace=5.0)
+                if observed.instance.id not in ids:
+                    ids.append(observed.instance.id)
+
+            def apply(tx: StateTx) -> None:
+                remove_instances(tx, [r.id for r in rows])
+                self._set_env(tx, environment, policy, current=None)
+
+            self.store.mutate(
+                AuditDraft(
+                    "env.down",
+                    environment=environment,
+                    details={"destroyed": ids},
+                ),
+                apply,
+            )
+        self.observer.progress(f"{environment}: route removed, {len(ids)} instance(s) destroyed")
+        return ids
+
+
+def _warm_due(row: InstanceRow, now: datetime) -> bool:
+    if row.status not in ("warm", "stopping"):
+        return False
+    until = row.data.get("warm_until")
+    if not isinstance(until, str):
+        return True
+    try:
+        return parse_time(until) <= now
+    except ValueError:
+        return True
+
+
+def _iso(timestamp: float) -> str:
+    return format_time(datetime.fromtimestamp(timestamp, UTC))
+
+
+__all__ = [
+    "DeployResult",
+    "Engine",
+    "Target",
+    "image_runtime",
+    "newest_image",
+]

@@ -1,0 +1,202 @@
+"""Rollback: back to the last known-good release, by a pointer flip when it is still warm.
+
+Owns choosing the target (the newest release that a deployment to this environment completed
+successfully, other than the one serving; a failed release is never a target) and the two
+ways to get there: a *warm* rollback switches the router back to the previous release's
+instances, which were kept running for ``keep_warm`` (no instance is created, so it takes a
+router update); a *cold* rollback is a fresh blue-green deployment of the stored release.
+Both are journaled and audited as deployments with strategy ``rollback``.
+
+It knows nothing of the CLI; it needs no spec (the release and the environment's policy are
+read from the state store).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from castiron.engine.deploy import DeployResult, Engine, Target, image_runtime
+from castiron.engine.journal import Journal, new_deployment_id
+from castiron.engine.release import Release
+from castiron.engine.strategies import Policy, Rollout, row_instance
+from castiron.errors import NotFoundError, UsageError
+from castiron.model import ImageRef
+from castiron.state.base import DeploymentRow, InstanceRow
+
+
+@dataclass(frozen=True)
+class RollbackChoice:
+    """Where a rollback goes and whether it can be a pointer flip."""
+
+    release: Release
+    current: str | None
+    warm: tuple[InstanceRow, ...]
+    """The target's instances still running and warm (empty: a cold rollback)."""
+
+
+def known_good(engine: Engine, environment: str) -> list[str]:
+    """Releases that a deployment to ``environment`` completed successfully, newest first."""
+    seen: list[str] = []
+    for deployment in engine.store.list_deployments(environment):
+        if deployment.outcome == "succeeded" and deployment.to_release not in seen:
+            seen.append(deployment.to_release)
+    return seen
+
+
+def choose(engine: Engine, environment: str, to: str | None = None) -> RollbackChoice:
+    """Pick the rollback target of ``environment`` (``to``: a release id or unique prefix).
+
+    Raises:
+        NotFoundError: when the environment was never deployed.
+        UsageError: when there is no known-good release to go back to, or ``to`` is not one.
+    """
+    row = engine.store.get_environment(environment)
+    if row is None:
+        raise NotFoundError(f"environment {environment!r} was never deployed")
+    current = row.current_release
+    good = known_good(engine, environment)
+    if to is not None:
+        hits = [r for r in good if r.startswith(to)]
+        if not hits:
+            failed = [r.id for r in engine.store.list_releases(environment) if r.id.startswith(to)]
+            why = "it never deployed successfully there" if failed else "there is no such release"
+            raise UsageError(
+                f"cannot roll {environment!r} back to {to!r}: {why} "
+                f"(known-good: {', '.join(good) or 'none'})"
+            )
+        if len(hits) > 1:
+            raise UsageError(f"release prefix {to!r} is ambiguous: {', '.join(hits)}")
+        target = hits[0]
+        if target == current:
+            raise UsageError(f"{environment!r} already serves release {target}")
+    else:
+        candidates = [r for r in good if r != current]
+        if not candidates:
+            raise UsageError(
+                f"no known-good release of {environment!r} to roll back to "
+                f"(serving {current or 'nothing'})"
+            )
+        target = candidates[0]
+    release = engine.load_release(target)
+    warm = tuple(
+        r
+        for r in engine.store.list_instances(environment)
+        if r.release == target and r.status == "warm"
+    )
+    return RollbackChoice(release, current, warm)
+
+
+def rollback(
+    engine: Engine, environment: str, *, to: str | None = None, lock_wait: float = 0.0
+) -> DeployResult:
+    """Roll ``environment`` back to its last known-good release (or ``to``).
+
+    Raises:
+        NotFoundError, UsageError: as :func:`choose`.
+        LockedError: when another process holds the environment.
+        DeployFailedError: when a cold rollback's new instances fail (traffic never moved).
+    """
+    started = engine.monotonic()
+    with engine.locked(environment, f"rollback {to or 'known-good'}", lock_wait):
+        choice = choose(engine, environment, to)
+        row = engine.store.get_environment(environment)
+        assert row is not None  # choose() checked it
+        policy = Policy.from_json(row.config)
+        release = choice.release
+        if _warm_ready(engine, choice):
+            engine.observer.progress(
+                f"rolling {environment} back to release {release.id}: "
+                f"{len(choice.warm)} warm instance(s), switching traffic"
+            )
+            return _flip(engine, choice, policy, started)
+        engine.observer.progress(
+            f"rolling {environment} back to release {release.id}: no warm instances, "
+            "deploying it afresh (blue-green)"
+        )
+        target = Target(release, policy, None, None)
+        plan = engine.plan(target)
+        return engine.run(target, plan, started, "blue-green", label="rollback")
+
+
+def _warm_ready(engine: Engine, choice: RollbackChoice) -> bool:
+    """True when the warm set is complete and every instance still answers its check."""
+    if len(choice.warm) < choice.release.config.replicas:
+        return False
+    check = choice.release.config.health
+    env = dict(choice.release.config.env)
+    return all(engine.prober(check, r.address, env).ok for r in choice.warm)
+
+
+def _flip(
+    engine: Engine, choice: RollbackChoice, policy: Policy, started: float
+) -> DeployResult:
+    release = choice.release
+    environment = release.environment
+    previous = [
+        r
+        for r in engine.in_service(environment)
+        if r.release != release.id and r.release == choice.current
+    ]
+    deployment = DeploymentRow(
+        id=new_deployment_id(),
+        environment=environment,
+        from_release=choice.current,
+        to_release=release.id,
+        strategy="rollback",
+        actor=engine.store.actor,
+        started=engine.store.clock.now(),
+        details={"digest": release.digest, "warm": True},
+    )
+    journal = Journal.open(
+        engine.store,
+        deployment,
+        engine.observer,
+        lambda tx: None,
+        {"previous": [r.id for r in previous], "release": release.id, "warm": True},
+    )
+    stored_config = engine.images.root
+    rollout = Rollout(
+        journal=journal,
+        release=release,
+        policy=policy,
+        image=ImageRef(release.digest, release.digest, stored_config),
+        runtime=_runtime_or_empty(engine, release),
+        secrets={},
+        driver=engine.driver(policy.runtime),
+        traffic=engine.traffic,
+        previous=previous,
+        prober=engine.prober,
+        monotonic=engine.monotonic,
+        sleep=engine.sleep,
+    )
+    try:
+        rollout.switch([row_instance(r) for r in choice.warm], [], final=True)
+    except BaseException as exc:
+        engine.undo(deployment, journal.steps(), policy, "failed", error=str(exc))
+        raise
+    switched = engine.monotonic()
+    rollout.drain(previous)
+
+    def apply(tx: object) -> None:
+        engine.set_env(tx, environment, policy, current=release.id, known_good=release.id)  # type: ignore[arg-type]
+
+    journal.finish("succeeded", {"warm": True}, apply)
+    return DeployResult(
+        environment,
+        release.id,
+        release.digest,
+        "succeeded",
+        engine.monotonic() - started,
+        deployment.id,
+        {"switch_s": switched - started, "health_s": 0.0},
+    )
+
+
+def _runtime_or_empty(engine: Engine, release: Release) -> object:
+    try:
+        return image_runtime(engine.images, release.digest)
+    except (NotFoundError, UsageError):
+        return None
+
+
+__all__ = ["RollbackChoice", "choose", "known_good", "rollback"]

@@ -1,0 +1,437 @@
+"""Deployment strategies: blue-green and rolling, on top of the mechanics of one rollout.
+
+Owns :class:`Rollout`, the steps every strategy is made of (create an instance, wait for
+health, switch traffic, drain the previous instances, destroy), each journaled before it acts,
+and the strategies themselves: :func:`blue_green` (start the whole new set, switch at once) and
+:func:`rolling` (batches behind the router with ``max_unavailable`` 0: a batch of new instances
+becomes healthy, then takes the place of as many previous ones, which are drained).
+
+Instances leaving service are never destroyed by a strategy: they are kept warm (for an
+instant rollback, and so an interrupted rollout can always be undone) unless ``keep_warm`` is 0.
+It knows nothing of the CLI or the spec file.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from castiron.drivers.base import Driver
+from castiron.engine.health import HealthTracker, ProbeResult, probe
+from castiron.engine.journal import Journal
+from castiron.engine.release import HealthConfig, Release
+from castiron.errors import CastironError, DeployFailedError
+from castiron.model import ImageRef, Instance, InstanceSpec, Isolation, ReleaseId
+from castiron.state.base import AuditDraft, EnvironmentRow, InstanceRow, StateTx, format_time
+from castiron.traffic.base import Backend, BackendSet
+from castiron.traffic.controller import TrafficController
+
+Prober = Callable[[HealthConfig, str, Mapping[str, str]], ProbeResult]
+"""Runs one health probe against an address (injected so tests need no real servers)."""
+
+LOG_LINES = 20
+"""Lines of a failing instance's output shown when a deployment fails."""
+
+
+@dataclass(frozen=True)
+class ImageRuntime:
+    """How the image says to run it (from its OCI config), resolved by the engine."""
+
+    command: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    workdir: str
+    user: str | None
+
+
+@dataclass(frozen=True)
+class Policy:
+    """An environment's deployment policy, as recorded with the environment.
+
+    Kept in the state store (not only in the spec) so rollback, recovery and ``down`` need
+    no spec file.
+    """
+
+    app: str
+    runtime: str
+    listen: str
+    strategy: str = "blue-green"
+    batch: int = 1
+    drain_timeout: float = 30.0
+    keep_warm: float = 600.0
+    deploy_timeout: float = 60.0
+    base_dir: str = "."
+    """The spec's directory: ``file:`` secrets are read relative to it."""
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "app": self.app,
+            "runtime": self.runtime,
+            "listen": self.listen,
+            "strategy": self.strategy,
+            "batch": self.batch,
+            "drain_timeout": self.drain_timeout,
+            "keep_warm": self.keep_warm,
+            "deploy_timeout": self.deploy_timeout,
+            "base_dir": self.base_dir,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Policy:
+        """The policy recorded as ``data`` (unknown keys ignored, missing ones defaulted)."""
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+
+def instance_row(instance: Instance, deployment: str, status: str) -> InstanceRow:
+    """The state record of a created instance."""
+    return InstanceRow(
+        id=instance.id,
+        environment=instance.environment,
+        release=instance.release,
+        address=instance.address,
+        runtime=instance.runtime,
+        status=status,
+        data={
+            "app": instance.app,
+            "handle": instance.handle,
+            "image": instance.image,
+            "deployment": deployment,
+        },
+    )
+
+
+def row_instance(row: InstanceRow) -> Instance:
+    """The driver's view of a recorded instance."""
+    data = row.data
+    return Instance(
+        id=row.id,
+        app=str(data.get("app", "")),
+        environment=row.environment,
+        release=row.release,
+        runtime=row.runtime,
+        address=row.address,
+        handle=str(data.get("handle", "")),
+        image=data.get("image", ""),
+    )
+
+
+def backends_of(release: str, instances: Sequence[Instance | InstanceRow]) -> BackendSet:
+    """The backend set of ``instances`` of ``release``."""
+    return BackendSet(release, tuple(Backend(i.id, i.address) for i in instances))
+
+
+@dataclass
+class Rollout:
+    """The mechanics of moving one environment to ``release``; strategies compose them."""
+
+    journal: Journal
+    release: Release
+    policy: Policy
+    image: ImageRef
+    runtime: ImageRuntime
+    secrets: Mapping[str, str]
+    driver: Driver
+    traffic: TrafficController
+    previous: list[InstanceRow]
+    """Instances in service when the deployment started (the previous release's)."""
+    prober: Prober = probe
+    instance_logs: Callable[[Instance], str] | None = None
+    monotonic: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+    created: list[Instance] = field(default_factory=list)
+    health_s: float = 0.0
+    """Seconds spent waiting for new instances to become healthy."""
+    switched_at: float | None = None
+    """``monotonic()`` when traffic moved to the new set for good."""
+
+    @property
+    def environment(self) -> str:
+        return self.release.environment
+
+    def progress(self, message: str) -> None:
+        self.journal.observer.progress(message)
+
+    # --- instances -----------------------------------------------------------------------
+
+    def instance_spec(self, instance_id: str) -> InstanceSpec:
+        """What the driver needs to create one instance of the release."""
+        cfg = self.release.config
+        env = {**dict(self.runtime.env), **dict(cfg.env), **dict(self.secrets)}
+        isolation: Isolation = "auto"
+        if cfg.isolation in ("sandbox", "none"):
+            isolation = "sandbox" if cfg.isolation == "sandbox" else "none"
+        return InstanceSpec(
+            id=instance_id,
+            app=cfg.app,
+            environment=cfg.environment,
+            release=self.release.id,
+            image=self.image,
+            command=self.runtime.command,
+            env=env,
+            workdir=self.runtime.workdir,
+            port=0 if cfg.runtime == "local" else cfg.port,
+            user=self.runtime.user,
+            secret_names=frozenset(self.secrets),
+            isolation=isolation,
+            writable=cfg.writable,
+            memory=cfg.memory,
+            cpus=cfg.cpus,
+            labels={
+                "castiron.app": cfg.app,
+                "castiron.environment": cfg.environment,
+                "castiron.release": self.release.id,
+                "castiron.deployment": self.journal.id,
+            },
+        )
+
+    def create(self, count: int) -> list[Instance]:
+        """Create ``count`` new instances, each journaled before and recorded after.
+
+        Raises:
+            RuntimeDriverError: when the runtime cannot create one.
+        """
+        made: list[Instance] = []
+        for _ in range(count):
+            instance_id = (
+                f"{self.release.config.app}-{self.environment}-"
+                f"{self.release.id[:6]}-{secrets.token_hex(3)}"
+            )
+            self.journal.step("create", {"instance": instance_id, "release": self.release.id})
+            instance = self.driver.create(self.instance_spec(instance_id))
+            self.created.append(instance)
+            made.append(instance)
+            row = instance_row(instance, self.journal.id, "starting")
+            self.journal.step(
+                "created",
+                {"instance": instance.id, "address": instance.address},
+                lambda tx, row=row: tx.put_instance(row),  # type: ignore[misc]
+            )
+            self.progress(f"created {instance.id} at {instance.address}")
+        return made
+
+    def wait_healthy(self, instances: Sequence[Instance]) -> None:
+        """Probe ``instances`` until every one is healthy.
+
+        Raises:
+            DeployFailedError: when one exits, or is not healthy within ``deploy_timeout``,
+                with its last probe result and the end of its output.
+        """
+        check = self.release.config.health
+        self.journal.step("health", {"instances": [i.id for i in instances]})
+        self.progress(
+            f"waiting for {len(instances)} instance(s) to pass {_describe(check)} "
+            f"(timeout {self.policy.deploy_timeout:g}s)"
+        )
+        started = self.monotonic()
+        deadline = started + self.policy.deploy_timeout
+        trackers = {i.id: HealthTracker(check, started) for i in instances}
+        pending = list(instances)
+        env = {**dict(self.runtime.env), **dict(self.release.config.env)}
+        while pending:
+            for instance in list(pending):
+                observed = self.driver.inspect(instance)
+                if observed.state in ("exited", "missing"):
+                    code = f" with status {observed.exit_code}" if observed.exit_code else ""
+                    self._fail(instance, f"exited{code} before becoming healthy")
+                result = self.prober(check, instance.address, env)
+                if trackers[instance.id].record(result, self.monotonic()):
+                    pending.remove(instance)
+                    self.progress(f"{instance.id} is healthy ({result.detail})")
+            if not pending:
+                break
+            if self.monotonic() >= deadline:
+                last = trackers[pending[0].id].last
+                detail = last.detail if last is not None else "no probe answered"
+                self._fail(
+                    pending[0],
+                    f"not healthy after {self.policy.deploy_timeout:g}s (last probe: {detail})",
+                )
+            self.sleep(min(max(check.interval, 0.05), max(0.0, deadline - self.monotonic())))
+        self.health_s += self.monotonic() - started
+
+    def _fail(self, instance: Instance, why: str) -> None:
+        message = f"instance {instance.id} of release {self.release.id} {why}"
+        tail = self.logs_of(instance)
+        if tail:
+            message += "\nlast output:\n" + tail
+        raise DeployFailedError(message)
+
+    def logs_of(self, instance: Instance) -> str:
+        """The last lines of ``instance``'s output ("" when they cannot be read)."""
+        if self.instance_logs is None:
+            return ""
+        try:
+            text = self.instance_logs(instance)
+        except CastironError:
+            return ""
+        lines = [line for line in text.splitlines() if line.strip()]
+        return "\n".join(lines[-LOG_LINES:])
+
+    # --- traffic ---------------------------------------------------------------------------
+
+    def switch(
+        self,
+        new: Sequence[Instance],
+        keep: Sequence[InstanceRow],
+        *,
+        final: bool,
+    ) -> None:
+        """Route traffic to ``new`` (plus ``keep`` of the previous release, weighted by count)
+        atomically; ``final`` marks the switch that completes the rollout.
+
+        Raises:
+            RouterError, AgentError: when the router refuses or cannot be reached.
+        """
+        ids = [i.id for i in new]
+        kept = [r.id for r in keep]
+        self.journal.step("switch", {"to": ids, "keep": kept, "final": final})
+        new_set = backends_of(self.release.id, new)
+        if keep:
+            from_release = keep[0].release
+            weight = round(100 * len(new) / (len(new) + len(keep)))
+            self.traffic.switch(
+                self.environment,
+                self.policy.listen,
+                backends_of(from_release, keep),
+                canary=new_set,
+                canary_weight=weight,
+                drain_timeout=self.policy.drain_timeout,
+            )
+        else:
+            self.traffic.switch(
+                self.environment,
+                self.policy.listen,
+                new_set,
+                drain_timeout=self.policy.drain_timeout,
+            )
+        if final:
+            self.switched_at = self.monotonic()
+        release_id = self.release.id
+
+        def apply(tx: StateTx) -> None:
+            for instance_id in ids:
+                tx.set_instance_status(instance_id, "running")
+            if final:
+                self._set_current(tx, release_id)
+
+        self.journal.step("switched", {"to": ids, "keep": kept, "final": final}, apply)
+        share = "all" if not keep else f"{len(new)}/{len(new) + len(keep)} instances"
+        self.progress(f"traffic switched: {share} on release {release_id}")
+
+    def _set_current(self, tx: StateTx, release_id: ReleaseId) -> None:
+        row = self.journal.store.get_environment(self.environment)
+        tx.upsert_environment(
+            EnvironmentRow(
+                name=self.environment,
+                runtime=self.policy.runtime,
+                listen=self.policy.listen,
+                config=self.policy.to_json(),
+                current_release=ReleaseId(release_id),
+                known_good_release=row.known_good_release if row is not None else None,
+                updated=self.journal.store.clock.now(),
+            )
+        )
+
+    def drain(self, leaving: Sequence[InstanceRow]) -> None:
+        """Take ``leaving`` out of service: kept warm for ``keep_warm``, or destroyed at once
+        (after the router's drain) when it is 0."""
+        if not leaving:
+            return
+        ids = [r.id for r in leaving]
+        until = self.journal.store.clock.now() + timedelta(seconds=self.policy.keep_warm)
+        warm = self.policy.keep_warm > 0
+
+        def apply(tx: StateTx) -> None:
+            for instance_id in ids:
+                tx.set_instance_status(
+                    instance_id,
+                    "warm" if warm else "stopping",
+                    {"warm_until": format_time(until)},
+                )
+
+        self.journal.step("drain", {"instances": ids, "keep_warm": self.policy.keep_warm}, apply)
+        if warm:
+            self.progress(
+                f"{len(ids)} previous instance(s) drained, kept warm for "
+                f"{self.policy.keep_warm:g}s (instant rollback)"
+            )
+            return
+        for row in leaving:
+            self.driver.destroy(row_instance(row), grace=self.policy.drain_timeout)
+        self.journal.store.mutate(
+            _draft("instance.destroy", self.environment, ids, "keep_warm is 0"),
+            lambda tx: remove_instances(tx, ids),
+        )
+        self.progress(f"{len(ids)} previous instance(s) drained and destroyed")
+
+
+def remove_instances(tx: StateTx, ids: Sequence[str]) -> None:
+    """Forget destroyed instances."""
+    for instance_id in ids:
+        tx.remove_instance(instance_id)
+
+
+def _draft(action: str, environment: str, ids: Sequence[str], why: str) -> AuditDraft:
+    return AuditDraft(
+        action, environment=environment, subject=",".join(ids), details={"why": why, "ids": ids}
+    )
+
+
+def _describe(check: HealthConfig) -> str:
+    if check.kind == "http":
+        return f"GET {check.target}"
+    if check.kind == "command":
+        return "the health command"
+    return "a TCP connect"
+
+
+def blue_green(rollout: Rollout) -> None:
+    """Start the whole new set, wait until every one is healthy, switch at once, drain."""
+    replicas = rollout.release.config.replicas
+    new = rollout.create(replicas)
+    rollout.wait_healthy(new)
+    rollout.switch(new, [], final=True)
+    rollout.drain(rollout.previous)
+
+
+def rolling(rollout: Rollout) -> None:
+    """Replace in batches of ``policy.batch`` with no instance less in service at any time."""
+    replicas = rollout.release.config.replicas
+    batch = max(1, rollout.policy.batch)
+    old = list(rollout.previous)
+    new: list[Instance] = []
+    while len(new) < replicas:
+        count = min(batch, replicas - len(new))
+        made = rollout.create(count)
+        rollout.wait_healthy(made)
+        new.extend(made)
+        keep = old[len(new) :] if len(new) < replicas else []
+        rollout.switch(new, keep, final=not keep)
+    rollout.drain(old)
+
+
+STRATEGIES: dict[str, Callable[[Rollout], None]] = {
+    "blue-green": blue_green,
+    "rolling": rolling,
+}
+"""Strategies by the name used in ``strategy.type``."""
+
+
+__all__ = [
+    "LOG_LINES",
+    "STRATEGIES",
+    "ImageRuntime",
+    "Policy",
+    "Prober",
+    "Rollout",
+    "backends_of",
+    "blue_green",
+    "instance_row",
+    "rolling",
+    "row_instance",
+]

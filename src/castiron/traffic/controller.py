@@ -1,0 +1,261 @@
+"""The traffic controller: how the engine moves an environment's traffic, and nothing else.
+
+Owns the :class:`TrafficController` protocol (switch a listener to a backend set atomically,
+shift a weighted share to a second set, remove a listener, read the current routing and the
+per-release counters) and its two implementations: :class:`AgentTraffic`, which drives the host
+agent's routers through :mod:`castiron.agent.client`, and :class:`MemoryTraffic`, an in-memory
+fake shipped for tests of the layers above (it passes the same conformance tests).
+
+It knows nothing of releases as the engine sees them, the spec, the state store or runtimes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from castiron.agent.client import AgentClient, from_json
+from castiron.errors import AgentError, NotFoundError, RouterError, UsageError
+from castiron.traffic.base import (
+    Backend,
+    BackendSet,
+    LatencySummary,
+    ReleaseCounters,
+    RouteConfig,
+)
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Where an environment's listener sends traffic right now."""
+
+    environment: str
+    listen: str
+    stable: BackendSet | None
+    canary: BackendSet | None = None
+    canary_weight: int = 0
+
+    @property
+    def releases(self) -> tuple[str, ...]:
+        """Releases that receive traffic (the canary only when its weight is above 0)."""
+        out = [] if self.stable is None else [self.stable.release]
+        if self.canary is not None and self.canary_weight > 0:
+            out.append(self.canary.release)
+        return tuple(out)
+
+    @property
+    def backend_ids(self) -> frozenset[str]:
+        """Ids of every instance that may receive traffic."""
+        ids = {b.id for b in self.stable.backends} if self.stable is not None else set()
+        if self.canary is not None and self.canary_weight > 0:
+            ids |= {b.id for b in self.canary.backends}
+        return frozenset(ids)
+
+
+class TrafficController(Protocol):
+    """Moves one host's environments' traffic between backend sets."""
+
+    def switch(
+        self,
+        environment: str,
+        listen: str,
+        stable: BackendSet,
+        *,
+        canary: BackendSet | None = None,
+        canary_weight: int = 0,
+        drain_timeout: float = 30.0,
+    ) -> None:
+        """Route ``environment``'s listener to ``stable`` (and ``canary_weight`` % to
+        ``canary``) atomically, creating the listener if needed; leaving backends drain.
+
+        Raises:
+            RouterError: when the listener cannot be bound or the configuration is refused.
+            AgentError: when the agent that runs the routers cannot be reached.
+        """
+        ...
+
+    def remove(self, environment: str) -> bool:
+        """Drain and close ``environment``'s listener. False when it had none.
+
+        Raises:
+            AgentError: when the agent cannot be reached.
+        """
+        ...
+
+    def current(self, environment: str) -> Routing | None:
+        """The routing in force for ``environment`` (None when it has no listener).
+
+        Raises:
+            AgentError: when the agent cannot be reached.
+        """
+        ...
+
+    def counters(self, environment: str) -> list[ReleaseCounters]:
+        """Per-release counters of ``environment``'s listener (empty when it has none).
+
+        Raises:
+            AgentError: when the agent cannot be reached.
+        """
+        ...
+
+
+def _route(
+    environment: str,
+    listen: str,
+    stable: BackendSet,
+    canary: BackendSet | None,
+    canary_weight: int,
+    drain_timeout: float,
+) -> RouteConfig:
+    if not 0 <= canary_weight <= 100:
+        raise UsageError(f"{environment}: canary weight {canary_weight} is not 0-100")
+    if canary is None:
+        canary_weight = 0
+    return RouteConfig(
+        environment=environment,
+        listen=listen,
+        stable=stable,
+        canary=canary,
+        canary_weight=canary_weight,
+        drain_timeout=drain_timeout,
+    )
+
+
+def _routing(config: RouteConfig) -> Routing:
+    return Routing(
+        config.environment, config.listen, config.stable, config.canary, config.canary_weight
+    )
+
+
+class AgentTraffic:
+    """Traffic through the host agent's routers (builtin proxy or HAProxy)."""
+
+    def __init__(self, client: AgentClient) -> None:
+        self.client = client
+
+    def switch(
+        self,
+        environment: str,
+        listen: str,
+        stable: BackendSet,
+        *,
+        canary: BackendSet | None = None,
+        canary_weight: int = 0,
+        drain_timeout: float = 30.0,
+    ) -> None:
+        config = _route(environment, listen, stable, canary, canary_weight, drain_timeout)
+        try:
+            self.client.put_route(environment, config)
+        except AgentError as exc:
+            if "refused" in exc.message:
+                raise RouterError(f"environment {environment!r}: {exc.message}") from exc
+            raise
+
+    def remove(self, environment: str) -> bool:
+        try:
+            self.client.delete_route(environment)
+        except NotFoundError:
+            return False
+        return True
+
+    def current(self, environment: str) -> Routing | None:
+        try:
+            data = self.client.route(environment)
+        except NotFoundError:
+            return None
+        try:
+            return _routing(from_json(RouteConfig, data, "route"))
+        except UsageError as exc:
+            raise AgentError(f"agent sent an unexpected route: {exc}") from exc
+
+    def counters(self, environment: str) -> list[ReleaseCounters]:
+        try:
+            items: list[Any] = self.client.route_counters(environment)
+        except NotFoundError:
+            return []
+        try:
+            return [
+                from_json(ReleaseCounters, item, f"counters[{i}]") for i, item in enumerate(items)
+            ]
+        except UsageError as exc:
+            raise AgentError(f"agent sent unexpected counters: {exc}") from exc
+
+
+@dataclass
+class MemoryTraffic:
+    """Routing kept in memory, for tests; records every configuration it was given.
+
+    ``fail_next`` makes the next ``switch`` raise :class:`RouterError` (to test undo paths).
+    """
+
+    routes: dict[str, RouteConfig] = field(default_factory=dict)
+    history: list[RouteConfig] = field(default_factory=list)
+    fail_next: int = 0
+    _served: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def switch(
+        self,
+        environment: str,
+        listen: str,
+        stable: BackendSet,
+        *,
+        canary: BackendSet | None = None,
+        canary_weight: int = 0,
+        drain_timeout: float = 30.0,
+    ) -> None:
+        config = _route(environment, listen, stable, canary, canary_weight, drain_timeout)
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            raise RouterError(f"environment {environment!r}: injected router failure")
+        for other, route in self.routes.items():
+            if other != environment and route.listen == listen:
+                raise RouterError(f"environment {environment!r}: {listen} is in use by {other}")
+        self.routes[environment] = config
+        self.history.append(config)
+
+    def remove(self, environment: str) -> bool:
+        return self.routes.pop(environment, None) is not None
+
+    def current(self, environment: str) -> Routing | None:
+        config = self.routes.get(environment)
+        return None if config is None else _routing(config)
+
+    def counters(self, environment: str) -> list[ReleaseCounters]:
+        served = self._served.get(environment, {})
+        return [
+            ReleaseCounters(release, n, n, 0, 0, 0, 0, 0, LatencySummary(1.0, 1.0, 1.0))
+            for release, n in sorted(served.items())
+        ]
+
+    # --- test controls ---------------------------------------------------------------------
+
+    def serve(self, environment: str, requests: int = 1) -> list[str]:
+        """Pretend ``requests`` requests arrived; returns the release each one reached."""
+        config = self.routes.get(environment)
+        if config is None or config.stable is None:
+            raise RouterError(f"environment {environment!r} has no listener")
+        out: list[str] = []
+        for i in range(requests):
+            use_canary = config.canary is not None and (i * 100) // max(requests, 1) < (
+                config.canary_weight
+            )
+            chosen = config.canary if use_canary and config.canary is not None else config.stable
+            counts = self._served.setdefault(environment, {})
+            counts[chosen.release] = counts.get(chosen.release, 0) + 1
+            out.append(chosen.release)
+        return out
+
+
+def backend_set(release: str, backends: Sequence[tuple[str, str]]) -> BackendSet:
+    """A :class:`BackendSet` of ``release`` from (instance id, address) pairs."""
+    return BackendSet(release, tuple(Backend(i, a) for i, a in backends))
+
+
+__all__ = [
+    "AgentTraffic",
+    "MemoryTraffic",
+    "Routing",
+    "TrafficController",
+    "backend_set",
+]
