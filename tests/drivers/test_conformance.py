@@ -1,13 +1,15 @@
 """The driver conformance suite: every driver (fake, local, docker, ...) passes the same tests.
 
-A new driver joins by adding a case to ``DRIVER_CASES``: a factory that returns the driver and an
-image it can run (an HTTP server answering on ``$PORT``).
+A new driver joins by adding a case to ``DRIVER_CASES``: a context manager that yields the driver
+and an image it can run (an HTTP server answering on ``$PORT``), and cleans up after the test.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect as pyinspect
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,8 @@ from castiron.drivers.fake import FakeDriver
 from castiron.errors import RuntimeDriverError
 from castiron.model import Digest, ImageRef, InstanceSpec, ReleaseId
 
+from .localkit import LocalImage, make_driver, running_agent
+
 
 @dataclass
 class DriverCase:
@@ -26,20 +30,30 @@ class DriverCase:
     command: tuple[str, ...]
 
 
-def _fake_case(tmp_path: Path) -> DriverCase:
+@contextlib.contextmanager
+def _fake_case(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[DriverCase]:
     image = ImageRef(Digest("sha256:" + "a" * 64), Digest("sha256:" + "b" * 64), tmp_path)
-    return DriverCase(FakeDriver(), image, ("server",))
+    yield DriverCase(FakeDriver(), image, ("server",))
 
 
-DRIVER_CASES: dict[str, Callable[[Path], DriverCase]] = {"fake": _fake_case}
+@contextlib.contextmanager
+def _local_case(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[DriverCase]:
+    image: LocalImage = request.getfixturevalue("local_image")
+    with running_agent(tmp_path / "home") as (settings, agent):
+        yield DriverCase(make_driver(settings, agent), image.ref, image.command)
+
+
+DRIVER_CASES: dict[
+    str, Callable[[Path, pytest.FixtureRequest], AbstractContextManager[DriverCase]]
+] = {"fake": _fake_case, "local": _local_case}
 
 
 @pytest.fixture(params=sorted(DRIVER_CASES))
 def case(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DriverCase]:
-    made = DRIVER_CASES[request.param](tmp_path)
-    yield made
-    for observed in made.driver.observe("conf", "test"):
-        made.driver.destroy(observed.instance, grace=1.0)
+    with DRIVER_CASES[request.param](tmp_path, request) as made:
+        yield made
+        for observed in made.driver.observe("conf", "test"):
+            made.driver.destroy(observed.instance, grace=1.0)
 
 
 def _spec(case: DriverCase, instance_id: str, port: int = 0, **env: str) -> InstanceSpec:

@@ -4,6 +4,7 @@ provenance, the file manifest and base images."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import os
 import subprocess
@@ -19,7 +20,7 @@ from castiron.images.manifest import file_manifest
 from castiron.images.pattern import PatternSet
 from castiron.images.store import ImageStore
 
-from .bakekit import APP_FILES, BUSYBOX, recipe, run_bake, write_tree
+from .bakekit import APP_FILES, recipe, run_bake, write_tree
 
 
 def _layer_names(store_root: Path, digest: str) -> list[list[str]]:
@@ -310,8 +311,6 @@ def test_file_manifest(tmp_path: Path) -> None:
     files = file_manifest(ImageStore(tmp_path / "store"), result.digest)
     entry = files["/app/server.py"]
     assert (entry.type, entry.mode, entry.size) == ("file", 0o644, len("print('hello')\n"))
-    import hashlib
-
     assert entry.sha256 == hashlib.sha256(b"print('hello')\n").hexdigest()
     assert files["/app/link"].type == "symlink" and files["/app/link"].target == "server.py"
     assert files["/app/empty"].type == "dir"
@@ -376,10 +375,6 @@ def test_docker_base_without_an_engine_is_explained(tmp_path: Path) -> None:
     ctx = write_tree(tmp_path / "ctx", APP_FILES)
     with pytest.raises(ImageError, match="needs a running Docker engine"):
         run_bake(tmp_path / "store", ctx, recipe(base="docker:busybox"))
-
-
-def test_busybox_fixture_exists() -> None:
-    assert BUSYBOX.is_file()
 
 
 def test_file_manifest_merge_applies_whiteouts() -> None:

@@ -16,7 +16,9 @@ at most 60 s; back to 1 s once an instance has lived 60 s), health-checked, and 
 its environment's route in place of the dead one; ``instance-replaced`` records old id, new
 id and exit code. Spawn requests are kept in memory with their secret values and persisted
 without them (``agent/requests.json``): after an agent restart an instance that had secrets
-cannot be re-created (``instance-unreplaceable``); the engine's next command reconciles. On SIGTERM/SIGINT (or ``POST /v1/shutdown``) routers drain and close and
+cannot be re-created (``instance-unreplaceable``); the engine's next command reconciles.
+
+On SIGTERM/SIGINT (or ``POST /v1/shutdown``) routers drain and close and
 the keeper lets the ports go; supervised instances are left running.
 
 This is a process entry point (``python -m castiron.agent.daemon --home H``), like the CLI: it
@@ -105,7 +107,7 @@ class ReplaceBackoff:
 
     def delay(self, failures: int) -> float:
         """The wait before the replacement that follows ``failures`` short-lived instances."""
-        return min(self.maximum, self.initial * 2 ** min(failures, 32))
+        return float(min(self.maximum, self.initial * 2.0 ** min(failures, 32)))
 
 
 @dataclass(frozen=True)
@@ -832,9 +834,12 @@ class Agent:
         )
         loop = asyncio.get_running_loop()
         started = time.monotonic()
-        deadline = started + check.start_period + check.healthy_after * (
-            check.interval + check.timeout
-        ) + 30.0
+        deadline = (
+            started
+            + check.start_period
+            + check.healthy_after * (check.interval + check.timeout)
+            + 30.0
+        )
         tracker = HealthTracker(check=config, started_at=started)
         while True:
             current = self.supervisor.records()
@@ -854,15 +859,11 @@ class Agent:
             config = self.routes.get(dead.environment)
             if config is None:
                 return False
-            sets = {"stable": config.stable, "canary": config.canary}
-            changed = {
-                name: BackendSet(s.release, tuple(b for b in s.backends if b.id != dead.id))
-                for name, s in sets.items()
-                if s is not None and any(b.id == dead.id for b in s.backends)
-            }
-            if not changed:
+            stable, canary = (_without(s, dead.id) for s in (config.stable, config.canary))
+            if stable == config.stable and canary == config.canary:
                 return False
-            await self._apply_locked(replace(config, **changed), f"without {dead.id}")
+            new = replace(config, stable=stable, canary=canary)
+            await self._apply_locked(new, f"without {dead.id}")
             return True
 
     async def _route_in(self, dead: InstanceRecord, new: InstanceRecord) -> None:
@@ -871,19 +872,16 @@ class Agent:
             config = self.routes.get(dead.environment)
             if config is None:
                 return
-            for name in ("stable", "canary"):
-                backend_set: BackendSet | None = getattr(config, name)
-                if backend_set is None or backend_set.release != new.release:
-                    continue
-                if any(b.id == new.id for b in backend_set.backends):
-                    return
-                grown = BackendSet(
-                    backend_set.release, (*backend_set.backends, Backend(new.id, new.address))
-                )
-                await self._apply_locked(
-                    replace(config, **{name: grown}), f"{new.id} replaces {dead.id}"
-                )
+            why = f"{new.id} replaces {dead.id}"
+            backend = Backend(new.id, new.address)
+            stable, canary = config.stable, config.canary
+            if stable is not None and stable.release == new.release:
+                stable = _with(stable, backend)
+            elif canary is not None and canary.release == new.release:
+                canary = _with(canary, backend)
+            else:
                 return
+            await self._apply_locked(replace(config, stable=stable, canary=canary), why)
 
     async def _apply_locked(self, config: RouteConfig, why: str) -> None:
         try:
@@ -1156,6 +1154,19 @@ class Agent:
             pass
         finally:
             writer.close()
+
+
+def _without(backend_set: BackendSet | None, instance_id: str) -> BackendSet | None:
+    if backend_set is None or all(b.id != instance_id for b in backend_set.backends):
+        return backend_set
+    kept = tuple(b for b in backend_set.backends if b.id != instance_id)
+    return BackendSet(backend_set.release, kept)
+
+
+def _with(backend_set: BackendSet, backend: Backend) -> BackendSet:
+    if any(b.id == backend.id for b in backend_set.backends):
+        return backend_set
+    return BackendSet(backend_set.release, (*backend_set.backends, backend))
 
 
 def _free_port(host: str) -> int:

@@ -21,7 +21,8 @@ Design choices that let instances outlive the agent (even a SIGKILL of it):
   session is killed, so an instance never leaves stray processes behind.
 
 The supervisor emits events to a callback and decides no policy: replacing an exited instance
-is the daemon's job (it is told through ``on_exit``). It must not know routers, images, drivers, the spec or the state store.
+is the daemon's job (it is told through ``on_exit``). It must not know routers, images,
+drivers, the spec or the state store.
 """
 
 from __future__ import annotations

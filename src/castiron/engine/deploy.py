@@ -299,28 +299,41 @@ class Engine:
 
         with self.locks.acquire(environment, purpose, wait=wait, on_wait=waiting) as held:
             self.recover(environment)
+            self.reconcile(environment)
             self.reap(environment)
             yield
             held.check()
 
-    def housekeeping(self, environment: str | None = None) -> None:
-        """Recover interrupted deployments and reap expired warm instances, if any need it
-        and their environment's lock is free (cheap when there is nothing to do)."""
+    def needs_housekeeping(self, environment: str | None = None) -> list[str]:
+        """Environments with an interrupted deployment or a warm instance past keep_warm
+        (two cheap reads each; no agent, no driver)."""
         names = (
             [environment]
             if environment is not None
             else [e.name for e in self.store.list_environments()]
         )
         now = self.store.clock.now()
+        out = []
         for name in names:
             pending = any(
                 d.outcome == "running" for d in self.store.list_deployments(name, limit=5)
             )
-            due = any(_warm_due(r, now) for r in self.store.list_instances(name))
-            if not (pending or due):
-                continue
+            if pending or any(_warm_due(r, now) for r in self.store.list_instances(name)):
+                out.append(name)
+        return out
+
+    def housekeeping(self, environment: str | None = None) -> list[str]:
+        """Recover interrupted deployments and reap expired warm instances where needed and
+        the environment's lock is free; returns the environments it tidied.
+
+        Raises:
+            RuntimeDriverError, RouterError, AgentError, StateError: when recovery cannot act.
+        """
+        done = []
+        for name in self.needs_housekeeping(environment):
             with contextlib.suppress(LockedError), self.locked(name, "recovery"):
-                pass
+                done.append(name)
+        return done
 
     def recover(self, environment: str) -> list[DeploymentRow]:
         """Finish or undo deployments of ``environment`` whose process died (call with the
@@ -344,7 +357,7 @@ class Engine:
             if forward:
                 done.append(self._complete(deployment, steps, policy))
             else:
-                done.append(self._undo(deployment, steps, policy, "aborted", recovered=True))
+                done.append(self.undo(deployment, steps, policy, "aborted", recovered=True))
         return done
 
     def _route_is_final(
@@ -374,7 +387,7 @@ class Engine:
                     tx.set_instance_status(instance_id, "running")
             for row in leaving:
                 tx.set_instance_status(row.id, "warm", {"warm_until": _iso(until)})
-            self._set_env(tx, deployment.environment, policy, current=to, known_good=to)
+            self.set_env(tx, deployment.environment, policy, current=to, known_good=to)
 
         return finish_deployment(
             self.store,
@@ -385,7 +398,7 @@ class Engine:
             action="deploy.recover",
         )
 
-    def _undo(
+    def undo(
         self,
         deployment: DeploymentRow,
         steps: Sequence[Any],
@@ -396,7 +409,11 @@ class Engine:
         error: str | None = None,
     ) -> DeploymentRow:
         """Put traffic back on the previous instances, destroy this deployment's instances
-        and close it with ``outcome``."""
+        and close it with ``outcome`` (call with the lock held).
+
+        Raises:
+            RouterError, AgentError, RuntimeDriverError, StateError: when it cannot act.
+        """
         environment = deployment.environment
         previous = [str(i) for s in steps if s.step == "start" for i in s.data.get("previous", [])]
         planned = {str(s.data.get("instance")) for s in steps if s.step == "create"}
@@ -436,7 +453,7 @@ class Engine:
             for instance_id in back_ids:
                 if rows[instance_id].status != "running":
                     tx.set_instance_status(instance_id, "running")
-            self._set_env(tx, environment, policy, current=deployment.from_release)
+            self.set_env(tx, environment, policy, current=deployment.from_release)
 
         return finish_deployment(
             self.store,
@@ -453,7 +470,7 @@ class Engine:
             raise NotFoundError(f"environment {environment!r} was never deployed")
         return Policy.from_json(row.config)
 
-    def _set_env(
+    def set_env(
         self,
         tx: StateTx,
         environment: str,
@@ -462,6 +479,7 @@ class Engine:
         current: ReleaseId | None,
         known_good: ReleaseId | None = None,
     ) -> None:
+        """Record (in ``tx``) that ``environment`` serves ``current`` under ``policy``."""
         row = self.store.get_environment(environment)
         tx.upsert_environment(
             EnvironmentRow(
@@ -476,6 +494,70 @@ class Engine:
                 updated=self.store.clock.now(),
             )
         )
+
+    def reconcile(self, environment: str) -> list[str]:
+        """Mirror what the router serves into the records (call with the lock held).
+
+        The agent replaces an instance that died with a new one and swaps it into the route;
+        the replacement is recorded here as in service, and records of instances that are gone
+        are dropped. Returns the ids adopted or dropped.
+
+        Raises:
+            AgentError, StateError: when the router or the records cannot be read or written.
+        """
+        row = self.store.get_environment(environment)
+        if row is None or row.current_release is None:
+            return []
+        routing = self.traffic.current(environment)
+        if routing is None:
+            return []
+        policy = Policy.from_json(row.config)
+        rows = {r.id: r for r in self.store.list_instances(environment)}
+        adopt: list[InstanceRow] = []
+        for backend_set in (routing.stable, routing.canary):
+            if backend_set is None:
+                continue
+            release = self.store.get_release(ReleaseId(backend_set.release))
+            for backend in backend_set.backends:
+                if backend.id in rows or release is None:
+                    continue
+                adopt.append(
+                    InstanceRow(
+                        id=backend.id,
+                        environment=environment,
+                        release=release.id,
+                        address=backend.address,
+                        runtime=policy.runtime,
+                        status="running",
+                        data={"app": policy.app, "image": release.digest, "replacement": True},
+                    )
+                )
+        drop: list[str] = []
+        stale = [
+            r for r in rows.values() if r.status == "running" and r.id not in routing.backend_ids
+        ]
+        if stale:
+            driver = self.driver(policy.runtime)
+            for r in stale:
+                if driver.inspect(row_instance(r)).state in ("exited", "missing"):
+                    drop.append(r.id)
+        if not adopt and not drop:
+            return []
+
+        def apply(tx: StateTx) -> None:
+            for r in adopt:
+                tx.put_instance(r)
+            remove_instances(tx, drop)
+
+        self.store.mutate(
+            AuditDraft(
+                "instance.reconcile",
+                environment=environment,
+                details={"adopted": [r.id for r in adopt], "dropped": drop},
+            ),
+            apply,
+        )
+        return [r.id for r in adopt] + drop
 
     def reap(self, environment: str) -> list[str]:
         """Destroy warm instances of ``environment`` past their ``keep_warm`` (call with the
@@ -535,9 +617,24 @@ class Engine:
                     "unchanged",
                     self.monotonic() - started,
                 )
-            return self._run(target, plan, started, strategy or target.policy.strategy)
+            return self.run(target, plan, started, strategy or target.policy.strategy)
 
-    def _run(self, target: Target, plan: Plan, started: float, strategy: str) -> DeployResult:
+    def run(
+        self,
+        target: Target,
+        plan: Plan,
+        started: float,
+        strategy: str,
+        *,
+        label: str | None = None,
+    ) -> DeployResult:
+        """Execute ``plan`` with ``strategy`` (call with the lock held; see :meth:`deploy`).
+
+        ``label`` is the strategy name recorded in history (``rollback`` for a cold rollback).
+
+        Raises:
+            DeployFailedError, UsageError, StateError: as :meth:`deploy`.
+        """
         release, policy = target.release, target.policy
         environment = target.environment
         secret_values = resolve_secrets(release, self.environ, Path(policy.base_dir))
@@ -575,7 +672,7 @@ class Engine:
             environment=environment,
             from_release=plan.current.id if plan.current is not None else None,
             to_release=release.id,
-            strategy=strategy,
+            strategy=label or strategy,
             actor=self.store.actor,
             started=now,
             details={"digest": release.digest, "tag": target.tag, "replicas": plan.create},
@@ -607,12 +704,12 @@ class Engine:
         try:
             driver.ensure_image(image)
             STRATEGIES[strategy](rollout)
-        except BaseException as exc:
+        except (Exception, KeyboardInterrupt) as exc:
             reason = str(exc) if isinstance(exc, CastironError) else repr(exc)
             self.observer.progress("deployment failed: undoing it")
             outcome = "failed" if isinstance(exc, CastironError) else "aborted"
             try:
-                self._undo(deployment, journal.steps(), policy, outcome, error=reason)
+                self.undo(deployment, journal.steps(), policy, outcome, error=reason)
             except CastironError as undo_exc:
                 raise DeployFailedError(
                     f"{reason}\nand undoing it failed too: {undo_exc} (the next castiron "
@@ -628,7 +725,7 @@ class Engine:
             raise
 
         def apply(tx: StateTx) -> None:
-            self._set_env(tx, environment, policy, current=release.id, known_good=release.id)
+            self.set_env(tx, environment, policy, current=release.id, known_good=release.id)
 
         journal.finish("succeeded", {"health_s": round(rollout.health_s, 3)}, apply)
         timings = {"health_s": rollout.health_s}
@@ -678,7 +775,7 @@ class Engine:
 
             def apply(tx: StateTx) -> None:
                 remove_instances(tx, [r.id for r in rows])
-                self._set_env(tx, environment, policy, current=None)
+                self.set_env(tx, environment, policy, current=None)
 
             self.store.mutate(
                 AuditDraft(

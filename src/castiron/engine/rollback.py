@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from castiron.engine.deploy import DeployResult, Engine, Target, image_runtime
+from castiron.engine.deploy import DeployResult, Engine, Target
 from castiron.engine.journal import Journal, new_deployment_id
 from castiron.engine.release import Release
-from castiron.engine.strategies import Policy, Rollout, row_instance
+from castiron.engine.strategies import ImageRuntime, Policy, Rollout, row_instance
 from castiron.errors import NotFoundError, UsageError
-from castiron.model import ImageRef
-from castiron.state.base import DeploymentRow, InstanceRow
+from castiron.model import ImageRef, ReleaseId
+from castiron.state.base import DeploymentRow, InstanceRow, StateTx
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class RollbackChoice:
     """Where a rollback goes and whether it can be a pointer flip."""
 
     release: Release
-    current: str | None
+    current: ReleaseId | None
     warm: tuple[InstanceRow, ...]
     """The target's instances still running and warm (empty: a cold rollback)."""
 
@@ -127,9 +127,7 @@ def _warm_ready(engine: Engine, choice: RollbackChoice) -> bool:
     return all(engine.prober(check, r.address, env).ok for r in choice.warm)
 
 
-def _flip(
-    engine: Engine, choice: RollbackChoice, policy: Policy, started: float
-) -> DeployResult:
+def _flip(engine: Engine, choice: RollbackChoice, policy: Policy, started: float) -> DeployResult:
     release = choice.release
     environment = release.environment
     previous = [
@@ -154,13 +152,13 @@ def _flip(
         lambda tx: None,
         {"previous": [r.id for r in previous], "release": release.id, "warm": True},
     )
-    stored_config = engine.images.root
     rollout = Rollout(
         journal=journal,
         release=release,
         policy=policy,
-        image=ImageRef(release.digest, release.digest, stored_config),
-        runtime=_runtime_or_empty(engine, release),
+        # A flip creates nothing: the image and its runtime are not needed.
+        image=ImageRef(release.digest, release.digest, engine.images.root),
+        runtime=ImageRuntime((), (), "/", None),
         secrets={},
         driver=engine.driver(policy.runtime),
         traffic=engine.traffic,
@@ -171,14 +169,14 @@ def _flip(
     )
     try:
         rollout.switch([row_instance(r) for r in choice.warm], [], final=True)
-    except BaseException as exc:
+    except (Exception, KeyboardInterrupt) as exc:
         engine.undo(deployment, journal.steps(), policy, "failed", error=str(exc))
         raise
     switched = engine.monotonic()
     rollout.drain(previous)
 
-    def apply(tx: object) -> None:
-        engine.set_env(tx, environment, policy, current=release.id, known_good=release.id)  # type: ignore[arg-type]
+    def apply(tx: StateTx) -> None:
+        engine.set_env(tx, environment, policy, current=release.id, known_good=release.id)
 
     journal.finish("succeeded", {"warm": True}, apply)
     return DeployResult(
@@ -190,13 +188,6 @@ def _flip(
         deployment.id,
         {"switch_s": switched - started, "health_s": 0.0},
     )
-
-
-def _runtime_or_empty(engine: Engine, release: Release) -> object:
-    try:
-        return image_runtime(engine.images, release.digest)
-    except (NotFoundError, UsageError):
-        return None
 
 
 __all__ = ["RollbackChoice", "choose", "known_good", "rollback"]

@@ -15,9 +15,7 @@ from castiron.errors import UsageError
 MAX_SECRET_BYTES = 64 * 1024
 
 
-def resolve_secrets(
-    release: Release, environ: Mapping[str, str], base_dir: Path
-) -> dict[str, str]:
+def resolve_secrets(release: Release, environ: Mapping[str, str], base_dir: Path) -> dict[str, str]:
     """Values of ``release``'s secrets, read from ``environ`` or files under ``base_dir``.
 
     Raises:

@@ -13,10 +13,11 @@ It knows nothing of the CLI or the spec file.
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -186,6 +187,7 @@ class Rollout:
                 "castiron.environment": cfg.environment,
                 "castiron.release": self.release.id,
                 "castiron.deployment": self.journal.id,
+                "castiron.health": json.dumps(asdict(cfg.health), sort_keys=True),
             },
         )
 
@@ -251,7 +253,11 @@ class Rollout:
                     pending[0],
                     f"not healthy after {self.policy.deploy_timeout:g}s (last probe: {detail})",
                 )
-            self.sleep(min(max(check.interval, 0.05), max(0.0, deadline - self.monotonic())))
+            # Until an instance first answers, poll briskly: traffic should move as soon as
+            # the app is up, not up to one interval later.
+            answered = any(trackers[i.id].streak > 0 for i in pending)
+            pause = check.interval if answered else min(check.interval, 0.05)
+            self.sleep(min(max(pause, 0.01), max(0.0, deadline - self.monotonic())))
         self.health_s += self.monotonic() - started
 
     def _fail(self, instance: Instance, why: str) -> None:

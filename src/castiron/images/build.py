@@ -15,6 +15,7 @@ knows no runtime. Docker-backed bases and Dockerfile builds come in through the
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -27,15 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from castiron.errors import ImageError
+from castiron.errors import CastironError, ImageError
 from castiron.images import manifest as files_manifest
 from castiron.images import oci, provenance
 from castiron.images.archive import import_archive, import_layout
-from castiron.images.cache import BuildCache, layer_key
+from castiron.images.cache import CACHE_VERSION, BuildCache, layer_key
 from castiron.images.context import SourceFile, scan, secret_files, walk
 from castiron.images.layer import LayerBlob, LayerEntry, compressor_id, with_parents, write_layer
 from castiron.images.pattern import PatternSet
-from castiron.images.store import ImageStore, check_tag, write_atomic
+from castiron.images.store import ImageStore, check_tag, reachable_blobs, write_atomic
 from castiron.model import Digest
 
 _OUTPUT_LINES = 20
@@ -456,7 +457,7 @@ def bake(
     if recipe.dockerfile:
         return _bake_dockerfile(recipe, store, options, obs)
     exclude = PatternSet.of(recipe.exclude, "image.exclude")
-    layer_patterns = PatternSet.of(recipe.layers, "image.layers")
+    PatternSet.of(recipe.layers, "image.layers")  # report bad layer globs before any work
     allow = PatternSet.of(recipe.allow_secrets, "image.allow_secrets")
     context = options.context
     if not context.is_dir():
@@ -467,7 +468,6 @@ def bake(
         epoch = git.commit_time if git else 0
     if epoch < 0:
         raise ImageError(f"SOURCE_DATE_EPOCH must not be negative (got {epoch})")
-    prefix = recipe.workdir.strip("/")
     store.ensure()
     cache = BuildCache(store)
     with (
@@ -500,71 +500,17 @@ def bake(
         found = secret_files(scanned.files, allow)
         if found:
             raise _secret_error(found)
-        layers: list[LayerInfo] = []
-        blobs: list[LayerBlob] = []
-        own_files: list[list[LayerEntry]] = []
-        input_digests: dict[str, str] = {}
-        for name, entries in _split(scanned.files, layer_patterns, prefix):
-            key = layer_key(entries, epoch)
-            input_digests[name] = key
-            blob = cache.layer(key)
-            reused = blob is not None
-            if blob is None:
-                obs.step(f"layer {name}: compressing {len(entries)} entries")
-                blob = write_layer(store, _tar_entries(entries), epoch, pool)
-                cache.save_layer(key, blob)
-            blobs.append(blob)
-            own_files.append(entries)
-            layers.append(
-                LayerInfo(
-                    name,
-                    blob.descriptor.digest,
-                    blob.diff_id,
-                    blob.descriptor.size,
-                    len(entries),
-                    reused,
-                )
+        key = _bake_key(recipe, options, base, git, epoch, scanned.files)
+        cached = cache.assembly(key)
+        assembly = _Assembly.from_json(cached) if cached is not None else None
+        if assembly is None or not _complete(store, assembly):
+            assembly = _assemble(
+                recipe, store, options, cache, base, scanned.files, git, epoch, pool, obs
             )
-        obs.step("writing the manifest")
-        base_files = [_layer_files(store, store.cache_dir, layer) for layer in base.layers]
-        tree = files_manifest.merge(
-            [*base_files, *(files_manifest.from_layer_entries(e) for e in own_files)]
-        )
-        files_blob = files_manifest.encode(tree)
-        files_digest = store.put_bytes(files_blob)
-        config = _config(
-            recipe,
-            base,
-            [b.diff_id for b in blobs],
-            [li.name for li in layers],
-            epoch,
-            options.port,
-        )
-        config_bytes = oci.canonical_json(config)
-        config_desc = oci.Descriptor(oci.CONFIG, store.put_bytes(config_bytes), len(config_bytes))
-        annotations = {
-            oci.ANN_CREATED: oci.rfc3339(epoch),
-            oci.ANN_FILES: files_digest,
-            oci.ANN_COMPRESSOR: compressor_id(),
-        }
-        if git:
-            annotations[oci.ANN_REVISION] = git.commit
-            if git.remote:
-                annotations[oci.ANN_SOURCE] = git.remote
-        if options.app:
-            annotations[oci.ANN_TITLE] = options.app
-        if base.digest:
-            annotations[oci.ANN_BASE_DIGEST] = base.digest
-        manifest = {
-            "schemaVersion": 2,
-            "mediaType": oci.MANIFEST,
-            "config": config_desc.to_json(),
-            "layers": [d.to_json() for d in base.layers] + [b.descriptor.to_json() for b in blobs],
-            "annotations": annotations,
-        }
-        manifest_bytes = oci.canonical_json(manifest)
-        image = oci.Descriptor(oci.MANIFEST, store.put_bytes(manifest_bytes), len(manifest_bytes))
-        tags = options.tags or (_default_tag(git, config_desc.digest),)
+            cache.save_assembly(key, assembly.to_json())
+        image, layers, input_digests = assembly.image, list(assembly.layers), assembly.input_digests
+        config_digest = assembly.config_digest
+        tags = options.tags or (_default_tag(git, config_digest),)
         store.tag(image, tags, {})
         record = provenance.BuildRecord(
             app=options.app,
@@ -589,7 +535,7 @@ def bake(
     ]
     return BakeResult(
         digest=image.digest,
-        config_digest=config_desc.digest,
+        config_digest=config_digest,
         tags=tuple(tags),
         layers=(*base_infos, *layers),
         source_date_epoch=epoch,
@@ -597,6 +543,147 @@ def bake(
         dirty=bool(git and git.dirty),
         provenance=prov,
         files_hashed=scanned.hashed,
+    )
+
+
+@dataclass(frozen=True)
+class _Assembly:
+    image: oci.Descriptor
+    config_digest: Digest
+    layers: tuple[LayerInfo, ...]
+    input_digests: dict[str, str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "image": self.image.to_json(),
+            "config_digest": self.config_digest,
+            "layers": [[li.name, li.digest, li.diff_id, li.size, li.entries] for li in self.layers],
+            "inputs": self.input_digests,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> _Assembly:
+        return cls(
+            image=oci.Descriptor.from_json(obj["image"], "bake cache"),
+            config_digest=Digest(str(obj["config_digest"])),
+            layers=tuple(
+                LayerInfo(str(n), Digest(d), Digest(i), int(z), int(e), True)
+                for n, d, i, z, e in obj["layers"]
+            ),
+            input_digests={str(k): str(v) for k, v in obj["inputs"].items()},
+        )
+
+
+def _assemble(
+    recipe: ImageRecipe,
+    store: ImageStore,
+    options: BakeOptions,
+    cache: BuildCache,
+    base: _Base,
+    files: tuple[SourceFile, ...],
+    git: GitInfo | None,
+    epoch: int,
+    pool: ThreadPoolExecutor,
+    obs: BakeObserver,
+) -> _Assembly:
+    layer_patterns = PatternSet.of(recipe.layers, "image.layers")
+    prefix = recipe.workdir.strip("/")
+    layers: list[LayerInfo] = []
+    blobs: list[LayerBlob] = []
+    own_files: list[list[LayerEntry]] = []
+    input_digests: dict[str, str] = {}
+    for name, entries in _split(files, layer_patterns, prefix):
+        key = layer_key(entries, epoch)
+        input_digests[name] = key
+        blob = cache.layer(key)
+        reused = blob is not None
+        if blob is None:
+            obs.step(f"layer {name}: compressing {len(entries)} entries")
+            blob = write_layer(store, _tar_entries(entries), epoch, pool)
+            cache.save_layer(key, blob)
+        blobs.append(blob)
+        own_files.append(entries)
+        layers.append(
+            LayerInfo(
+                name,
+                blob.descriptor.digest,
+                blob.diff_id,
+                blob.descriptor.size,
+                len(entries),
+                reused,
+            )
+        )
+    obs.step("writing the manifest")
+    base_files = [_layer_files(store, store.cache_dir, layer) for layer in base.layers]
+    tree = files_manifest.merge(
+        [*base_files, *(files_manifest.from_layer_entries(e) for e in own_files)]
+    )
+    files_blob = files_manifest.encode(tree)
+    files_digest = store.put_bytes(files_blob)
+    config = _config(
+        recipe,
+        base,
+        [b.diff_id for b in blobs],
+        [li.name for li in layers],
+        epoch,
+        options.port,
+    )
+    config_bytes = oci.canonical_json(config)
+    config_desc = oci.Descriptor(oci.CONFIG, store.put_bytes(config_bytes), len(config_bytes))
+    annotations = {
+        oci.ANN_CREATED: oci.rfc3339(epoch),
+        oci.ANN_FILES: files_digest,
+        oci.ANN_COMPRESSOR: compressor_id(),
+    }
+    if git:
+        annotations[oci.ANN_REVISION] = git.commit
+        if git.remote:
+            annotations[oci.ANN_SOURCE] = git.remote
+    if options.app:
+        annotations[oci.ANN_TITLE] = options.app
+    if base.digest:
+        annotations[oci.ANN_BASE_DIGEST] = base.digest
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": oci.MANIFEST,
+        "config": config_desc.to_json(),
+        "layers": [d.to_json() for d in base.layers] + [b.descriptor.to_json() for b in blobs],
+        "annotations": annotations,
+    }
+    manifest_bytes = oci.canonical_json(manifest)
+    image = oci.Descriptor(oci.MANIFEST, store.put_bytes(manifest_bytes), len(manifest_bytes))
+    return _Assembly(image, config_desc.digest, tuple(layers), input_digests)
+
+
+def _bake_key(
+    recipe: ImageRecipe,
+    options: BakeOptions,
+    base: _Base,
+    git: GitInfo | None,
+    epoch: int,
+    files: tuple[SourceFile, ...],
+) -> str:
+    doc = {
+        "v": CACHE_VERSION,
+        "recipe": _recipe_json(recipe),
+        "base": base.digest,
+        "epoch": epoch,
+        "app": options.app,
+        "port": options.port,
+        "git": [git.commit, git.remote] if git else None,
+        "compressor": compressor_id(),
+        "files": [[f.rel, f.kind, f.mode, f.size, f.sha256, f.target] for f in files],
+    }
+    return hashlib.sha256(oci.canonical_json(doc)).hexdigest()
+
+
+def _complete(store: ImageStore, assembly: _Assembly) -> bool:
+    try:
+        needed = reachable_blobs(store, assembly.image.digest)
+    except CastironError:
+        return False
+    return store.has_blob(assembly.image.digest, assembly.image.size) and all(
+        store.has_blob(d) for d in needed
     )
 
 

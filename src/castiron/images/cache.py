@@ -76,6 +76,17 @@ class BuildCache:
         }
         write_atomic(self._dir / "layers" / f"{key}.json", oci.canonical_json(doc))
 
+    def assembly(self, key: str) -> dict[str, Any] | None:
+        """The finished image recorded for a bake key (a hash of every input), if any."""
+        obj = self._read(self._dir / "bakes" / f"{key}.json")
+        if obj is None or not all(k in obj for k in ("image", "config_digest", "layers", "inputs")):
+            return None
+        return obj
+
+    def save_assembly(self, key: str, doc: dict[str, Any]) -> None:
+        """Remember the finished image for a bake key."""
+        write_atomic(self._dir / "bakes" / f"{key}.json", oci.canonical_json(doc))
+
     def _stat_path(self, context: Path) -> Path:
         name = hashlib.sha256(str(context.resolve()).encode()).hexdigest()[:24]
         return self._dir / "stat" / f"{name}.json"

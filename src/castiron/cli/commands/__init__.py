@@ -11,8 +11,11 @@ from __future__ import annotations
 COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "agent_cmd": ("agent",),
     "audit_cmd": ("audit",),
+    "deploy_cmd": ("deploy", "down", "plan", "rollback"),
     "image_cmd": ("bake", "export", "images", "import", "inspect"),
     "lock_cmd": ("lock",),
+    "logs_cmd": ("logs",),
     "spec_cmd": ("init", "schema", "validate"),
+    "status_cmd": ("history", "releases", "status"),
     "version_cmd": ("version",),
 }

@@ -1,0 +1,248 @@
+"""``castiron plan``, ``deploy``, ``rollback`` and ``down``: thin edges over the engine.
+
+They read the spec and settings, build an engine (:mod:`castiron.engine.compose`), show the
+plan, ask for confirmation on a terminal, and render the result; progress goes to stderr so
+``--json`` output on stdout stays one object. The engine is imported inside the commands so
+CLI start-up stays fast.
+
+``CASTIRON_TEST_PAUSE_AT=STEP`` (read here from the captured environment, never below the CLI)
+makes a deployment stop right after journaling STEP: it writes ``paused-at-STEP`` into the
+state directory and sleeps, so a test can kill the process at that exact point.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from castiron.cli.context import CliContext, pass_cli
+from castiron.cli.render import emit_json
+from castiron.errors import UsageError
+
+if TYPE_CHECKING:
+    from castiron.engine.plan import Plan
+    from castiron.state.base import JsonObject
+
+PAUSE_ENV = "CASTIRON_TEST_PAUSE_AT"
+PAUSE_SECONDS = 300.0
+
+
+class CliObserver:
+    """Progress lines on stderr, and the test-only pause at a journal step."""
+
+    def __init__(self, home: Path, pause_at: str | None, quiet: bool = False) -> None:
+        self.home = home
+        self.pause_at = pause_at or None
+        self.quiet = quiet
+        self.started = time.monotonic()
+
+    def step(self, step: str, data: JsonObject) -> None:
+        if step == self.pause_at:
+            marker = self.home / f"paused-at-{step}"
+            marker.write_text(f"{step}\n")
+            time.sleep(PAUSE_SECONDS)
+
+    def progress(self, message: str) -> None:
+        if not self.quiet:
+            elapsed = time.monotonic() - self.started
+            click.echo(f"[{elapsed:6.2f}s] {message}", err=True)
+
+
+def observer_for(cli: CliContext, quiet: bool = False) -> CliObserver:
+    """The observer of one CLI invocation."""
+    return CliObserver(cli.settings.home, cli.settings.environ.get(PAUSE_ENV), quiet)
+
+
+def confirm(cli: CliContext, question: str, yes: bool) -> None:
+    """Ask ``question`` on a terminal unless ``--yes``; refuse without a terminal.
+
+    Raises:
+        UsageError: without a terminal and without ``--yes``.
+        click.Abort: when the answer is no.
+    """
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise UsageError(f"{question} needs confirmation: pass --yes (no terminal to ask on)")
+    if not click.confirm(question, default=False, err=True):
+        raise click.Abort()
+
+
+def render_plan(plan: Plan, tag: str | None, keep_warm: float) -> list[str]:
+    """The plan as lines for people."""
+    src = plan.current.id if plan.current is not None else "nothing"
+    lines = [
+        f"plan for {plan.environment}: {src} -> {plan.target.id} ({plan.strategy})",
+        f"  image: {plan.target.digest}" + (f" (tag {tag})" if tag else ""),
+    ]
+    if not plan.has_changes:
+        lines.append("  no changes: the environment already runs this release")
+        return lines
+    for change in plan.changes:
+        if change.field == "image" or (
+            plan.current is None and not change.field.startswith("env.")
+        ):
+            continue
+        before = "(none)" if change.before is None else change.before
+        after = "(none)" if change.after is None else change.after
+        lines.append(f"  {change.field}: {before} -> {after}")
+    if plan.current is None:
+        cfg = plan.target.config
+        lines.append(f"  new environment: {cfg.replicas} replica(s), health {cfg.health.kind}")
+    warm = f"kept warm {keep_warm:g}s" if keep_warm > 0 else "destroyed after draining"
+    drain = f", drain {plan.destroy} ({warm})" if plan.destroy else ""
+    lines.append(f"  instances: create {plan.create}{drain}")
+    return lines
+
+
+def _plan_json(plan: Plan, tag: str | None) -> dict[str, Any]:
+    return {**plan.to_json(), "tag": tag}
+
+
+@click.command("plan")
+@click.argument("environment")
+@click.option("--image", "image", metavar="REF", help="Tag, digest or digest prefix to deploy.")
+@click.option(
+    "--detailed-exitcode",
+    is_flag=True,
+    help="Exit 0 when there is nothing to change, 2 when there are changes, 1 on error.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@pass_cli
+@click.pass_context
+def plan_cmd(
+    ctx: click.Context,
+    cli: CliContext,
+    environment: str,
+    image: str | None,
+    detailed_exitcode: bool,
+    as_json: bool,
+) -> None:
+    """Show what deploying to ENVIRONMENT would change; changes nothing."""
+    from castiron.engine.compose import open_engine
+    from castiron.spec.load import load_spec
+
+    settings = cli.settings
+    loaded = load_spec(settings.spec_path, settings.environ)
+    with open_engine(settings, observer=observer_for(cli, quiet=True)) as engine:
+        target = engine.resolve(loaded, environment, image)
+        plan = engine.plan(target)
+    if as_json:
+        emit_json(_plan_json(plan, target.tag))
+    else:
+        for line in render_plan(plan, target.tag, target.policy.keep_warm):
+            click.echo(line)
+    if detailed_exitcode and plan.has_changes:
+        ctx.exit(2)
+
+
+@click.command("deploy")
+@click.argument("environment")
+@click.option("--image", "image", metavar="REF", help="Tag, digest or digest prefix to deploy.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (needed without a TTY).")
+@click.option(
+    "--lock-wait",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    metavar="S",
+    help="Wait up to S seconds for the environment's lock (default: fail at once, exit 4).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@pass_cli
+def deploy_cmd(
+    cli: CliContext,
+    environment: str,
+    image: str | None,
+    yes: bool,
+    lock_wait: float,
+    as_json: bool,
+) -> None:
+    """Deploy the newest baked image (or --image) to ENVIRONMENT with zero downtime."""
+    from castiron.engine.compose import open_engine
+    from castiron.spec.load import load_spec
+
+    settings = cli.settings
+    loaded = load_spec(settings.spec_path, settings.environ)
+    observer = observer_for(cli)
+    with open_engine(settings, observer=observer) as engine:
+        target = engine.resolve(loaded, environment, image)
+        plan = engine.plan(target)
+        for line in render_plan(plan, target.tag, target.policy.keep_warm):
+            click.echo(line, err=True)
+        if plan.has_changes:
+            confirm(cli, f"deploy release {target.release.id} to {environment}?", yes)
+        result = engine.deploy(target, lock_wait=lock_wait)
+    if as_json:
+        emit_json(result.to_json())
+        return
+    if result.outcome == "unchanged":
+        click.echo(f"{environment} already runs release {result.release}; nothing to do")
+        return
+    click.echo(
+        f"deployed release {result.release} ({result.digest[:19]}) to {environment} "
+        f"in {result.duration_s:.2f}s: http://{target.policy.listen}/"
+    )
+
+
+@click.command("rollback")
+@click.argument("environment")
+@click.option(
+    "--to",
+    "to",
+    metavar="RELEASE",
+    help="Release id (or unique prefix) to go back to; it must have deployed successfully.",
+)
+@click.option(
+    "--lock-wait",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    metavar="S",
+    help="Wait up to S seconds for the environment's lock.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@pass_cli
+def rollback_cmd(
+    cli: CliContext, environment: str, to: str | None, lock_wait: float, as_json: bool
+) -> None:
+    """Go back to ENVIRONMENT's last known-good release (a pointer flip while it is warm)."""
+    from castiron.engine.compose import open_engine
+    from castiron.engine.rollback import rollback
+
+    with open_engine(cli.settings, observer=observer_for(cli)) as engine:
+        result = rollback(engine, environment, to=to, lock_wait=lock_wait)
+    if as_json:
+        emit_json(result.to_json())
+        return
+    click.echo(f"rolled {environment} back to release {result.release} in {result.duration_s:.2f}s")
+
+
+@click.command("down")
+@click.argument("environment")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (needed without a TTY).")
+@click.option(
+    "--lock-wait",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    metavar="S",
+    help="Wait up to S seconds for the environment's lock.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@pass_cli
+def down_cmd(cli: CliContext, environment: str, yes: bool, lock_wait: float, as_json: bool) -> None:
+    """Stop everything in ENVIRONMENT: remove its route and destroy its instances."""
+    from castiron.engine.compose import open_engine
+
+    confirm(cli, f"take {environment} down (route removed, every instance destroyed)?", yes)
+    with open_engine(cli.settings, observer=observer_for(cli)) as engine:
+        destroyed = engine.down(environment, lock_wait=lock_wait)
+    if as_json:
+        emit_json({"environment": environment, "destroyed": destroyed})
+        return
+    click.echo(f"{environment} is down ({len(destroyed)} instance(s) destroyed)")
+
+
+commands: list[click.Command] = [plan_cmd, deploy_cmd, rollback_cmd, down_cmd]

@@ -1,0 +1,411 @@
+"""The local runtime: instances are supervised processes on this host, optionally sandboxed.
+
+Owns how an :class:`InstanceSpec` becomes a spawn request for the host agent: the release's
+read-only root filesystem (``releases/sha256/<hex>/rootfs``, unpacked once per digest under a
+file lock), the command, environment, port and working directory, and the isolation:
+
+* ``sandbox`` (bubblewrap): the rootfs mounted read-only — as ``/`` when the image has a base
+  (its own ``/bin`` or ``/usr``), else beside the host's ``/usr``, ``/bin``, ``/lib*`` and
+  ``/etc`` (read-only) for host-based images such as ``scratch`` + the host's python3 —, a
+  private tmpfs ``/tmp``, new pid and ipc namespaces, no new privileges, the host network (so
+  loopback works), and a private writable directory bound on each ``writable`` path;
+* ``none``: the command runs on the host in the read-only tree, with a private writable
+  scratch directory as ``TMPDIR``;
+* ``auto``: ``sandbox`` when bubblewrap is installed and works here (probed once per driver),
+  else ``none``.
+
+It reaches the agent only through :mod:`castiron.agent.client` and is handed everything else
+(the unpack function, the bubblewrap path, health checks) by the engine. It must not import
+the spec, images, traffic, state or the engine, and decides no policy: replacing an exited
+instance is done by the agent when the engine asks for it (``replace_on_exit``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from castiron.agent.client import AgentClient, HealthCheck, InstanceRecord, SpawnRequest
+from castiron.errors import AgentError, CastironError, NotFoundError, RuntimeDriverError
+from castiron.model import (
+    Digest,
+    ImageRef,
+    Instance,
+    InstanceSpec,
+    InstanceState,
+    Observed,
+    ReleaseId,
+)
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+"""``PATH`` given to an instance whose image and release set none."""
+
+HOST_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+"""Host directories a host-based image (no ``/bin`` or ``/usr`` of its own) sees read-only."""
+
+LABELS = ("castiron.app", "castiron.environment", "castiron.release", "castiron.image")
+"""Labels every instance castiron created carries; one missing marks a stray."""
+
+_SANDBOX_FIX = (
+    "install bubblewrap (apt-get install bubblewrap) and allow user namespaces, "
+    "or set isolation: none for this environment"
+)
+
+
+def find_bwrap(path_env: str) -> str | None:
+    """The bubblewrap executable on ``path_env`` (a ``PATH`` value), or None."""
+    return shutil.which("bwrap", path=path_env)
+
+
+def probe_bwrap(bwrap: str) -> str | None:
+    """Why bubblewrap cannot sandbox here (None when it can): runs a minimal sandbox once.
+
+    Some containers forbid the namespaces it needs; this tells before an instance fails.
+    """
+    argv = [bwrap, "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev"]
+    argv += ["--unshare-pid", "--unshare-ipc", "--", bwrap, "--version"]
+    try:
+        proc = subprocess.run(argv, capture_output=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{bwrap} cannot run: {exc}"
+    if proc.returncode != 0:
+        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+        return f"{bwrap} failed (status {proc.returncode}): {tail[0]}"
+    return None
+
+
+@dataclass(frozen=True)
+class SandboxPolicy:
+    """What the host offers for isolation; built at the edge from settings."""
+
+    bwrap: str | None = None
+    """The bubblewrap executable (see :func:`find_bwrap`); None when it is not installed."""
+
+
+Unpacker = Callable[[ImageRef, Path], None]
+"""Unpacks an image into a new, read-only rootfs directory (``images.rootfs.unpack_release``)."""
+
+HealthFor = Callable[[InstanceSpec], HealthCheck | None]
+"""The health check the agent runs on a replacement of an instance (from the release)."""
+
+
+def _no_health(spec: InstanceSpec) -> HealthCheck | None:
+    return None
+
+
+@dataclass
+class LocalDriver:
+    """Instances as processes supervised by the host agent."""
+
+    agent: AgentClient
+    releases_dir: Path
+    """``CASTIRON_HOME/releases``: one read-only rootfs per image digest."""
+    unpack: Unpacker
+    sandbox: SandboxPolicy = field(default_factory=SandboxPolicy)
+    instances_dir: Path | None = None
+    """Private per-instance directories (scratch, writable paths); default
+    ``releases_dir/../instances``."""
+    health: HealthFor = _no_health
+    replace_on_exit: bool = True
+    """Ask the agent to replace an instance that exits by itself (with backoff, health-gated)."""
+    name: str = "local"
+    _probe: dict[str, str | None] = field(default_factory=dict, repr=False)
+
+    # -- images
+
+    def rootfs(self, digest: Digest) -> Path:
+        """Where the read-only tree of ``digest`` lives (whether or not it exists)."""
+        algo, _, hexpart = digest.partition(":")
+        return self.releases_dir / algo / hexpart / "rootfs"
+
+    def ensure_image(self, image: ImageRef) -> None:
+        """Unpack ``image`` once into its rootfs (concurrent callers wait on a file lock).
+
+        Raises:
+            RuntimeDriverError: when the releases directory cannot be used.
+            DigestMismatchError, ImageError: as the unpacker raises them.
+        """
+        rootfs = self.rootfs(image.digest)
+        if rootfs.is_dir():
+            return
+        try:
+            rootfs.parent.mkdir(parents=True, exist_ok=True)
+            lock_fd = os.open(rootfs.parent / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise RuntimeDriverError(f"cannot prepare {rootfs.parent}: {exc}") from exc
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            if not rootfs.is_dir():
+                self.unpack(image, rootfs)
+        finally:
+            os.close(lock_fd)
+
+    # -- instances
+
+    def create(self, spec: InstanceSpec) -> Instance:
+        """Start a NEW instance of ``spec`` through the agent; returns it with its address.
+
+        Raises:
+            RuntimeDriverError: when the image is not unpacked, the isolation asked for is not
+                available, the id is taken, or the agent cannot start it.
+        """
+        where = f"{spec.environment}/{spec.id}"
+        rootfs = self.rootfs(spec.image.digest)
+        if not rootfs.is_dir():
+            raise RuntimeDriverError(
+                f"{where}: image {spec.image.digest} is not unpacked (ensure_image first)"
+            )
+        isolation = self._isolation(spec, where)
+        port = spec.port or _free_port(spec.host)
+        address = f"[{spec.host}]:{port}" if ":" in spec.host else f"{spec.host}:{port}"
+        instance_dir = (self.instances_dir or self.releases_dir.parent / "instances") / spec.id
+        subdirs = ("tmp", *(f"w{i}" for i in range(len(spec.writable))))
+        env = {"PATH": DEFAULT_PATH, **spec.env}
+        env.update(
+            PORT=str(port),
+            HOST=spec.host,
+            CASTIRON_APP=spec.app,
+            CASTIRON_ENVIRONMENT=spec.environment,
+        )
+        if isolation == "sandbox":
+            env["TMPDIR"] = "/tmp"
+            prefix = self._bwrap_argv(spec, rootfs, instance_dir, where)
+            argv, cwd = spec.command, "/"
+        else:
+            if spec.writable:
+                raise RuntimeDriverError(
+                    f"{where}: writable paths {', '.join(spec.writable)} need the sandbox; "
+                    + _SANDBOX_FIX.replace(", or set isolation: none for this environment", "")
+                )
+            env["TMPDIR"] = str(instance_dir / "tmp")
+            prefix = ()
+            argv = _host_command(spec.command, rootfs)
+            cwd = str(rootfs / spec.workdir.lstrip("/"))
+        labels = {
+            **spec.labels,
+            "castiron.app": spec.app,
+            "castiron.environment": spec.environment,
+            "castiron.release": spec.release,
+            "castiron.image": spec.image.digest,
+            "castiron.runtime": self.name,
+            "castiron.command": json.dumps(list(spec.command)),
+            "castiron.workdir": spec.workdir,
+            "castiron.isolation": isolation,
+            "castiron.user": spec.user or "",
+        }
+        request = SpawnRequest(
+            id=spec.id,
+            environment=spec.environment,
+            release=spec.release,
+            argv=tuple(argv),
+            env=env,
+            cwd=cwd,
+            sandbox=prefix,
+            app=spec.app,
+            address=address,
+            labels=labels,
+            public_env=tuple(sorted(k for k in env if k not in spec.secret_names)),
+            instance_dir=str(instance_dir),
+            instance_subdirs=subdirs,
+            replace=self.replace_on_exit,
+            health=self.health(spec),
+        )
+        try:
+            record = self.agent.spawn(request)
+        except CastironError as exc:
+            raise RuntimeDriverError(f"{where}: {exc}") from exc
+        return self._instance(record)
+
+    def destroy(self, instance: Instance, grace: float) -> None:
+        """Stop ``instance`` through the agent (SIGTERM, SIGKILL after ``grace`` s).
+
+        An instance the agent no longer knows is already gone: not an error.
+
+        Raises:
+            RuntimeDriverError: when the agent cannot be reached.
+        """
+        try:
+            self.agent.stop_instance(instance.id, grace)
+        except NotFoundError:
+            return
+        except AgentError as exc:
+            raise RuntimeDriverError(
+                f"{instance.environment}/{instance.id}: cannot stop: {exc}"
+            ) from exc
+
+    def observe(self, app: str, environment: str) -> list[Observed]:
+        """Every instance the agent knows for ``environment`` of ``app`` (exited ones too);
+        records without castiron's full label set are strays.
+
+        Raises:
+            RuntimeDriverError: when the agent cannot be reached.
+        """
+        try:
+            records = self.agent.instances(environment)
+        except AgentError as exc:
+            raise RuntimeDriverError(f"{environment}: cannot list instances: {exc}") from exc
+        return [
+            self._observed(r)
+            for r in records
+            if r.environment == environment and (r.labels.get("castiron.app", r.app) or app) == app
+        ]
+
+    def inspect(self, instance: Instance) -> Observed:
+        """What runs for ``instance``: state, image, config (``missing`` when gone).
+
+        Raises:
+            RuntimeDriverError: when the agent cannot be reached.
+        """
+        try:
+            record = self.agent.instance(instance.id)
+        except NotFoundError:
+            return Observed(instance=instance, state="missing", image=None)
+        except AgentError as exc:
+            raise RuntimeDriverError(
+                f"{instance.environment}/{instance.id}: cannot inspect: {exc}"
+            ) from exc
+        return self._observed(record)
+
+    # -- internals
+
+    def _isolation(self, spec: InstanceSpec, where: str) -> str:
+        if spec.isolation == "none":
+            return "none"
+        reason = self._sandbox_problem()
+        if reason is None:
+            return "sandbox"
+        if spec.isolation == "sandbox":
+            raise RuntimeDriverError(f"{where}: isolation sandbox: {reason}; {_SANDBOX_FIX}")
+        return "none"
+
+    def _sandbox_problem(self) -> str | None:
+        bwrap = self.sandbox.bwrap
+        if bwrap is None:
+            return "bubblewrap (bwrap) is not installed"
+        if bwrap not in self._probe:
+            self._probe[bwrap] = probe_bwrap(bwrap)
+        return self._probe[bwrap]
+
+    def _bwrap_argv(
+        self, spec: InstanceSpec, rootfs: Path, instance_dir: Path, where: str
+    ) -> tuple[str, ...]:
+        assert self.sandbox.bwrap is not None
+        argv: list[str] = [self.sandbox.bwrap]
+        based = any(os.path.lexists(rootfs / d) for d in ("bin", "usr"))
+        if based:
+            argv += ["--ro-bind", str(rootfs), "/"]
+            bound = {"/"}
+        else:
+            bound = set()
+            for host_dir in HOST_DIRS:
+                if os.path.islink(host_dir):
+                    argv += ["--symlink", os.readlink(host_dir), host_dir]
+                elif os.path.isdir(host_dir):
+                    argv += ["--ro-bind", host_dir, host_dir]
+                    bound.add(host_dir)
+            for entry in sorted(os.listdir(rootfs)):
+                target = "/" + entry
+                if target in HOST_DIRS or entry in ("proc", "dev", "tmp"):
+                    continue
+                source = rootfs / entry
+                if source.is_symlink():
+                    argv += ["--symlink", os.readlink(source), target]
+                else:
+                    argv += ["--ro-bind", str(source), target]
+                    bound.add(target)
+        argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+        argv += ["--unshare-pid", "--unshare-ipc", "--chdir", spec.workdir]
+        for i, path in enumerate(spec.writable):
+            under = max((b for b in bound if _is_under(path, b)), key=len, default=None)
+            if under is not None:
+                on_host = not based and under in HOST_DIRS
+                source = Path(path) if on_host else rootfs / path.lstrip("/")
+                if not source.is_dir():
+                    raise RuntimeDriverError(
+                        f"{where}: writable path {path} must exist as a directory in the "
+                        "image (the image is mounted read-only)"
+                    )
+            argv += ["--bind", str(instance_dir / f"w{i}"), path]
+        return (*argv, "--")
+
+    def _instance(self, record: InstanceRecord) -> Instance:
+        labels = record.labels
+        return Instance(
+            id=record.id,
+            app=labels.get("castiron.app", record.app),
+            environment=record.environment,
+            release=ReleaseId(record.release),
+            runtime=self.name,
+            address=record.address,
+            handle=record.handle,
+            image=Digest(labels.get("castiron.image", "")),
+        )
+
+    def _observed(self, record: InstanceRecord) -> Observed:
+        labels = record.labels
+        state: InstanceState = "running" if record.state == "running" else "exited"
+        secret_names = sorted(set(record.env_names) - set(record.env_values))
+        try:
+            command = json.loads(labels.get("castiron.command", "null"))
+        except ValueError:
+            command = None
+        _, _, port_text = record.address.rpartition(":")
+        config: dict[str, object] = {
+            "env": dict(record.env_values),
+            "secrets": secret_names,
+            "command": command if isinstance(command, list) else list(record.argv),
+            "port": int(port_text) if port_text.isdigit() else None,
+            "user": labels.get("castiron.user") or None,
+            "workdir": labels.get("castiron.workdir"),
+            "isolation": labels.get("castiron.isolation"),
+            "labels": dict(labels),
+            "pid": record.pid,
+        }
+        if record.replaces:
+            config["replaces"] = record.replaces
+        image = labels.get("castiron.image")
+        return Observed(
+            instance=self._instance(record),
+            state=state,
+            image=Digest(image) if image else None,
+            config=config,
+            stray=any(not labels.get(name) for name in LABELS),
+            exit_code=record.exit_code,
+        )
+
+
+def _is_under(path: str, base: str) -> bool:
+    return base == "/" or path == base or path.startswith(base.rstrip("/") + "/")
+
+
+def _host_command(command: tuple[str, ...], rootfs: Path) -> tuple[str, ...]:
+    """Without a sandbox, an absolute command that the image holds runs from the image."""
+    if command and command[0].startswith("/"):
+        inside = rootfs / command[0].lstrip("/")
+        if inside.is_file():
+            return (str(inside), *command[1:])
+    return command
+
+
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+__all__ = [
+    "DEFAULT_PATH",
+    "LABELS",
+    "LocalDriver",
+    "SandboxPolicy",
+    "find_bwrap",
+    "probe_bwrap",
+]

@@ -1,0 +1,152 @@
+"""The one place that builds an :class:`~castiron.engine.deploy.Engine` from settings.
+
+Owns wiring: the SQLite state store, the image store, the host agent's client (started on
+first use, and only when a command needs the runtime or the router), the drivers by runtime
+(``local`` is the local process runtime; the others are refused with a clear error until they
+exist) and the traffic controller. Read commands get an engine that never starts the agent.
+
+It knows nothing of click or of rendering; it does not read the process environment (the
+settings carry what was captured at the edge).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from castiron.agent.client import AgentClient, HealthCheck, ensure_agent, from_json, socket_path
+from castiron.drivers.base import Driver
+from castiron.drivers.local import LocalDriver, SandboxPolicy, find_bwrap
+from castiron.engine.deploy import Engine
+from castiron.engine.journal import StepObserver
+from castiron.engine.strategies import LOG_LINES
+from castiron.errors import UsageError
+from castiron.images.rootfs import unpack_release
+from castiron.images.store import ImageStore
+from castiron.model import ImageRef, Instance, InstanceSpec
+from castiron.settings import Settings
+from castiron.state.sqlite import open_state
+from castiron.traffic.controller import AgentTraffic, TrafficController
+
+AVAILABLE_RUNTIMES = ("local",)
+"""Runtimes this castiron can deploy to."""
+
+
+class _Agent:
+    """The agent client, made (and the agent started) on first use."""
+
+    def __init__(self, settings: Settings, start: bool) -> None:
+        self._settings = settings
+        self._start = start
+        self._client: AgentClient | None = None
+
+    def __call__(self) -> AgentClient:
+        if self._client is None:
+            self._client = (
+                ensure_agent(self._settings)
+                if self._start
+                else AgentClient(socket_path(self._settings), timeout=5.0)
+            )
+        return self._client
+
+
+def health_for(spec: InstanceSpec) -> HealthCheck | None:
+    """The health check the agent runs on a replacement of the instance ``spec`` describes
+    (the engine puts the release's check in the ``castiron.health`` label)."""
+    text = spec.labels.get("castiron.health")
+    if not text:
+        return None
+    try:
+        return from_json(HealthCheck, json.loads(text), "castiron.health")
+    except (ValueError, UsageError):
+        return None
+
+
+def local_driver(settings: Settings, agent: Callable[[], AgentClient]) -> Driver:
+    """The local process runtime for ``settings.home``, reaching the agent through ``agent``."""
+
+    def unpack(image: ImageRef, target: Path) -> None:
+        unpack_release(image.store, image.digest, target)
+
+    path = settings.environ.get("PATH", os.defpath)
+    return LocalDriver(
+        agent=agent(),
+        releases_dir=settings.releases_path,
+        unpack=unpack,
+        sandbox=SandboxPolicy(bwrap=find_bwrap(path)),
+        health=health_for,
+    )
+
+
+def driver_factory(settings: Settings, agent: Callable[[], AgentClient]) -> Callable[[str], Driver]:
+    """Drivers by runtime name, each built once."""
+    built: dict[str, Driver] = {}
+
+    def driver_for(runtime: str) -> Driver:
+        if runtime not in built:
+            if runtime == "local":
+                built[runtime] = local_driver(settings, agent)
+            else:
+                raise UsageError(
+                    f"runtime {runtime!r} is not available yet (available: "
+                    f"{', '.join(AVAILABLE_RUNTIMES)})"
+                )
+        return built[runtime]
+
+    return driver_for
+
+
+@contextlib.contextmanager
+def open_engine(
+    settings: Settings,
+    *,
+    observer: StepObserver | None = None,
+    start_agent: bool = True,
+) -> Iterator[Engine]:
+    """An engine for ``settings`` (its state store is closed on exit).
+
+    With ``start_agent=False`` the agent is only talked to if it already runs (read commands).
+
+    Raises:
+        StateError: when the state store cannot be opened.
+    """
+    store = open_state(settings)
+    agent = _Agent(settings, start_agent)
+
+    def traffic() -> TrafficController:
+        return AgentTraffic(agent())
+
+    def instance_logs(instance: Instance) -> str:
+        return agent().instance_logs(instance.id, LOG_LINES)
+
+    try:
+        yield Engine(
+            store=store,
+            images=ImageStore(settings.images_path),
+            driver_for=driver_factory(settings, agent),
+            traffic=traffic,
+            environ=settings.environ,
+            observer=observer,
+            instance_logs=instance_logs,
+        )
+    finally:
+        store.close()
+
+
+def agent_running(settings: Settings) -> AgentClient | None:
+    """A client of the agent when it runs (never starts one)."""
+    client = AgentClient(socket_path(settings), timeout=5.0)
+    return client if client.health() else None
+
+
+__all__ = [
+    "AVAILABLE_RUNTIMES",
+    "agent_running",
+    "driver_factory",
+    "health_for",
+    "local_driver",
+    "open_engine",
+]

@@ -1,0 +1,186 @@
+"""Fixtures for the engine's tests: a spec and a baked image on disk, a fake runtime.
+
+The engine runs against a real SQLite state store and a real image store, with
+:class:`castiron.drivers.fake.FakeDriver` and :class:`castiron.traffic.controller.MemoryTraffic`
+as runtime and router, a health prober steered by the instances' env (``SICK=1`` fails), and
+a fake monotonic clock that ``sleep`` advances (so timeouts pass instantly).
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from castiron.drivers.fake import FakeDriver
+from castiron.engine.deploy import Engine
+from castiron.engine.health import ProbeResult
+from castiron.engine.release import HealthConfig
+from castiron.errors import UsageError
+from castiron.images.build import BakeOptions, bake
+from castiron.images.store import ImageStore
+from castiron.model import Instance
+from castiron.spec.load import LoadedSpec, load_spec
+from castiron.state.base import JsonObject, ManualClock, StateStore
+from castiron.state.sqlite import open_state
+from castiron.traffic.controller import MemoryTraffic
+
+SPEC = textwrap.dedent(
+    """
+    app: hello
+    image:
+      context: ./app
+      entrypoint: ["python3", "server.py"]
+      env: {BAKED: "yes"}
+    service:
+      port: 8000
+      replicas: 2
+      health: {http: /healthz, interval: 100ms, start_period: 1s}
+      env:
+        APP_VERSION: ${APP_VERSION:-1}
+        SICK: ${SICK:-0}
+      secrets: {TOKEN: {env: HELLO_TOKEN}}
+    environments:
+      staging: {listen: 127.0.0.1:18080, deploy_timeout: 5s, keep_warm: 10m, drain_timeout: 1s}
+      cold: {listen: 127.0.0.1:18081, keep_warm: 0s, drain_timeout: 1s}
+      rolling:
+        listen: 127.0.0.1:18082
+        replicas: 3
+        strategy: {type: rolling, batch: 1}
+    """
+)
+
+
+class FakeTime:
+    """A monotonic clock that only ``sleep`` moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += max(seconds, 0.001)
+
+
+class Crash(BaseException):
+    """Stands for the process being killed: the engine does not catch it."""
+
+
+@dataclass
+class Recorder:
+    """Observer that records steps and progress, and can crash at a step."""
+
+    steps: list[str] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+    crash_at: str | None = None
+
+    def step(self, step: str, data: JsonObject) -> None:
+        self.steps.append(step)
+        if step == self.crash_at:
+            raise Crash(step)
+
+    def progress(self, message: str) -> None:
+        self.lines.append(message)
+
+
+def fake_prober(check: HealthConfig, address: str, env: Mapping[str, str]) -> ProbeResult:
+    """Healthy unless the release's env says ``SICK=1``."""
+    if env.get("SICK") == "1":
+        return ProbeResult(False, f"GET {check.target}: 503 Service Unavailable")
+    return ProbeResult(True, f"GET {check.target}: 200")
+
+
+@dataclass
+class World:
+    """Everything an engine test needs, sharing one runtime and router across engines."""
+
+    root: Path
+    store: StateStore
+    images: ImageStore
+    driver: FakeDriver
+    traffic: MemoryTraffic
+    time: FakeTime
+    clock: ManualClock
+    environ: dict[str, str]
+    digests: dict[str, str] = field(default_factory=dict)
+
+    def spec(self) -> LoadedSpec:
+        return load_spec(self.root / "castiron.yaml", self.environ)
+
+    def bake(self, tag: str, greeting: str) -> str:
+        """Bake the app with a distinct file content; returns the digest."""
+        (self.root / "app" / "server.py").write_text(f"print({greeting!r})\n")
+        loaded = self.spec()
+        result = bake(
+            loaded.spec.image,
+            self.images,
+            BakeOptions(
+                context=self.root / "app",
+                base_dir=self.root,
+                tags=(tag,),
+                source_date_epoch=1_700_000_000,
+                environ={"PATH": os.environ.get("PATH", os.defpath)},
+                app="hello",
+                port=8000,
+            ),
+        )
+        self.digests[tag] = result.digest
+        return result.digest
+
+    def engine(self, observer: Recorder | None = None) -> Engine:
+        def driver_for(runtime: str) -> FakeDriver:
+            if runtime != "local":
+                raise UsageError(f"runtime {runtime!r} is not available yet")
+            return self.driver
+
+        def logs(instance: Instance) -> str:
+            return f"booting {instance.id}\nerror: database unreachable\n"
+
+        return Engine(
+            store=self.store,
+            images=self.images,
+            driver_for=driver_for,
+            traffic=lambda: self.traffic,
+            environ=self.environ,
+            observer=observer if observer is not None else Recorder(),
+            instance_logs=logs,
+            prober=fake_prober,
+            monotonic=self.time.monotonic,
+            sleep=self.time.sleep,
+        )
+
+    def deploy(self, environment: str, tag: str, observer: Recorder | None = None) -> object:
+        engine = self.engine(observer)
+        return engine.deploy(engine.resolve(self.spec(), environment, tag))
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    """A spec with two baked images (``v1``, ``v2``), a fake runtime and router."""
+    root = tmp_path / "project"
+    (root / "app").mkdir(parents=True)
+    (root / "castiron.yaml").write_text(SPEC)
+    clock = ManualClock()
+    store = open_state(root / ".castiron" / "state.db", actor="tester@testhost", clock=clock)
+    w = World(
+        root=root,
+        store=store,
+        images=ImageStore(root / ".castiron" / "images"),
+        driver=FakeDriver(name="local"),
+        traffic=MemoryTraffic(),
+        time=FakeTime(),
+        clock=clock,
+        environ={"HELLO_TOKEN": "s3cret-value"},
+    )
+    w.bake("v1", "one")
+    w.bake("v2", "two")
+    try:
+        yield w
+    finally:
+        store.close()
