@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import textwrap
 import time
 import urllib.request
@@ -178,6 +179,13 @@ def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str =
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what or predicate}")
         time.sleep(0.05)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def serving(address: str) -> bool:

@@ -21,6 +21,7 @@ from castiron.errors import RuntimeDriverError
 from castiron.model import Digest, ImageRef, InstanceSpec, ReleaseId
 
 from .localkit import LocalImage, make_driver, running_agent
+from .test_docker import HTTPD, bake_busybox, docker_exporter
 
 
 @dataclass
@@ -43,12 +44,28 @@ def _local_case(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Driv
         yield DriverCase(make_driver(settings, agent), image.ref, image.command)
 
 
+@contextlib.contextmanager
+def _docker_case(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[DriverCase]:
+    from castiron.drivers.docker import DockerDriver
+
+    engine = request.getfixturevalue("docker_engine")
+    image = bake_busybox(tmp_path / "docker")
+    try:
+        yield DriverCase(DockerDriver(export=docker_exporter(tmp_path)), image, HTTPD)
+    finally:
+        with contextlib.suppress(Exception):  # still in use by a leftover: the next case reuses it
+            engine.images.remove(image.config_digest)
+
+
 DRIVER_CASES: dict[
     str, Callable[[Path, pytest.FixtureRequest], AbstractContextManager[DriverCase]]
-] = {"fake": _fake_case, "local": _local_case}
+] = {"fake": _fake_case, "local": _local_case, "docker": _docker_case}
+
+CASE_MARKS: dict[str, tuple[pytest.MarkDecorator, ...]] = {"docker": (pytest.mark.docker,)}
+"""Markers of a case (a guarded marker makes its skip a failure in CI)."""
 
 
-@pytest.fixture(params=sorted(DRIVER_CASES))
+@pytest.fixture(params=[pytest.param(n, marks=CASE_MARKS.get(n, ())) for n in sorted(DRIVER_CASES)])
 def case(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DriverCase]:
     with DRIVER_CASES[request.param](tmp_path, request) as made:
         yield made

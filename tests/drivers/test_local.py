@@ -3,21 +3,24 @@ replacement of a crashed instance, and ``castiron logs``."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import signal
 import stat
+import tarfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from castiron.agent.client import AgentClient, HealthCheck, to_json
+from castiron.agent.client import AgentClient, AgentEvent, HealthCheck, to_json
 from castiron.agent.daemon import ReplaceBackoff
 from castiron.drivers.local import LocalDriver, SandboxPolicy
-from castiron.errors import DigestMismatchError, ImageError, RuntimeDriverError
+from castiron.errors import DigestMismatchError, RuntimeDriverError
 from castiron.images.rootfs import unpack_release
 from castiron.images.store import ImageStore
 from castiron.model import ImageRef, Instance, InstanceSpec, Isolation, ReleaseId
@@ -27,6 +30,7 @@ from castiron.traffic.base import Backend, BackendSet, RouteConfig
 from .localkit import (
     LocalImage,
     bwrap_problem,
+    free_port,
     get_json,
     make_driver,
     running_agent,
@@ -120,10 +124,20 @@ def test_damaged_layer_is_refused(local_image: LocalImage, tmp_path: Path) -> No
     blob = ImageStore(store).blob_path(layer.digest)
     blob.chmod(0o644)
     data = bytearray(blob.read_bytes())
-    data[-1] ^= 0xFF  # the gzip trailer: the tar itself still reads
+    data[-1] ^= 0xFF  # the gzip trailer
     blob.write_bytes(bytes(data))
     rootfs = tmp_path / "releases" / "rootfs"
-    with pytest.raises((DigestMismatchError, ImageError), match=layer.digest.split(":")[1][:12]):
+    with pytest.raises(DigestMismatchError, match=f"layer {layer.digest} .* is damaged"):
+        unpack_release(store, local_image.ref.digest, rootfs)
+    # A well-formed layer with other content unpacks fine, and is refused all the same.
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        info = tarfile.TarInfo("app/server.py")
+        payload = b"print('not the baked server')\n"
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    blob.write_bytes(buffer.getvalue())
+    with pytest.raises(DigestMismatchError, match=f"layer {layer.digest} .* is damaged"):
         unpack_release(store, local_image.ref.digest, rootfs)
     assert not rootfs.exists()
     assert list(rootfs.parent.iterdir()) == []
@@ -288,10 +302,10 @@ def test_killed_instance_is_replaced_and_routed(
         health=lambda s: HealthCheck(kind="http", target="/", interval=0.2, timeout=2.0),
     )
     driver.ensure_image(local_image.ref)
-    old = driver.create(spec(local_image, "rep-1", env={"TOKEN": SECRET}, secrets={"TOKEN"}))  # type: ignore[arg-type]
+    old = driver.create(
+        spec(local_image, "rep-1", env={"TOKEN": SECRET}, secrets=frozenset({"TOKEN"}))
+    )
     wait_for(lambda: serving(old.address), what="the first instance to serve")
-    from .localkit import free_port
-
     listen = f"127.0.0.1:{free_port()}"
     agent.put_route("web", _route(settings, listen, old))
     wait_for(lambda: serving(listen), what="the route to serve")
@@ -299,14 +313,16 @@ def test_killed_instance_is_replaced_and_routed(
 
     os.kill(agent.instance(old.id).pid, signal.SIGKILL)
 
-    def replaced() -> object:
+    def replaced() -> AgentEvent | None:
         return next((e for e in agent.events(before) if e.kind == "instance-replaced"), None)
 
-    event = wait_for(replaced, timeout=60.0, what="instance-replaced")
-    assert event.instance == old.id  # type: ignore[attr-defined]
-    new_id = event.replaced_by  # type: ignore[attr-defined]
+    wait_for(replaced, timeout=60.0, what="instance-replaced")
+    event = replaced()
+    assert event is not None
+    assert event.instance == old.id
+    new_id = event.replaced_by
     assert new_id and new_id != old.id
-    assert event.exit_code is not None  # type: ignore[attr-defined]
+    assert event.exit_code == -signal.SIGKILL
     new = agent.instance(new_id)
     assert new.state == "running"
     assert new.replaces == old.id
@@ -324,8 +340,7 @@ def test_killed_instance_is_replaced_and_routed(
     assert observed[new_id].state == "running" and not observed[new_id].stray
     assert observed[old.id].state == "exited"
     # Destroying it on request never triggers a replacement.
-    driver.destroy(Instance(new_id, "demo", "web", ReleaseId("rel-1"), "local", new.address,
-                            new.handle, local_image.ref.digest), grace=5.0)
+    driver.destroy(observed[new_id].instance, grace=5.0)
     driver.destroy(old, grace=1.0)
     assert driver.observe("demo", "web") == []
     kinds = [e.kind for e in agent.events(before)]
@@ -346,12 +361,12 @@ def test_logs_command(
     wait_for(
         lambda: "hello-from-test" in agent.instance_logs(second.id), what="the request log line"
     )
-    run = run_cli  # the in-process CLI on CASTIRON_HOME
-    result = run("--home", str(settings.home), "logs", "web")  # type: ignore[operator]
+    run: Any = run_cli
+    result = run("--home", str(settings.home), "logs", "web")
     assert result.exit_code == 0, result.stderr
     assert "log-1 | listening on" in result.stdout
     assert "log-2 | request" in result.stdout and "hello-from-test" in result.stdout
-    result = run(  # type: ignore[operator]
+    result = run(
         "--home", str(settings.home), "logs", "web", "--instance", "log-2", "--json", "-n", "1"
     )
     assert result.exit_code == 0, result.stderr
@@ -359,13 +374,12 @@ def test_logs_command(
     assert data["environment"] == "web"
     assert [i["id"] for i in data["instances"]] == ["log-2"]
     assert len(data["instances"][0]["lines"]) == 1
-    result = run("--home", str(settings.home), "logs", "web", "--instance", "nope")  # type: ignore[operator]
+    result = run("--home", str(settings.home), "logs", "web", "--instance", "nope")
     assert result.exit_code == 2
     assert "no instance 'nope'" in result.stderr
-    # --follow ends when the instance exits.
-    driver_thread = threading.Timer(1.0, lambda: os.kill(agent.instance(first.id).pid, signal.SIGTERM))
-    driver_thread.start()
-    result = run("--home", str(settings.home), "logs", "web", "--instance", "log-1", "-f")  # type: ignore[operator]
-    driver_thread.join()
+    # --follow prints what there is and ends once the instance has exited.
+    os.kill(agent.instance(first.id).pid, signal.SIGTERM)
+    wait_for(lambda: agent.instance(first.id).state == "exited", what="log-1 to exit")
+    result = run("--home", str(settings.home), "logs", "web", "--instance", "log-1", "-f")
     assert result.exit_code == 0, result.stderr
     assert "listening on" in result.stdout

@@ -390,6 +390,7 @@ class Agent:
         """For a replacement: the short-lived predecessors so far, and whether the first one
         was routed (so the chain ends in the route even if a replacement dies in between)."""
         self._replacing: dict[str, asyncio.Task[None]] = {}
+        self._generations: dict[str, int] = {}
         log_fd = None if options.log_file is None else sys.stderr.fileno()
         self.keeper = FdKeeperClient(self.dir, log_fd=log_fd) if options.keep_listeners else None
         self.router: Router = router if router is not None else self._make_router()
@@ -738,6 +739,8 @@ class Agent:
         """Replace ``dead``: take it out of its route, wait, start, health-check, swap in."""
         try:
             routed = await self._unroute(dead) or routed
+            if self._requests.pop(dead.id, None) is not None:
+                self._save_requests()
             while True:
                 await asyncio.sleep(self.options.backoff.delay(failures))
                 failures += 1
@@ -756,16 +759,13 @@ class Agent:
                 self._replace_event(
                     "instance-replace-failed", dead, detail=f"{record.id}: {detail}"
                 )
-                if record.id in self._requests:
-                    self._forget(record.id)
-                    with contextlib.suppress(NotFoundError):
-                        await self.supervisor.stop(record.id, grace=5.0)
-                    continue
-                return  # it exited: its own replacement has taken over
+                if record.id in self._replacing or self._state(record.id) != "running":
+                    return  # it exited: its own replacement takes over
+                self._forget(record.id)
+                with contextlib.suppress(NotFoundError):
+                    await self.supervisor.stop(record.id, grace=5.0)
             if routed:
                 await self._route_in(dead, record)
-            self._requests.pop(dead.id, None)
-            self._save_requests()
             self._replace_event(
                 "instance-replaced", dead, replaced_by=record.id, detail=f"now {record.address}"
             )
@@ -777,14 +777,21 @@ class Agent:
             if self._replacing.get(dead.id) is asyncio.current_task():
                 del self._replacing[dead.id]
 
+    def _state(self, instance_id: str) -> str:
+        try:
+            return self.supervisor.get(instance_id).state
+        except NotFoundError:
+            return "gone"
+
     def _successor(self, spawn: SpawnRequest, dead_id: str) -> SpawnRequest:
         """The request of the next instance: a new id, a new port, its own instance dir."""
         root = re.sub(r"\.r\d+$", "", dead_id)
         match = re.search(r"\.r(\d+)$", dead_id)
-        n = int(match.group(1)) + 1 if match else 1
+        n = max(int(match.group(1)) if match else 0, self._generations.get(root, 0)) + 1
         known = {r.id for r in self.supervisor.records()}
         while f"{root}.r{n}" in known:
             n += 1
+        self._generations[root] = n  # ids are never reused, even of stopped replacements
         new_id = f"{root}.r{n}"
         if len(new_id) > 128:
             new_id = f"{root[: 127 - len(f'.r{n}')]}.r{n}"

@@ -127,15 +127,27 @@ def unpack_release(store_path: Path, digest: str, rootfs: Path) -> UnpackStats:
 def _unpack_layer(store: ImageStore, layer: oci.Descriptor, root: Path) -> UnpackStats:
     with store.open_blob(layer.digest) as raw:
         reader = _HashingReader(raw)
-        stats = unpack_layer(io.BufferedReader(reader, buffer_size=1024 * 1024), root)
+        try:
+            stats = unpack_layer(io.BufferedReader(reader, buffer_size=1024 * 1024), root)
+        except ImageError as exc:
+            # A damaged blob often fails to decompress first: say what is really wrong.
+            reader.drain()
+            _check(store, layer, reader, exc)
+            raise
         reader.drain()
+    _check(store, layer, reader, None)
+    return stats
+
+
+def _check(
+    store: ImageStore, layer: oci.Descriptor, reader: _HashingReader, cause: Exception | None
+) -> None:
     actual = "sha256:" + reader.hash.hexdigest()
     if actual != layer.digest or reader.size != layer.size:
         raise DigestMismatchError(
             f"layer {layer.digest} in {store.root} is damaged "
             f"(hashes to {actual}, {reader.size} bytes, expected {layer.size})"
-        )
-    return stats
+        ) from cause
 
 
 __all__ = ["make_read_only", "remove_tree", "unpack_release"]

@@ -2,10 +2,12 @@
 
 This module owns the wire format only: request lines, status lines, header syntax, message
 framing (``Content-Length``, ``chunked``, read-until-close, upgrades) and what counts as a
-malformed message. Two request parsers produce the same events: one on ``httptools`` (llhttp)
-when it is installed, one in pure Python; they must agree on every accepted and refused input.
-Responses (which come from our own backends) are always parsed here in Python, because the
-framing of a response depends on the request method (``HEAD``), which llhttp cannot be told.
+malformed message. Requests and responses each have two parsers that produce the same events:
+one on ``httptools`` (llhttp) when it is installed, one in pure Python; they must agree on every
+accepted and refused input. The framing of a response depends on the request method (``HEAD``),
+which llhttp cannot be told, so the llhttp response parser hands the response to a ``HEAD``
+request to the Python one (an upstream connection carries one exchange at a time, so the
+switch always happens between two messages).
 
 It knows nothing of routing, backends, releases or asyncio. Parsers are push parsers: the
 caller feeds bytes and receives callbacks on a handler; a parser never buffers a body.
@@ -20,6 +22,7 @@ from typing import Literal, Protocol
 __all__ = [
     "HttpParseError",
     "PythonRequestParser",
+    "PythonResponseParser",
     "RequestHandler",
     "RequestHead",
     "RequestParser",
@@ -29,6 +32,7 @@ __all__ = [
     "encode_chunk",
     "httptools_available",
     "make_request_parser",
+    "make_response_parser",
 ]
 
 ParserKind = Literal["auto", "httptools", "python"]
@@ -64,6 +68,8 @@ class RequestHead:
     upgrade: bool
     chunked: bool
     content_length: int | None
+    connection: frozenset[bytes] = frozenset()
+    """The lower-cased tokens of the ``Connection`` header(s) (hop-by-hop header names)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +110,22 @@ class RequestParser(Protocol):
     def feed(self, data: bytes) -> bytes | None:
         """Parse ``data``; returns the raw bytes that follow an upgrade request, else None."""
         ...
+
+
+class ResponseParser(Protocol):
+    """An incremental parser of one upstream connection's responses.
+
+    ``head_request`` is set before each request is sent (a response to ``HEAD`` has no body).
+    ``feed`` raises :class:`HttpParseError` (status 502) on a malformed response and returns
+    the raw bytes that follow a ``101`` response, else None. ``feed_eof`` is called when the
+    backend closes and returns True when that ended a read-until-close body.
+    """
+
+    head_request: bool
+
+    def feed(self, data: bytes) -> bytes | None: ...
+
+    def feed_eof(self) -> bool: ...
 
 
 def encode_chunk(data: bytes) -> bytes:
@@ -151,16 +173,33 @@ def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[bool, int | None]:
     return chunked, length
 
 
+_SPECIAL = frozenset({b"connection", b"content-length", b"transfer-encoding", b"upgrade"})
+
+
 def _request_head(
     method: bytes, target: bytes, minor: int, headers: list[tuple[bytes, bytes]]
 ) -> RequestHead:
-    chunked, length = _framing(headers)
-    tokens = _connection_tokens(headers)
-    keep_alive = (b"close" not in tokens) if minor == 1 else (b"keep-alive" in tokens)
-    upgrade = b"upgrade" in tokens and any(n.lower() == b"upgrade" for n, _ in headers)
+    """The request's head with its framing decided.
+
+    Raises:
+        HttpParseError: on bad framing headers or a ``CONNECT``.
+    """
     if method == b"CONNECT":
         raise HttpParseError(405, "CONNECT is not proxied")
-    return RequestHead(method, target, minor, headers, keep_alive, upgrade, chunked, length)
+    special = False
+    for name, _ in headers:
+        if name.lower() in _SPECIAL:
+            special = True
+            break
+    if not special:  # the common case: no framing or hop-by-hop headers at all
+        return RequestHead(method, target, minor, headers, minor == 1, False, False, None)
+    chunked, length = _framing(headers)
+    tokens = frozenset(_connection_tokens(headers))
+    keep_alive = (b"close" not in tokens) if minor == 1 else (b"keep-alive" in tokens)
+    upgrade = b"upgrade" in tokens and any(n.lower() == b"upgrade" for n, _ in headers)
+    return RequestHead(
+        method, target, minor, headers, keep_alive, upgrade, chunked, length, tokens
+    )
 
 
 # --- body framing, shared by the Python request and response parsers ---------------------------
@@ -363,14 +402,15 @@ class _HttptoolsRequestParser:
         self._head_bytes = 0
         p = self._parser
         minor = 1 if p.get_http_version() == "1.1" else 0
-        size = len(self._url) + 16 + sum(len(n) + len(v) + 4 for n, v in self._headers)
+        headers = self._headers
+        values = b"".join([v for _, v in headers])
+        size = len(self._url) + 16 + len(values) + sum([len(n) + 4 for n, _ in headers])
         if size > self._max:
             self._error = HttpParseError(431, "request headers too large")
             raise self._error
-        for _name, value in self._headers:
-            if not _VALUE.match(value):
-                self._error = HttpParseError(400, "invalid header value")
-                raise self._error
+        if not _VALUE.match(values):
+            self._error = HttpParseError(400, "invalid header value")
+            raise self._error
         try:
             head = _request_head(p.get_method(), self._url, minor, self._headers)
         except HttpParseError as exc:
@@ -426,8 +466,8 @@ def make_request_parser(
     return _HttptoolsRequestParser(handler, max_header_bytes)
 
 
-class ResponseParser(_Framer):
-    """Parses the responses of one upstream connection; told the method of each request."""
+class PythonResponseParser(_Framer):
+    """The pure-Python response parser (implements :class:`ResponseParser`)."""
 
     def __init__(self, handler: ResponseHandler, max_head: int = 65536) -> None:
         super().__init__(max_head)
@@ -460,6 +500,8 @@ class ResponseParser(_Framer):
         if chunked:
             length = None
         if status == 101:
+            if not any(n.lower() == b"upgrade" for n, _ in headers):
+                raise HttpParseError(502, "101 response without Upgrade from backend")
             self.upgraded = True
             reason = m.group(3) or b""
             self._handler.on_response(
@@ -505,3 +547,120 @@ class ResponseParser(_Framer):
             self._handler.on_response_end()
             return True
         return False
+
+
+class _HttptoolsResponseParser:
+    """The llhttp response parser (implements :class:`ResponseParser`); same events as the
+    Python one, which it hands each response to a ``HEAD`` request."""
+
+    def __init__(self, handler: ResponseHandler) -> None:
+        import httptools
+
+        self._ht = httptools
+        self._handler = handler
+        self._parser = httptools.HttpResponseParser(self)
+        self._python: PythonResponseParser | None = None
+        self.head_request = False
+        self._reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._status = 0
+        self._until_close = False
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._reason = b""
+        self._headers = []
+        self._until_close = False
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        p = self._parser
+        status = self._status = p.get_status_code()
+        minor = 1 if p.get_http_version() == "1.1" else 0
+        headers = self._headers
+        chunked = False
+        length: int | None = None
+        tokens: set[bytes] = set()
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                length = int(value)  # llhttp has checked it
+            elif lname == b"transfer-encoding":
+                chunked = value.strip().lower().endswith(b"chunked")
+            elif lname == b"connection":
+                tokens.update(t.strip().lower() for t in value.split(b","))
+        if chunked:
+            length = None
+        keep_alive = (b"close" not in tokens) if minor == 1 else (b"keep-alive" in tokens)
+        if status == 101:
+            if not any(n.lower() == b"upgrade" for n, _ in headers):
+                raise HttpParseError(502, "101 response without Upgrade from backend")
+            head = ResponseHead(101, self._reason, minor, headers, False, False, None, False, True)
+            self._handler.on_response(head)
+            return
+        no_body = status < 200 or status in (204, 304)
+        until_close = self._until_close = not no_body and not chunked and length is None
+        self._handler.on_response(
+            ResponseHead(
+                status,
+                self._reason,
+                minor,
+                headers,
+                keep_alive and not until_close,
+                chunked,
+                length,
+                until_close,
+                no_body,
+            )
+        )
+
+    def on_body(self, body: bytes) -> None:
+        self._handler.on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._status >= 200:
+            self._handler.on_response_end()
+
+    def feed(self, data: bytes) -> bytes | None:
+        if self.head_request:
+            if self._python is None:
+                self._python = PythonResponseParser(self._handler)
+            self._python.head_request = True
+            return self._python.feed(data)
+        try:
+            self._parser.feed_data(data)
+        except self._ht.HttpParserUpgrade as exc:
+            return data[int(exc.args[0]) :]
+        except self._ht.HttpParserError as exc:
+            cause = exc.__context__
+            if cause is not None:  # raised by a callback: ours or the handler's
+                raise cause from None
+            raise HttpParseError(502, f"invalid response from backend: {exc}") from None
+        return None
+
+    def feed_eof(self) -> bool:
+        if self.head_request and self._python is not None:
+            return self._python.feed_eof()
+        if self._until_close:
+            self._until_close = False
+            self._handler.on_response_end()
+            return True
+        return False
+
+
+def make_response_parser(kind: ParserKind, handler: ResponseHandler) -> ResponseParser:
+    """A response parser of ``kind`` (``auto``: httptools when installed, else Python).
+
+    Raises:
+        ValueError: when ``kind`` is ``httptools`` and it is not installed.
+    """
+    if kind == "python" or (kind == "auto" and not httptools_available()):
+        return PythonResponseParser(handler)
+    if not httptools_available():
+        raise ValueError("httptools is not installed")
+    return _HttptoolsResponseParser(handler)

@@ -36,6 +36,7 @@ from castiron.traffic.http import (
     ResponseParser,
     encode_chunk,
     make_request_parser,
+    make_response_parser,
 )
 from castiron.traffic.stats import ReleaseStats
 
@@ -207,6 +208,13 @@ class _Listener:
         self.snapshot = _Snapshot(config, None, None)
         self.install(config)
         self.sweeper = self.loop.create_task(self._sweep())
+        self.rid_prefix = os.urandom(8).hex().encode()
+        self.rid_count = 0
+
+    def request_id(self) -> bytes:
+        """A new request id: 128 bits as hex, a random per-listener prefix and a counter."""
+        self.rid_count += 1
+        return b"%s%016x" % (self.rid_prefix, self.rid_count)
 
     # --- configuration ------------------------------------------------------------------------
     def stats_for(self, release: str) -> ReleaseStats:
@@ -341,7 +349,7 @@ class _Listener:
         )
         for client in list(self.clients):
             if not client.queue:
-                client.transport.close()
+                client.close()
         deadline = self.loop.time() + drain_timeout + 1.0
         while self.draining and self.loop.time() < deadline:
             await asyncio.sleep(0.02)
@@ -378,6 +386,37 @@ class _Client(asyncio.Protocol):
         self.deadline = self.loop.time() + listener.config.timeouts.header_read
         self.got_bytes = False
         self.closed = False
+        self.wbuf: list[bytes] | None = None
+        """While a backend's bytes are being handled: client output gathered into one write."""
+
+    # output: everything the router sends to the client goes through these
+    def write(self, data: bytes) -> None:
+        wbuf = self.wbuf
+        if wbuf is not None:
+            wbuf.append(data)
+        elif not self.closed:
+            self.transport.write(data)
+
+    def cork(self) -> None:
+        if self.wbuf is None:
+            self.wbuf = []
+
+    def uncork(self) -> None:
+        wbuf, self.wbuf = self.wbuf, None
+        if wbuf and not self.closed:
+            if len(wbuf) == 1:
+                self.transport.write(wbuf[0])
+            else:
+                self.transport.writelines(wbuf)
+
+    def close(self) -> None:
+        """Send what is gathered, then close once the transport's buffer is flushed."""
+        self.uncork()
+        self.transport.close()
+
+    def abort(self) -> None:
+        self.wbuf = None
+        self.transport.abort()
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -470,18 +509,18 @@ class _Client(asyncio.Protocol):
             ex = self.queue[0]
             ex.abort_upstream()
             if ex.resp_head_sent:
-                self.transport.abort()
+                self.abort()
                 return
             self.queue.clear()
             ex.discard()
-        self.transport.write(_error_response(exc.status, exc.reason))
-        self.transport.close()
+        self.write(_error_response(exc.status, exc.reason))
+        self.close()
 
     def timed_out(self) -> None:
         if self.deadline_kind == _D_HEADER and self.got_bytes:
-            self.transport.write(_error_response(408, "request headers not received in time"))
+            self.write(_error_response(408, "request headers not received in time"))
         self.deadline_kind = _D_NONE
-        self.transport.close()
+        self.close()
 
     def exchange_done(self, ex: _Exchange, keep_open: bool) -> None:
         if self.queue and self.queue[0] is ex:
@@ -490,7 +529,7 @@ class _Client(asyncio.Protocol):
             return
         if not keep_open or self.listener.closing:
             self.parser = None
-            self.transport.close()
+            self.close()
             return
         if len(self.queue) <= 1:
             self.resume(_P_PIPELINE)
@@ -506,11 +545,11 @@ class _Client(asyncio.Protocol):
 class _Upstream(asyncio.Protocol):
     """One connection to a backend; idle in its pool or serving one exchange."""
 
-    def __init__(self, pool: _Pool) -> None:
+    def __init__(self, pool: _Pool, parser_kind: ParserKind) -> None:
         self.pool = pool
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.exchange: _Exchange | None = None
-        self.parser = ResponseParser(self)
+        self.parser: ResponseParser = make_response_parser(parser_kind, self)
         self.idle_since = 0.0
         self.closed = False
         self.tunnel = False
@@ -525,15 +564,19 @@ class _Upstream(asyncio.Protocol):
         if ex is None:
             self.transport.close()  # unsolicited bytes on an idle connection
             return
+        client = ex.client
         if self.tunnel:
-            ex.client.transport.write(data)
+            client.write(data)
             return
         self.got_bytes = True
+        client.cork()
         try:
             rest = self.parser.feed(data)
         except HttpParseError:
             self.transport.abort()
             return
+        finally:
+            client.uncork()
         if rest is not None and self.exchange is not None:
             self.tunnel = True
             ex.tunnel_open(rest)
@@ -667,10 +710,7 @@ class _Exchange:
 
     def _build_head(self, listener: _Listener) -> bytes:
         head = self.head
-        tokens: set[bytes] = set()
-        for name, value in head.headers:
-            if name.lower() == b"connection":
-                tokens.update(t.strip().lower() for t in value.split(b","))
+        tokens = head.connection
         parts = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
         xff = b""
         host = b""
@@ -690,7 +730,7 @@ class _Exchange:
                 host = value
             parts += (name, b": ", value, _CRLF)
         if not rid:
-            rid = os.urandom(16).hex().encode()
+            rid = listener.request_id()
         parts += (
             b"X-Forwarded-For: ",
             (xff + b", " + self.client.peer) if xff else self.client.peer,
@@ -746,7 +786,9 @@ class _Exchange:
         listener = self.client.listener
         try:
             _, up = await asyncio.wait_for(
-                listener.loop.create_connection(lambda: _Upstream(pool), pool.host, pool.port),
+                listener.loop.create_connection(
+                    lambda: _Upstream(pool, listener.router.parser_kind), pool.host, pool.port
+                ),
                 listener.config.timeouts.connect,
             )
         except (OSError, TimeoutError):
@@ -782,14 +824,14 @@ class _Exchange:
         client = self.client
         if rh.status < 200 and rh.status != 101:
             if self.head.minor == 1 and not client.closed:
-                client.transport.write(self._client_head(rh, interim=True))
+                client.write(self._client_head(rh, interim=True))
             return
         self.resp_deadline = 0.0
         self.resp_head = rh
         if rh.status == 101:
             return  # written by tunnel_open, with the backend's own Upgrade headers
         if not client.closed:
-            client.transport.write(self._client_head(rh))
+            client.write(self._client_head(rh))
         self.resp_head_sent = True
 
     def _client_head(self, rh: ResponseHead, interim: bool = False) -> bytes:
@@ -831,16 +873,18 @@ class _Exchange:
         if client.closed:
             return
         if self.out_chunked:
-            client.transport.writelines([encode_chunk(data), data, _CRLF])
+            client.write(encode_chunk(data))
+            client.write(data)
+            client.write(_CRLF)
         else:
-            client.transport.write(data)
+            client.write(data)
 
     def response_end(self, up: _Upstream) -> None:
         rh = self.resp_head
         assert rh is not None and self.pool is not None and self.stats is not None
         client = self.client
         if self.out_chunked and not client.closed:
-            client.transport.write(_LAST_CHUNK)
+            client.write(_LAST_CHUNK)
         self.stats.observe(rh.status, (client.loop.time() - self.t0) * 1000.0)
         self.done = True
         self.upstream = None
@@ -870,9 +914,9 @@ class _Exchange:
         for name, value in rh.headers:
             parts += (name, b": ", value, _CRLF)
         parts.append(_CRLF)
-        client.transport.write(b"".join(parts))
+        client.write(b"".join(parts))
         if rest:
-            client.transport.write(rest)
+            client.write(rest)
         client.tunnel = up.transport
         client.raw = None
 
@@ -887,7 +931,7 @@ class _Exchange:
         self.dead = True
         client = self.client
         if not client.closed:
-            client.transport.write(_error_response(status, message))
+            client.write(_error_response(status, message))
         client.exchange_done(self, False)
 
     def upstream_lost(self, up: _Upstream) -> None:
@@ -929,9 +973,9 @@ class _Exchange:
         if self.client.closed:
             return
         if self.tunnel_active():
-            self.client.transport.close()
+            self.client.close()
         else:
-            self.client.transport.abort()
+            self.client.abort()
 
     def backend_timed_out(self) -> None:
         self.resp_deadline = 0.0

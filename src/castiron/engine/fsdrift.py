@@ -1,0 +1,606 @@
+"""Filesystem drift: an instance's root filesystem checked against its image's file manifest.
+
+Owns the filesystem part of drift detection for instances whose root filesystem is a local
+directory (the local runtime's read-only ``releases/<digest>/rootfs``):
+
+- :func:`scan_full` walks the tree and compares every path with the manifest, re-hashing every
+  regular file with SHA-256 (optionally on several threads: hashlib releases the GIL while it
+  hashes, so threads use every core);
+- :func:`take_baseline` records, when an instance starts, one stat tuple per path (size,
+  mtime, mode, inode, ctime) in a compact binary file under the instance's state directory;
+- :func:`scan_fast` walks the tree again and compares stat tuples with the baseline, so only
+  paths whose tuple changed (or that appeared or vanished) are compared with the manifest and
+  re-hashed. The ctime cannot be set from user space, so content written and then back-dated
+  with ``touch -m``/``os.utime`` is still caught.
+
+Findings are values (:class:`Finding`, kind ``filesystem``): a path added, removed, or with
+other content, mode, type or link target. Paths the service declares ``writable`` and paths
+matching the user's ``ignore`` patterns (gitignore style, see
+:mod:`castiron.images.pattern`) are skipped, with everything below them. Drift is a result,
+not an exception.
+
+It knows the file manifest's values (:mod:`castiron.images.manifest`) and nothing of drivers,
+the router, the agent or the state store: callers hand it a directory, a manifest and paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import stat
+import struct
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from castiron.errors import ImageError, NotFoundError, StateCorruptError, StateError
+from castiron.images.manifest import FileEntry
+from castiron.images.pattern import PatternSet
+
+FINDING_KIND = "filesystem"
+"""The ``kind`` of every finding this module makes."""
+
+Change = Literal["added", "removed", "content", "mode", "type", "target"]
+"""What differs at a path: it is new, gone, or its content, mode, type or link target."""
+
+ManifestSource = Mapping[str, FileEntry] | Callable[[], Mapping[str, FileEntry]]
+"""A file manifest, or a function returning it (called only when something changed)."""
+
+HASH_BUFFER = 1 << 20
+"""Bytes read per system call while hashing: large reads keep SHA-256 near its peak speed."""
+
+_RECORD = struct.Struct("<QqIQq")
+"""One baseline record: size, mtime_ns, st_mode, inode, ctime_ns (36 bytes)."""
+_MAGIC = b"castiron fs-baseline 1\n"
+_HEADER = struct.Struct("<QQ")
+"""After the magic: number of paths, bytes of the NUL-separated path list."""
+_RACY = -1
+"""The ctime stored for a path changed while the baseline was taken: it never matches."""
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0)
+_MAX_LINK_HOPS = 40
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One difference between what runs and what the release says."""
+
+    kind: str
+    """``filesystem`` for every finding of this module."""
+    instance: str
+    """The instance whose root filesystem differs."""
+    path: str
+    """In-image absolute path (``/app/server.py``)."""
+    expected: str | None
+    """What the image says (``None``: the path should not exist)."""
+    actual: str | None
+    """What the instance has (``None``: the path is gone)."""
+    change: Change
+    """Which aspect differs."""
+
+
+@dataclass(frozen=True)
+class ScanStats:
+    """What a scan did; counters, so tests and benchmarks can tell work from results."""
+
+    entries: int = 0
+    """Paths found in the tree (after skipping writable and ignored ones)."""
+    checked: int = 0
+    """Paths compared with the manifest (all of them on a full scan)."""
+    hashed_files: int = 0
+    """Regular files read and hashed."""
+    hashed_bytes: int = 0
+    """Bytes read and hashed."""
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """Findings sorted by path, and what it took to find them."""
+
+    findings: tuple[Finding, ...]
+    stats: ScanStats
+
+    @property
+    def clean(self) -> bool:
+        """True when nothing differs."""
+        return not self.findings
+
+
+@dataclass(frozen=True)
+class PathFilter:
+    """Paths a scan skips, with everything below them: the service's writable paths and the
+    user's ignore patterns. Paths are relative to the root, without a leading ``/``."""
+
+    writable: frozenset[str] = frozenset()
+    ignore: PatternSet = field(default_factory=lambda: PatternSet(()))
+
+    @classmethod
+    def of(cls, writable: Iterable[str] = (), ignore: Iterable[str] = ()) -> PathFilter:
+        """Build a filter from in-image absolute ``writable`` paths and gitignore-style
+        ``ignore`` patterns (``*.pyc``, ``/app/cache/``, ``**/__pycache__``, ``!keep``).
+
+        Raises:
+            ImageError: for an unusable ignore pattern (naming it and its index).
+        """
+        rels = frozenset(posixpath.normpath("/" + w).lstrip("/") for w in writable)
+        return cls(writable=rels, ignore=PatternSet.of(ignore, "drift ignore"))
+
+    def skips(self, rel: str, is_dir: bool) -> bool:
+        """True when ``rel`` itself (not counting its parents) is writable or ignored."""
+        if rel in self.writable:
+            return True
+        return bool(self.ignore) and self.ignore.excluded(rel, is_dir)
+
+
+@dataclass(frozen=True)
+class _Tree:
+    names: list[str]
+    """Relative paths in walk order."""
+    records: list[bytes]
+    """One packed :data:`_RECORD` per name."""
+
+
+def _walk(root: Path, paths: PathFilter) -> _Tree:
+    """Every path under ``root`` that ``paths`` does not skip, with its packed stat tuple.
+
+    One ``os.scandir`` per directory and one ``lstat`` per entry; no per-entry objects kept
+    beyond a name and 36 bytes, so a tree of 100,000 paths walks in well under a second.
+    """
+    names: list[str] = []
+    records: list[bytes] = []
+    add_name, add_record, pack = names.append, records.append, _RECORD.pack
+    writable = paths.writable
+    excluded = paths.ignore.excluded if paths.ignore else None
+    isdir = stat.S_ISDIR
+    if "" in writable:
+        return _Tree(names, records)
+    stack: list[tuple[str, str]] = [("", os.fspath(root))]
+    while stack:
+        prefix, fspath = stack.pop()
+        try:
+            it = os.scandir(fspath)
+        except FileNotFoundError:
+            if not prefix:
+                raise ImageError(f"{root}: no such root filesystem") from None
+            continue  # removed while walking: reported as gone
+        except OSError as exc:
+            raise ImageError(f"{fspath}: cannot read directory: {exc.strerror or exc}") from exc
+        with it:
+            for entry in it:
+                rel = prefix + entry.name
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    raise ImageError(f"{entry.path}: cannot stat: {exc.strerror or exc}") from exc
+                mode = st.st_mode
+                if isdir(mode):
+                    if (writable and rel in writable) or (excluded and excluded(rel, True)):
+                        continue
+                    stack.append((rel + "/", entry.path))
+                elif (writable and rel in writable) or (excluded and excluded(rel, False)):
+                    continue
+                add_name(rel)
+                add_record(pack(st.st_size, st.st_mtime_ns, mode, st.st_ino, st.st_ctime_ns))
+    return _Tree(names, records)
+
+
+# --- comparing paths with the manifest -------------------------------------------------------
+
+
+def _type_name(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode):
+        return "char device"
+    if stat.S_ISBLK(mode):
+        return "block device"
+    return "unknown"
+
+
+def _mode_text(mode: int) -> str:
+    return f"{mode:04o}"
+
+
+class _Judge:
+    """Compares tree paths with one manifest; collects findings and hashing jobs."""
+
+    def __init__(
+        self,
+        root: Path,
+        manifest: Mapping[str, FileEntry],
+        instance: str,
+        paths: PathFilter,
+        read_only: bool,
+    ) -> None:
+        self.root = os.fspath(root)
+        self.manifest = manifest
+        self.instance = instance
+        self.paths = paths
+        self.read_only = read_only
+        self.findings: list[Finding] = []
+        self.jobs: list[tuple[int, str, str]] = []
+        """(size, rel, expected hex) of files whose content must be hashed."""
+        self.checked = 0
+        self._dir_skipped: dict[str, bool] = {"": "" in paths.writable}
+
+    def finding(self, rel: str, change: Change, expected: str | None, actual: str | None) -> None:
+        self.findings.append(
+            Finding(FINDING_KIND, self.instance, "/" + rel, expected, actual, change)
+        )
+
+    def _resolve(self, entry: FileEntry) -> FileEntry | None:
+        """The regular-file entry a hard link entry stands for."""
+        for _ in range(_MAX_LINK_HOPS):
+            if entry.type != "hardlink":
+                return entry if entry.type == "file" else None
+            target = self.manifest.get(entry.target or "")
+            if target is None:
+                return None
+            entry = target
+        return None
+
+    def expected_mode(self, entry: FileEntry) -> int:
+        if not self.read_only:
+            return entry.mode & 0o7777
+        # What castiron.images.rootfs.make_read_only leaves: only "executable or not" survives.
+        if entry.type == "dir":
+            return 0o555
+        return 0o555 if entry.mode & 0o111 else 0o444
+
+    def check(self, rel: str, st_mode: int, size: int) -> None:
+        """Compare one present path; files whose content must be read become jobs."""
+        self.checked += 1
+        entry = self.manifest.get("/" + rel)
+        actual_type = _type_name(st_mode)
+        if entry is None:
+            self.finding(rel, "added", None, actual_type)
+            return
+        if entry.type == "hardlink":
+            resolved = self._resolve(entry)
+            expected_type = "file"
+        else:
+            resolved, expected_type = entry, entry.type
+        if actual_type != expected_type:
+            self.finding(rel, "type", expected_type, actual_type)
+            return
+        if actual_type == "symlink":
+            try:
+                target = os.readlink(os.path.join(self.root, rel))
+            except FileNotFoundError:
+                self.finding(rel, "removed", entry.type, None)
+                return
+            except OSError as exc:
+                raise ImageError(f"{self.root}/{rel}: cannot read link: {exc.strerror}") from exc
+            if target != entry.target:
+                self.finding(rel, "target", entry.target, target)
+            return
+        if resolved is None:  # a hard link to nothing the manifest knows: nothing to expect
+            return
+        want = self.expected_mode(resolved)
+        have = stat.S_IMODE(st_mode)
+        if want != have:
+            self.finding(rel, "mode", _mode_text(want), _mode_text(have))
+        if actual_type == "file" and resolved.sha256 is not None:
+            self.jobs.append((size, rel, resolved.sha256))
+
+    def skipped(self, rel: str, is_dir: bool) -> bool:
+        """True when ``rel`` or one of its parent directories is skipped by the filter."""
+        return self.paths.skips(rel, is_dir) or self._parent_skipped(posixpath.dirname(rel))
+
+    def _parent_skipped(self, parent: str) -> bool:
+        known = self._dir_skipped.get(parent)
+        if known is None:
+            known = self.paths.skips(parent, True) or self._parent_skipped(
+                posixpath.dirname(parent)
+            )
+            self._dir_skipped[parent] = known
+        return known
+
+    def removed(self, rel: str) -> None:
+        """``rel`` is not in the tree: a finding when the manifest has it and it is not skipped."""
+        entry = self.manifest.get("/" + rel)
+        if entry is not None and not self.skipped(rel, entry.type == "dir"):
+            self.finding(rel, "removed", entry.type, None)
+
+    def hashed(self, rel: str, expected: str, actual: str) -> None:
+        if actual != expected:
+            self.finding(rel, "content", expected, actual)
+
+    def result(self, entries: int, hashed_files: int, hashed_bytes: int) -> ScanResult:
+        stats = ScanStats(entries, self.checked, hashed_files, hashed_bytes)
+        return ScanResult(_collapse(self.findings), stats)
+
+
+def _collapse(findings: list[Finding]) -> tuple[Finding, ...]:
+    """Fold findings below an added, removed or retyped directory into that one finding.
+
+    ``rm -r /app/lib`` is one finding ("dir (120 entries inside)"), not 121.
+    """
+    folding = {
+        f.path: f
+        for f in findings
+        if (f.change in ("added", "removed") and "dir" in (f.expected, f.actual))
+        or (f.change == "type" and "dir" in (f.expected, f.actual))
+    }
+    inside: dict[str, int] = {}
+    kept: list[Finding] = []
+    for f in findings:
+        parent, top = posixpath.dirname(f.path), None
+        while parent != "/" and parent:
+            if parent in folding:
+                top = parent  # keep climbing: the outermost folding directory wins
+            parent = posixpath.dirname(parent)
+        if top is None:
+            kept.append(f)
+        else:
+            inside[top] = inside.get(top, 0) + 1
+    out: list[Finding] = []
+    for f in kept:
+        count = inside.get(f.path)
+        if count:
+            note = f"dir ({count} entries inside)"
+            f = replace(f, actual=note) if f.actual == "dir" else replace(f, expected=note)
+        out.append(f)
+    return tuple(sorted(out, key=lambda f: (f.path.split("/"), f.change)))
+
+
+# --- hashing ---------------------------------------------------------------------------------
+
+
+def _hash_files(root: str, jobs: Iterator[tuple[int, str, str]]) -> list[tuple[str, str, int]]:
+    """Hash files taken from ``jobs`` (shared between threads) with one reused buffer.
+
+    Returns ``(rel, "sha256:<hex>" or why it could not be read, bytes read)`` per file.
+    """
+    buf = bytearray(HASH_BUFFER)
+    view, bufs = memoryview(buf), [buf]
+    readv, sha256, out = os.readv, hashlib.sha256, []
+    for _size, rel, _expected in jobs:
+        read = 0
+        try:
+            fd = os.open(os.path.join(root, rel), _OPEN_FLAGS)
+        except OSError as exc:
+            out.append((rel, f"unreadable ({exc.strerror or exc})", 0))
+            continue
+        try:
+            h = sha256()
+            while n := readv(fd, bufs):
+                h.update(view[:n])
+                read += n
+            out.append((rel, "sha256:" + h.hexdigest(), read))
+        except OSError as exc:
+            out.append((rel, f"unreadable ({exc.strerror or exc})", read))
+        finally:
+            os.close(fd)
+    return out
+
+
+def _run_jobs(judge: _Judge, threads: int) -> tuple[int, int]:
+    """Hash every job of ``judge`` (largest first) and record mismatches; returns counters."""
+    if not judge.jobs:
+        return 0, 0
+    jobs = sorted(judge.jobs, key=lambda j: j[0], reverse=True)
+    expected = {rel: want for _, rel, want in jobs}
+    workers = max(1, min(threads, len(jobs)))
+    shared = iter(jobs)  # list iterators are safe to share: next() holds the GIL
+    if workers == 1:
+        parts = [_hash_files(judge.root, shared)]
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fsdrift") as pool:
+            futures = [pool.submit(_hash_files, judge.root, shared) for _ in range(workers)]
+            parts = [f.result() for f in futures]
+    files = total = 0
+    for part in parts:
+        for rel, actual, read in part:
+            files += 1
+            total += read
+            judge.hashed(rel, "sha256:" + expected[rel], actual)
+    return files, total
+
+
+# --- the two scans ---------------------------------------------------------------------------
+
+
+def scan_full(
+    root: Path,
+    manifest: Mapping[str, FileEntry],
+    *,
+    instance: str,
+    paths: PathFilter | None = None,
+    threads: int = 1,
+    read_only: bool = True,
+) -> ScanResult:
+    """Compare every path under ``root`` with ``manifest``, re-hashing every regular file.
+
+    ``read_only`` expects the modes :func:`castiron.images.rootfs.make_read_only` leaves
+    (directories ``0555``, files ``0555`` or ``0444``); without it, the manifest's modes as
+    recorded. ``threads`` hash files in parallel, largest first (pass ``os.cpu_count()`` to
+    use every core).
+
+    Raises:
+        ImageError: when ``root`` or a directory or link in it cannot be read.
+    """
+    paths = paths or PathFilter()
+    tree = _walk(root, paths)
+    judge = _Judge(root, manifest, instance, paths, read_only)
+    unpack, check = _RECORD.unpack, judge.check
+    for rel, record in zip(tree.names, tree.records, strict=True):
+        size, _, mode, _, _ = unpack(record)
+        check(rel, mode, size)
+    present = set(tree.names)
+    for path in manifest:
+        rel = path[1:]
+        if rel not in present:
+            judge.removed(rel)
+    files, total = _run_jobs(judge, threads)
+    return judge.result(len(tree.names), files, total)
+
+
+def scan_fast(
+    root: Path,
+    manifest: ManifestSource,
+    baseline: Path,
+    *,
+    instance: str,
+    paths: PathFilter | None = None,
+    read_only: bool = True,
+) -> ScanResult:
+    """Compare ``root`` with the ``baseline`` taken when the instance started; only paths
+    whose stat tuple changed, appeared or vanished are compared with ``manifest`` (and only
+    their files re-hashed). ``manifest`` may be a function: it is called only then.
+
+    The baseline certifies the tree as it was when taken (right after unpacking, whose layer
+    digests were verified); :func:`scan_full` checks everything regardless.
+
+    Raises:
+        NotFoundError: when ``baseline`` does not exist.
+        StateError: when ``baseline`` cannot be read.
+        StateCorruptError: when ``baseline`` is not a baseline file or is damaged.
+        ImageError: when ``root`` or a directory or link in it cannot be read.
+    """
+    paths = paths or PathFilter()
+    base_names, base_blob = _read_baseline(baseline)
+    tree = _walk(root, paths)
+    if tree.names == base_names and b"".join(tree.records) == base_blob:
+        return ScanResult((), ScanStats(entries=len(tree.names)))
+    size = _RECORD.size
+    base = {name: base_blob[i * size : (i + 1) * size] for i, name in enumerate(base_names)}
+    changed: list[int] = []
+    for i, (name, record) in enumerate(zip(tree.names, tree.records, strict=True)):
+        if base.pop(name, None) != record:
+            changed.append(i)
+    judge = _Judge(root, manifest() if callable(manifest) else manifest, instance, paths, read_only)
+    unpack = _RECORD.unpack
+    for i in changed:
+        st_size, _, mode, _, _ = unpack(tree.records[i])
+        judge.check(tree.names[i], mode, st_size)
+    for rel in base:  # in the baseline, gone from the tree (or skipped now)
+        judge.removed(rel)
+    files, total = _run_jobs(judge, 1)
+    return judge.result(len(tree.names), files, total)
+
+
+# --- the baseline file -----------------------------------------------------------------------
+
+
+def _fs_now(fd: int) -> int:
+    """The filesystem's current timestamp (coarse, as it stamps ctimes), via ``fd``."""
+    os.utime(fd)
+    return os.fstat(fd).st_mtime_ns
+
+
+def take_baseline(root: Path, out: Path, *, paths: PathFilter | None = None) -> int:
+    """Record the stat tuple of every path under ``root`` in ``out`` (written atomically);
+    returns the number of paths recorded. Take it when the instance starts, right after its
+    root filesystem was unpacked, with the same ``paths`` filter the scans will use.
+
+    A path whose ctime falls in the clock tick the walk started in (or later) could change
+    again without its ctime moving; it is recorded so that every fast scan re-checks it.
+
+    Raises:
+        ImageError: when ``root`` or a directory in it cannot be read.
+        StateError: when ``out`` cannot be written.
+    """
+    paths = paths or PathFilter()
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StateError(f"{out}: cannot write the baseline: {exc.strerror or exc}") from exc
+    try:
+        # Wait for the filesystem clock to tick once, so that everything changed before
+        # this call has a ctime strictly before ``start``.
+        first = start = _fs_now(fd)
+        deadline = time.monotonic() + 1.0
+        while start == first and time.monotonic() < deadline:
+            time.sleep(0.001)
+            start = _fs_now(fd)
+        tree = _walk(root, paths)
+        unpack, pack = _RECORD.unpack, _RECORD.pack
+        records = tree.records
+        for i, record in enumerate(records):
+            size, mtime, mode, ino, ctime = unpack(record)
+            if ctime >= start:
+                records[i] = pack(size, mtime, mode, ino, _RACY)
+        names = "\0".join(tree.names).encode("utf-8", "surrogateescape")
+        body = _MAGIC + _HEADER.pack(len(tree.names), len(names)) + names + b"".join(records)
+        data = body + hashlib.sha256(body).digest()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.rename(tmp, out)
+        _fsync_dir(out.parent)
+    except OSError as exc:
+        raise StateError(f"{out}: cannot write the baseline: {exc.strerror or exc}") from exc
+    finally:
+        if fd != -1:
+            os.close(fd)
+        if tmp.exists():
+            tmp.unlink()
+    return len(tree.names)
+
+
+def _fsync_dir(path: Path) -> None:
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _read_baseline(path: Path) -> tuple[list[str], bytes]:
+    """The path list and the packed records of a baseline file."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise NotFoundError(
+            f"{path}: no filesystem baseline (take one when the instance starts, or scan in full)"
+        ) from None
+    except OSError as exc:
+        raise StateError(f"{path}: cannot read the baseline: {exc.strerror or exc}") from exc
+    fixed = len(_MAGIC) + _HEADER.size
+    if not data.startswith(_MAGIC) or len(data) < fixed + 32:
+        raise StateCorruptError(f"{path}: not a castiron filesystem baseline")
+    body, digest = data[:-32], data[-32:]
+    if hashlib.sha256(body).digest() != digest:
+        raise StateCorruptError(f"{path}: the baseline is damaged (checksum mismatch)")
+    count, names_len = _HEADER.unpack_from(data, len(_MAGIC))
+    if fixed + names_len + count * _RECORD.size != len(body):
+        raise StateCorruptError(f"{path}: the baseline is damaged (bad lengths)")
+    names_blob = body[fixed : fixed + names_len]
+    names = names_blob.decode("utf-8", "surrogateescape").split("\0") if count else []
+    if len(names) != count:
+        raise StateCorruptError(f"{path}: the baseline is damaged (bad path list)")
+    return names, body[fixed + names_len :]
+
+
+__all__ = [
+    "FINDING_KIND",
+    "HASH_BUFFER",
+    "Change",
+    "Finding",
+    "ManifestSource",
+    "PathFilter",
+    "ScanResult",
+    "ScanStats",
+    "scan_fast",
+    "scan_full",
+    "take_baseline",
+]
