@@ -610,7 +610,9 @@ def test_no_sdk_error_escapes_a_dead_engine(
     with pytest.raises(CastironError) as caught:
         _every_method(driver, IMAGE)[method]()
     assert isinstance(caught.value, RuntimeDriverError)
-    assert "no Docker engine at" in str(caught.value)
+    assert f"no Docker engine at {url}: " in str(caught.value)
+    reason = str(caught.value).rpartition(": ")[2]
+    assert reason in {"Connection refused", "No such file or directory"}
 
 
 @pytest.mark.docker

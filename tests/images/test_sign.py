@@ -30,6 +30,7 @@ from castiron.images.sign import (
     ANN_KEYID,
     ANN_SIGNATURE,
     DSSE,
+    KDF_ROUNDS,
     SIGNATURE_ARTIFACT,
     SIMPLE_SIGNING,
     KeyPair,
@@ -232,6 +233,8 @@ def test_bad_key_files_are_usage_errors(tmp_path: Path) -> None:
     junk.write_bytes(b"not a key")
     with pytest.raises(UsageError, match=r"junk\.pub: not a valid public key"):
         load_verify_key(junk)
+    with pytest.raises(UsageError, match=r"junk\.pub: not a PEM private key"):
+        load_signer(junk)
     ed = ed25519.Ed25519PrivateKey.generate()
     ed_pem = tmp_path / "ed.key"
     ed_pem.write_bytes(
@@ -386,7 +389,7 @@ def test_any_byte_of_the_payload_blob_edited_in_place_fails(signed: Signed) -> N
 def test_any_byte_of_the_payload_rewritten_consistently_fails(signed: Signed) -> None:
     store = signed.store
     original = store.read_blob(payload_layer(store, signed.signature)["digest"])
-    for position in range(len(original)):  # every byte
+    for position in sample(len(original), 80):
         data = bytearray(original)
         data[position] ^= 0x01
         with index_restored(store):
@@ -424,11 +427,9 @@ def test_any_byte_of_the_signature_changed_fails(signed: Signed) -> None:
             )
             result = verify(signed)
             assert result.signature.reasons == (Reason.TAMPERED,), position
-    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-    for position in range(len(encoded)):  # every character of the base64 text, padding too
+    for position in sample(len(encoded)):  # the base64 text itself, padding included
         replacement = "A" if encoded[position] != "A" else "B"
         text = encoded[:position] + replacement + encoded[position + 1 :]
-        assert all(c in alphabet for c in replacement)
         with index_restored(store):
             rewrite_artifact(store, signed.signature, signature=text)
             result = verify(signed)
@@ -608,3 +609,11 @@ def test_openssl_reads_an_encrypted_private_key(tmp_path: Path) -> None:
         env={**os.environ, "KEY_PASS": "pass phrase"},
     )
     assert out.stdout == pair.public_path.read_bytes()
+    parsed = subprocess.run(
+        ["openssl", "asn1parse", "-in", str(pair.private_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert ":PBES2" in parsed and ":PBKDF2" in parsed and ":hmacWithSHA256" in parsed
+    assert ":aes-256-cbc" in parsed and f":{KDF_ROUNDS:06X}" in parsed

@@ -192,3 +192,65 @@ def test_verify_refuses_a_private_key_and_unknown_refs(
     assert no_key.exit_code == 2 and "private key /nonexistent/x.key does not exist" in (
         no_key.stderr
     )
+
+
+SPEC = """\
+app: hello
+image:
+  context: ./app
+service:
+  port: 8080
+"""
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "proj" / "app").mkdir(parents=True)
+    (tmp_path / "proj" / "app" / "hello.txt").write_text("hello\n")
+    spec = tmp_path / "proj" / "castiron.yaml"
+    spec.write_text(SPEC)
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    return spec
+
+
+def test_bake_sign(run_cli: Any, project: Path, keys: Path, home: Path) -> None:
+    spec = str(project)
+    baked = _json(
+        run_cli(
+            "-f",
+            spec,
+            "bake",
+            "--tag",
+            "v1",
+            "--sign",
+            f"{keys}.key",
+            "--passphrase-env",
+            "KEY_PASS",
+            "--json",
+        )
+    )
+    assert baked["signature"] in referrers(
+        ImageStore(home / "images"), baked["digest"], SIGNATURE_ARTIFACT
+    )
+    report = _json(run_cli("verify", "v1", "--key", f"{keys}.pub", "--json"))
+    assert report["ok"] and report["signature"]["artifacts"][0]["reference"] == "hello:v1"
+    assert report["provenance"]["ok"] and report["provenance"]["required"]
+    text = run_cli(
+        "-f", spec, "bake", "--tag", "v1", "--sign", f"{keys}.key", "--passphrase-env", "KEY_PASS"
+    )
+    assert text.exit_code == 0 and f"signed: {baked['signature']}" in text.stdout
+    unsigned = _json(run_cli("-f", spec, "bake", "--tag", "v1", "--json"))
+    assert unsigned["signature"] is None
+
+
+def test_bake_sign_fails_before_baking_with_a_bad_passphrase(
+    run_cli: Any, project: Path, keys: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BAD_PASS", "nope")
+    result = run_cli(
+        "-f", str(project), "bake", "--sign", f"{keys}.key", "--passphrase-env", "BAD_PASS"
+    )
+    assert result.exit_code == 2 and "wrong passphrase" in result.stderr
+    assert not (home / "images" / "index.json").exists()
+    lone = run_cli("-f", str(project), "bake", "--passphrase-env", "KEY_PASS")
+    assert lone.exit_code == 2 and "--passphrase-env needs --sign KEY" in lone.stderr

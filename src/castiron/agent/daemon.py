@@ -858,7 +858,8 @@ class Agent:
                 return True, result.detail
             if time.monotonic() > deadline:
                 return False, f"not healthy in time: {result.detail}"
-            await asyncio.sleep(check.interval)
+            # Until the first success the instance is only starting up: look again soon.
+            await asyncio.sleep(check.interval if tracker.streak else min(check.interval, 0.1))
 
     async def _unroute(self, dead: InstanceRecord) -> bool:
         """Take ``dead`` out of its environment's route; True when it was in it."""

@@ -414,7 +414,7 @@ class DockerDriver:
         Raises:
             RuntimeDriverError: when the engine is unreachable or refuses.
         """
-        where = f"{environment} of {app}"
+        where = f"environment {environment} of {app}"
         removed: list[str] = []
         with self._client(where) as client:
             for container in _labelled(client, app, environment):
@@ -429,7 +429,7 @@ class DockerDriver:
         Raises:
             RuntimeDriverError: when the engine is unreachable or refuses.
         """
-        with self._client(f"{environment} of {app}") as client:
+        with self._client(f"environment {environment} of {app}") as client:
             found = [self._observed(c.attrs) for c in _labelled(client, app, environment)]
         return sorted(found, key=lambda o: (o.instance.id, o.instance.handle))
 
@@ -459,7 +459,7 @@ class DockerDriver:
         for observed in self.observe(app, environment):
             if observed.stray or observed.instance.id not in known:
                 found[observed.instance.handle] = replace(observed, stray=True)
-        with self._client(f"{environment} of {app}") as client:
+        with self._client(f"environment {environment} of {app}") as client:
             summaries = client.api.containers(all=True)
             for summary in summaries:
                 cid = str(summary.get("Id", ""))
@@ -508,7 +508,7 @@ class DockerDriver:
                 base_url=url, version=self.endpoint.version, timeout=int(self.endpoint.timeout)
             )
         except _SDK_ERRORS as exc:
-            raise RuntimeDriverError(f"{where}: no Docker engine at {url}: {_reason(exc)}") from exc
+            raise RuntimeDriverError(f"{where}: no Docker engine at {url}: {_cause(exc)}") from exc
         try:
             yield client
         except CastironError:
@@ -516,7 +516,7 @@ class DockerDriver:
         except _SDK_ERRORS as exc:
             if isinstance(exc, _UNREACHABLE):
                 raise RuntimeDriverError(
-                    f"{where}: no Docker engine at {url}: {_reason(exc)}"
+                    f"{where}: no Docker engine at {url}: {_cause(exc)}"
                 ) from exc
             raise RuntimeDriverError(f"{where}: the Docker engine failed: {_reason(exc)}") from exc
         finally:
@@ -744,6 +744,20 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, docker.errors.APIError) and exc.explanation:
         return _one_line(exc.explanation)
     return _one_line(exc) or type(exc).__name__
+
+
+def _cause(exc: BaseException) -> str:
+    """The operating system's reason at the root of a connection failure (else the message)."""
+    seen: BaseException | None = exc
+    for _ in range(16):
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    text = _reason(exc)
+    match = re.search(r"\[Errno \d+\] ([^'\")]+)", text)
+    return match.group(1).strip() if match else text
 
 
 def _one_line(text: object) -> str:

@@ -19,12 +19,10 @@ from pathlib import Path
 
 from castiron.agent.client import AgentClient, HealthCheck, ensure_agent, from_json, socket_path
 from castiron.drivers.base import Driver
-from castiron.drivers.local import LocalDriver, SandboxPolicy, find_bwrap
 from castiron.engine.deploy import Engine
 from castiron.engine.journal import StepObserver
 from castiron.engine.strategies import LOG_LINES
 from castiron.errors import UsageError
-from castiron.images.rootfs import unpack_release
 from castiron.images.store import ImageStore
 from castiron.model import ImageRef, Instance, InstanceSpec
 from castiron.settings import Settings
@@ -67,6 +65,8 @@ def health_for(spec: InstanceSpec) -> HealthCheck | None:
 
 def local_driver(settings: Settings, agent: Callable[[], AgentClient]) -> Driver:
     """The local process runtime for ``settings.home``, reaching the agent through ``agent``."""
+    from castiron.drivers.local import LocalDriver, SandboxPolicy, find_bwrap
+    from castiron.images.rootfs import unpack_release
 
     def unpack(image: ImageRef, target: Path) -> None:
         unpack_release(image.store, image.digest, target)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from castiron.drivers.base import Driver
 from castiron.engine.health import probe
@@ -56,7 +56,6 @@ from castiron.errors import (
 from castiron.images import oci
 from castiron.images.store import ImageStore
 from castiron.model import Digest, ImageRef, Instance, ReleaseId
-from castiron.spec.load import LoadedSpec
 from castiron.state.base import (
     AuditDraft,
     DeploymentRow,
@@ -71,6 +70,9 @@ from castiron.state.base import (
 )
 from castiron.state.locks import LockManager
 from castiron.traffic.controller import TrafficController
+
+if TYPE_CHECKING:  # loading a spec needs pydantic; read commands never do
+    from castiron.spec.load import LoadedSpec
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from castiron.errors import UsageError
 from castiron.model import Digest, ReleaseId
-from castiron.spec.schema import Spec
+
+if TYPE_CHECKING:  # the schema (pydantic) is only needed when a spec is resolved
+    from castiron.spec.schema import Spec
 
 
 @dataclass(frozen=True)

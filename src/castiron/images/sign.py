@@ -21,13 +21,15 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes, padding, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
 from castiron import __version__
 from castiron.errors import CastironError, ImageError, PolicyRefusedError, UsageError
@@ -49,6 +51,8 @@ DSSE = "application/vnd.dsse.envelope.v1+json"
 DSSE_PAYLOAD_TYPE = oci.IN_TOTO
 ANN_PREDICATE_TYPE = "in-toto.io/predicate-type"
 
+KDF_ROUNDS = 600_000
+"""PBKDF2-HMAC-SHA256 iterations protecting an encrypted private key (OWASP's 2023 advice)."""
 MAX_KEY_FILE_BYTES = 64 * 1024
 MAX_PAYLOAD_BYTES = 1024 * 1024
 """The largest simple-signing payload castiron will read (they are a few hundred bytes)."""
@@ -100,7 +104,7 @@ class EcdsaSigner:
     the same image twice with the same key yields the same artifact.
     """
 
-    private_key: ec.EllipticCurvePrivateKey
+    private_key: ec.EllipticCurvePrivateKey = field(repr=False)
     source: str
     """Where the key came from (a file name), for messages."""
 
@@ -148,6 +152,71 @@ class KeyPair:
     encrypted: bool
 
 
+def _der(tag: int, body: bytes) -> bytes:
+    n = len(body)
+    if n < 0x80:
+        return bytes([tag, n]) + body
+    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(raw)]) + raw + body
+
+
+def _der_seq(*items: bytes) -> bytes:
+    return _der(0x30, b"".join(items))
+
+
+def _der_oid(dotted: str) -> bytes:
+    first, second, *rest = (int(p) for p in dotted.split("."))
+    out = bytearray([40 * first + second])
+    for value in rest:
+        chunk = [value & 0x7F]
+        value >>= 7
+        while value:
+            chunk.append(0x80 | (value & 0x7F))
+            value >>= 7
+        out.extend(reversed(chunk))
+    return _der(0x06, bytes(out))
+
+
+def _encrypted_pkcs8_pem(
+    key: ec.EllipticCurvePrivateKey, passphrase: bytes, rounds: int = KDF_ROUNDS
+) -> bytes:
+    """PKCS#8 ``EncryptedPrivateKeyInfo`` (PBES2: PBKDF2-HMAC-SHA256 + AES-256-CBC) as PEM.
+
+    The crypto library's own PKCS#8 encryption uses only 2048 PBKDF2 rounds and cannot be
+    tuned, so the (standard, OpenSSL-readable) container is written here; decryption is left
+    to the library.
+    """
+    plain = key.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    salt, iv = os.urandom(16), os.urandom(16)
+    aes_key = PBKDF2HMAC(hashes.SHA256(), 32, salt, rounds).derive(passphrase)
+    padder = padding.PKCS7(128).padder()
+    padded = padder.update(plain) + padder.finalize()
+    encryptor = Cipher(algorithms.AES(aes_key), modes.CBC(iv)).encryptor()
+    sealed = encryptor.update(padded) + encryptor.finalize()
+    pbkdf2 = _der_seq(
+        _der_oid("1.2.840.113549.1.5.12"),  # PBKDF2
+        _der_seq(
+            _der(0x04, salt),
+            _der(0x02, rounds.to_bytes(rounds.bit_length() // 8 + 1, "big")),
+            _der_seq(_der_oid("1.2.840.113549.2.9"), b"\x05\x00"),  # hmacWithSHA256, NULL
+        ),
+    )
+    aes = _der_seq(_der_oid("2.16.840.1.101.3.4.1.42"), _der(0x04, iv))  # aes256-CBC
+    info = _der_seq(
+        _der_seq(_der_oid("1.2.840.113549.1.5.13"), _der_seq(pbkdf2, aes)),  # PBES2
+        _der(0x04, sealed),
+    )
+    text = base64.b64encode(info).decode("ascii")
+    lines = [text[i : i + 64] for i in range(0, len(text), 64)]
+    return "\n".join(
+        ["-----BEGIN ENCRYPTED PRIVATE KEY-----", *lines, "-----END ENCRYPTED PRIVATE KEY-----", ""]
+    ).encode("ascii")
+
+
 def _publish_new(path: Path, data: bytes, mode: int) -> None:
     """Write ``path`` atomically, refusing to replace anything already there."""
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
@@ -167,8 +236,9 @@ def _publish_new(path: Path, data: bytes, mode: int) -> None:
 
 
 def generate_keypair(prefix: Path, passphrase: bytes | None = None) -> KeyPair:
-    """Write a new ECDSA P-256 keypair: ``PREFIX.key`` (PKCS#8 PEM, mode 0600, encrypted when
-    ``passphrase`` is given) and ``PREFIX.pub`` (SubjectPublicKeyInfo PEM).
+    """Write a new ECDSA P-256 keypair: ``PREFIX.key`` (PKCS#8 PEM, mode 0600; when
+    ``passphrase`` is given, encrypted with PBES2: PBKDF2-HMAC-SHA256 with
+    :data:`KDF_ROUNDS` rounds and AES-256-CBC) and ``PREFIX.pub`` (SubjectPublicKeyInfo PEM).
 
     Raises:
         UsageError: when either file exists (nothing is overwritten), the directory does not
@@ -184,14 +254,14 @@ def generate_keypair(prefix: Path, passphrase: bytes | None = None) -> KeyPair:
         if path.exists() or path.is_symlink():
             raise UsageError(f"{path} already exists; refusing to overwrite it")
     key = ec.generate_private_key(ec.SECP256R1())
-    encryption: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(passphrase)
-        if passphrase
-        else serialization.NoEncryption()
-    )
-    private_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
-    )
+    if passphrase:
+        private_pem = _encrypted_pkcs8_pem(key, passphrase)
+    else:
+        private_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
     public_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -228,8 +298,9 @@ def load_signer(path: Path, passphrase: bytes | None = None) -> EcdsaSigner:
     """
     data = _read_key_file(path, "private key")
     if b"PRIVATE KEY-----" not in data:
-        what = "a public key" if b"PUBLIC KEY-----" in data else "a PEM private key"
-        raise UsageError(f"private key {path}: this is {what}, not a PEM private key")
+        if b"PUBLIC KEY-----" in data:
+            raise UsageError(f"private key {path}: this is a public key; sign with the .key file")
+        raise UsageError(f"private key {path}: not a PEM private key")
     encrypted = b"ENCRYPTED" in data
     if encrypted and not passphrase:
         raise UsageError(

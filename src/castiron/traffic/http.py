@@ -197,9 +197,7 @@ def _request_head(
     tokens = frozenset(_connection_tokens(headers))
     keep_alive = (b"close" not in tokens) if minor == 1 else (b"keep-alive" in tokens)
     upgrade = b"upgrade" in tokens and any(n.lower() == b"upgrade" for n, _ in headers)
-    return RequestHead(
-        method, target, minor, headers, keep_alive, upgrade, chunked, length, tokens
-    )
+    return RequestHead(method, target, minor, headers, keep_alive, upgrade, chunked, length, tokens)
 
 
 # --- body framing, shared by the Python request and response parsers ---------------------------

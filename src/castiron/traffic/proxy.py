@@ -404,10 +404,8 @@ class _Client(asyncio.Protocol):
     def uncork(self) -> None:
         wbuf, self.wbuf = self.wbuf, None
         if wbuf and not self.closed:
-            if len(wbuf) == 1:
-                self.transport.write(wbuf[0])
-            else:
-                self.transport.writelines(wbuf)
+            # one write (one send) per backend read; uvloop's writelines queues instead
+            self.transport.write(wbuf[0] if len(wbuf) == 1 else b"".join(wbuf))
 
     def close(self) -> None:
         """Send what is gathered, then close once the transport's buffer is flushed."""
@@ -808,12 +806,15 @@ class _Exchange:
         up.exchange = self
         up.got_bytes = False
         up.parser.head_request = self.head.method == b"HEAD"
-        parts = [self.upstream_head, *self.pending]
-        self.pending = []
+        if self.pending:
+            parts = [self.upstream_head, *self.pending]
+            self.pending = []
+            up.transport.write(b"".join(parts))
+        else:
+            up.transport.write(self.upstream_head)
         if self.pending_size:
             self.pending_size = 0
             self.client.resume(_P_PENDING)
-        up.transport.writelines(parts)
         if self.req_done:
             self.resp_deadline = self.client.loop.time() + (
                 self.client.listener.config.timeouts.backend_response

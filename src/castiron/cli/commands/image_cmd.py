@@ -96,12 +96,34 @@ def _epoch(cli: CliContext, given: int | None) -> int | None:
         "else the commit time of the context's git HEAD, else 0)."
     ),
 )
+@click.option(
+    "--sign",
+    "sign_key",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    metavar="KEY",
+    help="Sign the image and its provenance with this private key (see `castiron sign`).",
+)
+@click.option(
+    "--passphrase-env",
+    metavar="VAR",
+    default=None,
+    help="Read the --sign key's passphrase from this environment variable.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @pass_cli
 def bake_cmd(
-    cli: CliContext, tags: tuple[str, ...], source_date_epoch: int | None, as_json: bool
+    cli: CliContext,
+    tags: tuple[str, ...],
+    source_date_epoch: int | None,
+    sign_key: Path | None,
+    passphrase_env: str | None,
+    as_json: bool,
 ) -> None:
     """Build the spec's image reproducibly into the image store."""
+    from castiron.cli.commands.sign_cmd import bake_signer, sign_baked
+
+    signer = bake_signer(cli, sign_key, passphrase_env)  # a bad key fails before any work
     settings = cli.settings
     loaded = load_spec(settings.spec_path, settings.environ)
     section = loaded.spec.image
@@ -139,6 +161,9 @@ def bake_cmd(
     progress = _Progress(cli, enabled=not as_json)
     with progress.running():
         result = bake(section, _store(cli), options, observer=progress)
+    signed = None
+    if signer is not None:
+        signed = sign_baked(_store(cli), result.digest, result.tags[0], signer)
     if as_json:
         emit_json(
             {
@@ -152,6 +177,7 @@ def bake_cmd(
                 "source_date_epoch": result.source_date_epoch,
                 "revision": result.revision,
                 "dirty": result.dirty,
+                "signature": signed.signature if signed else None,
             }
         )
         return
@@ -160,6 +186,8 @@ def bake_cmd(
     click.echo(f"  tags: {', '.join(result.tags)}")
     click.echo(f"  config: {result.config_digest}")
     click.echo(f"  layers: {len(result.layers)} ({built} built, {reused} reused)")
+    if signed:
+        click.echo(f"  signed: {signed.signature} (key {signed.keyid})")
 
 
 @click.group("images", invoke_without_command=True)

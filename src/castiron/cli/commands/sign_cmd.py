@@ -19,6 +19,8 @@ from castiron.errors import ImageError, UsageError
 from castiron.images.sign import (
     ArtifactCheck,
     Check,
+    Signer,
+    SignResult,
     docker_reference,
     generate_keypair,
     load_signer,
@@ -26,6 +28,7 @@ from castiron.images.sign import (
     verify_image,
 )
 from castiron.images.store import ImageStore
+from castiron.model import Digest
 
 PASSPHRASE_HELP = "Read the key's passphrase from this environment variable."
 
@@ -44,6 +47,24 @@ def read_passphrase(cli: CliContext, variable: str | None) -> bytes | None:
     if value == "":
         raise UsageError(f"--passphrase-env: environment variable {variable} is empty")
     return value.encode()
+
+
+def bake_signer(cli: CliContext, key: Path | None, passphrase_env: str | None) -> Signer | None:
+    """The signer for ``castiron bake --sign KEY``, loaded before anything is built.
+
+    Raises:
+        UsageError: for a bad key or passphrase, or ``--passphrase-env`` without ``--sign``.
+    """
+    if key is None:
+        if passphrase_env is not None:
+            raise UsageError("--passphrase-env needs --sign KEY")
+        return None
+    return load_signer(key, read_passphrase(cli, passphrase_env))
+
+
+def sign_baked(store: ImageStore, digest: Digest, tag: str, signer: Signer) -> SignResult:
+    """Sign a freshly baked image under its first tag (see :func:`sign_image`)."""
+    return sign_image(store, digest, signer, reference=docker_reference(store, tag, digest))
 
 
 def _store(cli: CliContext) -> ImageStore:
@@ -205,4 +226,4 @@ def verify_cmd(cli: CliContext, ref: str, keys: tuple[Path, ...], as_json: bool)
 
 commands: list[click.Command] = [keys_group, sign_cmd, verify_cmd]
 
-__all__ = ["commands", "read_passphrase"]
+__all__ = ["bake_signer", "commands", "read_passphrase", "sign_baked"]

@@ -1,0 +1,320 @@
+"""Benchmark: filesystem drift scans next to sha256sum, openssl and AIDE over the same files.
+
+Generates, with a fixed seed, a tree of 20,000 files totalling 1 GB (sizes log-normal, bytes
+random so nothing compresses) and a tree of 100,000 small files, with their file manifests
+(``castiron.images.manifest`` JSON, as an image carries). Reads every file once so that all
+tools run with a warm page cache, then runs each measurement ``--runs`` times (median) in a
+child process, side by side:
+
+* ``sha256sum`` (coreutils) over the files: ``find -type f -print0 | xargs -0 sha256sum``;
+* ``openssl dgst -sha256`` over the same files (many files per invocation);
+* ``aide --check`` with a minimal aide.conf for the tree (database initialised first, only the
+  check is timed), when AIDE is installed (``apt-get install aide``);
+* ``castiron full scan`` (:func:`castiron.engine.fsdrift.scan_full`) with 1 and 2 threads:
+  load the manifest, walk, re-hash every file, compare;
+* ``castiron fast scan`` (:func:`castiron.engine.fsdrift.scan_fast`) of the unchanged 20,000-
+  and 100,000-file trees against a baseline taken beforehand.
+
+Prints the machine, the load average, and per tool the median wall time, CPU time (user +
+system, children included) and throughput, with ratios to openssl. Everything lives in a
+temporary directory (under ``--dir``, default ``$TMPDIR`` or /tmp) removed at the end.
+
+    .venv/bin/python bench/drift_scan.py [--dir /tmp] [--runs 3] [--files 20000] [--mb 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from castiron.engine import fsdrift
+from castiron.images import manifest as file_manifest
+from castiron.images.manifest import FileEntry
+
+SEED = 20240601
+POOL = 64 << 20
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"nproc {os.cpu_count()}, {cpu}, kernel {platform.release()}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text(encoding="utf-8").split()[:3])
+    except OSError:
+        return "unknown"
+
+
+# --- trees -------------------------------------------------------------------------------
+
+
+def generate(root: Path, files: int, total: int, seed: int) -> dict[str, FileEntry]:
+    """``files`` files totalling about ``total`` bytes under ``root``; returns the manifest."""
+    rng = random.Random(seed)
+    pool = rng.randbytes(min(POOL, max(total, 1 << 20)))
+    weights = [rng.lognormvariate(0, 1.5) for _ in range(files)]
+    scale = total / sum(weights)
+    entries: dict[str, FileEntry] = {}
+    per_dir = 100
+    for i, weight in enumerate(weights):
+        rel = f"srv/d{i // (per_dir * 10):03}/s{(i // per_dir) % 10}/f{i:06}.bin"
+        path = root / rel
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True)
+            parts = rel.split("/")[:-1]
+            for depth in range(1, len(parts) + 1):
+                d = "/" + "/".join(parts[:depth])
+                entries.setdefault(d, FileEntry(d, "dir", 0o755))
+        size = int(weight * scale)
+        offset = rng.randrange(len(pool))
+        h = hashlib.sha256()
+        with open(path, "wb") as out:
+            left = size
+            while left:
+                chunk = memoryview(pool)[offset : offset + left]
+                out.write(chunk)
+                h.update(chunk)
+                left -= len(chunk)
+                offset = 0
+        os.chmod(path, 0o644)
+        entries["/" + rel] = FileEntry("/" + rel, "file", 0o644, size, h.hexdigest())
+    for d in entries:
+        if entries[d].type == "dir":
+            os.chmod(root / d.lstrip("/"), 0o755)
+    return entries
+
+
+def write_manifest(entries: Mapping[str, FileEntry], out: Path) -> None:
+    out.write_bytes(file_manifest.encode(entries))
+
+
+def warm(root: Path, listing: Path) -> None:
+    """Read every file once so that every tool runs on a warm page cache."""
+    with open(listing, "wb") as out:
+        subprocess.run(["find", str(root), "-type", "f", "-print0"], stdout=out, check=True)
+    subprocess.run(f"xargs -0 cat < {listing} > /dev/null", shell=True, check=True, cwd=root.parent)
+
+
+# --- measuring ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Run:
+    wall: float
+    cpu: float
+    inner: float | None
+
+
+def run_once(cmd: Sequence[str] | str) -> Run:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.run(
+        cmd,
+        shell=isinstance(cmd, str),
+        capture_output=True,
+        check=False,
+    )
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {cmd}\n{proc.stderr.decode()[-2000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    inner = None
+    if proc.stdout.startswith(b"{"):
+        inner = float(json.loads(proc.stdout)["scan_s"])
+    return Run(wall, cpu, inner)
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    wall: float
+    cpu: float
+    inner: float | None
+    nbytes: int
+
+
+def measure(name: str, cmd: Sequence[str] | str, runs: int, nbytes: int) -> Row:
+    results = [run_once(cmd) for _ in range(runs)]
+    inner = [r.inner for r in results if r.inner is not None]
+    row = Row(
+        name,
+        statistics.median(r.wall for r in results),
+        statistics.median(r.cpu for r in results),
+        statistics.median(inner) if inner else None,
+        nbytes,
+    )
+    walls = ", ".join(f"{r.wall:.3f}" for r in results)
+    print(f"  {name}: wall {walls} s -> median {row.wall:.3f} s", flush=True)
+    return row
+
+
+def scan_child(argv: list[str]) -> None:
+    """``--scan full|fast``: one scan in this process; prints its own timing as JSON."""
+    parser = argparse.ArgumentParser(prog="drift_scan.py --scan")
+    parser.add_argument("mode", choices=["full", "fast"])
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--manifest", type=Path, required=True)
+    parser.add_argument("--baseline", type=Path)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+
+    def load() -> dict[str, FileEntry]:
+        return file_manifest.decode(args.manifest.read_bytes(), str(args.manifest))
+
+    start = time.perf_counter()
+    if args.mode == "full":
+        result = fsdrift.scan_full(
+            args.root, load(), instance="bench", threads=args.threads, read_only=False
+        )
+    else:
+        result = fsdrift.scan_fast(
+            args.root, load, args.baseline, instance="bench", read_only=False
+        )
+    elapsed = time.perf_counter() - start
+    if result.findings:
+        raise SystemExit(f"unexpected drift: {result.findings[:3]}")
+    stats = result.stats
+    print(json.dumps({"scan_s": elapsed, "entries": stats.entries, "hashed": stats.hashed_files}))
+
+
+def aide_rows(work: Path, root: Path, runs: int, nbytes: int) -> list[Row]:
+    if shutil.which("aide") is None:
+        print("  aide: not installed (apt-get install aide); skipped")
+        return []
+    conf = work / "aide.conf"
+    conf.write_text(
+        f"database_in=file:{work}/aide.db\n"
+        f"database_out=file:{work}/aide.db.new\n"
+        "gzip_dbout=no\n"
+        "report_url=stdout\n"
+        "num_workers=1\n"
+        "Bench = p+i+n+u+g+s+m+c+sha256\n"
+        f"{root} Bench\n",
+        encoding="utf-8",
+    )
+    subprocess.run(["aide", "--init", f"--config={conf}"], stdout=subprocess.DEVNULL, check=True)
+    os.replace(work / "aide.db.new", work / "aide.db")
+    return [measure("aide --check", ["aide", "--check", f"--config={conf}"], runs, nbytes)]
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--scan":
+        scan_child(sys.argv[2:])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--files", type=int, default=20_000)
+    parser.add_argument("--mb", type=int, default=1000, help="size of the big tree in MB")
+    parser.add_argument("--fast-files", type=int, default=100_000)
+    args = parser.parse_args()
+
+    py = sys.executable
+    me = str(Path(__file__).resolve())
+    print(f"machine: {machine()}")
+    openssl_version = subprocess.run(["openssl", "version"], capture_output=True, text=True)
+    coreutils = subprocess.run(["sha256sum", "--version"], capture_output=True, text=True)
+    print(f"tools: {openssl_version.stdout.strip()}; {coreutils.stdout.splitlines()[0]}")
+    print(f"load average at start: {loadavg()}")
+    work = Path(tempfile.mkdtemp(prefix="castiron-bench-drift.", dir=args.dir))
+    try:
+        big, small = work / "big", work / "small"
+        t = time.perf_counter()
+        big_entries = generate(big, args.files, args.mb * 1_000_000, SEED)
+        small_entries = generate(small, args.fast_files, args.fast_files * 1024, SEED + 1)
+        write_manifest(big_entries, work / "big.files.json")
+        write_manifest(small_entries, work / "small.files.json")
+        nbytes = sum(e.size for e in big_entries.values())
+        print(
+            f"trees: {args.files} files / {nbytes / 1e9:.2f} GB and {args.fast_files} files "
+            f"generated in {time.perf_counter() - t:.1f} s under {work}"
+        )
+        warm(big, work / "big.list")
+        warm(small, work / "small.list")
+        print("page cache: warm (every file read once before timing; same for every tool)")
+
+        baselines = {}
+        for name, root in (("big", big), ("small", small)):
+            t = time.perf_counter()
+            count = fsdrift.take_baseline(root, work / f"{name}.baseline")
+            baselines[name] = work / f"{name}.baseline"
+            size = baselines[name].stat().st_size
+            print(f"baseline {name}: {count} paths, {size} bytes, {time.perf_counter() - t:.3f} s")
+
+        rows: list[Row] = []
+        print(f"\nfull scans of {args.files} files / {nbytes / 1e9:.2f} GB ({args.runs} runs):")
+        listing = work / "big.list"
+        rows.append(
+            measure("sha256sum", f"xargs -0 sha256sum < {listing} > /dev/null", args.runs, nbytes)
+        )
+        rows.append(
+            measure(
+                "openssl dgst -sha256",
+                f"xargs -0 openssl dgst -sha256 < {listing} > /dev/null",
+                args.runs,
+                nbytes,
+            )
+        )
+        rows.extend(aide_rows(work, big, args.runs, nbytes))
+        for threads in (1, 2):
+            cmd = [py, me, "--scan", "full", "--root", str(big)]
+            cmd += ["--manifest", str(work / "big.files.json"), "--threads", str(threads)]
+            rows.append(measure(f"castiron full scan, {threads} thread(s)", cmd, args.runs, nbytes))
+        print(f"\nfast scans of unchanged trees ({args.runs} runs):")
+        fast_rows: list[Row] = []
+        for name, root, count in (("big", big, args.files), ("small", small, args.fast_files)):
+            cmd = [py, me, "--scan", "fast", "--root", str(root)]
+            cmd += ["--manifest", str(work / f"{name}.files.json")]
+            cmd += ["--baseline", str(baselines[name])]
+            fast_rows.append(measure(f"castiron fast scan, {count} files", cmd, args.runs, 0))
+        print(f"load average at end: {loadavg()}")
+
+        openssl = next(r for r in rows if r.name.startswith("openssl"))
+        print(
+            "\n| tool | wall (median) | CPU | GB/s | vs openssl | scan only | "
+            "scan only vs openssl |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for r in rows:
+            inner = f"{r.inner:.3f} s" if r.inner is not None else "—"
+            ratio = f"{openssl.wall / r.inner:.2f}x" if r.inner is not None else "—"
+            print(
+                f"| {r.name} | {r.wall:.3f} s | {r.cpu:.3f} s | {r.nbytes / r.wall / 1e9:.2f} | "
+                f"{openssl.wall / r.wall:.2f}x | {inner} | {ratio} |"
+            )
+        for r in fast_rows:
+            inner = f"{r.inner:.3f} s" if r.inner is not None else "—"
+            print(f"| {r.name} | {r.wall:.3f} s | {r.cpu:.3f} s | — | — | {inner} | — |")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
