@@ -9,7 +9,14 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from castiron.agent.client import AgentClient, AgentEvent, HealthCheck, SpawnRequest, start_agent
+from castiron.agent.client import (
+    AgentClient,
+    AgentEvent,
+    HealthCheck,
+    SpawnRequest,
+    agent_pid,
+    start_agent,
+)
 from castiron.agent.daemon import REQUESTS_NAME
 from castiron.settings import Settings
 from castiron.traffic.base import Backend, BackendSet, RouteConfig
@@ -165,7 +172,7 @@ def test_after_an_agent_restart_secrets_block_replacement(
     # The agent dies; both instances die while no agent runs; a new agent starts.
     pids = {r.id: r.pid for r in agent.instances()}
     os.kill(int((settings.agent_path / "agent.pid").read_text()), signal.SIGKILL)
-    helpers.wait_for(lambda: not agent.health(), what="the agent to die")
+    helpers.wait_for(lambda: agent_pid(settings) is None, what="the agent to die")
     for pid in pids.values():
         os.killpg(pid, signal.SIGKILL)
     start_agent(settings)

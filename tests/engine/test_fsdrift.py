@@ -7,6 +7,7 @@ local runtime does, then changes the tree the way an intruder or a careless oper
 
 from __future__ import annotations
 
+import ast
 import io
 import os
 import stat
@@ -397,3 +398,20 @@ def test_recorded_modes_are_compared_as_they_are_when_not_read_only(tmp_path: Pa
     (root / "bin/tool").chmod(0o755)
     result = scan_full(root, manifest, instance=INSTANCE, read_only=False)
     assert changes(result) == [("/bin/tool", "mode")]
+
+
+def test_the_scanner_knows_no_runtime_router_agent_or_state() -> None:
+    import castiron.engine.fsdrift as module
+
+    tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
+    imported = {
+        node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+    } | {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    forbidden = ("castiron.drivers", "castiron.traffic", "castiron.agent", "castiron.state")
+    assert not [name for name in imported if name.startswith(forbidden)]
+    assert "castiron.images.manifest" in imported

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -138,3 +139,8 @@ def mutations(draw: st.DrawFn) -> str:
 @given(mutations())
 def test_mutations_of_the_example(text: str) -> None:
     _check(text)
+
+
+def test_custom_tag_on_the_root_mapping_is_a_spec_error() -> None:
+    with pytest.raises(SpecError, match="python/object"):
+        load_spec_text("!!python/object \napp: hello\n", "castiron.yaml", {})

@@ -2,8 +2,9 @@
 
 Owns wiring: the SQLite state store, the image store, the host agent's client (started on
 first use, and only when a command needs the runtime or the router), the drivers by runtime
-(``local`` is the local process runtime; the others are refused with a clear error until they
-exist) and the traffic controller. Read commands get an engine that never starts the agent.
+(``local`` is the local process runtime; the others come from
+:mod:`castiron.engine.runtimes`) and the traffic controller. Read commands get an engine that
+never starts the agent.
 
 It knows nothing of click or of rendering; it does not read the process environment (the
 settings carry what was captured at the edge).
@@ -21,16 +22,15 @@ from castiron.agent.client import AgentClient, HealthCheck, ensure_agent, from_j
 from castiron.drivers.base import Driver
 from castiron.engine.deploy import Engine
 from castiron.engine.journal import StepObserver
+from castiron.engine.runtimes import AVAILABLE_RUNTIMES, runtime_driver
 from castiron.engine.strategies import LOG_LINES
 from castiron.errors import UsageError
 from castiron.images.store import ImageStore
 from castiron.model import ImageRef, Instance, InstanceSpec
 from castiron.settings import Settings
+from castiron.state.base import StateStore
 from castiron.state.sqlite import open_state
 from castiron.traffic.controller import AgentTraffic, TrafficController
-
-AVAILABLE_RUNTIMES = ("local",)
-"""Runtimes this castiron can deploy to."""
 
 
 class _Agent:
@@ -81,8 +81,14 @@ def local_driver(settings: Settings, agent: Callable[[], AgentClient]) -> Driver
     )
 
 
-def driver_factory(settings: Settings, agent: Callable[[], AgentClient]) -> Callable[[str], Driver]:
-    """Drivers by runtime name, each built once."""
+def driver_factory(
+    settings: Settings, agent: Callable[[], AgentClient], store: StateStore
+) -> Callable[[str], Driver]:
+    """Drivers by runtime name, each built once.
+
+    Raises (from the returned callable):
+        UsageError: when the runtime is not available.
+    """
     built: dict[str, Driver] = {}
 
     def driver_for(runtime: str) -> Driver:
@@ -90,10 +96,7 @@ def driver_factory(settings: Settings, agent: Callable[[], AgentClient]) -> Call
             if runtime == "local":
                 built[runtime] = local_driver(settings, agent)
             else:
-                raise UsageError(
-                    f"runtime {runtime!r} is not available yet (available: "
-                    f"{', '.join(AVAILABLE_RUNTIMES)})"
-                )
+                built[runtime] = runtime_driver(runtime, settings, store)
         return built[runtime]
 
     return driver_for
@@ -126,7 +129,7 @@ def open_engine(
         yield Engine(
             store=store,
             images=ImageStore(settings.images_path),
-            driver_for=driver_factory(settings, agent),
+            driver_for=driver_factory(settings, agent, store),
             traffic=traffic,
             environ=settings.environ,
             observer=observer,

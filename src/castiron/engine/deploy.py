@@ -34,6 +34,7 @@ from castiron.engine.journal import (
 )
 from castiron.engine.plan import Plan, plan_deployment
 from castiron.engine.release import Release, release_from_json, resolve_release
+from castiron.engine.runtimes import sweep
 from castiron.engine.secrets import resolve_secrets
 from castiron.engine.strategies import (
     STRATEGIES,
@@ -770,10 +771,7 @@ class Engine:
             ids = [r.id for r in rows]
             for row in rows:
                 driver.destroy(row_instance(row), grace=min(policy.drain_timeout, 10.0))
-            for observed in driver.observe(policy.app, environment):
-                driver.destroy(observed.instance, grace=5.0)
-                if observed.instance.id not in ids:
-                    ids.append(observed.instance.id)
+            ids += sweep(driver, policy.app, environment, ids)
 
             def apply(tx: StateTx) -> None:
                 remove_instances(tx, [r.id for r in rows])

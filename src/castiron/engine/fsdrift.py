@@ -371,7 +371,7 @@ def _hash_files(root: str, jobs: Iterator[tuple[int, str, str]]) -> list[tuple[s
     for _size, rel, _expected in jobs:
         read = 0
         try:
-            fd = os.open(os.path.join(root, rel), _OPEN_FLAGS)
+            fd = os.open(f"{root}/{rel}", _OPEN_FLAGS)
         except OSError as exc:
             out.append((rel, f"unreadable ({exc.strerror or exc})", 0))
             continue

@@ -3,7 +3,8 @@
 Owns what ``castiron status``, ``history`` and ``releases`` show: the release an environment
 serves (digest, tag), its listen address, its instances with their health (one quick probe
 each), the router's per-release counters when the agent runs, the warm previous release, a
-held lock and an interrupted deployment. It changes nothing.
+held lock, an interrupted deployment, and strays (instances the runtime shows that castiron's
+records do not know; None when the runtime cannot be asked). It changes nothing.
 
 It knows nothing of click or rendering, and never starts the agent.
 """
@@ -16,6 +17,7 @@ from typing import Any
 from castiron.engine.deploy import Engine
 from castiron.engine.release import HealthConfig
 from castiron.engine.rollback import known_good
+from castiron.engine.runtimes import environment_strays
 from castiron.errors import CastironError, NotFoundError
 from castiron.state.base import DeploymentRow, format_time_short
 from castiron.state.locks import LockManager
@@ -119,6 +121,7 @@ def environment_status(
             ],
         }
     pending = [d.id for d in engine.store.list_deployments(name, limit=5) if d.outcome == "running"]
+    strays = environment_strays(engine, name, seen | {r.id for r in rows}, agent_running=router)
     locks = LockManager(engine.store).status(name)
     return {
         "name": name,
@@ -137,6 +140,7 @@ def environment_status(
         "counters": counters,
         "lock": locks[0].as_json() if locks else None,
         "interrupted": pending,
+        "strays": strays,
     }
 
 

@@ -25,6 +25,7 @@ from castiron.drivers.base import Driver
 from castiron.engine.health import HealthTracker, ProbeResult, probe
 from castiron.engine.journal import Journal
 from castiron.engine.release import HealthConfig, Release
+from castiron.engine.runtimes import instance_port
 from castiron.errors import CastironError, DeployFailedError
 from castiron.model import ImageRef, Instance, InstanceSpec, Isolation, ReleaseId
 from castiron.state.base import AuditDraft, EnvironmentRow, InstanceRow, StateTx, format_time
@@ -175,7 +176,7 @@ class Rollout:
             command=self.runtime.command,
             env=env,
             workdir=self.runtime.workdir,
-            port=0 if cfg.runtime == "local" else cfg.port,
+            port=instance_port(cfg),
             user=self.runtime.user,
             secret_names=frozenset(self.secrets),
             isolation=isolation,

@@ -337,8 +337,8 @@ class _Builder:
     def build_root(self, root: MappingNode) -> dict[str, Any]:
         self.where[()] = _Where(None, _pos(root.start_mark))
         value = self._build(root, (), interpolate=True, raw=False, extensions=True)
-        assert isinstance(value, dict)
-        return value
+        # A refused root (e.g. a custom tag) has already been reported as an issue.
+        return value if isinstance(value, dict) else {}
 
     def _count_node(self, node: Node) -> None:
         self._count += 1

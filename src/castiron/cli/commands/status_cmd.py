@@ -63,6 +63,9 @@ def _render_env(env: dict[str, Any]) -> list[str]:
         lines.append(f"  locked   by {lock['holder']} for {lock['purpose']!r} ({lock['reason']})")
     if env["interrupted"]:
         lines.append(f"  interrupted deployment(s): {', '.join(env['interrupted'])}")
+    if env.get("strays"):
+        strays = ", ".join(f"{s['name'] or s['id']} ({s['state']})" for s in env["strays"])
+        lines.append(f"  strays: {strays} (not in castiron's records)")
     return lines
 
 

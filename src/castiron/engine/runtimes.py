@@ -1,0 +1,283 @@
+"""Runtimes other than the embedded one, and what the engine must know about each runtime.
+
+Owns:
+
+* building the driver of a runtime that is not ``local`` (:func:`runtime_driver`): ``docker``
+  is a :class:`~castiron.drivers.docker.DockerDriver` on the engine at ``DOCKER_HOST`` (from
+  the captured settings), fed by :func:`archive_exporter`, which writes a docker-archive of an
+  image from castiron's store into a cache file under ``CASTIRON_HOME`` (``cache/docker/``);
+  its container options follow the network of the release being deployed
+  (:class:`ReleaseNetworks`, read from the state store when a container is created);
+* the port an instance is given (:func:`instance_port`): 0 — "the driver picks a free one" —
+  wherever replicas share the host's network, so each replica gets its own;
+* what a driver offers beyond the protocol: finding strays (:func:`find_strays`,
+  :func:`environment_strays`) and removing everything of an environment (:func:`sweep`).
+
+The Docker SDK is only imported by the driver module, and that only when a Docker runtime is
+used. It knows nothing of click or rendering, and never reads the process environment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from castiron.drivers.base import Driver
+from castiron.engine.release import ReleaseConfig
+from castiron.errors import CastironError, UsageError
+from castiron.model import Digest, ImageRef, Observed, ReleaseId
+from castiron.settings import Settings
+from castiron.state.base import StateStore
+
+if TYPE_CHECKING:  # the docker SDK is only imported when a Docker runtime is used
+    from castiron.drivers.docker import ContainerOptions
+    from castiron.engine.deploy import Engine
+
+AVAILABLE_RUNTIMES = ("local", "docker")
+"""Runtimes this castiron can deploy to."""
+
+DEFAULT_NETWORK = "host"
+"""The Docker network of an environment whose release does not say (the spec's default)."""
+
+
+def instance_port(config: ReleaseConfig) -> int:
+    """The port to ask the driver for, for one instance of a release with ``config``.
+
+    0 (the driver assigns a free port) wherever instances share the host's network: every
+    local process, and Docker containers on ``network: host``; otherwise the service port
+    (inside the container's own network namespace, where replicas cannot collide).
+    """
+    if config.runtime == "local":
+        return 0
+    if config.runtime == "docker" and config.network == "host":
+        return 0
+    return config.port
+
+
+def docker_cache(settings: Settings) -> Path:
+    """Where docker-archives exported for the Docker engine are kept (under CASTIRON_HOME)."""
+    return settings.home / "cache" / "docker"
+
+
+def archive_exporter(cache: Path) -> Callable[[ImageRef], Path]:
+    """An exporter for :class:`~castiron.drivers.docker.DockerDriver`: the docker-archive of
+    an image, written once from castiron's store into ``cache`` (named by the manifest
+    digest) and reused while it is there.
+
+    The archive's ``RepoTags`` name the image's tags in the store, so the engine may keep a
+    ``APP:TAG`` tag after loading it; castiron itself always refers to the image by its ID.
+    """
+
+    def export(image: ImageRef) -> Path:
+        # Imported on use: only a Docker deployment that lacks the image needs the images lib.
+        from castiron.images.archive import export_archive
+        from castiron.images.store import ImageStore
+
+        dest = cache / f"{image.digest.removeprefix('sha256:')}.docker.tar"
+        if dest.is_file():
+            return dest
+        return export_archive(ImageStore(image.store), image.digest, "docker-archive", dest).path
+
+    return export
+
+
+class ReleaseNetworks(Mapping[str, "ContainerOptions"]):
+    """Container options by environment, following the network of the release being
+    deployed there (else the one it serves), read from the state store on each look-up, so
+    a deployment that changes ``network`` creates its containers on the new one."""
+
+    def __init__(self, store: StateStore) -> None:
+        self._store = store
+
+    def network(self, environment: str) -> str | None:
+        """The network of the release ``environment`` is moving to or serves (None: unknown)."""
+        release: ReleaseId | None = None
+        for deployment in self._store.list_deployments(environment, limit=5):
+            if deployment.outcome == "running":
+                release = ReleaseId(deployment.to_release)
+                break
+        if release is None:
+            row = self._store.get_environment(environment)
+            release = row.current_release if row is not None else None
+        if release is None:
+            return None
+        found = self._store.get_release(release)
+        if found is None:
+            return None
+        network = found.config.get("network")
+        return str(network) if network else DEFAULT_NETWORK
+
+    def __getitem__(self, environment: str) -> ContainerOptions:
+        from castiron.drivers.docker import ContainerOptions
+
+        network = self.network(environment)
+        if network is None:
+            raise KeyError(environment)
+        return ContainerOptions(network=network)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([e.name for e in self._store.list_environments() if e.runtime == "docker"])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def docker_driver(settings: Settings, store: StateStore) -> Driver:
+    """The Docker runtime: the engine at ``DOCKER_HOST`` (default: the local socket).
+
+    Raises:
+        UsageError: when the Docker SDK is not installed.
+    """
+    try:
+        from castiron.drivers.docker import DEFAULT_DOCKER_HOST, DockerDriver, DockerEndpoint
+    except ImportError as exc:
+        raise UsageError(
+            f"runtime 'docker' needs the Docker SDK for Python ({exc}): "
+            "pip install 'castiron[docker]'"
+        ) from None
+    return DockerDriver(
+        export=archive_exporter(docker_cache(settings)),
+        endpoint=DockerEndpoint(
+            base_url=settings.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
+        ),
+        options=ReleaseNetworks(store),
+    )
+
+
+def runtime_driver(runtime: str, settings: Settings, store: StateStore) -> Driver:
+    """The driver of ``runtime`` (any but ``local``, which needs the host agent).
+
+    Raises:
+        UsageError: when the runtime is not available (or its SDK is missing).
+    """
+    if runtime == "docker":
+        return docker_driver(settings, store)
+    raise UsageError(
+        f"runtime {runtime!r} is not available yet (available: {', '.join(AVAILABLE_RUNTIMES)})"
+    )
+
+
+# --- beyond the protocol ---------------------------------------------------------------------
+
+
+@runtime_checkable
+class StrayFinder(Protocol):
+    """A driver that can also find instances started by hand from a release image."""
+
+    def strays(
+        self,
+        app: str,
+        environment: str,
+        known_ids: Collection[str],
+        release_images: Collection[ImageRef],
+    ) -> list[Observed]: ...
+
+
+@runtime_checkable
+class Sweeper(Protocol):
+    """A driver that can remove everything it labelled for an environment in one call."""
+
+    def down(self, app: str, environment: str, grace: float = 10.0) -> list[str]: ...
+
+
+def find_strays(
+    driver: Driver,
+    app: str,
+    environment: str,
+    known_ids: Collection[str],
+    release_images: Collection[ImageRef] = (),
+) -> list[Observed]:
+    """What ``driver`` shows of ``app``/``environment`` that castiron's records do not know:
+    instances whose id is not in ``known_ids`` or without castiron's labels, and — where the
+    driver can tell — instances started by hand from one of ``release_images``.
+
+    Raises:
+        RuntimeDriverError: when the runtime cannot be observed.
+    """
+    if isinstance(driver, StrayFinder):
+        return driver.strays(app, environment, known_ids, release_images)
+    known = set(known_ids)
+    return [o for o in driver.observe(app, environment) if o.stray or o.instance.id not in known]
+
+
+def sweep(driver: Driver, app: str, environment: str, known_ids: Sequence[str]) -> list[str]:
+    """Destroy every instance ``driver`` shows for ``app``/``environment`` (with the driver's
+    own ``down`` where it has one); returns the ids that were not in ``known_ids``.
+
+    Raises:
+        RuntimeDriverError: when the runtime cannot be observed or refuses.
+    """
+    observed = driver.observe(app, environment)
+    extra: list[str] = []
+    for o in observed:
+        if o.instance.id not in known_ids and o.instance.id not in extra:
+            extra.append(o.instance.id)
+    if isinstance(driver, Sweeper):
+        driver.down(app, environment, grace=5.0)
+    else:
+        for o in observed:
+            driver.destroy(o.instance, grace=5.0)
+    return extra
+
+
+def stray_json(observed: Observed) -> dict[str, Any]:
+    """One stray as shown by ``castiron status --json``."""
+    instance = observed.instance
+    container = observed.config.get("container")
+    return {
+        "id": instance.id,
+        "handle": instance.handle,
+        "name": str(container) if container else None,
+        "state": observed.state,
+        "release": instance.release or None,
+        "address": instance.address or None,
+        "image": observed.image,
+    }
+
+
+def environment_strays(
+    engine: Engine, environment: str, known_ids: Collection[str], *, agent_running: bool
+) -> list[dict[str, Any]] | None:
+    """The strays of ``environment`` as JSON-ready objects; None when they cannot be told
+    (the runtime cannot be reached, or it is the local runtime and the agent is not running:
+    a read command never starts it)."""
+    row = engine.store.get_environment(environment)
+    if row is None:
+        return None
+    if row.runtime == "local" and not agent_running:
+        return None
+    app = str(row.config.get("app", ""))
+    images: dict[str, ImageRef] = {}
+    for release in engine.store.list_releases(environment):
+        if release.digest in images:
+            continue
+        try:
+            config_digest = engine.images.image(release.digest).config_digest
+        except CastironError:
+            continue
+        images[release.digest] = ImageRef(Digest(release.digest), config_digest, engine.images.root)
+    try:
+        driver = engine.driver(row.runtime)
+        found = find_strays(driver, app, environment, known_ids, list(images.values()))
+    except CastironError:
+        return None
+    return [stray_json(o) for o in found]
+
+
+__all__ = [
+    "AVAILABLE_RUNTIMES",
+    "DEFAULT_NETWORK",
+    "ReleaseNetworks",
+    "StrayFinder",
+    "Sweeper",
+    "archive_exporter",
+    "docker_cache",
+    "docker_driver",
+    "environment_strays",
+    "find_strays",
+    "instance_port",
+    "runtime_driver",
+    "stray_json",
+    "sweep",
+]
