@@ -3,8 +3,8 @@
 Generates, with a fixed seed, a tree of 20,000 files totalling 1 GB (sizes log-normal, bytes
 random so nothing compresses) and a tree of 100,000 small files, with their file manifests
 (``castiron.images.manifest`` JSON, as an image carries). Reads every file once so that all
-tools run with a warm page cache, then runs each measurement ``--runs`` times (median) in a
-child process, side by side:
+tools run with a warm page cache, then runs each measurement ``--runs`` times (round-robin over
+the tools; the median is reported) in a child process, side by side:
 
 * ``sha256sum`` (coreutils) over the files: ``find -type f -print0 | xargs -0 sha256sum``;
 * ``openssl dgst -sha256`` over the same files (many files per invocation);
@@ -163,21 +163,36 @@ class Row:
     nbytes: int
 
 
-def measure(name: str, cmd: Sequence[str] | str, runs: int, nbytes: int) -> Row:
-    results = [run_once(cmd) for _ in range(runs)]
-    inner = [r.inner for r in results if r.inner is not None]
-    inner_cpu = [r.inner_cpu for r in results if r.inner_cpu is not None]
-    row = Row(
-        name,
-        statistics.median(r.wall for r in results),
-        statistics.median(r.cpu for r in results),
-        statistics.median(inner) if inner else None,
-        statistics.median(inner_cpu) if inner_cpu else None,
-        nbytes,
-    )
-    walls = ", ".join(f"{r.wall:.3f}" for r in results)
-    print(f"  {name}: wall {walls} s -> median {row.wall:.3f} s", flush=True)
-    return row
+@dataclass(frozen=True)
+class Job:
+    name: str
+    cmd: Sequence[str] | str
+    nbytes: int
+
+
+def measure(jobs: Sequence[Job], runs: int) -> list[Row]:
+    """Run every job ``runs`` times, round-robin (so load changes hit every tool alike)."""
+    results: dict[str, list[Run]] = {job.name: [] for job in jobs}
+    for _ in range(runs):
+        for job in jobs:
+            results[job.name].append(run_once(job.cmd))
+    rows = []
+    for job in jobs:
+        done = results[job.name]
+        inner = [r.inner for r in done if r.inner is not None]
+        inner_cpu = [r.inner_cpu for r in done if r.inner_cpu is not None]
+        row = Row(
+            job.name,
+            statistics.median(r.wall for r in done),
+            statistics.median(r.cpu for r in done),
+            statistics.median(inner) if inner else None,
+            statistics.median(inner_cpu) if inner_cpu else None,
+            job.nbytes,
+        )
+        walls = ", ".join(f"{r.wall:.3f}" for r in done)
+        print(f"  {job.name}: wall {walls} s -> median {row.wall:.3f} s", flush=True)
+        rows.append(row)
+    return rows
 
 
 def scan_child(argv: list[str]) -> None:
@@ -218,7 +233,7 @@ def scan_child(argv: list[str]) -> None:
     )
 
 
-def aide_rows(work: Path, root: Path, runs: int, nbytes: int) -> list[Row]:
+def aide_jobs(work: Path, root: Path, nbytes: int) -> list[Job]:
     if shutil.which("aide") is None:
         print("  aide: not installed (apt-get install aide); skipped")
         return []
@@ -235,7 +250,7 @@ def aide_rows(work: Path, root: Path, runs: int, nbytes: int) -> list[Row]:
     )
     subprocess.run(["aide", "--init", f"--config={conf}"], stdout=subprocess.DEVNULL, check=True)
     os.replace(work / "aide.db.new", work / "aide.db")
-    return [measure("aide --check", ["aide", "--check", f"--config={conf}"], runs, nbytes)]
+    return [Job("aide --check", ["aide", "--check", f"--config={conf}"], nbytes)]
 
 
 def main() -> None:
@@ -282,32 +297,30 @@ def main() -> None:
             size = baselines[name].stat().st_size
             print(f"baseline {name}: {count} paths, {size} bytes, {time.perf_counter() - t:.3f} s")
 
-        rows: list[Row] = []
-        print(f"\nfull scans of {args.files} files / {nbytes / 1e9:.2f} GB ({args.runs} runs):")
         listing = work / "big.list"
-        rows.append(
-            measure("sha256sum", f"xargs -0 sha256sum < {listing} > /dev/null", args.runs, nbytes)
-        )
-        rows.append(
-            measure(
+        jobs = [
+            Job("sha256sum", f"xargs -0 sha256sum < {listing} > /dev/null", nbytes),
+            Job(
                 "openssl dgst -sha256",
                 f"xargs -0 openssl dgst -sha256 < {listing} > /dev/null",
-                args.runs,
                 nbytes,
-            )
-        )
-        rows.extend(aide_rows(work, big, args.runs, nbytes))
+            ),
+            *aide_jobs(work, big, nbytes),
+        ]
         for threads in (1, 2):
             cmd = [py, me, "--scan", "full", "--root", str(big)]
             cmd += ["--manifest", str(work / "big.files.json"), "--threads", str(threads)]
-            rows.append(measure(f"castiron full scan, {threads} thread(s)", cmd, args.runs, nbytes))
-        print(f"\nfast scans of unchanged trees ({args.runs} runs):")
-        fast_rows: list[Row] = []
+            jobs.append(Job(f"castiron full scan, {threads} thread(s)", cmd, nbytes))
+        print(f"\nfull scans of {args.files} files / {nbytes / 1e9:.2f} GB ({args.runs} runs):")
+        rows = measure(jobs, args.runs)
+        fast_jobs = []
         for name, root, count in (("big", big, args.files), ("small", small, args.fast_files)):
             cmd = [py, me, "--scan", "fast", "--root", str(root)]
             cmd += ["--manifest", str(work / f"{name}.files.json")]
             cmd += ["--baseline", str(baselines[name])]
-            fast_rows.append(measure(f"castiron fast scan, {count} files", cmd, args.runs, 0))
+            fast_jobs.append(Job(f"castiron fast scan, {count} files", cmd, 0))
+        print(f"\nfast scans of unchanged trees ({args.runs} runs):")
+        fast_rows = measure(fast_jobs, args.runs)
         print(f"load average at end: {loadavg()}")
 
         openssl = next(r for r in rows if r.name.startswith("openssl"))

@@ -70,15 +70,16 @@ class LogPolicy:
     """How many rotated files (``.1`` newest … ``.N`` oldest) to keep."""
 
 
-def process_start_time(pid: int) -> int | None:
-    """Start time (clock ticks since boot) of a live process ``pid``; None if gone or a zombie."""
+def process_start_time(pid: int, *, zombie_ok: bool = False) -> int | None:
+    """Start time (clock ticks since boot) of a live process ``pid``; None if gone or a zombie
+    (unless ``zombie_ok``: our own unreaped child still owns its pid)."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_bytes()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
     # comm (field 2) may hold spaces and parentheses: split after the last ')'.
     rest = raw[raw.rfind(b")") + 2 :].split()
-    if not rest or rest[0] in (b"Z", b"X"):
+    if not rest or rest[0] == b"X" or (rest[0] == b"Z" and not zombie_ok):
         return None
     return int(rest[19])
 
@@ -276,7 +277,7 @@ class Supervisor:
         finally:
             os.close(log_fd)
         pidfd = _pidfd_open(popen.pid)
-        start_time = process_start_time(popen.pid)
+        start_time = process_start_time(popen.pid, zombie_ok=True)  # it may exit at once
         record = InstanceRecord(
             id=request.id,
             environment=request.environment,

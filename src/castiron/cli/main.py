@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-import traceback
 from pathlib import Path
 from typing import cast
 
@@ -46,7 +45,8 @@ def _command_index() -> dict[str, str]:
 
 @click.group(
     cls=LazyGroup,
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(
     __version__, "--version", prog_name="castiron", message="%(prog)s %(version)s"
 )
@@ -75,8 +75,6 @@ def cli(ctx: click.Context, home: Path | None, spec_file: Path | None) -> None:
     ctx.obj = CliContext(settings=settings)
 
 
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (the console script's entry point)."""
     try:
@@ -99,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return int(ExitCode.OK)
     except Exception:
+        import traceback
+
         traceback.print_exc()
         sys.stderr.write(
             "castiron hit an unexpected error (a bug). Please report it with the traceback above.\n"

@@ -1,6 +1,8 @@
 """Output for the CLI: one JSON object on stdout for ``--json``, rich text otherwise.
 
 Owns colours (``NO_COLOR``) and the ``error: ...`` line. Knows nothing of the engine.
+rich is imported only when a console is made, so commands that print plain lines or JSON
+start without it.
 """
 
 from __future__ import annotations
@@ -8,13 +10,16 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def make_console(*, color: bool, stderr: bool = False) -> Console:
     """A rich console that honours ``NO_COLOR`` (``color=False``) and never wraps JSON."""
+    from rich.console import Console
+
     return Console(
         stderr=stderr,
         no_color=not color,

@@ -18,10 +18,18 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from castiron.agent.client import AgentClient, HealthCheck, ensure_agent, from_json, socket_path
+from castiron.agent.client import (
+    AgentClient,
+    HealthCheck,
+    agent_pid,
+    ensure_agent,
+    from_json,
+    socket_path,
+)
 from castiron.drivers.base import Driver
 from castiron.engine.deploy import Engine
 from castiron.engine.journal import StepObserver
+from castiron.engine.release import DeploySpec, cached_deploy_spec
 from castiron.engine.runtimes import AVAILABLE_RUNTIMES, runtime_driver
 from castiron.engine.strategies import LOG_LINES
 from castiron.errors import UsageError
@@ -43,11 +51,15 @@ class _Agent:
 
     def __call__(self) -> AgentClient:
         if self._client is None:
-            self._client = (
-                ensure_agent(self._settings)
-                if self._start
-                else AgentClient(socket_path(self._settings), timeout=5.0)
-            )
+            if not self._start:
+                self._client = AgentClient(socket_path(self._settings), timeout=5.0)
+            elif agent_pid(self._settings):
+                # A running agent holds its lock and has written its pid: no need to ping it
+                # first (one round trip less); a call to an agent that is just stopping fails
+                # with AgentError like any call to a vanished agent would.
+                self._client = AgentClient(socket_path(self._settings))
+            else:
+                self._client = ensure_agent(self._settings)
         return self._client
 
 
@@ -66,9 +78,11 @@ def health_for(spec: InstanceSpec) -> HealthCheck | None:
 def local_driver(settings: Settings, agent: Callable[[], AgentClient]) -> Driver:
     """The local process runtime for ``settings.home``, reaching the agent through ``agent``."""
     from castiron.drivers.local import LocalDriver, SandboxPolicy, find_bwrap
-    from castiron.images.rootfs import unpack_release
 
     def unpack(image: ImageRef, target: Path) -> None:
+        # Imported on use: only the first deployment of an image unpacks it (tarfile, gzip).
+        from castiron.images.rootfs import unpack_release
+
         unpack_release(image.store, image.digest, target)
 
     path = settings.environ.get("PATH", os.defpath)
@@ -141,13 +155,26 @@ def open_engine(
 
 def agent_running(settings: Settings) -> AgentClient | None:
     """A client of the agent when it runs (never starts one)."""
+    if agent_pid(settings) is None:  # no agent holds the lock: nothing to ask
+        return None
     client = AgentClient(socket_path(settings), timeout=5.0)
     return client if client.health() else None
+
+
+def deploy_spec_for(settings: Settings) -> DeploySpec:
+    """What deploying needs of the settings' spec file, with validation results cached under
+    ``CASTIRON_HOME/cache`` (see :func:`~castiron.engine.release.cached_deploy_spec`).
+
+    Raises:
+        SpecError: when the spec cannot be read or does not validate.
+    """
+    return cached_deploy_spec(settings.spec_path, settings.environ, settings.home / "cache")
 
 
 __all__ = [
     "AVAILABLE_RUNTIMES",
     "agent_running",
+    "deploy_spec_for",
     "driver_factory",
     "health_for",
     "local_driver",

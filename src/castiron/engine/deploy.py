@@ -32,10 +32,14 @@ from castiron.engine.journal import (
     finish_deployment,
     new_deployment_id,
 )
-from castiron.engine.plan import Plan, plan_deployment
-from castiron.engine.release import Release, release_from_json, resolve_release
+from castiron.engine.release import (
+    DeploySpec,
+    Release,
+    deploy_spec,
+    release_from_json,
+    release_id,
+)
 from castiron.engine.runtimes import sweep
-from castiron.engine.secrets import resolve_secrets
 from castiron.engine.strategies import (
     STRATEGIES,
     ImageRuntime,
@@ -54,8 +58,6 @@ from castiron.errors import (
     NotFoundError,
     UsageError,
 )
-from castiron.images import oci
-from castiron.images.store import ImageStore
 from castiron.model import Digest, ImageRef, Instance, ReleaseId
 from castiron.state.base import (
     AuditDraft,
@@ -70,10 +72,12 @@ from castiron.state.base import (
     parse_time,
 )
 from castiron.state.locks import LockManager
-from castiron.traffic.controller import TrafficController
 
 if TYPE_CHECKING:  # loading a spec needs pydantic; read commands never do
+    from castiron.engine.plan import Plan
+    from castiron.images.store import ImageStore
     from castiron.spec.load import LoadedSpec
+    from castiron.traffic.controller import TrafficController
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,8 @@ def newest_image(images: ImageStore, app: str) -> tuple[Digest, str | None]:
     Raises:
         UsageError: when the store has no image of ``app`` (bake one first).
     """
+    from castiron.images import oci
+
     for descriptor in reversed(images.index()):
         if descriptor.artifact_type is not None:
             continue
@@ -215,43 +221,49 @@ class Engine:
 
     # --- resolve and plan ------------------------------------------------------------------
 
-    def resolve(self, loaded: LoadedSpec, environment: str, image: str | None = None) -> Target:
+    def resolve(
+        self, loaded: LoadedSpec | DeploySpec, environment: str, image: str | None = None
+    ) -> Target:
         """Resolve ``environment`` of the spec with image ``image`` (a tag, digest or unique
         prefix; default: the newest baked image of the app) to a :class:`Target`.
 
+        ``loaded`` is a validated spec, or what deploying needs of one (:class:`DeploySpec`,
+        which :func:`~castiron.engine.release.cached_deploy_spec` gives without pydantic).
         The reference is resolved to a digest here, once; everything after uses the digest.
 
         Raises:
             UsageError: unknown environment, no image, unsupported strategy.
             NotFoundError: when ``image`` names nothing in the store.
         """
-        spec = loaded.spec
+        from castiron.images import oci
+
+        spec = loaded if isinstance(loaded, DeploySpec) else deploy_spec(loaded)
         env = spec.environments.get(environment)
         if env is None:
             known = ", ".join(sorted(spec.environments)) or "none"
-            raise UsageError(f"no environment {environment!r} in {loaded.path} (known: {known})")
+            raise UsageError(f"no environment {environment!r} in {spec.path} (known: {known})")
         if image is None:
             digest, tag = newest_image(self.images, spec.app)
         else:
             digest = self.images.resolve(image)
             tag = image if image in self.images.tags() else None
-        if env.strategy.type not in STRATEGIES:
+        if env.strategy not in STRATEGIES:
             raise UsageError(
-                f"environments.{environment}.strategy.type: {env.strategy.type!r} is not "
+                f"environments.{environment}.strategy.type: {env.strategy!r} is not "
                 f"available yet (use one of: {', '.join(STRATEGIES)})"
             )
         stored = self.images.image(digest)
-        release = resolve_release(spec, environment, digest)
+        release = Release(id=release_id(digest, env.config), digest=digest, config=env.config)
         policy = Policy(
             app=spec.app,
-            runtime=env.runtime,
+            runtime=env.config.runtime,
             listen=env.listen,
-            strategy=env.strategy.type,
-            batch=env.strategy.batch,
+            strategy=env.strategy,
+            batch=env.batch,
             drain_timeout=env.drain_timeout,
             keep_warm=env.keep_warm,
             deploy_timeout=env.deploy_timeout,
-            base_dir=str(loaded.base_dir),
+            base_dir=str(spec.base_dir),
         )
         return Target(release, policy, tag, stored.annotations.get(oci.ANN_REVISION))
 
@@ -285,6 +297,8 @@ class Engine:
             for r in self.in_service(target.environment)
             if current is not None and r.release == current.id
         ]
+        from castiron.engine.plan import plan_deployment
+
         return plan_deployment(current, target.release, len(running), target.policy.strategy)
 
     # --- locking, recovery, reaping ------------------------------------------------------------
@@ -640,6 +654,8 @@ class Engine:
         """
         release, policy = target.release, target.policy
         environment = target.environment
+        from castiron.engine.secrets import resolve_secrets
+
         secret_values = resolve_secrets(release, self.environ, Path(policy.base_dir))
         runtime = image_runtime(self.images, release.digest)
         stored = self.images.image(release.digest)

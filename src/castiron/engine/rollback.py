@@ -18,7 +18,13 @@ from dataclasses import dataclass
 from castiron.engine.deploy import DeployResult, Engine, Target
 from castiron.engine.journal import Journal, new_deployment_id
 from castiron.engine.release import Release
-from castiron.engine.strategies import ImageRuntime, Policy, Rollout, row_instance
+from castiron.engine.strategies import (
+    DriverOnUse,
+    ImageRuntime,
+    Policy,
+    Rollout,
+    row_instance,
+)
 from castiron.errors import NotFoundError, UsageError
 from castiron.model import ImageRef, ReleaseId
 from castiron.state.base import DeploymentRow, InstanceRow, StateTx
@@ -160,7 +166,7 @@ def _flip(engine: Engine, choice: RollbackChoice, policy: Policy, started: float
         image=ImageRef(release.digest, release.digest, engine.images.root),
         runtime=ImageRuntime((), (), "/", None),
         secrets={},
-        driver=engine.driver(policy.runtime),
+        driver=DriverOnUse(policy.runtime, engine.driver),
         traffic=engine.traffic,
         previous=previous,
         prober=engine.prober,

@@ -27,7 +27,7 @@ from castiron.engine.journal import Journal
 from castiron.engine.release import HealthConfig, Release
 from castiron.engine.runtimes import instance_port
 from castiron.errors import CastironError, DeployFailedError
-from castiron.model import ImageRef, Instance, InstanceSpec, Isolation, ReleaseId
+from castiron.model import ImageRef, Instance, InstanceSpec, Isolation, Observed, ReleaseId
 from castiron.state.base import AuditDraft, EnvironmentRow, InstanceRow, StateTx, format_time
 from castiron.traffic.base import Backend, BackendSet
 from castiron.traffic.controller import TrafficController
@@ -37,6 +37,13 @@ Prober = Callable[[HealthConfig, str, Mapping[str, str]], ProbeResult]
 
 LOG_LINES = 20
 """Lines of a failing instance's output shown when a deployment fails."""
+
+FIRST_POLL = 0.01
+"""Seconds between health probes of a new instance until it first answers (a refused
+connection costs next to nothing, and traffic should move as soon as the app is up)."""
+
+INSPECT_EVERY = 0.1
+"""Seconds between asking the runtime whether a new instance that fails its probe exited."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,36 @@ class Policy:
         """The policy recorded as ``data`` (unknown keys ignored, missing ones defaulted)."""
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         return cls(**known)
+
+
+class DriverOnUse:
+    """The driver of ``runtime``, built by ``build`` on first use: a warm rollback only moves
+    traffic and never needs one (building the local driver imports the runtime's modules)."""
+
+    def __init__(self, runtime: str, build: Callable[[str], Driver]) -> None:
+        self.name = runtime
+        self._build = build
+        self._driver: Driver | None = None
+
+    def _get(self) -> Driver:
+        if self._driver is None:
+            self._driver = self._build(self.name)
+        return self._driver
+
+    def ensure_image(self, image: ImageRef) -> None:
+        self._get().ensure_image(image)
+
+    def create(self, spec: InstanceSpec) -> Instance:
+        return self._get().create(spec)
+
+    def destroy(self, instance: Instance, grace: float) -> None:
+        self._get().destroy(instance, grace)
+
+    def observe(self, app: str, environment: str) -> list[Observed]:
+        return self._get().observe(app, environment)
+
+    def inspect(self, instance: Instance) -> Observed:
+        return self._get().inspect(instance)
 
 
 def instance_row(instance: Instance, deployment: str, status: str) -> InstanceRow:
@@ -235,16 +272,23 @@ class Rollout:
         trackers = {i.id: HealthTracker(check, started) for i in instances}
         pending = list(instances)
         env = {**dict(self.runtime.env), **dict(self.release.config.env)}
+        inspected: dict[str, float] = {}
         while pending:
             for instance in list(pending):
-                observed = self.driver.inspect(instance)
-                if observed.state in ("exited", "missing"):
-                    code = f" with status {observed.exit_code}" if observed.exit_code else ""
-                    self._fail(instance, f"exited{code} before becoming healthy")
                 result = self.prober(check, instance.address, env)
-                if trackers[instance.id].record(result, self.monotonic()):
+                now = self.monotonic()
+                if trackers[instance.id].record(result, now):
                     pending.remove(instance)
                     self.progress(f"{instance.id} is healthy ({result.detail})")
+                    continue
+                # Asking the runtime whether the instance exited is a round trip: do it at
+                # most every INSPECT_EVERY while the cheap probe keeps failing.
+                if now - inspected.get(instance.id, -INSPECT_EVERY) >= INSPECT_EVERY:
+                    inspected[instance.id] = now
+                    observed = self.driver.inspect(instance)
+                    if observed.state in ("exited", "missing"):
+                        code = f" with status {observed.exit_code}" if observed.exit_code else ""
+                        self._fail(instance, f"exited{code} before becoming healthy")
             if not pending:
                 break
             if self.monotonic() >= deadline:
@@ -255,10 +299,11 @@ class Rollout:
                     f"not healthy after {self.policy.deploy_timeout:g}s (last probe: {detail})",
                 )
             # Until an instance first answers, poll briskly: traffic should move as soon as
-            # the app is up, not up to one interval later.
+            # the app is up, not up to one interval later. Then honour the interval for the
+            # rest of the healthy_after streak.
             answered = any(trackers[i.id].streak > 0 for i in pending)
-            pause = check.interval if answered else min(check.interval, 0.05)
-            self.sleep(min(max(pause, 0.01), max(0.0, deadline - self.monotonic())))
+            pause = check.interval if answered else min(check.interval, FIRST_POLL)
+            self.sleep(min(max(pause, 0.001), max(0.0, deadline - self.monotonic())))
         self.health_s += self.monotonic() - started
 
     def _fail(self, instance: Instance, why: str) -> None:
@@ -430,8 +475,11 @@ STRATEGIES: dict[str, Callable[[Rollout], None]] = {
 
 
 __all__ = [
+    "FIRST_POLL",
+    "INSPECT_EVERY",
     "LOG_LINES",
     "STRATEGIES",
+    "DriverOnUse",
     "ImageRuntime",
     "Policy",
     "Prober",

@@ -8,7 +8,9 @@ interpolation, and turning validation errors into :class:`~castiron.errors.SpecI
 is reported at once.
 
 It must not know the CLI (no click, no rich), any runtime, or the process environment: the
-variables used for interpolation are passed in by the caller.
+variables used for interpolation are passed in by the caller. pydantic (and the schema) are
+imported only when a spec is validated, so :func:`read_spec` (parse and interpolate, no
+validation) stays cheap for callers that cache validation results.
 """
 
 from __future__ import annotations
@@ -20,17 +22,20 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
 from yaml.constructor import ConstructorError, SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.resolver import Resolver
 
 from castiron.errors import SpecError, SpecIssue
 from castiron.model import sha256_digest
-from castiron.spec.schema import Spec
+
+if TYPE_CHECKING:  # validation imports pydantic on use
+    from pydantic import BaseModel, ValidationError
+
+    from castiron.spec.schema import Spec
 
 MAX_BYTES = 1024 * 1024
 """Largest spec file read, in bytes."""
@@ -80,16 +85,53 @@ class LoadedSpec:
         return self.path.parent
 
 
-def load_spec(path: Path, environ: Mapping[str, str]) -> LoadedSpec:
-    """Read, parse and validate the spec file at ``path``.
+@dataclass(frozen=True)
+class ReadSpec:
+    """A spec file parsed and interpolated but not validated (see :func:`read_spec`)."""
 
-    ``environ`` supplies the values of ``${VAR}`` references.
+    path: Path
+    """Absolute path of the spec file."""
+    digest: str
+    """``sha256:<hex>`` of the file's raw bytes."""
+    value: dict[str, Any]
+    """The plain values, with ``x-`` keys under ``extensions`` as validation sees them."""
+    clean: bool
+    """False when reading found problems (:func:`load_spec` reports them all)."""
+
+    def env_maps(self) -> list[tuple[tuple[str, ...], dict[str, Any]]]:
+        """The environment-variable maps of the values (``image.env``, ``image.labels``,
+        ``service.env``, ``environments.<name>.env``) with their paths; their values are kept
+        as text, never typed, so any text there validates alike."""
+        found: list[tuple[tuple[str, ...], dict[str, Any]]] = []
+
+        def walk(node: object, path: tuple[str, ...]) -> None:
+            if not isinstance(node, dict):
+                return
+            if _is_raw_map(path) and path:
+                found.append((path, node))
+                return
+            for key, child in node.items():
+                if key != "extensions" or path:
+                    walk(child, (*path, key))
+
+        walk(self.value, ())
+        return found
+
+
+def read_spec(path: Path, environ: Mapping[str, str]) -> ReadSpec:
+    """Read, parse and interpolate the spec file at ``path`` without validating it (no
+    pydantic): what a cache of validation results keys on.
 
     Raises:
-        SpecError: when the file is missing, unreadable, too large, not UTF-8, not valid YAML,
-            or does not validate; it carries every issue found.
+        SpecError: when the file cannot be read or is not a YAML mapping.
     """
     path = Path(path).absolute()
+    data = _read(path)
+    value, issues = _values(_decode(data, _display_name(path)), _display_name(path), environ)
+    return ReadSpec(path=path, digest=sha256_digest(data), value=value, clean=not issues)
+
+
+def _read(path: Path) -> bytes:
     name = _display_name(path)
     try:
         with path.open("rb") as fh:
@@ -101,7 +143,21 @@ def load_spec(path: Path, environ: Mapping[str, str]) -> LoadedSpec:
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise SpecError([SpecIssue(name, 1, 1, "", f"cannot read the file: {reason}")]) from None
-    spec = load_spec_text(data, name, environ)
+    return data
+
+
+def load_spec(path: Path, environ: Mapping[str, str]) -> LoadedSpec:
+    """Read, parse and validate the spec file at ``path``.
+
+    ``environ`` supplies the values of ``${VAR}`` references.
+
+    Raises:
+        SpecError: when the file is missing, unreadable, too large, not UTF-8, not valid YAML,
+            or does not validate; it carries every issue found.
+    """
+    path = Path(path).absolute()
+    data = _read(path)
+    spec = load_spec_text(data, _display_name(path), environ)
     return LoadedSpec(spec=spec, path=path, digest=sha256_digest(data))
 
 
@@ -111,19 +167,13 @@ def load_spec_text(data: bytes | str, filename: str, environ: Mapping[str, str])
     Raises:
         SpecError: with every issue found, each located as ``filename:LINE:COL``.
     """
-    text = _decode(data, filename)
-    root = _compose(text, filename)
-    builder = _Builder(filename, environ)
-    try:
-        value = builder.build_root(root)
-    except _Abort as abort:
-        raise SpecError([abort.issue]) from None
+    from pydantic import ValidationError
+
+    from castiron.spec.schema import Spec
+
+    value, builder = _build(_decode(data, filename), filename, environ)
     issues = list(builder.issues)
-    extensions = builder.extensions
-    if "extensions" in value:
-        issues.append(builder.unknown_key_issue(("extensions",), Spec))
-        builder.poisoned.add(("extensions",))
-        del value["extensions"]
+    extensions = value.pop("extensions")
     spec: Spec | None = None
     try:
         spec = Spec.model_validate({**value, "extensions": extensions})
@@ -133,6 +183,33 @@ def load_spec_text(data: bytes | str, filename: str, environ: Mapping[str, str])
         issues.sort(key=lambda i: (i.line, i.column, i.path))
         raise SpecError(_dedupe(issues))
     return spec
+
+
+def _build(text: str, filename: str, environ: Mapping[str, str]) -> tuple[dict[str, Any], _Builder]:
+    """Plain values (``x-`` keys under ``extensions``) and the builder that saw the problems.
+
+    Raises:
+        SpecError: when the text is not a YAML mapping, or building had to stop.
+    """
+    root = _compose(text, filename)
+    builder = _Builder(filename, environ)
+    try:
+        value = builder.build_root(root)
+    except _Abort as abort:
+        raise SpecError([abort.issue]) from None
+    if "extensions" in value:
+        builder.issues.append(builder.unknown_key_issue(("extensions",), "Spec"))
+        builder.poisoned.add(("extensions",))
+        del value["extensions"]
+    value["extensions"] = builder.extensions
+    return value, builder
+
+
+def _values(
+    text: str, filename: str, environ: Mapping[str, str]
+) -> tuple[dict[str, Any], list[SpecIssue]]:
+    value, builder = _build(text, filename, environ)
+    return value, builder.issues
 
 
 # --- bytes and text -------------------------------------------------------------------------
@@ -320,7 +397,11 @@ class _Builder:
                 return where.value
         return (1, 1)
 
-    def unknown_key_issue(self, path: _Path, model: type[BaseModel] | None) -> SpecIssue:
+    def unknown_key_issue(self, path: _Path, model: type[BaseModel] | str | None) -> SpecIssue:
+        if isinstance(model, str):  # "Spec": the root model, named to import it on use
+            from castiron.spec.schema import Spec
+
+            model = Spec
         key = str(path[-1])
         allowed = [n for n in model.model_fields if n != "extensions"] if model else []
         message = f"unknown key {key!r}"
@@ -710,6 +791,8 @@ def _dedupe(issues: list[SpecIssue]) -> list[SpecIssue]:
 
 def _model_at(path: _Path) -> type[BaseModel] | None:
     """The schema model that validates the mapping at ``path``, if any."""
+    from castiron.spec.schema import Spec
+
     current: object = Spec
     for part in path:
         current = _step(current, part)
@@ -742,6 +825,8 @@ def _step(annotation: object, part: _PathPart) -> object:
 
 
 def _models_in(annotation: object) -> list[type[BaseModel]]:
+    from pydantic import BaseModel
+
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
     origin = typing.get_origin(annotation)
@@ -758,7 +843,9 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_NODES",
     "LoadedSpec",
+    "ReadSpec",
     "interpolate_text",
     "load_spec",
     "load_spec_text",
+    "read_spec",
 ]

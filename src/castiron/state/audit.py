@@ -15,7 +15,9 @@ What detects what (see docs/state.md):
 * restoring an older database (an older, validly signed head) is caught by the head file beside
   the key, which only ever moves forward.
 
-This module knows no SQL and no CLI; it never reads the environment.
+This module knows no SQL and no CLI; it never reads the environment. cryptography is
+imported only when a key is loaded, created or checked, so commands that only read state start
+without it.
 """
 
 from __future__ import annotations
@@ -28,14 +30,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from json.encoder import encode_basestring
 from pathlib import Path
-from typing import Any
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING, Any
 
 from castiron.errors import AuditError
 from castiron.state.base import AuditEntry, AuditReport, SignedHead
+
+if TYPE_CHECKING:  # cryptography is imported when a key is used: reads never need it
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 GENESIS = "0" * 64
 """The ``prev`` of the first entry."""
@@ -187,6 +188,13 @@ def load_key(path: Path) -> AuditKey | None:
         return None
     except OSError as exc:
         raise AuditError(f"cannot read the audit key {path}: {exc.strerror}") from exc
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    seed = _pkcs8_ed25519_seed(data)
+    if seed is not None:
+        return AuditKey(path, Ed25519PrivateKey.from_private_bytes(seed))
+    from cryptography.hazmat.primitives import serialization
+
     try:
         private = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
@@ -194,6 +202,31 @@ def load_key(path: Path) -> AuditKey | None:
     if not isinstance(private, Ed25519PrivateKey):
         raise AuditError(f"{path} is not an ed25519 key")
     return AuditKey(path, private)
+
+
+_PKCS8_ED25519_PREFIX = bytes.fromhex("302e020100300506032b657004220420")
+"""DER of an unencrypted PKCS#8 ed25519 private key up to its 32-byte seed (RFC 8410)."""
+
+
+def _pkcs8_ed25519_seed(pem: bytes) -> bytes | None:
+    """The seed of the exact PEM that :func:`create_key` writes, else None (then the general
+    PEM parser decides). Parsing this one shape by hand spares loading cryptography's
+    serialization package on every command that signs."""
+    import base64
+    import binascii
+
+    lines = pem.strip().splitlines()
+    if len(lines) != 3 or lines[0] != b"-----BEGIN PRIVATE KEY-----":
+        return None
+    if lines[2] != b"-----END PRIVATE KEY-----":
+        return None
+    try:
+        der = base64.b64decode(lines[1], validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if len(der) != 48 or not der.startswith(_PKCS8_ED25519_PREFIX):
+        return None
+    return der[len(_PKCS8_ED25519_PREFIX) :]
 
 
 def create_key(path: Path) -> AuditKey:
@@ -204,6 +237,9 @@ def create_key(path: Path) -> AuditKey:
     Raises:
         AuditError: when the file cannot be written.
     """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     private = Ed25519PrivateKey.generate()
     pem = private.private_bytes(
         serialization.Encoding.PEM,
@@ -231,6 +267,9 @@ def create_key(path: Path) -> AuditKey:
 
 def signature_valid(head: SignedHead, public_hex: str) -> bool:
     """True when ``head`` was signed by the key whose raw public key is ``public_hex``."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
         public = Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_hex))
         public.verify(bytes.fromhex(head.signature), head_message(head.seq, head.hash))

@@ -21,7 +21,6 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime
-from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -92,15 +91,39 @@ class Migration:
     sql: str
 
 
+_MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+
+
 def migrations() -> list[Migration]:
     """Every migration shipped with this castiron, in the order they apply (by file name)."""
-    folder = resources.files("castiron.state.migrations")
-    found = [
-        Migration(entry.name.removesuffix(".sql"), entry.read_text(encoding="utf-8"))
-        for entry in folder.iterdir()
-        if entry.name.endswith(".sql")
-    ]
+    if _MIGRATIONS_DIR.is_dir():
+        found = [
+            Migration(entry.name.removesuffix(".sql"), entry.read_text(encoding="utf-8"))
+            for entry in _MIGRATIONS_DIR.iterdir()
+            if entry.name.endswith(".sql")
+        ]
+    else:  # installed in a form without plain files (a zip): ask importlib
+        from importlib import resources
+
+        folder = resources.files("castiron.state.migrations")
+        found = [
+            Migration(entry.name.removesuffix(".sql"), entry.read_text(encoding="utf-8"))
+            for entry in folder.iterdir()
+            if entry.name.endswith(".sql")
+        ]
     return sorted(found, key=lambda m: m.name)
+
+
+def migration_names() -> list[str]:
+    """The names of :func:`migrations`, in order, without reading their SQL (opening a
+    store only compares names; the SQL is read when one must be applied)."""
+    if _MIGRATIONS_DIR.is_dir():
+        return sorted(
+            name.removesuffix(".sql")
+            for name in os.listdir(_MIGRATIONS_DIR)
+            if name.endswith(".sql")
+        )
+    return [m.name for m in migrations()]
 
 
 def _statements(sql: str) -> Iterator[str]:
@@ -197,12 +220,17 @@ def _connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
         with _db_errors(path):
             # Read-only checks first: a refused file must be left exactly as it was.
             _check_identity(conn, path)
-            _check_version(conn, path, [m.name for m in migrations()])
+            known = migration_names()
+            applied = _check_version(conn, path, known)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA foreign_keys=ON")
+            # WAL + NORMAL: a commit is durable against the process dying (kill -9) at any
+            # point; only an OS crash or power loss may lose the last commits (never corrupt
+            # the file). FULL would fsync the WAL on every commit.
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
-            _migrate(conn, path)
+            if applied != known:
+                _migrate(conn, path)
     except BaseException:
         conn.close()
         raise
@@ -641,6 +669,8 @@ class SqliteStateStore:
         self._clock = clock
         self._lock = threading.RLock()
         self._key: audit.AuditKey | None = None
+        self._head_written = False
+        self._pending_head: SignedHead | None = None
 
     def __enter__(self) -> SqliteStateStore:
         return self
@@ -672,8 +702,28 @@ class SqliteStateStore:
         return self._head_path
 
     def close(self) -> None:
+        """Record the newest signed head in the head file, then close the database.
+
+        Raises:
+            AuditError: when the head file cannot be written (the database is closed anyway).
+        """
         with self._lock:
-            self._conn.close()
+            try:
+                self._flush_head()
+            finally:
+                self._conn.close()
+
+    def _flush_head(self) -> None:
+        """Write the head signed by this store's last mutation into the head file, if it is
+        not there yet (see :meth:`mutate`).
+
+        Raises:
+            AuditError: when the head file cannot be written.
+        """
+        with self._lock:
+            head, self._pending_head = self._pending_head, None
+            if head is not None:
+                audit.advance_head_file(self._head_path, head)
 
     # -- the one writer ------------------------------------------------------------------
 
@@ -701,7 +751,16 @@ class SqliteStateStore:
                 raise
             finally:
                 tx.close()
-        audit.advance_head_file(self._head_path, head)
+            # The head file (beside the key) only ever moves forward and is checked by
+            # `audit verify` against the chain; it may lag behind the database, never lead.
+            # Writing it (temp file, fsync, rename) on every mutation cost more than the
+            # transaction itself, so it is written on this store's first mutation and then
+            # once more when the store is closed (or verified).
+            if self._head_written:
+                self._pending_head = head
+            else:
+                audit.advance_head_file(self._head_path, head)
+                self._head_written = True
         return result
 
     def _signing_key(self, head: SignedHead | None) -> audit.AuditKey:
@@ -980,6 +1039,7 @@ class SqliteStateStore:
             AuditError: when the key file exists but is not a readable ed25519 key.
             StateError: when the database cannot be read.
         """
+        self._flush_head()
         with self._lock, _db_errors(self._path):
             self._conn.execute("BEGIN")  # one consistent snapshot of rows and head
             try:

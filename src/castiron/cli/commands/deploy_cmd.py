@@ -1,9 +1,10 @@
 """``castiron plan``, ``deploy``, ``rollback`` and ``down``: thin edges over the engine.
 
-They read the spec and settings, build an engine (:mod:`castiron.engine.compose`), show the
-plan, ask for confirmation on a terminal, and render the result; progress goes to stderr so
-``--json`` output on stdout stays one object. The engine is imported inside the commands so
-CLI start-up stays fast.
+They read the spec (what deploying needs of it; its validation is cached, see
+:func:`castiron.engine.release.cached_deploy_spec`) and settings, build an engine
+(:mod:`castiron.engine.compose`), show the plan, ask for confirmation on a terminal, and
+render the result; progress goes to stderr so ``--json`` output on stdout stays one object.
+The engine is imported inside the commands so CLI start-up stays fast.
 
 ``CASTIRON_TEST_PAUSE_AT=STEP`` (read here from the captured environment, never below the CLI)
 makes a deployment stop right after journaling STEP: it writes ``paused-at-STEP`` into the
@@ -123,13 +124,12 @@ def plan_cmd(
     as_json: bool,
 ) -> None:
     """Show what deploying to ENVIRONMENT would change; changes nothing."""
-    from castiron.engine.compose import open_engine
-    from castiron.spec.load import load_spec
+    from castiron.engine.compose import deploy_spec_for, open_engine
 
     settings = cli.settings
-    loaded = load_spec(settings.spec_path, settings.environ)
+    spec = deploy_spec_for(settings)
     with open_engine(settings, observer=observer_for(cli, quiet=True)) as engine:
-        target = engine.resolve(loaded, environment, image)
+        target = engine.resolve(spec, environment, image)
         plan = engine.plan(target)
     if as_json:
         emit_json(_plan_json(plan, target.tag))
@@ -162,14 +162,13 @@ def deploy_cmd(
     as_json: bool,
 ) -> None:
     """Deploy the newest baked image (or --image) to ENVIRONMENT with zero downtime."""
-    from castiron.engine.compose import open_engine
-    from castiron.spec.load import load_spec
+    from castiron.engine.compose import deploy_spec_for, open_engine
 
     settings = cli.settings
-    loaded = load_spec(settings.spec_path, settings.environ)
+    spec = deploy_spec_for(settings)
     observer = observer_for(cli)
     with open_engine(settings, observer=observer) as engine:
-        target = engine.resolve(loaded, environment, image)
+        target = engine.resolve(spec, environment, image)
         plan = engine.plan(target)
         for line in render_plan(plan, target.tag, target.policy.keep_warm):
             click.echo(line, err=True)
