@@ -12,19 +12,27 @@ release answered each one and whether it failed.
 Figures:
 * failed requests over all deploys and rollbacks (must be 0);
 * deploy overhead = command start → first answer from the new release, minus the app's own
-  time to become healthy (measured by starting the same app directly and polling /healthz);
+  time to become healthy (measured independently: the same app started directly, without
+  castiron, with /healthz polled every 2 ms — once before each deploy, so both see the same
+  machine load; the median is used);
 * warm rollback = command start → first answer from the old release (then 100% of it), next to
   the CLI's own start-up (``castiron version``) as the floor;
 * CLI start-up with hyperfine: ``castiron status`` on an idle environment vs ``castiron
   version`` vs ``python -c pass``.
+
+castiron's modules are byte-compiled first (``compileall``), as ``pip install`` does: an
+environment with ``PYTHONDONTWRITEBYTECODE`` set would otherwise recompile every module on
+every command and measure the compiler, not castiron.
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
 import http.client
 import json
 import os
+import platform
 import shutil
 import socket
 import statistics
@@ -115,8 +123,8 @@ def castiron(env: dict[str, str], cwd: Path, *args: str) -> subprocess.Completed
     return proc
 
 
-def app_ready_time(project: Path, runs: int = 5) -> float:
-    """Median seconds from starting the app directly to /healthz answering 200."""
+def app_ready_times(project: Path, runs: int) -> list[float]:
+    """Seconds from starting the app directly (no castiron) to /healthz answering 200."""
     times = []
     for _ in range(runs):
         port = free_port()
@@ -142,7 +150,33 @@ def app_ready_time(project: Path, runs: int = 5) -> float:
         finally:
             proc.terminate()
             proc.wait(10)
-    return statistics.median(times)
+    return times
+
+
+def machine() -> str:
+    """``nproc``, the CPU model, the kernel and the load average, for the record."""
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+        load = Path("/proc/loadavg").read_text().split()[:3]
+    except OSError:
+        load = ["?"]
+    return (
+        f"{os.cpu_count()} CPU(s), {model}, Linux {platform.release()}, "
+        f"Python {platform.python_version()}, load average {' '.join(load)}"
+    )
+
+
+def compile_castiron() -> None:
+    """Byte-compile the castiron package the CLI runs (as pip does when installing it)."""
+    found = subprocess.run(
+        [sys.executable, "-c", "import castiron, os; print(os.path.dirname(castiron.__file__))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    compileall.compile_dir(found, quiet=1)
 
 
 def body_of(version: int) -> str:
@@ -182,17 +216,21 @@ def main() -> int:
         spec.write_text(spec.read_text().replace("127.0.0.1:8080", f"127.0.0.1:{port}"))
         env = {k: v for k, v in os.environ.items() if not k.startswith("CASTIRON_")}
         env.update({"NO_COLOR": "1", "CASTIRON_HOME": str(project / ".castiron")})
+        print(f"machine: {machine()}")
+        compile_castiron()
         try:
             castiron(env, project, "bake")
-            app_ready = app_ready_time(project)
+            ready: list[float] = app_ready_times(project, 3)
             castiron({**env, "APP_VERSION": "0"}, project, "deploy", "staging", "--yes")
-            overheads: list[float] = []
+            starts: list[float] = []
+            seens: list[float] = []
             internal: list[dict[str, float]] = []
             rollbacks: list[float] = []
             seconds = 30 + 3 * (args.deploys + args.rollbacks)
             with Load(port, args.rate, int(args.rate * seconds), seconds) as load:
                 time.sleep(0.5)
                 for version in range(1, args.deploys + 1):
+                    ready.extend(app_ready_times(project, 1))
                     start = time.monotonic()
                     proc = castiron(
                         {**env, "APP_VERSION": str(version)},
@@ -206,7 +244,8 @@ def main() -> int:
                         time.sleep(0.01)
                     if seen is None:
                         raise SystemExit(f"version {version} never answered")
-                    overheads.append(seen - start - app_ready)
+                    starts.append(start)
+                    seens.append(seen)
                     internal.append(json.loads(proc.stdout)["timings"])
                 current = args.deploys
                 for _ in range(args.rollbacks):
@@ -231,6 +270,8 @@ def main() -> int:
                             f"after the rollback {len(late)} answers were not {target}"
                         )
             failed = load.failed()
+            app_ready = statistics.median(ready)
+            overheads = [b - a - app_ready for a, b in zip(starts, seens, strict=True)]
             startup = None if args.no_hyperfine else hyperfine(env, project)
             floor = statistics.median(
                 [_timed(lambda: castiron(env, project, "version")) for _ in range(5)]
@@ -247,7 +288,11 @@ def main() -> int:
     print(f"requests: {len(load.samples)} at {args.rate:g}/s, failed: {len(failed)}")
     for sample in failed[:5]:
         print("  failed:", sample)
-    print(f"app's own time to healthy (direct start, median): {ms(app_ready)}")
+    print(f"machine at the end: {machine()}")
+    print(
+        f"app's own time to healthy (direct start, median of {len(ready)}): {ms(app_ready)} "
+        f"(min {ms(min(ready))}, max {ms(max(ready))})"
+    )
     print(
         f"deploy overhead over {len(overheads)} deploys (start → first new answer − app ready): "
         f"median {ms(statistics.median(overheads))}, max {ms(max(overheads))}"

@@ -12,6 +12,8 @@ the tools; the median is reported) in a child process, side by side:
   check is timed), when AIDE is installed (``apt-get install aide``);
 * ``castiron full scan`` (:func:`castiron.engine.fsdrift.scan_full`) with 1 and 2 threads:
   load the manifest, walk, re-hash every file, compare;
+* ``openssl speed -evp sha256`` with 1 and with ``nproc`` processes: the hashing ceiling the
+  machine offers to one core and to all of them while the benchmark runs;
 * ``castiron fast scan`` (:func:`castiron.engine.fsdrift.scan_fast`) of the unchanged 20,000-
   and 100,000-file trees against a baseline taken beforehand.
 
@@ -62,6 +64,17 @@ def machine() -> str:
         f"nproc {os.cpu_count()}, {cpu}, kernel {platform.release()}, "
         f"Python {platform.python_version()}"
     )
+
+
+def openssl_speed(procs: int) -> float:
+    """SHA-256 throughput (GB/s, 1 MiB blocks) of ``procs`` openssl processes together: the
+    ceiling the machine offers to one and to several cores right now."""
+    cmd = ["openssl", "speed", "-evp", "sha256", "-bytes", "1048576", "-seconds", "2"]
+    if procs > 1:
+        cmd[2:2] = ["-multi", str(procs)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    line = [ln for ln in out.splitlines() if ln.startswith("sha256")][-1]
+    return float(line.split()[-1].rstrip("k")) * 1000 / 1e9
 
 
 def loadavg() -> str:
@@ -272,6 +285,11 @@ def main() -> None:
     coreutils = subprocess.run(["sha256sum", "--version"], capture_output=True, text=True)
     print(f"tools: {openssl_version.stdout.strip()}; {coreutils.stdout.splitlines()[0]}")
     print(f"load average at start: {loadavg()}")
+    ncpu = os.cpu_count() or 1
+    print(
+        f"openssl speed sha256 (1 MiB blocks): 1 process {openssl_speed(1):.2f} GB/s, "
+        f"{ncpu} processes together {openssl_speed(ncpu):.2f} GB/s"
+    )
     work = Path(tempfile.mkdtemp(prefix="castiron-bench-drift.", dir=args.dir))
     try:
         big, small = work / "big", work / "small"

@@ -33,6 +33,8 @@ HERE = Path(__file__).resolve().parent
 BODY = b"hello, world\n"
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\nContent-Type: text/plain\r\n\r\n" + BODY
 PACED_REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+WARMUP = 1.0
+"""Seconds of open-loop load sent before latencies are counted."""
 
 
 def _loop_policy() -> str:
@@ -173,10 +175,18 @@ class _PacedConn(asyncio.Protocol):
     a slow router cannot hide behind fewer requests (no coordinated omission).
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, start: float, rate: float, end: float):
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        start: float,
+        rate: float,
+        count_from: float,
+        end: float,
+    ):
         self.loop = loop
         self.start = start
         self.rate = rate
+        self.count_from = count_from
         self.end = end
         self.i = 0
         self.buf = b""
@@ -215,7 +225,9 @@ class _PacedConn(asyncio.Protocol):
             self.buf = buf
             return
         self.buf = buf[end + 4 + len(BODY) :]
-        self.latencies.append((self.loop.time() - self.due()) * 1000.0)
+        due = self.due()
+        if due >= self.count_from:
+            self.latencies.append((self.loop.time() - due) * 1000.0)
         self.i += 1
         self._schedule()
 
@@ -226,12 +238,18 @@ class _PacedConn(asyncio.Protocol):
 
 
 async def _paced(port: int, rate: float, duration: float, conns: int) -> tuple[float, float, int]:
-    """Open-loop load over ``conns`` connections at ``rate`` req/s in total."""
+    """Open-loop load over ``conns`` connections at ``rate`` req/s in total.
+
+    The first ``WARMUP`` seconds (the router opening its upstream connections) are sent but
+    not counted.
+    """
     loop = asyncio.get_running_loop()
     start = loop.time() + 0.2
+    count_from = start + WARMUP
+    end = count_from + duration
     made = [
         await loop.create_connection(
-            lambda k=k: _PacedConn(loop, start + k / rate, rate / conns, start + duration),
+            lambda k=k: _PacedConn(loop, start + k / rate, rate / conns, count_from, end),
             "127.0.0.1",
             port,
         )

@@ -27,6 +27,7 @@ This module knows nothing else of castiron and imports nothing from it.
     ├── RouterError                   exit 1  the traffic router failed
     ├── AgentError                    exit 1  the host agent is unreachable or refused
     └── DeployFailedError             exit 1  a deployment failed and was undone
+        └── CanaryAbortedError                a canary failed its analysis or was aborted
 
 Drift is a result, not an exception.
 """
@@ -34,8 +35,9 @@ Drift is a result, not an exception.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 class ExitCode(enum.IntEnum):
@@ -181,9 +183,23 @@ class DeployFailedError(CastironError):
     """A deployment failed; the environment still serves the previous release."""
 
 
+class CanaryAbortedError(DeployFailedError):
+    """A canary failed its analysis (or was asked to abort); it was undone.
+
+    ``details`` holds the analysis figures, stored with the deployment (outcome ``aborted``).
+    """
+
+    outcome = "aborted"
+
+    def __init__(self, message: str, details: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.details: dict[str, Any] = dict(details or {})
+
+
 __all__ = [
     "AgentError",
     "AuditError",
+    "CanaryAbortedError",
     "CastironError",
     "DeployFailedError",
     "DigestMismatchError",

@@ -63,12 +63,12 @@ environments:
 
 
 def _remove_containers(client: Any) -> None:
-    for container in client.containers.list(all=True, filters={"label": f"castiron.app={APP}"}):
-        with contextlib.suppress(Exception):
-            container.remove(force=True, v=True)
-    for container in client.containers.list(all=True, filters={"label": "castiron-test=e2e"}):
-        with contextlib.suppress(Exception):
-            container.remove(force=True, v=True)
+    # The low-level calls: listing through the models inspects each container and fails when
+    # one disappears meanwhile.
+    for label in (f"castiron.app={APP}", "castiron-test=e2e"):
+        for summary in client.api.containers(all=True, filters={"label": label}):
+            with contextlib.suppress(Exception):
+                client.api.remove_container(summary["Id"], force=True, v=True)
 
 
 @pytest.fixture(scope="module")
@@ -123,16 +123,22 @@ def make_project(tmp_path: Path, docker: Any) -> Iterator[Callable[..., Project]
         made.append(project)
         return project
 
-    yield _make
-    for project in made:
-        reap_home(project.home)
-    _remove_containers(docker)
+    try:
+        yield _make
+    finally:
+        try:
+            for project in made:
+                reap_home(project.home)
+        finally:
+            _remove_containers(docker)
 
 
 def containers(docker: Any) -> dict[str, str]:
     """Containers labelled for the app: instance id -> status."""
-    found = docker.containers.list(all=True, filters={"label": f"castiron.app={APP}"})
-    return {c.labels.get("castiron.instance", c.name): c.status for c in found}
+    found = docker.api.containers(all=True, filters={"label": f"castiron.app={APP}"})
+    return {
+        c["Labels"].get("castiron.instance") or c["Names"][0].lstrip("/"): c["State"] for c in found
+    }
 
 
 def recorded(status: dict[str, Any]) -> set[str]:

@@ -272,6 +272,8 @@ READS = {
     "events",
     "get_lease",
     "list_leases",
+    "approvals",
+    "gate_results",
     "audit_entries",
     "audit_rows",
     "audit_links",

@@ -12,7 +12,13 @@ import pytest
 
 from castiron.errors import RouterError
 from castiron.traffic.base import RouteConfig
-from castiron.traffic.http import HttpParseError, RequestHead, make_request_parser
+from castiron.traffic.http import (
+    HttpParseError,
+    RequestHead,
+    ResponseHead,
+    make_request_parser,
+    make_response_parser,
+)
 from castiron.traffic.proxy import BuiltinRouter
 from castiron.traffic.stats import ReleaseStats, estimate_percentile, prometheus_text
 from traffic.backends import HttpBackend
@@ -59,7 +65,10 @@ class _Recorder:
         self.events: list[tuple[str, object]] = []
 
     def on_request(self, head: RequestHead) -> None:
-        self.events.append(("head", (head.method, head.target, head.chunked, head.content_length)))
+        # the header list itself: a parser must not append trailers to it later
+        self.events.append(
+            ("head", (head.method, head.target, head.chunked, head.content_length, head.headers))
+        )
 
     def on_body(self, data: bytes) -> None:
         self.events.append(("body", data))
@@ -112,6 +121,132 @@ def test_both_parsers_refuse_bad_requests(data: bytes, kind: str) -> None:
     with pytest.raises(HttpParseError) as info:
         _parse(kind, data, 10_000)
     assert info.value.status in (400, 431, 501)
+
+
+class _ResponseRecorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, object]] = []
+
+    def on_response(self, head: ResponseHead) -> None:
+        self.events.append(
+            (
+                "head",
+                (
+                    head.status,
+                    head.reason,
+                    head.minor,
+                    head.headers,
+                    head.keep_alive,
+                    head.chunked,
+                    head.content_length,
+                    head.until_close,
+                    head.no_body,
+                ),
+            )
+        )
+
+    def on_body(self, data: bytes) -> None:
+        if self.events and self.events[-1][0] == "body":
+            self.events[-1] = ("body", self.events[-1][1] + data)  # type: ignore[operator]
+        else:
+            self.events.append(("body", data))
+
+    def on_response_end(self) -> None:
+        self.events.append(("end", None))
+
+
+OK5 = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+RESPONSES: list[tuple[list[tuple[bytes, bool]], bool]] = [
+    # (messages: (bytes, answers a HEAD request)), then the backend closes
+    ([(OK5, False)], False),
+    (
+        [(OK5, False), (b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n", True), (OK5, False)],
+        False,
+    ),
+    (
+        [
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nT: v\r\n\r\n",
+                False,
+            )
+        ],
+        False,
+    ),
+    ([(b"HTTP/1.0 200 OK\r\nServer: x\r\n\r\nuntil the end", False)], True),
+    (
+        [
+            (
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok",
+                False,
+            )
+        ],
+        False,
+    ),
+    (
+        [
+            (b"HTTP/1.1 204 No Content\r\n\r\n", False),
+            (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n", False),
+        ],
+        False,
+    ),
+    ([(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\nx", False)], False),
+    ([(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\nx", False)], False),
+]
+
+
+def _parse_responses(
+    kind: str, messages: list[tuple[bytes, bool]], eof: bool, step: int
+) -> list[tuple[str, object]]:
+    rec = _ResponseRecorder()
+    parser = make_response_parser(kind, rec)  # type: ignore[arg-type]
+    for data, head_request in messages:
+        parser.head_request = head_request
+        for i in range(0, len(data), step):
+            assert parser.feed(data[i : i + step]) is None
+    if eof:
+        rec.events.append(("eof", parser.feed_eof()))
+    return rec.events
+
+
+@pytest.mark.parametrize(("messages", "eof"), RESPONSES)
+@pytest.mark.parametrize("step", [1, 7, 10_000])
+def test_both_response_parsers_agree(
+    messages: list[tuple[bytes, bool]], eof: bool, step: int
+) -> None:
+    python = _parse_responses("python", messages, eof, step)
+    assert python == _parse_responses("httptools", messages, eof, step)
+    assert python.count(("end", None)) == len(messages)
+    if eof:  # a read-until-close body ends when the backend closes
+        assert python[-2:] == [("end", None), ("eof", True)]
+
+
+@pytest.mark.parametrize("kind", ["python", "httptools"])
+def test_a_101_response_hands_over_the_rest(kind: str) -> None:
+    rec = _ResponseRecorder()
+    parser = make_response_parser(kind, rec)  # type: ignore[arg-type]
+    rest = parser.feed(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"\r\n\x81\x05hello"
+    )
+    assert rest == b"\x81\x05hello"
+    assert [e[0] for e in rec.events] == ["head"]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"HTTP/1.1 2000 OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        b"SMTP ready\r\n\r\n",
+    ],
+)
+@pytest.mark.parametrize("kind", ["python", "httptools"])
+def test_both_response_parsers_refuse_bad_responses(data: bytes, kind: str) -> None:
+    parser = make_response_parser(kind, _ResponseRecorder())  # type: ignore[arg-type]
+    with pytest.raises(HttpParseError) as info:
+        parser.feed(data)
+    assert info.value.status == 502
 
 
 def test_percentiles_interpolate_within_buckets() -> None:

@@ -1301,6 +1301,16 @@ def _parse_args(argv: list[str] | None) -> AgentOptions:
     )
 
 
+def _event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop when it is installed (the builtin router's sockets run on it),
+    else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m castiron.agent.daemon``; returns the exit status."""
     options = _parse_args(argv)
@@ -1310,7 +1320,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        asyncio.run(serve(options))
+        with asyncio.Runner(loop_factory=_event_loop) as runner:
+            runner.run(serve(options))
     except CastironError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return int(exc.exit_code)

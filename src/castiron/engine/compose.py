@@ -17,6 +17,7 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from castiron.agent.client import (
     AgentClient,
@@ -33,12 +34,14 @@ from castiron.engine.release import DeploySpec, cached_deploy_spec
 from castiron.engine.runtimes import AVAILABLE_RUNTIMES, runtime_driver
 from castiron.engine.strategies import LOG_LINES
 from castiron.errors import UsageError
-from castiron.images.store import ImageStore
 from castiron.model import ImageRef, Instance, InstanceSpec
 from castiron.settings import Settings
 from castiron.state.base import StateStore
 from castiron.state.sqlite import open_state
 from castiron.traffic.controller import AgentTraffic, TrafficController
+
+if TYPE_CHECKING:
+    from castiron.images.store import ImageStore
 
 
 class _Agent:
@@ -142,7 +145,7 @@ def open_engine(
     try:
         yield Engine(
             store=store,
-            images=ImageStore(settings.images_path),
+            images=lambda: _image_store(settings),
             driver_for=driver_factory(settings, agent, store),
             traffic=traffic,
             environ=settings.environ,
@@ -151,6 +154,12 @@ def open_engine(
         )
     finally:
         store.close()
+
+
+def _image_store(settings: Settings) -> ImageStore:
+    from castiron.images.store import ImageStore
+
+    return ImageStore(settings.images_path)
 
 
 def agent_running(settings: Settings) -> AgentClient | None:

@@ -39,7 +39,6 @@ from castiron.engine.release import (
     release_from_json,
     release_id,
 )
-from castiron.engine.runtimes import sweep
 from castiron.engine.strategies import (
     STRATEGIES,
     ImageRuntime,
@@ -75,6 +74,7 @@ from castiron.state.locks import LockManager
 
 if TYPE_CHECKING:  # loading a spec needs pydantic; read commands never do
     from castiron.engine.plan import Plan
+    from castiron.engine.policy import GatePolicy
     from castiron.images.store import ImageStore
     from castiron.spec.load import LoadedSpec
     from castiron.traffic.controller import TrafficController
@@ -89,6 +89,9 @@ class Target:
     tag: str | None
     """The tag the image was asked for by (None when given by digest or by default)."""
     git_commit: str | None
+    gates: GatePolicy | None = None
+    """The environment's policy gates, enforced before any instance is created
+    (see :mod:`castiron.engine.policy`); None: no gates (a rollback's target)."""
 
     @property
     def environment(self) -> str:
@@ -178,7 +181,7 @@ class Engine:
         self,
         *,
         store: StateStore,
-        images: ImageStore,
+        images: ImageStore | Callable[[], ImageStore],
         driver_for: Callable[[str], Driver],
         traffic: Callable[[], TrafficController],
         environ: Mapping[str, str] | None = None,
@@ -190,7 +193,7 @@ class Engine:
         locks: LockManager | None = None,
     ) -> None:
         self.store = store
-        self.images = images
+        self._images = images
         self._driver_for = driver_for
         self._traffic_factory = traffic
         self._traffic: TrafficController | None = None
@@ -203,6 +206,14 @@ class Engine:
         self.locks = locks if locks is not None else LockManager(store)
 
     # --- collaborators (built on first use: read commands stay fast) -------------------------
+
+    @property
+    def images(self) -> ImageStore:
+        """The image store (given, or made by the given factory on first use: a warm rollback
+        never reads an image)."""
+        if callable(self._images):
+            self._images = self._images()
+        return self._images
 
     @property
     def traffic(self) -> TrafficController:
@@ -264,8 +275,12 @@ class Engine:
             keep_warm=env.keep_warm,
             deploy_timeout=env.deploy_timeout,
             base_dir=str(spec.base_dir),
+            canary=env.canary,
         )
-        return Target(release, policy, tag, stored.annotations.get(oci.ANN_REVISION))
+        from castiron.engine.policy import gate_policy
+
+        gates = gate_policy(loaded, environment, self.environ)
+        return Target(release, policy, tag, stored.annotations.get(oci.ANN_REVISION), gates)
 
     def current_release(self, environment: str) -> Release | None:
         """The release the environment serves, as recorded (None before the first deploy)."""
@@ -305,7 +320,9 @@ class Engine:
 
     @contextlib.contextmanager
     def locked(self, environment: str, purpose: str, wait: float = 0.0) -> Iterator[None]:
-        """Hold ``environment``'s lock; recover and reap it first.
+        """Hold ``environment``'s lock; recover and reconcile it first, and reap warm instances
+        past ``keep_warm`` after the work (destroying them is housekeeping: it should not delay
+        a deployment or a rollback; they are not in service, so it can wait).
 
         Raises:
             LockedError: when another live process holds it after ``wait`` seconds.
@@ -317,9 +334,9 @@ class Engine:
         with self.locks.acquire(environment, purpose, wait=wait, on_wait=waiting) as held:
             self.recover(environment)
             self.reconcile(environment)
-            self.reap(environment)
             yield
             held.check()
+            self.reap(environment)
 
     def needs_housekeeping(self, environment: str | None = None) -> list[str]:
         """Environments with an interrupted deployment or a warm instance past keep_warm
@@ -424,6 +441,7 @@ class Engine:
         *,
         recovered: bool = False,
         error: str | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> DeploymentRow:
         """Put traffic back on the previous instances, destroy this deployment's instances
         and close it with ``outcome`` (call with the lock held).
@@ -463,6 +481,7 @@ class Engine:
             details["recovered"] = True
         if error:
             details["error"] = error[:500]
+        details.update(extra or {})  # e.g. a canary's analysis figures
         back_ids = [r.id for r in back]
 
         def apply(tx: StateTx) -> None:
@@ -634,7 +653,16 @@ class Engine:
                     "unchanged",
                     self.monotonic() - started,
                 )
-            return self.run(target, plan, started, strategy or target.policy.strategy)
+            from castiron.engine.policy import enforce
+
+            report = enforce(self, target)  # refuses before any instance is created
+            return self.run(
+                target,
+                plan,
+                started,
+                strategy or target.policy.strategy,
+                details=report.details() if report is not None else None,
+            )
 
     def run(
         self,
@@ -644,8 +672,11 @@ class Engine:
         strategy: str,
         *,
         label: str | None = None,
+        details: Mapping[str, Any] | None = None,
     ) -> DeployResult:
         """Execute ``plan`` with ``strategy`` (call with the lock held; see :meth:`deploy`).
+
+        ``details`` are added to the deployment's recorded details (e.g. the gates passed).
 
         ``label`` is the strategy name recorded in history (``rollback`` for a cold rollback).
 
@@ -694,7 +725,12 @@ class Engine:
             strategy=label or strategy,
             actor=self.store.actor,
             started=now,
-            details={"digest": release.digest, "tag": target.tag, "replicas": plan.create},
+            details={
+                "digest": release.digest,
+                "tag": target.tag,
+                "replicas": plan.create,
+                **(details or {}),
+            },
             git_commit=target.git_commit,
         )
         journal = Journal.open(
@@ -726,9 +762,19 @@ class Engine:
         except (Exception, KeyboardInterrupt) as exc:
             reason = str(exc) if isinstance(exc, CastironError) else repr(exc)
             self.observer.progress("deployment failed: undoing it")
-            outcome = "failed" if isinstance(exc, CastironError) else "aborted"
+            # A canary that fails its analysis is "aborted" (and carries its figures).
+            outcome = "aborted"
+            if isinstance(exc, CastironError):
+                outcome = getattr(exc, "outcome", "failed")
             try:
-                self.undo(deployment, journal.steps(), policy, outcome, error=reason)
+                self.undo(
+                    deployment,
+                    journal.steps(),
+                    policy,
+                    outcome,
+                    error=reason,
+                    extra=getattr(exc, "details", None),
+                )
             except CastironError as undo_exc:
                 raise DeployFailedError(
                     f"{reason}\nand undoing it failed too: {undo_exc} (the next castiron "
@@ -787,6 +833,8 @@ class Engine:
             ids = [r.id for r in rows]
             for row in rows:
                 driver.destroy(row_instance(row), grace=min(policy.drain_timeout, 10.0))
+            from castiron.engine.runtimes import sweep
+
             ids += sweep(driver, policy.app, environment, ids)
 
             def apply(tx: StateTx) -> None:

@@ -442,8 +442,8 @@ def scan_full(
         check(rel, mode, size)
     present = set(tree.names)
     for path in manifest:
-        rel = path[1:]
-        if rel not in present:
+        rel = path.lstrip("/")
+        if rel and rel not in present:  # the root itself is never an entry
             judge.removed(rel)
     files, total = _run_jobs(judge, threads)
     return judge.result(len(tree.names), files, total)

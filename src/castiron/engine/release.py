@@ -192,6 +192,8 @@ class EnvironmentDeploy:
     drain_timeout: float
     keep_warm: float
     deploy_timeout: float
+    canary: dict[str, Any] | None = None
+    """The canary's steps, analysis and stickiness as JSON (see :mod:`castiron.engine.canary`)."""
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (see :func:`release_from_json` for the config's form)."""
@@ -225,6 +227,8 @@ class DeploySpec:
 
 def deploy_spec(loaded: LoadedSpec) -> DeploySpec:
     """What deploying needs of the validated spec ``loaded``."""
+    from castiron.engine.canary import canary_json
+
     spec = loaded.spec
     return DeploySpec(
         app=spec.app,
@@ -238,6 +242,7 @@ def deploy_spec(loaded: LoadedSpec) -> DeploySpec:
                 drain_timeout=env.drain_timeout,
                 keep_warm=env.keep_warm,
                 deploy_timeout=env.deploy_timeout,
+                canary=canary_json(env.strategy),
             )
             for name, env in spec.environments.items()
         },
@@ -247,7 +252,7 @@ def deploy_spec(loaded: LoadedSpec) -> DeploySpec:
 _MASK = "\x00castiron:env-value\x00"
 """Stands for every text value of an environment-variable map in a cache key."""
 
-_SOURCES = ("spec/schema.py", "spec/load.py", "engine/release.py")
+_SOURCES = ("spec/schema.py", "spec/load.py", "engine/release.py", "engine/canary.py")
 """Modules whose code decides what a spec validates to: a change to one voids the cache."""
 
 

@@ -26,7 +26,7 @@ from castiron.engine.strategies import (
     row_instance,
 )
 from castiron.errors import NotFoundError, UsageError
-from castiron.model import ImageRef, ReleaseId
+from castiron.model import ReleaseId
 from castiron.state.base import DeploymentRow, InstanceRow, StateTx
 
 
@@ -163,7 +163,7 @@ def _flip(engine: Engine, choice: RollbackChoice, policy: Policy, started: float
         release=release,
         policy=policy,
         # A flip creates nothing: the image and its runtime are not needed.
-        image=ImageRef(release.digest, release.digest, engine.images.root),
+        image=None,
         runtime=ImageRuntime((), (), "/", None),
         secrets={},
         driver=DriverOnUse(policy.runtime, engine.driver),

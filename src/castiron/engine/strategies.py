@@ -74,6 +74,8 @@ class Policy:
     deploy_timeout: float = 60.0
     base_dir: str = "."
     """The spec's directory: ``file:`` secrets are read relative to it."""
+    canary: Mapping[str, Any] | None = None
+    """The canary's steps, analysis and stickiness as JSON (see :mod:`castiron.engine.canary`)."""
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -87,6 +89,7 @@ class Policy:
             "keep_warm": self.keep_warm,
             "deploy_timeout": self.deploy_timeout,
             "base_dir": self.base_dir,
+            "canary": None if self.canary is None else dict(self.canary),
         }
 
     @classmethod
@@ -171,7 +174,9 @@ class Rollout:
     journal: Journal
     release: Release
     policy: Policy
-    image: ImageRef
+    image: ImageRef | None
+    """The image instances are created from (None for a rollout that creates none: a warm
+    rollback only moves traffic)."""
     runtime: ImageRuntime
     secrets: Mapping[str, str]
     driver: Driver
@@ -198,7 +203,13 @@ class Rollout:
     # --- instances -----------------------------------------------------------------------
 
     def instance_spec(self, instance_id: str) -> InstanceSpec:
-        """What the driver needs to create one instance of the release."""
+        """What the driver needs to create one instance of the release.
+
+        Raises:
+            DeployFailedError: when the rollout was given no image to create from.
+        """
+        if self.image is None:
+            raise DeployFailedError(f"release {self.release.id}: no image to create from")
         cfg = self.release.config
         env = {**dict(self.runtime.env), **dict(cfg.env), **dict(self.secrets)}
         isolation: Isolation = "auto"
@@ -467,9 +478,18 @@ def rolling(rollout: Rollout) -> None:
     rollout.drain(old)
 
 
+def canary(rollout: Rollout) -> None:
+    """Shift weighted steps of traffic to the new set, judged by analysis (see
+    :mod:`castiron.engine.canary`, imported on use)."""
+    from castiron.engine.canary import run_canary
+
+    run_canary(rollout)
+
+
 STRATEGIES: dict[str, Callable[[Rollout], None]] = {
     "blue-green": blue_green,
     "rolling": rolling,
+    "canary": canary,
 }
 """Strategies by the name used in ``strategy.type``."""
 

@@ -297,13 +297,41 @@ class Service(_Section):
     """CPU limit per instance, e.g. 0.5."""
 
 
+_TOKEN = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
+"""An HTTP token: what a cookie or header name may be made of."""
+
+
+def _check_http_path(value: str) -> str:
+    if not value.startswith("/") or any(c.isspace() or ord(c) < 32 for c in value):
+        raise ValueError(f"{value!r} is not an HTTP path: start it with '/', without spaces")
+    return value
+
+
+def _one_or_many(value: object) -> object:
+    return [value] if isinstance(value, dict) else value
+
+
+HttpPath = Annotated[str, AfterValidator(_check_http_path)]
+
+
+class PrometheusCheck(_Section):
+    """A Prometheus instant query whose value must stay at or below ``max``."""
+
+    url: str = Field(pattern=r"^https?://[^\s/]+(/[^\s]*)?$")
+    """Base URL of the Prometheus server (the query goes to URL/api/v1/query)."""
+    query: str = Field(min_length=1)
+    """PromQL; $RELEASE and $ENVIRONMENT are replaced by the canary release and environment."""
+    max: float
+    """Highest acceptable value (every sample of a vector result is checked)."""
+
+
 class CanaryStep(_Section):
     """One canary step: send ``weight`` percent to the new release, then wait."""
 
     weight: int = Field(ge=0, le=100)
     """Percent of requests sent to the new release during this step."""
     pause: Annotated[Duration | Literal["manual"], BeforeValidator(_check_pause)] = 60.0
-    """How long to hold this step before the next, or 'manual' to wait for a promote."""
+    """How long to hold this step, or 'manual' to wait for `castiron deploy ENV --continue`."""
 
 
 class Analysis(_Section):
@@ -315,6 +343,27 @@ class Analysis(_Section):
     """Highest 95th percentile latency of the new release, in milliseconds."""
     min_requests: int = Field(default=20, ge=0)
     """Requests the new release must have served before a step is judged."""
+    http: tuple[HttpPath, ...] = ()
+    """Paths GET on every canary instance at the end of each step; each must answer 2xx."""
+    prometheus: Annotated[
+        tuple[PrometheusCheck, ...], BeforeValidator(_one_or_many)
+    ] = ()
+    """Prometheus instant queries whose value must not exceed their max (one or a list)."""
+
+
+class Sticky(_Section):
+    """Keep a client on the release it first got during a canary: by cookie or header."""
+
+    cookie: str | None = Field(default=None, min_length=1, max_length=64, pattern=_TOKEN)
+    """Cookie naming the release a client was given (set by the router)."""
+    header: str | None = Field(default=None, min_length=1, max_length=64, pattern=_TOKEN)
+    """Request header whose value picks the release (same value, same release)."""
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Sticky:
+        if (self.cookie is None) == (self.header is None):
+            raise ValueError("give exactly one of cookie or header")
+        return self
 
 
 class Strategy(_Section):
@@ -328,6 +377,14 @@ class Strategy(_Section):
     """The canary's weight steps, in order."""
     analysis: Analysis | None = None
     """Limits checked at each canary step; a breach aborts and rolls back."""
+    sticky: Sticky | None = None
+    """Canary only: keep each client on one release ({cookie: NAME} or {header: NAME})."""
+
+    @model_validator(mode="after")
+    def _canary_has_steps(self) -> Strategy:
+        if self.type == "canary" and not self.steps:
+            raise ValueError("steps: a canary needs at least one step")
+        return self
 
 
 class Policy(_Section):
@@ -458,9 +515,11 @@ __all__ = [
     "Listen",
     "Name",
     "Policy",
+    "PrometheusCheck",
     "SecretRef",
     "Service",
     "Spec",
+    "Sticky",
     "Strategy",
     "parse_duration",
     "parse_listen",

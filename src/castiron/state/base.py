@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol, TypeVar
@@ -228,6 +228,37 @@ class Lease:
     expires: datetime
 
 
+@dataclass(frozen=True)
+class ApprovalRow:
+    """One actor's approval of a release for an environment (a promotion gate)."""
+
+    environment: str
+    release: ReleaseId
+    actor: str
+    created: datetime
+    comment: str = ""
+
+
+@dataclass(frozen=True)
+class GateResultRow:
+    """The result of one policy gate in one evaluation (all gates checked for one change)."""
+
+    evaluation: str
+    """Shared by every gate checked together; deployments name it in their details."""
+    environment: str
+    release: ReleaseId
+    digest: Digest
+    gate: str
+    """The rule: ``require_signature``, ``promote_from``, ``soak``, ``approvals``, ``checks``."""
+    passed: bool
+    reason: str
+    checked: datetime
+    data: JsonObject = field(default_factory=dict)
+    """What was looked at (e.g. a check's exit code and capped output)."""
+    id: int | None = None
+    """Assigned by the store."""
+
+
 # --------------------------------------------------------------------------------------------
 # audit
 
@@ -384,6 +415,15 @@ class StateTx(Protocol):
         """Remove the environment's lease (no-op when none)."""
         ...
 
+    def add_approval(self, approval: ApprovalRow) -> bool:
+        """Record an approval; False (and nothing changes) when that actor already approved
+        that release for that environment."""
+        ...
+
+    def add_gate_results(self, results: Sequence[GateResultRow]) -> None:
+        """Record the gate results of one policy evaluation."""
+        ...
+
 
 class StateStore(Protocol):
     """Persistent state: typed reads, and :meth:`mutate` as the one audited writer."""
@@ -437,6 +477,15 @@ class StateStore(Protocol):
     ) -> list[EventRow]: ...
     def get_lease(self, environment: str) -> Lease | None: ...
     def list_leases(self) -> list[Lease]: ...
+    def approvals(self, environment: str, release: ReleaseId) -> list[ApprovalRow]:
+        """Approvals of ``release`` for ``environment``, oldest first."""
+        ...
+
+    def gate_results(
+        self, environment: str | None = None, evaluation: str | None = None
+    ) -> list[GateResultRow]:
+        """Recorded gate results (of one environment, of one evaluation), in the order made."""
+        ...
     def audit_entries(
         self, environment: str | None = None, since: datetime | None = None
     ) -> list[AuditEntry]: ...
@@ -475,6 +524,7 @@ class AuditReport:
 
 
 __all__ = [
+    "ApprovalRow",
     "AuditDraft",
     "AuditEntry",
     "AuditReport",
@@ -483,6 +533,7 @@ __all__ = [
     "DeploymentRow",
     "EnvironmentRow",
     "EventRow",
+    "GateResultRow",
     "ImageRow",
     "InstanceRow",
     "JsonObject",

@@ -18,7 +18,7 @@ import os
 import sqlite3
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -36,6 +36,7 @@ from castiron.model import Digest, ReleaseId
 from castiron.settings import Settings
 from castiron.state import audit
 from castiron.state.base import (
+    ApprovalRow,
     AuditDraft,
     AuditEntry,
     AuditReport,
@@ -44,6 +45,7 @@ from castiron.state.base import (
     DeploymentRow,
     EnvironmentRow,
     EventRow,
+    GateResultRow,
     ImageRow,
     InstanceRow,
     JsonObject,
@@ -644,6 +646,35 @@ class SqliteTx:
     def delete_lease(self, environment: str) -> None:
         self._db().execute("DELETE FROM locks WHERE environment = ?", (environment,))
 
+    def add_approval(self, approval: ApprovalRow) -> bool:
+        a = approval
+        cur = self._db().execute(
+            "INSERT INTO approvals (environment, release, actor, created, comment)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (a.environment, a.release, a.actor, format_time(a.created), a.comment),
+        )
+        return cur.rowcount == 1
+
+    def add_gate_results(self, results: Sequence[GateResultRow]) -> None:
+        self._db().executemany(
+            "INSERT INTO gate_results (evaluation, environment, release, digest, gate, passed,"
+            " reason, data, checked) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    r.evaluation,
+                    r.environment,
+                    r.release,
+                    r.digest,
+                    r.gate,
+                    int(r.passed),
+                    r.reason,
+                    _json(r.data),
+                    format_time(r.checked),
+                )
+                for r in results
+            ],
+        )
+
     def _write(self, sql: str, params: tuple[Any, ...], missing: str) -> None:
         try:
             self._db().execute(sql, params)
@@ -754,13 +785,14 @@ class SqliteStateStore:
             # The head file (beside the key) only ever moves forward and is checked by
             # `audit verify` against the chain; it may lag behind the database, never lead.
             # Writing it (temp file, fsync, rename) on every mutation cost more than the
-            # transaction itself, so it is written on this store's first mutation and then
-            # once more when the store is closed (or verified).
-            if self._head_written:
+            # transaction itself, so it is written when the store is closed (or verified),
+            # and at once only when there is none yet: a process killed before closing
+            # leaves it one command behind, which verification accepts.
+            if self._head_written or self._head_path.exists():
                 self._pending_head = head
             else:
                 audit.advance_head_file(self._head_path, head)
-                self._head_written = True
+            self._head_written = True
         return result
 
     def _signing_key(self, head: SignedHead | None) -> audit.AuditKey:
@@ -992,6 +1024,46 @@ class SqliteStateStore:
 
     def list_leases(self) -> list[Lease]:
         return [_lease(r) for r in self._all(f"SELECT {_LEASE_COLUMNS} FROM locks ORDER BY 1")]
+
+    def approvals(self, environment: str, release: ReleaseId) -> list[ApprovalRow]:
+        return [
+            ApprovalRow(r[0], ReleaseId(r[1]), r[2], parse_time(r[3]), r[4])
+            for r in self._all(
+                "SELECT environment, release, actor, created, comment FROM approvals"
+                " WHERE environment = ? AND release = ? ORDER BY created, actor",
+                (environment, release),
+            )
+        ]
+
+    def gate_results(
+        self, environment: str | None = None, evaluation: str | None = None
+    ) -> list[GateResultRow]:
+        sql = (
+            "SELECT id, evaluation, environment, release, digest, gate, passed, reason, data,"
+            " checked FROM gate_results WHERE 1 = 1"
+        )
+        params: list[Any] = []
+        if environment is not None:
+            sql += " AND environment = ?"
+            params.append(environment)
+        if evaluation is not None:
+            sql += " AND evaluation = ?"
+            params.append(evaluation)
+        return [
+            GateResultRow(
+                evaluation=r[1],
+                environment=r[2],
+                release=ReleaseId(r[3]),
+                digest=Digest(r[4]),
+                gate=r[5],
+                passed=bool(r[6]),
+                reason=r[7],
+                checked=parse_time(r[9]),
+                data=json.loads(r[8]),
+                id=r[0],
+            )
+            for r in self._all(sql + " ORDER BY id", tuple(params))
+        ]
 
     def audit_entries(
         self, environment: str | None = None, since: datetime | None = None

@@ -23,6 +23,7 @@ from castiron.traffic.base import (
     LatencySummary,
     ReleaseCounters,
     RouteConfig,
+    Stickiness,
 )
 
 
@@ -65,9 +66,11 @@ class TrafficController(Protocol):
         canary: BackendSet | None = None,
         canary_weight: int = 0,
         drain_timeout: float = 30.0,
+        sticky: Stickiness | None = None,
     ) -> None:
         """Route ``environment``'s listener to ``stable`` (and ``canary_weight`` % to
         ``canary``) atomically, creating the listener if needed; leaving backends drain.
+        ``sticky`` keeps each client on the release it first got while there is a canary.
 
         Raises:
             RouterError: when the listener cannot be bound or the configuration is refused.
@@ -107,17 +110,20 @@ def _route(
     canary: BackendSet | None,
     canary_weight: int,
     drain_timeout: float,
+    sticky: Stickiness | None = None,
 ) -> RouteConfig:
     if not 0 <= canary_weight <= 100:
         raise UsageError(f"{environment}: canary weight {canary_weight} is not 0-100")
     if canary is None:
         canary_weight = 0
+        sticky = None
     return RouteConfig(
         environment=environment,
         listen=listen,
         stable=stable,
         canary=canary,
         canary_weight=canary_weight,
+        sticky=sticky,
         drain_timeout=drain_timeout,
     )
 
@@ -143,8 +149,9 @@ class AgentTraffic:
         canary: BackendSet | None = None,
         canary_weight: int = 0,
         drain_timeout: float = 30.0,
+        sticky: Stickiness | None = None,
     ) -> None:
-        config = _route(environment, listen, stable, canary, canary_weight, drain_timeout)
+        config = _route(environment, listen, stable, canary, canary_weight, drain_timeout, sticky)
         try:
             self.client.put_route(environment, config)
         except AgentError as exc:
@@ -203,8 +210,9 @@ class MemoryTraffic:
         canary: BackendSet | None = None,
         canary_weight: int = 0,
         drain_timeout: float = 30.0,
+        sticky: Stickiness | None = None,
     ) -> None:
-        config = _route(environment, listen, stable, canary, canary_weight, drain_timeout)
+        config = _route(environment, listen, stable, canary, canary_weight, drain_timeout, sticky)
         if self.fail_next > 0:
             self.fail_next -= 1
             raise RouterError(f"environment {environment!r}: injected router failure")

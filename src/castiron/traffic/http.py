@@ -393,7 +393,8 @@ class _HttptoolsRequestParser:
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        if self._in_head:  # trailers (after a chunked body) are dropped
+            self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -563,9 +564,11 @@ class _HttptoolsResponseParser:
         self._headers: list[tuple[bytes, bytes]] = []
         self._status = 0
         self._until_close = False
+        self._in_head = True
 
     # httptools callbacks
     def on_message_begin(self) -> None:
+        self._in_head = True
         self._reason = b""
         self._headers = []
         self._until_close = False
@@ -574,9 +577,11 @@ class _HttptoolsResponseParser:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        if self._in_head:  # trailers (after a chunked body) are dropped
+            self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         p = self._parser
         status = self._status = p.get_status_code()
         minor = 1 if p.get_http_version() == "1.1" else 0

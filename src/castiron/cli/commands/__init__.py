@@ -11,9 +11,11 @@ from __future__ import annotations
 COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "agent_cmd": ("agent",),
     "audit_cmd": ("audit",),
+    "canary_cmd": ("abort",),
     "deploy_cmd": ("deploy", "down", "plan", "rollback"),
     "image_cmd": ("bake", "export", "images", "import", "inspect"),
     "lock_cmd": ("lock",),
+    "promote_cmd": ("approve", "promote"),
     "sign_cmd": ("keys", "sign", "verify"),
     "logs_cmd": ("logs",),
     "quickstart_cmd": ("quickstart",),

@@ -131,10 +131,14 @@ def plan_cmd(
     with open_engine(settings, observer=observer_for(cli, quiet=True)) as engine:
         target = engine.resolve(spec, environment, image)
         plan = engine.plan(target)
+        from castiron.cli.commands.promote_cmd import gates_json, render_gates
+
+        gates = gates_json(engine, target) if as_json else None
+        gate_lines = [] if as_json else render_gates(engine, target)
     if as_json:
-        emit_json(_plan_json(plan, target.tag))
+        emit_json({**_plan_json(plan, target.tag), "gates": gates})
     else:
-        for line in render_plan(plan, target.tag, target.policy.keep_warm):
+        for line in [*render_plan(plan, target.tag, target.policy.keep_warm), *gate_lines]:
             click.echo(line)
     if detailed_exitcode and plan.has_changes:
         ctx.exit(2)
@@ -151,6 +155,17 @@ def plan_cmd(
     metavar="S",
     help="Wait up to S seconds for the environment's lock (default: fail at once, exit 4).",
 )
+@click.option(
+    "--continue",
+    "continue_",
+    is_flag=True,
+    help="Do not deploy: let ENVIRONMENT's running canary go on past its current pause.",
+)
+@click.option(
+    "--watch/--no-watch",
+    default=None,
+    help="Show a canary's progress live (default: on a terminal, without --json).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @pass_cli
 def deploy_cmd(
@@ -159,22 +174,34 @@ def deploy_cmd(
     image: str | None,
     yes: bool,
     lock_wait: float,
+    continue_: bool,
+    watch: bool | None,
     as_json: bool,
 ) -> None:
     """Deploy the newest baked image (or --image) to ENVIRONMENT with zero downtime."""
+    from castiron.cli.commands.canary_cmd import continue_deployment, report_abort, watch_observer
     from castiron.engine.compose import deploy_spec_for, open_engine
 
+    if continue_:
+        continue_deployment(cli, environment, as_json)
+        return
     settings = cli.settings
     spec = deploy_spec_for(settings)
-    observer = observer_for(cli)
+    observer = watch_observer(cli, watch, as_json)
     with open_engine(settings, observer=observer) as engine:
         target = engine.resolve(spec, environment, image)
         plan = engine.plan(target)
         for line in render_plan(plan, target.tag, target.policy.keep_warm):
             click.echo(line, err=True)
+        if target.gates is not None and target.gates.active:
+            from castiron.cli.commands.promote_cmd import render_gates
+
+            for line in render_gates(engine, target):
+                click.echo(line, err=True)
         if plan.has_changes:
             confirm(cli, f"deploy release {target.release.id} to {environment}?", yes)
-        result = engine.deploy(target, lock_wait=lock_wait)
+        with report_abort(environment, as_json):
+            result = engine.deploy(target, lock_wait=lock_wait)
     if as_json:
         emit_json(result.to_json())
         return

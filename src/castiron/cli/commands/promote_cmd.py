@@ -1,0 +1,181 @@
+"""``castiron promote`` and ``castiron approve``: thin edges over promotion and its gates.
+
+``promote`` shows the plan with every gate of the destination (and what each would say now,
+checks aside), asks for confirmation, then deploys through the gates; ``approve`` records one
+approval. Both render results; the engine (:mod:`castiron.engine.promote`,
+:mod:`castiron.engine.policy`) decides everything. :func:`render_gates` is also how ``plan``
+and ``deploy`` show an environment's gates.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import click
+
+from castiron.cli.commands.deploy_cmd import confirm, observer_for, render_plan
+from castiron.cli.context import CliContext, pass_cli
+from castiron.cli.render import emit_json
+from castiron.errors import UsageError
+
+if TYPE_CHECKING:
+    from castiron.engine.deploy import Engine, Target
+    from castiron.engine.policy import GatePolicy
+
+
+def _describe(gates: GatePolicy, gate: str, url: str) -> str:
+    from castiron.engine.policy import human_duration
+
+    if gate == "require_signature":
+        named = (
+            ", ".join(gates.require_signature)
+            if isinstance(gates.require_signature, tuple)
+            else "any key in CASTIRON_HOME/keys"
+        )
+        return f"require_signature ({named})"
+    if gate == "promote_from":
+        return f"promote_from {gates.source}"
+    if gate == "soak":
+        return f"soak {human_duration(gates.soak or 0.0)} in {gates.source}"
+    if gate == "approvals":
+        return f"approvals {gates.approvals}"
+    return f"checks: {len(gates.checks)} command(s) against {url}"
+
+
+def render_gates(engine: Engine, target: Target) -> list[str]:
+    """The plan's lines about ``target``'s gates: each gate and what it would say now (the
+    checks run only when deploying). No lines when the environment has no gates."""
+    from castiron.engine.policy import preview
+
+    gates = target.gates
+    if gates is None or not gates.active:
+        return []
+    report = preview(engine, target, gates)
+    said = {r.gate: r for r in report.results}
+    url = gates.check_url(engine.store)
+    lines = [f"  gates of {target.environment} (checked before any instance is created):"]
+    for gate in gates.active:
+        result = said.get(gate)
+        if result is None:
+            verdict = "run when deploying"
+        elif result.passed:
+            verdict = f"ok: {result.reason}"
+        else:
+            verdict = f"would refuse: {result.reason}"
+        lines.append(f"    {_describe(gates, gate, url)}: {verdict}")
+    return lines
+
+
+def gates_json(engine: Engine, target: Target) -> dict[str, object] | None:
+    """The ``gates`` member of plan JSON: the policy and what each gate would say now."""
+    from castiron.engine.policy import preview
+
+    gates = target.gates
+    if gates is None or not gates.active:
+        return None
+    report = preview(engine, target, gates)
+    return {
+        **gates.to_json(),
+        "url": gates.check_url(engine.store),
+        "preview": [r.to_json() for r in report.results],
+    }
+
+
+@click.command("promote")
+@click.argument("source", metavar="FROM")
+@click.argument("environment", metavar="TO")
+@click.option(
+    "--release",
+    "release",
+    metavar="RELEASE",
+    help="FROM's release id (or unique prefix) to promote (default: the one FROM serves).",
+)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (needed without a TTY).")
+@click.option(
+    "--lock-wait",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    metavar="S",
+    help="Wait up to S seconds for TO's lock (default: fail at once, exit 4).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@pass_cli
+def promote_cmd(
+    cli: CliContext,
+    source: str,
+    environment: str,
+    release: str | None,
+    yes: bool,
+    lock_wait: float,
+    as_json: bool,
+) -> None:
+    """Deploy the exact image FROM serves (or --release) to TO, with TO's config, through
+    TO's policy gates (exit 5 when one refuses)."""
+    from castiron.engine.compose import deploy_spec_for, open_engine
+    from castiron.engine.promote import prepare, promote
+
+    settings = cli.settings
+    spec = deploy_spec_for(settings)
+    with open_engine(settings, observer=observer_for(cli)) as engine:
+        promotion = prepare(engine, spec, source, environment, release=release)
+        target = promotion.target
+        plan = engine.plan(target)
+        click.echo(
+            f"promote {source} release {promotion.source_release.id} "
+            f"({target.release.digest}) to {environment}",
+            err=True,
+        )
+        for line in render_plan(plan, target.tag, target.policy.keep_warm):
+            click.echo(line, err=True)
+        for line in render_gates(engine, target):
+            click.echo(line, err=True)
+        if plan.has_changes:
+            confirm(cli, f"promote release {target.release.id} to {environment}?", yes)
+        result = promote(engine, promotion, lock_wait=lock_wait)
+    if as_json:
+        emit_json(result.to_json())
+        return
+    done = result.result
+    if done.outcome == "unchanged":
+        click.echo(f"{environment} already runs release {done.release}; nothing to do")
+        return
+    click.echo(
+        f"promoted {done.digest[:19]} from {source} to {environment} as release "
+        f"{done.release} in {done.duration_s:.2f}s: http://{target.policy.listen}/"
+    )
+
+
+@click.command("approve")
+@click.argument("environment")
+@click.argument("release")
+@click.option("--comment", default="", metavar="TEXT", help="Why; kept with the approval.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@pass_cli
+def approve_cmd(
+    cli: CliContext, environment: str, release: str, comment: str, as_json: bool
+) -> None:
+    """Approve RELEASE (a release id, as the plan of ENVIRONMENT shows it) for deployment to
+    ENVIRONMENT, as you ($CASTIRON_ACTOR, else user@host). Approving twice counts once; the
+    deployer's own approval never counts."""
+    from castiron.engine.compose import deploy_spec_for
+    from castiron.engine.promote import approve
+    from castiron.state.sqlite import open_state
+
+    settings = cli.settings
+    spec = deploy_spec_for(settings)
+    if environment not in spec.environments:
+        known = ", ".join(sorted(spec.environments)) or "none"
+        raise UsageError(f"no environment {environment!r} in {spec.path} (known: {known})")
+    with open_state(settings) as store:
+        approval = approve(store, environment, release, comment)
+    if as_json:
+        emit_json(approval.to_json())
+        return
+    already = "" if approval.added else " (already approved; counted once)"
+    click.echo(
+        f"{approval.actor} approved release {approval.release} for {environment}{already}; "
+        f"approvals: {', '.join(approval.approvers)}"
+    )
+
+
+commands: list[click.Command] = [promote_cmd, approve_cmd]

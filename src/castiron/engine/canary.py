@@ -1,0 +1,759 @@
+"""Canary deployments: weighted steps of traffic to the new release, judged by analysis.
+
+Owns the canary strategy (:func:`run_canary`) and everything it decides by:
+
+* :class:`CanaryConfig`, the steps, analysis limits and stickiness of an environment, kept as
+  plain JSON with the environment's policy (:func:`canary_json` makes it from the spec);
+* the analysis of one step's window (:func:`window_stats`, :func:`judge`): the router's
+  cumulative per-release counters are read at the window's start and end and diffed, giving
+  the canary's request count, error rate (5xx and failed connects over all requests) and p95
+  (from the diffed latency histogram); plus optional ``http`` checks on every canary instance
+  and Prometheus instant queries (:func:`query_prometheus`);
+* control requests from other processes (:func:`request_control`): ``castiron deploy ENV
+  --continue`` and ``castiron abort ENV`` append a ``continue`` / ``abort`` row to the running
+  deployment's journal (audited); the canary polls its journal between and during steps.
+
+The canary starts the new release's full replica count up front (steps move the share of
+requests, not instances), so promotion needs no new instance: like blue-green, the previous
+instances drain and stay warm. A failed analysis raises :class:`CanaryAbortedError`: the
+engine undoes the deployment (traffic back on the stable set at once, canary instances
+destroyed) and records outcome ``aborted`` with the figures.
+
+It knows nothing of the CLI, of rendering, or of the spec file's format (it reads JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+from castiron.engine.release import HealthConfig
+from castiron.engine.strategies import Rollout, backends_of, blue_green
+from castiron.errors import CanaryAbortedError, NotFoundError, UsageError
+from castiron.model import Instance
+from castiron.state.base import AuditDraft, DeploymentRow, StateStore, StateTx, StepRow
+from castiron.traffic.base import ReleaseCounters, Stickiness
+from castiron.traffic.stats import estimate_percentile
+
+if TYPE_CHECKING:  # the schema (pydantic) is only needed when a spec is resolved
+    from castiron.spec.schema import Strategy
+
+POLL = 0.2
+"""Seconds between two reads of the router's counters (and of control requests) in a step."""
+
+EXTEND_FACTOR = 3.0
+"""A step without ``min_requests`` requests at its end is extended up to this many times its
+pause; still short, the canary is aborted (fail-safe: never promote what was not seen)."""
+
+HTTP_CHECK_TIMEOUT = 2.0
+"""Seconds an ``http`` check on a canary instance may take."""
+
+PROMETHEUS_TIMEOUT = 5.0
+"""Seconds a Prometheus query may take."""
+
+ControlAction = Literal["continue", "abort"]
+CONTROL_ACTIONS: tuple[str, ...] = ("continue", "abort")
+"""Journal rows another process may append to a running deployment."""
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CanaryStep:
+    """Send ``weight`` percent of requests to the canary, then hold for ``pause`` seconds
+    (None: until ``castiron deploy ENV --continue``)."""
+
+    weight: int
+    pause: float | None
+
+
+@dataclass(frozen=True)
+class PrometheusQuery:
+    """An instant query whose value (every sample of a vector) must be at most ``max``."""
+
+    url: str
+    query: str
+    max: float
+
+
+@dataclass(frozen=True)
+class AnalysisLimits:
+    """What a step's window must show before the canary may go on."""
+
+    max_error_rate: float | None = None
+    max_p95_ms: float | None = None
+    min_requests: int = 20
+    http: tuple[str, ...] = ()
+    prometheus: tuple[PrometheusQuery, ...] = ()
+
+
+@dataclass(frozen=True)
+class CanaryConfig:
+    """An environment's canary: its steps, analysis and stickiness."""
+
+    steps: tuple[CanaryStep, ...]
+    analysis: AnalysisLimits | None = None
+    sticky: Stickiness | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (the form kept with the environment's policy)."""
+        analysis = None
+        if self.analysis is not None:
+            a = self.analysis
+            analysis = {
+                "max_error_rate": a.max_error_rate,
+                "max_p95_ms": a.max_p95_ms,
+                "min_requests": a.min_requests,
+                "http": list(a.http),
+                "prometheus": [
+                    {"url": p.url, "query": p.query, "max": p.max} for p in a.prometheus
+                ],
+            }
+        return {
+            "steps": [
+                {"weight": s.weight, "pause": "manual" if s.pause is None else s.pause}
+                for s in self.steps
+            ],
+            "analysis": analysis,
+            "sticky": None
+            if self.sticky is None
+            else {"kind": self.sticky.kind, "name": self.sticky.name},
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], where: str = "canary") -> CanaryConfig:
+        """The config recorded as ``data``.
+
+        Raises:
+            UsageError: when ``data`` does not describe a canary (naming ``where``).
+        """
+        try:
+            steps = tuple(
+                CanaryStep(
+                    weight=int(s["weight"]),
+                    pause=None if s["pause"] == "manual" else float(s["pause"]),
+                )
+                for s in data["steps"]
+            )
+            analysis = None
+            if data.get("analysis") is not None:
+                a = data["analysis"]
+                analysis = AnalysisLimits(
+                    max_error_rate=_opt_float(a.get("max_error_rate")),
+                    max_p95_ms=_opt_float(a.get("max_p95_ms")),
+                    min_requests=int(a.get("min_requests", 20)),
+                    http=tuple(str(p) for p in a.get("http", ())),
+                    prometheus=tuple(
+                        PrometheusQuery(str(p["url"]), str(p["query"]), float(p["max"]))
+                        for p in a.get("prometheus", ())
+                    ),
+                )
+            sticky = None
+            if data.get("sticky") is not None:
+                kind = str(data["sticky"]["kind"])
+                if kind not in ("cookie", "header"):
+                    raise ValueError(f"sticky.kind {kind!r}")
+                sticky = Stickiness(
+                    "cookie" if kind == "cookie" else "header", data["sticky"]["name"]
+                )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UsageError(f"{where}: not a canary configuration ({exc})") from exc
+        if not steps or any(not 0 <= s.weight <= 100 for s in steps):
+            raise UsageError(f"{where}: a canary needs steps with weights from 0 to 100")
+        return cls(steps, analysis, sticky)
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def canary_json(strategy: Strategy) -> dict[str, Any] | None:
+    """The recorded form of a validated ``strategy:`` (None unless it is a canary)."""
+    if strategy.type != "canary":
+        return None
+    analysis = None
+    if strategy.analysis is not None:
+        a = strategy.analysis
+        analysis = AnalysisLimits(
+            max_error_rate=a.max_error_rate,
+            max_p95_ms=a.max_p95_ms,
+            min_requests=a.min_requests,
+            http=tuple(a.http),
+            prometheus=tuple(PrometheusQuery(p.url, p.query, p.max) for p in a.prometheus),
+        )
+    sticky = None
+    if strategy.sticky is not None:
+        s = strategy.sticky
+        sticky = (
+            Stickiness("cookie", s.cookie)
+            if s.cookie is not None
+            else Stickiness("header", s.header or "")
+        )
+    steps = tuple(
+        CanaryStep(s.weight, None if s.pause == "manual" else float(s.pause))
+        for s in strategy.steps
+    )
+    return CanaryConfig(steps, analysis, sticky).to_json()
+
+
+# --- analysis ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WindowStats:
+    """What one release's router counters show over a window."""
+
+    release: str
+    seconds: float
+    requests: int
+    errors: int
+    """5xx answers plus failed connects."""
+    p95_ms: float
+    latency_is_average: bool = False
+    """True when the data plane keeps no histogram (HAProxy): p95 is a recent average."""
+
+    @property
+    def error_rate(self) -> float:
+        """Errors over requests (0 without requests)."""
+        return self.errors / self.requests if self.requests else 0.0
+
+    @property
+    def rate(self) -> float:
+        """Requests per second over the window."""
+        return self.requests / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict of the figures."""
+        return {
+            "release": self.release,
+            "seconds": round(self.seconds, 3),
+            "requests": self.requests,
+            "errors": self.errors,
+            "error_rate": round(self.error_rate, 4),
+            "rate_per_s": round(self.rate, 2),
+            "p95_ms": round(self.p95_ms, 2),
+            "latency_is_average": self.latency_is_average,
+        }
+
+
+def window_stats(
+    release: str,
+    before: ReleaseCounters | None,
+    after: ReleaseCounters | None,
+    seconds: float,
+) -> WindowStats:
+    """The figures of ``release`` between two cumulative snapshots of its counters.
+
+    A release absent from a snapshot counts as zero there (a listener that restarted in
+    between starts again from zero: then ``after`` alone is the window).
+    """
+    if after is None:
+        return WindowStats(release, seconds, 0, 0, 0.0)
+    if before is not None and after.requests < before.requests:
+        before = None  # the counters were reset (the listener restarted)
+
+    def minus(attr: str) -> int:
+        value = int(getattr(after, attr))
+        return value - int(getattr(before, attr)) if before is not None else value
+
+    served = sum(minus(f"responses_{c}xx") for c in (2, 3, 4, 5))
+    requests = max(minus("requests"), served)
+    errors = minus("responses_5xx") + minus("connect_errors")
+    if after.latency_is_average or not after.histogram:
+        p95 = after.latency.p95_ms if requests else 0.0
+    else:
+        earlier = dict(before.histogram) if before is not None else {}
+        diff = tuple((bound, count - earlier.get(bound, 0)) for bound, count in after.histogram)
+        p95 = estimate_percentile(diff, 0.95)
+    return WindowStats(release, seconds, requests, errors, p95, after.latency_is_average)
+
+
+def judge(limits: AnalysisLimits, canary: WindowStats) -> list[str]:
+    """The limits ``canary``'s window breaches, as sentences (empty: none).
+
+    Call it only with at least ``min_requests`` requests in the window.
+    """
+    breaches = []
+    if limits.max_error_rate is not None and canary.error_rate > limits.max_error_rate:
+        breaches.append(
+            f"error rate {canary.error_rate:.1%} > max_error_rate {limits.max_error_rate:.1%} "
+            f"({canary.errors} of {canary.requests} requests)"
+        )
+    if limits.max_p95_ms is not None and canary.p95_ms > limits.max_p95_ms:
+        kind = "average latency" if canary.latency_is_average else "p95"
+        breaches.append(f"{kind} {canary.p95_ms:.1f} ms > max_p95_ms {limits.max_p95_ms:g} ms")
+    return breaches
+
+
+def query_prometheus(check: PrometheusQuery, release: str, environment: str) -> list[str]:
+    """Run ``check`` (``$RELEASE`` / ``$ENVIRONMENT`` substituted) as an instant query and
+    return its breaches: a sample above ``max`` (or NaN), or a query that failed (fail-safe).
+    An empty vector has no sample above ``max`` and passes.
+    """
+    query = check.query.replace("$RELEASE", release).replace("$ENVIRONMENT", environment)
+    url = check.url.rstrip("/") + "/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    where = f"prometheus {check.url} {query!r}"
+    try:
+        with urllib.request.urlopen(url, timeout=PROMETHEUS_TIMEOUT) as response:
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return [f"{where}: HTTP {exc.code} {exc.reason}"]
+    except (OSError, ValueError) as exc:
+        return [f"{where}: query failed ({exc})"]
+    try:
+        if body.get("status") != "success":
+            return [f"{where}: {body.get('error') or 'status is not success'}"]
+        data = body["data"]
+        if data["resultType"] == "scalar":
+            values = [float(data["result"][1])]
+        elif data["resultType"] == "vector":
+            values = [float(sample["value"][1]) for sample in data["result"]]
+        else:
+            return [f"{where}: result type {data['resultType']!r} is not a scalar or vector"]
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        return [f"{where}: unexpected answer ({exc!r})"]
+    return [
+        f"{where} = {value:g} > max {check.max:g}"
+        for value in values
+        if math.isnan(value) or value > check.max
+    ]
+
+
+# --- control requests --------------------------------------------------------------------------
+
+
+def running_deployment(store: StateStore, environment: str) -> DeploymentRow:
+    """The deployment of ``environment`` without an outcome.
+
+    Raises:
+        NotFoundError: when none is running.
+    """
+    for deployment in store.list_deployments(environment, limit=20):
+        if deployment.outcome == "running":
+            return deployment
+    raise NotFoundError(f"no deployment of {environment!r} is running")
+
+
+def request_control(store: StateStore, environment: str, action: ControlAction) -> DeploymentRow:
+    """Ask the running deployment of ``environment`` to ``continue`` (end the current canary
+    step's pause) or ``abort``: a journal row it polls for, audited as ``deploy.<action>``.
+
+    Returns the deployment asked.
+
+    Raises:
+        NotFoundError: when no deployment of ``environment`` is running.
+        UsageError: ``continue`` for a deployment that is not a canary.
+        StateError: when the database cannot be written.
+    """
+    deployment = running_deployment(store, environment)
+    if action == "continue" and deployment.strategy != "canary":
+        raise UsageError(
+            f"deployment {deployment.id} of {environment!r} is {deployment.strategy}: "
+            "only a canary waits for --continue"
+        )
+    data = {"requested_by": store.actor}
+    now = store.clock.now()
+
+    def apply(tx: StateTx) -> None:
+        tx.append_step(deployment.id, action, "requested", data, now)
+
+    store.mutate(
+        AuditDraft(
+            f"deploy.{action}", environment=environment, subject=deployment.id, details=data
+        ),
+        apply,
+    )
+    return deployment
+
+
+@dataclass
+class ControlInbox:
+    """The control rows of one deployment not yet consumed (``continue`` is consumed by the
+    step it ends; ``abort`` stays)."""
+
+    store: StateStore
+    deployment: str
+    seen: int = 0
+    continues: int = 0
+    abort: StepRow | None = None
+
+    def poll(self) -> None:
+        """Read rows appended since the last poll.
+
+        Raises:
+            StateError: when the database cannot be read.
+        """
+        for row in self.store.steps(self.deployment):
+            if row.seq <= self.seen:
+                continue
+            self.seen = row.seq
+            if row.step == "continue" and row.state == "requested":
+                self.continues += 1
+            elif row.step == "abort" and row.state == "requested" and self.abort is None:
+                self.abort = row
+
+    def take_continue(self) -> bool:
+        """Consume one ``continue`` request if there is one."""
+        if self.continues > 0:
+            self.continues -= 1
+            return True
+        return False
+
+
+# --- progress --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CanaryProgress:
+    """Where a canary stands, for a live view."""
+
+    step: int
+    """1-based index of the current step."""
+    steps: int
+    weight: int
+    state: str
+    """``holding``, ``extending``, ``waiting for --continue``, ``passed``, ``promoted`` or
+    ``aborted``."""
+    elapsed: float
+    """Seconds into the step."""
+    pause: float | None
+    canary: WindowStats
+    stable: WindowStats
+
+
+@runtime_checkable
+class CanaryWatcher(Protocol):
+    """An observer that also wants structured canary progress (a live view)."""
+
+    def canary(self, progress: CanaryProgress) -> None:
+        """Called at every poll of a canary step and when it is decided."""
+        ...
+
+
+def describe(progress: CanaryProgress) -> str:
+    """One line for people: step, weight and per-release figures."""
+
+    def side(name: str, w: WindowStats) -> str:
+        return f"{name} {w.rate:.1f} req/s, {w.error_rate:.1%} errors, p95 {w.p95_ms:.1f} ms"
+
+    return (
+        f"step {progress.step}/{progress.steps} weight {progress.weight}% "
+        f"({progress.state}, {progress.elapsed:.1f}s): "
+        f"{side('canary', progress.canary)} | {side('stable', progress.stable)}"
+    )
+
+
+# --- the strategy ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Canary:
+    rollout: Rollout
+    config: CanaryConfig
+    new: list[Instance]
+    inbox: ControlInbox
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def stable_release(self) -> str:
+        return self.rollout.previous[0].release
+
+    def emit(self, progress: CanaryProgress) -> None:
+        observer = self.rollout.journal.observer
+        if isinstance(observer, CanaryWatcher):
+            observer.canary(progress)
+
+    def counters(self) -> dict[str, ReleaseCounters]:
+        return {c.release: c for c in self.rollout.traffic.counters(self.rollout.environment)}
+
+    def shift(self, weight: int) -> None:
+        """Route ``weight`` % to the canary set (journaled like any switch, never final)."""
+        r = self.rollout
+        ids = [i.id for i in self.new]
+        kept = [row.id for row in r.previous]
+        data = {"to": ids, "keep": kept, "final": False, "weight": weight}
+        r.journal.step("switch", data)
+        r.traffic.switch(
+            r.environment,
+            r.policy.listen,
+            backends_of(self.stable_release, r.previous),
+            canary=backends_of(r.release.id, self.new),
+            canary_weight=weight,
+            drain_timeout=r.policy.drain_timeout,
+            sticky=self.config.sticky,
+        )
+
+        def apply(tx: StateTx) -> None:
+            for instance_id in ids:
+                tx.set_instance_status(instance_id, "running")
+
+        r.journal.step("switched", data, apply)
+
+    def abort(
+        self,
+        index: int,
+        step: CanaryStep,
+        reasons: Sequence[str],
+        canary: WindowStats | None,
+        stable: WindowStats | None,
+        requested_by: str | None = None,
+    ) -> CanaryAbortedError:
+        r = self.rollout
+        figures: dict[str, Any] = {
+            "step": index + 1,
+            "steps": len(self.config.steps),
+            "weight": step.weight,
+            "verdict": "aborted",
+            "reasons": list(reasons),
+            "canary": canary.to_json() if canary is not None else None,
+            "stable": stable.to_json() if stable is not None else None,
+        }
+        if requested_by is not None:
+            figures["requested_by"] = requested_by
+        r.journal.step("analysis", figures, state="failed")
+        self.emit(
+            CanaryProgress(
+                index + 1,
+                len(self.config.steps),
+                step.weight,
+                "aborted",
+                canary.seconds if canary is not None else 0.0,
+                step.pause,
+                canary or WindowStats(r.release.id, 0.0, 0, 0, 0.0),
+                stable or WindowStats(self.stable_release, 0.0, 0, 0, 0.0),
+            )
+        )
+        why = "; ".join(reasons)
+        r.progress(f"canary aborted at step {index + 1} (weight {step.weight}%): {why}")
+        message = (
+            f"canary of release {r.release.id} to {r.environment!r} aborted at step "
+            f"{index + 1}/{len(self.config.steps)} (weight {step.weight}%): {why}"
+        )
+        if canary is not None:
+            message += (
+                f"\ncanary: {canary.requests} requests, {canary.errors} errors "
+                f"({canary.error_rate:.1%}), p95 {canary.p95_ms:.1f} ms"
+            )
+        if stable is not None:
+            message += (
+                f"\nstable: {stable.requests} requests, {stable.errors} errors "
+                f"({stable.error_rate:.1%}), p95 {stable.p95_ms:.1f} ms"
+            )
+        message += "\ntraffic is back on the stable release; the canary instances are destroyed"
+        return CanaryAbortedError(message, {"analysis": figures, "steps": self.results})
+
+    def check_abort(self, index: int, step: CanaryStep) -> None:
+        self.inbox.poll()
+        if self.inbox.abort is not None:
+            who = str(self.inbox.abort.data.get("requested_by", "someone"))
+            raise self.abort(index, step, [f"abort requested by {who}"], None, None, who)
+
+    def hold(self, index: int, step: CanaryStep) -> None:
+        """Hold ``step`` for its window, judging as it goes; raises when it fails."""
+        r = self.rollout
+        limits = self.config.analysis
+        start = r.monotonic()
+        first = self.counters()
+        canary_id, stable_id = r.release.id, self.stable_release
+        manual = step.pause is None
+        deadline = math.inf if step.pause is None else start + step.pause
+        cap = math.inf if step.pause is None else start + step.pause * EXTEND_FACTOR
+        # Traffic analysis needs traffic and a window: a weight-0 step or a pause of 0 only
+        # runs the http and Prometheus checks.
+        judged = limits is not None and step.weight > 0 and step.pause != 0
+        extended = False
+        continued = False
+        pause_text = "until --continue" if manual else f"{step.pause:g}s"
+        r.progress(
+            f"canary step {index + 1}/{len(self.config.steps)}: {step.weight}% of "
+            f"requests to release {canary_id}, holding {pause_text}"
+        )
+        while True:
+            now = r.monotonic()
+            until = cap if extended else deadline
+            if now < until and not continued:
+                r.sleep(max(0.001, min(POLL, until - now)))
+                now = r.monotonic()
+            snap = self.counters()
+            seconds = now - start
+            canary = window_stats(canary_id, first.get(canary_id), snap.get(canary_id), seconds)
+            stable = window_stats(stable_id, first.get(stable_id), snap.get(stable_id), seconds)
+            self.check_abort(index, step)
+            if self.inbox.take_continue():
+                continued = True
+            enough = limits is not None and canary.requests >= limits.min_requests
+            if judged and limits is not None and enough:
+                breaches = judge(limits, canary)
+                if breaches:
+                    raise self.abort(index, step, breaches, canary, stable)
+            ended = continued or now >= deadline
+            state = "holding"
+            if manual and not continued:
+                state = "waiting for --continue"
+            elif extended:
+                state = "extending"
+            if ended and judged and limits is not None and not enough and not continued:
+                if now < cap:
+                    if not extended:
+                        extended = True
+                        r.progress(
+                            f"canary step {index + 1}: {canary.requests} of "
+                            f"{limits.min_requests} requests needed to judge; extending the "
+                            f"window up to {step.pause * EXTEND_FACTOR if step.pause else 0:g}s"
+                        )
+                    ended = False
+                    state = "extending"
+                else:
+                    raise self.abort(
+                        index,
+                        step,
+                        [
+                            f"only {canary.requests} request(s) reached the canary in "
+                            f"{seconds:.1f}s (min_requests {limits.min_requests}): not enough "
+                            "to judge it"
+                        ],
+                        canary,
+                        stable,
+                    )
+            if not ended:
+                self.emit(
+                    CanaryProgress(
+                        index + 1,
+                        len(self.config.steps),
+                        step.weight,
+                        state,
+                        seconds,
+                        step.pause,
+                        canary,
+                        stable,
+                    )
+                )
+                continue
+            notes = []
+            if judged and limits is not None and not enough:
+                notes.append(
+                    f"continued with {canary.requests} of {limits.min_requests} requests: "
+                    "traffic analysis not judged"
+                )
+            breaches = self.checks()
+            if breaches:
+                raise self.abort(index, step, breaches, canary, stable)
+            figures = {
+                "step": index + 1,
+                "steps": len(self.config.steps),
+                "weight": step.weight,
+                "verdict": "passed",
+                "continued": continued,
+                "notes": notes,
+                "canary": canary.to_json(),
+                "stable": stable.to_json(),
+            }
+            self.results.append(figures)
+            r.journal.step("analysis", figures)
+            self.emit(
+                CanaryProgress(
+                    index + 1,
+                    len(self.config.steps),
+                    step.weight,
+                    "passed",
+                    seconds,
+                    step.pause,
+                    canary,
+                    stable,
+                )
+            )
+            detail = (
+                f"{canary.requests} requests, {canary.error_rate:.1%} errors, "
+                f"p95 {canary.p95_ms:.1f} ms"
+            )
+            for note in notes:
+                r.progress(f"warning: canary step {index + 1}: {note}")
+            r.progress(f"canary step {index + 1}/{len(self.config.steps)} passed ({detail})")
+            return
+
+    def checks(self) -> list[str]:
+        """Breaches of the http checks (every canary instance) and Prometheus queries."""
+        limits = self.config.analysis
+        if limits is None:
+            return []
+        r = self.rollout
+        breaches: list[str] = []
+        env = {**dict(r.runtime.env), **dict(r.release.config.env)}
+        for path in limits.http:
+            check = HealthConfig("http", path, 1.0, HTTP_CHECK_TIMEOUT, 1, 0.0)
+            for instance in self.new:
+                result = r.prober(check, instance.address, env)
+                if not result.ok:
+                    breaches.append(f"http check on {instance.id}: {result.detail}")
+        for query in limits.prometheus:
+            breaches.extend(query_prometheus(query, r.release.id, r.environment))
+        return breaches
+
+
+def run_canary(rollout: Rollout) -> None:
+    """The canary strategy: start the new set, wait until it is healthy, then for each step
+    route its weight to it and hold the step's window under analysis; all passed, route
+    everything to the new set and drain the previous one (kept warm).
+
+    The first deployment of an environment has nothing to compare with: it switches at once
+    (blue-green).
+
+    Raises:
+        CanaryAbortedError: when a step fails its analysis or an abort was requested (the
+            engine undoes the deployment: traffic back on the stable set, canary destroyed).
+        DeployFailedError: when the canary instances do not become healthy.
+        UsageError: when the environment's canary configuration is missing or damaged.
+        RouterError, AgentError, RuntimeDriverError, StateError: on infrastructure failures.
+    """
+    if rollout.policy.canary is None:
+        raise UsageError(
+            f"environments.{rollout.environment}.strategy: canary without steps "
+            "(redeploy from the spec)"
+        )
+    config = CanaryConfig.from_json(
+        rollout.policy.canary, f"environments.{rollout.environment}.strategy"
+    )
+    if not rollout.previous:
+        rollout.progress("first deployment: no stable release to compare with, switching at once")
+        blue_green(rollout)
+        return
+    new = rollout.create(rollout.release.config.replicas)
+    rollout.wait_healthy(new)
+    canary = _Canary(rollout, config, new, ControlInbox(rollout.journal.store, rollout.journal.id))
+    for index, step in enumerate(config.steps):
+        canary.check_abort(index, step)
+        canary.shift(step.weight)
+        canary.hold(index, step)
+    rollout.switch(new, [], final=True)
+    rollout.drain(rollout.previous)
+
+
+__all__ = [
+    "CONTROL_ACTIONS",
+    "EXTEND_FACTOR",
+    "POLL",
+    "AnalysisLimits",
+    "CanaryConfig",
+    "CanaryProgress",
+    "CanaryStep",
+    "CanaryWatcher",
+    "ControlAction",
+    "ControlInbox",
+    "PrometheusQuery",
+    "WindowStats",
+    "canary_json",
+    "describe",
+    "judge",
+    "query_prometheus",
+    "request_control",
+    "run_canary",
+    "running_deployment",
+    "window_stats",
+]

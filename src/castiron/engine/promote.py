@@ -1,0 +1,241 @@
+"""Promotion: the exact image digest of one environment's release, deployed to the next.
+
+Owns choosing what to promote (the source environment's current release, or a named one),
+turning it into a :class:`~castiron.engine.deploy.Target` of the destination environment
+(the destination's own config with the source's digest: the release id differs, the image
+does not), and approvals (:func:`approve`), the input of the ``approvals`` gate. The gates
+themselves live in :mod:`castiron.engine.policy`; they are enforced by
+:meth:`~castiron.engine.deploy.Engine.deploy` for promotions and plain deployments alike.
+
+A promotion to an environment whose ``promote_from`` names another environment is refused
+(rule ``promote_from``). To an environment without ``promote_from``, the environment promoted
+from becomes the source of its ``soak`` and ``checks`` gates, and the digest must have deployed
+successfully there.
+
+It knows nothing of the CLI: it never prints or exits and reads no process environment.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from castiron.engine.deploy import DeployResult, Engine, Target
+from castiron.engine.policy import (
+    GatePolicy,
+    GateResult,
+    gate_policy,
+    refuse,
+    with_source,
+)
+from castiron.engine.release import DeploySpec, Release
+from castiron.errors import UsageError
+from castiron.model import ReleaseId
+from castiron.state.base import ApprovalRow, AuditDraft, StateStore, StateTx
+
+if TYPE_CHECKING:
+    from castiron.spec.load import LoadedSpec
+
+_RELEASE_ID = re.compile(r"^[0-9a-f]{16}$")
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """What promoting ``source``'s release to the target's environment would deploy."""
+
+    source: str
+    source_release: Release
+    target: Target
+    """The destination's release (same digest, its own config), with its gates."""
+    wrong_source: str | None = None
+    """Set when the destination only accepts releases from this other environment."""
+
+    @property
+    def environment(self) -> str:
+        return self.target.environment
+
+    @property
+    def gates(self) -> GatePolicy:
+        """The destination's gates, with this promotion's source."""
+        assert self.target.gates is not None  # prepare() always sets them
+        return self.target.gates
+
+
+@dataclass(frozen=True)
+class PromoteResult:
+    """What a promotion did."""
+
+    source: str
+    source_release: str
+    result: DeployResult
+    gates: list[dict[str, Any]]
+    """``[{gate, passed, reason}]`` of the evaluation that allowed it (empty: no gates)."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` object of ``castiron promote``."""
+        return {
+            **self.result.to_json(),
+            "from": self.source,
+            "to": self.result.environment,
+            "source_release": self.source_release,
+            "gates": self.gates,
+        }
+
+
+def source_release(engine: Engine, source: str, release: str | None = None) -> Release:
+    """The release of ``source`` to promote: ``release`` (an id or unique prefix of a release
+    recorded for ``source``), else the one ``source`` serves.
+
+    Raises:
+        UsageError: when ``source`` serves nothing, or ``release`` names no release of it (or
+            several).
+    """
+    if release is None:
+        current = engine.current_release(source)
+        if current is None:
+            raise UsageError(
+                f"{source!r} serves no release: deploy it first (or pass --release RELEASE)"
+            )
+        return current
+    hits = [r.id for r in engine.store.list_releases(source) if r.id.startswith(release)]
+    if not hits:
+        raise UsageError(f"no release {release!r} was ever deployed to {source!r}")
+    if len(hits) > 1:
+        raise UsageError(
+            f"release prefix {release!r} is ambiguous in {source!r}: {', '.join(hits)}"
+        )
+    return engine.load_release(hits[0])
+
+
+def prepare(
+    engine: Engine,
+    spec: LoadedSpec | DeploySpec,
+    source: str,
+    environment: str,
+    *,
+    release: str | None = None,
+) -> Promotion:
+    """Resolve promoting ``source``'s release (``release``, else its current one) to
+    ``environment`` of ``spec``: the destination's config with the source's digest.
+
+    Raises:
+        UsageError: unknown environments, promoting to itself, nothing to promote.
+        NotFoundError: when the image is no longer in the store.
+        SpecError: when the spec cannot be read.
+    """
+    from castiron.engine.release import deploy_spec
+
+    deploy = spec if isinstance(spec, DeploySpec) else deploy_spec(spec)
+    if source == environment:
+        raise UsageError(f"cannot promote {environment!r} to itself")
+    for name in (source, environment):
+        if name not in deploy.environments:
+            known = ", ".join(sorted(deploy.environments)) or "none"
+            raise UsageError(f"no environment {name!r} in {deploy.path} (known: {known})")
+    chosen = source_release(engine, source, release)
+    target = engine.resolve(spec, environment, chosen.digest)
+    gates = target.gates or gate_policy(spec, environment, engine.environ)
+    wrong = None
+    if gates.source is None:
+        gates = with_source(gates, source, deploy.environments[source].listen)
+    elif gates.source != source:
+        wrong = gates.source
+    return Promotion(source, chosen, replace(target, gates=gates), wrong)
+
+
+def promote(engine: Engine, promotion: Promotion, *, lock_wait: float = 0.0) -> PromoteResult:
+    """Deploy ``promotion`` through the destination's gates (after its plan was shown).
+
+    Raises:
+        PolicyRefusedError: (exit 5) when a gate refuses; recorded and audited.
+        LockedError, DeployFailedError, StateError: as :meth:`Engine.deploy`.
+    """
+    if promotion.wrong_source is not None:
+        raise refuse(
+            engine.store,
+            promotion.target,
+            GateResult(
+                "promote_from",
+                False,
+                f"{promotion.environment} accepts releases from {promotion.wrong_source} "
+                f"only (promote_from), not from {promotion.source}",
+                {"source": promotion.wrong_source, "requested": promotion.source},
+            ),
+        )
+    result = engine.deploy(promotion.target, lock_wait=lock_wait)
+    gates: list[dict[str, Any]] = []
+    if result.deployment is not None:
+        row = engine.store.get_deployment(result.deployment)
+        recorded = row.details.get("gates") if row is not None else None
+        if isinstance(recorded, dict) and isinstance(recorded.get("results"), list):
+            gates = list(recorded["results"])
+    return PromoteResult(promotion.source, promotion.source_release.id, result, gates)
+
+
+@dataclass(frozen=True)
+class Approval:
+    """The outcome of :func:`approve`."""
+
+    environment: str
+    release: ReleaseId
+    actor: str
+    added: bool
+    """False when this actor had already approved it (recorded once)."""
+    approvers: tuple[str, ...]
+    """Everyone who approved this release for this environment, in order."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "environment": self.environment,
+            "release": self.release,
+            "actor": self.actor,
+            "added": self.added,
+            "approvers": list(self.approvers),
+        }
+
+
+def approve(store: StateStore, environment: str, release: str, comment: str = "") -> Approval:
+    """Record ``store.actor``'s approval of ``release`` (a release id, as plans show it) for
+    ``environment``; audited (``release.approve``) even when already approved.
+
+    Raises:
+        UsageError: when ``release`` is not a release id (16 hex digits).
+        StateError: when the database cannot be written.
+    """
+    if not _RELEASE_ID.match(release):
+        raise UsageError(
+            f"{release!r} is not a release id (16 hex digits, as `castiron promote` or "
+            "`castiron plan` shows it)"
+        )
+    rid = ReleaseId(release)
+    row = ApprovalRow(environment, rid, store.actor, store.clock.now(), comment)
+
+    def apply(tx: StateTx) -> bool:
+        added = tx.add_approval(row)
+        tx.note(added=added)
+        return added
+
+    added = store.mutate(
+        AuditDraft(
+            "release.approve",
+            environment=environment,
+            subject=rid,
+            to=rid,
+            details={"comment": comment} if comment else {},
+        ),
+        apply,
+    )
+    approvers = tuple(a.actor for a in store.approvals(environment, rid))
+    return Approval(environment, rid, store.actor, added, approvers)
+
+
+__all__ = [
+    "Approval",
+    "PromoteResult",
+    "Promotion",
+    "approve",
+    "prepare",
+    "promote",
+    "source_release",
+]

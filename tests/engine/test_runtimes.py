@@ -1,0 +1,110 @@
+"""Runtimes beyond the protocol: ports per runtime, the Docker driver's wiring (built, not run),
+the docker-archive exporter and its cache, strays in ``status``, and ``down`` sweeping what the
+runtime shows."""
+
+from __future__ import annotations
+
+import tarfile
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from castiron.engine.runtimes import (
+    ReleaseNetworks,
+    archive_exporter,
+    docker_cache,
+    environment_strays,
+    instance_port,
+    runtime_driver,
+)
+from castiron.engine.status import status
+from castiron.errors import UsageError
+from castiron.model import Digest, ImageRef, Instance, ReleaseId
+from castiron.settings import Settings
+
+from .conftest import World
+
+
+@pytest.mark.parametrize(
+    ("runtime", "network", "port"),
+    [
+        ("local", "host", 0),
+        ("docker", "host", 0),  # replicas share the host's network: the driver picks
+        ("docker", "backend", 8000),  # own network namespace: the service port
+        ("kubernetes", "host", 8000),
+    ],
+)
+def test_instance_port(world: World, runtime: str, network: str, port: int) -> None:
+    config = world.engine().resolve(world.spec(), "staging", "v1").release.config
+    assert instance_port(replace(config, runtime=runtime, network=network)) == port
+
+
+def test_the_docker_driver_is_wired_from_settings(world: World, tmp_path: Path) -> None:
+    from castiron.drivers.docker import DockerDriver
+
+    settings = Settings(home=tmp_path / "home", environ={"DOCKER_HOST": "tcp://127.0.0.1:1"})
+    driver = runtime_driver("docker", settings, world.store)
+    assert isinstance(driver, DockerDriver)
+    assert driver.endpoint.base_url == "tcp://127.0.0.1:1"
+    assert isinstance(driver.options, ReleaseNetworks)
+    assert docker_cache(settings) == tmp_path / "home" / "cache" / "docker"
+    with pytest.raises(UsageError, match=r"runtime 'kubernetes' is not available yet"):
+        runtime_driver("kubernetes", settings, world.store)
+
+
+def test_container_options_follow_the_release_network(world: World) -> None:
+    networks = ReleaseNetworks(world.store)
+    assert "staging" not in networks and networks.get("staging") is None
+    world.deploy("staging", "v1")
+    assert networks["staging"].network == "host"
+    assert list(networks) == []  # only environments on the docker runtime are listed
+
+
+def test_the_exporter_writes_a_docker_archive_once(world: World, tmp_path: Path) -> None:
+    digest = Digest(world.digests["v1"])
+    image = ImageRef(digest, world.images.image(digest).config_digest, world.images.root)
+    export = archive_exporter(tmp_path / "cache")
+    path = export(image)
+    assert path.parent == tmp_path / "cache" and path.is_file()
+    with tarfile.open(path) as tar:
+        assert "manifest.json" in tar.getnames()
+    stamp = path.stat().st_mtime_ns
+    assert export(image) == path and path.stat().st_mtime_ns == stamp  # reused, not rewritten
+
+
+def stray(world: World, instance_id: str) -> Instance:
+    return Instance(
+        id=instance_id,
+        app="hello",
+        environment="staging",
+        release=ReleaseId(""),
+        runtime="local",
+        address="127.0.0.1:29999",
+        handle=f"hand-{instance_id}",
+        image=Digest(world.digests["v1"]),
+    )
+
+
+def test_status_reports_strays(world: World) -> None:
+    world.deploy("staging", "v1")
+    engine = world.engine()
+    env = status(engine, "staging")["environments"][0]
+    assert env["strays"] == []
+    world.driver.add_stray(stray(world, "by-hand"))
+    env = status(engine, "staging")["environments"][0]
+    assert [(s["id"], s["handle"], s["state"]) for s in env["strays"]] == [
+        ("by-hand", "hand-by-hand", "running")
+    ]
+    # Without the agent, the local runtime is not asked (a read command never starts it).
+    assert status(engine, "staging", router=False)["environments"][0]["strays"] is None
+    known = {r.id for r in world.store.list_instances("staging")}
+    assert environment_strays(engine, "nowhere", known, agent_running=True) is None
+
+
+def test_down_sweeps_what_the_runtime_shows(world: World) -> None:
+    world.deploy("staging", "v1")
+    world.driver.add_stray(stray(world, "by-hand"))
+    destroyed = world.engine().down("staging")
+    assert "by-hand" in destroyed and len(destroyed) == 3
+    assert world.driver.observe("hello", "staging") == []
