@@ -4,10 +4,16 @@
 
 Needs wrk and haproxy on PATH. Everything stays on 127.0.0.1. Prints, side by side:
 throughput and p99 latency (wrk -t2 -cN -dD --latency) direct to the backend, through the
-builtin router and through HAProxy (driven by castiron's HaproxyRouter); the p99 added by each
-router at half of the builtin's maximum throughput (an open-loop, rate-limited Python load
-generator that measures from each request's scheduled send time); and failed requests across
-50 backend-set switches under constant wrk load.
+builtin router and through HAProxy (driven by castiron's HaproxyRouter, with HAProxy's own
+defaults: one thread per CPU); the p99 added by each router at half of the builtin's maximum
+throughput; and failed requests across 50 backend-set switches under constant wrk load. An
+extra throughput row runs two builtin router processes on one SO_REUSEPORT port: an experiment
+that sizes what one process per core would give, not a mode castiron offers.
+
+The half-load run is an open-loop generator in this process (uvloop, asyncio Protocols,
+64 keep-alive connections each sending on a fixed schedule; latency counts from each request's
+scheduled time, so a stall is not hidden by fewer requests; the first second is not counted).
+It prints its own CPU use so one can see it is not the bottleneck.
 
 The backend is a tiny asyncio (uvloop when installed) server answering a fixed 200 with
 keep-alive, run as its own process, as is each router.
@@ -85,6 +91,10 @@ def run_router(kind: str, listen: str, backends: list[str], workdir: str) -> Non
             from castiron.traffic.proxy import BuiltinRouter
 
             router = BuiltinRouter()
+        elif kind == "builtin-reuseport":
+            from castiron.traffic.proxy import BuiltinRouter
+
+            router = BuiltinRouter(listen_socket_factory=_reuseport_socket)
         else:
             from castiron.traffic.haproxy import HaproxyRouter
 
@@ -113,6 +123,17 @@ def run_router(kind: str, listen: str, backends: list[str], workdir: str) -> Non
         await router.close()
 
     asyncio.run(main())
+
+
+def _reuseport_socket(listen: str) -> socket.socket:
+    """A listening socket several router processes can share (the kernel spreads connections)."""
+    host, port = listen.rsplit(":", 1)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, int(port)))
+    sock.listen(1024)
+    return sock
 
 
 def free_port() -> int:
@@ -337,18 +358,30 @@ def main() -> None:
         builtin = spawn("router", "builtin", f"127.0.0.1:{b_port}", ",".join(addrs), workdir)
         hap = spawn("router", "haproxy", f"127.0.0.1:{h_port}", ",".join(addrs), workdir)
         procs += [builtin, hap]
+        x2_port = free_port()
+        for _ in range(2):  # an experiment, not a castiron mode: see docs/routing.md
+            procs.append(
+                spawn("router", "builtin-reuseport", f"127.0.0.1:{x2_port}", addrs[0], workdir)
+            )
         d, c = args.duration, args.connections
         print(f"\n== max throughput: wrk -t2 -c{c} -d{d}s --latency")
         res = {}
-        for name, port in (("direct", ports[0]), ("builtin", b_port), ("haproxy", h_port)):
+        for name, port in (
+            ("direct", ports[0]),
+            ("builtin", b_port),
+            ("haproxy", h_port),
+            ("builtin-x2", x2_port),
+        ):
             res[name] = wrk(port, d, c)
             r = res[name]
             print(
-                f"{name:8s} {r['rps']:10.0f} req/s   p99 {r['p99_ms']:7.2f} ms"
+                f"{name:10s} {r['rps']:10.0f} req/s   p99 {r['p99_ms']:7.2f} ms"
                 f"   errors {r['errors']:.0f}"
             )
         print(
             f"builtin/haproxy throughput ratio: {res['builtin']['rps'] / res['haproxy']['rps']:.2f}"
+            f"   (experiment, two builtin processes on SO_REUSEPORT: "
+            f"{res['builtin-x2']['rps'] / res['haproxy']['rps']:.2f})"
         )
         rate = res["builtin"]["rps"] / 2
         pc = args.paced_connections

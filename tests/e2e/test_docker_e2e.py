@@ -28,7 +28,10 @@ from .conftest import Load, Project, free_port, get, reap_home, wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
-APP = "e2edocker"
+RUN = f"{os.getpid():x}"
+"""Names and labels carry this run's id, so runs of this file at the same time on one engine
+(and their clean-ups) never touch each other's containers or images."""
+APP = f"e2edocker-{RUN}"
 IMAGE_LABEL = "castiron-test.e2e"
 BUSYBOX = Path("/bin/busybox")
 SCRIPT = (
@@ -42,7 +45,7 @@ image:
   context: ./app
   workdir: /
   entrypoint: ["/bin/busybox", "sh", "-c", {script}]
-  labels: {{{label}: "yes"}}
+  labels: {{{label}: "{run}"}}
 service:
   port: 8000
   replicas: {replicas}
@@ -65,7 +68,7 @@ environments:
 def _remove_containers(client: Any) -> None:
     # The low-level calls: listing through the models inspects each container and fails when
     # one disappears meanwhile.
-    for label in (f"castiron.app={APP}", "castiron-test=e2e"):
+    for label in (f"castiron.app={APP}", f"castiron-e2e-docker={RUN}"):
         for summary in client.api.containers(all=True, filters={"label": label}):
             with contextlib.suppress(Exception):
                 client.api.remove_container(summary["Id"], force=True, v=True)
@@ -78,7 +81,7 @@ def docker(docker_engine: Any) -> Iterator[Any]:
         pytest.skip(f"{BUSYBOX} is missing: install busybox-static")
     yield docker_engine
     _remove_containers(docker_engine)
-    for image in docker_engine.images.list(filters={"label": IMAGE_LABEL}):
+    for image in docker_engine.images.list(filters={"label": f"{IMAGE_LABEL}={RUN}"}):
         with contextlib.suppress(Exception):
             docker_engine.images.remove(image.id, force=True)
 
@@ -100,6 +103,7 @@ def make_project(tmp_path: Path, docker: Any) -> Iterator[Callable[..., Project]
                 app=APP,
                 script=json.dumps(SCRIPT),
                 label=IMAGE_LABEL,
+                run=RUN,
                 replicas=replicas,
                 port=port,
                 deploy_timeout=deploy_timeout,
@@ -279,7 +283,7 @@ def test_strays_are_reported_and_down_removes_every_container(
         entrypoint=sleeper,
         network_mode="host",
         detach=True,
-        labels={"castiron-test": "e2e"},
+        labels={"castiron-e2e-docker": RUN},
         name=f"{APP}-by-hand",
     )
     status = project.status()

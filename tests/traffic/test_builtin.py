@@ -166,7 +166,8 @@ RESPONSES: list[tuple[list[tuple[bytes, bool]], bool]] = [
     (
         [
             (
-                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nT: v\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"5\r\nhello\r\n0\r\nT: v\r\n\r\n",
                 False,
             )
         ],

@@ -176,7 +176,30 @@ EventKind = Literal[
     "route-applied",
     "route-removed",
     "route-failed",
+    "drift-found",
+    "drift-fixed",
+    "drift-check-failed",
 ]
+
+
+@dataclass(frozen=True)
+class DriftWatch:
+    """A drift check the agent runs on a schedule (``PUT /v1/watches/<environment>``).
+
+    The agent runs exactly ``argv`` in ``cwd`` with its own environment plus ``env`` every
+    ``interval`` seconds, reads the one JSON object it prints, and records ``drift-found`` /
+    ``drift-fixed`` events; the command writes the audit entries itself. ``env`` is persisted:
+    it must hold no secret.
+    """
+
+    environment: str
+    argv: tuple[str, ...]
+    cwd: str = "/"
+    interval: float = 60.0
+    fix: bool = False
+    env: Mapping[str, str] = field(default_factory=dict)
+    timeout: float = 600.0
+    """Seconds one check may run before it is killed."""
 
 
 @dataclass(frozen=True)
@@ -530,6 +553,21 @@ class AgentClient:
         """Per-release counters (``ReleaseCounters`` as JSON). Raises NotFoundError, AgentError."""
         return list(self._call("GET", f"/routes/{_quote(environment)}/counters")["counters"])
 
+    # -- drift watches
+
+    def put_watch(self, watch: DriftWatch) -> None:
+        """Register (or replace) the drift check of ``watch.environment``. Raises AgentError."""
+        self._call("PUT", f"/watches/{_quote(watch.environment)}", to_json(watch))
+
+    def delete_watch(self, environment: str) -> None:
+        """Stop the drift check of ``environment``. Raises NotFoundError, AgentError."""
+        self._call("DELETE", f"/watches/{_quote(environment)}")
+
+    def watches(self) -> list[DriftWatch]:
+        """Every registered drift check. Raises AgentError."""
+        data = self._call("GET", "/watches").get("watches", [])
+        return [self._decode(DriftWatch, w) for w in data]
+
     # -- instances
 
     def spawn(self, request: SpawnRequest) -> InstanceRecord:
@@ -764,6 +802,7 @@ __all__ = [
     "AgentClient",
     "AgentEvent",
     "AgentStatus",
+    "DriftWatch",
     "EventKind",
     "HealthCheck",
     "HealthKind",

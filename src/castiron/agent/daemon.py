@@ -56,6 +56,7 @@ from castiron.agent.client import (
     SOCKET_NAME,
     AgentEvent,
     AgentStatus,
+    DriftWatch,
     EventKind,
     HealthCheck,
     InstanceRecord,
@@ -86,6 +87,9 @@ log = logging.getLogger("castiron.agent")
 
 ROUTES_NAME = "routes.json"
 METRICS_NAME = "metrics.json"
+WATCHES_NAME = "watches.json"
+WATCHER_ENV = "CASTIRON_DRIFT_WATCH"
+"""Set on the drift checks the agent runs, so they do not register their own watch again."""
 EVENTS_NAME = "events.jsonl"
 INSTANCES_NAME = "instances.json"
 REQUESTS_NAME = "requests.json"
@@ -399,6 +403,8 @@ class Agent:
         self.metrics_listen: str | None = None
         self._metrics_server: asyncio.Server | None = None
         self._routes_lock = asyncio.Lock()
+        self.watches: dict[str, DriftWatch] = {}
+        self._watch_tasks: dict[str, asyncio.Task[None]] = {}
         self._stop = asyncio.Event()
         self._control: asyncio.Server | None = None
         table: list[tuple[str, dict[str, Handler]]] = [
@@ -419,6 +425,8 @@ class Agent:
                 {"GET": self._instance_get, "DELETE": self._instance_delete},
             ),
             (r"/instances/(?P<id>[^/]+)/logs", {"GET": self._instance_logs}),
+            (r"/watches", {"GET": self._watches_list}),
+            (r"/watches/(?P<env>[^/]+)", {"PUT": self._watch_put, "DELETE": self._watch_delete}),
         ]
         self._endpoints = [(re.compile(pattern), methods) for pattern, methods in table]
 
@@ -489,6 +497,7 @@ class Agent:
         async with self._routes_lock:  # replacements of lost instances wait for the routes
             await self.supervisor.open()
             await self._restore_routes()
+        self._restore_watches()
         metrics = self.options.metrics or self._recorded_metrics()
         if metrics:
             try:
@@ -518,7 +527,7 @@ class Agent:
                 log.exception("router close failed")
             if self.keeper is not None:
                 self.keeper.quit()
-            for task in list(self._replacing.values()):
+            for task in [*self._replacing.values(), *self._watch_tasks.values()]:
                 task.cancel()
             await self.supervisor.close()
             self._note("agent-stopped", detail=f"pid {os.getpid()}")
@@ -600,6 +609,134 @@ class Agent:
             return self.routes[env]
         except KeyError:
             raise NotFoundError(f"no route for environment {env!r}") from None
+
+    # -- drift watches
+
+    def _restore_watches(self) -> None:
+        path = self.dir / WATCHES_NAME
+        try:
+            data = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.error("%s: not a valid watches file: %s", path, exc)
+            return
+        items = data.get("watches") if isinstance(data, dict) else None
+        for i, raw in enumerate(items if isinstance(items, list) else []):
+            try:
+                watch = from_json(DriftWatch, raw, f"watches[{i}]")
+            except UsageError as exc:
+                log.error("drift watch not restored: %s", exc)
+                continue
+            self._start_watch(watch)
+
+    def _save_watches(self) -> None:
+        write_json_atomic(
+            self.dir / WATCHES_NAME,
+            {"version": 1, "watches": [to_json(w) for _, w in sorted(self.watches.items())]},
+        )
+
+    def _start_watch(self, watch: DriftWatch) -> None:
+        old = self._watch_tasks.pop(watch.environment, None)
+        if old is not None:
+            old.cancel()
+        self.watches[watch.environment] = watch
+        task = asyncio.get_running_loop().create_task(self._watch_loop(watch))
+        self._watch_tasks[watch.environment] = task
+
+    async def _watch_loop(self, watch: DriftWatch) -> None:
+        while True:
+            await asyncio.sleep(watch.interval)
+            try:
+                await self._check_drift(watch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # one failed check must not end the schedule
+                log.error("drift check of %s failed: %r", watch.environment, exc)
+                self._note("drift-check-failed", watch.environment, repr(exc)[:300])
+
+    async def _check_drift(self, watch: DriftWatch) -> None:
+        """Run one drift check and record what it found or fixed as events."""
+        env = {**os.environ, **dict(watch.env), WATCHER_ENV: "1"}
+        proc = await asyncio.create_subprocess_exec(
+            *watch.argv,
+            cwd=watch.cwd,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), watch.timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            why = f"timed out after {watch.timeout:g}s"
+            self._note("drift-check-failed", watch.environment, why)
+            return
+        except asyncio.CancelledError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            raise
+        env_name = watch.environment
+        try:
+            data = json.loads(out.decode(errors="replace").strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            self._note("drift-check-failed", env_name, f"status {proc.returncode}: {tail[0]}")
+            return
+        findings = data.get("findings") if isinstance(data, dict) else None
+        if not isinstance(findings, list) or proc.returncode not in (0, 3):
+            tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            self._note("drift-check-failed", env_name, f"status {proc.returncode}: {tail[0]}")
+            return
+        if findings:
+            kinds = sorted({str(f.get("kind")) for f in findings if isinstance(f, dict)})
+            self._note("drift-found", env_name, f"{len(findings)} finding(s): {', '.join(kinds)}")
+        for report in data.get("environments") or []:
+            fixed = report.get("fixed") if isinstance(report, dict) else None
+            acted = ("replaced", "created", "destroyed", "strays_destroyed", "route_reapplied")
+            if isinstance(fixed, dict) and any(fixed.get(k) for k in acted):
+                self._note(
+                    "drift-fixed",
+                    env_name,
+                    f"replaced {', '.join(fixed.get('replaced') or []) or 'none'}; "
+                    f"strays destroyed {len(fixed.get('strays_destroyed') or [])}",
+                )
+
+    async def _watches_list(
+        self, request: Request, w: asyncio.StreamWriter, p: dict[str, str]
+    ) -> object:
+        return {"watches": [to_json(x) for _, x in sorted(self.watches.items())]}
+
+    async def _watch_put(
+        self, request: Request, w: asyncio.StreamWriter, p: dict[str, str]
+    ) -> object:
+        watch = from_json(DriftWatch, _json_body(request), "body")
+        if watch.environment != p["env"]:
+            raise UsageError(f"body.environment: {watch.environment!r} is not {p['env']!r}")
+        if not watch.argv:
+            raise UsageError("body.argv: the command is empty")
+        if not 1.0 <= watch.interval <= 86400.0 or not 1.0 <= watch.timeout <= 86400.0:
+            raise UsageError("body.interval, body.timeout: must be from 1 to 86400 seconds")
+        if self.watches.get(watch.environment) != watch:  # the same again keeps its schedule
+            self._start_watch(watch)
+            self._save_watches()
+        return to_json(watch)
+
+    async def _watch_delete(
+        self, request: Request, w: asyncio.StreamWriter, p: dict[str, str]
+    ) -> object:
+        env = p["env"]
+        if env not in self.watches:
+            raise NotFoundError(f"no drift watch for environment {env!r}")
+        self.watches.pop(env)
+        task = self._watch_tasks.pop(env, None)
+        if task is not None:
+            task.cancel()
+        self._save_watches()
+        return {"ok": True}
 
     # -- metrics
 

@@ -496,6 +496,30 @@ class DockerDriver:
                 return Observed(instance=instance, state="missing", image=None)
         return self._observed(attrs)
 
+    def changes(self, instance: Instance) -> list[tuple[str, str]]:
+        """What differs in ``instance``'s container filesystem from its image (``docker
+        diff``, read only): ``(path, kind)`` with kind ``added``, ``changed`` or ``removed``,
+        sorted by path; empty when the container is gone.
+
+        Raises:
+            RuntimeDriverError: when the engine is unreachable or refuses.
+        """
+        where = f"{instance.environment}/{instance.id}"
+        ref = instance.handle or container_name(instance.app, instance.environment, instance.id)
+        kinds = {0: "changed", 1: "added", 2: "removed"}
+        with self._client(where) as client:
+            api: Any = client.api  # the SDK's low-level calls are untyped
+            try:
+                items = api.diff(ref) or []
+            except docker.errors.NotFound:
+                return []
+        out = [
+            (str(item.get("Path", "")), kinds.get(int(item.get("Kind", 0)), "changed"))
+            for item in items
+            if isinstance(item, dict) and item.get("Path")
+        ]
+        return sorted(out)
+
     # -- internals
 
     @contextlib.contextmanager

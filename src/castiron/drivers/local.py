@@ -22,12 +22,14 @@ instance is done by the agent when the engine asks for it (``replace_on_exit``).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +148,58 @@ class LocalDriver:
                 self.unpack(image, rootfs)
         finally:
             os.close(lock_fd)
+
+    def renew_rootfs(self, image: ImageRef) -> Path | None:
+        """Move the tree of ``image`` aside and unpack a fresh one in its place (never repair
+        in place): for a release tree found modified. Instances already running keep the old
+        tree (their working directory and mounts follow it); new ones get the fresh one.
+        Returns where the old tree went (None when there was none); remove it with
+        :meth:`discard_rootfs` once no instance uses it.
+
+        Raises:
+            RuntimeDriverError: when the tree cannot be moved.
+            DigestMismatchError, ImageError: as the unpacker raises them.
+        """
+        rootfs = self.rootfs(image.digest)
+        try:
+            rootfs.parent.mkdir(parents=True, exist_ok=True)
+            lock_fd = os.open(rootfs.parent / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise RuntimeDriverError(f"cannot prepare {rootfs.parent}: {exc}") from exc
+        aside: Path | None = None
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            if rootfs.is_dir():
+                aside = rootfs.with_name(f"{rootfs.name}.drifted-{time.time_ns()}")
+                try:
+                    os.rename(rootfs, aside)
+                except OSError as exc:
+                    raise RuntimeDriverError(f"cannot move {rootfs} aside: {exc}") from exc
+            self.unpack(image, rootfs)
+        finally:
+            os.close(lock_fd)
+        return aside
+
+    def discard_rootfs(self, path: Path) -> None:
+        """Remove a tree :meth:`renew_rootfs` moved aside (read-only bits included); a tree
+        that is gone already is not an error.
+
+        Raises:
+            RuntimeDriverError: when ``path`` is not a tree moved aside here.
+        """
+        if ".drifted-" not in path.name or path.parent.parent.parent != self.releases_dir:
+            raise RuntimeDriverError(f"{path} is not a release tree moved aside")
+        if not path.exists():
+            return
+        for dirpath, dirnames, _ in os.walk(path):
+            for name in dirnames:
+                sub = os.path.join(dirpath, name)
+                if not os.path.islink(sub):
+                    with contextlib.suppress(OSError):
+                        os.chmod(sub, 0o755)
+        with contextlib.suppress(OSError):
+            os.chmod(path, 0o755)
+        shutil.rmtree(path, ignore_errors=True)
 
     # -- instances
 

@@ -98,6 +98,11 @@ def local_driver(settings: Settings, agent: Callable[[], AgentClient]) -> Driver
     )
 
 
+def drift_dir(settings: Settings) -> Path:
+    """Where filesystem baselines of instances are kept (``CASTIRON_HOME/drift``)."""
+    return settings.home / "drift"
+
+
 def driver_factory(
     settings: Settings, agent: Callable[[], AgentClient], store: StateStore
 ) -> Callable[[str], Driver]:
@@ -111,7 +116,11 @@ def driver_factory(
     def driver_for(runtime: str) -> Driver:
         if runtime not in built:
             if runtime == "local":
-                built[runtime] = local_driver(settings, agent)
+                from castiron.engine.drift import BaselineDriver
+
+                # Each instance's tree is baselined when it starts: drift scans are fast.
+                inner = local_driver(settings, agent)
+                built[runtime] = BaselineDriver(inner, drift_dir(settings))
             else:
                 built[runtime] = runtime_driver(runtime, settings, store)
         return built[runtime]
@@ -184,6 +193,7 @@ __all__ = [
     "AVAILABLE_RUNTIMES",
     "agent_running",
     "deploy_spec_for",
+    "drift_dir",
     "driver_factory",
     "health_for",
     "local_driver",

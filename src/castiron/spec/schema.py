@@ -397,9 +397,27 @@ class Policy(_Section):
     ] = False
     """Refuse unsigned images (true), or images not signed by one of these key names."""
     checks: tuple[tuple[str, ...], ...] = ()
-    """Commands (argument lists) that must exit 0 before traffic moves; $URL is the new set."""
+    """Commands (argument lists) that must exit 0 before traffic moves; $URL is the source env."""
     approvals: int = Field(default=0, ge=0)
-    """Number of distinct approvals required before a promotion."""
+    """Distinct approvals by others than the deployer, required before deploying here."""
+
+
+class Drift(_Section):
+    """How drift is watched and fixed in one environment (``drift:``)."""
+
+    watch: Duration | None = None
+    """How often the host agent checks for drift (e.g. 60s); null: only on demand."""
+    fix: bool = False
+    """Replace drifted instances (and remove strays) when the agent's check finds drift."""
+    ignore: tuple[str, ...] = ()
+    """Gitignore-style patterns of paths whose changes are not drift (e.g. **/__pycache__/)."""
+
+    @field_validator("watch")
+    @classmethod
+    def _watch_not_zero(cls, value: float | None) -> float | None:
+        if value is not None and value < 1.0:
+            raise ValueError("must be at least 1s (or null to not watch)")
+        return value
 
 
 class Environment(_Section):
@@ -433,6 +451,8 @@ class Environment(_Section):
     """How long the previous release keeps running after a switch, for instant rollback."""
     deploy_timeout: Duration = 60.0
     """How long a deployment may wait for new instances to become healthy."""
+    drift: Drift = Field(default_factory=Drift)
+    """Drift checks: how often the agent watches, whether it fixes, paths to ignore."""
 
 
 class Spec(_Section):
@@ -507,6 +527,7 @@ __all__ = [
     "NAME_PATTERN",
     "Analysis",
     "CanaryStep",
+    "Drift",
     "Duration",
     "EnvName",
     "Environment",

@@ -5,7 +5,8 @@ This module owns the builtin router: one listener per environment, keep-alive on
 directions, ``Upgrade`` pass-through, ``X-Forwarded-*`` and ``X-Request-Id``, weighted canary
 routing with stickiness, connect retries within a set, draining with a deadline, timeouts and
 per-release counters. It is written on asyncio Protocols (not streams) so that a request costs
-a few callbacks and no task in the common, keep-alive case.
+a few callbacks and no task in the common, keep-alive case, and what one backend read produces
+for the client is gathered into one write (one system call).
 
 Switch guarantee: every request is routed under the configuration snapshot that is current when
 its headers are parsed (the event loop runs one callback at a time, so ``apply`` replaces the

@@ -202,6 +202,9 @@ def deploy_cmd(
             confirm(cli, f"deploy release {target.release.id} to {environment}?", yes)
         with report_abort(environment, as_json):
             result = engine.deploy(target, lock_wait=lock_wait)
+    from castiron.cli.commands.drift_cmd import watch_after_deploy
+
+    watch_after_deploy(settings, environment)
     if as_json:
         emit_json(result.to_json())
         return

@@ -1,0 +1,202 @@
+"""``castiron drift``: find what differs from each instance's release, and fix it by replacement.
+
+A thin edge over :mod:`castiron.engine.drift`: it reads the environment's ``drift`` section of
+the spec (ignore patterns, watch schedule) when the spec file is there, builds an engine,
+prints one finding per line (or one JSON object with ``--json``) and exits with 3 when drift
+was found (0 when clean, or when ``--fix`` removed all of it). It also keeps the host agent's
+drift watch of an environment in line with the spec (:func:`sync_watch`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from castiron.cli.context import CliContext, pass_cli
+from castiron.cli.render import emit_json
+from castiron.errors import CastironError, ExitCode, NotFoundError
+
+if TYPE_CHECKING:
+    from castiron.engine.drift import DriftFinding, DriftRules
+    from castiron.settings import Settings
+
+WATCHER_ENV = "CASTIRON_DRIFT_WATCH"
+"""Set by the host agent on the drift checks it runs (so they do not re-register the watch)."""
+
+
+def drift_rules(settings: Settings, environment: str) -> DriftRules:
+    """The ``drift`` section of ``environment`` in the settings' spec (defaults without a spec
+    file or without that environment in it).
+
+    Raises:
+        SpecError: when the spec file exists but does not validate.
+    """
+    from castiron.engine.drift import DriftRules
+
+    if not settings.spec_path.is_file():
+        return DriftRules()
+    from castiron.spec.load import load_spec
+
+    spec = load_spec(settings.spec_path, settings.environ).spec
+    env = spec.environments.get(environment)
+    if env is None:
+        return DriftRules()
+    return DriftRules(watch=env.drift.watch, fix=env.drift.fix, ignore=env.drift.ignore)
+
+
+def sync_watch(settings: Settings, environment: str, rules: DriftRules) -> None:
+    """Register (or drop) the agent's periodic ``castiron drift ENVIRONMENT`` per ``rules``.
+
+    Raises:
+        AgentError: when the agent cannot be reached.
+    """
+    from castiron.agent.client import AgentClient, DriftWatch, socket_path
+
+    client = AgentClient(socket_path(settings), timeout=5.0)
+    if rules.watch is None:
+        with contextlib.suppress(NotFoundError):
+            client.delete_watch(environment)
+        return
+    argv = [sys.executable, "-m", "castiron.cli.main", "drift", environment, "--json"]
+    if rules.fix:
+        argv.append("--fix")
+    client.put_watch(
+        DriftWatch(
+            environment=environment,
+            argv=tuple(argv),
+            cwd=str(settings.spec_path.parent),
+            interval=rules.watch,
+            fix=rules.fix,
+            env={"CASTIRON_HOME": str(settings.home), "CASTIRON_SPEC": str(settings.spec_path)},
+        )
+    )
+
+
+def watch_after_deploy(settings: Settings, environment: str) -> None:
+    """After a deployment: keep the agent's drift watch of ``environment`` in line with the
+    spec. Cheap when the environment has no ``drift.watch`` (the spec is parsed, not
+    validated); a watch that cannot be registered does not fail the deployment."""
+    from castiron.spec.load import read_spec
+
+    with contextlib.suppress(CastironError):
+        raw = read_spec(settings.spec_path, settings.environ).value
+        env = (raw.get("environments") or {}).get(environment)
+        drift = env.get("drift") if isinstance(env, dict) else None
+        if isinstance(drift, dict) and drift.get("watch") is not None:
+            rules = drift_rules(settings, environment)
+        else:
+            from castiron.engine.drift import DriftRules
+
+            rules = DriftRules()
+        sync_watch(settings, environment, rules)
+
+
+def _line(f: DriftFinding) -> str:
+    expected = "-" if f.expected is None else f.expected
+    actual = "-" if f.actual is None else f.actual
+    return f"{f.kind:<11} {f.instance}  {f.path}  expected {expected}  actual {actual}"
+
+
+@click.command("drift")
+@click.argument("environment", required=False)
+@click.option("--full", is_flag=True, help="Re-hash every file instead of the fast stat scan.")
+@click.option(
+    "--fix",
+    is_flag=True,
+    help="Replace drifted instances with fresh ones (zero downtime), destroy strays.",
+)
+@click.option(
+    "--lock-wait",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="With --fix: wait this long for the environment's lock.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@pass_cli
+@click.pass_context
+def drift_cmd(
+    ctx: click.Context,
+    cli: CliContext,
+    environment: str | None,
+    full: bool,
+    fix: bool,
+    lock_wait: float,
+    as_json: bool,
+) -> None:
+    """Compare what runs in ENVIRONMENT (default: every one) with its release.
+
+    One line per finding: kind (image, config, filesystem, membership), instance, path or
+    field, expected, actual. Exits 3 when drift is found, 0 when clean.
+    """
+    from castiron.engine.compose import drift_dir, open_engine
+    from castiron.engine.drift import default_threads, detect_drift, fix_drift
+
+    settings = cli.settings
+    if not settings.state_path.exists():
+        if environment is not None:
+            raise NotFoundError(f"environment {environment!r} was never deployed")
+        names: list[str] = []
+    reports: list[dict[str, Any]] = []
+    findings: list[DriftFinding] = []
+    remaining = False
+    quiet = as_json or not fix
+    from castiron.cli.commands.deploy_cmd import observer_for
+
+    with open_engine(settings, observer=observer_for(cli, quiet=quiet)) as engine:
+        if settings.state_path.exists():
+            names = (
+                [environment]
+                if environment is not None
+                else [e.name for e in engine.store.list_environments() if e.current_release]
+            )
+        for name in names:
+            rules = drift_rules(settings, name)
+            if environment is not None and not settings.environ.get(WATCHER_ENV):
+                # Keep the agent's schedule in line with the spec (best effort: a check that
+                # cannot reach the agent fails on its own below).
+                with contextlib.suppress(CastironError):
+                    sync_watch(settings, name, rules)
+            options: dict[str, Any] = {
+                "baselines": drift_dir(settings),
+                "rules": rules,
+                "full": full,
+                "threads": default_threads() if full else 1,
+            }
+            if fix:
+                result = fix_drift(engine, name, lock_wait=lock_wait, **options)
+                report = result.report
+                data = {**report.to_json(), "fixed": result.to_json()}
+            else:
+                report = detect_drift(engine, name, **options)
+                data = report.to_json()
+                remaining = remaining or not report.clean
+            reports.append(data)
+            findings.extend(report.findings)
+    if as_json:
+        emit_json({"findings": [f.to_json() for f in findings], "environments": reports})
+    else:
+        for f in findings:
+            click.echo(_line(f))
+        for data in reports:
+            fixed = data.get("fixed")
+            if fixed and (fixed["replaced"] or fixed["created"] or fixed["strays_destroyed"]):
+                click.echo(
+                    f"{data['environment']}: fixed: replaced {len(fixed['replaced'])}, "
+                    f"created {len(fixed['created'])}, destroyed {len(fixed['destroyed'])} "
+                    f"extra, {len(fixed['strays_destroyed'])} stray(s)"
+                    + (", route re-applied" if fixed["route_reapplied"] else "")
+                )
+            elif fixed and fixed["route_reapplied"]:
+                click.echo(f"{data['environment']}: fixed: route re-applied")
+        if not findings:
+            click.echo(f"no drift in {environment or 'any environment'}")
+    if remaining:
+        ctx.exit(int(ExitCode.DRIFT))
+
+
+commands: list[click.Command] = [drift_cmd]
