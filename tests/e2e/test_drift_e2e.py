@@ -38,6 +38,11 @@ def drift(project: Project, *args: str) -> tuple[int, dict[str, Any]]:
     return proc.returncode, json.loads(proc.stdout)
 
 
+def assert_clean(project: Project) -> None:
+    code, data = drift(project)
+    assert (code, data["findings"]) == (0, []), json.dumps(data["findings"], indent=1)
+
+
 def kinds(data: dict[str, Any]) -> set[tuple[str, str]]:
     """(kind, path) of every finding."""
     return {(f["kind"], f["path"]) for f in data["findings"]}
@@ -150,7 +155,7 @@ def test_local_instance_stopped_by_hand_is_replaced_with_zero_failed_requests(
     assert fixed["replaced"] == [before[0]] and len(fixed["created"]) == 1
     after = serving_ids(project)
     assert before[1] in after and before[0] not in after and len(after) == 2
-    assert drift(project)[0] == 0
+    assert_clean(project)
     assert project.served() == "one"
 
 
@@ -169,8 +174,7 @@ def test_docker_stray_with_castiron_labels_is_destroyed(
     project = docker_project()
     project.bake("v1")
     project.deploy("v1", "one")
-    code, clean = drift(project)
-    assert (code, clean["findings"]) == (0, []), json.dumps(clean["findings"], indent=1)
+    assert_clean(project)
     serving = _container(docker, serving_ids(project)[0])
     labels = {k: v for k, v in serving.labels.items() if k.startswith("castiron.")}
     labels["castiron.instance"] = "intruder"
@@ -192,7 +196,7 @@ def test_docker_stray_with_castiron_labels_is_destroyed(
     assert fixed["strays_destroyed"] == [f"{DOCKER_APP}-intruder"] and fixed["replaced"] == []
     with pytest.raises(Exception, match=r"No such container|404"):
         intruder.reload()
-    assert drift(project)[0] == 0
+    assert_clean(project)
     audit = project.json("audit")["entries"]
     assert any(e["action"] == "drift.stray.destroy" for e in audit)
 
@@ -236,7 +240,7 @@ def test_docker_container_recreated_with_other_env_is_replaced(
     fixed = fix_under_load(project)
     assert fixed["replaced"] == [before[0]]
     assert {project.served() for _ in range(8)} == {"one"}
-    assert drift(project)[0] == 0
+    assert_clean(project)
 
 
 @pytest.mark.docker
@@ -260,7 +264,7 @@ def test_docker_container_stopped_by_hand_is_replaced(
     assert stopped["actual"].startswith("exited")
     fixed = fix_under_load(project)
     assert fixed["replaced"] == [before[1]]
-    assert drift(project)[0] == 0
+    assert_clean(project)
     with pytest.raises(Exception, match=r"No such container|404"):
         _container(docker, before[1])
 
