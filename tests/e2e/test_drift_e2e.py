@@ -159,6 +159,37 @@ def test_local_instance_stopped_by_hand_is_replaced_with_zero_failed_requests(
     assert project.served() == "one"
 
 
+def test_the_agent_watches_and_fixes_drift_on_schedule(
+    make_project: Callable[..., Project],
+) -> None:
+    project = make_project(replicas=1)
+    spec = project.root / "castiron.yaml"
+    spec.write_text(spec.read_text() + '    drift: {watch: 1s, fix: true, ignore: ["*.log"]}\n')
+    project.bake("v1")
+    project.deploy("v1", "one")  # registers the watch with the agent
+    agent = AgentClient(project.home / "agent" / "agent.sock")
+    (watch,) = agent.watches()
+    assert (watch.environment, watch.interval, watch.fix) == ("staging", 1.0, True)
+    assert watch.argv[-3:] == ("staging", "--json", "--fix")
+    before = serving_ids(project)
+    tree = release_tree(project)
+    (app_py,) = tree.glob("**/app.py")
+    (app_py.parent / "ignored.log").write_text("not drift\n")  # matches drift.ignore
+    (app_py.parent / "dropped.txt").write_text("drift\n")
+
+    def event(kind: str) -> bool:
+        return any(e.kind == kind and e.environment == "staging" for e in agent.events())
+
+    wait_for(lambda: event("drift-fixed"), timeout=60, what="the agent's check to fix drift")
+    found = [e for e in agent.events() if e.kind == "drift-found"]
+    assert found and "filesystem" in found[0].detail
+    assert not event("drift-check-failed")
+    wait_for(lambda: serving_ids(project) != before, what="the replacement in the records")
+    assert project.served() == "one"
+    entries = project.json("audit")["entries"]
+    assert any(e["action"] == "drift.fix" for e in entries)
+
+
 # --- Docker --------------------------------------------------------------------------------------
 
 

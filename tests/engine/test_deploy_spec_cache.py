@@ -78,7 +78,7 @@ def test_a_change_outside_env_values_is_validated_again(spec_file: Path, tmp_pat
     spec_file.write_text(SPEC.replace("replicas: 2", "replicas: 4"))
     assert cached_deploy_spec(spec_file, {}, cache) == _uncached(spec_file, {})
     spec_file.write_text(SPEC.replace("replicas: 2", "replicas: 0"))
-    with pytest.raises(SpecError, match="service.replicas: must be at least 1"):
+    with pytest.raises(SpecError, match=r"service\.replicas: must be at least 1"):
         cached_deploy_spec(spec_file, {}, cache)
 
 
@@ -87,7 +87,7 @@ def test_a_bad_env_value_is_never_served_from_the_cache(spec_file: Path, tmp_pat
     cache.mkdir()
     cached_deploy_spec(spec_file, {}, cache)
     spec_file.write_text(SPEC.replace("PLAIN: 1.10", "PLAIN: [1, 2]"))
-    with pytest.raises(SpecError, match="service.env.PLAIN"):
+    with pytest.raises(SpecError, match=r"service\.env\.PLAIN"):
         cached_deploy_spec(spec_file, {}, cache)
     spec_file.write_text(SPEC.replace("${APP_VERSION:-dev}", "${APP_VERSION}"))
     with pytest.raises(SpecError, match="APP_VERSION is not set"):

@@ -149,6 +149,9 @@ class DriftReport:
     """The route must be re-applied from the records."""
     modified_trees: tuple[Digest, ...] = ()
     """Images whose shared local tree was modified (re-unpacked before replacing)."""
+    recreated: tuple[Instance, ...] = ()
+    """What runs under a recorded instance's name but was re-created outside castiron (a
+    new handle): destroyed with the instance it stands in for."""
 
     @property
     def clean(self) -> bool:
@@ -613,6 +616,7 @@ def _detect(ctx: _Context) -> DriftReport:
     extra: list[str] = []
     reroute = False
     healthy: list[InstanceRow] = []
+    recreated: list[Instance] = []
     for r in serving:
         o = observed.get(r.id)
         if o is None:
@@ -639,6 +643,9 @@ def _detect(ctx: _Context) -> DriftReport:
                 changes, ctx.manifest(release.digest), ctx.path_filter(), r.id
             )
         findings += drifted
+        handle = r.data.get("handle")
+        if handle and o.instance.handle and o.instance.handle != handle:
+            recreated.append(o.instance)
         if drifted:
             replace.append(r.id)
         else:
@@ -758,6 +765,7 @@ def _detect(ctx: _Context) -> DriftReport:
         strays=tuple(strays),
         reroute=reroute,
         modified_trees=tuple(modified),
+        recreated=tuple(recreated),
     )
 
 
@@ -855,6 +863,8 @@ def _fix(engine: Engine, report: DriftReport) -> FixResult:
     if count or leaving:
         created, deployment = _replace(engine, release, policy, driver, kept, leaving, count)
         route_reapplied = True
+        for instance in report.recreated:
+            driver.destroy(instance, grace=grace)
     elif report.reroute:
         engine.traffic.switch(
             environment,
