@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import http.client
 import json
 import os
 import signal
@@ -29,12 +28,13 @@ import types
 import typing
 import urllib.parse
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from castiron.errors import AgentError, NotFoundError, UsageError
 from castiron.settings import Settings
+from castiron.values import value
 
 API_VERSION = "v1"
 """The path prefix of every control API endpoint."""
@@ -53,7 +53,7 @@ T = TypeVar("T")
 HealthKind = Literal["http", "tcp", "command", "none"]
 
 
-@dataclass(frozen=True)
+@value
 class HealthCheck:
     """How the agent judges a replacement instance ready for traffic (see ``SpawnRequest``)."""
 
@@ -70,7 +70,7 @@ class HealthCheck:
     """Failures during this many seconds after the start do not count."""
 
 
-@dataclass(frozen=True)
+@value
 class SpawnRequest:
     """What the supervisor runs for one instance (``POST /v1/instances``).
 
@@ -119,7 +119,7 @@ class SpawnRequest:
 InstanceStateName = Literal["running", "exited"]
 
 
-@dataclass(frozen=True)
+@value
 class InstanceRecord:
     """What the agent knows of one instance it supervises (never secret values)."""
 
@@ -182,7 +182,7 @@ EventKind = Literal[
 ]
 
 
-@dataclass(frozen=True)
+@value
 class DriftWatch:
     """A drift check the agent runs on a schedule (``PUT /v1/watches/<environment>``).
 
@@ -202,7 +202,7 @@ class DriftWatch:
     """Seconds one check may run before it is killed."""
 
 
-@dataclass(frozen=True)
+@value
 class AgentEvent:
     """One thing that happened on the host, numbered in order (``GET /v1/events?since=N``)."""
 
@@ -219,7 +219,7 @@ class AgentEvent:
     """For ``instance-replaced``: the id of the new instance (``instance`` is the old one)."""
 
 
-@dataclass(frozen=True)
+@value
 class AgentStatus:
     """The agent's own health and inventory (``GET /v1/status``)."""
 
@@ -415,15 +415,67 @@ def unix_connect(path: Path, timeout: float | None) -> socket.socket:
     return sock
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    """``http.client`` over a Unix socket."""
+_MAX_HEAD = 64 * 1024
 
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("castiron-agent", timeout=timeout)
-        self._path = path
 
-    def connect(self) -> None:
-        self.sock = unix_connect(self._path, self.timeout)
+class _Response:
+    """One HTTP/1.1 response read from a connected socket (the agent answers with
+    ``Connection: close``: the body runs to ``Content-Length`` or, when streaming, to EOF)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        buffer = b""
+        while b"\r\n\r\n" not in buffer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("connection closed before the response head")
+            buffer += chunk
+            if len(buffer) > _MAX_HEAD:
+                raise ConnectionError("response head too long")
+        head, _, self._rest = buffer.partition(b"\r\n\r\n")
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        parts = status_line.split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise ConnectionError(f"bad status line {status_line[:80]!r}")
+        self.status = int(parts[1])
+        self.reason = parts[2] if len(parts) > 2 else ""
+        self.headers: dict[str, str] = {}
+        for line in header_lines:
+            name, _, value = line.partition(":")
+            self.headers[name.strip().lower()] = value.strip()
+        length = self.headers.get("content-length")
+        self.length = int(length) if length is not None and length.isdigit() else None
+
+    def read(self) -> bytes:
+        """The whole body."""
+        data = bytearray(self._rest)
+        self._rest = b""
+        while self.length is None or len(data) < self.length:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        if self.length is not None:
+            if len(data) < self.length:
+                raise ConnectionError("body shorter than its Content-Length")
+            del data[self.length :]
+        return bytes(data)
+
+    def read1(self, size: int) -> bytes:
+        """The next piece of the body as it arrives (empty at its end)."""
+        if self._rest:
+            data, self._rest = self._rest, b""
+            return data
+        return self.sock.recv(size)
+
+
+def _request_bytes(method: str, target: str, payload: bytes | None) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", "Host: castiron-agent", "Connection: close"]
+    if payload is not None:
+        lines += ["Content-Type: application/json", f"Content-Length: {len(payload)}"]
+    elif method in ("POST", "PUT"):
+        lines.append("Content-Length: 0")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (payload or b"")
 
 
 class AgentClient:
@@ -442,45 +494,49 @@ class AgentClient:
 
     def _open(
         self, method: str, path: str, body: object | None = None, timeout: float | None = None
-    ) -> tuple[_UnixHTTPConnection, http.client.HTTPResponse]:
-        conn = _UnixHTTPConnection(self.socket_path, timeout or self.timeout)
+    ) -> _Response:
+        # A plain HTTP/1.1 exchange over the socket: http.client would pull in ssl and email
+        # (~25 ms of imports) for what is one request and one Connection: close response.
         payload = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        target = f"/{API_VERSION}{path}"
         try:
-            conn.request(method, f"/{API_VERSION}{path}", body=payload, headers=headers)
-            response = conn.getresponse()
+            sock = unix_connect(self.socket_path, timeout or self.timeout)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
-            conn.close()
             raise AgentError(f"agent not running at {self.socket_path}") from exc
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
+        except OSError as exc:
+            raise AgentError(f"agent at {self.socket_path} did not answer: {exc}") from exc
+        try:
+            sock.sendall(_request_bytes(method, target, payload))
+            response = _Response(sock)
+        except (OSError, ValueError) as exc:
+            sock.close()
             raise AgentError(f"agent at {self.socket_path} did not answer: {exc}") from exc
         if response.status >= 400:
             try:
                 raw = response.read()
-            except (OSError, http.client.HTTPException):
+            except OSError:
                 raw = b""
             finally:
-                conn.close()
+                sock.close()
             try:
                 reason = str(json.loads(raw)["error"])
             except (ValueError, KeyError, TypeError):
                 reason = raw.decode(errors="replace").strip() or response.reason
             if response.status == 404:
                 raise NotFoundError(f"agent: {reason}")
-            raise AgentError(f"agent refused {method} /{API_VERSION}{path}: {reason}")
-        return conn, response
+            raise AgentError(f"agent refused {method} {target}: {reason}")
+        return response
 
     def _call(
         self, method: str, path: str, body: object | None = None, timeout: float | None = None
     ) -> Any:
-        conn, response = self._open(method, path, body, timeout)
+        response = self._open(method, path, body, timeout)
         try:
             raw = response.read()
-        except (OSError, http.client.HTTPException) as exc:
+        except OSError as exc:
             raise AgentError(f"agent at {self.socket_path} broke off: {exc}") from exc
         finally:
-            conn.close()
+            response.sock.close()
         try:
             return json.loads(raw)
         except ValueError as exc:
@@ -609,17 +665,17 @@ class AgentClient:
         Raises:
             NotFoundError, AgentError: as :meth:`instance_logs`.
         """
-        conn, response = self._open(
+        response = self._open(
             "GET", f"/instances/{_quote(instance_id)}/logs?lines={int(lines)}&follow=1"
         )
-        conn.sock.settimeout(None) if conn.sock is not None else None
+        response.sock.settimeout(None)
         try:
             while chunk := response.read1(65536):
                 yield chunk
-        except (OSError, http.client.HTTPException) as exc:
+        except OSError as exc:
             raise AgentError(f"agent at {self.socket_path} broke off: {exc}") from exc
         finally:
-            conn.close()
+            response.sock.close()
 
 
 def _quote(value: str) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,6 +71,7 @@ from castiron.state.base import (
     parse_time,
 )
 from castiron.state.locks import LockManager
+from castiron.values import value
 
 if TYPE_CHECKING:  # loading a spec needs pydantic; read commands never do
     from castiron.engine.plan import Plan
@@ -80,7 +81,7 @@ if TYPE_CHECKING:  # loading a spec needs pydantic; read commands never do
     from castiron.traffic.controller import TrafficController
 
 
-@dataclass(frozen=True)
+@value
 class Target:
     """A release ready to deploy: digest resolved once, with the policy it deploys under."""
 
@@ -98,7 +99,7 @@ class Target:
         return self.release.environment
 
 
-@dataclass(frozen=True)
+@value
 class DeployResult:
     """What a deployment (or rollback) did."""
 

@@ -13,8 +13,6 @@ read from the state store).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from castiron.engine.deploy import DeployResult, Engine, Target
 from castiron.engine.journal import Journal, new_deployment_id
 from castiron.engine.release import Release
@@ -28,9 +26,10 @@ from castiron.engine.strategies import (
 from castiron.errors import NotFoundError, UsageError
 from castiron.model import ReleaseId
 from castiron.state.base import DeploymentRow, InstanceRow, StateTx
+from castiron.values import value
 
 
-@dataclass(frozen=True)
+@value
 class RollbackChoice:
     """Where a rollback goes and whether it can be a pointer flip."""
 

@@ -27,13 +27,13 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from json.encoder import encode_basestring
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from castiron.errors import AuditError
 from castiron.state.base import AuditEntry, AuditReport, SignedHead
+from castiron.values import value
 
 if TYPE_CHECKING:  # cryptography is imported when a key is used: reads never need it
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -158,7 +158,7 @@ def head_message(seq: int, hash_: str) -> bytes:
     return f"castiron-audit-head-v1\n{seq}\n{hash_}\n".encode("ascii")
 
 
-@dataclass(frozen=True)
+@value
 class AuditKey:
     """The installation's signing key and where it lives."""
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol, TypeVar
 
 from castiron.model import Digest, ReleaseId
+from castiron.values import value
 
 T = TypeVar("T")
 
@@ -107,7 +108,7 @@ class ManualClock:
 # rows
 
 
-@dataclass(frozen=True)
+@value
 class ImageRow:
     """An image in the store, by manifest digest."""
 
@@ -119,7 +120,7 @@ class ImageRow:
     data: JsonObject = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@value
 class TagRow:
     """A human name bound once to a digest."""
 
@@ -128,7 +129,7 @@ class TagRow:
     created: datetime
 
 
-@dataclass(frozen=True)
+@value
 class EnvironmentRow:
     """A named target as last deployed to."""
 
@@ -141,7 +142,7 @@ class EnvironmentRow:
     updated: datetime | None = None
 
 
-@dataclass(frozen=True)
+@value
 class ReleaseRow:
     """Image digest + the resolved runtime config of one environment; never changes."""
 
@@ -155,7 +156,7 @@ class ReleaseRow:
 DeploymentOutcome = Literal["running", "succeeded", "failed", "rolled_back", "aborted"]
 
 
-@dataclass(frozen=True)
+@value
 class DeploymentRow:
     """Moving an environment from one release to another."""
 
@@ -172,7 +173,7 @@ class DeploymentRow:
     git_commit: str | None = None
 
 
-@dataclass(frozen=True)
+@value
 class StepRow:
     """One journal entry of a deployment, written before the step acts."""
 
@@ -184,7 +185,7 @@ class StepRow:
     at: datetime
 
 
-@dataclass(frozen=True)
+@value
 class InstanceRow:
     """One running unit of a release, as recorded."""
 
@@ -197,7 +198,7 @@ class InstanceRow:
     data: JsonObject = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@value
 class EventRow:
     """Something worth telling a human about an environment."""
 
@@ -210,7 +211,7 @@ class EventRow:
     """Assigned by the store."""
 
 
-@dataclass(frozen=True)
+@value
 class Lease:
     """Who holds an environment's lock, for what, until when."""
 
@@ -228,7 +229,7 @@ class Lease:
     expires: datetime
 
 
-@dataclass(frozen=True)
+@value
 class ApprovalRow:
     """One actor's approval of a release for an environment (a promotion gate)."""
 
@@ -239,7 +240,7 @@ class ApprovalRow:
     comment: str = ""
 
 
-@dataclass(frozen=True)
+@value
 class GateResultRow:
     """The result of one policy gate in one evaluation (all gates checked for one change)."""
 
@@ -263,7 +264,7 @@ class GateResultRow:
 # audit
 
 
-@dataclass(frozen=True)
+@value
 class AuditDraft:
     """What a mutation will record. The store adds seq, time, actor and the chain fields."""
 
@@ -284,7 +285,7 @@ class AuditDraft:
         json.dumps(dict(self.details), allow_nan=False)
 
 
-@dataclass(frozen=True)
+@value
 class AuditEntry:
     """One sealed link of the audit chain (see docs/state.md for the exact bytes)."""
 
@@ -304,7 +305,7 @@ class AuditEntry:
     hash: str
 
 
-@dataclass(frozen=True)
+@value
 class SignedHead:
     """The chain's last (seq, hash), signed with the installation's ed25519 key."""
 
@@ -486,6 +487,7 @@ class StateStore(Protocol):
     ) -> list[GateResultRow]:
         """Recorded gate results (of one environment, of one evaluation), in the order made."""
         ...
+
     def audit_entries(
         self, environment: str | None = None, since: datetime | None = None
     ) -> list[AuditEntry]: ...
@@ -500,7 +502,7 @@ class StateStore(Protocol):
     def close(self) -> None: ...
 
 
-@dataclass(frozen=True)
+@value
 class AuditReport:
     """The result of verifying the chain. ``ok`` is false when ``bad_seq``/``reason`` say why."""
 

@@ -18,7 +18,6 @@ import secrets
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
@@ -35,6 +34,7 @@ from castiron.state.base import (
     format_time,
     format_time_short,
 )
+from castiron.values import value
 
 DEFAULT_TTL = 15.0
 """Seconds a lease outlives its last heartbeat."""
@@ -62,7 +62,7 @@ def pid_alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
-@dataclass(frozen=True)
+@value
 class LockStatus:
     """A lease and whether it still holds."""
 
@@ -438,7 +438,7 @@ class LockManager:
         return self.store.mutate(draft, apply)
 
 
-@dataclass(frozen=True)
+@value
 class _Taken:
     lease: Lease
 

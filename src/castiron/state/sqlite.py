@@ -19,7 +19,7 @@ import sqlite3
 import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -60,6 +60,7 @@ from castiron.state.base import (
     format_time,
     parse_time,
 )
+from castiron.values import value
 
 T = TypeVar("T")
 
@@ -85,7 +86,7 @@ CANONICAL_SQL = (
 Python's ``json.dumps(ensure_ascii=False)``; a test pins the equality)."""
 
 
-@dataclass(frozen=True)
+@value
 class Migration:
     """One named schema change, applied once, in one transaction."""
 

@@ -25,9 +25,10 @@ from castiron.traffic.base import (
     RouteConfig,
     Stickiness,
 )
+from castiron.values import value
 
 
-@dataclass(frozen=True)
+@value
 class Routing:
     """Where an environment's listener sends traffic right now."""
 
