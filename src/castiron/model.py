@@ -1,7 +1,8 @@
 """Plain values shared by every layer: identifiers and small frozen records.
 
 This module owns the vocabulary types (``Digest``, ``ReleaseId``, ...). It must not know the
-spec format, the state schema, or any runtime; it imports only :mod:`castiron.errors`.
+spec format, the state schema, or any runtime; it imports only :mod:`castiron.errors` and
+:mod:`castiron.values`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Literal as _Literal
 from typing import NewType
 
 from castiron.errors import UsageError
+from castiron.values import value
 
 Digest = NewType("Digest", str)
 """A content digest, ``sha256:<64 hex>``."""
@@ -59,7 +61,7 @@ Isolation = _Literal["auto", "sandbox", "none"]
 InstanceState = _Literal["starting", "running", "exited", "missing"]
 
 
-@_dc.dataclass(frozen=True)
+@value
 class ImageRef:
     """An image in castiron's store, by digest. Drivers load or unpack it from ``store``."""
 
@@ -71,7 +73,7 @@ class ImageRef:
     """The OCI image layout that holds the image."""
 
 
-@_dc.dataclass(frozen=True)
+@value
 class InstanceSpec:
     """Everything a driver needs to create one instance; resolved by the engine.
 
@@ -98,7 +100,7 @@ class InstanceSpec:
     labels: _Mapping[str, str] = _dc.field(default_factory=dict)
 
 
-@_dc.dataclass(frozen=True)
+@value
 class Instance:
     """A created instance, as recorded and observed. Never modified: only destroyed."""
 
@@ -114,7 +116,7 @@ class Instance:
     image: Digest
 
 
-@_dc.dataclass(frozen=True)
+@value
 class Observed:
     """What a driver sees of an instance, for status and drift detection."""
 

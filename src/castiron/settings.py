@@ -10,8 +10,10 @@ import getpass
 import os
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
+
+from castiron.values import value
 
 
 def _default_actor() -> str:
@@ -22,7 +24,7 @@ def _default_actor() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-@dataclass(frozen=True)
+@value
 class Settings:
     """Options that shape how castiron runs, independent of any spec."""
 

@@ -593,6 +593,35 @@ class AgentClient:
         body = config if isinstance(config, Mapping) else to_json(config)
         self._call("PUT", f"/routes/{_quote(environment)}", body)
 
+    def flip_route(
+        self,
+        environment: str,
+        config: object,
+        *,
+        expect: str | None,
+        check: HealthCheck,
+        env: Mapping[str, str],
+    ) -> dict[str, Any]:
+        """Switch to warm backends in one request (``POST /v1/routes/{env}/flip``): the agent
+        checks that the route serves release ``expect`` (None: nothing), probes each backend of
+        ``config``'s stable set once with ``check`` (``env`` is a command check's environment)
+        and only then applies ``config``. Returns ``{"flipped": bool, "reason": str,
+        "previous": route JSON or None}``; when ``flipped`` is false nothing changed.
+
+        Raises:
+            AgentError: when the agent cannot be reached or refuses the request.
+        """
+        body = {
+            "route": config if isinstance(config, Mapping) else to_json(config),
+            "expect": expect,
+            "check": to_json(check),
+            "env": dict(env),
+        }
+        data = self._call("POST", f"/routes/{_quote(environment)}/flip", body)
+        if not isinstance(data, dict) or not isinstance(data.get("flipped"), bool):
+            raise AgentError(f"agent at {self.socket_path} sent an unexpected flip answer")
+        return data
+
     def route(self, environment: str) -> dict[str, Any]:
         """The environment's route configuration as JSON. Raises NotFoundError, AgentError."""
         return dict(self._call("GET", f"/routes/{_quote(environment)}"))

@@ -419,6 +419,7 @@ class Agent:
                 {"GET": self._route_get, "PUT": self._route_put, "DELETE": self._route_delete},
             ),
             (r"/routes/(?P<env>[^/]+)/counters", {"GET": self._route_counters}),
+            (r"/routes/(?P<env>[^/]+)/flip", {"POST": self._route_flip}),
             (r"/instances", {"GET": self._instances_list, "POST": self._instances_spawn}),
             (
                 r"/instances/(?P<id>[^/]+)",
@@ -1201,6 +1202,73 @@ class Agent:
         releases = [s.release for s in (config.stable, config.canary) if s is not None]
         self._note("route-applied", env, f"{config.listen} -> {', '.join(releases) or 'none'}")
         return route_to_json(config)
+
+    async def _route_flip(
+        self, request: Request, w: asyncio.StreamWriter, p: dict[str, str]
+    ) -> object:
+        """Switch to warm backends in one request: check the route still serves ``expect``,
+        probe each new backend once with ``check``, then apply; on any failure nothing changes
+        and the answer says why (``flipped: false``)."""
+        env = p["env"]
+        body = _json_body(request)
+        if not isinstance(body, dict):
+            raise UsageError("body: expected a JSON object")
+        config = route_from_json(env, body.get("route"))
+        expect = body.get("expect")
+        if expect is not None and not isinstance(expect, str):
+            raise UsageError("body.expect: expected string or null")
+        check = from_json(HealthCheck, body.get("check", {}), "body.check")
+        probe_env = body.get("env", {})
+        if not isinstance(probe_env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in probe_env.items()
+        ):
+            raise UsageError("body.env: expected an object of strings")
+        if config.stable is None or not config.stable.backends or config.canary is not None:
+            raise UsageError("body.route: a flip needs a stable backend set and no canary")
+        async with self._routes_lock:
+            old = self.routes.get(env)
+            previous = None if old is None else route_to_json(old)
+            serving = None if old is None or old.stable is None else old.stable.release
+            if old is not None and old.canary is not None and old.canary_weight:
+                serving = None
+            if serving != expect:
+                why = f"route serves {serving or 'nothing'}, expected {expect or 'nothing'}"
+                return {"flipped": False, "reason": why, "previous": previous}
+            clash = [e for e, c in self.routes.items() if e != env and c.listen == config.listen]
+            if clash:
+                raise UsageError(f"body.listen: {config.listen} is already used by {clash[0]!r}")
+            failed = await self._probe_all(config.stable.backends, check, probe_env)
+            if failed:
+                return {"flipped": False, "reason": "; ".join(failed), "previous": previous}
+            await self.router.apply(config)
+            self.routes[env] = config
+            self._save_routes()
+            if old is not None and old.listen != config.listen and self.keeper is not None:
+                self.keeper.delete(old.listen)
+        self._note("route-applied", env, f"{config.listen} -> {config.stable.release} (flip)")
+        return {"flipped": True, "reason": "", "previous": previous}
+
+    async def _probe_all(
+        self, backends: tuple[Backend, ...], check: HealthCheck, env: dict[str, str]
+    ) -> list[str]:
+        """Probe every backend once, concurrently; the failures as ``id: detail``."""
+        # Imported here: the health module is only needed for flips and replacements.
+        from castiron.engine.health import probe
+        from castiron.engine.release import HealthConfig
+
+        config = HealthConfig(
+            kind="tcp" if check.kind == "none" else check.kind,
+            target=check.target,
+            interval=check.interval,
+            timeout=check.timeout,
+            healthy_after=1,
+            start_period=0.0,
+        )
+        loop = asyncio.get_running_loop()
+        results = await asyncio.gather(
+            *(loop.run_in_executor(None, probe, config, b.address, env) for b in backends)
+        )
+        return [f"{b.id}: {r.detail}" for b, r in zip(backends, results, strict=True) if not r.ok]
 
     async def _route_delete(
         self, request: Request, w: asyncio.StreamWriter, p: dict[str, str]

@@ -18,19 +18,20 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from castiron.errors import UsageError
 from castiron.model import Digest, ReleaseId
+from castiron.values import value
 
 if TYPE_CHECKING:  # the schema (pydantic) is only needed when a spec is resolved
     from castiron.spec.load import LoadedSpec, ReadSpec
     from castiron.spec.schema import Spec
 
 
-@dataclass(frozen=True)
+@value
 class HealthConfig:
     """The resolved health check of a release."""
 
@@ -44,7 +45,7 @@ class HealthConfig:
     start_period: float
 
 
-@dataclass(frozen=True)
+@value
 class ReleaseConfig:
     """Everything about how a release runs, except the image itself."""
 
@@ -72,7 +73,7 @@ class ReleaseConfig:
         return data
 
 
-@dataclass(frozen=True)
+@value
 class Release:
     """An image digest plus its resolved config; ``id`` is a hash of both."""
 
@@ -180,7 +181,7 @@ def release_to_json(release: Release) -> dict[str, Any]:
 # --- what deploying needs of a spec, and its cache ---------------------------------------------
 
 
-@dataclass(frozen=True)
+@value
 class EnvironmentDeploy:
     """What the spec says about deploying one environment."""
 
@@ -209,7 +210,7 @@ class EnvironmentDeploy:
         return cls(**{**dict(data), "config": _config_from_json(dict(data["config"]))})
 
 
-@dataclass(frozen=True)
+@value
 class DeploySpec:
     """What deploying needs of a validated spec: the app and, by name, each environment's
     release config and deployment settings. Plain data (no pydantic)."""
@@ -290,8 +291,8 @@ def _cache_key(read: ReadSpec) -> str | None:
         node: Any = masked
         for part in path:
             node = node[part]
-        for name, value in node.items():
-            if not isinstance(value, str):
+        for name, item in node.items():
+            if not isinstance(item, str):
                 return None  # not text: validation decides, every time
             node[name] = _MASK
     from castiron import __version__

@@ -3,9 +3,12 @@
 Owns choosing the target (the newest release that a deployment to this environment completed
 successfully, other than the one serving; a failed release is never a target) and the two
 ways to get there: a *warm* rollback switches the router back to the previous release's
-instances, which were kept running for ``keep_warm`` (no instance is created, so it takes a
-router update); a *cold* rollback is a fresh blue-green deployment of the stored release.
-Both are journaled and audited as deployments with strategy ``rollback``.
+instances, which were kept running for ``keep_warm`` (no instance is created: one request to
+the traffic controller checks that the route still serves the current release and that every
+warm instance answers its health check, then flips the route); a *cold* rollback is a fresh
+blue-green deployment of the stored release, also taken when the flip is refused (the route
+is then left untouched and the refused attempt is closed as ``aborted``). Both are journaled
+and audited as deployments with strategy ``rollback``.
 
 It knows nothing of the CLI; it needs no spec (the release and the environment's policy are
 read from the state store).
@@ -13,6 +16,9 @@ read from the state store).
 
 from __future__ import annotations
 
+from typing import cast
+
+from castiron.agent.client import HealthCheck, HealthKind
 from castiron.engine.deploy import DeployResult, Engine, Target
 from castiron.engine.journal import Journal, new_deployment_id
 from castiron.engine.release import Release
@@ -21,7 +27,7 @@ from castiron.engine.strategies import (
     ImageRuntime,
     Policy,
     Rollout,
-    row_instance,
+    backends_of,
 )
 from castiron.errors import NotFoundError, UsageError
 from castiron.model import ReleaseId
@@ -108,14 +114,19 @@ def rollback(
         assert row is not None  # choose() checked it
         policy = Policy.from_json(row.config)
         release = choice.release
-        if _warm_ready(engine, choice):
+        if len(choice.warm) >= release.config.replicas:
             engine.observer.progress(
                 f"rolling {environment} back to release {release.id}: "
                 f"{len(choice.warm)} warm instance(s), switching traffic"
             )
-            return _flip(engine, choice, policy, started)
+            flipped = _flip(engine, choice, policy, started)
+            if isinstance(flipped, DeployResult):
+                return flipped
+            why = f"the flip was refused ({flipped})"
+        else:
+            why = "no warm instances"
         engine.observer.progress(
-            f"rolling {environment} back to release {release.id}: no warm instances, "
+            f"rolling {environment} back to release {release.id}: {why}, "
             "deploying it afresh (blue-green)"
         )
         target = Target(release, policy, None, None)
@@ -123,16 +134,11 @@ def rollback(
         return engine.run(target, plan, started, "blue-green", label="rollback")
 
 
-def _warm_ready(engine: Engine, choice: RollbackChoice) -> bool:
-    """True when the warm set is complete and every instance still answers its check."""
-    if len(choice.warm) < choice.release.config.replicas:
-        return False
-    check = choice.release.config.health
-    env = dict(choice.release.config.env)
-    return all(engine.prober(check, r.address, env).ok for r in choice.warm)
-
-
-def _flip(engine: Engine, choice: RollbackChoice, policy: Policy, started: float) -> DeployResult:
+def _flip(
+    engine: Engine, choice: RollbackChoice, policy: Policy, started: float
+) -> DeployResult | str:
+    """Flip the route to the warm set; the reason when the traffic controller refused (the
+    attempt is then closed as ``aborted`` and traffic never moved)."""
     release = choice.release
     environment = release.environment
     previous = [
@@ -172,12 +178,43 @@ def _flip(engine: Engine, choice: RollbackChoice, policy: Policy, started: float
         monotonic=engine.monotonic,
         sleep=engine.sleep,
     )
+    ids = [r.id for r in choice.warm]
+    health = release.config.health
+    check = HealthCheck(
+        kind=cast(HealthKind, health.kind),
+        target=health.target,
+        interval=health.interval,
+        timeout=health.timeout,
+        healthy_after=1,
+        start_period=0.0,
+    )
+    step = {"to": ids, "keep": [], "final": True}
+    journal.step("switch", step)
     try:
-        rollout.switch([row_instance(r) for r in choice.warm], [], final=True)
+        outcome = engine.traffic.flip(
+            environment,
+            policy.listen,
+            backends_of(release.id, choice.warm),
+            expect=choice.current,
+            check=check,
+            env=dict(release.config.env),
+            drain_timeout=policy.drain_timeout,
+        )
     except (Exception, KeyboardInterrupt) as exc:
         engine.undo(deployment, journal.steps(), policy, "failed", error=str(exc))
         raise
+    if not outcome.flipped:
+        journal.finish("aborted", {"warm": True, "refused": outcome.reason})
+        return outcome.reason
     switched = engine.monotonic()
+
+    def on(tx: StateTx) -> None:
+        for instance_id in ids:
+            tx.set_instance_status(instance_id, "running")
+        engine.set_env(tx, environment, policy, current=release.id)
+
+    journal.step("switched", step, on)
+    engine.observer.progress(f"traffic switched: all on release {release.id}")
     rollout.drain(previous)
 
     def apply(tx: StateTx) -> None:

@@ -31,6 +31,7 @@ from castiron.model import ImageRef, Instance, InstanceSpec, Isolation, Observed
 from castiron.state.base import AuditDraft, EnvironmentRow, InstanceRow, StateTx, format_time
 from castiron.traffic.base import Backend, BackendSet
 from castiron.traffic.controller import TrafficController
+from castiron.values import value
 
 Prober = Callable[[HealthConfig, str, Mapping[str, str]], ProbeResult]
 """Runs one health probe against an address (injected so tests need no real servers)."""
@@ -46,7 +47,7 @@ INSPECT_EVERY = 0.1
 """Seconds between asking the runtime whether a new instance that fails its probe exited."""
 
 
-@dataclass(frozen=True)
+@value
 class ImageRuntime:
     """How the image says to run it (from its OCI config), resolved by the engine."""
 
@@ -56,7 +57,7 @@ class ImageRuntime:
     user: str | None
 
 
-@dataclass(frozen=True)
+@value
 class Policy:
     """An environment's deployment policy, as recorded with the environment.
 

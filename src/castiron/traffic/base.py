@@ -10,11 +10,13 @@ This module knows nothing of runtimes, the spec, or the state store.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Literal, Protocol
 
+from castiron.values import value
 
-@dataclass(frozen=True)
+
+@value
 class Backend:
     """One instance that can take traffic."""
 
@@ -24,7 +26,7 @@ class Backend:
     """``HOST:PORT`` on loopback (or ``[v6]:PORT``)."""
 
 
-@dataclass(frozen=True)
+@value
 class BackendSet:
     """All healthy instances of one release."""
 
@@ -33,7 +35,7 @@ class BackendSet:
     backends: tuple[Backend, ...]
 
 
-@dataclass(frozen=True)
+@value
 class Stickiness:
     """Keep a client on the release it first got (canary)."""
 
@@ -41,7 +43,7 @@ class Stickiness:
     name: str
 
 
-@dataclass(frozen=True)
+@value
 class Timeouts:
     """Router timeouts, in seconds."""
 
@@ -53,7 +55,7 @@ class Timeouts:
     """Idle keep-alive connections are closed after this long."""
 
 
-@dataclass(frozen=True)
+@value
 class RouteConfig:
     """The whole routing configuration of one environment's listener."""
 
@@ -70,7 +72,7 @@ class RouteConfig:
     max_header_bytes: int = 65536
 
 
-@dataclass(frozen=True)
+@value
 class LatencySummary:
     """Latency percentiles in milliseconds from the router's histogram."""
 
@@ -79,7 +81,7 @@ class LatencySummary:
     p99_ms: float
 
 
-@dataclass(frozen=True)
+@value
 class ReleaseCounters:
     """Counters of one release behind one listener, since the listener started."""
 

@@ -11,11 +11,11 @@ It knows nothing of releases as the engine sees them, the spec, the state store 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from castiron.agent.client import AgentClient, from_json
+from castiron.agent.client import AgentClient, HealthCheck, from_json
 from castiron.errors import AgentError, NotFoundError, RouterError, UsageError
 from castiron.traffic.base import (
     Backend,
@@ -55,6 +55,17 @@ class Routing:
         return frozenset(ids)
 
 
+@value
+class FlipOutcome:
+    """The answer to :meth:`TrafficController.flip`."""
+
+    flipped: bool
+    """False: the route was left exactly as it was (see ``reason``)."""
+    reason: str
+    previous: Routing | None
+    """The routing before the flip (None when there was no listener)."""
+
+
 class TrafficController(Protocol):
     """Moves one host's environments' traffic between backend sets."""
 
@@ -75,6 +86,27 @@ class TrafficController(Protocol):
 
         Raises:
             RouterError: when the listener cannot be bound or the configuration is refused.
+            AgentError: when the agent that runs the routers cannot be reached.
+        """
+        ...
+
+    def flip(
+        self,
+        environment: str,
+        listen: str,
+        stable: BackendSet,
+        *,
+        expect: str | None,
+        check: HealthCheck,
+        env: Mapping[str, str],
+        drain_timeout: float = 30.0,
+    ) -> FlipOutcome:
+        """Switch ``environment`` to the warm set ``stable`` in one step, provided its listener
+        still serves release ``expect`` (None: nothing) and every backend of ``stable`` answers
+        one probe of ``check``; otherwise change nothing and say why.
+
+        Raises:
+            RouterError: when the router refuses the configuration.
             AgentError: when the agent that runs the routers cannot be reached.
         """
         ...
@@ -129,6 +161,14 @@ def _route(
     )
 
 
+def _serving(config: RouteConfig | None) -> str | None:
+    if config is None or config.stable is None:
+        return None
+    if config.canary is not None and config.canary_weight:
+        return None
+    return config.stable.release
+
+
 def _routing(config: RouteConfig) -> Routing:
     return Routing(
         config.environment, config.listen, config.stable, config.canary, config.canary_weight
@@ -159,6 +199,31 @@ class AgentTraffic:
             if "refused" in exc.message:
                 raise RouterError(f"environment {environment!r}: {exc.message}") from exc
             raise
+
+    def flip(
+        self,
+        environment: str,
+        listen: str,
+        stable: BackendSet,
+        *,
+        expect: str | None,
+        check: HealthCheck,
+        env: Mapping[str, str],
+        drain_timeout: float = 30.0,
+    ) -> FlipOutcome:
+        config = _route(environment, listen, stable, None, 0, drain_timeout)
+        try:
+            data = self.client.flip_route(environment, config, expect=expect, check=check, env=env)
+        except AgentError as exc:
+            if "refused" in exc.message:
+                raise RouterError(f"environment {environment!r}: {exc.message}") from exc
+            raise
+        raw = data.get("previous")
+        try:
+            previous = None if raw is None else _routing(from_json(RouteConfig, raw, "previous"))
+        except UsageError as exc:
+            raise AgentError(f"agent sent an unexpected route: {exc}") from exc
+        return FlipOutcome(bool(data["flipped"]), str(data.get("reason", "")), previous)
 
     def remove(self, environment: str) -> bool:
         try:
@@ -200,6 +265,8 @@ class MemoryTraffic:
     routes: dict[str, RouteConfig] = field(default_factory=dict)
     history: list[RouteConfig] = field(default_factory=list)
     fail_next: int = 0
+    refuse_flip: str = ""
+    """When set, :meth:`flip` refuses with this reason (as if a warm backend did not answer)."""
     _served: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def switch(
@@ -222,6 +289,28 @@ class MemoryTraffic:
                 raise RouterError(f"environment {environment!r}: {listen} is in use by {other}")
         self.routes[environment] = config
         self.history.append(config)
+
+    def flip(
+        self,
+        environment: str,
+        listen: str,
+        stable: BackendSet,
+        *,
+        expect: str | None,
+        check: HealthCheck,
+        env: Mapping[str, str],
+        drain_timeout: float = 30.0,
+    ) -> FlipOutcome:
+        old = self.routes.get(environment)
+        previous = None if old is None else _routing(old)
+        serving = _serving(old)
+        if serving != expect:
+            why = f"route serves {serving or 'nothing'}, expected {expect or 'nothing'}"
+            return FlipOutcome(False, why, previous)
+        if self.refuse_flip:
+            return FlipOutcome(False, self.refuse_flip, previous)
+        self.switch(environment, listen, stable, drain_timeout=drain_timeout)
+        return FlipOutcome(True, "", previous)
 
     def remove(self, environment: str) -> bool:
         return self.routes.pop(environment, None) is not None
@@ -263,6 +352,7 @@ def backend_set(release: str, backends: Sequence[tuple[str, str]]) -> BackendSet
 
 __all__ = [
     "AgentTraffic",
+    "FlipOutcome",
     "MemoryTraffic",
     "Routing",
     "TrafficController",
