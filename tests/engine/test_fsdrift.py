@@ -415,3 +415,24 @@ def test_the_scanner_knows_no_runtime_router_agent_or_state() -> None:
     forbidden = ("castiron.drivers", "castiron.traffic", "castiron.agent", "castiron.state")
     assert not [name for name in imported if name.startswith(forbidden)]
     assert "castiron.images.manifest" in imported
+
+
+def test_worker_processes_agree_when_files_vanish_or_change_type(tmp_path: Path) -> None:
+    files = {f"app/blob/{i:03}.bin": os.urandom(2000 + i) for i in range(60)}
+    fs = build_rootfs(tmp_path, files)
+    with unlocked(fs.root / "app/blob/010.bin") as path:
+        path.unlink()
+    with unlocked(fs.root / "app/blob/020.bin") as path:
+        path.unlink()
+        path.symlink_to("011.bin")
+    with unlocked(fs.root / "app/blob/030.bin") as path:
+        path.unlink()
+        path.mkdir()
+    one = full(fs, threads=1)
+    assert sorted(changes(one)) == [
+        ("/app/blob/010.bin", "removed"),
+        ("/app/blob/020.bin", "type"),
+        ("/app/blob/030.bin", "type"),
+    ]
+    assert full(fs, threads=2) == one
+    assert full(fs, threads=4) == one

@@ -4,8 +4,8 @@ Owns the filesystem part of drift detection for instances whose root filesystem 
 directory (the local runtime's read-only ``releases/<digest>/rootfs``):
 
 - :func:`scan_full` walks the tree and compares every path with the manifest, re-hashing every
-  regular file with SHA-256 (optionally on several threads: hashlib releases the GIL while it
-  hashes, so threads use every core);
+  regular file with SHA-256 (optionally in several worker processes, one per core, each given
+  an equal share of the bytes);
 - :func:`take_baseline` records, when an instance starts, one stat tuple per path (size,
   mtime, mode, inode, ctime) in a compact binary file under the instance's state directory;
 - :func:`scan_fast` walks the tree again and compares stat tuples with the baseline, so only
@@ -25,9 +25,13 @@ the router, the agent or the state store: callers hand it a directory, a manifes
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import heapq
+import marshal
 import os
 import posixpath
+import signal
 import stat
 import struct
 import time
@@ -388,19 +392,131 @@ def _hash_files(root: str, jobs: Iterator[tuple[int, str, str]]) -> list[tuple[s
     return out
 
 
-def _run_jobs(judge: _Judge, threads: int) -> tuple[int, int]:
+def _partition(
+    jobs: list[tuple[int, str, str]], workers: int, head_start: int = 0
+) -> list[list[tuple[int, str, str]]]:
+    """Split ``jobs`` (largest first) into ``workers`` parts of about equal bytes.
+
+    The first part counts as already holding ``head_start`` bytes (work its owner does first).
+    """
+    heap = [(head_start if index == 0 else 0, index) for index in range(workers)]
+    parts: list[list[tuple[int, str, str]]] = [[] for _ in range(workers)]
+    for job in jobs:
+        load, index = heapq.heappop(heap)
+        parts[index].append(job)
+        heapq.heappush(heap, (load + job[0], index))
+    return parts
+
+
+class _Workers:
+    """Worker processes hashing their share of the files while this process goes on.
+
+    Processes, not threads: the per-file work around each hash (open, read, bookkeeping) holds
+    the GIL, which caps threads at about 1.2x one core on small files. Workers start before
+    the tree is walked, from the manifest's list of regular files, so hashing overlaps the walk;
+    their results are used only for the paths the walk then queues as jobs.
+    """
+
+    def __init__(self, root: str, parts: list[list[tuple[int, str, str]]]) -> None:
+        self.root = root
+        self.assigned: set[str] = {rel for part in parts for _, rel, _ in part}
+        self.children: list[tuple[int, int]] = []
+        try:
+            for part in parts:
+                self.children.append(self._fork(part))
+        except BaseException:
+            self.abandon()
+            raise
+
+    def _fork(self, part: list[tuple[int, str, str]]) -> tuple[int, int]:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the worker: hash, send the results, exit without cleanup handlers
+            code = 1
+            try:
+                os.close(read_end)
+                payload = marshal.dumps(_hash_files(self.root, iter(part)))
+                with os.fdopen(write_end, "wb") as out:
+                    out.write(payload)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        return pid, read_end
+
+    def results(self) -> dict[str, tuple[str, int]]:
+        """Wait for every worker; ``rel -> (actual digest or why unreadable, bytes read)``.
+
+        Raises:
+            ImageError: when a worker failed.
+        """
+        out: dict[str, tuple[str, int]] = {}
+        try:
+            while self.children:
+                pid, read_end = self.children[0]
+                with os.fdopen(read_end, "rb") as source:
+                    payload = source.read()
+                self.children.pop(0)
+                _, status = os.waitpid(pid, 0)
+                if status != 0 or not payload:
+                    raise ImageError(f"a hashing worker for {self.root} failed (status {status})")
+                for rel, actual, read in marshal.loads(payload):
+                    out[rel] = (actual, read)
+        finally:
+            self.abandon()
+        return out
+
+    def abandon(self) -> None:
+        """Stop any worker still running (only after an error: never leave one behind)."""
+        for pid, read_end in self.children:
+            with contextlib.suppress(OSError):
+                os.close(read_end)
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        self.children.clear()
+
+
+def _start_workers(
+    root: str, manifest: Mapping[str, FileEntry], workers: int
+) -> _Workers | None:
+    """Start ``workers - 1`` hashing processes on the manifest's regular files, if worth it."""
+    if workers <= 1 or not hasattr(os, "fork"):
+        return None
+    files = sorted(
+        (
+            (entry.size, path.lstrip("/"), entry.sha256)
+            for path, entry in manifest.items()
+            if entry.type == "file" and entry.sha256 is not None
+        ),
+        reverse=True,
+    )
+    if len(files) < 2 * workers:
+        return None
+    # The first share stays here, for after the walk; the others go to workers now. Walking
+    # and comparing costs about what hashing 8 KiB does, per file: this process gets less.
+    return _Workers(root, _partition(files, workers, head_start=len(files) * 8192)[1:])
+
+
+def _run_jobs(judge: _Judge, threads: int, workers: _Workers | None = None) -> tuple[int, int]:
     """Hash every job of ``judge`` (largest first) and record mismatches; returns counters."""
-    if not judge.jobs:
-        return 0, 0
     jobs = sorted(judge.jobs, key=lambda j: j[0], reverse=True)
     expected = {rel: want for _, rel, want in jobs}
-    workers = max(1, min(threads, len(jobs)))
-    shared = iter(jobs)  # list iterators are safe to share: next() holds the GIL
-    if workers == 1:
-        parts = [_hash_files(judge.root, shared)]
+    if workers is not None:
+        mine = [job for job in jobs if job[1] not in workers.assigned]
+        hashed = _hash_files(judge.root, iter(mine))
+        theirs = workers.results()
+        hashed.extend((rel, *theirs[rel]) for rel in expected if rel in workers.assigned)
+        parts = [hashed]
+    elif not jobs:
+        return 0, 0
+    elif threads <= 1 or len(jobs) == 1:
+        parts = [_hash_files(judge.root, iter(jobs))]
     else:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fsdrift") as pool:
-            futures = [pool.submit(_hash_files, judge.root, shared) for _ in range(workers)]
+        shared = iter(jobs)  # list iterators are safe to share: next() holds the GIL
+        count = min(threads, len(jobs))
+        with ThreadPoolExecutor(max_workers=count, thread_name_prefix="fsdrift") as pool:
+            futures = [pool.submit(_hash_files, judge.root, shared) for _ in range(count)]
             parts = [f.result() for f in futures]
     files = total = 0
     for part in parts:
@@ -427,25 +543,31 @@ def scan_full(
 
     ``read_only`` expects the modes :func:`castiron.images.rootfs.make_read_only` leaves
     (directories ``0555``, files ``0555`` or ``0444``); without it, the manifest's modes as
-    recorded. ``threads`` hash files in parallel, largest first (pass ``os.cpu_count()`` to
-    use every core).
+    recorded. ``threads`` workers hash files in parallel, largest first (forked processes where
+    the OS has fork, threads elsewhere; pass ``os.cpu_count()`` to use every core).
 
     Raises:
         ImageError: when ``root`` or a directory or link in it cannot be read.
     """
     paths = paths or PathFilter()
-    tree = _walk(root, paths)
-    judge = _Judge(root, manifest, instance, paths, read_only)
-    unpack, check = _RECORD.unpack, judge.check
-    for rel, record in zip(tree.names, tree.records, strict=True):
-        size, _, mode, _, _ = unpack(record)
-        check(rel, mode, size)
-    present = set(tree.names)
-    for path in manifest:
-        rel = path.lstrip("/")
-        if rel and rel not in present:  # the root itself is never an entry
-            judge.removed(rel)
-    files, total = _run_jobs(judge, threads)
+    workers = _start_workers(str(root), manifest, threads)
+    try:
+        tree = _walk(root, paths)
+        judge = _Judge(root, manifest, instance, paths, read_only)
+        unpack, check = _RECORD.unpack, judge.check
+        for rel, record in zip(tree.names, tree.records, strict=True):
+            size, _, mode, _, _ = unpack(record)
+            check(rel, mode, size)
+        present = set(tree.names)
+        for path in manifest:
+            rel = path.lstrip("/")
+            if rel and rel not in present:  # the root itself is never an entry
+                judge.removed(rel)
+        files, total = _run_jobs(judge, threads, workers)
+    except BaseException:
+        if workers is not None:
+            workers.abandon()
+        raise
     return judge.result(len(tree.names), files, total)
 
 
