@@ -31,6 +31,8 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from _machine import cpu_model
+
 from castiron.state import audit
 from castiron.state.base import format_time
 from castiron.state.sqlite import open_state
@@ -39,14 +41,7 @@ ACTIONS = ("deploy.start", "deploy.step", "deploy.finish", "lock.acquire", "lock
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return (
         f"{os.cpu_count()} CPU ({cpu}), kernel {platform.release()}, "
         f"Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}"

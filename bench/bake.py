@@ -26,6 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _machine import cpu_model
+
 FILES = 5_000
 TOTAL_BYTES = 50 * 1024 * 1024
 SEED = 20240601
@@ -65,14 +67,7 @@ def generate(ctx: Path) -> int:
 
 
 def machine() -> str:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model("unknown")
     py = platform.python_version()
     return f"{os.cpu_count()} CPU ({cpu}), Linux {platform.release()}, Python {py}"
 

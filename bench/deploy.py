@@ -44,6 +44,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from _machine import cpu_model
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "src" / "castiron" / "examples" / "hello"
 CLI = [sys.executable, "-m", "castiron.cli.main"]
@@ -155,12 +157,8 @@ def app_ready_times(project: Path, runs: int) -> list[float]:
 
 def machine() -> str:
     """``nproc``, the CPU model, the kernel and the load average, for the record."""
-    model = "unknown CPU"
+    model = cpu_model()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
         load = Path("/proc/loadavg").read_text().split()[:3]
     except OSError:
         load = ["?"]

@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _machine import cpu_model
+
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "castiron.cli.main"]
 APP = "benchdocker"
@@ -323,11 +325,7 @@ def step(message: str) -> None:
 
 
 def machine() -> str:
-    cpu = "?"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
+    cpu = cpu_model("?")
     docker = subprocess.run(
         ["docker", "version", "--format", "{{.Server.Version}}"],
         capture_output=True, text=True, check=False,

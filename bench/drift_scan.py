@@ -43,6 +43,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from _machine import cpu_model
+
 from castiron.engine import fsdrift
 from castiron.images import manifest as file_manifest
 from castiron.images.manifest import FileEntry
@@ -52,14 +54,7 @@ POOL = 64 << 20
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return (
         f"nproc {os.cpu_count()}, {cpu}, kernel {platform.release()}, "
         f"Python {platform.python_version()}"

@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _machine import cpu_model
+
 from castiron.images.sign import ANN_SIGNATURE, SIGNATURE_ARTIFACT, verify_image
 from castiron.images.store import ImageStore
 from castiron.model import Digest
@@ -41,14 +43,7 @@ SPEC = "app: hello\nimage:\n  context: ./app\nservice:\n  port: 8080\n"
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     openssl = subprocess.run(["openssl", "version"], capture_output=True, text=True).stdout.strip()
     return (
         f"{os.cpu_count()} CPU ({cpu}), kernel {platform.release()}, "

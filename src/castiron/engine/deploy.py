@@ -501,6 +501,36 @@ class Engine:
             action="deploy.recover" if recovered else "deploy.finish",
         )
 
+    def rollout(
+        self,
+        journal: Journal,
+        release: Release,
+        policy: Policy,
+        *,
+        image: ImageRef,
+        runtime: ImageRuntime,
+        secrets: Mapping[str, str],
+        driver: Driver,
+        previous: list[InstanceRow],
+    ) -> Rollout:
+        """A :class:`Rollout` of ``release`` journaled in ``journal``, using this engine's
+        traffic controller, prober, instance logs and clocks."""
+        return Rollout(
+            journal=journal,
+            release=release,
+            policy=policy,
+            image=image,
+            runtime=runtime,
+            secrets=secrets,
+            driver=driver,
+            traffic=self.traffic,
+            previous=previous,
+            prober=self.prober,
+            instance_logs=self.instance_logs,
+            monotonic=self.monotonic,
+            sleep=self.sleep,
+        )
+
     def _policy_of(self, environment: str) -> Policy:
         row = self.store.get_environment(environment)
         if row is None:
@@ -742,20 +772,15 @@ class Engine:
             {"previous": [r.id for r in previous], "release": release.id, "tag": target.tag},
         )
         driver = self.driver(policy.runtime)
-        rollout = Rollout(
-            journal=journal,
-            release=release,
-            policy=policy,
+        rollout = self.rollout(
+            journal,
+            release,
+            policy,
             image=image,
             runtime=runtime,
             secrets=secret_values,
             driver=driver,
-            traffic=self.traffic,
             previous=previous,
-            prober=self.prober,
-            instance_logs=self.instance_logs,
-            monotonic=self.monotonic,
-            sleep=self.sleep,
         )
         try:
             driver.ensure_image(image)

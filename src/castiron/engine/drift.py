@@ -47,7 +47,6 @@ from castiron.engine.runtimes import find_strays, instance_port
 from castiron.engine.strategies import (
     ImageRuntime,
     Policy,
-    Rollout,
     backends_of,
     remove_instances,
     row_instance,
@@ -947,20 +946,15 @@ def _replace(
         lambda tx: None,
         {"previous": [r.id for r in leaving], "release": release.id, "why": "drift"},
     )
-    rollout = Rollout(
-        journal=journal,
-        release=release,
-        policy=policy,
+    rollout = engine.rollout(
+        journal,
+        release,
+        policy,
         image=image,
         runtime=runtime,
         secrets=secret_values,
         driver=driver,
-        traffic=engine.traffic,
         previous=leaving,
-        prober=engine.prober,
-        instance_logs=engine.instance_logs,
-        monotonic=engine.monotonic,
-        sleep=engine.sleep,
     )
     new: list[Instance] = []
     try:

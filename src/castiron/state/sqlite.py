@@ -361,6 +361,17 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
             raise
 
 
+def _narrowed(sql: str, *conditions: tuple[str, Any]) -> tuple[str, tuple[Any, ...]]:
+    """``sql`` (ending in ``WHERE 1 = 1``) with ``AND condition`` for each (condition, value)
+    whose value is not None, and the parameters that go with them, in order."""
+    params: list[Any] = []
+    for condition, param in conditions:
+        if param is not None:
+            sql += f" AND {condition}"
+            params.append(param)
+    return sql, tuple(params)
+
+
 # --------------------------------------------------------------------------------------------
 # rows
 
@@ -1006,17 +1017,14 @@ class SqliteStateStore:
     def events(
         self, environment: str | None = None, since: datetime | None = None
     ) -> list[EventRow]:
-        sql = "SELECT id, time, environment, kind, message, data FROM events WHERE 1 = 1"
-        params: list[Any] = []
-        if environment is not None:
-            sql += " AND environment = ?"
-            params.append(environment)
-        if since is not None:
-            sql += " AND time >= ?"
-            params.append(format_time(since))
+        sql, params = _narrowed(
+            "SELECT id, time, environment, kind, message, data FROM events WHERE 1 = 1",
+            ("environment = ?", environment),
+            ("time >= ?", None if since is None else format_time(since)),
+        )
         return [
             EventRow(parse_time(r[1]), r[2], r[3], r[4], json.loads(r[5]), id=r[0])
-            for r in self._all(sql + " ORDER BY id", tuple(params))
+            for r in self._all(sql + " ORDER BY id", params)
         ]
 
     def get_lease(self, environment: str) -> Lease | None:
@@ -1039,17 +1047,12 @@ class SqliteStateStore:
     def gate_results(
         self, environment: str | None = None, evaluation: str | None = None
     ) -> list[GateResultRow]:
-        sql = (
+        sql, params = _narrowed(
             "SELECT id, evaluation, environment, release, digest, gate, passed, reason, data,"
-            " checked FROM gate_results WHERE 1 = 1"
+            " checked FROM gate_results WHERE 1 = 1",
+            ("environment = ?", environment),
+            ("evaluation = ?", evaluation),
         )
-        params: list[Any] = []
-        if environment is not None:
-            sql += " AND environment = ?"
-            params.append(environment)
-        if evaluation is not None:
-            sql += " AND evaluation = ?"
-            params.append(evaluation)
         return [
             GateResultRow(
                 evaluation=r[1],
@@ -1063,21 +1066,18 @@ class SqliteStateStore:
                 data=json.loads(r[8]),
                 id=r[0],
             )
-            for r in self._all(sql + " ORDER BY id", tuple(params))
+            for r in self._all(sql + " ORDER BY id", params)
         ]
 
     def audit_entries(
         self, environment: str | None = None, since: datetime | None = None
     ) -> list[AuditEntry]:
-        sql = f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE 1 = 1"
-        params: list[Any] = []
-        if environment is not None:
-            sql += " AND environment = ?"
-            params.append(environment)
-        if since is not None:
-            sql += " AND time >= ?"
-            params.append(format_time(since))
-        return [audit.row_to_entry(r) for r in self._all(sql + " ORDER BY seq", tuple(params))]
+        sql, params = _narrowed(
+            f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE 1 = 1",
+            ("environment = ?", environment),
+            ("time >= ?", None if since is None else format_time(since)),
+        )
+        return [audit.row_to_entry(r) for r in self._all(sql + " ORDER BY seq", params)]
 
     def audit_rows(self) -> Iterator[audit.AuditRow]:
         """Every stored audit row in seq order, streamed (for export and verification)."""

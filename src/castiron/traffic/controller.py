@@ -11,7 +11,8 @@ It knows nothing of releases as the engine sees them, the spec, the state store 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -175,6 +176,29 @@ def _routing(config: RouteConfig) -> Routing:
     )
 
 
+@contextmanager
+def _refusal_as_router_error(environment: str) -> Iterator[None]:
+    """Turn the agent's refusal of a route into a :class:`RouterError` naming ``environment``."""
+    try:
+        yield
+    except AgentError as exc:
+        if "refused" in exc.message:
+            raise RouterError(f"environment {environment!r}: {exc.message}") from exc
+        raise
+
+
+def _agent_routing(raw: Any, where: str) -> Routing:
+    """The :class:`Routing` of a route configuration the agent sent (``where`` names it).
+
+    Raises:
+        AgentError: when the agent sent something that is not a route configuration.
+    """
+    try:
+        return _routing(from_json(RouteConfig, raw, where))
+    except UsageError as exc:
+        raise AgentError(f"agent sent an unexpected route: {exc}") from exc
+
+
 class AgentTraffic:
     """Traffic through the host agent's routers (builtin proxy or HAProxy)."""
 
@@ -193,12 +217,8 @@ class AgentTraffic:
         sticky: Stickiness | None = None,
     ) -> None:
         config = _route(environment, listen, stable, canary, canary_weight, drain_timeout, sticky)
-        try:
+        with _refusal_as_router_error(environment):
             self.client.put_route(environment, config)
-        except AgentError as exc:
-            if "refused" in exc.message:
-                raise RouterError(f"environment {environment!r}: {exc.message}") from exc
-            raise
 
     def flip(
         self,
@@ -212,17 +232,10 @@ class AgentTraffic:
         drain_timeout: float = 30.0,
     ) -> FlipOutcome:
         config = _route(environment, listen, stable, None, 0, drain_timeout)
-        try:
+        with _refusal_as_router_error(environment):
             data = self.client.flip_route(environment, config, expect=expect, check=check, env=env)
-        except AgentError as exc:
-            if "refused" in exc.message:
-                raise RouterError(f"environment {environment!r}: {exc.message}") from exc
-            raise
         raw = data.get("previous")
-        try:
-            previous = None if raw is None else _routing(from_json(RouteConfig, raw, "previous"))
-        except UsageError as exc:
-            raise AgentError(f"agent sent an unexpected route: {exc}") from exc
+        previous = None if raw is None else _agent_routing(raw, "previous")
         return FlipOutcome(bool(data["flipped"]), str(data.get("reason", "")), previous)
 
     def remove(self, environment: str) -> bool:
@@ -237,10 +250,7 @@ class AgentTraffic:
             data = self.client.route(environment)
         except NotFoundError:
             return None
-        try:
-            return _routing(from_json(RouteConfig, data, "route"))
-        except UsageError as exc:
-            raise AgentError(f"agent sent an unexpected route: {exc}") from exc
+        return _agent_routing(data, "route")
 
     def counters(self, environment: str) -> list[ReleaseCounters]:
         try:

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -25,8 +26,11 @@ from castiron.cli.render import emit_json
 from castiron.errors import UsageError
 
 if TYPE_CHECKING:
+    from castiron.engine.deploy import Engine, Target
     from castiron.engine.plan import Plan
     from castiron.state.base import JsonObject
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 PAUSE_ENV = "CASTIRON_TEST_PAUSE_AT"
 PAUSE_SECONDS = 300.0
@@ -71,6 +75,49 @@ def confirm(cli: CliContext, question: str, yes: bool) -> None:
         raise UsageError(f"{question} needs confirmation: pass --yes (no terminal to ask on)")
     if not click.confirm(question, default=False, err=True):
         raise click.Abort()
+
+
+def yes_option(f: F) -> F:
+    """The ``--yes`` option of a command that asks for confirmation (see :func:`confirm`)."""
+    return click.option(
+        "--yes", is_flag=True, help="Do not ask for confirmation (needed without a TTY)."
+    )(f)
+
+
+def lock_wait_option(help_text: str) -> Callable[[F], F]:
+    """The ``--lock-wait S`` option (seconds to wait for a lock, default 0), with ``help_text``."""
+
+    def decorate(f: F) -> F:
+        return click.option(
+            "--lock-wait",
+            type=click.FloatRange(min=0),
+            default=0.0,
+            metavar="S",
+            help=help_text,
+        )(f)
+
+    return decorate
+
+
+def confirm_plan(
+    cli: CliContext, engine: Engine, target: Target, plan: Plan, question: str, yes: bool
+) -> None:
+    """Show ``plan`` and ``target``'s gates on stderr, then ask ``question`` (see
+    :func:`confirm`) when the plan changes anything.
+
+    Raises:
+        UsageError: without a terminal and without ``--yes``.
+        click.Abort: when the answer is no.
+    """
+    for line in render_plan(plan, target.tag, target.policy.keep_warm):
+        click.echo(line, err=True)
+    if target.gates is not None and target.gates.active:
+        from castiron.cli.commands.promote_cmd import render_gates
+
+        for line in render_gates(engine, target):
+            click.echo(line, err=True)
+    if plan.has_changes:
+        confirm(cli, question, yes)
 
 
 def render_plan(plan: Plan, tag: str | None, keep_warm: float) -> list[str]:
@@ -147,13 +194,9 @@ def plan_cmd(
 @click.command("deploy")
 @click.argument("environment")
 @click.option("--image", "image", metavar="REF", help="Tag, digest or digest prefix to deploy.")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation (needed without a TTY).")
-@click.option(
-    "--lock-wait",
-    type=click.FloatRange(min=0),
-    default=0.0,
-    metavar="S",
-    help="Wait up to S seconds for the environment's lock (default: fail at once, exit 4).",
+@yes_option
+@lock_wait_option(
+    "Wait up to S seconds for the environment's lock (default: fail at once, exit 4)."
 )
 @click.option(
     "--continue",
@@ -191,15 +234,9 @@ def deploy_cmd(
     with open_engine(settings, observer=observer) as engine:
         target = engine.resolve(spec, environment, image)
         plan = engine.plan(target)
-        for line in render_plan(plan, target.tag, target.policy.keep_warm):
-            click.echo(line, err=True)
-        if target.gates is not None and target.gates.active:
-            from castiron.cli.commands.promote_cmd import render_gates
-
-            for line in render_gates(engine, target):
-                click.echo(line, err=True)
-        if plan.has_changes:
-            confirm(cli, f"deploy release {target.release.id} to {environment}?", yes)
+        confirm_plan(
+            cli, engine, target, plan, f"deploy release {target.release.id} to {environment}?", yes
+        )
         with report_abort(environment, as_json):
             result = engine.deploy(target, lock_wait=lock_wait)
     from castiron.cli.commands.drift_cmd import watch_after_deploy
@@ -225,13 +262,7 @@ def deploy_cmd(
     metavar="RELEASE",
     help="Release id (or unique prefix) to go back to; it must have deployed successfully.",
 )
-@click.option(
-    "--lock-wait",
-    type=click.FloatRange(min=0),
-    default=0.0,
-    metavar="S",
-    help="Wait up to S seconds for the environment's lock.",
-)
+@lock_wait_option("Wait up to S seconds for the environment's lock.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @pass_cli
 def rollback_cmd(
@@ -251,14 +282,8 @@ def rollback_cmd(
 
 @click.command("down")
 @click.argument("environment")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation (needed without a TTY).")
-@click.option(
-    "--lock-wait",
-    type=click.FloatRange(min=0),
-    default=0.0,
-    metavar="S",
-    help="Wait up to S seconds for the environment's lock.",
-)
+@yes_option
+@lock_wait_option("Wait up to S seconds for the environment's lock.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @pass_cli
 def down_cmd(cli: CliContext, environment: str, yes: bool, lock_wait: float, as_json: bool) -> None:

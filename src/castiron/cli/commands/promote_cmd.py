@@ -13,7 +13,12 @@ from typing import TYPE_CHECKING
 
 import click
 
-from castiron.cli.commands.deploy_cmd import confirm, observer_for, render_plan
+from castiron.cli.commands.deploy_cmd import (
+    confirm_plan,
+    lock_wait_option,
+    observer_for,
+    yes_option,
+)
 from castiron.cli.context import CliContext, pass_cli
 from castiron.cli.render import emit_json
 from castiron.errors import UsageError
@@ -90,14 +95,8 @@ def gates_json(engine: Engine, target: Target) -> dict[str, object] | None:
     metavar="RELEASE",
     help="FROM's release id (or unique prefix) to promote (default: the one FROM serves).",
 )
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation (needed without a TTY).")
-@click.option(
-    "--lock-wait",
-    type=click.FloatRange(min=0),
-    default=0.0,
-    metavar="S",
-    help="Wait up to S seconds for TO's lock (default: fail at once, exit 4).",
-)
+@yes_option
+@lock_wait_option("Wait up to S seconds for TO's lock (default: fail at once, exit 4).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @pass_cli
 def promote_cmd(
@@ -125,12 +124,9 @@ def promote_cmd(
             f"({target.release.digest}) to {environment}",
             err=True,
         )
-        for line in render_plan(plan, target.tag, target.policy.keep_warm):
-            click.echo(line, err=True)
-        for line in render_gates(engine, target):
-            click.echo(line, err=True)
-        if plan.has_changes:
-            confirm(cli, f"promote release {target.release.id} to {environment}?", yes)
+        confirm_plan(
+            cli, engine, target, plan, f"promote release {target.release.id} to {environment}?", yes
+        )
         result = promote(engine, promotion, lock_wait=lock_wait)
     if as_json:
         emit_json(result.to_json())
