@@ -219,7 +219,7 @@ def scan_child(argv: list[str]) -> None:
     start, cpu = time.perf_counter(), time.process_time()
     if args.mode == "full":
         result = fsdrift.scan_full(
-            args.root, load(), instance="bench", threads=args.threads, read_only=False
+            args.root, load, instance="bench", threads=args.threads, read_only=False
         )
     else:
         result = fsdrift.scan_fast(

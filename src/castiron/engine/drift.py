@@ -459,7 +459,7 @@ def scan_tree(
                     return scan_fast(root, manifest, path, instance=label, paths=paths)
                 except NotFoundError:
                     continue
-    return scan_full(root, manifest(), instance=label, paths=paths, threads=threads)
+    return scan_full(root, manifest, instance=label, paths=paths, threads=threads)
 
 
 def _docker_findings(

@@ -412,9 +412,9 @@ class _Workers:
     """Worker processes hashing their share of the files while this process goes on.
 
     Processes, not threads: the per-file work around each hash (open, read, bookkeeping) holds
-    the GIL, which caps threads at about 1.2x one core on small files. Workers start before
-    the tree is walked, from the manifest's list of regular files, so hashing overlaps the walk;
-    their results are used only for the paths the walk then queues as jobs.
+    the GIL, which caps threads at about 1.2x one core on small files. Workers start right
+    after the walk, on its regular files, so hashing overlaps loading the manifest and comparing;
+    their results are used only for the paths the comparison then queues as jobs.
     """
 
     def __init__(self, root: str, parts: list[list[tuple[int, str, str]]]) -> None:
@@ -477,24 +477,26 @@ class _Workers:
         self.children.clear()
 
 
-def _start_workers(
-    root: str, manifest: Mapping[str, FileEntry], workers: int
-) -> _Workers | None:
-    """Start ``workers - 1`` hashing processes on the manifest's regular files, if worth it."""
+def _start_workers(root: str, tree: _Tree, workers: int) -> _Workers | None:
+    """Start ``workers - 1`` hashing processes on the walked tree's regular files, if worth it.
+
+    They start before the manifest is even loaded, so its decoding and the comparison of every
+    path overlap their hashing; paths the comparison does not queue are simply not used.
+    """
     if workers <= 1 or not hasattr(os, "fork"):
         return None
-    files = sorted(
-        (
-            (entry.size, path.lstrip("/"), entry.sha256)
-            for path, entry in manifest.items()
-            if entry.type == "file" and entry.sha256 is not None
-        ),
-        reverse=True,
-    )
+    unpack = _RECORD.unpack
+    files = []
+    for rel, record in zip(tree.names, tree.records, strict=True):
+        size, _, mode, _, _ = unpack(record)
+        if stat.S_ISREG(mode):
+            files.append((size, rel, ""))
     if len(files) < 2 * workers:
         return None
-    # The first share stays here, for after the walk; the others go to workers now. Walking
-    # and comparing costs about what hashing 8 KiB does, per file: this process gets less.
+    files.sort(reverse=True)
+    # The first share stays here, for after the comparison; the others go to workers now.
+    # Loading the manifest and comparing a path costs about what hashing 8 KiB does: this
+    # process gets that much less.
     return _Workers(root, _partition(files, workers, head_start=len(files) * 8192)[1:])
 
 
@@ -532,7 +534,7 @@ def _run_jobs(judge: _Judge, threads: int, workers: _Workers | None = None) -> t
 
 def scan_full(
     root: Path,
-    manifest: Mapping[str, FileEntry],
+    manifest: ManifestSource,
     *,
     instance: str,
     paths: PathFilter | None = None,
@@ -541,25 +543,28 @@ def scan_full(
 ) -> ScanResult:
     """Compare every path under ``root`` with ``manifest``, re-hashing every regular file.
 
-    ``read_only`` expects the modes :func:`castiron.images.rootfs.make_read_only` leaves
-    (directories ``0555``, files ``0555`` or ``0444``); without it, the manifest's modes as
-    recorded. ``threads`` workers hash files in parallel, largest first (forked processes where
-    the OS has fork, threads elsewhere; pass ``os.cpu_count()`` to use every core).
+    ``manifest`` may be a callable that loads it: with several workers it is then loaded while
+    they already hash. ``read_only`` expects the modes
+    :func:`castiron.images.rootfs.make_read_only` leaves (directories ``0555``, files ``0555``
+    or ``0444``); without it, the manifest's modes as recorded. ``threads`` workers hash files
+    in parallel, largest first (forked processes where the OS has fork, threads elsewhere; pass
+    ``os.cpu_count()`` to use every core).
 
     Raises:
         ImageError: when ``root`` or a directory or link in it cannot be read.
     """
     paths = paths or PathFilter()
-    workers = _start_workers(str(root), manifest, threads)
+    tree = _walk(root, paths)
+    workers = _start_workers(str(root), tree, threads)
     try:
-        tree = _walk(root, paths)
-        judge = _Judge(root, manifest, instance, paths, read_only)
+        entries = manifest() if callable(manifest) else manifest
+        judge = _Judge(root, entries, instance, paths, read_only)
         unpack, check = _RECORD.unpack, judge.check
         for rel, record in zip(tree.names, tree.records, strict=True):
             size, _, mode, _, _ = unpack(record)
             check(rel, mode, size)
         present = set(tree.names)
-        for path in manifest:
+        for path in entries:
             rel = path.lstrip("/")
             if rel and rel not in present:  # the root itself is never an entry
                 judge.removed(rel)
