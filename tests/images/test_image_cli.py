@@ -131,3 +131,38 @@ def test_bad_source_date_epoch(
     assert result.exit_code == 2 and "SOURCE_DATE_EPOCH='yesterday'" in result.stderr
     ok = run_cli("-f", str(project), "bake", "--source-date-epoch", "5", "--json")
     assert ok.exit_code == 0
+
+
+def test_prune_keeps_the_image_of_a_recorded_release(
+    run_cli: Any, project: Path, home: Path
+) -> None:
+    from datetime import UTC, datetime
+
+    from castiron.images import oci
+    from castiron.images.store import ImageStore
+    from castiron.model import Digest, ReleaseId
+    from castiron.settings import load_settings
+    from castiron.state.base import AuditDraft, EnvironmentRow, ImageRow, ReleaseRow, StateTx
+    from castiron.state.sqlite import open_state
+
+    assert run_cli("-f", str(project), "bake", "--tag", "v1").exit_code == 0
+    (project.parent / "app" / "server.py").write_text("print('two')\n")
+    v2 = _json(run_cli("-f", str(project), "bake", "--tag", "v2", "--json"))
+    digest = Digest(v2["digest"])
+    store = ImageStore(home / "images")
+    # v2 is now only a release's image: no tag names it any more.
+    store.update_index(lambda ds: [d for d in ds if d.annotations.get(oci.ANN_REF_NAME) != "v2"])
+    now = datetime.now(UTC)
+
+    def record(tx: StateTx) -> None:
+        tx.upsert_environment(EnvironmentRow("staging", "local", "127.0.0.1:8080"))
+        tx.record_image(ImageRow(digest, 1, now))
+        tx.create_release(ReleaseRow(ReleaseId("r-v2"), "staging", digest, {}, now))
+
+    settings = load_settings({"CASTIRON_HOME": str(home)}, spec_path=project)
+    with open_state(settings) as state:
+        state.mutate(AuditDraft("release.create", environment="staging"), record)
+    report = _json(run_cli("-f", str(project), "images", "prune", "--yes", "--json"))
+    assert digest in report["kept_images"]
+    image = store.image(digest)
+    assert all(store.has_blob(layer.digest) for layer in image.layers)

@@ -21,6 +21,7 @@ from castiron.images import oci, provenance
 from castiron.images.archive import ArchiveFormat, export_archive, import_archive
 from castiron.images.build import BakeOptions, bake
 from castiron.images.store import ImageStore, prune
+from castiron.model import Digest
 from castiron.spec.load import load_spec
 
 
@@ -229,13 +230,30 @@ def images_cmd(ctx: click.Context, as_json: bool) -> None:
         click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
 
 
+def _retained_digests(cli: CliContext) -> set[Digest]:
+    """Digests of every release in the state store.
+
+    Any recorded release can become a rollback or promotion target, so its image stays.
+    """
+    if not cli.settings.state_path.exists():
+        return set()
+    from castiron.state.sqlite import open_state
+
+    with open_state(cli.settings) as state:
+        return {
+            release.digest
+            for environment in state.list_environments()
+            for release in state.list_releases(environment.name)
+        }
+
+
 @images_cmd.command("prune")
 @click.option("--yes", is_flag=True, help="Really remove (default: only show what would go).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @pass_cli
 def prune_cmd(cli: CliContext, yes: bool, as_json: bool) -> None:
-    """Remove blobs no tagged image needs (a dry run unless --yes)."""
-    report = prune(_store(cli), dry_run=not yes)
+    """Remove blobs no tagged image and no recorded release needs (a dry run unless --yes)."""
+    report = prune(_store(cli), keep=_retained_digests(cli), dry_run=not yes)
     if as_json:
         emit_json(
             {
