@@ -433,6 +433,39 @@ class Engine:
             action="deploy.recover",
         )
 
+    def undo_failed(
+        self,
+        exc: BaseException,
+        deployment: DeploymentRow,
+        steps: Sequence[Any],
+        policy: Policy,
+        outcome: Any,
+        *,
+        what: str,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Undo ``deployment`` after ``exc`` stopped it (call inside the ``except``).
+
+        Returns only for an unexpected ``exc`` (not a :class:`CastironError`), which the caller
+        re-raises as it is.
+
+        Raises:
+            DeployFailedError: naming ``what`` failed and that it was undone, or that undoing
+                failed too (the next command retries the recovery).
+        """
+        reason = str(exc) if isinstance(exc, CastironError) else repr(exc)
+        try:
+            self.undo(deployment, steps, policy, outcome, error=reason, extra=extra)
+        except CastironError as undo_exc:
+            raise DeployFailedError(
+                f"{reason}\nand undoing it failed too: {undo_exc} (the next castiron "
+                f"command on {deployment.environment!r} retries the recovery)"
+            ) from exc
+        if isinstance(exc, DeployFailedError):
+            raise exc
+        if isinstance(exc, CastironError):
+            raise DeployFailedError(f"{what} failed and was undone: {reason}") from exc
+
     def undo(
         self,
         deployment: DeploymentRow,
@@ -786,33 +819,20 @@ class Engine:
             driver.ensure_image(image)
             STRATEGIES[strategy](rollout)
         except (Exception, KeyboardInterrupt) as exc:
-            reason = str(exc) if isinstance(exc, CastironError) else repr(exc)
             self.observer.progress("deployment failed: undoing it")
             # A canary that fails its analysis is "aborted" (and carries its figures).
             outcome = "aborted"
             if isinstance(exc, CastironError):
                 outcome = getattr(exc, "outcome", "failed")
-            try:
-                self.undo(
-                    deployment,
-                    journal.steps(),
-                    policy,
-                    outcome,
-                    error=reason,
-                    extra=getattr(exc, "details", None),
-                )
-            except CastironError as undo_exc:
-                raise DeployFailedError(
-                    f"{reason}\nand undoing it failed too: {undo_exc} (the next castiron "
-                    f"command on {environment!r} retries the recovery)"
-                ) from exc
-            if isinstance(exc, DeployFailedError):
-                raise
-            if isinstance(exc, CastironError):
-                raise DeployFailedError(
-                    f"deployment of release {release.id} to {environment!r} failed and was "
-                    f"undone: {reason}"
-                ) from exc
+            self.undo_failed(
+                exc,
+                deployment,
+                journal.steps(),
+                policy,
+                outcome,
+                what=f"deployment of release {release.id} to {environment!r}",
+                extra=getattr(exc, "details", None),
+            )
             raise
 
         def apply(tx: StateTx) -> None:

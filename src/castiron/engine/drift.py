@@ -53,7 +53,6 @@ from castiron.engine.strategies import (
 )
 from castiron.errors import (
     CastironError,
-    DeployFailedError,
     ImageError,
     NotFoundError,
 )
@@ -982,21 +981,15 @@ def _replace(
             f"traffic switched: {len(new)} fresh instance(s) in, {len(leaving)} out"
         )
     except (Exception, KeyboardInterrupt) as exc:
-        reason = str(exc) if isinstance(exc, CastironError) else repr(exc)
         engine.observer.progress("replacing drifted instances failed: undoing it")
-        try:
-            engine.undo(deployment, journal.steps(), policy, "failed", error=reason)
-        except CastironError as undo_exc:
-            raise DeployFailedError(
-                f"{reason}\nand undoing it failed too: {undo_exc} (the next castiron "
-                f"command on {environment!r} retries the recovery)"
-            ) from exc
-        if isinstance(exc, DeployFailedError):
-            raise
-        if isinstance(exc, CastironError):
-            raise DeployFailedError(
-                f"replacing drifted instances of {environment!r} failed and was undone: {reason}"
-            ) from exc
+        engine.undo_failed(
+            exc,
+            deployment,
+            journal.steps(),
+            policy,
+            "failed",
+            what=f"replacing drifted instances of {environment!r}",
+        )
         raise
     leaving_ids = [r.id for r in leaving]
     until = format_time(engine.store.clock.now())
