@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import io
 import os
+import random
 import stat
 import tarfile
 from collections.abc import Iterator, Mapping
@@ -336,11 +337,15 @@ def test_ignored_manifest_paths_are_not_reported_removed(rootfs: Rootfs) -> None
 
 
 def test_threads_find_what_one_thread_finds(tmp_path: Path) -> None:
-    files = {f"app/blob/{i:03}.bin": os.urandom(1000 * (i % 37) + i) for i in range(120)}
+    rng = random.Random(7)
+    files = {f"app/blob/{i:03}.bin": rng.randbytes(1000 * (i % 37) + i) for i in range(120)}
     fs = build_rootfs(tmp_path, files)
     for i in range(0, 120, 7):
-        with unlocked(fs.root / f"app/blob/{i:03}.bin") as path, path.open("r+b") as fh:
-            fh.write(b"!")
+        # Every damaged file really changes: the first byte is flipped (or one is added).
+        data = files[f"app/blob/{i:03}.bin"]
+        damaged = bytes([data[0] ^ 0xFF]) + data[1:] if data else b"!"
+        with unlocked(fs.root / f"app/blob/{i:03}.bin") as path:
+            path.write_bytes(damaged)
     (fs.root / "app/blob/001.bin").chmod(0o600)
     one = full(fs, threads=1)
     assert len(one.findings) == 19
