@@ -11,7 +11,10 @@ the tools; the median is reported) in a child process, side by side:
 * ``aide --check`` with a minimal aide.conf for the tree (database initialised first, only the
   check is timed), when AIDE is installed (``apt-get install aide``);
 * ``castiron full scan`` (:func:`castiron.engine.fsdrift.scan_full`) with 1 and 2 threads:
-  load the manifest, walk, re-hash every file, compare;
+  load the manifest, walk, re-hash every file, compare. The manifest is loaded as the product
+  loads it (:func:`castiron.images.manifest.file_index`): from the store's index cache, written
+  by the first scan of a release; one more row times that first scan (manifest decoded from its
+  JSON) on one thread;
 * ``openssl speed -evp sha256`` with 1 and with ``nproc`` processes: the hashing ceiling the
   machine offers to one core and to all of them while the benchmark runs;
 * ``castiron fast scan`` (:func:`castiron.engine.fsdrift.scan_fast`) of the unchanged 20,000-
@@ -119,7 +122,11 @@ def generate(root: Path, files: int, total: int, seed: int) -> dict[str, FileEnt
 
 
 def write_manifest(entries: Mapping[str, FileEntry], out: Path) -> None:
+    """The manifest's JSON (as an image carries it) and, next to it, its index cache (as the
+    store keeps it after the first scan of a release)."""
     out.write_bytes(file_manifest.encode(entries))
+    index = file_manifest.decode_index(out.read_bytes(), str(out))
+    out.with_suffix(".idx").write_bytes(file_manifest.encode_index_cache(index))
 
 
 def warm(root: Path, listing: Path) -> None:
@@ -211,10 +218,16 @@ def scan_child(argv: list[str]) -> None:
     parser.add_argument("--manifest", type=Path, required=True)
     parser.add_argument("--baseline", type=Path)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--index", type=Path, help="the manifest's index cache, when warm")
     args = parser.parse_args(argv)
 
-    def load() -> dict[str, FileEntry]:
-        return file_manifest.decode(args.manifest.read_bytes(), str(args.manifest))
+    def load() -> Mapping[str, FileEntry]:
+        if args.index is not None:
+            index = file_manifest.decode_index_cache(args.index.read_bytes())
+            if index is None:
+                raise SystemExit(f"{args.index}: not an intact index cache")
+            return index
+        return file_manifest.decode_index(args.manifest.read_bytes(), str(args.manifest))
 
     start, cpu = time.perf_counter(), time.process_time()
     if args.mode == "full":
@@ -323,7 +336,11 @@ def main() -> None:
         for threads in (1, 2):
             cmd = [py, me, "--scan", "full", "--root", str(big)]
             cmd += ["--manifest", str(work / "big.files.json"), "--threads", str(threads)]
+            cmd += ["--index", str(work / "big.files.idx")]
             jobs.append(Job(f"castiron full scan, {threads} thread(s)", cmd, nbytes))
+        cmd = [py, me, "--scan", "full", "--root", str(big)]
+        cmd += ["--manifest", str(work / "big.files.json"), "--threads", "1"]
+        jobs.append(Job("castiron full scan, 1 thread, first scan (manifest JSON)", cmd, nbytes))
         print(f"\nfull scans of {args.files} files / {nbytes / 1e9:.2f} GB ({args.runs} runs):")
         rows = measure(jobs, args.runs)
         fast_jobs = []
@@ -331,6 +348,7 @@ def main() -> None:
             cmd = [py, me, "--scan", "fast", "--root", str(root)]
             cmd += ["--manifest", str(work / f"{name}.files.json")]
             cmd += ["--baseline", str(baselines[name])]
+            cmd += ["--index", str(work / f"{name}.files.idx")]
             fast_jobs.append(Job(f"castiron fast scan, {count} files", cmd, 0))
         print(f"\nfast scans of unchanged trees ({args.runs} runs):")
         fast_rows = measure(fast_jobs, args.runs)

@@ -528,9 +528,9 @@ class _Context:
     def manifest(self, digest: str) -> Callable[[], Mapping[str, FileEntry]]:
         def load() -> Mapping[str, FileEntry]:
             if digest not in self.manifests:
-                from castiron.images.manifest import file_manifest
+                from castiron.images.manifest import file_index
 
-                self.manifests[digest] = file_manifest(self.engine.images, Digest(digest))
+                self.manifests[digest] = file_index(self.engine.images, Digest(digest))
             return self.manifests[digest]
 
         return load

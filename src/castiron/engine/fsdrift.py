@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Literal
 
 from castiron.errors import ImageError, NotFoundError, StateCorruptError, StateError
-from castiron.images.manifest import FileEntry
+from castiron.images.manifest import FileEntry, FileIndex, RawEntry
 from castiron.images.pattern import PatternSet
 
 FINDING_KIND = "filesystem"
@@ -144,23 +144,28 @@ class _Tree:
     names: list[str]
     """Relative paths in walk order."""
     records: list[bytes]
-    """One packed :data:`_RECORD` per name."""
+    """One packed :data:`_RECORD` per name (when the walk was asked for stat records)."""
+    modes: list[int] = field(default_factory=list)
+    """``st_mode`` per name (when it was not)."""
+    sizes: list[int] = field(default_factory=list)
+    """``st_size`` per name (when it was not)."""
 
 
-def _walk(root: Path, paths: PathFilter) -> _Tree:
-    """Every path under ``root`` that ``paths`` does not skip, with its packed stat tuple.
+def _walk(root: Path, paths: PathFilter, records: bool = True) -> _Tree:
+    """Every path under ``root`` that ``paths`` does not skip, with its packed stat tuple
+    (``records``) or just its mode and size (what a full scan needs).
 
     One ``os.scandir`` per directory and one ``lstat`` per entry; no per-entry objects kept
-    beyond a name and 36 bytes, so a tree of 100,000 paths walks in well under a second.
+    beyond a name and a few bytes, so a tree of 100,000 paths walks in well under a second.
     """
-    names: list[str] = []
-    records: list[bytes] = []
-    add_name, add_record, pack = names.append, records.append, _RECORD.pack
+    tree = _Tree([], [])
+    add_name, add_record, pack = tree.names.append, tree.records.append, _RECORD.pack
+    add_mode, add_size = tree.modes.append, tree.sizes.append
     writable = paths.writable
     excluded = paths.ignore.excluded if paths.ignore else None
     isdir = stat.S_ISDIR
     if "" in writable:
-        return _Tree(names, records)
+        return tree
     stack: list[tuple[str, str]] = [("", os.fspath(root))]
     while stack:
         prefix, fspath = stack.pop()
@@ -189,8 +194,12 @@ def _walk(root: Path, paths: PathFilter) -> _Tree:
                 elif (writable and rel in writable) or (excluded and excluded(rel, False)):
                     continue
                 add_name(rel)
-                add_record(pack(st.st_size, st.st_mtime_ns, mode, st.st_ino, st.st_ctime_ns))
-    return _Tree(names, records)
+                if records:
+                    add_record(pack(st.st_size, st.st_mtime_ns, mode, st.st_ino, st.st_ctime_ns))
+                else:
+                    add_mode(mode)
+                    add_size(st.st_size)
+    return tree
 
 
 # --- comparing paths with the manifest -------------------------------------------------------
@@ -230,7 +239,8 @@ class _Judge:
         read_only: bool,
     ) -> None:
         self.root = os.fspath(root)
-        self.manifest = manifest
+        self.expect: dict[str, RawEntry] = FileIndex.of(manifest).raw
+        """In-image path -> (type, mode, size, sha256, target)."""
         self.instance = instance
         self.paths = paths
         self.read_only = read_only
@@ -245,60 +255,59 @@ class _Judge:
             Finding(FINDING_KIND, self.instance, "/" + rel, expected, actual, change)
         )
 
-    def _resolve(self, entry: FileEntry) -> FileEntry | None:
+    def _resolve(self, entry: RawEntry) -> RawEntry | None:
         """The regular-file entry a hard link entry stands for."""
         for _ in range(_MAX_LINK_HOPS):
-            if entry.type != "hardlink":
-                return entry if entry.type == "file" else None
-            target = self.manifest.get(entry.target or "")
+            if entry[0] != "hardlink":
+                return entry if entry[0] == "file" else None
+            target = self.expect.get(entry[4] or "")
             if target is None:
                 return None
             entry = target
         return None
 
-    def expected_mode(self, entry: FileEntry) -> int:
+    def expected_mode(self, kind: str, mode: int) -> int:
         if not self.read_only:
-            return entry.mode & 0o7777
+            return mode & 0o7777
         # What castiron.images.rootfs.make_read_only leaves: only "executable or not" survives.
-        if entry.type == "dir":
+        if kind == "dir":
             return 0o555
-        return 0o555 if entry.mode & 0o111 else 0o444
+        return 0o555 if mode & 0o111 else 0o444
 
     def check(self, rel: str, st_mode: int, size: int) -> None:
         """Compare one present path; files whose content must be read become jobs."""
         self.checked += 1
-        entry = self.manifest.get("/" + rel)
-        actual_type = _type_name(st_mode)
+        entry = self.expect.get("/" + rel)
+        actual_type = "file" if stat.S_ISREG(st_mode) else _type_name(st_mode)
         if entry is None:
             self.finding(rel, "added", None, actual_type)
             return
-        if entry.type == "hardlink":
-            resolved = self._resolve(entry)
-            expected_type = "file"
-        else:
-            resolved, expected_type = entry, entry.type
-        if actual_type != expected_type:
-            self.finding(rel, "type", expected_type, actual_type)
+        kind = entry[0]
+        resolved: RawEntry | None = entry
+        if kind == "hardlink":
+            resolved, kind = self._resolve(entry), "file"
+        if actual_type != kind:
+            self.finding(rel, "type", kind, actual_type)
             return
-        if actual_type == "symlink":
+        if kind == "symlink":
             try:
                 target = os.readlink(os.path.join(self.root, rel))
             except FileNotFoundError:
-                self.finding(rel, "removed", entry.type, None)
+                self.finding(rel, "removed", kind, None)
                 return
             except OSError as exc:
                 raise ImageError(f"{self.root}/{rel}: cannot read link: {exc.strerror}") from exc
-            if target != entry.target:
-                self.finding(rel, "target", entry.target, target)
+            if target != entry[4]:
+                self.finding(rel, "target", entry[4], target)
             return
         if resolved is None:  # a hard link to nothing the manifest knows: nothing to expect
             return
-        want = self.expected_mode(resolved)
-        have = stat.S_IMODE(st_mode)
+        want = self.expected_mode(resolved[0], resolved[1])
+        have = st_mode & 0o7777
         if want != have:
             self.finding(rel, "mode", _mode_text(want), _mode_text(have))
-        if actual_type == "file" and resolved.sha256 is not None:
-            self.jobs.append((size, rel, resolved.sha256))
+        if kind == "file" and resolved[3] is not None:
+            self.jobs.append((size, rel, resolved[3]))
 
     def skipped(self, rel: str, is_dir: bool) -> bool:
         """True when ``rel`` or one of its parent directories is skipped by the filter."""
@@ -315,9 +324,9 @@ class _Judge:
 
     def removed(self, rel: str) -> None:
         """``rel`` is not in the tree: a finding when the manifest has it and it is not skipped."""
-        entry = self.manifest.get("/" + rel)
-        if entry is not None and not self.skipped(rel, entry.type == "dir"):
-            self.finding(rel, "removed", entry.type, None)
+        entry = self.expect.get("/" + rel)
+        if entry is not None and not self.skipped(rel, entry[0] == "dir"):
+            self.finding(rel, "removed", entry[0], None)
 
     def hashed(self, rel: str, expected: str, actual: str) -> None:
         if actual != expected:
@@ -480,29 +489,39 @@ class _Workers:
 def _start_workers(root: str, tree: _Tree, workers: int) -> _Workers | None:
     """Start ``workers - 1`` hashing processes on the walked tree's regular files, if worth it.
 
-    They start before the manifest is even loaded, so its decoding and the comparison of every
+    They start before the manifest is even loaded, so its loading and the comparison of every
     path overlap their hashing; paths the comparison does not queue are simply not used.
     """
     if workers <= 1 or not hasattr(os, "fork"):
         return None
-    unpack = _RECORD.unpack
-    files = []
-    for rel, record in zip(tree.names, tree.records, strict=True):
-        size, _, mode, _, _ = unpack(record)
-        if stat.S_ISREG(mode):
-            files.append((size, rel, ""))
+    isreg = stat.S_ISREG
+    files = [
+        (size, rel, "")
+        for rel, mode, size in zip(tree.names, tree.modes, tree.sizes, strict=True)
+        if isreg(mode)
+    ]
     if len(files) < 2 * workers:
         return None
-    files.sort(reverse=True)
+    files.sort(key=_size_of, reverse=True)
     # The first share stays here, for after the comparison; the others go to workers now.
-    # Loading the manifest and comparing a path costs about what hashing 8 KiB does: this
+    # Loading the manifest and comparing a path costs about what hashing 4 KiB does: this
     # process gets that much less.
-    return _Workers(root, _partition(files, workers, head_start=len(files) * 8192)[1:])
+    return _Workers(root, _partition(files, workers, head_start=len(tree.names) * 4096)[1:])
+
+
+def _size_of(job: tuple[int, str, str]) -> int:
+    return job[0]
 
 
 def _run_jobs(judge: _Judge, threads: int, workers: _Workers | None = None) -> tuple[int, int]:
-    """Hash every job of ``judge`` (largest first) and record mismatches; returns counters."""
-    jobs = sorted(judge.jobs, key=lambda j: j[0], reverse=True)
+    """Hash every job of ``judge`` and record mismatches; returns counters.
+
+    One worker hashes in walk order (neighbouring files, warm directory entries); several
+    take the largest files first, so that they finish together.
+    """
+    jobs = judge.jobs
+    if workers is not None or threads > 1:
+        jobs = sorted(jobs, key=_size_of, reverse=True)
     expected = {rel: want for _, rel, want in jobs}
     if workers is not None:
         mine = [job for job in jobs if job[1] not in workers.assigned]
@@ -554,17 +573,16 @@ def scan_full(
         ImageError: when ``root`` or a directory or link in it cannot be read.
     """
     paths = paths or PathFilter()
-    tree = _walk(root, paths)
+    tree = _walk(root, paths, records=False)
     workers = _start_workers(str(root), tree, threads)
     try:
         entries = manifest() if callable(manifest) else manifest
         judge = _Judge(root, entries, instance, paths, read_only)
-        unpack, check = _RECORD.unpack, judge.check
-        for rel, record in zip(tree.names, tree.records, strict=True):
-            size, _, mode, _, _ = unpack(record)
+        check = judge.check
+        for rel, mode, size in zip(tree.names, tree.modes, tree.sizes, strict=True):
             check(rel, mode, size)
         present = set(tree.names)
-        for path in entries:
+        for path in judge.expect:
             rel = path.lstrip("/")
             if rel and rel not in present:  # the root itself is never an entry
                 judge.removed(rel)

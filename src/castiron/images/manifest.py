@@ -9,17 +9,19 @@ spec, of building, or of any runtime.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import marshal
 import posixpath
 import tarfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any, Literal
 
 from castiron.errors import ImageError
 from castiron.images import oci
 from castiron.images.layer import LayerEntry
-from castiron.images.store import ImageStore
+from castiron.images.store import ImageStore, write_atomic
 from castiron.model import Digest, is_digest
 
 FileType = Literal["file", "dir", "symlink", "hardlink"]
@@ -184,6 +186,95 @@ def decode(data: bytes, where: str) -> dict[str, FileEntry]:
     return {str(p): FileEntry.from_json(str(p), e) for p, e in files.items()}
 
 
+RawEntry = tuple[str, int, int, str | None, str | None]
+"""One entry as :class:`FileIndex` keeps it: type, mode, size, sha256, target."""
+_FILE_TYPES = frozenset(("file", "dir", "symlink", "hardlink"))
+_INDEX_MAGIC = b"castiron files-index 1\n"
+
+
+class FileIndex(Mapping[str, FileEntry]):
+    """A file manifest kept as plain tuples (:data:`RawEntry`): cheap to load and to look up
+    path by path; :class:`FileEntry` values are made only for the paths asked for."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: dict[str, RawEntry]) -> None:
+        self.raw = raw
+
+    @classmethod
+    def of(cls, files: Mapping[str, FileEntry]) -> FileIndex:
+        """The index of a manifest held as entries."""
+        if isinstance(files, FileIndex):
+            return files
+        return cls({p: (e.type, e.mode, e.size, e.sha256, e.target) for p, e in files.items()})
+
+    def __getitem__(self, path: str) -> FileEntry:
+        kind, mode, size, sha, target = self.raw[path]
+        return FileEntry(path, kind, mode, size, sha, target)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.raw)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __contains__(self, path: object) -> bool:
+        return path in self.raw
+
+
+def decode_index(data: bytes, where: str) -> FileIndex:
+    """Parse a stored file manifest (the JSON :func:`decode` reads) straight into an index.
+
+    Raises:
+        ImageError: naming ``where`` (and the path) when it is malformed.
+    """
+    doc = oci.parse_json_object(data, where)
+    files = doc.get("files")
+    if doc.get("mediaType") != oci.FILES or not isinstance(files, dict):
+        raise ImageError(f"{where}: not a castiron file manifest")
+    raw: dict[str, RawEntry] = {}
+    kinds = _FILE_TYPES
+    for path, obj in files.items():
+        try:
+            kind, mode = obj["type"], obj["mode"]
+            size, sha, target = obj.get("size", 0), obj.get("sha256"), obj.get("target")
+        except (TypeError, KeyError, AttributeError):
+            kind = mode = size = None
+        if kind not in kinds or type(mode) is not int or type(size) is not int:
+            raise ImageError(f"{where}: file manifest: bad entry for {path!r}")
+        raw[path] = (
+            kind,
+            mode,
+            size,
+            sha if type(sha) is str else None,
+            target if type(target) is str else None,
+        )
+    return FileIndex(raw)
+
+
+def encode_index_cache(index: FileIndex) -> bytes:
+    """The local cache form of an index: a magic line, the SHA-256 of the rest, then the
+    tuples in :mod:`marshal` form (loads several times faster than the JSON)."""
+    payload = marshal.dumps(index.raw, 4)
+    return _INDEX_MAGIC + hashlib.sha256(payload).digest() + payload
+
+
+def decode_index_cache(data: bytes) -> FileIndex | None:
+    """An index from its cache form, or ``None`` when the data is not an intact cache entry
+    (checked against its SHA-256 before :mod:`marshal` sees a byte of it)."""
+    head = len(_INDEX_MAGIC)
+    if not data.startswith(_INDEX_MAGIC) or len(data) < head + 32:
+        return None
+    digest, payload = data[head : head + 32], data[head + 32 :]
+    if hashlib.sha256(payload).digest() != digest:
+        return None
+    try:
+        raw = marshal.loads(payload)
+    except (ValueError, EOFError, TypeError):
+        return None
+    return FileIndex(raw) if isinstance(raw, dict) else None
+
+
 def layer_file_entries(store: ImageStore, layer: oci.Descriptor) -> list[FileEntry]:
     """Read one stored layer's entries.
 
@@ -212,10 +303,42 @@ def file_manifest(store: ImageStore, digest: Digest) -> dict[str, FileEntry]:
     return merge(layer_file_entries(store, layer) for layer in image.layers)
 
 
+def file_index(store: ImageStore, digest: Digest) -> FileIndex:
+    """The file manifest of image ``digest`` as a :class:`FileIndex`, from the store's cache
+    when an intact entry is there (``cache/files-index/<hex>.idx``), else computed as
+    :func:`file_manifest` does and cached (a cache that cannot be written costs only time).
+
+    Raises:
+        NotFoundError: when the image or a blob is missing.
+        ImageError: when something is damaged.
+    """
+    image = store.image(digest)
+    cached = store.cache_dir / "files-index" / f"{image.digest.split(':', 1)[1]}.idx"
+    with contextlib.suppress(OSError):
+        index = decode_index_cache(cached.read_bytes())
+        if index is not None:
+            return index
+    ref = image.annotations.get(oci.ANN_FILES)
+    if ref is not None and is_digest(ref) and store.has_blob(ref):
+        blob = store.read_blob(ref, max_size=1 << 30)
+        index = decode_index(blob, f"file manifest {ref}")
+    else:
+        index = FileIndex.of(merge(layer_file_entries(store, layer) for layer in image.layers))
+    with contextlib.suppress(OSError):
+        write_atomic(cached, encode_index_cache(index))
+    return index
+
+
 __all__ = [
     "FileEntry",
+    "FileIndex",
+    "RawEntry",
     "decode",
+    "decode_index",
+    "decode_index_cache",
     "encode",
+    "encode_index_cache",
+    "file_index",
     "file_manifest",
     "from_layer_entries",
     "layer_file_entries",

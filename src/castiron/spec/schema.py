@@ -345,9 +345,7 @@ class Analysis(_Section):
     """Requests the new release must have served before a step is judged."""
     http: tuple[HttpPath, ...] = ()
     """Paths GET on every canary instance at the end of each step; each must answer 2xx."""
-    prometheus: Annotated[
-        tuple[PrometheusCheck, ...], BeforeValidator(_one_or_many)
-    ] = ()
+    prometheus: Annotated[tuple[PrometheusCheck, ...], BeforeValidator(_one_or_many)] = ()
     """Prometheus instant queries whose value must not exceed their max (one or a list)."""
 
 
