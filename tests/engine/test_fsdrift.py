@@ -8,6 +8,7 @@ local runtime does, then changes the tree the way an intruder or a careless oper
 from __future__ import annotations
 
 import ast
+import errno
 import io
 import os
 import random
@@ -17,9 +18,11 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from castiron.engine import fsdrift
 from castiron.engine.fsdrift import (
     FINDING_KIND,
     Finding,
@@ -441,3 +444,96 @@ def test_worker_processes_agree_when_files_vanish_or_change_type(tmp_path: Path)
     ]
     assert full(fs, threads=2) == one
     assert full(fs, threads=4) == one
+
+
+def _damaged_tree(tmp_path: Path) -> Rootfs:
+    rng = random.Random(11)
+    files = {f"app/blob/{i:03}.bin": rng.randbytes(3000 + 97 * i) for i in range(80)}
+    fs = build_rootfs(tmp_path, files)
+    for i in (3, 40, 77):
+        with unlocked(fs.root / f"app/blob/{i:03}.bin") as path:
+            data = path.read_bytes()
+            path.write_bytes(bytes([data[0] ^ 1]) + data[1:])
+    return fs
+
+
+def _no_children_left() -> None:
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"_MAX_FILES": 10},  # past the pool's room: this process hashes the rest
+        {"_ARENA_BYTES": 4096},  # paths that do not fit: batches kept here
+        {"_BATCH_FILES": 1, "_BATCH_BYTES": 1},  # one file per batch
+    ],
+)
+def test_worker_pool_limits_change_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limits: dict[str, int]
+) -> None:
+    fs = _damaged_tree(tmp_path)
+    one = full(fs, threads=1)
+    assert sorted(changes(one))[:3] == [
+        ("/app/blob/003.bin", "content"),
+        ("/app/blob/040.bin", "content"),
+        ("/app/blob/077.bin", "content"),
+    ]
+    for name, value in limits.items():
+        monkeypatch.setattr(fsdrift, name, value)
+    assert full(fs, threads=2) == one
+    assert full(fs, threads=3) == one
+    _no_children_left()
+
+
+def test_a_worker_that_dies_costs_only_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fs = _damaged_tree(tmp_path)
+    one = full(fs, threads=1)
+    parent = os.getpid()
+    hash_into = fsdrift._hash_into
+
+    def dying(*args: Any) -> None:
+        if os.getpid() != parent:
+            os._exit(9)  # a worker killed with a batch taken from the queue
+        hash_into(*args)
+
+    monkeypatch.setattr(fsdrift, "_hash_into", dying)
+    monkeypatch.setattr(fsdrift, "_BATCH_FILES", 4)
+    assert full(fs, threads=2) == one
+    _no_children_left()
+
+
+def test_unreadable_files_are_reported_alike_by_every_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fs = _damaged_tree(tmp_path)
+    real_open = os.open
+
+    def failing_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if str(path).endswith(("/005.bin", "/060.bin")):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(fsdrift.os, "open", failing_open)
+    one = full(fs, threads=1)
+    unreadable = [(f.path, f.actual) for f in one.findings if "unreadable" in (f.actual or "")]
+    assert unreadable == [
+        ("/app/blob/005.bin", "unreadable (Input/output error)"),
+        ("/app/blob/060.bin", "unreadable (Input/output error)"),
+    ]
+    assert full(fs, threads=2) == one
+    _no_children_left()
+
+
+def test_an_interrupted_scan_leaves_no_worker(tmp_path: Path) -> None:
+    fs = _damaged_tree(tmp_path)
+
+    def broken() -> Mapping[str, FileEntry]:
+        raise ImageError("manifest unreadable")
+
+    with pytest.raises(ImageError, match="manifest unreadable"):
+        scan_full(fs.root, broken, instance=INSTANCE, threads=2)
+    _no_children_left()

@@ -26,9 +26,10 @@ the router, the agent or the state store: callers hand it a directory, a manifes
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
-import heapq
-import marshal
+import mmap
 import os
 import posixpath
 import signal
@@ -65,6 +66,7 @@ _HEADER = struct.Struct("<QQ")
 _RACY = -1
 """The ctime stored for a path changed while the baseline was taken: it never matches."""
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_LINK_HOPS = 40
 
 
@@ -151,9 +153,15 @@ class _Tree:
     """``st_size`` per name (when it was not)."""
 
 
-def _walk(root: Path, paths: PathFilter, records: bool = True) -> _Tree:
+def _walk(
+    root: Path,
+    paths: PathFilter,
+    records: bool = True,
+    on_file: Callable[[str, int], None] | None = None,
+) -> _Tree:
     """Every path under ``root`` that ``paths`` does not skip, with its packed stat tuple
-    (``records``) or just its mode and size (what a full scan needs).
+    (``records``) or just its mode and size (what a full scan needs). ``on_file`` is told
+    each regular file (relative path, size) as soon as it is found.
 
     One ``os.scandir`` per directory and one ``lstat`` per entry; no per-entry objects kept
     beyond a name and a few bytes, so a tree of 100,000 paths walks in well under a second.
@@ -163,42 +171,66 @@ def _walk(root: Path, paths: PathFilter, records: bool = True) -> _Tree:
     add_mode, add_size = tree.modes.append, tree.sizes.append
     writable = paths.writable
     excluded = paths.ignore.excluded if paths.ignore else None
-    isdir = stat.S_ISDIR
+    isdir, isreg = stat.S_ISDIR, stat.S_ISREG
     if "" in writable:
         return tree
-    stack: list[tuple[str, str]] = [("", os.fspath(root))]
-    while stack:
-        prefix, fspath = stack.pop()
-        try:
-            it = os.scandir(fspath)
-        except FileNotFoundError:
-            if not prefix:
-                raise ImageError(f"{root}: no such root filesystem") from None
-            continue  # removed while walking: reported as gone
-        except OSError as exc:
-            raise ImageError(f"{fspath}: cannot read directory: {exc.strerror or exc}") from exc
-        with it:
-            for entry in it:
-                rel = prefix + entry.name
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                except OSError as exc:
-                    raise ImageError(f"{entry.path}: cannot stat: {exc.strerror or exc}") from exc
-                mode = st.st_mode
-                if isdir(mode):
-                    if (writable and rel in writable) or (excluded and excluded(rel, True)):
-                        continue
-                    stack.append((rel + "/", entry.path))
-                elif (writable and rel in writable) or (excluded and excluded(rel, False)):
-                    continue
-                add_name(rel)
-                if records:
-                    add_record(pack(st.st_size, st.st_mtime_ns, mode, st.st_ino, st.st_ctime_ns))
-                else:
-                    add_mode(mode)
-                    add_size(st.st_size)
+    top = os.fspath(root)
+    try:
+        root_fd = os.open(top, _DIR_FLAGS & ~os.O_NOFOLLOW)  # the root itself may be a link
+    except FileNotFoundError:
+        raise ImageError(f"{root}: no such root filesystem") from None
+    except OSError as exc:
+        raise ImageError(f"{root}: cannot read directory: {exc.strerror or exc}") from exc
+    stack = [""]
+    try:
+        while stack:
+            # Directories are opened relative to the root and scanned by descriptor, so each
+            # entry's lstat looks up one name, not the whole path.
+            prefix = stack.pop()
+            try:
+                fd = os.open(prefix[:-1], _DIR_FLAGS, dir_fd=root_fd) if prefix else root_fd
+                it = os.scandir(fd)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # removed or replaced while walking: reported as gone
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    continue  # replaced by a symbolic link while walking
+                raise ImageError(
+                    f"{top}/{prefix}: cannot read directory: {exc.strerror or exc}"
+                ) from exc
+            try:
+                with it:
+                    for entry in it:
+                        rel = prefix + entry.name
+                        try:
+                            st = entry.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue
+                        except OSError as exc:
+                            why = exc.strerror or exc
+                            raise ImageError(f"{top}/{rel}: cannot stat: {why}") from exc
+                        mode = st.st_mode
+                        if isdir(mode):
+                            if (writable and rel in writable) or (excluded and excluded(rel, True)):
+                                continue
+                            stack.append(rel + "/")
+                        elif (writable and rel in writable) or (excluded and excluded(rel, False)):
+                            continue
+                        add_name(rel)
+                        if records:
+                            add_record(
+                                pack(st.st_size, st.st_mtime_ns, mode, st.st_ino, st.st_ctime_ns)
+                            )
+                        else:
+                            add_mode(mode)
+                            add_size(st.st_size)
+                        if on_file is not None and isreg(mode):
+                            on_file(rel, st.st_size)
+            finally:
+                if fd != root_fd:
+                    os.close(fd)
+    finally:
+        os.close(root_fd)
     return tree
 
 
@@ -248,6 +280,8 @@ class _Judge:
         self.jobs: list[tuple[int, str, str]] = []
         """(size, rel, expected hex) of files whose content must be hashed."""
         self.checked = 0
+        self.known = 0
+        """Paths checked that the manifest has."""
         self._dir_skipped: dict[str, bool] = {"": "" in paths.writable}
 
     def finding(self, rel: str, change: Change, expected: str | None, actual: str | None) -> None:
@@ -282,6 +316,7 @@ class _Judge:
         if entry is None:
             self.finding(rel, "added", None, actual_type)
             return
+        self.known += 1
         kind = entry[0]
         resolved: RawEntry | None = entry
         if kind == "hardlink":
@@ -401,143 +436,228 @@ def _hash_files(root: str, jobs: Iterator[tuple[int, str, str]]) -> list[tuple[s
     return out
 
 
-def _partition(
-    jobs: list[tuple[int, str, str]], workers: int, head_start: int = 0
-) -> list[list[tuple[int, str, str]]]:
-    """Split ``jobs`` (largest first) into ``workers`` parts of about equal bytes.
+_SLOT = struct.Struct("<32sqi")
+"""One file's result in a pool's shared memory: digest, bytes read, state (see below)."""
+_PENDING, _DONE = 0, 1
+"""Slot states; a negative state is ``-errno`` of a file that could not be read."""
+_SHA256 = hashlib.sha256()
+"""An empty hash that workers copy."""
+_BATCH = struct.Struct("<IIII")
+"""One queue message: start and end of its paths in the arena, first file index, count."""
+_BATCH_BYTES = 1 << 20
+"""A batch closes at this many bytes of files (or :data:`_BATCH_FILES` files)."""
+_BATCH_FILES = 256
+_ARENA_BYTES = 64 << 20
+"""Shared memory for queued paths (reserved, touched only as used)."""
+_MAX_FILES = 1 << 20
+"""Files a pool takes at most; past that (or a full arena) this process hashes the rest."""
 
-    The first part counts as already holding ``head_start`` bytes (work its owner does first).
+
+def _hash_into(
+    root: str, rels: list[str], first: int, slots: mmap.mmap, wanted: Mapping[str, str] | None
+) -> None:
+    """Hash files ``rels`` (those in ``wanted``, when given) into slots ``first``, ``first+1``...
+
+    The state is written after the digest, so a worker stopped half-way leaves it pending.
     """
-    heap = [(head_start if index == 0 else 0, index) for index in range(workers)]
-    parts: list[list[tuple[int, str, str]]] = [[] for _ in range(workers)]
-    for job in jobs:
-        load, index = heapq.heappop(heap)
-        parts[index].append(job)
-        heapq.heappush(heap, (load + job[0], index))
-    return parts
+    buf = bytearray(HASH_BUFFER)
+    view, bufs = memoryview(buf), [buf]
+    readv, pack, size = os.readv, _SLOT.pack_into, _SLOT.size
+    fresh = _SHA256.copy  # no algorithm lookup (and none of its locks) in a forked worker
+    for index, rel in enumerate(rels, first):
+        if wanted is not None and rel not in wanted:
+            continue
+        read = 0
+        try:
+            fd = os.open(f"{root}/{rel}", _OPEN_FLAGS)
+        except OSError as exc:
+            pack(slots, index * size, b"", 0, -(exc.errno or 1))
+            continue
+        try:
+            h = fresh()
+            while n := readv(fd, bufs):
+                h.update(view[:n])
+                read += n
+            pack(slots, index * size, h.digest(), read, _PENDING)
+            slots[index * size + 40 : index * size + 44] = _DONE.to_bytes(4, "little")
+        except OSError as exc:
+            pack(slots, index * size, b"", read, -(exc.errno or 1))
+        finally:
+            os.close(fd)
 
 
-class _Workers:
-    """Worker processes hashing their share of the files while this process goes on.
+class _HashPool:
+    """Worker processes that hash the files a walk finds, while it goes on.
 
     Processes, not threads: the per-file work around each hash (open, read, bookkeeping) holds
-    the GIL, which caps threads at about 1.2x one core on small files. Workers start right
-    after the walk, on its regular files, so hashing overlaps loading the manifest and comparing;
-    their results are used only for the paths the comparison then queues as jobs.
+    the GIL, which caps threads at about 1.2x one core on small files. The workers are forked
+    before the walk; it queues batches of about 1 MiB of files as it finds them (paths in
+    shared memory, a fixed-size message per batch on one pipe, which every reader takes whole).
+    Results land in shared memory, one slot per file. This process joins in once it has loaded
+    the manifest and compared every path, taking batches from the same queue (hashing only the
+    files the comparison wants), so all finish together.
     """
 
-    def __init__(self, root: str, parts: list[list[tuple[int, str, str]]]) -> None:
+    def __init__(self, root: str, workers: int) -> None:
         self.root = root
-        self.assigned: set[str] = {rel for part in parts for _, rel, _ in part}
-        self.children: list[tuple[int, int]] = []
+        self.arena = mmap.mmap(-1, _ARENA_BYTES)
+        self.slots = mmap.mmap(-1, _MAX_FILES * _SLOT.size)
+        self.index: dict[str, int] = {}
+        """Path -> slot of every file queued (or kept here)."""
+        self.kept: list[tuple[int, list[str]]] = []
+        """Batches the queue had no room for: this process hashes them."""
+        self.used = 0
+        self.batch: list[str] = []
+        self.batch_bytes = 0
+        self.children: list[int] = []
+        self.queue_r, self.queue_w = os.pipe()
+        with contextlib.suppress(OSError, AttributeError):
+            fcntl.fcntl(self.queue_w, fcntl.F_SETPIPE_SZ, 1 << 20)
+        os.set_blocking(self.queue_w, False)
         try:
-            for part in parts:
-                self.children.append(self._fork(part))
+            for _ in range(workers):
+                self.children.append(self._fork())
         except BaseException:
             self.abandon()
             raise
 
-    def _fork(self, part: list[tuple[int, str, str]]) -> tuple[int, int]:
-        read_end, write_end = os.pipe()
+    def _fork(self) -> int:
         pid = os.fork()
-        if pid == 0:  # the worker: hash, send the results, exit without cleanup handlers
+        if pid == 0:  # a worker: hash queued batches until the queue ends, exit without cleanup
             code = 1
             try:
-                os.close(read_end)
-                payload = marshal.dumps(_hash_files(self.root, iter(part)))
-                with os.fdopen(write_end, "wb") as out:
-                    out.write(payload)
+                os.close(self.queue_w)
+                while message := os.read(self.queue_r, _BATCH.size):
+                    start, end, first, _ = _BATCH.unpack(message)
+                    rels = self.arena[start:end].decode("utf-8", "surrogateescape").split("\0")
+                    _hash_into(self.root, rels, first, self.slots, None)
                 code = 0
             finally:
                 os._exit(code)
-        os.close(write_end)
-        return pid, read_end
+        return pid
 
-    def results(self) -> dict[str, tuple[str, int]]:
-        """Wait for every worker; ``rel -> (actual digest or why unreadable, bytes read)``.
+    def add(self, rel: str, size: int) -> None:
+        """Queue a regular file found by the walk (batched)."""
+        self.batch.append(rel)
+        self.batch_bytes += size
+        if self.batch_bytes >= _BATCH_BYTES or len(self.batch) >= _BATCH_FILES:
+            self.flush()
 
-        Raises:
-            ImageError: when a worker failed.
-        """
-        out: dict[str, tuple[str, int]] = {}
-        try:
-            while self.children:
-                pid, read_end = self.children[0]
-                with os.fdopen(read_end, "rb") as source:
-                    payload = source.read()
-                self.children.pop(0)
-                _, status = os.waitpid(pid, 0)
-                if status != 0 or not payload:
-                    raise ImageError(f"a hashing worker for {self.root} failed (status {status})")
-                for rel, actual, read in marshal.loads(payload):
-                    out[rel] = (actual, read)
-        finally:
-            self.abandon()
-        return out
+    def flush(self) -> None:
+        """Queue the current batch; keep it here when shared memory or the queue is full."""
+        rels, self.batch, self.batch_bytes = self.batch, [], 0
+        if not rels:
+            return
+        first = len(self.index)
+        if first + len(rels) > _MAX_FILES:
+            self.kept.append((-1, rels))
+            return
+        for offset, rel in enumerate(rels, first):
+            self.index[rel] = offset
+        data = "\0".join(rels).encode("utf-8", "surrogateescape")
+        start = self.used
+        if start + len(data) <= _ARENA_BYTES:
+            self.arena[start : start + len(data)] = data
+            try:
+                os.write(self.queue_w, _BATCH.pack(start, start + len(data), first, len(rels)))
+            except BlockingIOError:
+                pass
+            else:
+                self.used += len(data)
+                return
+        self.kept.append((first, rels))
+
+    def close_queue(self) -> None:
+        """The walk is over: queue the last batch and let workers see the end of the queue."""
+        self.flush()
+        os.close(self.queue_w)
+        self.queue_w = -1
+
+    def finish(self, wanted: Mapping[str, str]) -> tuple[int, int, list[tuple[str, str]]]:
+        """Help hash what is left, wait for the workers, and compare every path of ``wanted``
+        (path -> expected hex digest); returns files and bytes hashed, and ``(path, actual
+        digest or why unreadable)`` for every file whose content differs."""
+        root, slots = self.root, self.slots
+        for first, rels in self.kept:
+            if first >= 0:
+                _hash_into(root, rels, first, slots, wanted)
+        while message := os.read(self.queue_r, _BATCH.size):
+            start, end, first, _ = _BATCH.unpack(message)
+            rels = self.arena[start:end].decode("utf-8", "surrogateescape").split("\0")
+            _hash_into(root, rels, first, slots, wanted)
+        self._reap()
+        unpack, size, index = _SLOT.unpack_from, _SLOT.size, self.index
+        files = total = 0
+        differ: list[tuple[str, str]] = []
+        late: list[tuple[int, str, str]] = []
+        for rel, want in wanted.items():
+            slot = index.get(rel)
+            if slot is None:
+                late.append((0, rel, want))
+                continue
+            digest, read, state = unpack(slots, slot * size)
+            if state == _DONE:
+                if digest.hex() != want:
+                    differ.append((rel, "sha256:" + digest.hex()))
+            elif state < 0:
+                differ.append((rel, f"unreadable ({os.strerror(-state)})"))
+            else:  # kept past the pool's room, or a worker stopped before it: hash it here
+                late.append((0, rel, want))
+                continue
+            files += 1
+            total += read
+        for rel, actual, read in _hash_files(root, iter(late)):
+            files += 1
+            total += read
+            if actual != "sha256:" + wanted[rel]:
+                differ.append((rel, actual))
+        return files, total, differ
+
+    def _reap(self) -> None:
+        while self.children:
+            pid = self.children.pop()
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
 
     def abandon(self) -> None:
-        """Stop any worker still running (only after an error: never leave one behind)."""
-        for pid, read_end in self.children:
-            with contextlib.suppress(OSError):
-                os.close(read_end)
+        """Stop every worker (after an error: never leave one behind)."""
+        for pid in self.children:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-        self.children.clear()
+        self._reap()
+
+    def close(self) -> None:
+        """Release the queue and the shared memory (workers are gone by now)."""
+        for fd in (self.queue_r, self.queue_w):
+            if fd != -1:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.queue_r = self.queue_w = -1
+        self.arena.close()
+        self.slots.close()
 
 
-def _start_workers(root: str, tree: _Tree, workers: int) -> _Workers | None:
-    """Start ``workers - 1`` hashing processes on the walked tree's regular files, if worth it.
-
-    They start before the manifest is even loaded, so its loading and the comparison of every
-    path overlap their hashing; paths the comparison does not queue are simply not used.
-    """
-    if workers <= 1 or not hasattr(os, "fork"):
-        return None
-    isreg = stat.S_ISREG
-    files = [
-        (size, rel, "")
-        for rel, mode, size in zip(tree.names, tree.modes, tree.sizes, strict=True)
-        if isreg(mode)
-    ]
-    if len(files) < 2 * workers:
-        return None
-    files.sort(key=_size_of, reverse=True)
-    # The first share stays here, for after the comparison; the others go to workers now.
-    # Loading the manifest and comparing a path costs about what hashing 4 KiB does: this
-    # process gets that much less.
-    return _Workers(root, _partition(files, workers, head_start=len(tree.names) * 4096)[1:])
-
-
-def _size_of(job: tuple[int, str, str]) -> int:
-    return job[0]
-
-
-def _run_jobs(judge: _Judge, threads: int, workers: _Workers | None = None) -> tuple[int, int]:
+def _run_jobs(judge: _Judge, threads: int, pool: _HashPool | None = None) -> tuple[int, int]:
     """Hash every job of ``judge`` and record mismatches; returns counters.
 
-    One worker hashes in walk order (neighbouring files, warm directory entries); several
+    One worker hashes in walk order (neighbouring files, warm directory entries); threads
     take the largest files first, so that they finish together.
     """
-    jobs = judge.jobs
-    if workers is not None or threads > 1:
-        jobs = sorted(jobs, key=_size_of, reverse=True)
-    expected = {rel: want for _, rel, want in jobs}
-    if workers is not None:
-        mine = [job for job in jobs if job[1] not in workers.assigned]
-        hashed = _hash_files(judge.root, iter(mine))
-        theirs = workers.results()
-        hashed.extend((rel, *theirs[rel]) for rel in expected if rel in workers.assigned)
-        parts = [hashed]
-    elif not jobs:
+    expected = {rel: want for _, rel, want in judge.jobs}
+    if pool is not None:
+        files, total, differ = pool.finish(expected)
+        for rel, actual in differ:
+            judge.hashed(rel, "sha256:" + expected[rel], actual)
+        return files, total
+    if not expected:
         return 0, 0
-    elif threads <= 1 or len(jobs) == 1:
-        parts = [_hash_files(judge.root, iter(jobs))]
+    elif threads <= 1 or len(expected) == 1:
+        parts = [_hash_files(judge.root, iter(judge.jobs))]
     else:
-        shared = iter(jobs)  # list iterators are safe to share: next() holds the GIL
-        count = min(threads, len(jobs))
-        with ThreadPoolExecutor(max_workers=count, thread_name_prefix="fsdrift") as pool:
-            futures = [pool.submit(_hash_files, judge.root, shared) for _ in range(count)]
+        shared = iter(sorted(judge.jobs, key=_size_of, reverse=True))  # next() holds the GIL
+        count = min(threads, len(expected))
+        with ThreadPoolExecutor(max_workers=count, thread_name_prefix="fsdrift") as pool_:
+            futures = [pool_.submit(_hash_files, judge.root, shared) for _ in range(count)]
             parts = [f.result() for f in futures]
     files = total = 0
     for part in parts:
@@ -546,6 +666,10 @@ def _run_jobs(judge: _Judge, threads: int, workers: _Workers | None = None) -> t
             total += read
             judge.hashed(rel, "sha256:" + expected[rel], actual)
     return files, total
+
+
+def _size_of(job: tuple[int, str, str]) -> int:
+    return job[0]
 
 
 # --- the two scans ---------------------------------------------------------------------------
@@ -573,24 +697,30 @@ def scan_full(
         ImageError: when ``root`` or a directory or link in it cannot be read.
     """
     paths = paths or PathFilter()
-    tree = _walk(root, paths, records=False)
-    workers = _start_workers(str(root), tree, threads)
+    pool = _HashPool(os.fspath(root), threads - 1) if threads > 1 and hasattr(os, "fork") else None
     try:
+        tree = _walk(root, paths, records=False, on_file=pool.add if pool else None)
+        if pool is not None:
+            pool.close_queue()
         entries = manifest() if callable(manifest) else manifest
         judge = _Judge(root, entries, instance, paths, read_only)
         check = judge.check
         for rel, mode, size in zip(tree.names, tree.modes, tree.sizes, strict=True):
             check(rel, mode, size)
-        present = set(tree.names)
-        for path in judge.expect:
-            rel = path.lstrip("/")
-            if rel and rel not in present:  # the root itself is never an entry
-                judge.removed(rel)
-        files, total = _run_jobs(judge, threads, workers)
+        if judge.known < len(judge.expect) - ("/" in judge.expect):  # something is gone
+            present = set(tree.names)
+            for path in judge.expect:
+                rel = path.lstrip("/")
+                if rel and rel not in present:  # the root itself is never an entry
+                    judge.removed(rel)
+        files, total = _run_jobs(judge, threads, pool)
     except BaseException:
-        if workers is not None:
-            workers.abandon()
+        if pool is not None:
+            pool.abandon()
         raise
+    finally:
+        if pool is not None:
+            pool.close()
     return judge.result(len(tree.names), files, total)
 
 
