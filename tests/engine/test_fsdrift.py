@@ -537,3 +537,13 @@ def test_an_interrupted_scan_leaves_no_worker(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="manifest unreadable"):
         scan_full(fs.root, broken, instance=INSTANCE, threads=2)
     _no_children_left()
+
+
+def test_threads_hash_where_there_is_no_fork(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fs = _damaged_tree(tmp_path)
+    one = full(fs, threads=1)
+    monkeypatch.delattr(fsdrift.os, "fork")
+    assert full(fs, threads=3) == one
+    _no_children_left()

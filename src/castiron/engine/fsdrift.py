@@ -37,7 +37,6 @@ import stat
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -656,6 +655,8 @@ def _run_jobs(judge: _Judge, threads: int, pool: _HashPool | None = None) -> tup
     else:
         shared = iter(sorted(judge.jobs, key=_size_of, reverse=True))  # next() holds the GIL
         count = min(threads, len(expected))
+        from concurrent.futures import ThreadPoolExecutor  # only where there is no fork
+
         with ThreadPoolExecutor(max_workers=count, thread_name_prefix="fsdrift") as pool_:
             futures = [pool_.submit(_hash_files, judge.root, shared) for _ in range(count)]
             parts = [f.result() for f in futures]
