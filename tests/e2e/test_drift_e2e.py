@@ -190,6 +190,36 @@ def test_the_agent_watches_and_fixes_drift_on_schedule(
     assert any(e["action"] == "drift.fix" for e in entries)
 
 
+def test_a_watch_without_fix_reports_and_audits_drift_but_changes_nothing(
+    make_project: Callable[..., Project],
+) -> None:
+    project = make_project(replicas=1)
+    spec = project.root / "castiron.yaml"
+    spec.write_text(spec.read_text() + "    drift: {watch: 1s}\n")
+    project.bake("v1")
+    project.deploy("v1", "one")
+    agent = AgentClient(project.home / "agent" / "agent.sock")
+    (watch,) = agent.watches()
+    assert watch.fix is False and watch.argv[-2:] == ("staging", "--json")
+    before = serving_ids(project)
+    (app_py,) = release_tree(project).glob("**/app.py")
+    (app_py.parent / "dropped.txt").write_text("drift\n")
+
+    def detected() -> list[dict[str, Any]]:
+        entries = project.json("audit")["entries"]
+        return [e for e in entries if e["action"] == "drift.detected"]
+
+    wait_for(lambda: bool(detected()), timeout=60, what="the agent's check to audit drift")
+    (entry, *_) = detected()
+    assert entry["environment"] == "staging" and entry["result"] == "drift"
+    assert entry["details"]["source"] == "agent watch"
+    assert entry["details"]["kinds"] == {"filesystem": 1}
+    assert entry["details"]["first"][0]["path"].endswith("/dropped.txt")
+    assert any(e.kind == "drift-found" for e in agent.events())
+    assert serving_ids(project) == before  # found, not fixed
+    assert project.served() == "one"
+
+
 # --- Docker --------------------------------------------------------------------------------------
 
 

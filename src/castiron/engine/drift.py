@@ -767,6 +767,35 @@ def _detect(ctx: _Context) -> DriftReport:
     )
 
 
+def record_detection(engine: Engine, report: DriftReport, source: str) -> None:
+    """Record drift found without fixing it as one ``drift.detected`` audit entry (what the
+    agent's watch does on each check that finds something; a clean report records nothing).
+
+    Raises:
+        StateError: when the audit entry cannot be written.
+    """
+    if report.clean:
+        return
+    kinds: dict[str, int] = {}
+    for finding in report.findings:
+        kinds[finding.kind] = kinds.get(finding.kind, 0) + 1
+    engine.store.mutate(
+        AuditDraft(
+            "drift.detected",
+            environment=report.environment,
+            subject=report.release,
+            result="drift",
+            details={
+                "source": source,
+                "findings": len(report.findings),
+                "kinds": kinds,
+                "first": [f.to_json() for f in report.findings[:20]],
+            },
+        ),
+        lambda tx: None,
+    )
+
+
 # --- the remedy ---------------------------------------------------------------------------------
 
 
@@ -1041,5 +1070,6 @@ __all__ = [
     "detect_drift",
     "fix_drift",
     "image_finding",
+    "record_detection",
     "scan_tree",
 ]

@@ -134,7 +134,7 @@ def drift_cmd(
     field, expected, actual. Exits 3 when drift is found, 0 when clean.
     """
     from castiron.engine.compose import drift_dir, open_engine
-    from castiron.engine.drift import default_threads, detect_drift, fix_drift
+    from castiron.engine.drift import default_threads, detect_drift, fix_drift, record_detection
 
     settings = cli.settings
     if not settings.state_path.exists():
@@ -173,6 +173,8 @@ def drift_cmd(
                 data = {**report.to_json(), "fixed": result.to_json()}
             else:
                 report = detect_drift(engine, name, **options)
+                if settings.environ.get(WATCHER_ENV):
+                    record_detection(engine, report, "agent watch")
                 data = report.to_json()
                 remaining = remaining or not report.clean
             reports.append(data)
