@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 
 import pytest
 
+from castiron.drivers.base import LogSource
 from castiron.drivers.docker import (
     ContainerOptions,
     DockerDriver,
@@ -29,7 +30,12 @@ from castiron.drivers.docker import (
     network_args,
     parse_memory,
 )
-from castiron.errors import CastironError, DigestMismatchError, RuntimeDriverError
+from castiron.errors import (
+    CastironError,
+    DigestMismatchError,
+    NotFoundError,
+    RuntimeDriverError,
+)
 from castiron.images.archive import export_archive
 from castiron.images.build import BakeOptions, bake
 from castiron.images.store import ImageStore
@@ -558,6 +564,32 @@ def test_exited_instances_are_observed_with_their_exit_code(
     driver.destroy(instance, grace=1.0)
 
 
+@pytest.mark.docker
+def test_logs_read_and_follow_a_containers_output(
+    tmp_path: Path, loaded: ImageRef, clean: Any
+) -> None:
+    driver = make_driver(tmp_path, start_window=0.0)
+    talk = (
+        BUSYBOX,
+        "sh",
+        "-c",
+        "echo out 1; echo out 2; echo out 3; sleep 0.3; echo oops >&2; sleep 1",
+    )
+    instance = driver.create(spec_for(loaded, "i-talk", command=talk))
+    assert isinstance(driver, LogSource)
+    wait_for(lambda: "oops" in driver.logs(instance, 100))
+    assert driver.logs(instance, 100).splitlines() == ["out 1", "out 2", "out 3", "oops"]
+    assert driver.logs(instance, 2).splitlines() == ["out 3", "oops"]
+    assert driver.logs(instance, 0) == ""
+    followed = b"".join(driver.follow_logs(instance, 1))  # ends when the container stops
+    assert followed.decode().splitlines() == ["oops"]
+    driver.destroy(instance, grace=1.0)
+    with pytest.raises(NotFoundError, match="test/i-talk: the container is gone"):
+        driver.logs(instance, 10)
+    with pytest.raises(NotFoundError, match="test/i-talk: the container is gone"):
+        list(driver.follow_logs(instance, 10))
+
+
 # --- no SDK exception ever escapes -----------------------------------------------------------
 
 
@@ -580,10 +612,22 @@ def _every_method(driver: DockerDriver, image: ImageRef) -> dict[str, Callable[[
         "strays": lambda: driver.strays(APP, "test", set(), [image]),
         "inspect": lambda: driver.inspect(instance),
         "down": lambda: driver.down(APP, "test"),
+        "logs": lambda: driver.logs(instance, 10),
+        "follow_logs": lambda: list(driver.follow_logs(instance, 10)),
     }
 
 
-METHODS = ("ensure_image", "create", "destroy", "observe", "strays", "inspect", "down")
+METHODS = (
+    "ensure_image",
+    "create",
+    "destroy",
+    "observe",
+    "strays",
+    "inspect",
+    "down",
+    "logs",
+    "follow_logs",
+)
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ IMAGE_LABEL = "castiron-test.e2e"
 BUSYBOX = Path("/bin/busybox")
 SCRIPT = (
     'mkdir -p /tmp/www; if [ "$HEALTHY" = 0 ]; then echo "refusing to serve: HEALTHY=0"; '
-    'else echo "$VERSION" > /tmp/www/index.html; fi; '
+    'else echo "$VERSION" > /tmp/www/index.html; echo "serving $VERSION"; fi; '
     'exec /bin/busybox httpd -f -p "$HOST:$PORT" -h /tmp/www'
 )
 SPEC = """
@@ -220,6 +220,7 @@ def test_unhealthy_release_is_refused_with_zero_failed_requests(
         wait_for(lambda: load.ok > 10, what="more load")
     assert proc.returncode == 1, proc.stderr
     assert "not healthy after 3s" in proc.stderr
+    assert "refusing to serve: HEALTHY=0" in proc.stderr  # the container's last output
     assert load.failed == 0, load.errors[:5]
     assert load.bodies == {"one"}
     assert project.status()["release"] == first["release"]
@@ -227,6 +228,27 @@ def test_unhealthy_release_is_refused_with_zero_failed_requests(
     releases = project.json("releases", "staging")["releases"]
     assert isinstance(releases, list)
     assert [r["last_outcome"] for r in releases] == ["failed", "succeeded"]
+
+
+def test_logs_show_each_containers_output(
+    make_project: Callable[..., Project], docker: Any
+) -> None:
+    project = make_project(replicas=2)
+    project.bake("v1")
+    project.deploy("v1", "one")
+    ids = sorted(i["id"] for i in project.status()["instances"])
+    wait_for(
+        lambda: project.run("logs", "staging").stdout.count("serving one") == 2,
+        what="both containers' output",
+    )
+    shown = project.run("logs", "staging").stdout.splitlines()
+    assert sorted(shown) == sorted(f"{iid} | serving one" for iid in ids)
+    data = project.json("logs", "staging", "--instance", ids[0])
+    (only,) = data["instances"]
+    assert only["id"] == ids[0] and only["lines"] == ["serving one"]
+    missing = project.run("logs", "staging", "--instance", "nope")
+    assert missing.returncode == 2 and "no instance 'nope'" in missing.stderr
+    assert "Traceback" not in missing.stderr
 
 
 @pytest.mark.parametrize("step", [s for s in STEPS if s not in ("start", "finish")])

@@ -8,7 +8,8 @@ health judgement): the engine does.
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
 
 from castiron.model import ImageRef, Instance, InstanceSpec, Observed
 
@@ -51,4 +52,28 @@ class Driver(Protocol):
 
     def inspect(self, instance: Instance) -> Observed:
         """What runs for ``instance`` (state ``missing`` when it is gone)."""
+        ...
+
+
+@runtime_checkable
+class LogSource(Protocol):
+    """A driver that reads its instances' output itself (the agent keeps the local runtime's);
+    reading never changes an instance."""
+
+    def logs(self, instance: Instance, lines: int) -> str:
+        """The last ``lines`` lines of ``instance``'s stdout and stderr.
+
+        Raises:
+            NotFoundError: when the instance is gone.
+            RuntimeDriverError: when the runtime cannot be read.
+        """
+        ...
+
+    def follow_logs(self, instance: Instance, lines: int) -> Iterator[bytes]:
+        """The last ``lines`` lines, then new output as it comes, until the instance stops.
+
+        Raises:
+            NotFoundError: when the instance is gone.
+            RuntimeDriverError: when the runtime cannot be read.
+        """
         ...

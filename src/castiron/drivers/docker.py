@@ -42,7 +42,12 @@ import requests.exceptions
 import urllib3.exceptions
 from docker.models.containers import Container
 
-from castiron.errors import CastironError, DigestMismatchError, RuntimeDriverError
+from castiron.errors import (
+    CastironError,
+    DigestMismatchError,
+    NotFoundError,
+    RuntimeDriverError,
+)
 from castiron.model import (
     Digest,
     ImageRef,
@@ -519,6 +524,46 @@ class DockerDriver:
             if isinstance(item, dict) and item.get("Path")
         ]
         return sorted(out)
+
+    def logs(self, instance: Instance, lines: int) -> str:
+        """The last ``lines`` lines of the container's stdout and stderr (``docker logs``).
+
+        Raises:
+            NotFoundError: when the container is gone.
+            RuntimeDriverError: when the engine is unreachable or refuses.
+        """
+        where = f"{instance.environment}/{instance.id}"
+        ref = instance.handle or container_name(instance.app, instance.environment, instance.id)
+        if lines <= 0:
+            return ""
+        with self._client(where) as client:
+            api: Any = client.api
+            try:
+                raw = api.logs(ref, stdout=True, stderr=True, tail=lines)
+            except docker.errors.NotFound:
+                raise NotFoundError(f"{where}: the container is gone") from None
+        return bytes(raw).decode("utf-8", "replace")
+
+    def follow_logs(self, instance: Instance, lines: int) -> Iterator[bytes]:
+        """The last ``lines`` lines, then new output until the container stops
+        (``docker logs --follow``).
+
+        Raises:
+            NotFoundError: when the container is gone.
+            RuntimeDriverError: when the engine is unreachable or refuses.
+        """
+        where = f"{instance.environment}/{instance.id}"
+        ref = instance.handle or container_name(instance.app, instance.environment, instance.id)
+        with self._client(where) as client:
+            api: Any = client.api
+            try:
+                stream = api.logs(
+                    ref, stdout=True, stderr=True, stream=True, follow=True, tail=max(lines, 0)
+                )
+            except docker.errors.NotFound:
+                raise NotFoundError(f"{where}: the container is gone") from None
+            for chunk in stream:
+                yield bytes(chunk)
 
     # -- internals
 

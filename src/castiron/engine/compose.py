@@ -27,7 +27,7 @@ from castiron.agent.client import (
     from_json,
     socket_path,
 )
-from castiron.drivers.base import Driver
+from castiron.drivers.base import Driver, LogSource
 from castiron.engine.deploy import Engine
 from castiron.engine.journal import StepObserver
 from castiron.engine.release import DeploySpec, cached_deploy_spec
@@ -148,14 +148,20 @@ def open_engine(
     def traffic() -> TrafficController:
         return AgentTraffic(agent())
 
+    driver_for = driver_factory(settings, agent, store)
+
     def instance_logs(instance: Instance) -> str:
+        if instance.runtime != "local":
+            driver = driver_for(instance.runtime)
+            if isinstance(driver, LogSource):  # Docker: the engine keeps the output
+                return driver.logs(instance, LOG_LINES)
         return agent().instance_logs(instance.id, LOG_LINES)
 
     try:
         yield Engine(
             store=store,
             images=lambda: _image_store(settings),
-            driver_for=driver_factory(settings, agent, store),
+            driver_for=driver_for,
             traffic=traffic,
             environ=settings.environ,
             observer=observer,

@@ -1,22 +1,30 @@
-"""``castiron logs ENV``: the output of an environment's local instances, read through the agent.
+"""``castiron logs ENV``: the output of an environment's instances.
 
-A thin layer over :class:`castiron.agent.client.AgentClient`: the instances are the agent's
-records for the environment (exited ones included, until they are destroyed); each one's
-stdout and stderr come from its log file, which the agent caps and rotates.
+Local instances are read through :class:`castiron.agent.client.AgentClient`: the instances are
+the agent's records for the environment (exited ones included, until they are destroyed); each
+one's stdout and stderr come from its log file, which the agent caps and rotates. Instances of
+a runtime that keeps their output itself (Docker: a :class:`castiron.drivers.base.LogSource`)
+are the environment's recorded instances, read through their driver.
 """
 
 from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import click
 
 from castiron.agent.client import AgentClient, InstanceRecord, socket_path
 from castiron.cli.context import CliContext, pass_cli
 from castiron.cli.render import emit_json
-from castiron.errors import AgentError, NotFoundError, UsageError
-from castiron.model import is_name
+from castiron.errors import AgentError, CastironError, NotFoundError, UsageError
+from castiron.model import Instance, is_name
+
+if TYPE_CHECKING:
+    from castiron.drivers.base import LogSource
 
 
 def _records(client: AgentClient, environment: str, instance: str | None) -> list[InstanceRecord]:
@@ -38,17 +46,17 @@ def _prefixed(text: str, prefix: str) -> str:
     )
 
 
-def _follow(client: AgentClient, records: list[InstanceRecord], lines: int) -> None:
+def _follow(ids: list[str], stream: Callable[[str], Iterator[bytes]]) -> None:
     """Print new output of every instance until all have exited (or ^C)."""
     lock = threading.Lock()
     errors: list[BaseException] = []
-    prefix_width = max(len(r.id) for r in records)
+    prefix_width = max(len(i) for i in ids)
 
-    def pump(record: InstanceRecord) -> None:
-        prefix = f"{record.id:<{prefix_width}} | " if len(records) > 1 else ""
+    def pump(iid: str) -> None:
+        prefix = f"{iid:<{prefix_width}} | " if len(ids) > 1 else ""
         pending = b""
         try:
-            for chunk in client.follow_instance_logs(record.id, lines):
+            for chunk in stream(iid):
                 pending += chunk
                 *complete, pending = pending.split(b"\n")
                 with lock:
@@ -59,17 +67,94 @@ def _follow(client: AgentClient, records: list[InstanceRecord], lines: int) -> N
                 with lock:
                     sys.stdout.write(prefix + pending.decode("utf-8", "replace") + "\n")
                     sys.stdout.flush()
-        except (AgentError, NotFoundError) as exc:
+        except CastironError as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=pump, args=(r,), daemon=True) for r in records]
+    threads = [threading.Thread(target=pump, args=(i,), daemon=True) for i in ids]
     for thread in threads:
         thread.start()
     for thread in threads:
         while thread.is_alive():
             thread.join(0.2)
     if errors:
-        raise AgentError(str(errors[0]))
+        raise errors[0]
+
+
+@dataclass(frozen=True)
+class _RuntimeLogs:
+    """An environment whose runtime keeps its instances' output: its driver and instances."""
+
+    source: LogSource
+    instances: list[tuple[Instance, str]]
+    """Recorded instances with their recorded status."""
+
+
+def _runtime_logs(cli: CliContext, environment: str, instance: str | None) -> _RuntimeLogs | None:
+    """The driver and instances of ``environment`` when its runtime is not local and keeps
+    the output itself; ``None`` for local environments (and unknown ones: the agent decides)."""
+    settings = cli.settings
+    if not settings.state_path.exists():
+        return None
+    from castiron.drivers.base import LogSource
+    from castiron.engine.compose import open_engine
+    from castiron.engine.strategies import Policy, row_instance
+
+    with open_engine(settings, start_agent=False) as engine:
+        row = engine.store.get_environment(environment)
+        if row is None:
+            return None
+        runtime = Policy.from_json(row.config).runtime
+        if runtime == "local":
+            return None
+        driver = engine.driver(runtime)
+        if not isinstance(driver, LogSource):
+            raise UsageError(f"the {runtime} runtime of {environment!r} keeps no instance output")
+        rows = engine.store.list_instances(environment)
+    found = [(row_instance(r), r.status) for r in rows if instance is None or r.id == instance]
+    if instance is not None and not found:
+        raise NotFoundError(f"no instance {instance!r} in environment {environment!r}")
+    return _RuntimeLogs(driver, found)
+
+
+def _show_runtime_logs(
+    environment: str, logs: _RuntimeLogs, lines: int, follow: bool, as_json: bool
+) -> None:
+    by_id = {inst.id: inst for inst, _ in logs.instances}
+    if follow:
+        if by_id:
+            _follow(list(by_id), lambda iid: logs.source.follow_logs(by_id[iid], lines))
+        return
+    texts = {inst.id: logs.source.logs(inst, lines) for inst, _ in logs.instances}
+    if as_json:
+        emit_json(
+            {
+                "environment": environment,
+                "instances": [
+                    {
+                        "id": inst.id,
+                        "release": inst.release,
+                        "state": status,
+                        "exit_code": None,
+                        "log_path": None,
+                        "lines": texts[inst.id].splitlines(),
+                    }
+                    for inst, status in logs.instances
+                ],
+            }
+        )
+        return
+    _print_texts(environment, texts)
+
+
+def _print_texts(environment: str, texts: dict[str, str]) -> None:
+    if not texts:
+        click.echo(f"no instances in {environment}", err=True)
+        return
+    width = max(len(iid) for iid in texts)
+    for iid, text in texts.items():
+        prefix = f"{iid:<{width}} | " if len(texts) > 1 else ""
+        sys.stdout.write(_prefixed(text, prefix))
+    sys.stdout.flush()
 
 
 @click.command("logs")
@@ -96,15 +181,20 @@ def logs(
     follow: bool,
     as_json: bool,
 ) -> None:
-    """Show the output (stdout and stderr) of ENVIRONMENT's local instances.
+    """Show the output (stdout and stderr) of ENVIRONMENT's instances.
 
-    Each line is prefixed with its instance id when there are several. The agent keeps each
-    log capped and rotated; exited instances are shown until they are destroyed.
+    Each line is prefixed with its instance id when there are several. Local instances: the
+    agent keeps each log capped and rotated, and exited instances are shown until they are
+    destroyed. Docker instances: the container's output, as `docker logs` shows it.
     """
     if not is_name(environment):
         raise UsageError(f"{environment!r} is not a valid environment name")
     if follow and as_json:
         raise UsageError("--follow and --json cannot be combined (--json prints one object)")
+    runtime = _runtime_logs(cli, environment, instance)
+    if runtime is not None:
+        _show_runtime_logs(environment, runtime, lines, follow, as_json)
+        return
     client = AgentClient(socket_path(cli.settings))
     if not client.health():
         raise AgentError(
@@ -113,7 +203,7 @@ def logs(
     records = _records(client, environment, instance)
     if follow:
         if records:
-            _follow(client, records, lines)
+            _follow([r.id for r in records], lambda iid: client.follow_instance_logs(iid, lines))
         return
     texts = {r.id: client.instance_logs(r.id, lines) for r in records}
     if as_json:
@@ -134,15 +224,7 @@ def logs(
             }
         )
         return
-    if not records:
-        click.echo(f"no instances in {environment}", err=True)
-        return
-    width = max(len(r.id) for r in records)
-    for record in records:
-        text = texts[record.id]
-        prefix = f"{record.id:<{width}} | " if len(records) > 1 else ""
-        sys.stdout.write(_prefixed(text, prefix))
-    sys.stdout.flush()
+    _print_texts(environment, texts)
 
 
 commands: list[click.Command] = [logs]
