@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from castiron.errors import ImageError, NotFoundError, StateCorruptError, StateError
 from castiron.images.manifest import FileEntry, FileIndex, RawEntry
@@ -67,6 +67,7 @@ _RACY = -1
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_LINK_HOPS = 40
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -407,40 +408,56 @@ def _collapse(findings: list[Finding]) -> tuple[Finding, ...]:
 # --- hashing ---------------------------------------------------------------------------------
 
 
-def _hash_files(root: str, jobs: Iterator[tuple[int, str, str]]) -> list[tuple[str, str, int]]:
-    """Hash files taken from ``jobs`` (shared between threads) with one reused buffer.
+_SHA256 = hashlib.sha256()
+"""An empty hash that every file's hash copies (no algorithm lookup, and none of its locks,
+in a forked worker)."""
 
-    Returns ``(rel, "sha256:<hex>" or why it could not be read, bytes read)`` per file.
+
+def _hash_each(root: str, items: Iterable[tuple[_T, str]]) -> Iterator[tuple[_T, bytes, int, int]]:
+    """Hash the files ``(tag, rel)`` of ``items`` with one reused buffer; yields ``(tag,
+    digest, bytes read, errno)`` per file (errno 0 when it was read; else the digest is empty).
     """
     buf = bytearray(HASH_BUFFER)
     view, bufs = memoryview(buf), [buf]
-    readv, sha256, out = os.readv, hashlib.sha256, []
-    for _size, rel, _expected in jobs:
-        read = 0
+    readv, fresh = os.readv, _SHA256.copy
+    for tag, rel in items:
+        read, digest, error = 0, b"", 0
         try:
             fd = os.open(f"{root}/{rel}", _OPEN_FLAGS)
         except OSError as exc:
-            out.append((rel, f"unreadable ({exc.strerror or exc})", 0))
+            yield tag, b"", 0, exc.errno or errno.EIO
             continue
         try:
-            h = sha256()
+            h = fresh()
             while n := readv(fd, bufs):
                 h.update(view[:n])
                 read += n
-            out.append((rel, "sha256:" + h.hexdigest(), read))
+            digest = h.digest()
         except OSError as exc:
-            out.append((rel, f"unreadable ({exc.strerror or exc})", read))
+            error = exc.errno or errno.EIO
         finally:
             os.close(fd)
-    return out
+        yield tag, digest, read, error
+
+
+def _actual(digest: bytes, error: int) -> str:
+    """What a finding says a file holds: its digest, or why it could not be read."""
+    return f"unreadable ({os.strerror(error)})" if error else "sha256:" + digest.hex()
+
+
+def _hash_files(root: str, jobs: Iterator[tuple[int, str, str]]) -> list[tuple[str, str, int]]:
+    """Hash files taken from ``jobs`` (shared between threads).
+
+    Returns ``(rel, "sha256:<hex>" or why it could not be read, bytes read)`` per file.
+    """
+    items = ((rel, rel) for _size, rel, _expected in jobs)
+    return [(rel, _actual(d, error), read) for rel, d, read, error in _hash_each(root, items)]
 
 
 _SLOT = struct.Struct("<32sqi")
 """One file's result in a pool's shared memory: digest, bytes read, state (see below)."""
 _PENDING, _DONE = 0, 1
 """Slot states; a negative state is ``-errno`` of a file that could not be read."""
-_SHA256 = hashlib.sha256()
-"""An empty hash that workers copy."""
 _BATCH = struct.Struct("<IIII")
 """One queue message: start and end of its paths in the arena, first file index, count."""
 _BATCH_BYTES = 1 << 20
@@ -459,30 +476,17 @@ def _hash_into(
 
     The state is written after the digest, so a worker stopped half-way leaves it pending.
     """
-    buf = bytearray(HASH_BUFFER)
-    view, bufs = memoryview(buf), [buf]
-    readv, pack, size = os.readv, _SLOT.pack_into, _SLOT.size
-    fresh = _SHA256.copy  # no algorithm lookup (and none of its locks) in a forked worker
-    for index, rel in enumerate(rels, first):
-        if wanted is not None and rel not in wanted:
-            continue
-        read = 0
-        try:
-            fd = os.open(f"{root}/{rel}", _OPEN_FLAGS)
-        except OSError as exc:
-            pack(slots, index * size, b"", 0, -(exc.errno or 1))
-            continue
-        try:
-            h = fresh()
-            while n := readv(fd, bufs):
-                h.update(view[:n])
-                read += n
-            pack(slots, index * size, h.digest(), read, _PENDING)
-            slots[index * size + 40 : index * size + 44] = _DONE.to_bytes(4, "little")
-        except OSError as exc:
-            pack(slots, index * size, b"", read, -(exc.errno or 1))
-        finally:
-            os.close(fd)
+    pack, size, done = _SLOT.pack_into, _SLOT.size, _DONE.to_bytes(4, "little")
+    items: Iterable[tuple[int, str]] = enumerate(rels, first)
+    if wanted is not None:
+        items = ((index, rel) for index, rel in enumerate(rels, first) if rel in wanted)
+    for index, digest, read, error in _hash_each(root, items):
+        offset = index * size
+        if error:
+            pack(slots, offset, b"", read, -error)
+        else:
+            pack(slots, offset, digest, read, _PENDING)
+            slots[offset + 40 : offset + 44] = done
 
 
 class _HashPool:
@@ -599,7 +603,7 @@ class _HashPool:
                 if digest.hex() != want:
                     differ.append((rel, "sha256:" + digest.hex()))
             elif state < 0:
-                differ.append((rel, f"unreadable ({os.strerror(-state)})"))
+                differ.append((rel, _actual(b"", -state)))
             else:  # kept past the pool's room, or a worker stopped before it: hash it here
                 late.append((0, rel, want))
                 continue
