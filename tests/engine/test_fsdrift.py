@@ -555,3 +555,21 @@ def test_threads_hash_where_there_is_no_fork(
     one = full(fs, threads=1)
     monkeypatch.delattr(fsdrift.os, "fork")
     assert full(fs, threads=3) == one
+
+
+def test_a_refused_fork_falls_back_to_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fs = _damaged_tree(tmp_path)
+    one = full(fs, threads=1)
+    forks: list[int] = []
+    real_fork = os.fork
+
+    def refusing_fork() -> int:
+        if forks:  # the second worker cannot be started
+            raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        forks.append(1)
+        return real_fork()
+
+    monkeypatch.setattr(fsdrift.os, "fork", refusing_fork)
+    assert full(fs, threads=3) == one  # the first worker was stopped again; threads did it

@@ -503,8 +503,6 @@ class _HashPool:
 
     def __init__(self, root: str, workers: int) -> None:
         self.root = root
-        self.arena = mmap.mmap(-1, _ARENA_BYTES)
-        self.slots = mmap.mmap(-1, _MAX_FILES * _SLOT.size)
         self.index: dict[str, int] = {}
         """Path -> slot of every file queued (or kept here)."""
         self.kept: list[tuple[int, list[str]]] = []
@@ -513,15 +511,23 @@ class _HashPool:
         self.batch: list[str] = []
         self.batch_bytes = 0
         self.children: list[int] = []
-        self.queue_r, self.queue_w = os.pipe()
-        with contextlib.suppress(OSError, AttributeError):
-            fcntl.fcntl(self.queue_w, fcntl.F_SETPIPE_SZ, 1 << 20)
-        os.set_blocking(self.queue_w, False)
+        self.arena = mmap.mmap(-1, _ARENA_BYTES)
         try:
+            self.slots = mmap.mmap(-1, _MAX_FILES * _SLOT.size)
+        except BaseException:
+            self.arena.close()
+            raise
+        self.queue_r = self.queue_w = -1
+        try:
+            self.queue_r, self.queue_w = os.pipe()
+            with contextlib.suppress(OSError, AttributeError):
+                fcntl.fcntl(self.queue_w, fcntl.F_SETPIPE_SZ, 1 << 20)
+            os.set_blocking(self.queue_w, False)
             for _ in range(workers):
                 self.children.append(self._fork())
         except BaseException:
             self.abandon()
+            self.close()
             raise
 
     def _fork(self) -> int:
@@ -640,6 +646,17 @@ class _HashPool:
         self.slots.close()
 
 
+def _start_pool(root: str, threads: int) -> _HashPool | None:
+    """``threads - 1`` worker processes, or ``None`` (one thread, no ``fork``, or the system
+    refused a process or shared memory: threads then do the work)."""
+    if threads <= 1 or not hasattr(os, "fork"):
+        return None
+    try:
+        return _HashPool(root, threads - 1)
+    except OSError:
+        return None
+
+
 def _run_jobs(judge: _Judge, threads: int, pool: _HashPool | None = None) -> tuple[int, int]:
     """Hash every job of ``judge`` and record mismatches; returns counters.
 
@@ -702,7 +719,7 @@ def scan_full(
         ImageError: when ``root`` or a directory or link in it cannot be read.
     """
     paths = paths or PathFilter()
-    pool = _HashPool(os.fspath(root), threads - 1) if threads > 1 and hasattr(os, "fork") else None
+    pool = _start_pool(os.fspath(root), threads)
     try:
         tree = _walk(root, paths, records=False, on_file=pool.add if pool else None)
         if pool is not None:
