@@ -5,6 +5,8 @@ strays removed, a wrong route re-applied), its audit entry — and the spec's dr
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -210,3 +212,15 @@ def test_the_drift_section_defaults_and_values(world: World) -> None:
     cold = loaded.environments["cold"].drift
     assert (cold.watch, cold.fix, cold.ignore) == (None, False, ())
     assert replace(DriftRules(), fix=True).fix
+
+
+def test_building_drivers_does_not_load_the_drift_scanner() -> None:
+    """``status`` and ``deploy`` build the local driver (wrapped to take baselines); the drift
+    scanner is loaded only when an instance is created or a scan runs."""
+    code = (
+        "import sys, castiron.engine.compose, castiron.engine.baselines; "
+        "print(sorted(m for m in sys.modules if m.startswith(('castiron.engine.drift', "
+        "'castiron.engine.fsdrift'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -116,7 +116,7 @@ def driver_factory(
     def driver_for(runtime: str) -> Driver:
         if runtime not in built:
             if runtime == "local":
-                from castiron.engine.drift import BaselineDriver
+                from castiron.engine.baselines import BaselineDriver
 
                 # Each instance's tree is baselined when it starts: drift scans are fast.
                 inner = local_driver(settings, agent)

@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from castiron.drivers.base import Driver
+from castiron.engine.baselines import BaselineDriver, RootfsHolder, baseline_path
 from castiron.engine.fsdrift import Finding, PathFilter, ScanResult, scan_fast, scan_full
-from castiron.engine.fsdrift import take_baseline as _take_baseline
 from castiron.engine.journal import Journal, new_deployment_id
 from castiron.engine.release import Release
 from castiron.engine.runtimes import find_strays, instance_port
@@ -56,7 +56,7 @@ from castiron.errors import (
     ImageError,
     NotFoundError,
 )
-from castiron.model import Digest, ImageRef, Instance, InstanceSpec, Observed
+from castiron.model import Digest, ImageRef, Instance, Observed
 from castiron.state.base import AuditDraft, DeploymentRow, InstanceRow, StateTx, format_time
 
 if TYPE_CHECKING:
@@ -209,74 +209,10 @@ class FixResult:
 
 
 @runtime_checkable
-class RootfsHolder(Protocol):
-    """A driver whose instances run on a local read-only tree per image (the local runtime)."""
-
-    def rootfs(self, digest: Digest) -> Path: ...
-
-    def renew_rootfs(self, image: ImageRef) -> Path | None: ...
-
-    def discard_rootfs(self, path: Path) -> None: ...
-
-
-@runtime_checkable
 class ChangeLister(Protocol):
     """A driver that can list an instance's filesystem changes against its image (Docker)."""
 
     def changes(self, instance: Instance) -> list[tuple[str, str]]: ...
-
-
-# --- baselines ----------------------------------------------------------------------------------
-
-
-def baseline_path(baselines: Path, instance_id: str) -> Path:
-    """Where the filesystem baseline of ``instance_id`` lives."""
-    return baselines / f"{instance_id}.baseline"
-
-
-class BaselineDriver:
-    """A driver that takes a filesystem baseline of each instance it creates on a local tree
-    (``take_baseline`` right after ``create``) and drops it when the instance is destroyed;
-    everything else is the wrapped driver's."""
-
-    def __init__(self, inner: Driver, baselines: Path) -> None:
-        self.inner = inner
-        self.baselines = baselines
-        self.name = inner.name
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def ensure_image(self, image: ImageRef) -> None:
-        self.inner.ensure_image(image)
-
-    def create(self, spec: InstanceSpec) -> Instance:
-        """Create through the wrapped driver, then record the tree's baseline.
-
-        Raises:
-            RuntimeDriverError: as the wrapped driver raises it.
-        """
-        instance = self.inner.create(spec)
-        if isinstance(self.inner, RootfsHolder):
-            # A baseline that cannot be taken costs only speed: a scan then hashes everything.
-            with contextlib.suppress(CastironError):
-                _take_baseline(
-                    self.inner.rootfs(spec.image.digest),
-                    baseline_path(self.baselines, instance.id),
-                    paths=PathFilter.of(writable=spec.writable),
-                )
-        return instance
-
-    def destroy(self, instance: Instance, grace: float) -> None:
-        self.inner.destroy(instance, grace)
-        with contextlib.suppress(OSError):
-            baseline_path(self.baselines, instance.id).unlink()
-
-    def observe(self, app: str, environment: str) -> list[Observed]:
-        return self.inner.observe(app, environment)
-
-    def inspect(self, instance: Instance) -> Observed:
-        return self.inner.inspect(instance)
 
 
 # --- what the release expects -------------------------------------------------------------------
