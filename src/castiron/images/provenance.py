@@ -96,28 +96,8 @@ def attach(store: ImageStore, subject: oci.Descriptor, doc: dict[str, Any]) -> D
     """
     data = oci.canonical_json(doc)
     layer = oci.Descriptor(oci.IN_TOTO, store.put_bytes(data), len(data))
-    empty = oci.Descriptor(oci.EMPTY, store.put_bytes(oci.EMPTY_JSON), len(oci.EMPTY_JSON))
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": oci.MANIFEST,
-        "artifactType": oci.IN_TOTO,
-        "config": empty.to_json(),
-        "layers": [layer.to_json()],
-        "subject": subject.to_json(),
-        "annotations": {"in-toto.io/predicate-type": PREDICATE_TYPE},
-    }
-    raw = oci.canonical_json(manifest)
-    digest = store.put_bytes(raw)
-    store.add_referrer(
-        oci.Descriptor(
-            oci.MANIFEST,
-            digest,
-            len(raw),
-            annotations={oci.ANN_SUBJECT: subject.digest},
-            artifact_type=oci.IN_TOTO,
-        )
-    )
-    return digest
+    annotations = {"in-toto.io/predicate-type": PREDICATE_TYPE}
+    return store.attach(subject, oci.IN_TOTO, layer, annotations)
 
 
 def read(store: ImageStore, subject: Digest) -> list[dict[str, Any]]:

@@ -447,37 +447,6 @@ def docker_reference(store: ImageStore, ref: str, digest: Digest) -> str:
     return f"{title}@{digest}"
 
 
-def _attach(
-    store: ImageStore,
-    subject: oci.Descriptor,
-    artifact_type: str,
-    layer: oci.Descriptor,
-    annotations: dict[str, str],
-) -> Digest:
-    empty = oci.Descriptor(oci.EMPTY, store.put_bytes(oci.EMPTY_JSON), len(oci.EMPTY_JSON))
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": oci.MANIFEST,
-        "artifactType": artifact_type,
-        "config": empty.to_json(),
-        "layers": [layer.to_json()],
-        "subject": subject.to_json(),
-        "annotations": annotations,
-    }
-    raw = oci.canonical_json(manifest)
-    digest = store.put_bytes(raw)
-    store.add_referrer(
-        oci.Descriptor(
-            oci.MANIFEST,
-            digest,
-            len(raw),
-            annotations={oci.ANN_SUBJECT: subject.digest},
-            artifact_type=artifact_type,
-        )
-    )
-    return digest
-
-
 def sign_image(
     store: ImageStore,
     digest: Digest,
@@ -507,7 +476,7 @@ def sign_image(
             len(payload),
             annotations={ANN_SIGNATURE: signature},
         )
-        sig_artifact = _attach(store, subject, SIGNATURE_ARTIFACT, layer, {ANN_KEYID: signer.keyid})
+        sig_artifact = store.attach(subject, SIGNATURE_ARTIFACT, layer, {ANN_KEYID: signer.keyid})
         envelopes: list[Digest] = []
         for statement in provenance.read(store, digest):
             envelope = oci.canonical_json(dsse_envelope(statement, signer))
@@ -516,7 +485,7 @@ def sign_image(
             predicate = statement.get("predicateType")
             if isinstance(predicate, str):
                 annotations[ANN_PREDICATE_TYPE] = predicate
-            envelopes.append(_attach(store, subject, DSSE, env_layer, annotations))
+            envelopes.append(store.attach(subject, DSSE, env_layer, annotations))
     return SignResult(digest, signer.keyid, reference, sig_artifact, tuple(envelopes))
 
 

@@ -390,6 +390,42 @@ class ImageStore:
 
         self.update_index(change)
 
+    def attach(
+        self,
+        subject: oci.Descriptor,
+        artifact_type: str,
+        layer: oci.Descriptor,
+        annotations: dict[str, str],
+    ) -> Digest:
+        """Store an artifact manifest (empty config, one ``layer`` already stored) referring
+        to ``subject``, and list it in the index as a referrer; returns its digest.
+
+        Raises:
+            ImageError: when the store cannot be written.
+        """
+        empty = oci.Descriptor(oci.EMPTY, self.put_bytes(oci.EMPTY_JSON), len(oci.EMPTY_JSON))
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": oci.MANIFEST,
+            "artifactType": artifact_type,
+            "config": empty.to_json(),
+            "layers": [layer.to_json()],
+            "subject": subject.to_json(),
+            "annotations": annotations,
+        }
+        raw = oci.canonical_json(manifest)
+        digest = self.put_bytes(raw)
+        self.add_referrer(
+            oci.Descriptor(
+                oci.MANIFEST,
+                digest,
+                len(raw),
+                annotations={oci.ANN_SUBJECT: subject.digest},
+                artifact_type=artifact_type,
+            )
+        )
+        return digest
+
     def add_referrer(self, artifact: oci.Descriptor) -> None:
         """List an artifact manifest (e.g. provenance) in the index, without a tag (idempotent)."""
 
