@@ -35,6 +35,7 @@ from castiron.engine.fsdrift import (
 )
 from castiron.errors import ImageError, NotFoundError, StateCorruptError
 from castiron.images.manifest import FileEntry, merge, read_layer_entries
+from castiron.images.rootfs import make_read_only
 from castiron.images.unpack import unpack_rootfs
 
 INSTANCE = "hello-staging-1"
@@ -51,21 +52,6 @@ def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     path.chmod(mode)
-
-
-def _make_read_only(root: Path) -> None:
-    """As the local runtime leaves a release: files 0444 (0555 when executable), dirs 0555."""
-    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
-        for name in filenames + dirnames:
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            if stat.S_ISLNK(st.st_mode):
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                os.chmod(path, 0o555)
-            else:
-                os.chmod(path, 0o555 if st.st_mode & 0o111 else 0o444)
-    os.chmod(root, 0o555)
 
 
 @contextmanager
@@ -107,7 +93,7 @@ def build_rootfs(tmp_path: Path, files: Mapping[str, bytes] | None = None) -> Ro
     layer.seek(0)
     root = tmp_path / "rootfs"
     unpack_rootfs([layer], root)
-    _make_read_only(root)
+    make_read_only(root)  # as the local runtime leaves a release
     return Rootfs(root, manifest, tmp_path / "state" / "fs.baseline")
 
 
