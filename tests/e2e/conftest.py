@@ -239,6 +239,23 @@ def reap_home(home: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
+def project_env(root: Path, app_vars: tuple[str, ...] = ("VERSION", "HEALTHY")) -> dict[str, str]:
+    """The environment a project's CLI runs with: this process's, without any castiron setting
+    or the app variables tests set per command, plus the project's home and fixed identity."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("CASTIRON_") and k not in app_vars
+    }
+    env.update(
+        {
+            "CASTIRON_HOME": str(root / ".castiron"),
+            "CASTIRON_ACTOR": "e2e@test",
+            "NO_COLOR": "1",
+            "SOURCE_DATE_EPOCH": "1700000000",
+        }
+    )
+    return env
+
+
 @pytest.fixture
 def make_project(tmp_path: Path) -> Iterator[Callable[..., Project]]:
     """Build a project (spec + app) on a free router port; everything is killed afterwards."""
@@ -252,20 +269,7 @@ def make_project(tmp_path: Path) -> Iterator[Callable[..., Project]]:
         (root / "castiron.yaml").write_text(
             SPEC.format(replicas=replicas, port=port, deploy_timeout=deploy_timeout)
         )
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith("CASTIRON_") and k not in ("VERSION", "HEALTHY")
-        }
-        env.update(
-            {
-                "CASTIRON_HOME": str(root / ".castiron"),
-                "CASTIRON_ACTOR": "e2e@test",
-                "NO_COLOR": "1",
-                "SOURCE_DATE_EPOCH": "1700000000",
-            }
-        )
-        project = Project(root, port, env)
+        project = Project(root, port, project_env(root))
         made.append(project)
         return project
 

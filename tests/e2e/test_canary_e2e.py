@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import textwrap
@@ -23,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import Load, Project, free_port, get, reap_home, wait_for
+from .conftest import Load, Project, free_port, get, project_env, reap_home, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -98,20 +97,7 @@ Factory = Callable[..., Project]
 
 
 def _env(root: Path) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("CASTIRON_") and k not in ("VERSION", "FAIL_RATE")
-    }
-    env.update(
-        {
-            "CASTIRON_HOME": str(root / ".castiron"),
-            "CASTIRON_ACTOR": "e2e@test",
-            "NO_COLOR": "1",
-            "SOURCE_DATE_EPOCH": "1700000000",
-        }
-    )
-    return env
+    return project_env(root, ("VERSION", "FAIL_RATE"))
 
 
 @pytest.fixture

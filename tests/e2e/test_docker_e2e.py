@@ -24,7 +24,7 @@ import pytest
 
 from castiron.engine.journal import STEPS
 
-from .conftest import Load, Project, free_port, get, reap_home, wait_for
+from .conftest import Load, Project, free_port, get, project_env, reap_home, wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -110,20 +110,7 @@ def make_project(tmp_path: Path, docker: Any) -> Iterator[Callable[..., Project]
                 strategy=strategy,
             )
         )
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith("CASTIRON_") and k not in ("VERSION", "HEALTHY")
-        }
-        env.update(
-            {
-                "CASTIRON_HOME": str(root / ".castiron"),
-                "CASTIRON_ACTOR": "e2e@test",
-                "NO_COLOR": "1",
-                "SOURCE_DATE_EPOCH": "1700000000",
-            }
-        )
-        project = Project(root, port, env)
+        project = Project(root, port, project_env(root))
         made.append(project)
         return project
 
