@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from castiron.engine.journal import STEPS
+
 APP = textwrap.dedent(
     """
     import os, signal, sys, threading
@@ -276,3 +278,32 @@ def make_project(tmp_path: Path) -> Iterator[Callable[..., Project]]:
     yield _make
     for project in made:
         reap_home(project.home)
+
+
+def kill_mid_deploy_and_recover(project: Project, step: str) -> dict[str, object]:
+    """Deploy v1 ("one"), start deploying "two", SIGKILL the CLI where it pauses at journal
+    ``step``, and let the next command (``status``) recover; check that the old or the new
+    release served at every instant and after, and that history records the recovery.
+    Returns the status after recovery (the caller checks its runtime for leaks)."""
+    project.bake("v1")
+    first = project.deploy("v1", "one")
+    proc = project.start(
+        "deploy", "staging", "--yes", extra={"VERSION": "two", "CASTIRON_TEST_PAUSE_AT": step}
+    )
+    try:
+        wait_for(lambda: (project.home / f"paused-at-{step}").exists(), what=f"pause at {step}")
+        # The environment serves the old or the new release at every instant.
+        assert get(project.port)[1].strip() in ("one", "two")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    status = project.status()  # the next command recovers
+    after_switch = STEPS.index(step) >= STEPS.index("switched")
+    assert project.served() == ("two" if after_switch else "one")
+    if not after_switch:
+        assert status["release"] == first["release"]
+    history = project.json("history", "staging")["deployments"]
+    assert isinstance(history, list)
+    assert history[0]["outcome"] == ("succeeded" if after_switch else "aborted")
+    assert history[0]["recovered"] is True
+    return status

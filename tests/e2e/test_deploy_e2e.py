@@ -14,7 +14,7 @@ import pytest
 
 from castiron.engine.journal import STEPS
 
-from .conftest import Load, Project, get, wait_for
+from .conftest import Load, Project, kill_mid_deploy_and_recover, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -114,28 +114,7 @@ def test_kill_9_at_each_journal_step_recovers(
     make_project: Callable[..., Project], step: str
 ) -> None:
     project = make_project(replicas=1)
-    project.bake("v1")
-    first = project.deploy("v1", "one")
-    proc = project.start(
-        "deploy", "staging", "--yes", extra={"VERSION": "two", "CASTIRON_TEST_PAUSE_AT": step}
-    )
-    try:
-        wait_for(lambda: (project.home / f"paused-at-{step}").exists(), what=f"pause at {step}")
-        # The environment serves the old or the new release at every instant.
-        assert get(project.port)[1].strip() in ("one", "two")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=30)
-    status = project.status()  # the next command recovers
-    after_switch = STEPS.index(step) >= STEPS.index("switched")
-    expected = "two" if after_switch else "one"
-    assert project.served() == expected
-    if not after_switch:
-        assert status["release"] == first["release"]
-    history = project.json("history", "staging")["deployments"]
-    assert isinstance(history, list)
-    assert history[0]["outcome"] == ("succeeded" if after_switch else "aborted")
-    assert history[0]["recovered"] is True
+    status = kill_mid_deploy_and_recover(project, step)
     # nothing leaked: the agent runs exactly the recorded instances
     agent = subprocess.run(
         project.argv("agent", "status", "--json"),

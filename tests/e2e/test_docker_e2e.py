@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,15 @@ import pytest
 
 from castiron.engine.journal import STEPS
 
-from .conftest import Load, Project, free_port, get, project_env, reap_home, wait_for
+from .conftest import (
+    Load,
+    Project,
+    free_port,
+    kill_mid_deploy_and_recover,
+    project_env,
+    reap_home,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -243,26 +250,7 @@ def test_kill_9_mid_deploy_is_recovered_by_the_next_command(
     make_project: Callable[..., Project], docker: Any, step: str
 ) -> None:
     project = make_project(replicas=1)
-    project.bake("v1")
-    first = project.deploy("v1", "one")
-    proc = project.start(
-        "deploy", "staging", "--yes", extra={"VERSION": "two", "CASTIRON_TEST_PAUSE_AT": step}
-    )
-    try:
-        wait_for(lambda: (project.home / f"paused-at-{step}").exists(), what=f"pause at {step}")
-        assert get(project.port)[1].strip() in ("one", "two")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=30)
-    status = project.status()  # the next command recovers
-    after_switch = STEPS.index(step) >= STEPS.index("switched")
-    assert project.served() == ("two" if after_switch else "one")
-    if not after_switch:
-        assert status["release"] == first["release"]
-    history = project.json("history", "staging")["deployments"]
-    assert isinstance(history, list)
-    assert history[0]["outcome"] == ("succeeded" if after_switch else "aborted")
-    assert history[0]["recovered"] is True
+    status = kill_mid_deploy_and_recover(project, step)
     # nothing leaked: the engine runs exactly the recorded containers
     assert set(containers(docker)) == recorded(status)
     assert status["strays"] == []
