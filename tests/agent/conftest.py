@@ -13,8 +13,7 @@ import signal
 import socket
 import sys
 import textwrap
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ import pytest
 from castiron.agent.client import AgentClient, agent_pid, ensure_agent
 from castiron.agent.supervisor import process_start_time
 from castiron.settings import Settings, load_settings
+from testkit import free_port, wait_for
 
 APP = textwrap.dedent(
     """
@@ -46,22 +46,6 @@ APP = textwrap.dedent(
     server.serve_forever()
     """
 )
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
-    """Poll ``predicate`` until it is truthy (fails the test after ``timeout`` s)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what or predicate}")
-        time.sleep(0.02)
 
 
 def port_open(port: int) -> bool:

@@ -11,15 +11,11 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import textwrap
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
 
 from castiron.agent.client import AgentClient, ensure_agent, stop_agent
 from castiron.agent.supervisor import kill_session, process_start_time
@@ -166,26 +162,6 @@ def get_json(address: str, path: str = "/", timeout: float = 5.0) -> dict[str, o
     """GET ``path`` from ``address`` and decode its JSON answer."""
     with urllib.request.urlopen(f"http://{address}{path}", timeout=timeout) as response:
         return dict(json.loads(response.read()))
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str = "") -> object:
-    """Poll ``predicate`` until it returns something truthy (fails after ``timeout`` s)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(OSError):
-            value = predicate()
-            if value:
-                return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what or predicate}")
-        time.sleep(0.05)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def serving(address: str) -> bool:

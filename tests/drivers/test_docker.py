@@ -12,7 +12,6 @@ import contextlib
 import os
 import shutil
 import socket
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,6 +40,7 @@ from castiron.images.build import BakeOptions, bake
 from castiron.images.store import ImageStore
 from castiron.model import Digest, ImageRef, Instance, InstanceSpec, ReleaseId
 from castiron.spec.schema import ImageSection
+from testkit import wait_for
 
 BUSYBOX = "/bin/busybox"
 HTTPD: tuple[str, ...] = (
@@ -115,19 +115,6 @@ def get(address: str, path: str = "/", timeout: float = 5.0) -> str:
     """GET ``path`` from ``address``; the body as text."""
     with urllib.request.urlopen(f"http://{address}{path}", timeout=timeout) as response:
         return str(response.read().decode())
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 20.0) -> object:
-    """Poll ``predicate`` until it returns something truthy (fails after ``timeout`` s)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(OSError):
-            value = predicate()
-            if value:
-                return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {predicate}")
-        time.sleep(0.05)
 
 
 # --- fixtures --------------------------------------------------------------------------------

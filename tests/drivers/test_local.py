@@ -26,17 +26,16 @@ from castiron.images.store import ImageStore
 from castiron.model import ImageRef, Instance, InstanceSpec, Isolation, ReleaseId
 from castiron.settings import Settings
 from castiron.traffic.base import Backend, BackendSet, RouteConfig
+from testkit import free_port, wait_for
 
 from .localkit import (
     LocalImage,
     bwrap_problem,
-    free_port,
     get_json,
     make_driver,
     running_agent,
     serving,
     unpack,
-    wait_for,
 )
 
 SECRET = "s3cr3t-value-that-must-never-be-written"

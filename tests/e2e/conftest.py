@@ -12,7 +12,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from castiron.engine.journal import STEPS
+from testkit import free_port, wait_for
 
 APP = textwrap.dedent(
     """
@@ -78,22 +78,6 @@ environments:
     keep_warm: 10m
     isolation: none
 """
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 60.0, what: str = "") -> None:
-    """Poll ``predicate`` until it is truthy; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what or predicate}")
-        time.sleep(0.05)
 
 
 def get(port: int, path: str = "/", timeout: float = 5.0) -> tuple[int, str]:

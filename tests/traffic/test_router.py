@@ -15,6 +15,7 @@ import pytest
 
 from castiron.traffic.base import Stickiness, Timeouts
 from castiron.traffic.stats import prometheus_text
+from testkit import wait_for
 from traffic.backends import HttpBackend, dead_address
 from traffic.conftest import Harness, bset
 
@@ -33,14 +34,6 @@ def get_json(
     r = c.getresponse()
     body = r.read()
     return r.status, (json.loads(body) if body.startswith(b"{") else {}), r
-
-
-def wait_for(pred: Callable[[], bool], timeout: float = 10) -> None:
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached")
-        time.sleep(0.01)
 
 
 def test_get_and_post_are_proxied(harness: Harness, backends: MakeBackend) -> None:
