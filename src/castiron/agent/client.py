@@ -746,6 +746,28 @@ def agent_pid(settings: Settings) -> int | None:
         return 0  # held by an agent that has not written its pid yet
 
 
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+"""``PATH`` of the agent when the deployer's environment has none."""
+
+_KEPT_ENV = frozenset({"PATH", "LANG", "LC_ALL", "LC_CTYPE", "HOME", "TZ"})
+
+
+def minimal_environ(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment the agent and the fd keeper run with: ``PATH``, locale, ``HOME``,
+    ``TZ`` and ``CASTIRON_*`` of ``environ``, nothing else.
+
+    The deployer's cloud credentials and tokens must not sit in a long-lived daemon's
+    ``/proc/PID/environ``; instances get exactly the environment of their spawn request.
+    """
+    kept = {
+        name: text
+        for name, text in environ.items()
+        if name in _KEPT_ENV or name.startswith("CASTIRON_")
+    }
+    kept.setdefault("PATH", DEFAULT_PATH)
+    return kept
+
+
 def daemon_argv(settings: Settings, extra_args: tuple[str, ...] = ()) -> list[str]:
     """The command that runs the agent of ``settings.home`` in the foreground."""
     return [
@@ -786,6 +808,7 @@ def start_agent(
             start_new_session=True,
             close_fds=True,
             cwd="/",
+            env=minimal_environ(settings.environ),
         )
     except OSError as exc:
         raise AgentError(f"cannot start the agent for {settings.home}: {exc}") from exc
@@ -898,6 +921,7 @@ __all__ = [
     "daemon_argv",
     "ensure_agent",
     "from_json",
+    "minimal_environ",
     "socket_path",
     "start_agent",
     "stop_agent",

@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from castiron.agent.client import unix_address, unix_connect
+from castiron.agent.client import minimal_environ, unix_address, unix_connect
 from castiron.errors import AgentError
 
 SOCKET_NAME = "fdkeeper.sock"
@@ -241,6 +241,7 @@ class FdKeeperClient:
                 start_new_session=True,
                 close_fds=True,
                 cwd="/",
+                env=minimal_environ(os.environ),
             )
         except OSError as exc:
             raise AgentError(f"cannot start the fd keeper: {exc}") from exc
