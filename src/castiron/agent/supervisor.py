@@ -51,6 +51,7 @@ from castiron.agent.client import (
     to_json,
 )
 from castiron.errors import AgentError, NotFoundError, UsageError
+from castiron.filemodes import make_private_dir, open_private
 from castiron.model import is_name
 
 log = logging.getLogger("castiron.agent.supervisor")
@@ -254,9 +255,9 @@ class Supervisor:
                     f"instance {request.id}: cannot create {request.instance_dir}: {exc}"
                 ) from None
         try:
-            log_dir.mkdir(parents=True, exist_ok=True)
+            make_private_dir(log_dir)
             log_path = log_dir / f"{request.id}.log"
-            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+            log_fd = open_private(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         except OSError as exc:
             raise UsageError(
                 f"instance {request.id}: cannot open its log in {log_dir}: {exc}"

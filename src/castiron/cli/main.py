@@ -96,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return int(ExitCode.OK)
+    except PermissionError as exc:
+        # Another user's castiron home (0700) or a file castiron may not touch.
+        emit_error(f"permission denied: {exc.filename or exc.strerror}")
+        return int(ExitCode.FAILED)
     except Exception:
         import traceback
 

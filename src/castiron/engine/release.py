@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from castiron.errors import UsageError
+from castiron.filemodes import make_private_dir, open_private
 from castiron.model import Digest, ReleaseId
 from castiron.values import value
 
@@ -338,8 +339,9 @@ def _store(entry: Path, key: str, result: DeploySpec) -> None:
     tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
     with contextlib.suppress(OSError):
         # Only beside existing state: the state directory is created (0700) by the store.
-        entry.parent.mkdir(exist_ok=True, mode=0o700)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        if entry.parent.parent.is_dir():
+            make_private_dir(entry.parent)
+        fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         with os.fdopen(fd, "wb") as out:
             out.write(canonical_json(data))
         os.replace(tmp, entry)

@@ -32,6 +32,7 @@ from castiron.errors import (
     StateError,
     TagConflictError,
 )
+from castiron.filemodes import make_private_dir, open_private, restrict
 from castiron.model import Digest, ReleaseId
 from castiron.settings import Settings
 from castiron.state import audit
@@ -206,8 +207,15 @@ def open_state(
 
 
 def _connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
-    if not path.exists():
-        _create(path)
+    try:
+        if not path.exists():
+            _create(path)
+        _make_private(path)
+    except PermissionError as exc:
+        raise StateError(
+            f"permission denied: {exc.filename or path} (a castiron home is private to the "
+            "user who created it)"
+        ) from exc
     _check_header(path)
     try:
         conn = sqlite3.connect(
@@ -240,15 +248,28 @@ def _connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
     return conn
 
 
+def _make_private(path: Path) -> None:
+    """The home 0700; the database, its WAL and shared memory 0600 (SQLite gives the WAL and
+    shm files the database file's mode when it creates them)."""
+    try:
+        restrict(path.parent, 0o700)
+        for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
+            restrict(path.with_name(name))
+    except PermissionError:
+        raise
+    except OSError as exc:
+        raise StateError(f"cannot set the mode of the state files in {path.parent}: {exc}") from exc
+
+
 def _create(path: Path) -> None:
     home = path.parent
     try:
-        if not home.exists():
-            home.mkdir(mode=0o700, parents=True)
-            os.chmod(home, 0o700)
+        make_private_dir(home)
         tmp = home / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        # Created 0600 before SQLite opens it: SQLite would make it 0666 minus the umask.
+        os.close(open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
         conn = sqlite3.connect(tmp, isolation_level=None)
         try:
             conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
@@ -263,6 +284,8 @@ def _create(path: Path) -> None:
             pass
         finally:
             tmp.unlink()
+    except PermissionError:
+        raise
     except OSError as exc:
         raise StateError(f"cannot create the state database {path}: {exc.strerror}") from exc
     except sqlite3.Error as exc:
