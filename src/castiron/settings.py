@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import field
 from pathlib import Path
 
+from castiron.redact import Redactor
 from castiron.values import value
 
 
@@ -42,6 +43,10 @@ class Settings:
 
     environ: Mapping[str, str] = field(default_factory=dict)
     """The process environment, captured once, for ``${VAR}`` interpolation and secrets."""
+
+    redactor: Redactor = field(default_factory=Redactor, compare=False, repr=False)
+    """The secret values resolved in this invocation: the state store, the observers and the
+    error line mask them (``***``) in every text they write or print."""
 
     @property
     def state_path(self) -> Path:
@@ -75,6 +80,7 @@ def load_settings(
     spec_path: Path | None = None,
     home: Path | None = None,
     cwd: Path | None = None,
+    redactor: Redactor | None = None,
 ) -> Settings:
     """Build settings from flags (explicit arguments win) and the environment."""
     base = cwd if cwd is not None else Path.cwd()
@@ -95,4 +101,5 @@ def load_settings(
         color="NO_COLOR" not in environ and environ.get("TERM") != "dumb",
         actor=actor,
         environ=dict(environ),
+        redactor=redactor if redactor is not None else Redactor(),
     )

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from castiron.errors import AgentError, NotFoundError, UsageError
+from castiron.filemodes import make_private_dir
 from castiron.settings import Settings
 from castiron.values import value
 
@@ -103,6 +104,10 @@ class SpawnRequest:
     public_env: tuple[str, ...] = ()
     """Names in ``env`` whose *values* may be recorded (for drift detection); every other
     value is treated as a secret: kept in memory only, never written."""
+    secret_env: tuple[str, ...] = ()
+    """Names in ``env`` whose values are resolved secrets: the instance's output reaches its
+    log through a pump that masks them (``***``), and the agent masks them in its own log and
+    events."""
     instance_dir: str = ""
     """An absolute directory private to the instance, created (mode 0700) before it starts and
     removed when it is stopped; a replacement gets its own (see ``replace``)."""
@@ -795,8 +800,7 @@ def start_agent(
     if running is not None:
         raise AgentError(f"an agent already runs for {settings.home} (pid {running})")
     agent_dir = settings.agent_path
-    agent_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(agent_dir, 0o700)
+    make_private_dir(agent_dir)
     log_path = agent_dir / LOG_NAME
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     try:

@@ -37,6 +37,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from castiron.agent.client import (
     InstanceRecord,
     SpawnRequest,
     from_json,
+    minimal_environ,
     to_json,
 )
 from castiron.errors import AgentError, NotFoundError, UsageError
@@ -167,6 +169,7 @@ class Supervisor:
         self._watches: dict[str, _Watch] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._pumps: list[subprocess.Popen[bytes]] = []
 
     # -- life cycle
 
@@ -208,6 +211,10 @@ class Supervisor:
                 # Deliberately not waited for: it lives on in its own session.
                 watch.popen.returncode = 0
         self._watches.clear()
+        for pump in self._pumps:
+            if pump.poll() is None:
+                pump.returncode = 0  # lives on with its instance, like it
+        self._pumps.clear()
 
     # -- queries
 
@@ -247,9 +254,9 @@ class Supervisor:
         if request.instance_dir:
             try:
                 base = Path(request.instance_dir)
-                base.mkdir(parents=True, exist_ok=True, mode=0o700)
+                make_private_dir(base)
                 for sub in request.instance_subdirs:
-                    (base / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+                    make_private_dir(base / sub)
             except OSError as exc:
                 raise UsageError(
                     f"instance {request.id}: cannot create {request.instance_dir}: {exc}"
@@ -262,14 +269,18 @@ class Supervisor:
             raise UsageError(
                 f"instance {request.id}: cannot open its log in {log_dir}: {exc}"
             ) from None
+        secrets = [request.env[k] for k in request.secret_env if k in request.env]
+        out_fd = log_fd
         try:
+            if secrets:
+                out_fd = self._start_pump(request.id, log_fd, secrets)
             popen = subprocess.Popen(
                 argv,
                 env=dict(request.env),
                 cwd=request.cwd,
                 stdin=subprocess.DEVNULL,
-                stdout=log_fd,
-                stderr=log_fd,
+                stdout=out_fd,
+                stderr=out_fd,
                 start_new_session=True,
                 close_fds=True,
             )
@@ -277,6 +288,8 @@ class Supervisor:
             raise UsageError(f"instance {request.id}: cannot start {argv[0]!r}: {exc}") from None
         finally:
             os.close(log_fd)
+            if out_fd != log_fd:
+                os.close(out_fd)
         pidfd = _pidfd_open(popen.pid)
         start_time = process_start_time(popen.pid, zombie_ok=True)  # it may exit at once
         record = InstanceRecord(
@@ -336,6 +349,50 @@ class Supervisor:
 
     # -- logs
 
+    def _start_pump(self, instance_id: str, log_fd: int, secrets: list[str]) -> int:
+        """Start the log pump of an instance with secrets; returns the write end of its pipe
+        (the instance's stdout and stderr).
+
+        Raises:
+            OSError: when the pipe or the pump cannot be made.
+        """
+        self._reap_pumps()
+        read_end, write_end = os.pipe()
+        values_read, values_write = os.pipe()
+        try:
+            pump = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "castiron.agent.logpump",
+                    "--secrets-fd",
+                    str(values_read),
+                ],
+                stdin=read_end,
+                stdout=log_fd,
+                stderr=log_fd,
+                pass_fds=(values_read,),
+                start_new_session=True,
+                close_fds=True,
+                cwd="/",
+                env=minimal_environ(os.environ),
+            )
+        except BaseException:
+            os.close(write_end)
+            os.close(values_write)
+            raise
+        finally:
+            os.close(read_end)
+            os.close(values_read)
+        self._pumps.append(pump)
+        with os.fdopen(values_write, "wb") as out:
+            out.write(json.dumps(secrets).encode())
+        log.debug("instance %s: log pump pid %d", instance_id, pump.pid)
+        return write_end
+
+    def _reap_pumps(self) -> None:
+        self._pumps = [p for p in self._pumps if p.poll() is None]
+
     def log_path(self, instance_id: str) -> Path:
         """The current log file of ``instance_id``. Raises NotFoundError."""
         return Path(self.get(instance_id).log_path)
@@ -346,6 +403,7 @@ class Supervisor:
         Returns the rotated files. Errors are logged, never raised: rotation must not stop the
         agent.
         """
+        self._reap_pumps()
         rotated: list[Path] = []
         for record in self._records.values():
             if record.state != "running":

@@ -267,6 +267,7 @@ class LocalDriver:
             address=address,
             labels=labels,
             public_env=tuple(sorted(k for k in env if k not in spec.secret_names)),
+            secret_env=tuple(sorted(k for k in env if k in spec.secret_names)),
             instance_dir=str(instance_dir),
             instance_subdirs=subdirs,
             replace=self.replace_on_exit,

@@ -751,7 +751,9 @@ class Engine:
         environment = target.environment
         from castiron.engine.secrets import resolve_secrets
 
-        secret_values = resolve_secrets(release, self.environ, Path(policy.base_dir))
+        secret_values = resolve_secrets(
+            release, self.environ, Path(policy.base_dir), self.store.redactor
+        )
         runtime = image_runtime(self.images, release.digest)
         stored = self.images.image(release.digest)
         image = ImageRef(release.digest, stored.config_digest, self.images.root)

@@ -610,6 +610,7 @@ def evaluate(
             )
         elif gate == "checks" and run_checks and all(r.passed for r in results):
             masks = secret_values(release, engine.environ, policy.base_dir)
+            store.redactor.add(masks)
             url = policy.check_url(store)
             engine.observer.progress(f"running {len(policy.checks)} check(s) against {url}")
             results.append(

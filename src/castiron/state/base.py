@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol, TypeVar
 
 from castiron.model import Digest, ReleaseId
+from castiron.redact import Redactor
 from castiron.values import value
 
 T = TypeVar("T")
@@ -437,6 +438,13 @@ class StateStore(Protocol):
     @property
     def clock(self) -> Clock:
         """Where this store's timestamps come from."""
+        ...
+
+    @property
+    def redactor(self) -> Redactor:
+        """The secret values this store masks (``***``) in every text it writes: deployment
+        details, journal steps, instance data, events, gate results, approval comments and
+        audit details. Whoever resolves a secret adds its value here before using it."""
         ...
 
     def mutate(self, draft: AuditDraft, apply: Callable[[StateTx], T]) -> T:

@@ -34,6 +34,7 @@ from castiron.errors import (
 )
 from castiron.filemodes import make_private_dir, open_private, restrict
 from castiron.model import Digest, ReleaseId
+from castiron.redact import Redactor
 from castiron.settings import Settings
 from castiron.state import audit
 from castiron.state.base import (
@@ -182,12 +183,14 @@ def open_state(
     key_path: Path | None = None,
     clock: Clock | None = None,
     busy_timeout: float = 10.0,
+    redactor: Redactor | None = None,
 ) -> SqliteStateStore:
     """Open (creating when missing) the state store of ``target``.
 
     ``target`` is the settings (their ``state_path``, ``audit_key_path`` and ``actor`` are used)
     or a database path (then the key lives beside it as ``audit.key``). Explicit keyword
-    arguments win over the settings.
+    arguments win over the settings. The store masks the values of ``redactor`` (default:
+    the settings' one) in every text it writes.
 
     Raises:
         StateCorruptError: when the file is not SQLite, is truncated or is not castiron's.
@@ -198,12 +201,20 @@ def open_state(
         path = target.state_path
         key = key_path if key_path is not None else target.audit_key_path
         who = actor if actor is not None else target.actor
+        redactor = redactor if redactor is not None else target.redactor
     else:
         path = target
         key = key_path if key_path is not None else path.with_name("audit.key")
         who = actor if actor is not None else "unknown@unknown"
     conn = _connect(path, busy_timeout)
-    return SqliteStateStore(conn, path, who, key, clock if clock is not None else SystemClock())
+    return SqliteStateStore(
+        conn,
+        path,
+        who,
+        key,
+        clock if clock is not None else SystemClock(),
+        redactor if redactor is not None else Redactor(),
+    )
 
 
 def _connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
@@ -457,10 +468,13 @@ _DEPLOYMENT_COLUMNS = (
 class SqliteTx:
     """Writes inside one :meth:`SqliteStateStore.mutate`; dead once it returns."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, clock: Clock) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, path: Path, clock: Clock, redactor: Redactor
+    ) -> None:
         self._conn = conn
         self._path = path
         self._clock = clock
+        self._mask = redactor
         self._open = True
         self.notes: dict[str, Any] = {}
 
@@ -562,7 +576,7 @@ class SqliteTx:
                 format_time(d.started),
                 _time(d.finished),
                 d.outcome,
-                _json(d.details),
+                _json(self._mask.json(d.details)),
                 d.git_commit,
             ),
             f"deployment {d.id}: a release it names is not recorded (or the id is taken)",
@@ -582,7 +596,7 @@ class SqliteTx:
         if row is None:
             raise NotFoundError(f"no deployment {deployment_id!r}")
         current = _deployment(row)
-        merged = {**current.details, **(details or {})}
+        merged = self._mask.json({**current.details, **(details or {})})
         db.execute(
             "UPDATE deployments SET outcome = ?, finished = ?, details = ? WHERE id = ?",
             (outcome, format_time(finished), _json(merged), deployment_id),
@@ -605,7 +619,7 @@ class SqliteTx:
         db.execute(
             "INSERT INTO deployment_steps (deployment_id, seq, step, state, data, at)"
             " VALUES (?, ?, ?, ?, ?, ?)",
-            (deployment_id, seq, step, state, _json(data), format_time(at)),
+            (deployment_id, seq, step, state, _json(self._mask.json(data)), format_time(at)),
         )
         return StepRow(deployment_id, seq, step, state, dict(data), at)
 
@@ -614,7 +628,15 @@ class SqliteTx:
         self._write(
             "INSERT OR REPLACE INTO instances (id, environment, release, address, runtime,"
             " status, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (i.id, i.environment, i.release, i.address, i.runtime, i.status, _json(i.data)),
+            (
+                i.id,
+                i.environment,
+                i.release,
+                i.address,
+                i.runtime,
+                i.status,
+                _json(self._mask.json(i.data)),
+            ),
             f"instance {i.id}: release {i.release} is not recorded",
         )
 
@@ -630,7 +652,7 @@ class SqliteTx:
         if row is None:
             raise NotFoundError(f"no instance {instance_id!r}")
         current = _instance(row)
-        merged = {**current.data, **(data or {})}
+        merged = self._mask.json({**current.data, **(data or {})})
         db.execute(
             "UPDATE instances SET status = ?, data = ? WHERE id = ?",
             (status, _json(merged), instance_id),
@@ -647,8 +669,8 @@ class SqliteTx:
                 format_time(event.time),
                 event.environment,
                 event.kind,
-                event.message,
-                _json(event.data),
+                self._mask.text(event.message),
+                _json(self._mask.json(event.data)),
             ),
         )
         return replace(event, id=cur.lastrowid)
@@ -686,7 +708,7 @@ class SqliteTx:
         cur = self._db().execute(
             "INSERT INTO approvals (environment, release, actor, created, comment)"
             " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            (a.environment, a.release, a.actor, format_time(a.created), a.comment),
+            (a.environment, a.release, a.actor, format_time(a.created), self._mask.text(a.comment)),
         )
         return cur.rowcount == 1
 
@@ -702,8 +724,8 @@ class SqliteTx:
                     r.digest,
                     r.gate,
                     int(r.passed),
-                    r.reason,
-                    _json(r.data),
+                    self._mask.text(r.reason),
+                    _json(self._mask.json(r.data)),
                     format_time(r.checked),
                 )
                 for r in results
@@ -725,8 +747,15 @@ class SqliteStateStore:
     """State in one SQLite file. One connection, shared by threads under a lock."""
 
     def __init__(
-        self, conn: sqlite3.Connection, path: Path, actor: str, key_path: Path, clock: Clock
+        self,
+        conn: sqlite3.Connection,
+        path: Path,
+        actor: str,
+        key_path: Path,
+        clock: Clock,
+        redactor: Redactor | None = None,
     ) -> None:
+        self._redactor = redactor if redactor is not None else Redactor()
         self._conn = conn
         self._path = path
         self._actor = actor
@@ -756,6 +785,10 @@ class SqliteStateStore:
     @property
     def clock(self) -> Clock:
         return self._clock
+
+    @property
+    def redactor(self) -> Redactor:
+        return self._redactor
 
     @property
     def key_path(self) -> Path:
@@ -805,7 +838,7 @@ class SqliteStateStore:
             raise TypeError("mutate needs an AuditDraft: every change is audited")
         with self._lock, _db_errors(self._path):
             conn = self._conn
-            tx = SqliteTx(conn, self._path, self._clock)
+            tx = SqliteTx(conn, self._path, self._clock, self._redactor)
             conn.execute("BEGIN IMMEDIATE")
             try:
                 result = apply(tx)
@@ -860,7 +893,7 @@ class SqliteStateStore:
         self._check_tail(last, head, key)
         seq = 1 if last is None else last[0] + 1
         prev = audit.GENESIS if last is None else last[11]
-        details = audit.canonical_json({**draft.details, **notes})
+        details = audit.canonical_json(self._redactor.json({**draft.details, **notes}))
         row = (
             seq,
             format_time(self._clock.now()),

@@ -43,7 +43,7 @@ class WatchObserver(CliObserver):
     """Progress lines plus a live view of a canary (rich on a terminal, plain lines else)."""
 
     def __init__(self, base: CliObserver, console: Console | None) -> None:
-        super().__init__(base.home, base.pause_at, base.quiet)
+        super().__init__(base.home, base.pause_at, base.quiet, base.redactor)
         self.started = base.started
         self.console = console
         self.live: Live | None = None
@@ -52,7 +52,9 @@ class WatchObserver(CliObserver):
     def progress(self, message: str) -> None:
         if self.live is not None and not self.quiet:
             elapsed = time.monotonic() - self.started
-            self.live.console.print(f"[{elapsed:6.2f}s] {message}", markup=False)
+            self.live.console.print(
+                f"[{elapsed:6.2f}s] {self.redactor.text(message)}", markup=False
+            )
             return
         super().progress(message)
 

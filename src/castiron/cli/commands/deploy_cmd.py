@@ -24,6 +24,7 @@ import click
 from castiron.cli.context import CliContext, pass_cli
 from castiron.cli.render import emit_json
 from castiron.errors import UsageError
+from castiron.redact import Redactor
 
 if TYPE_CHECKING:
     from castiron.engine.deploy import Engine, Target
@@ -39,10 +40,17 @@ PAUSE_SECONDS = 300.0
 class CliObserver:
     """Progress lines on stderr, and the test-only pause at a journal step."""
 
-    def __init__(self, home: Path, pause_at: str | None, quiet: bool = False) -> None:
+    def __init__(
+        self,
+        home: Path,
+        pause_at: str | None,
+        quiet: bool = False,
+        redactor: Redactor | None = None,
+    ) -> None:
         self.home = home
         self.pause_at = pause_at or None
         self.quiet = quiet
+        self.redactor = redactor if redactor is not None else Redactor()
         self.started = time.monotonic()
 
     def step(self, step: str, data: JsonObject) -> None:
@@ -54,12 +62,14 @@ class CliObserver:
     def progress(self, message: str) -> None:
         if not self.quiet:
             elapsed = time.monotonic() - self.started
-            click.echo(f"[{elapsed:6.2f}s] {message}", err=True)
+            click.echo(f"[{elapsed:6.2f}s] {self.redactor.text(message)}", err=True)
 
 
 def observer_for(cli: CliContext, quiet: bool = False) -> CliObserver:
     """The observer of one CLI invocation."""
-    return CliObserver(cli.settings.home, cli.settings.environ.get(PAUSE_ENV), quiet)
+    return CliObserver(
+        cli.settings.home, cli.settings.environ.get(PAUSE_ENV), quiet, cli.settings.redactor
+    )
 
 
 def confirm(cli: CliContext, question: str, yes: bool) -> None:
