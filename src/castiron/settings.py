@@ -17,6 +17,18 @@ from castiron.redact import Redactor
 from castiron.values import value
 
 
+def current_os_user() -> str:
+    """The name of the process's effective user, from its uid (never from ``$USER``, which
+    anyone can set); ``uid N`` when the user has no name."""
+    import pwd
+
+    uid = os.geteuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
 def _default_actor() -> str:
     try:
         user = getpass.getuser()
@@ -43,6 +55,10 @@ class Settings:
 
     environ: Mapping[str, str] = field(default_factory=dict)
     """The process environment, captured once, for ``${VAR}`` interpolation and secrets."""
+
+    os_user: str = field(default_factory=current_os_user)
+    """The OS user running castiron (an identity: it comes from the uid); recorded with
+    approvals, and an approval by the deployer's own OS user never counts."""
 
     redactor: Redactor = field(default_factory=Redactor, compare=False, repr=False)
     """The secret values resolved in this invocation: the state store, the observers and the

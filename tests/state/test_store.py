@@ -273,6 +273,7 @@ READS = {
     "get_lease",
     "list_leases",
     "approvals",
+    "redactor",
     "gate_results",
     "audit_entries",
     "audit_rows",

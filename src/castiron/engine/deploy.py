@@ -58,6 +58,7 @@ from castiron.errors import (
     UsageError,
 )
 from castiron.model import Digest, ImageRef, Instance, ReleaseId
+from castiron.settings import current_os_user
 from castiron.state.base import (
     AuditDraft,
     DeploymentRow,
@@ -192,8 +193,11 @@ class Engine:
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         locks: LockManager | None = None,
+        os_user: str | None = None,
     ) -> None:
         self.store = store
+        self.os_user = os_user if os_user is not None else current_os_user()
+        """The OS user deploying (an identity, from the uid): its own approvals never count."""
         self._images = images
         self._driver_for = driver_for
         self._traffic_factory = traffic

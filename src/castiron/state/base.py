@@ -21,7 +21,7 @@ from dataclasses import field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol, TypeVar
 
-from castiron.model import Digest, ReleaseId
+from castiron.model import Digest, Identity, ReleaseId
 from castiron.redact import Redactor
 from castiron.values import value
 
@@ -232,13 +232,25 @@ class Lease:
 
 @value
 class ApprovalRow:
-    """One actor's approval of a release for an environment (a promotion gate)."""
+    """One approval of a release for an environment (the input of the ``approvals`` gate).
+
+    Unique by (environment, release, identity): approving twice with one key records once.
+    """
 
     environment: str
     release: ReleaseId
     actor: str
+    """The ``CASTIRON_ACTOR`` label (``user@host``): shown, never counted."""
     created: datetime
     comment: str = ""
+    identity: Identity | None = None
+    """What the approval is bound to (a signing key); None for approvals recorded before
+    castiron required one (never counted)."""
+    os_user: str = ""
+    """The OS user of the process that recorded it (from its uid, not the environment)."""
+    signature: str = ""
+    """Base64 DER signature by ``identity``'s key of
+    :func:`castiron.engine.policy.approval_payload`."""
 
 
 @value

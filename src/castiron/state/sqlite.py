@@ -33,7 +33,7 @@ from castiron.errors import (
     TagConflictError,
 )
 from castiron.filemodes import make_private_dir, open_private, restrict
-from castiron.model import Digest, ReleaseId
+from castiron.model import Digest, Identity, ReleaseId
 from castiron.redact import Redactor
 from castiron.settings import Settings
 from castiron.state import audit
@@ -146,6 +146,12 @@ def _statements(sql: str) -> Iterator[str]:
 
 def _json(value: JsonObject | None) -> str:
     return audit.canonical_json(dict(value or {}))
+
+
+def _identity(kind: str, ident: str) -> Identity | None:
+    if kind in ("key", "os_user", "token"):
+        return Identity(kind, ident)  # type: ignore[arg-type]
+    return None
 
 
 def _time(value: datetime | None) -> str | None:
@@ -705,10 +711,31 @@ class SqliteTx:
 
     def add_approval(self, approval: ApprovalRow) -> bool:
         a = approval
-        cur = self._db().execute(
-            "INSERT INTO approvals (environment, release, actor, created, comment)"
-            " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            (a.environment, a.release, a.actor, format_time(a.created), self._mask.text(a.comment)),
+        kind, ident = (a.identity.kind, a.identity.id) if a.identity is not None else ("", "")
+        db = self._db()
+        # One approval per identity (per label for those without one).
+        exists = db.execute(
+            "SELECT 1 FROM approvals WHERE environment = ? AND release = ? AND identity_kind = ?"
+            " AND identity = ? AND (identity_kind != '' OR actor = ?)",
+            (a.environment, a.release, kind, ident, a.actor),
+        ).fetchone()
+        if exists:
+            return False
+        cur = db.execute(
+            "INSERT INTO approvals (environment, release, actor, created, comment, identity_kind,"
+            " identity, os_user, signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT DO NOTHING",
+            (
+                a.environment,
+                a.release,
+                a.actor,
+                format_time(a.created),
+                self._mask.text(a.comment),
+                kind,
+                ident,
+                a.os_user,
+                a.signature,
+            ),
         )
         return cur.rowcount == 1
 
@@ -1092,10 +1119,20 @@ class SqliteStateStore:
 
     def approvals(self, environment: str, release: ReleaseId) -> list[ApprovalRow]:
         return [
-            ApprovalRow(r[0], ReleaseId(r[1]), r[2], parse_time(r[3]), r[4])
+            ApprovalRow(
+                r[0],
+                ReleaseId(r[1]),
+                r[2],
+                parse_time(r[3]),
+                r[4],
+                _identity(r[5], r[6]),
+                r[7],
+                r[8],
+            )
             for r in self._all(
-                "SELECT environment, release, actor, created, comment FROM approvals"
-                " WHERE environment = ? AND release = ? ORDER BY created, actor",
+                "SELECT environment, release, actor, created, comment, identity_kind, identity,"
+                " os_user, signature FROM approvals WHERE environment = ? AND release = ?"
+                " ORDER BY created, actor, identity",
                 (environment, release),
             )
         ]
