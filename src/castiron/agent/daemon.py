@@ -66,6 +66,7 @@ from castiron.agent.client import (
     unix_address,
 )
 from castiron.agent.fdkeeper import FdKeeperClient
+from castiron.agent.notify import Notifier
 from castiron.agent.routes import (
     counters_to_json,
     is_loopback,
@@ -134,6 +135,9 @@ class AgentOptions:
     """Hand listening sockets to the fd keeper so they outlive the agent process."""
     backoff: ReplaceBackoff = field(default_factory=lambda: ReplaceBackoff())
     """How soon exited instances are replaced."""
+    notifier: Notifier = field(default_factory=Notifier)
+    """The service manager to tell of readiness, liveness and stopping (systemd
+    ``Type=notify``; nothing when not started by one)."""
 
     @property
     def agent_dir(self) -> Path:
@@ -519,12 +523,19 @@ class Agent:
         housekeeping = loop.create_task(self._housekeeping())
         self._note("agent-started", detail=f"pid {os.getpid()}")
         log.info("agent %d ready on %s", os.getpid(), self.dir / SOCKET_NAME)
+        notifier = self.options.notifier
+        notifier.ready(f"ready on {self.dir / SOCKET_NAME}")
+        watchdog = loop.create_task(notifier.keep_alive())
         if ready is not None:
             ready()
         try:
             await self._stop.wait()
         finally:
             log.info("agent stopping")
+            notifier.stopping()
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
             housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await housekeeping
@@ -1536,6 +1547,7 @@ def _parse_args(argv: list[str] | None) -> AgentOptions:
         log_file=args.log_file.absolute() if args.log_file else None,
         log_policy=LogPolicy(max_bytes=args.log_max_bytes, backups=args.log_backups),
         keep_listeners=not args.no_keep_listeners,
+        notifier=Notifier.from_environ(os.environ, os.getpid()),
     )
 
 

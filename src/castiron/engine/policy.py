@@ -446,10 +446,7 @@ def approver_keys(policy: GatePolicy) -> list[VerifyKey]:
     """
     from castiron.images.sign import load_verify_key
 
-    return [
-        load_verify_key(policy.base_dir / name, name)
-        for name in policy.approvers
-    ]
+    return [load_verify_key(policy.base_dir / name, name) for name in policy.approvers]
 
 
 def _why_not(
