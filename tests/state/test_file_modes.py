@@ -8,6 +8,7 @@ import os
 import stat
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -88,7 +89,10 @@ def run_as(uid: int, home: Path, argv: list[str], out: Path) -> int:
     """Run ``castiron ARGV`` for ``home`` in a child process as ``uid``; its output goes to
     ``out``."""
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    pid = os.fork()
+    with warnings.catch_warnings():
+        # The child only switches user and runs one command: no lock of another thread matters.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         code = 99
         try:
