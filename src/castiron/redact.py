@@ -92,10 +92,6 @@ class Redactor:
         """A masker for one byte stream (see :class:`StreamRedactor`)."""
         return StreamRedactor(self)
 
-    def pattern(self) -> re.Pattern[bytes] | None:
-        """The compiled byte pattern (None when nothing is masked)."""
-        return self._bytes
-
 
 class StreamRedactor:
     """Masks a byte stream that arrives in chunks cut anywhere, even inside a secret value.
@@ -113,21 +109,42 @@ class StreamRedactor:
     def feed(self, chunk: bytes) -> bytes:
         """Mask ``chunk`` (after what was held back); returns the bytes safe to write."""
         buffer = self._buffer + chunk
-        pattern = self._redactor.pattern()
-        if pattern is None:
+        if not self._values:
             self._buffer = b""
             return buffer
         cut = len(buffer) - self._held_back(buffer)
-        moved = True
-        while moved:  # a whole value across the cut is kept for the next round
-            moved = False
-            for match in pattern.finditer(buffer):
-                if match.start() < cut < match.end():
-                    cut = match.start()
-                    moved = True
-                    break
+        out: list[bytes] = []
+        pos = 0
+        for start, end in self._spans(buffer):
+            if start >= cut:
+                break
+            if end > cut:  # a whole value across the cut: keep it for the next round
+                cut = start
+                break
+            out += (buffer[pos:start], MASK.encode())
+            pos = end
+        out.append(buffer[pos:cut])
         self._buffer = buffer[cut:]
-        return self._redactor.data(buffer[:cut])
+        return b"".join(out)
+
+    def _spans(self, data: bytes) -> list[tuple[int, int]]:
+        """Where values occur, as a regular expression of the values (longest first) would
+        find them: leftmost first, the longest at one start, never overlapping. ``find`` per
+        value is several times faster than a regular expression over a stream."""
+        hits: list[tuple[int, int]] = []
+        for value in self._values:
+            at = data.find(value)
+            while at != -1:
+                hits.append((at, -len(value)))
+                at = data.find(value, at + 1)
+        hits.sort()
+        spans: list[tuple[int, int]] = []
+        pos = 0
+        for start, negative in hits:
+            if start >= pos:
+                spans.append((start, start - negative))
+                pos = start - negative
+        return spans
 
     def flush(self) -> bytes:
         """The masked rest of the stream."""
