@@ -71,7 +71,7 @@ def test_the_pump_masks_an_instances_output_on_its_way_to_the_log() -> None:
     os.write(write_end, b"password is hun")
     os.write(write_end, b"ter2-db!\nbye\n")
     os.close(write_end)
-    pump(read_end, log_write, Redactor(["hunter2-db"]))
+    pump([read_end], log_write, Redactor(["hunter2-db"]))
     os.close(log_write)
     assert os.read(log_read, 1000) == b"password is ***!\nbye\n"
     os.close(read_end)

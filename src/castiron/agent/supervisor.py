@@ -270,17 +270,17 @@ class Supervisor:
                 f"instance {request.id}: cannot open its log in {log_dir}: {exc}"
             ) from None
         secrets = [request.env[k] for k in request.secret_env if k in request.env]
-        out_fd = log_fd
+        out_fd = err_fd = log_fd
         try:
             if secrets:
-                out_fd = self._start_pump(request.id, log_fd, secrets)
+                out_fd, err_fd = self._start_pump(request.id, log_fd, secrets)
             popen = subprocess.Popen(
                 argv,
                 env=dict(request.env),
                 cwd=request.cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=out_fd,
-                stderr=out_fd,
+                stderr=err_fd,
                 start_new_session=True,
                 close_fds=True,
             )
@@ -290,6 +290,7 @@ class Supervisor:
             os.close(log_fd)
             if out_fd != log_fd:
                 os.close(out_fd)
+                os.close(err_fd)
         pidfd = _pidfd_open(popen.pid)
         start_time = process_start_time(popen.pid, zombie_ok=True)  # it may exit at once
         record = InstanceRecord(
@@ -349,16 +350,18 @@ class Supervisor:
 
     # -- logs
 
-    def _start_pump(self, instance_id: str, log_fd: int, secrets: list[str]) -> int:
-        """Start the log pump of an instance with secrets; returns the write end of its pipe
-        (the instance's stdout and stderr).
+    def _start_pump(self, instance_id: str, log_fd: int, secrets: list[str]) -> tuple[int, int]:
+        """Start the log pump of an instance with secrets; returns the write ends of its two
+        pipes (the instance's stdout and stderr, masked as separate streams).
 
         Raises:
-            OSError: when the pipe or the pump cannot be made.
+            OSError: when the pipes or the pump cannot be made.
         """
         self._reap_pumps()
-        read_end, write_end = os.pipe()
+        out_read, out_write = os.pipe()
+        err_read, err_write = os.pipe()
         values_read, values_write = os.pipe()
+        kept = (out_read, err_read, values_read)
         try:
             pump = subprocess.Popen(
                 [
@@ -367,28 +370,32 @@ class Supervisor:
                     "castiron.agent.logpump",
                     "--secrets-fd",
                     str(values_read),
+                    "--source-fd",
+                    str(out_read),
+                    "--source-fd",
+                    str(err_read),
                 ],
-                stdin=read_end,
+                stdin=subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=log_fd,
-                pass_fds=(values_read,),
+                pass_fds=kept,
                 start_new_session=True,
                 close_fds=True,
                 cwd="/",
                 env=minimal_environ(os.environ),
             )
         except BaseException:
-            os.close(write_end)
-            os.close(values_write)
+            for fd in (out_write, err_write, values_write):
+                os.close(fd)
             raise
         finally:
-            os.close(read_end)
-            os.close(values_read)
+            for fd in kept:
+                os.close(fd)
         self._pumps.append(pump)
         with os.fdopen(values_write, "wb") as out:
             out.write(json.dumps(secrets).encode())
         log.debug("instance %s: log pump pid %d", instance_id, pump.pid)
-        return write_end
+        return out_write, err_write
 
     def _reap_pumps(self) -> None:
         self._pumps = [p for p in self._pumps if p.poll() is None]

@@ -33,7 +33,7 @@ from castiron.errors import (
     TagConflictError,
 )
 from castiron.filemodes import make_private_dir, open_private, restrict
-from castiron.model import Digest, Identity, ReleaseId
+from castiron.model import Digest, Identity, IdentityKind, ReleaseId
 from castiron.redact import Redactor
 from castiron.settings import Settings
 from castiron.state import audit
@@ -148,10 +148,12 @@ def _json(value: JsonObject | None) -> str:
     return audit.canonical_json(dict(value or {}))
 
 
+_IDENTITY_KINDS: dict[str, IdentityKind] = {"key": "key", "os_user": "os_user", "token": "token"}
+
+
 def _identity(kind: str, ident: str) -> Identity | None:
-    if kind in ("key", "os_user", "token"):
-        return Identity(kind, ident)  # type: ignore[arg-type]
-    return None
+    known = _IDENTITY_KINDS.get(kind)
+    return None if known is None else Identity(known, ident)
 
 
 def _time(value: datetime | None) -> str | None:
