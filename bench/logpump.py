@@ -9,8 +9,10 @@ output, one in 50 holding a secret) against, in the same run:
   (it cannot mask a value across a line break or a partial write, the pump can);
 * ``cat``                    - the floor: a plain pipe copy, no masking.
 
-Each tool reads the log from a pipe and writes to a file in a temporary directory; the output
-of the pump and of sed are checked to be identical and free of the values.
+Each tool reads the log from a pipe (fed by a thread, as an instance's output arrives) and
+writes to a file in a temporary directory; the pump runs as the supervisor starts it (stdout
+and stderr pipes, the values on their own descriptor). The outputs of the pump and of sed are
+checked to be identical and free of the values.
 
     .venv/bin/python bench/logpump.py [--mib 64] [--runs 5]
 """
@@ -26,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -49,22 +52,56 @@ def make_log(path: Path, mib: int) -> None:
             written += len(block)
 
 
-def run_once(argv: list[str], source: Path, target: Path, pass_fds: tuple[int, ...] = ()) -> float:
-    with source.open("rb") as src, target.open("wb") as dst:
+def _feed(source: Path, fd: int) -> None:
+    with source.open("rb") as src, open(fd, "wb") as out:
+        shutil.copyfileobj(src, out, 1024 * 1024)
+
+
+def run_once(argv: list[str], source: Path, target: Path, extra_fds: tuple[int, ...] = ()) -> float:
+    """Time ``argv`` reading ``source`` from a pipe (as an instance's output arrives) into
+    ``target``. With ``extra_fds`` the pipe is passed as a ``--source-fd`` (the pump)."""
+    read_end, write_end = os.pipe()
+    if extra_fds:
+        argv = [*argv, "--source-fd", str(read_end)]
+    with target.open("wb") as dst:
         started = time.perf_counter()
-        subprocess.run(argv, stdin=src, stdout=dst, check=True, pass_fds=pass_fds)
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL if extra_fds else read_end,
+            stdout=dst,
+            pass_fds=(*extra_fds, read_end) if extra_fds else (),
+        )
+        os.close(read_end)
+        feeder = threading.Thread(target=_feed, args=(source, write_end))
+        feeder.start()
+        feeder.join()
+        if proc.wait() != 0:
+            raise SystemExit(f"{argv[0]} failed")
         return time.perf_counter() - started
 
 
 def pump_once(source: Path, target: Path) -> float:
+    """The pump as the supervisor runs it: two sources (stdout and stderr pipes; stderr
+    stays silent here) and the values on their own descriptor."""
     values_read, values_write = os.pipe()
     os.write(values_write, json.dumps(SECRETS).encode())
     os.close(values_write)
+    err_read, err_write = os.pipe()
+    os.close(err_write)
     try:
-        argv = [sys.executable, "-m", "castiron.agent.logpump", "--secrets-fd", str(values_read)]
-        return run_once(argv, source, target, (values_read,))
+        argv = [
+            sys.executable,
+            "-m",
+            "castiron.agent.logpump",
+            "--secrets-fd",
+            str(values_read),
+            "--source-fd",
+            str(err_read),
+        ]
+        return run_once(argv, source, target, (values_read, err_read))
     finally:
         os.close(values_read)
+        os.close(err_read)
 
 
 def main() -> int:
