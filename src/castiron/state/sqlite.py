@@ -31,6 +31,7 @@ from castiron.errors import (
     StateCorruptError,
     StateError,
     TagConflictError,
+    UsageError,
 )
 from castiron.model import Digest, ReleaseId
 from castiron.settings import Settings
@@ -57,6 +58,7 @@ from castiron.state.base import (
     StepRow,
     SystemClock,
     TagRow,
+    TokenRow,
     format_time,
     parse_time,
 )
@@ -420,6 +422,11 @@ def _lease(r: Any) -> Lease:
     return Lease(r[0], r[1], r[2], r[3], r[4], r[5], r[6], parse_time(r[7]), parse_time(r[8]))
 
 
+def _token(r: Any) -> TokenRow:
+    return TokenRow(r[0], r[1], r[2], parse_time(r[3]), r[4], _ptime(r[5]))
+
+
+_TOKEN_COLUMNS = "name, role, hash, created, created_by, revoked"
 _LEASE_COLUMNS = "environment, token, holder, pid, host, purpose, kind, acquired, expires"
 _DEPLOYMENT_COLUMNS = (
     "id, environment, from_release, to_release, strategy, actor, started, finished, outcome, "
@@ -686,6 +693,29 @@ class SqliteTx:
                 for r in results
             ],
         )
+
+    def add_token(self, token: TokenRow) -> None:
+        db = self._db()
+        if db.execute("SELECT 1 FROM api_tokens WHERE name = ?", (token.name,)).fetchone():
+            raise UsageError(f"a token named {token.name!r} already exists")
+        t = token
+        db.execute(
+            f"INSERT INTO api_tokens ({_TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+            (t.name, t.role, t.hash, format_time(t.created), t.created_by, _time(t.revoked)),
+        )
+
+    def revoke_token(self, name: str, at: datetime) -> TokenRow:
+        db = self._db()
+        row = db.execute(
+            f"SELECT {_TOKEN_COLUMNS} FROM api_tokens WHERE name = ?", (name,)
+        ).fetchone()
+        if row is None:
+            raise NotFoundError(f"no API token named {name!r}")
+        current = _token(row)
+        if current.revoked is not None:
+            return current
+        db.execute("UPDATE api_tokens SET revoked = ? WHERE name = ?", (format_time(at), name))
+        return replace(current, revoked=parse_time(format_time(at)))
 
     def _write(self, sql: str, params: tuple[Any, ...], missing: str) -> None:
         try:
@@ -1078,6 +1108,19 @@ class SqliteStateStore:
             ("time >= ?", None if since is None else format_time(since)),
         )
         return [audit.row_to_entry(r) for r in self._all(sql + " ORDER BY seq", params)]
+
+    def get_token(self, name: str) -> TokenRow | None:
+        row = self._one(f"SELECT {_TOKEN_COLUMNS} FROM api_tokens WHERE name = ?", (name,))
+        return None if row is None else _token(row)
+
+    def token_by_hash(self, hash: str) -> TokenRow | None:
+        row = self._one(f"SELECT {_TOKEN_COLUMNS} FROM api_tokens WHERE hash = ?", (hash,))
+        return None if row is None else _token(row)
+
+    def list_tokens(self) -> list[TokenRow]:
+        return [
+            _token(r) for r in self._all(f"SELECT {_TOKEN_COLUMNS} FROM api_tokens ORDER BY name")
+        ]
 
     def audit_rows(self) -> Iterator[audit.AuditRow]:
         """Every stored audit row in seq order, streamed (for export and verification)."""
