@@ -207,10 +207,53 @@ def open_state(
     return SqliteStateStore(conn, path, who, key, clock if clock is not None else SystemClock())
 
 
+_LIVE_LOCK = threading.Lock()
+_LIVE: dict[tuple[int, int], int] = {}
+"""Open connections of this process per database file (device, inode). POSIX record locks
+belong to the process, and closing *any* descriptor of a file drops all of them: reading the
+header of a file this process already has a connection to would silently unlock that
+connection, and another process could then checkpoint and delete the WAL under it. A file
+with a live connection here was checked when that connection opened, so it is not read again.
+A long-running process (``castiron serve``) holds several connections at once."""
+
+
+def _file_key(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _forget_connection(key: tuple[int, int] | None) -> None:
+    if key is None:
+        return
+    with _LIVE_LOCK:
+        left = _LIVE.get(key, 0) - 1
+        if left > 0:
+            _LIVE[key] = left
+        else:
+            _LIVE.pop(key, None)
+
+
 def _connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
     if not path.exists():
         _create(path)
-    _check_header(path)
+    with _LIVE_LOCK:
+        key = _file_key(path)
+        if key is None or key not in _LIVE:
+            _check_header(path)
+            key = _file_key(path)
+        if key is not None:
+            _LIVE[key] = _LIVE.get(key, 0) + 1
+    try:
+        return _open_connection(path, busy_timeout)
+    except BaseException:
+        _forget_connection(key)
+        raise
+
+
+def _open_connection(path: Path, busy_timeout: float) -> sqlite3.Connection:
     try:
         conn = sqlite3.connect(
             f"file:{path}?mode=rw",
@@ -736,6 +779,7 @@ class SqliteStateStore:
     ) -> None:
         self._conn = conn
         self._path = path
+        self._file = _file_key(path)
         self._actor = actor
         self._key_path = key_path
         self._head_path = audit.head_file_for(key_path)
@@ -785,6 +829,8 @@ class SqliteStateStore:
                 self._flush_head()
             finally:
                 self._conn.close()
+                file, self._file = self._file, None
+                _forget_connection(file)
 
     def _flush_head(self) -> None:
         """Write the head signed by this store's last mutation into the head file, if it is
