@@ -18,7 +18,7 @@ import pytest
 
 from castiron.cli.main import main
 
-GUARDED_MARKERS = ("docker", "haproxy", "sandbox")
+GUARDED_MARKERS = ("docker", "haproxy", "sandbox", "browser")
 _guarded_skips: list[str] = []
 
 

@@ -135,7 +135,9 @@ async def login(request: Request) -> Response:
     target = _next(form.get("next"))
     who = await run_in_threadpool(authenticate, server.auth_store, secret)
     if who is None:
-        return render(request, "login.html", 401, next=target, error="unknown or revoked token")
+        # 200, not 401: the form is shown again with its message (a browser logs any 4xx
+        # page load as a console error).
+        return render(request, "login.html", next=target, error="unknown or revoked token")
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(
         SESSION_COOKIE,
