@@ -86,6 +86,7 @@ class Server:
         self.metrics = Metrics()
         self.sessions = SessionKeys()
         self.jobs = Jobs()
+        self.overview = service.OverviewCache()
         sender = WebhookSender(
             options.webhooks,
             self.metrics,
@@ -318,7 +319,7 @@ def _me(request: Request, server: Server) -> dict[str, Any]:
 
 
 def _environments(request: Request, server: Server) -> dict[str, Any]:
-    return {"environments": service.overview(server.settings, server.watcher)}
+    return {"environments": server.overview.get(server.settings, server.watcher)}
 
 
 def _environment(request: Request, server: Server) -> dict[str, Any]:
@@ -715,7 +716,8 @@ SECURITY_HEADERS = {
 
 
 class Headers:
-    """ASGI middleware: security headers on every response, and the request counter."""
+    """ASGI middleware: security headers and ``Server-Timing`` (milliseconds from the request
+    to the start of the response) on every response, and the request counter."""
 
     def __init__(self, app: Any, metrics: Metrics) -> None:
         self.app = app
@@ -726,11 +728,15 @@ class Headers:
             await self.app(scope, receive, send)
             return
 
+        started = time.perf_counter()
+
         async def sending(message: Any) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 for key, value in SECURITY_HEADERS.items():
                     headers.append((key.lower().encode(), value.encode()))
+                took = (time.perf_counter() - started) * 1000
+                headers.append((b"server-timing", f"app;dur={took:.1f}".encode()))
                 message = {**message, "headers": headers}
                 self.metrics.requests.inc(
                     method=scope.get("method", ""), status=str(message["status"])

@@ -165,7 +165,7 @@ async def logout(request: Request) -> Response:
 
 async def home(request: Request) -> Response:
     server = server_of(request)
-    envs = await run_in_threadpool(service.overview, server.settings, server.watcher)
+    envs = await run_in_threadpool(server.overview.get, server.settings, server.watcher)
     return render(request, "home.html", environments=envs)
 
 
