@@ -14,7 +14,6 @@ It knows nothing of HTTP serving (starlette) or rendering, and reads no process 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
@@ -33,15 +32,8 @@ from castiron.api.metrics import Metrics
 from castiron.errors import CastironError
 from castiron.state.base import AuditEntry, DeploymentRow, StateStore, parse_time
 
-EventKind = Literal[
-    "deployment.started",
-    "deployment.succeeded",
-    "deployment.failed",
-    "deployment.rolled_back",
-    "drift.found",
-    "approval.needed",
-]
-EVENT_KINDS: tuple[str, ...] = (
+EVENT_KINDS = (
+    # Every event a webhook may receive (docs/api.md lists them).
     "deployment.started",
     "deployment.succeeded",
     "deployment.failed",
@@ -402,13 +394,6 @@ class EventWatcher:
         return []
 
 
-def watcher_ready(watcher: EventWatcher, timeout: float) -> bool:
-    """Wait up to ``timeout`` seconds for the first pass over the chain."""
-    with contextlib.suppress(RuntimeError):
-        return watcher.ready.wait(timeout)
-    return False
-
-
 __all__ = [
     "EVENT_KINDS",
     "SIGNATURE_HEADER",
@@ -421,5 +406,4 @@ __all__ = [
     "WebhookSender",
     "payload",
     "sign",
-    "watcher_ready",
 ]

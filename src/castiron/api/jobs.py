@@ -68,6 +68,10 @@ class JobObserver:
         self.store: StateStore | None = None
         self.started = time.monotonic()
 
+    def follow(self, store: StateStore) -> None:
+        """The store the job's engine journals in (where its deployment will appear)."""
+        self.store = store
+
     def step(self, step: str, data: JsonObject) -> None:
         if step == "start" and self.store is not None and self.job.deployment is None:
             for row in self.store.list_deployments(self.job.environment, limit=5):

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from castiron.api.events import EventWatcher
 from castiron.engine.access import Identity
@@ -42,6 +42,13 @@ ABORT_WAIT = 120.0
 """Seconds an abort through the API waits for the canary to be undone."""
 
 
+@runtime_checkable
+class Following(Protocol):
+    """An observer that wants the store its deployment is journaled in (to find it)."""
+
+    def follow(self, store: StateStore) -> None: ...
+
+
 @contextlib.contextmanager
 def reading(settings: Settings) -> Iterator[Engine]:
     """An engine for reads: it never starts the agent."""
@@ -62,8 +69,8 @@ def acting(
 ) -> Iterator[Engine]:
     """An engine whose every audit entry, lock and approval is recorded as ``identity``."""
     with open_engine(replace(settings, actor=identity.actor), observer=observer) as engine:
-        if observer is not None and hasattr(observer, "store"):
-            observer.store = engine.store
+        if isinstance(observer, Following):
+            observer.follow(engine.store)
         yield engine
 
 
@@ -438,10 +445,14 @@ def deploy(
     observer: StepObserver,
 ) -> dict[str, Any]:
     """``castiron deploy ENV [--image REF] --yes`` as ``identity``."""
+    from castiron.engine.driftwatch import watch_after_deploy
+
     spec = deploy_spec_for(settings)
     with acting(settings, identity, observer) as engine:
         target = engine.resolve(spec, name, image)
-        return engine.deploy(target, lock_wait=lock_wait).to_json()
+        result = engine.deploy(target, lock_wait=lock_wait).to_json()
+    watch_after_deploy(settings, name)
+    return result
 
 
 def rollback(
@@ -551,6 +562,7 @@ def down(
 
 
 __all__ = [
+    "Following",
     "OverviewCache",
     "acting",
     "approve",
