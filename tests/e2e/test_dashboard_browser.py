@@ -78,10 +78,11 @@ environments:
 
 
 @pytest.fixture
-def browser(tmp_path: Path) -> Iterator[Any]:
+def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """A headless Chromium with a fresh profile (fails in CI when it is missing)."""
     if not (Path(CHROMIUM).exists() and shutil.which(CHROMEDRIVER)):
         pytest.skip("chromium and chromium-driver are not installed")
+    monkeypatch.setenv("SE_OFFLINE", "true")  # the system chromedriver: never download one
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

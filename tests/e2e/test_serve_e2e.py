@@ -8,13 +8,14 @@ import hashlib
 import hmac
 import json
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from testkit import free_port, wait_for
 
 from .conftest import Project
-from .servekit import Receiver, serving, token
+from .servekit import Answer, Receiver, serving, token
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +32,7 @@ PRODUCTION = """
 """
 
 SECRET = "hook-secret-for-tests"
+API_KEY = "api-key-value-never-shown"
 
 
 def _signed(received: object) -> bool:
@@ -45,9 +47,12 @@ def _signed(received: object) -> bool:
 def test_the_api_end_to_end(make_project: Callable[..., Project]) -> None:
     project = make_project(replicas=1)
     spec = project.root / "castiron.yaml"
-    spec.write_text(spec.read_text() + PRODUCTION.format(port=free_port()))
+    text = spec.read_text().replace(
+        "  env:\n", "  secrets: {API_KEY: {env: E2E_API_KEY}}\n  env:\n", 1
+    )
+    spec.write_text(text + PRODUCTION.format(port=free_port()))
     project.bake("v1")
-    first = project.deploy("v1", "one")
+    first = project.deploy("v1", "one", E2E_API_KEY=API_KEY)
     project.bake("v2")
     ops = token(project, "ops", "admin")
     ci = token(project, "ci", "deployer")
@@ -66,9 +71,19 @@ def test_the_api_end_to_end(make_project: Callable[..., Project]) -> None:
             "HOOK_SECRET",
             "--webhook-backoff",
             "0.05",
-            extra={"VERSION": "two", "HOOK_SECRET": SECRET},
+            extra={"VERSION": "two", "HOOK_SECRET": SECRET, "E2E_API_KEY": API_KEY},
         ) as server,
     ):
+        answers: list[str] = []
+        plain_call = server.call
+
+        def call(*args: Any, **kwargs: Any) -> Answer:
+            answer = plain_call(*args, **kwargs)
+            answers.append(answer.text)
+            return answer
+
+        server.call = call  # type: ignore[method-assign]
+
         # --- auth -----------------------------------------------------------------------------
         anonymous = server.call("GET", "/api/v1/environments")
         assert anonymous.status == 401
@@ -290,3 +305,10 @@ def test_the_api_end_to_end(make_project: Callable[..., Project]) -> None:
         started = hooks.events("/all")[0]
         assert started["actor"] == "token:ci" and started["deployment"] == result["deployment"]
         assert json.dumps(started).count(SECRET) == 0
+
+        # No response ever carried a secret value (release configs name secrets only).
+        release_config = server.call("GET", f"/api/v1/releases/{first['release']}", viewer).json
+        assert release_config["config"]["secrets"] == {"API_KEY": "env:E2E_API_KEY"}
+        assert len(answers) > 40
+        assert not [a for a in answers if API_KEY in a or SECRET in a]
+        assert not [r for r in hooks.received if API_KEY.encode() in r.body]
