@@ -312,3 +312,16 @@ def test_the_api_end_to_end(make_project: Callable[..., Project]) -> None:
         assert len(answers) > 40
         assert not [a for a in answers if API_KEY in a or SECRET in a]
         assert not [r for r in hooks.received if API_KEY.encode() in r.body]
+
+
+def test_a_taken_address_is_one_error_line(make_project: Callable[..., Project]) -> None:
+    import socket
+
+    project = make_project(replicas=1)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        done = project.run("serve", "--listen", f"127.0.0.1:{port}", timeout=60)
+    assert done.returncode == 1
+    assert done.stderr == f"error: cannot listen on 127.0.0.1:{port}: Address already in use\n"

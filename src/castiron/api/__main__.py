@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,26 @@ def options_from(config: dict[str, Any], environ: dict[str, str]) -> Any:
     )
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (bound here, so a taken address is one clear
+    error before anything starts).
+
+    Raises:
+        OSError: when the address cannot be bound.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(512)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
 def main(argv: list[str]) -> int:
     """Serve until stopped (SIGTERM/SIGINT); returns the exit code."""
     if len(argv) != 1:
@@ -68,12 +89,16 @@ def main(argv: list[str]) -> int:
         return int(exc.exit_code)
     host, port = config["host"], int(config["port"])
     shown = f"[{host}]" if ":" in host else host
+    try:
+        listener = listen(host, port)
+    except OSError as exc:
+        sys.stderr.write(f"error: cannot listen on {shown}:{port}: {exc.strerror or exc}\n")
+        return 1
     sys.stderr.write(f"castiron serve: http://{shown}:{port}/ (state {settings.home})\n")
     sys.stderr.flush()
     uvicorn.run(
         app,
-        host=host,
-        port=port,
+        fd=listener.fileno(),
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=3,
