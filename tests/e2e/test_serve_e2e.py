@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from castiron.api.openapi import document
 from testkit import free_port, wait_for
 
 from .conftest import Project
@@ -243,6 +244,11 @@ def test_the_api_end_to_end(make_project: Callable[..., Project]) -> None:
             "POST", "/api/v1/environments/staging/canary/continue", ci, body={}
         )
         assert none_running.status == 404
+        no_abort = server.call("POST", "/api/v1/environments/staging/canary/abort", ci, body={})
+        assert no_abort.status == 404, no_abort.text
+        assert no_abort.headers["x-castiron-job"].startswith("j-")
+        openapi = server.call("GET", "/api/v1/openapi.json")
+        assert openapi.status == 200 and openapi.json == document()
         assert server.call("GET", "/api/v1/deployments?limit=2", viewer).json["deployments"]
 
         # --- asynchronous job ---------------------------------------------------------------------

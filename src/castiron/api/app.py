@@ -421,12 +421,12 @@ def _job(request: Request, server: Server) -> dict[str, Any]:
 # --- mutations --------------------------------------------------------------------------------
 
 Work = Callable[[Server, Principal, str, dict[str, Any], JobObserver], dict[str, Any]]
+"""A mutation's work, run in its job's thread; its body was checked by :func:`_validate`."""
 
 
 def _deploy(
     server: Server, who: Principal, env: str, body: dict[str, Any], obs: JobObserver
 ) -> dict[str, Any]:
-    check_keys(body, {"image", "lock_wait"})
     return service.deploy(
         server.settings,
         who.identity,
@@ -440,7 +440,6 @@ def _deploy(
 def _rollback(
     server: Server, who: Principal, env: str, body: dict[str, Any], obs: JobObserver
 ) -> dict[str, Any]:
-    check_keys(body, {"to", "lock_wait"})
     return service.rollback(
         server.settings,
         who.identity,
@@ -454,7 +453,6 @@ def _rollback(
 def _promote(
     server: Server, who: Principal, env: str, body: dict[str, Any], obs: JobObserver
 ) -> dict[str, Any]:
-    check_keys(body, {"from", "release", "lock_wait"})
     source = field_str(body, "from", required=True)
     assert source is not None
     return service.promote(
@@ -471,14 +469,12 @@ def _promote(
 def _abort(
     server: Server, who: Principal, env: str, body: dict[str, Any], obs: JobObserver
 ) -> dict[str, Any]:
-    check_keys(body, set())
     return service.canary_abort(server.settings, who.identity, env, obs)
 
 
 def _down(
     server: Server, who: Principal, env: str, body: dict[str, Any], obs: JobObserver
 ) -> dict[str, Any]:
-    check_keys(body, {"lock_wait"})
     return service.down(
         server.settings, who.identity, env, field_float(body, "lock_wait", 0.0), obs
     )
