@@ -112,6 +112,11 @@ def test_the_api_end_to_end(make_project: Callable[..., Project]) -> None:
         assert bad.status == 400 and bad.json["error"]["message"].startswith(
             "request body is not JSON: "
         )
+        huge = server.call(
+            "POST", "/api/v1/environments/staging/deploy", ci, raw=b"{" + b" " * 70000 + b"}"
+        )
+        assert huge.status == 400
+        assert huge.json["error"]["message"] == "request body larger than 65536 bytes"
         unknown = server.call(
             "POST", "/api/v1/environments/staging/deploy", ci, body={"imag": "v2"}
         )

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import re
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -97,14 +98,16 @@ class Server:
             lambda: service.state(settings), self.metrics, sender, interval=options.event_interval
         )
         self._auth: StateStore | None = None
+        self._auth_lock = threading.Lock()
         self._stack = contextlib.ExitStack()
 
     @property
     def auth_store(self) -> StateStore:
         """The store token lookups use (opened on first use, shared: it is thread-safe)."""
-        if self._auth is None:
-            self._auth = self._stack.enter_context(service.state(self.settings))
-        return self._auth
+        with self._auth_lock:
+            if self._auth is None:
+                self._auth = self._stack.enter_context(service.state(self.settings))
+            return self._auth
 
     def start(self) -> None:
         self.watcher.start()
@@ -254,9 +257,14 @@ async def read_body(request: Request) -> dict[str, Any]:
     Raises:
         UsageError: too large, not JSON, not an object.
     """
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise UsageError(f"request body larger than {MAX_BODY} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:  # stop reading: never buffer more than the limit
+            raise UsageError(f"request body larger than {MAX_BODY} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
     if not body.strip():
         return {}
     try:
@@ -555,9 +563,9 @@ def job_response(job: Job) -> Response:
 
 def mutation(action: str) -> Handler:
     async def handler(request: Request) -> Response:
-        body = await read_body(request)
         principal(request, MUTATIONS[action][0])
         check_csrf(request, None)
+        body = await read_body(request)
         wait = field_bool(body, "wait", True)
         job, response = await submit(request, action, body, wait)
         if response is None:
@@ -568,9 +576,9 @@ def mutation(action: str) -> Handler:
 
 
 async def _approve(request: Request) -> Response:
-    body = await read_body(request)
     who = principal(request, "approve")
     check_csrf(request, None)
+    body = await read_body(request)
     check_keys(body, {"release", "comment"})
     release = field_str(body, "release", required=True)
     comment = body.get("comment", "")
@@ -586,9 +594,9 @@ async def _approve(request: Request) -> Response:
 
 
 async def _continue(request: Request) -> Response:
-    body = await read_body(request)
     who = principal(request, "deploy")
     check_csrf(request, None)
+    body = await read_body(request)
     check_keys(body, set())
     server = server_of(request)
     data = await run_in_threadpool(
