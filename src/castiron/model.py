@@ -42,6 +42,14 @@ class Identity:
     def __str__(self) -> str:
         return f"{self.kind}:{self.id}"
 
+    @property
+    def actor(self) -> str:
+        """How the state store records this identity as an actor: ``kind:id``."""
+        return f"{self.kind}:{self.id}"
+
+    def to_json(self) -> dict[str, str]:
+        return {"kind": self.kind, "id": self.id}
+
 
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")

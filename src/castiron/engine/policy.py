@@ -449,6 +449,22 @@ def approver_keys(policy: GatePolicy) -> list[VerifyKey]:
     return [load_verify_key(policy.base_dir / name, name) for name in policy.approvers]
 
 
+def _why_not_token(store: StateStore, row: ApprovalRow, deployer: str) -> str:
+    """Why an API token's approval cannot count (empty when it can): the token must still
+    exist, not be revoked and hold a role that may approve."""
+    assert row.identity is not None
+    token = store.get_token(row.identity.id)
+    if token is None:
+        return f"{row.identity}: no such API token"
+    if token.revoked is not None:
+        return f"{row.identity}: the token was revoked"
+    if token.role not in ("approver", "admin"):
+        return f"{row.identity}: a {token.role} token may not approve"
+    if deployer in (row.identity.actor, row.actor):
+        return f"{row.identity}: the deployer's own approval does not count"
+    return ""
+
+
 def _why_not(
     row: ApprovalRow, keys: Mapping[str, VerifyKey], deployer: str
 ) -> tuple[str, VerifyKey | None]:
@@ -484,11 +500,25 @@ def check_approvals(
     signed by one of ``approvers``' keys, by distinct keys *and* distinct OS users, none by
     ``deployer`` (the deploying OS user). Never raises for a bad approval: it does not count."""
     keys = {k.keyid: k for k in approvers}
+    # Deploying through the API, the deployer is the token (the server's OS user is no one).
+    if store.actor.startswith("token:"):
+        deployer = store.actor
     counted: list[str] = []
     not_counted: list[str] = []
     seen_keys: set[str] = set()
     seen_users: set[str] = set()
+    seen_tokens: set[str] = set()
     for row in store.approvals(environment, release):
+        if row.identity is not None and row.identity.kind == "token":
+            why = _why_not_token(store, row, deployer)
+            if not why and row.identity.id in seen_tokens:
+                why = f"{row.identity}: already counted"
+            if why:
+                not_counted.append(why)
+            else:
+                seen_tokens.add(row.identity.id)
+                counted.append(str(row.identity))
+            continue
         why, key = _why_not(row, keys, deployer)
         if key is not None and not why:
             if key.keyid in seen_keys:
@@ -515,7 +545,8 @@ def check_approvals(
         "approvals",
         False,
         f"release {release} for {environment} needs {needed} approval(s) signed by approver "
-        f"keys of distinct users other than the deployer ({deployer}), it has {have}{skipped}: "
+        f"keys of distinct users (or by distinct approver API tokens) other than the deployer "
+        f"({deployer}), it has {have}{skipped}: "
         f"run `castiron approve {environment} {release} --key KEY`",
         data,
     )

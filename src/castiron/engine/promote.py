@@ -252,17 +252,56 @@ def approve(
         )
     rid = ReleaseId(release)
     signature = base64.b64encode(signer.sign(approval_payload(environment, rid, os_user)))
-    identity = Identity("key", signer.keyid)
-    row = ApprovalRow(
-        environment,
-        rid,
-        store.actor,
-        store.clock.now(),
-        comment,
-        identity,
-        os_user,
-        signature.decode("ascii"),
+    return _record_approval(
+        store,
+        ApprovalRow(
+            environment,
+            rid,
+            store.actor,
+            store.clock.now(),
+            comment,
+            Identity("key", signer.keyid),
+            os_user,
+            signature.decode("ascii"),
+        ),
     )
+
+
+def approve_as_token(
+    store: StateStore,
+    environment: str,
+    release: str,
+    identity: Identity,
+    os_user: str,
+    comment: str = "",
+) -> Approval:
+    """Record an approval of ``release`` for ``environment`` by an API token (``identity``
+    of kind ``token``, proven by the API's authentication); the gate counts it once per token
+    while the token exists, is not revoked and may approve. Audited like :func:`approve`.
+
+    Raises:
+        UsageError: when ``release`` is not a release id or ``identity`` is not a token.
+        StateError: when the database cannot be written.
+    """
+    if not _RELEASE_ID.match(release):
+        raise UsageError(
+            f"{release!r} is not a release id (16 hex digits, as `castiron promote` or "
+            "`castiron plan` shows it)"
+        )
+    if identity.kind != "token":
+        raise UsageError(f"{identity} is not an API token identity")
+    rid = ReleaseId(release)
+    return _record_approval(
+        store,
+        ApprovalRow(environment, rid, store.actor, store.clock.now(), comment, identity, os_user),
+    )
+
+
+def _record_approval(store: StateStore, row: ApprovalRow) -> Approval:
+    """Store ``row`` (once per identity) with its ``release.approve`` audit entry."""
+    environment, rid, identity, os_user = row.environment, row.release, row.identity, row.os_user
+    comment = row.comment
+    assert identity is not None
 
     def apply(tx: StateTx) -> bool:
         added = tx.add_approval(row)
@@ -298,6 +337,7 @@ __all__ = [
     "PromoteResult",
     "Promotion",
     "approve",
+    "approve_as_token",
     "prepare",
     "promote",
     "source_release",

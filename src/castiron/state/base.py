@@ -273,6 +273,20 @@ class GateResultRow:
     """Assigned by the store."""
 
 
+@value
+class TokenRow:
+    """An API token of ``castiron serve``: its name, role and the SHA-256 of its secret."""
+
+    name: str
+    role: str
+    """``viewer``, ``deployer``, ``approver`` or ``admin``."""
+    hash: str
+    """Hex SHA-256 of the secret (the secret itself is never stored)."""
+    created: datetime
+    created_by: str
+    revoked: datetime | None = None
+
+
 # --------------------------------------------------------------------------------------------
 # audit
 
@@ -438,6 +452,22 @@ class StateTx(Protocol):
         """Record the gate results of one policy evaluation."""
         ...
 
+    def add_token(self, token: TokenRow) -> None:
+        """Record a new API token.
+
+        Raises:
+            UsageError: when a token of that name exists (revoked or not).
+        """
+        ...
+
+    def revoke_token(self, name: str, at: datetime) -> TokenRow:
+        """Mark the token ``name`` revoked at ``at`` (a revoked one stays as it was).
+
+        Raises:
+            NotFoundError: when there is no such token.
+        """
+        ...
+
 
 class StateStore(Protocol):
     """Persistent state: typed reads, and :meth:`mutate` as the one audited writer."""
@@ -511,6 +541,12 @@ class StateStore(Protocol):
     def audit_entries(
         self, environment: str | None = None, since: datetime | None = None
     ) -> list[AuditEntry]: ...
+    def get_token(self, name: str) -> TokenRow | None: ...
+    def token_by_hash(self, hash: str) -> TokenRow | None:
+        """The token whose secret hashes to ``hash`` (revoked or not)."""
+        ...
+
+    def list_tokens(self) -> list[TokenRow]: ...
     def audit_head(self) -> SignedHead | None:
         """The signed head stored in the database (``None`` before the first entry)."""
         ...
@@ -569,6 +605,7 @@ __all__ = [
     "StepRow",
     "SystemClock",
     "TagRow",
+    "TokenRow",
     "format_time",
     "format_time_short",
     "parse_time",

@@ -31,6 +31,7 @@ from castiron.errors import (
     StateCorruptError,
     StateError,
     TagConflictError,
+    UsageError,
 )
 from castiron.filemodes import make_private_dir, open_private, restrict
 from castiron.model import Digest, Identity, IdentityKind, ReleaseId
@@ -59,6 +60,7 @@ from castiron.state.base import (
     StepRow,
     SystemClock,
     TagRow,
+    TokenRow,
     format_time,
     parse_time,
 )
@@ -225,6 +227,35 @@ def open_state(
     )
 
 
+_LIVE_LOCK = threading.Lock()
+_LIVE: dict[tuple[int, int], int] = {}
+"""Open connections of this process per database file (device, inode). POSIX record locks
+belong to the process, and closing *any* descriptor of a file drops all of them: reading the
+header of a file this process already has a connection to would silently unlock that
+connection, and another process could then checkpoint and delete the WAL under it. A file
+with a live connection here was checked when that connection opened, so it is not read again.
+A long-running process (``castiron serve``) holds several connections at once."""
+
+
+def _file_key(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _forget_connection(key: tuple[int, int] | None) -> None:
+    if key is None:
+        return
+    with _LIVE_LOCK:
+        left = _LIVE.get(key, 0) - 1
+        if left > 0:
+            _LIVE[key] = left
+        else:
+            _LIVE.pop(key, None)
+
+
 def _connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
     try:
         if not path.exists():
@@ -235,7 +266,21 @@ def _connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
             f"permission denied: {exc.filename or path} (a castiron home is private to the "
             "user who created it)"
         ) from exc
-    _check_header(path)
+    with _LIVE_LOCK:
+        key = _file_key(path)
+        if key is None or key not in _LIVE:
+            _check_header(path)
+            key = _file_key(path)
+        if key is not None:
+            _LIVE[key] = _LIVE.get(key, 0) + 1
+    try:
+        return _open_connection(path, busy_timeout)
+    except BaseException:
+        _forget_connection(key)
+        raise
+
+
+def _open_connection(path: Path, busy_timeout: float) -> sqlite3.Connection:
     try:
         conn = sqlite3.connect(
             f"file:{path}?mode=rw",
@@ -462,6 +507,11 @@ def _lease(r: Any) -> Lease:
     return Lease(r[0], r[1], r[2], r[3], r[4], r[5], r[6], parse_time(r[7]), parse_time(r[8]))
 
 
+def _token(r: Any) -> TokenRow:
+    return TokenRow(r[0], r[1], r[2], parse_time(r[3]), r[4], _ptime(r[5]))
+
+
+_TOKEN_COLUMNS = "name, role, hash, created, created_by, revoked"
 _LEASE_COLUMNS = "environment, token, holder, pid, host, purpose, kind, acquired, expires"
 _DEPLOYMENT_COLUMNS = (
     "id, environment, from_release, to_release, strategy, actor, started, finished, outcome, "
@@ -761,6 +811,29 @@ class SqliteTx:
             ],
         )
 
+    def add_token(self, token: TokenRow) -> None:
+        db = self._db()
+        if db.execute("SELECT 1 FROM api_tokens WHERE name = ?", (token.name,)).fetchone():
+            raise UsageError(f"a token named {token.name!r} already exists")
+        t = token
+        db.execute(
+            f"INSERT INTO api_tokens ({_TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+            (t.name, t.role, t.hash, format_time(t.created), t.created_by, _time(t.revoked)),
+        )
+
+    def revoke_token(self, name: str, at: datetime) -> TokenRow:
+        db = self._db()
+        row = db.execute(
+            f"SELECT {_TOKEN_COLUMNS} FROM api_tokens WHERE name = ?", (name,)
+        ).fetchone()
+        if row is None:
+            raise NotFoundError(f"no API token named {name!r}")
+        current = _token(row)
+        if current.revoked is not None:
+            return current
+        db.execute("UPDATE api_tokens SET revoked = ? WHERE name = ?", (format_time(at), name))
+        return replace(current, revoked=parse_time(format_time(at)))
+
     def _write(self, sql: str, params: tuple[Any, ...], missing: str) -> None:
         try:
             self._db().execute(sql, params)
@@ -787,6 +860,7 @@ class SqliteStateStore:
         self._redactor = redactor if redactor is not None else Redactor()
         self._conn = conn
         self._path = path
+        self._file = _file_key(path)
         self._actor = actor
         self._key_path = key_path
         self._head_path = audit.head_file_for(key_path)
@@ -840,6 +914,8 @@ class SqliteStateStore:
                 self._flush_head()
             finally:
                 self._conn.close()
+                file, self._file = self._file, None
+                _forget_connection(file)
 
     def _flush_head(self) -> None:
         """Write the head signed by this store's last mutation into the head file, if it is
@@ -1173,6 +1249,19 @@ class SqliteStateStore:
             ("time >= ?", None if since is None else format_time(since)),
         )
         return [audit.row_to_entry(r) for r in self._all(sql + " ORDER BY seq", params)]
+
+    def get_token(self, name: str) -> TokenRow | None:
+        row = self._one(f"SELECT {_TOKEN_COLUMNS} FROM api_tokens WHERE name = ?", (name,))
+        return None if row is None else _token(row)
+
+    def token_by_hash(self, hash: str) -> TokenRow | None:
+        row = self._one(f"SELECT {_TOKEN_COLUMNS} FROM api_tokens WHERE hash = ?", (hash,))
+        return None if row is None else _token(row)
+
+    def list_tokens(self) -> list[TokenRow]:
+        return [
+            _token(r) for r in self._all(f"SELECT {_TOKEN_COLUMNS} FROM api_tokens ORDER BY name")
+        ]
 
     def audit_rows(self) -> Iterator[audit.AuditRow]:
         """Every stored audit row in seq order, streamed (for export and verification)."""

@@ -20,7 +20,9 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "sign_cmd": ("keys", "sign", "verify"),
     "logs_cmd": ("logs",),
     "quickstart_cmd": ("quickstart",),
+    "serve_cmd": ("serve",),
     "spec_cmd": ("init", "schema", "validate"),
     "status_cmd": ("history", "releases", "status"),
+    "token_cmd": ("token",),
     "version_cmd": ("version",),
 }

@@ -249,7 +249,7 @@ def deploy_cmd(
         )
         with report_abort(environment, as_json):
             result = engine.deploy(target, lock_wait=lock_wait)
-    from castiron.cli.commands.drift_cmd import watch_after_deploy
+    from castiron.engine.driftwatch import watch_after_deploy
 
     watch_after_deploy(settings, environment)
     if as_json:
