@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import click
 
 from castiron.cli.commands.deploy_cmd import (
+    accept_yes_option,
     confirm_plan,
     lock_wait_option,
     observer_for,
@@ -145,10 +146,11 @@ def promote_cmd(
 @click.argument("environment")
 @click.argument("release")
 @click.option("--comment", default="", metavar="TEXT", help="Why; kept with the approval.")
+@accept_yes_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @pass_cli
 def approve_cmd(
-    cli: CliContext, environment: str, release: str, comment: str, as_json: bool
+    cli: CliContext, environment: str, release: str, comment: str, yes: bool, as_json: bool
 ) -> None:
     """Approve RELEASE (a release id, as the plan of ENVIRONMENT shows it) for deployment to
     ENVIRONMENT, as you ($CASTIRON_ACTOR, else user@host). Approving twice counts once; the
