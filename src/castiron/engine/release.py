@@ -226,6 +226,13 @@ class DeploySpec:
         return self.path.parent
 
 
+def default_deploy_timeout(health: HealthConfig) -> float:
+    """How long a deployment waits for health when the spec does not say: the start period
+    (where failures do not count) plus ``healthy_after`` + 2 probes of ``interval`` + ``timeout``
+    each, so a slow but healthy app passes and a broken one fails soon after it may start."""
+    return health.start_period + (health.healthy_after + 2) * (health.interval + health.timeout)
+
+
 def deploy_spec(loaded: LoadedSpec) -> DeploySpec:
     """What deploying needs of the validated spec ``loaded``."""
     from castiron.engine.canary import canary_json
@@ -242,7 +249,11 @@ def deploy_spec(loaded: LoadedSpec) -> DeploySpec:
                 batch=env.strategy.batch,
                 drain_timeout=env.drain_timeout,
                 keep_warm=env.keep_warm,
-                deploy_timeout=env.deploy_timeout,
+                deploy_timeout=(
+                    env.deploy_timeout
+                    if env.deploy_timeout is not None
+                    else default_deploy_timeout(release_config(spec, name).health)
+                ),
                 canary=canary_json(env.strategy),
             )
             for name, env in spec.environments.items()
