@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 from pathlib import Path
 
 import click
@@ -18,6 +19,7 @@ from castiron.cli.render import emit_json
 from castiron.errors import SpecError, UsageError
 from castiron.model import is_name
 from castiron.spec.load import load_spec
+from castiron.spec.references import check_references
 from castiron.spec.schema import spec_json_schema
 from castiron.spec.starter import starter_spec
 
@@ -25,6 +27,33 @@ from castiron.spec.starter import starter_spec
 def _default_app_name(directory: Path) -> str:
     name = re.sub(r"[^a-z0-9-]+", "-", directory.name.lower()).strip("-")[:63].strip("-")
     return name if is_name(name) else "app"
+
+
+ENTRYPOINTS = ("server.py", "app.py", "main.py", "wsgi.py")
+"""Files ``init`` looks for to name the entrypoint (the first found wins)."""
+
+
+def _find_app(base: Path) -> tuple[str, str]:
+    """Where the app is (``./app`` when that directory exists, else the spec's directory) and
+    its entrypoint file (the first of :data:`ENTRYPOINTS` found there, else server.py)."""
+    context = "./app" if (base / "app").is_dir() else "."
+    root = base / context
+    found = next((name for name in ENTRYPOINTS if (root / name).is_file()), "server.py")
+    return context, found
+
+
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct ports free on 127.0.0.1 right now."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sockets.append(sock)
+            sock.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 @click.command("init")
@@ -40,9 +69,17 @@ def init(cli: CliContext, app: str | None) -> None:
     """Write a commented starter castiron.yaml; never overwrites an existing file."""
     path = cli.settings.spec_path
     name = app if app is not None else _default_app_name(path.parent)
-    text = starter_spec(name)
     if not path.parent.is_dir():
         raise UsageError(f"cannot write {path}: directory {path.parent} does not exist")
+    context, entrypoint = _find_app(path.parent)
+    staging_port, production_port = _free_ports(2)
+    text = starter_spec(
+        name,
+        context=context,
+        entrypoint=entrypoint,
+        staging_port=staging_port,
+        production_port=production_port,
+    )
     try:
         # O_EXCL: refuse to overwrite, even if the file appears between a check and the write.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -55,7 +92,11 @@ def init(cli: CliContext, app: str | None) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     click.echo(f"wrote {path} for app {name!r}")
-    click.echo("next: put your app in ./app, then run `castiron validate`")
+    click.echo(
+        f"  context {context} (entrypoint python3 {entrypoint}); staging on "
+        f"127.0.0.1:{staging_port}, production on 127.0.0.1:{production_port}"
+    )
+    click.echo("next: `castiron validate`, then `castiron bake` and `castiron deploy staging`")
 
 
 @click.command("validate")
@@ -65,7 +106,8 @@ def init(cli: CliContext, app: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @pass_cli
 def validate(cli: CliContext, file: Path | None, as_json: bool) -> None:
-    """Check the spec file and report every problem with its line and column.
+    """Check the spec file, and what it points at (context, base, secret files), and report
+    every problem with its line and column.
 
     FILE defaults to the global -f/--file, else ./castiron.yaml. Exits 2 when the spec is
     invalid.
@@ -73,6 +115,9 @@ def validate(cli: CliContext, file: Path | None, as_json: bool) -> None:
     path = cli.spec_file(file)
     try:
         loaded = load_spec(path, cli.settings.environ)
+        problems = check_references(loaded, cli.settings.environ)
+        if problems:
+            raise SpecError(problems)
     except SpecError as exc:
         if as_json:
             emit_json(
