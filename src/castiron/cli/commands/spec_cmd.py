@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 from pathlib import Path
 
@@ -56,6 +57,30 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def _write_example(path: Path, staging_port: int, production_port: int) -> None:
+    """Copy the bundled example app beside ``path`` with the given router ports.
+
+    Raises:
+        UsageError: when ``path`` or an ``app/`` beside it already exists.
+    """
+    from importlib import resources
+
+    app_dir = path.parent / "app"
+    for taken in (path, app_dir):
+        if taken.exists():
+            raise UsageError(f"{taken} already exists; not overwriting it")
+    source = resources.files("castiron") / "examples" / "hello"
+    text = (source / "castiron.yaml").read_text(encoding="utf-8")
+    text = text.replace("127.0.0.1:8080", f"127.0.0.1:{staging_port}")
+    text = text.replace("127.0.0.1:8081", f"127.0.0.1:{production_port}")
+    with resources.as_file(source / "app") as app_source:
+        shutil.copytree(app_source, app_dir, ignore=shutil.ignore_patterns("__pycache__"))
+    path.write_text(text, encoding="utf-8")
+    click.echo(f"wrote {path} and {app_dir}/ (the bundled example app 'hello')")
+    click.echo(f"  staging on 127.0.0.1:{staging_port}, production on 127.0.0.1:{production_port}")
+    click.echo("next: `castiron validate`, then `castiron bake` and `castiron deploy staging`")
+
+
 @click.command("init")
 @click.option(
     "--app",
@@ -64,15 +89,32 @@ def _free_ports(count: int) -> list[int]:
     metavar="NAME",
     help="The app's name (default: derived from the spec's directory).",
 )
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="The staging router's port (default: a free one; production gets another).",
+)
+@click.option(
+    "--example",
+    is_flag=True,
+    help="Write the bundled example app (castiron.yaml and app/server.py) instead.",
+)
 @pass_cli
-def init(cli: CliContext, app: str | None) -> None:
-    """Write a commented starter castiron.yaml; never overwrites an existing file."""
+def init(cli: CliContext, app: str | None, port: int | None, example: bool) -> None:
+    """Write a commented starter castiron.yaml (or the bundled example app with --example),
+    with the app's directory and entrypoint found and free router ports; never overwrites."""
     path = cli.settings.spec_path
     name = app if app is not None else _default_app_name(path.parent)
     if not path.parent.is_dir():
         raise UsageError(f"cannot write {path}: directory {path.parent} does not exist")
+    free = _free_ports(2)
+    staging_port = port if port is not None else free[0]
+    production_port = next(p for p in free if p != staging_port)
+    if example:
+        _write_example(path, staging_port, production_port)
+        return
     context, entrypoint = _find_app(path.parent)
-    staging_port, production_port = _free_ports(2)
     text = starter_spec(
         name,
         context=context,
