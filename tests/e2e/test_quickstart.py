@@ -68,11 +68,13 @@ def check_teardown(outputs: list[str], home: Path) -> None:
     """The last two suggested commands: down, then agent stop."""
     down, stop = outputs[-2], outputs[-1]
     pid = re.search(r"the agent \(pid (\d+)\) still runs", down)
-    assert pid, down
+    count = re.match(r"staging is down \((\d+) instance\(s\) destroyed\)\n", down)
+    assert pid and count, down
+    assert int(count[1]) >= 2  # serving and warm
     assert down == (
-        f"staging is down (3 instance(s) destroyed)\nthe agent (pid {pid[1]}) still runs for "
-        f"{home}; stop it with `castiron agent stop` (instances of other environments keep "
-        "running)\n"
+        f"staging is down ({count[1]} instance(s) destroyed)\nthe agent (pid {pid[1]}) still "
+        f"runs for {home}; stop it with `castiron agent stop` (instances of other environments "
+        "keep running)\n"
     )
     assert stop == f"agent stopped (pid {pid[1]})\n"
 

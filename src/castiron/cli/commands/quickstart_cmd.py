@@ -290,7 +290,7 @@ def quickstart_cmd(ctx: click.Context, cli: CliContext, directory: Path, port: i
     out.say(f"  cd {target_dir}")
     prefix = f"castiron --home {home}" if home_flag is not None else "castiron"
     for command, what in try_next(prefix):
-        out.say(f"  {command:<40} {what}")
+        out.say(f"  {command:<38}  {what}")
     if load.failed:
         raise CastironError(f"{load.failed} request(s) failed during the deployment")
 
