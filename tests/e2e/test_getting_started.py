@@ -56,3 +56,34 @@ def test_the_getting_started_page_runs_as_written(tmp_path: Path) -> None:
         assert processes_under(tmp_path) == []
     finally:
         reap_home(work / "hello" / ".castiron")
+
+
+def test_the_readme_tour_ends_with_nothing_running(tmp_path: Path) -> None:
+    tour = sh_blocks(ROOT / "README.md")[2:]  # after the two set-up commands
+    assert tour[0].startswith("castiron init --example --port 8080")
+    assert tour[-2].startswith("castiron down staging --yes ")
+    assert tour[-1].startswith("castiron agent stop ")
+    port = free_port()  # the tour's 8080 may be taken on a shared machine: the only change
+    script = "\n".join(line.replace("8080", str(port)) for line in tour)
+    bin_dir = castiron_shim(tmp_path / "bin")
+    env = clean_env()
+    env["PATH"] = f"{bin_dir}:{env.get('PATH', '')}"
+    work = tmp_path / "tour"
+    work.mkdir()
+    try:
+        proc = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "Hello from castiron! (version dev)" in proc.stdout
+        assert "rolled staging back to release " in proc.stdout
+        assert "agent stopped (pid " in proc.stdout
+        assert processes_under(tmp_path) == []
+    finally:
+        reap_home(work / ".castiron")

@@ -5,6 +5,10 @@ Copies ``castiron/examples/hello`` into a working directory, bakes v1, deploys i
 deploys it with zero downtime while a small client load counts failed requests, rolls back,
 and says what happened and what to try next. It needs nothing but the Python package: no
 Docker, no root (instances run sandboxed when bubblewrap works, else as plain processes).
+It can run again and again in the same directory, inside a git work tree or outside one (the
+default tags are derived from the images, see :mod:`castiron.images.build`); its state goes
+to the one state home every command uses (``--home``, ``$CASTIRON_HOME``, else
+``DIR/.castiron``), and the commands it suggests work as printed.
 
 The composition lives here, at the edge; the engine and the image library are imported
 inside the command so CLI start-up stays fast.
@@ -261,7 +265,7 @@ def quickstart_cmd(ctx: click.Context, cli: CliContext, directory: Path, port: i
         return result.release
 
     url = f"http://127.0.0.1:{port}/"
-    out.say("2. bake v1 (reproducible OCI image in .castiron/images)")
+    out.say(f"2. bake v1 (reproducible OCI image in {base.images_path})")
     v1 = bake_version("1")
     out.say("3. deploy v1 to staging")
     deploy_version("1", v1)
