@@ -219,6 +219,11 @@ class DeploySpec:
     path: Path
     """Absolute path of the spec file (its directory anchors ``file:`` secrets)."""
     environments: Mapping[str, EnvironmentDeploy] = field(default_factory=dict)
+    image: Mapping[str, Any] | None = None
+    """The ``image:`` section as plain JSON (:func:`castiron.images.build.recipe_json`): what
+    ``deploy`` needs to find the image baked from the current spec and context."""
+    service_port: int = 8000
+    """``service.port``: part of what a bake is made from."""
 
     @property
     def base_dir(self) -> Path:
@@ -236,11 +241,14 @@ def default_deploy_timeout(health: HealthConfig) -> float:
 def deploy_spec(loaded: LoadedSpec) -> DeploySpec:
     """What deploying needs of the validated spec ``loaded``."""
     from castiron.engine.canary import canary_json
+    from castiron.images.build import recipe_json
 
     spec = loaded.spec
     return DeploySpec(
         app=spec.app,
         path=loaded.path,
+        image=recipe_json(spec.image),
+        service_port=spec.service.port,
         environments={
             name: EnvironmentDeploy(
                 config=release_config(spec, name),
@@ -332,7 +340,17 @@ def _cached(entry: Path, key: str, read: ReadSpec) -> DeploySpec | None:
             env = {**service_env, **dict(read.value["environments"][name].get("env", {}))}
             config = replace(cached.config, env=tuple(sorted(env.items())))
             environments[name] = replace(cached, config=config)
-        return DeploySpec(app=str(data["app"]), path=read.path, environments=environments)
+        image = dict(data["image"])
+        raw_image = read.value.get("image", {})
+        for name in ("env", "labels"):  # text values come from this parse, as for env above
+            image[name] = dict(raw_image.get(name, {}))
+        return DeploySpec(
+            app=str(data["app"]),
+            path=read.path,
+            environments=environments,
+            image=image,
+            service_port=int(data["service_port"]),
+        )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
@@ -341,6 +359,8 @@ def _store(entry: Path, key: str, result: DeploySpec) -> None:
     data = {
         "key": key,
         "app": result.app,
+        "image": {**(result.image or {}), "env": {}, "labels": {}},
+        "service_port": result.service_port,
         "environments": {
             name: {**env.to_json(), "config": {**env.config.to_json(), "env": {}}}
             for name, env in result.environments.items()

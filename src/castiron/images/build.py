@@ -73,6 +73,41 @@ class ImageRecipe(Protocol):
     def allow_secrets(self) -> tuple[str, ...]: ...
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """An ``image:`` section as plain data (see :func:`recipe_json`): what a cached deploy
+    spec carries so ``deploy`` can find the image baked from it without validating again."""
+
+    base: str
+    context: str
+    workdir: str
+    exclude: tuple[str, ...]
+    build: tuple[str, ...]
+    layers: tuple[str, ...]
+    entrypoint: tuple[str, ...]
+    cmd: tuple[str, ...]
+    env: dict[str, str]
+    user: str | None
+    labels: dict[str, str]
+    dockerfile: str | None
+    allow_secrets: tuple[str, ...]
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Recipe:
+        """Rebuild :func:`recipe_json` output.
+
+        Raises:
+            KeyError, TypeError, ValueError: when ``data`` is not such an object.
+        """
+        seqs = ("exclude", "build", "layers", "entrypoint", "cmd", "allow_secrets")
+        fields = {name: data[name] for name in cls.__dataclass_fields__}
+        for name in seqs:
+            fields[name] = tuple(str(item) for item in fields[name])
+        for name in ("env", "labels"):
+            fields[name] = {str(k): str(v) for k, v in dict(fields[name]).items()}
+        return cls(**fields)
+
+
 ArchiveFetcher = Callable[[str, Path], Path]
 """Writes an image archive (docker-archive or OCI) into the given directory and returns its
 path: for ``docker:REF`` bases it is called with REF; for Dockerfile builds with the path of
@@ -781,6 +816,11 @@ def _default_tag(git: GitInfo | None, image: Digest) -> str:
     return git.short
 
 
+def recipe_json(recipe: ImageRecipe) -> dict[str, Any]:
+    """``recipe`` as plain JSON (the form bake keys and provenance record)."""
+    return _recipe_json(recipe)
+
+
 def _recipe_json(recipe: ImageRecipe) -> dict[str, Any]:
     return {
         "base": recipe.base,
@@ -839,9 +879,11 @@ __all__ = [
     "GitInfo",
     "ImageRecipe",
     "LayerInfo",
+    "Recipe",
     "bake",
     "baked_image",
     "default_skips",
     "git_info",
+    "recipe_json",
     "source_key",
 ]

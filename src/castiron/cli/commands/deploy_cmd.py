@@ -28,6 +28,7 @@ from castiron.errors import UsageError
 if TYPE_CHECKING:
     from castiron.engine.deploy import Engine, Target
     from castiron.engine.plan import Plan
+    from castiron.engine.release import DeploySpec
     from castiron.state.base import JsonObject
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -170,35 +171,40 @@ def _plan_json(plan: Plan, tag: str | None, why: str) -> dict[str, Any]:
 BAKED_WHY = "baked from the current spec and context (castiron bake)"
 
 
-def choose_image(cli: CliContext, image: str | None) -> tuple[str, str]:
+def choose_image(cli: CliContext, spec: DeploySpec, image: str | None) -> tuple[str, str]:
     """The image to deploy and why: ``--image`` when given, else the image baked from the
     current spec and context (the bake's source key), never merely the newest in the store.
 
     Raises:
         UsageError: when the current spec and context have not been baked.
-        SpecError: when the spec does not validate.
+        ImageError: when the context cannot be read.
     """
     if image is not None:
         return image, f"given by --image {image}"
-    from castiron.images.build import BakeOptions, baked_image, default_skips
+    from castiron.images.build import BakeOptions, Recipe, baked_image, default_skips
     from castiron.images.store import ImageStore
-    from castiron.spec.load import load_spec
 
     settings = cli.settings
-    loaded = load_spec(settings.spec_path, settings.environ)
-    context = (loaded.base_dir / loaded.spec.image.context).resolve()
+    if spec.image is None:  # a spec read before it carried its image section
+        from castiron.engine.release import deploy_spec
+        from castiron.spec.load import load_spec
+
+        spec = deploy_spec(load_spec(spec.path, settings.environ))
+    assert spec.image is not None
+    recipe = Recipe.from_json(spec.image)
+    context = (spec.base_dir / recipe.context).resolve()
     options = BakeOptions(
         context=context,
-        base_dir=loaded.base_dir,
+        base_dir=spec.base_dir,
         environ=settings.environ,
-        app=loaded.spec.app,
-        port=loaded.spec.service.port,
+        app=spec.app,
+        port=spec.service_port,
         skip=default_skips(context, settings.spec_path, settings.home),
     )
-    digest = baked_image(loaded.spec.image, ImageStore(settings.images_path), options)
+    digest = baked_image(recipe, ImageStore(settings.images_path), options)
     if digest is None:
         raise UsageError(
-            f"the current spec and context of app {loaded.spec.app!r} ({context}) are not "
+            f"the current spec and context of app {spec.app!r} ({context}) are not "
             "baked yet; run castiron bake"
         )
     return digest, BAKED_WHY
@@ -238,7 +244,7 @@ def plan_cmd(
 
     settings = cli.settings
     spec = deploy_spec_for(settings)
-    ref, why = choose_image(cli, image)
+    ref, why = choose_image(cli, spec, image)
     with open_engine(settings, observer=observer_for(cli, quiet=True)) as engine:
         target = engine.resolve(spec, environment, ref)
         tag = tag_of(engine, target)
@@ -296,7 +302,7 @@ def deploy_cmd(
         return
     settings = cli.settings
     spec = deploy_spec_for(settings)
-    ref, why = choose_image(cli, image)
+    ref, why = choose_image(cli, spec, image)
     observer = watch_observer(cli, watch, as_json)
     with open_engine(settings, observer=observer) as engine:
         target = engine.resolve(spec, environment, ref)
