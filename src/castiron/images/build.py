@@ -247,7 +247,11 @@ def git_info(
 def _git_clean(
     context: Path, env: Mapping[str, str], skip: tuple[Path, ...], exclude: PatternSet
 ) -> bool:
-    files = {w.rel for w in walk(context, exclude, skip=skip) if not stat.S_ISDIR(w.st.st_mode)}
+    try:
+        entries = walk(context, exclude, skip=skip)
+    except ImageError:
+        return False  # bake reports what it cannot read; a tag just says "not clean"
+    files = {w.rel for w in entries if not stat.S_ISDIR(w.st.st_mode)}
     tracked = _git(["ls-files", "-z", "--", "."], context, env)
     changed = _git(
         ["diff", "--name-only", "--no-renames", "-z", "--relative", "HEAD", "--", "."],
