@@ -875,13 +875,35 @@ def stop_agent(settings: Settings, *, timeout: float = 30.0) -> int | None:
     with contextlib.suppress(AgentError):
         AgentClient(socket_path(settings), timeout=5.0).shutdown()
     if _wait_unlocked(settings, timeout / 2):
+        _wait_gone(pid, timeout / 2)
         return pid
     if pid > 0:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     if _wait_unlocked(settings, timeout / 2):
+        _wait_gone(pid, timeout / 2)
         return pid
     raise AgentError(f"the agent for {settings.home} (pid {pid}) did not stop within {timeout:g}s")
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    """Wait until process ``pid`` has exited (its lock goes a moment before the process
+    does), so nothing of the agent is left once ``agent stop`` returns."""
+    deadline = time.monotonic() + timeout
+    while pid > 0 and time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            return  # another user's process now holds the pid: ours is gone
+        try:
+            stat_line = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return
+        if stat_line.rpartition(")")[2].split()[:1] == ["Z"]:
+            return  # exited; only its parent's bookkeeping is left
+        time.sleep(0.02)
 
 
 def _wait_unlocked(settings: Settings, timeout: float) -> bool:

@@ -220,6 +220,11 @@ class DeploySpec:
     path: Path
     """Absolute path of the spec file (its directory anchors ``file:`` secrets)."""
     environments: Mapping[str, EnvironmentDeploy] = field(default_factory=dict)
+    image: Mapping[str, Any] | None = None
+    """The ``image:`` section as plain JSON (:func:`castiron.images.build.recipe_json`): what
+    ``deploy`` needs to find the image baked from the current spec and context."""
+    service_port: int = 8000
+    """``service.port``: part of what a bake is made from."""
 
     @property
     def base_dir(self) -> Path:
@@ -227,14 +232,24 @@ class DeploySpec:
         return self.path.parent
 
 
+def default_deploy_timeout(health: HealthConfig) -> float:
+    """How long a deployment waits for health when the spec does not say: the start period
+    (where failures do not count) plus ``healthy_after`` + 2 probes of ``interval`` + ``timeout``
+    each, so a slow but healthy app passes and a broken one fails soon after it may start."""
+    return health.start_period + (health.healthy_after + 2) * (health.interval + health.timeout)
+
+
 def deploy_spec(loaded: LoadedSpec) -> DeploySpec:
     """What deploying needs of the validated spec ``loaded``."""
     from castiron.engine.canary import canary_json
+    from castiron.images.build import recipe_json
 
     spec = loaded.spec
     return DeploySpec(
         app=spec.app,
         path=loaded.path,
+        image=recipe_json(spec.image),
+        service_port=spec.service.port,
         environments={
             name: EnvironmentDeploy(
                 config=release_config(spec, name),
@@ -243,7 +258,11 @@ def deploy_spec(loaded: LoadedSpec) -> DeploySpec:
                 batch=env.strategy.batch,
                 drain_timeout=env.drain_timeout,
                 keep_warm=env.keep_warm,
-                deploy_timeout=env.deploy_timeout,
+                deploy_timeout=(
+                    env.deploy_timeout
+                    if env.deploy_timeout is not None
+                    else default_deploy_timeout(release_config(spec, name).health)
+                ),
                 canary=canary_json(env.strategy),
             )
             for name, env in spec.environments.items()
@@ -322,7 +341,17 @@ def _cached(entry: Path, key: str, read: ReadSpec) -> DeploySpec | None:
             env = {**service_env, **dict(read.value["environments"][name].get("env", {}))}
             config = replace(cached.config, env=tuple(sorted(env.items())))
             environments[name] = replace(cached, config=config)
-        return DeploySpec(app=str(data["app"]), path=read.path, environments=environments)
+        image = dict(data["image"])
+        raw_image = read.value.get("image", {})
+        for name in ("env", "labels"):  # text values come from this parse, as for env above
+            image[name] = dict(raw_image.get(name, {}))
+        return DeploySpec(
+            app=str(data["app"]),
+            path=read.path,
+            environments=environments,
+            image=image,
+            service_port=int(data["service_port"]),
+        )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
@@ -331,6 +360,8 @@ def _store(entry: Path, key: str, result: DeploySpec) -> None:
     data = {
         "key": key,
         "app": result.app,
+        "image": {**(result.image or {}), "env": {}, "labels": {}},
+        "service_port": result.service_port,
         "environments": {
             name: {**env.to_json(), "config": {**env.config.to_json(), "env": {}}}
             for name, env in result.environments.items()

@@ -19,7 +19,7 @@ import difflib
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -159,6 +159,27 @@ def load_spec(path: Path, environ: Mapping[str, str]) -> LoadedSpec:
     data = _read(path)
     spec = load_spec_text(data, _display_name(path), environ)
     return LoadedSpec(spec=spec, path=path, digest=sha256_digest(data))
+
+
+def issue_locator(
+    path: Path, environ: Mapping[str, str]
+) -> Callable[[tuple[str | int, ...], str], SpecIssue]:
+    """A maker of issues located in the spec file at ``path`` (``FILE:LINE:COL: dotted.path:
+    message``), for problems found after validation (a missing context, an unreadable secret
+    file).
+
+    Raises:
+        SpecError: when the file cannot be read or parsed.
+    """
+    path = Path(path).absolute()
+    name = _display_name(path)
+    _, builder = _build(_decode(_read(path), name), name, environ)
+
+    def at(where: tuple[str | int, ...], message: str) -> SpecIssue:
+        line, column = builder.position(where)
+        return SpecIssue(name, line, column, _dotted(where), message)
+
+    return at
 
 
 def load_spec_text(data: bytes | str, filename: str, environ: Mapping[str, str]) -> Spec:

@@ -452,8 +452,9 @@ class Environment(_Section):
     """How long instances leaving service may finish in-flight requests."""
     keep_warm: Duration = 600.0
     """How long the previous release keeps running after a switch, for instant rollback."""
-    deploy_timeout: Duration = 60.0
-    """How long a deployment may wait for new instances to become healthy."""
+    deploy_timeout: Duration | None = None
+    """How long a deployment may wait for new instances to become healthy (default: the
+    health check's ``start_period`` + (``healthy_after`` + 2) × (``interval`` + ``timeout``))."""
     drift: Drift = Field(default_factory=Drift)
     """Drift checks: how often the agent watches, whether it fixes, paths to ignore."""
 

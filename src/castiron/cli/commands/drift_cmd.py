@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from castiron.cli.commands.deploy_cmd import accept_yes_option
 from castiron.cli.context import CliContext, pass_cli
 from castiron.cli.render import emit_json
 from castiron.engine.driftwatch import drift_rules, sync_watch
@@ -48,6 +49,7 @@ def _line(f: DriftFinding) -> str:
     metavar="SECONDS",
     help="With --fix: wait this long for the environment's lock.",
 )
+@accept_yes_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @pass_cli
 @click.pass_context
@@ -58,6 +60,7 @@ def drift_cmd(
     full: bool,
     fix: bool,
     lock_wait: float,
+    yes: bool,
     as_json: bool,
 ) -> None:
     """Compare what runs in ENVIRONMENT (default: every one) with its release.

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import click
 
 from castiron.cli.commands.deploy_cmd import (
+    accept_yes_option,
     confirm_plan,
     lock_wait_option,
     observer_for,
@@ -156,6 +157,7 @@ def promote_cmd(
 )
 @click.option("--passphrase-env", metavar="VAR", default=None, help=PASSPHRASE_HELP)
 @click.option("--comment", default="", metavar="TEXT", help="Why; kept with the approval.")
+@accept_yes_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @pass_cli
 def approve_cmd(
@@ -165,6 +167,7 @@ def approve_cmd(
     key_path: Path,
     passphrase_env: str | None,
     comment: str,
+    yes: bool,
     as_json: bool,
 ) -> None:
     """Approve RELEASE (a release id, as the plan of ENVIRONMENT shows it) for deployment to
