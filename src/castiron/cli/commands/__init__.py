@@ -22,5 +22,6 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "quickstart_cmd": ("quickstart",),
     "spec_cmd": ("init", "schema", "validate"),
     "status_cmd": ("history", "releases", "status"),
+    "terraform_cmd": ("terraform-provider", "terraform-setup"),
     "version_cmd": ("version",),
 }

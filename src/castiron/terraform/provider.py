@@ -1,0 +1,440 @@
+"""The Terraform provider for castiron: the plugin protocol edge, built on the ``tf`` framework.
+
+Owns the provider's schema (resource ``castiron_deployment``, data sources ``castiron_image``
+and ``castiron_environment``), turning Terraform's values into
+:class:`~castiron.terraform.operations.DeploymentArgs` and back, planning (the plan shows the
+resolved digest and release id, also on create), reporting drift as a diff, and turning
+castiron's errors into Terraform diagnostics with the same text. A failed create or update
+leaves Terraform's state as it was (the engine left the old release serving).
+
+It is the only module that imports ``tf`` (and, through it, grpc); everything it does goes
+through :mod:`castiron.terraform.operations`. It never prints: stdout belongs to the plugin
+handshake.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from copy import deepcopy
+from typing import Any
+
+from tf import iface  # type: ignore[import-untyped]
+from tf.provider import (  # type: ignore[import-untyped]
+    ProviderServicer,
+    _decode_state,
+    _encode_state,
+)
+from tf.schema import Attribute, Schema  # type: ignore[import-untyped]
+from tf.types import Bool, List, Map, Number, String, Unknown  # type: ignore[import-untyped]
+from tf.utils import Diagnostics  # type: ignore[import-untyped]
+
+from castiron.errors import CastironError
+from castiron.settings import Settings
+from castiron.terraform import operations as ops
+
+PROVIDER_ADDRESS = "registry.terraform.io/castiron/castiron"
+"""The provider's source address (``source = "castiron/castiron"`` in configurations)."""
+
+_INPUTS = ("spec", "environment", "image", "promote_from", "replicas", "env")
+_COMPUTED = ("release", "digest", "url", "deployed_at")
+
+
+def report(diags: Diagnostics, exc: CastironError, path: list[str] | None = None) -> None:
+    """Add ``exc`` to ``diags`` as an error with castiron's own text (its first line is the
+    summary; a multi-line message, such as every issue of a spec, is the detail)."""
+    text = str(exc)
+    first, _, rest = text.partition("\n")
+    detail = text if rest else ""
+    if path:
+        diags.add_error(first, detail, path=path)
+    else:
+        diags.add_error(first, detail)
+
+
+class CastironProvider(iface.Provider):  # type: ignore[misc]
+    """The provider: an optional ``home`` (castiron's state directory) in its configuration."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.environ = dict(environ)
+        self.home: str | None = None
+
+    def get_model_prefix(self) -> str:
+        return "castiron_"
+
+    def full_name(self) -> str:
+        return PROVIDER_ADDRESS
+
+    def get_provider_schema(self, diags: Diagnostics) -> Schema:
+        return Schema(
+            version=1,
+            attributes=[
+                Attribute(
+                    "home",
+                    String(),
+                    description="castiron's state directory (default: $CASTIRON_HOME, else "
+                    ".castiron/ beside each spec), as `castiron --home`.",
+                    optional=True,
+                ),
+            ],
+        )
+
+    def validate_config(self, diags: Diagnostics, config: dict[str, Any]) -> None:
+        return None
+
+    def configure_provider(self, diags: Diagnostics, config: dict[str, Any]) -> None:
+        home = config.get("home")
+        self.home = home if isinstance(home, str) and home else None
+
+    def get_data_sources(self) -> list[type[Any]]:
+        return [ImageData, EnvironmentData]
+
+    def get_resources(self) -> list[type[Any]]:
+        return [Deployment]
+
+    def settings(self, spec: str) -> Settings:
+        """castiron's settings for the spec file ``spec`` (as written in the configuration)."""
+        return ops.settings_for(self.environ, spec, self.home)
+
+
+def _known(value: Any) -> bool:
+    return value is not Unknown
+
+
+def _args(state: Mapping[str, Any]) -> ops.DeploymentArgs:
+    replicas = state.get("replicas")
+    env = state.get("env") or {}
+    return ops.DeploymentArgs(
+        spec=str(state["spec"]),
+        environment=str(state["environment"]),
+        image=state.get("image") or None,
+        promote_from=state.get("promote_from") or None,
+        replicas=int(replicas) if replicas is not None else None,
+        env={str(k): str(v) for k, v in env.items()},
+    )
+
+
+def _with_observed(state: dict[str, Any], observed: ops.Observed) -> dict[str, Any]:
+    return {
+        **state,
+        "id": state["environment"],
+        "release": observed.release,
+        "digest": observed.digest,
+        "url": observed.url,
+        "deployed_at": observed.deployed_at,
+        "drift": list(observed.drift),
+    }
+
+
+class Deployment(iface.Resource):  # type: ignore[misc]
+    """``castiron_deployment``: one environment of a spec, serving a release."""
+
+    def __init__(self, provider: CastironProvider) -> None:
+        self.provider = provider
+
+    @classmethod
+    def get_name(cls) -> str:
+        return "deployment"
+
+    @classmethod
+    def get_schema(cls) -> Schema:
+        return Schema(
+            version=1,
+            description="An environment of a castiron spec serving a release. Create and "
+            "update deploy by replacement with the environment's strategy; delete is "
+            "`castiron down`.",
+            attributes=[
+                Attribute("id", String(), computed=True, description="The environment."),
+                Attribute("spec", String(), required=True, description="The spec file."),
+                Attribute(
+                    "environment",
+                    String(),
+                    required=True,
+                    requires_replace=True,
+                    description="The environment of the spec.",
+                ),
+                Attribute(
+                    "image",
+                    String(),
+                    optional=True,
+                    description="Tag, digest or digest prefix (default: the newest baked image).",
+                ),
+                Attribute(
+                    "promote_from",
+                    String(),
+                    optional=True,
+                    description="Deploy by promotion of the release this environment serves.",
+                ),
+                Attribute(
+                    "replicas", Number(), optional=True, description="Overrides the replicas."
+                ),
+                Attribute(
+                    "env",
+                    Map(String()),
+                    optional=True,
+                    description="Environment variables over the environment's (not secrets).",
+                ),
+                Attribute("release", String(), computed=True, description="The release id."),
+                Attribute("digest", String(), computed=True, description="The image digest."),
+                Attribute("url", String(), computed=True, description="Where it serves."),
+                Attribute(
+                    "deployed_at", String(), computed=True, description="When it last changed."
+                ),
+                Attribute(
+                    "drift",
+                    List(String()),
+                    computed=True,
+                    description="What runs but differs from the release (one line each).",
+                ),
+            ],
+        )
+
+    def plan(
+        self, ctx: iface.PlanContext, current: dict[str, Any] | None, planned: dict[str, Any]
+    ) -> dict[str, Any]:
+        planned["id"] = planned["environment"]
+        if not all(_known(planned.get(k)) for k in _INPUTS):
+            for key in _COMPUTED:
+                planned[key] = Unknown
+            planned["drift"] = []
+            return planned
+        try:
+            result = ops.plan(self.provider.settings(planned["spec"]), _args(planned))
+        except CastironError as exc:
+            report(ctx.diagnostics, exc)
+            return planned
+        planned.update(release=result.release, digest=result.digest, url=result.url, drift=[])
+        unchanged = (
+            current is not None
+            and not result.changes
+            and current.get("release") == result.release
+            and not current.get("drift")
+        )
+        planned["deployed_at"] = current.get("deployed_at") if unchanged and current else Unknown
+        return planned
+
+    def create(self, ctx: iface.CreateContext, planned: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            observed = ops.deploy(self.provider.settings(planned["spec"]), _args(planned))
+        except CastironError as exc:
+            report(ctx.diagnostics, exc)
+            return None  # nothing was created: Terraform records nothing
+        return _with_observed(dict(planned), observed)
+
+    def read(self, ctx: iface.ReadContext, current: dict[str, Any]) -> dict[str, Any] | None:
+        settings = self.provider.settings(current["spec"])
+        try:
+            observed = ops.observe(settings, current["environment"])
+        except CastironError as exc:
+            report(ctx.diagnostics, exc)
+            return current
+        if observed is None:
+            return None  # taken down outside Terraform: planned for creation again
+        return _with_observed(dict(current), observed)
+
+    def update(
+        self, ctx: iface.UpdateContext, current: dict[str, Any], planned: dict[str, Any]
+    ) -> dict[str, Any]:
+        try:
+            observed = ops.deploy(
+                self.provider.settings(planned["spec"]),
+                _args(planned),
+                fix_drift=bool(current.get("drift")),
+            )
+        except CastironError as exc:
+            report(ctx.diagnostics, exc)
+            return current  # the old release still serves: the state stays as it was
+        return _with_observed(dict(planned), observed)
+
+    def delete(self, ctx: iface.DeleteContext, current: dict[str, Any]) -> None:
+        try:
+            ops.take_down(self.provider.settings(current["spec"]), current["environment"])
+        except CastironError as exc:
+            report(ctx.diagnostics, exc)
+
+    def import_(self, ctx: iface.ImportContext, id: str) -> dict[str, Any] | None:
+        try:
+            spec, environment = ops.parse_import_id(id)
+            observed = ops.import_environment(self.provider.settings(spec), environment)
+        except CastironError as exc:
+            report(ctx.diagnostics, exc)
+            return None
+        state: dict[str, Any] = {
+            "spec": spec,
+            "environment": environment,
+            "image": observed.tag or observed.digest,
+            "promote_from": None,
+            "replicas": None,
+            "env": None,
+        }
+        return _with_observed(state, observed)
+
+
+class ImageData(iface.DataSource):  # type: ignore[misc]
+    """``castiron_image``: a tag or digest → digest, tags, signature and provenance facts."""
+
+    def __init__(self, provider: CastironProvider) -> None:
+        self.provider = provider
+
+    @classmethod
+    def get_name(cls) -> str:
+        return "image"
+
+    @classmethod
+    def get_schema(cls) -> Schema:
+        return Schema(
+            version=1,
+            attributes=[
+                Attribute("ref", String(), required=True, description="Tag or digest."),
+                Attribute(
+                    "spec", String(), optional=True, description="The spec (locates the store)."
+                ),
+                Attribute(
+                    "public_keys",
+                    List(String()),
+                    optional=True,
+                    description="Public key files: verify the signature with them.",
+                ),
+                Attribute("digest", String(), computed=True),
+                Attribute("tags", List(String()), computed=True),
+                Attribute("created", String(), computed=True),
+                Attribute("git_commit", String(), computed=True),
+                Attribute("signed", Bool(), computed=True),
+                Attribute("signature_keyids", List(String()), computed=True),
+                Attribute("provenance", Bool(), computed=True),
+                Attribute("verified", Bool(), computed=True),
+                Attribute("verification", String(), computed=True),
+            ],
+        )
+
+    def read(self, ctx: iface.ReadDataContext, config: dict[str, Any]) -> dict[str, Any] | None:
+        settings = self.provider.settings(config.get("spec") or "castiron.yaml")
+        try:
+            facts = ops.image_facts(settings, config["ref"], list(config.get("public_keys") or []))
+        except CastironError as exc:
+            report(ctx.diagnostics, exc, ["ref"])
+            return None
+        return {**config, **facts}
+
+
+class EnvironmentData(iface.DataSource):  # type: ignore[misc]
+    """``castiron_environment``: the release an environment serves, its url and health."""
+
+    def __init__(self, provider: CastironProvider) -> None:
+        self.provider = provider
+
+    @classmethod
+    def get_name(cls) -> str:
+        return "environment"
+
+    @classmethod
+    def get_schema(cls) -> Schema:
+        return Schema(
+            version=1,
+            attributes=[
+                Attribute("environment", String(), required=True),
+                Attribute(
+                    "spec", String(), optional=True, description="The spec (locates the state)."
+                ),
+                Attribute("release", String(), computed=True),
+                Attribute("digest", String(), computed=True),
+                Attribute("tag", String(), computed=True),
+                Attribute("url", String(), computed=True),
+                Attribute("known_good", String(), computed=True),
+                Attribute("instances", Number(), computed=True),
+                Attribute("healthy_instances", Number(), computed=True),
+                Attribute("healthy", Bool(), computed=True),
+            ],
+        )
+
+    def read(self, ctx: iface.ReadDataContext, config: dict[str, Any]) -> dict[str, Any] | None:
+        settings = self.provider.settings(config.get("spec") or "castiron.yaml")
+        try:
+            facts = ops.environment_facts(settings, config["environment"])
+        except CastironError as exc:
+            report(ctx.diagnostics, exc, ["environment"])
+            return None
+        return {**config, **facts}
+
+
+class _Servicer(ProviderServicer):  # type: ignore[misc]
+    """tf's servicer, except that a create is planned by the resource too: the plan of a new
+    deployment shows the digest and release it resolves to."""
+
+    def PlanResourceChange(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC name)
+        response = super().PlanResourceChange(request, context)
+        diags = Diagnostics()
+        type_name = request.type_name
+        attrs = self._get_res_attrs(type_name)
+        blocks = self._get_res_blocks(type_name)
+        _, prior = _decode_state(diags, attrs, blocks, request.prior_state)
+        if prior is not None or response.diagnostics or diags.has_errors():
+            return response
+        planned_enc, planned = _decode_state(diags, attrs, blocks, response.planned_state)
+        if planned is None or diags.has_errors():
+            return response
+        resource = self.app.new_resource(self._get_res_cls(type_name))
+        ctx = iface.PlanContext(diags, type_name, changed_fields=set(planned))
+        new = resource.plan(ctx, None, deepcopy(planned))
+        response.planned_state.CopyFrom(_encode_state(attrs, blocks, new, planned_enc))
+        response.diagnostics.extend(diags.to_pb())
+        return response
+
+
+def serve(environ: Mapping[str, str] | None = None) -> None:
+    """Serve the provider on the plugin protocol until Terraform stops it (the go-plugin
+    handshake line on stdout, gRPC with a self-signed certificate on a Unix socket)."""
+    import base64
+    import tempfile
+    from concurrent import futures
+
+    import grpc  # type: ignore[import-untyped]
+    from tf.gen import grpc_controller_pb2 as controller_pb  # type: ignore[import-untyped]
+    from tf.gen import grpc_controller_pb2_grpc as controller_rpc  # type: ignore[import-untyped]
+    from tf.gen import grpc_stdio_pb2_grpc as stdio_rpc  # type: ignore[import-untyped]
+    from tf.gen import tfplugin_pb2_grpc as rpc  # type: ignore[import-untyped]
+    from tf.runner import _ShutdownInterceptor, _self_signed_cert  # type: ignore[import-untyped]
+
+    provider = CastironProvider(environ if environ is not None else os.environ)
+    stopper = _ShutdownInterceptor()
+    server = grpc.server(
+        thread_pool=futures.ThreadPoolExecutor(max_workers=4), interceptors=[stopper]
+    )
+    stopper.server = server
+    rpc.add_ProviderServicer_to_server(_Servicer(provider), server)
+
+    class Controller(controller_rpc.GRPCControllerServicer):  # type: ignore[misc]
+        def Shutdown(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC name)
+            stopper.stopped = True
+            return controller_pb.Empty()
+
+    class Stdio(stdio_rpc.GRPCStdioServicer):  # type: ignore[misc]
+        def StreamStdio(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC name)
+            return iter([])
+
+    controller_rpc.add_GRPCControllerServicer_to_server(Controller(), server)
+    stdio_rpc.add_GRPCStdioServicer_to_server(Stdio(), server)
+    with tempfile.TemporaryDirectory(prefix="castiron-tf-") as tmp:
+        socket = f"{tmp}/provider.sock"
+        chain, credentials = _self_signed_cert()
+        server.add_secure_port(f"unix://{socket}", credentials)
+        server.start()
+        cert = base64.b64encode(chain).decode().rstrip("=")
+        os.write(1, f"1|6|unix|{socket}|grpc|{cert}\n".encode())
+        try:
+            while server.wait_for_termination(0.05):
+                if stopper.stopped:
+                    break
+        except KeyboardInterrupt:
+            server.stop(grace=0.5)
+
+
+__all__ = [
+    "PROVIDER_ADDRESS",
+    "CastironProvider",
+    "Deployment",
+    "EnvironmentData",
+    "ImageData",
+    "report",
+    "serve",
+]
