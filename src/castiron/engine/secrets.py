@@ -1,7 +1,8 @@
 """Secrets: references resolved at deploy time, never written anywhere castiron keeps.
 
-Owns turning a release's secret references (``env:VAR``, ``file:PATH``) into values for the
-instances of one deployment. Values live only in memory and in the instances' environment.
+Owns turning a release's secret references (``env:VAR``, ``file:PATH``, ``tf:FILE#OUTPUT``)
+into values for the instances of one deployment. Values live only in memory and in the
+instances' environment.
 """
 
 from __future__ import annotations
@@ -45,6 +46,14 @@ def resolve_secrets(release: Release, environ: Mapping[str, str], base_dir: Path
                 values[name] = data.decode("utf-8").rstrip("\n")
             except UnicodeDecodeError as exc:
                 raise UsageError(f"secret {name}: {path} is not UTF-8 text") from exc
+        elif kind == "tf":
+            from castiron.spec.tfoutputs import secret_value
+
+            outputs, _, output = target.rpartition("#")
+            try:
+                values[name] = secret_value(base_dir, outputs, output)
+            except ValueError as exc:
+                raise UsageError(f"secret {name}: {exc}") from exc
         else:
             raise UsageError(f"secret {name}: unknown reference {ref!r}")
     return values

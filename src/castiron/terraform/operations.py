@@ -245,9 +245,7 @@ def finding_line(finding: DriftFinding) -> str:
     """One drift finding as a line of the resource's ``drift`` attribute."""
     expected = "(none)" if finding.expected is None else finding.expected
     actual = "(none)" if finding.actual is None else finding.actual
-    return (
-        f"{finding.kind} {finding.instance} {finding.path}: expected {expected}, actual {actual}"
-    )
+    return f"{finding.kind} {finding.instance} {finding.path}: expected {expected}, actual {actual}"
 
 
 def drift_rules(settings: Settings, environment: str) -> DriftRules:
@@ -321,7 +319,7 @@ def image_facts(settings: Settings, ref: str, public_keys: list[str]) -> dict[st
         ImageError: when the image is damaged.
     """
     from castiron.images import oci, provenance
-    from castiron.images.sign import DSSE, SIGNATURE_ARTIFACT, ANN_KEYID, verify_image
+    from castiron.images.sign import ANN_KEYID, DSSE, SIGNATURE_ARTIFACT, verify_image
     from castiron.images.store import ImageStore
 
     store = ImageStore(settings.images_path)
@@ -329,7 +327,11 @@ def image_facts(settings: Settings, ref: str, public_keys: list[str]) -> dict[st
     image = store.image(digest)
     referrers = store.referrers(digest)
     signatures = sorted(
-        {d.annotations.get(ANN_KEYID, "") for d in referrers if d.artifact_type == SIGNATURE_ARTIFACT}
+        {
+            d.annotations.get(ANN_KEYID, "")
+            for d in referrers
+            if d.artifact_type == SIGNATURE_ARTIFACT
+        }
     )
     statements = provenance.read(store, digest)
     facts: dict[str, Any] = {

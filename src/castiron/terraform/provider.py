@@ -19,15 +19,15 @@ from collections.abc import Mapping
 from copy import deepcopy
 from typing import Any
 
-from tf import iface  # type: ignore[import-untyped]
-from tf.provider import (  # type: ignore[import-untyped]
+from tf import iface
+from tf.provider import (
     ProviderServicer,
     _decode_state,
     _encode_state,
 )
-from tf.schema import Attribute, Schema  # type: ignore[import-untyped]
-from tf.types import Bool, List, Map, Number, String, Unknown  # type: ignore[import-untyped]
-from tf.utils import Diagnostics  # type: ignore[import-untyped]
+from tf.schema import Attribute, Schema
+from tf.types import Bool, List, Map, Number, String, Unknown
+from tf.utils import Diagnostics
 
 from castiron.errors import CastironError
 from castiron.settings import Settings
@@ -361,7 +361,7 @@ class _Servicer(ProviderServicer):  # type: ignore[misc]
     """tf's servicer, except that a create is planned by the resource too: the plan of a new
     deployment shows the digest and release it resolves to."""
 
-    def PlanResourceChange(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC name)
+    def PlanResourceChange(self, request: Any, context: Any) -> Any:
         response = super().PlanResourceChange(request, context)
         diags = Diagnostics()
         type_name = request.type_name
@@ -388,12 +388,12 @@ def serve(environ: Mapping[str, str] | None = None) -> None:
     import tempfile
     from concurrent import futures
 
-    import grpc  # type: ignore[import-untyped]
-    from tf.gen import grpc_controller_pb2 as controller_pb  # type: ignore[import-untyped]
-    from tf.gen import grpc_controller_pb2_grpc as controller_rpc  # type: ignore[import-untyped]
-    from tf.gen import grpc_stdio_pb2_grpc as stdio_rpc  # type: ignore[import-untyped]
-    from tf.gen import tfplugin_pb2_grpc as rpc  # type: ignore[import-untyped]
-    from tf.runner import _ShutdownInterceptor, _self_signed_cert  # type: ignore[import-untyped]
+    import grpc
+    from tf.gen import grpc_controller_pb2 as controller_pb
+    from tf.gen import grpc_controller_pb2_grpc as controller_rpc
+    from tf.gen import grpc_stdio_pb2_grpc as stdio_rpc
+    from tf.gen import tfplugin_pb2_grpc as rpc
+    from tf.runner import _self_signed_cert, _ShutdownInterceptor
 
     provider = CastironProvider(environ if environ is not None else os.environ)
     stopper = _ShutdownInterceptor()
@@ -404,12 +404,12 @@ def serve(environ: Mapping[str, str] | None = None) -> None:
     rpc.add_ProviderServicer_to_server(_Servicer(provider), server)
 
     class Controller(controller_rpc.GRPCControllerServicer):  # type: ignore[misc]
-        def Shutdown(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC name)
+        def Shutdown(self, request: Any, context: Any) -> Any:
             stopper.stopped = True
             return controller_pb.Empty()
 
     class Stdio(stdio_rpc.GRPCStdioServicer):  # type: ignore[misc]
-        def StreamStdio(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC name)
+        def StreamStdio(self, request: Any, context: Any) -> Any:
             return iter([])
 
     controller_rpc.add_GRPCControllerServicer_to_server(Controller(), server)

@@ -71,7 +71,7 @@ def launcher(python: str) -> str:
     return (
         "#!/bin/sh\n"
         "# castiron's Terraform provider (written by `castiron terraform-setup`).\n"
-        f"exec {shlex.quote(python)} -m castiron.cli.main terraform-provider \"$@\"\n"
+        f'exec {shlex.quote(python)} -m castiron.cli.main terraform-provider "$@"\n'
     )
 
 
@@ -80,12 +80,7 @@ def cli_config(mode: Mode, path: Path) -> str:
     or the ``dev_overrides`` directory), and every other provider as usual."""
     quoted = json.dumps(str(path))
     if mode == "dev":
-        body = (
-            "  dev_overrides {\n"
-            f"    {json.dumps(ADDRESS)} = {quoted}\n"
-            "  }\n"
-            "  direct {}\n"
-        )
+        body = f"  dev_overrides {{\n    {json.dumps(ADDRESS)} = {quoted}\n  }}\n  direct {{}}\n"
     else:
         body = (
             "  filesystem_mirror {\n"
@@ -135,7 +130,12 @@ def write_setup(directory: Path, python: str, mode: Mode = "mirror") -> Setup:
     else:
         root = directory / "mirror"
         provider = (
-            root / HOST / NAMESPACE / TYPE / __version__ / platform_dir()
+            root
+            / HOST
+            / NAMESPACE
+            / TYPE
+            / __version__
+            / platform_dir()
             / f"terraform-provider-{TYPE}_v{__version__}"
         )
     config = directory / "terraformrc"
