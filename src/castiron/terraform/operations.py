@@ -149,7 +149,13 @@ def plan(settings: Settings, args: DeploymentArgs) -> Planned:
     from castiron.engine.compose import open_engine
 
     with open_engine(settings, start_agent=False) as engine:
-        target, _ = _target(engine, settings, args)
+        if args.promote_from is not None and args.image is not None:
+            # The release a promotion of this digest will deploy: the source may only serve
+            # it once an earlier step of the same apply has deployed it there.
+            spec = _deploy_spec(settings, args)
+            target = engine.resolve(spec, args.environment, args.image)
+        else:
+            target, _ = _target(engine, settings, args)
         changes = engine.plan(target).has_changes
     return Planned(
         release=target.release.id,
