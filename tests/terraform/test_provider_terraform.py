@@ -118,7 +118,7 @@ def test_deployment_plan_apply_drift_failure_import_destroy(
     AgentClient(project.home / "agent" / "agent.sock").stop_instance(before, grace=2.0)
     plan = project.tf("plan", "-no-color", "-detailed-exitcode")
     assert plan.returncode == 2, plan.stdout + plan.stderr
-    assert f"- \"membership {before} state: expected running, actual " in plan.stdout
+    assert f'- "membership {before} state: expected running, actual ' in plan.stdout
     project.tf_ok("apply", "-no-color", "-auto-approve")
     after = [str(i["id"]) for i in status(project)["instances"]]  # type: ignore[attr-defined]
     assert before not in after and project.served() == "v1"
@@ -141,9 +141,7 @@ def test_deployment_plan_apply_drift_failure_import_destroy(
     assert project.served() == "v1"
     assert status(project)["release"] == release
     state = json.loads(project.tf_ok("show", "-json"))
-    (resource,) = [
-        r for r in state["values"]["root_module"]["resources"] if r["mode"] == "managed"
-    ]
+    (resource,) = [r for r in state["values"]["root_module"]["resources"] if r["mode"] == "managed"]
     assert resource["values"]["release"] == release
     assert resource["values"]["env"] is None
 
@@ -224,9 +222,7 @@ def test_promotion_refused_by_policy_is_a_diagnostic_and_creates_nothing(
     assert re.fullmatch("error: " + refusal, cli_error)
     state = json.loads(project.tf_ok("show", "-json"))
     managed = [
-        r["address"]
-        for r in state["values"]["root_module"]["resources"]
-        if r["mode"] == "managed"
+        r["address"] for r in state["values"]["root_module"]["resources"] if r["mode"] == "managed"
     ]
     assert managed == ["castiron_deployment.staging"]
     never = project.run("status", "production")
