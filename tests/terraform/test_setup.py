@@ -35,7 +35,7 @@ def test_mirror_setup(run_cli, tmp_path: Path) -> None:  # type: ignore[no-untyp
     }
     assert os.access(provider, os.X_OK)
     assert provider.read_text().splitlines()[-1] == (
-        f'exec {sys.executable} -m castiron.cli.main terraform-provider "$@"'
+        f'exec {sys.executable} -m castiron.terraform "$@"'
     )
     config = (root / "terraformrc").read_text()
     assert (

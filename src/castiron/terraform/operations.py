@@ -255,21 +255,29 @@ def finding_line(finding: DriftFinding) -> str:
 
 
 def drift_rules(settings: Settings, environment: str) -> DriftRules:
-    """The ``drift`` section of ``environment`` in the settings' spec (defaults without one).
+    """The ignore patterns of ``environment``'s ``drift`` section in the settings' spec
+    (defaults without a spec file or without that environment in it).
+
+    Only parsed, not validated again: every plan and apply validates the spec (through the
+    cache of :func:`~castiron.engine.compose.deploy_spec_for`), and a refresh should not pay
+    for a second validation (a bad pattern is reported by the drift scan itself).
 
     Raises:
-        SpecError: when the spec file exists but does not validate.
+        SpecError: when the spec file cannot be read or is not YAML.
     """
     from castiron.engine.drift import DriftRules
 
     if not settings.spec_path.is_file():
         return DriftRules()
-    from castiron.spec.load import load_spec
+    from castiron.spec.load import read_spec
 
-    env = load_spec(settings.spec_path, settings.environ).spec.environments.get(environment)
-    if env is None:
+    environments = read_spec(settings.spec_path, settings.environ).value.get("environments")
+    env = environments.get(environment) if isinstance(environments, dict) else None
+    drift = env.get("drift") if isinstance(env, dict) else None
+    ignore = drift.get("ignore") if isinstance(drift, dict) else None
+    if not isinstance(ignore, list):
         return DriftRules()
-    return DriftRules(watch=env.drift.watch, fix=env.drift.fix, ignore=env.drift.ignore)
+    return DriftRules(ignore=tuple(str(pattern) for pattern in ignore))
 
 
 def take_down(settings: Settings, environment: str) -> list[str]:

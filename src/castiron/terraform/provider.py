@@ -426,7 +426,8 @@ def serve(environ: Mapping[str, str] | None = None) -> None:
                 if stopper.stopped:
                     break
         except KeyboardInterrupt:
-            server.stop(grace=0.5)
+            pass
+        server.stop(grace=0.5)
 
 
 __all__ = [

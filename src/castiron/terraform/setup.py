@@ -1,8 +1,8 @@
 """Installing the castiron provider for Terraform: a filesystem mirror or ``dev_overrides``.
 
 Owns the files Terraform needs to find the provider without any registry: a launcher script
-(``terraform-provider-castiron``, which runs ``castiron terraform-provider`` with this
-Python), laid out as an unpacked filesystem mirror
+(``terraform-provider-castiron``, which serves the provider as ``castiron terraform-provider``
+does, with this Python), laid out as an unpacked filesystem mirror
 (``HOST/NAMESPACE/TYPE/VERSION/OS_ARCH/``) or as a ``dev_overrides`` directory, and the CLI
 configuration file that points Terraform at it (used through ``TF_CLI_CONFIG_FILE``).
 
@@ -67,11 +67,12 @@ def platform_dir() -> str:
 
 
 def launcher(python: str) -> str:
-    """The provider's launcher script: ``castiron terraform-provider`` under ``python``."""
+    """The provider's launcher script: ``castiron terraform-provider`` under ``python``, run
+    as ``python -m castiron.terraform`` (the same server without the CLI's start-up)."""
     return (
         "#!/bin/sh\n"
         "# castiron's Terraform provider (written by `castiron terraform-setup`).\n"
-        f'exec {shlex.quote(python)} -m castiron.cli.main terraform-provider "$@"\n'
+        f'exec {shlex.quote(python)} -m castiron.terraform "$@"\n'
     )
 
 
