@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -97,13 +98,23 @@ def terraform() -> tuple[list[str], str]:
     return argv, out.stdout.splitlines()[0]
 
 
-def run(argv: list[str], cwd: Path, env: dict[str, str]) -> float:
-    """Run ``argv`` to completion (exit 0 required); its wall time in seconds."""
+CPU: dict[str, list[float]] = {}
+"""CPU seconds (user + system, the command and every process it waited for) by label."""
+
+
+def run(argv: list[str], cwd: Path, env: dict[str, str], label: str = "") -> float:
+    """Run ``argv`` to completion (exit 0 required); its wall time in seconds. With
+    ``label``, its CPU time is recorded in :data:`CPU` (less sensitive to a loaded machine)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, check=False)
     took = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    if label:
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        CPU.setdefault(label, []).append(cpu)
     return took
 
 
@@ -155,23 +166,17 @@ def main() -> None:
         tf_times: list[float] = []
         for i in range(args.rounds):
             image = "v2" if i % 2 == 0 else "v1"
-            cli_times.append(run([*CLI, "deploy", "cli", "--image", image, "--yes"], work, env))
-            tf_times.append(
-                run(
-                    [*tf, "apply", "-no-color", "-auto-approve", "-var", f"image={image}"],
-                    work,
-                    env,
-                )
-            )
+            deploy = [*CLI, "deploy", "cli", "--image", image, "--yes"]
+            cli_times.append(run(deploy, work, env, "deploy"))
+            apply = [*tf, "apply", "-no-color", "-auto-approve", "-var", f"image={image}"]
+            tf_times.append(run(apply, work, env, "apply"))
         last = "v2" if (args.rounds - 1) % 2 == 0 else "v1"
-        plan_times = [
-            run(
-                [*tf, "plan", "-no-color", "-detailed-exitcode", "-var", f"image={last}"], work, env
-            )
-            for _ in range(args.plans)
-        ]
+        # -detailed-exitcode: exit 0 (required by run) means there was nothing to change.
+        plan = [*tf, "plan", "-no-color", "-detailed-exitcode", "-var", f"image={last}"]
+        plan_times = [run(plan, work, env, "tf plan") for _ in range(args.plans)]
         cli_plan = [
-            run([*CLI, "plan", "tf", "--image", last], work, env) for _ in range(args.plans)
+            run([*CLI, "plan", "tf", "--image", last], work, env, "castiron plan")
+            for _ in range(args.plans)
         ]
         run([*tf, "destroy", "-no-color", "-auto-approve", "-var", f"image={last}"], work, env)
         run([*CLI, "down", "cli", "--yes"], work, env)
@@ -197,6 +202,12 @@ def main() -> None:
     print(f"provider overhead (median difference) {overhead:.2f} s ({ratio:.2f}x); target <= 1 s")
     print(f"terraform plan, no change           {fmt(plan_times)}; target <= 2 s")
     print(f"castiron plan, same environment     {fmt(cli_plan)}")
+    cpu = {label: statistics.median(values) for label, values in CPU.items()}
+    print(
+        "CPU (user+system, median): "
+        + ", ".join(f"{label} {value:.2f} s" for label, value in cpu.items())
+        + f"; apply - deploy {cpu['apply'] - cpu['deploy']:.2f} s"
+    )
 
 
 if __name__ == "__main__":
