@@ -341,11 +341,9 @@ def image_facts(settings: Settings, ref: str, public_keys: list[str]) -> dict[st
     image = store.image(digest)
     referrers = store.referrers(digest)
     signatures = sorted(
-        {
-            d.annotations.get(ANN_KEYID, "")
-            for d in referrers
-            if d.artifact_type == SIGNATURE_ARTIFACT
-        }
+        str(store.read_json(d.digest).get("annotations", {}).get(ANN_KEYID, ""))
+        for d in referrers
+        if d.artifact_type == SIGNATURE_ARTIFACT
     )
     statements = provenance.read(store, digest)
     facts: dict[str, Any] = {
