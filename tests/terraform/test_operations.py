@@ -88,3 +88,22 @@ def test_an_unknown_environment_names_the_known_ones(home: Path, tmp_path: Path)
     with pytest.raises(UsageError) as info:
         ops.plan(_settings(home, tmp_path), args)
     assert str(info.value) == f"no environment 'prod' in {spec} (known: staging)"
+
+
+def test_the_provider_certificate_is_cached_until_its_last_day(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    from castiron.terraform.provider import CERT_DAYS, certificate
+
+    cache = tmp_path / "cache" / "cert.json"
+    der, key_pem, cert_pem = certificate(cache, 1_000_000.0)
+    assert cache.stat().st_mode & 0o777 == 0o600
+    parsed = x509.load_der_x509_certificate(der)
+    assert parsed.subject.rfc4514_string() == "CN=localhost"
+    assert x509.load_pem_x509_certificate(cert_pem) == parsed
+    assert b"PRIVATE KEY" in key_pem
+    assert certificate(cache, 1_000_000.0 + 86400) == (der, key_pem, cert_pem)
+    # Within a day of its end, or unreadable: a new one.
+    assert certificate(cache, 1_000_000.0 + CERT_DAYS * 86400 - 86400)[0] != der
+    cache.write_text("{not json")
+    assert certificate(cache, 1_000_000.0)[0] != der

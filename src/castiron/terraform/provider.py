@@ -15,9 +15,12 @@ handshake.
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from collections.abc import Mapping
 from copy import deepcopy
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 from tf import iface
 from tf.provider import (
@@ -381,11 +384,129 @@ class _Servicer(ProviderServicer):  # type: ignore[misc]
         return response
 
 
-def serve(environ: Mapping[str, str] | None = None) -> None:
-    """Serve the provider on the plugin protocol until Terraform stops it (the go-plugin
-    handshake line on stdout, gRPC with a self-signed certificate on a Unix socket)."""
+CERT_DAYS = 30
+"""How long the provider's self-signed TLS certificate is valid (it is cached meanwhile)."""
+
+
+def _new_certificate() -> tuple[bytes, bytes, bytes]:
+    """A fresh self-signed certificate for ``localhost`` (go-plugin's server name): its DER
+    bytes, the private key's PEM and the certificate's PEM."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=CERT_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=True,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return (
+        cert.public_bytes(serialization.Encoding.DER),
+        key_pem,
+        cert.public_bytes(serialization.Encoding.PEM),
+    )
+
+
+def certificate(cache: Path, now: float) -> tuple[bytes, bytes, bytes]:
+    """The provider's TLS certificate (DER, key PEM, certificate PEM), from ``cache`` while it
+    has more than a day left, else a new one written there (0600, atomically). Loading it
+    from the cache needs no X.509 parsing: Terraform starts the provider several times per
+    command."""
     import base64
+    import json
+
+    try:
+        data = json.loads(cache.read_text())
+        if float(data["not_after"]) - now > 86400:
+            return (
+                base64.b64decode(data["der"]),
+                str(data["key_pem"]).encode(),
+                str(data["cert_pem"]).encode(),
+            )
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    der, key_pem, cert_pem = _new_certificate()
+    record = {
+        "not_after": now + CERT_DAYS * 86400 - 600,
+        "der": base64.b64encode(der).decode(),
+        "key_pem": key_pem.decode(),
+        "cert_pem": cert_pem.decode(),
+    }
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(record))
+        os.replace(tmp, cache)
+    except OSError:  # no cache: a new certificate next time
+        tmp.unlink(missing_ok=True)
+    return der, key_pem, cert_pem
+
+
+def _cert_cache(environ: Mapping[str, str]) -> Path:
+    base = environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "castiron" / "terraform-provider-cert.json"
+
+
+class _StoppingServicer(_Servicer):
+    """The servicer, telling the server loop when Terraform asks the provider to stop."""
+
+    def __init__(self, provider: CastironProvider, stopped: threading.Event) -> None:
+        super().__init__(provider)
+        self.stopped = stopped
+
+    def StopProvider(self, request: Any, context: Any) -> Any:
+        self.stopped.set()
+        return super().StopProvider(request, context)
+
+
+def serve(environ: Mapping[str, str] | None = None) -> NoReturn:
+    """Serve the provider on the plugin protocol until Terraform stops it (the go-plugin
+    handshake line on stdout, gRPC with a self-signed certificate on a Unix socket), then end
+    the process."""
+    import base64
+    import signal
     import tempfile
+    import time
     from concurrent import futures
 
     import grpc
@@ -393,19 +514,18 @@ def serve(environ: Mapping[str, str] | None = None) -> None:
     from tf.gen import grpc_controller_pb2_grpc as controller_rpc
     from tf.gen import grpc_stdio_pb2_grpc as stdio_rpc
     from tf.gen import tfplugin_pb2_grpc as rpc
-    from tf.runner import _self_signed_cert, _ShutdownInterceptor
 
-    provider = CastironProvider(environ if environ is not None else os.environ)
-    stopper = _ShutdownInterceptor()
-    server = grpc.server(
-        thread_pool=futures.ThreadPoolExecutor(max_workers=4), interceptors=[stopper]
-    )
-    stopper.server = server
-    rpc.add_ProviderServicer_to_server(_Servicer(provider), server)
+    # As every go-plugin server does: Terraform handles Ctrl-C and stops its providers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    env = environ if environ is not None else os.environ
+    provider = CastironProvider(env)
+    stopped = threading.Event()
+    server = grpc.server(thread_pool=futures.ThreadPoolExecutor(max_workers=4))
+    rpc.add_ProviderServicer_to_server(_StoppingServicer(provider, stopped), server)
 
     class Controller(controller_rpc.GRPCControllerServicer):  # type: ignore[misc]
         def Shutdown(self, request: Any, context: Any) -> Any:
-            stopper.stopped = True
+            stopped.set()
             return controller_pb.Empty()
 
     class Stdio(stdio_rpc.GRPCStdioServicer):  # type: ignore[misc]
@@ -414,20 +534,21 @@ def serve(environ: Mapping[str, str] | None = None) -> None:
 
     controller_rpc.add_GRPCControllerServicer_to_server(Controller(), server)
     stdio_rpc.add_GRPCStdioServicer_to_server(Stdio(), server)
+    der, key_pem, cert_pem = certificate(_cert_cache(env), time.time())
+    credentials = grpc.ssl_server_credentials([(key_pem, cert_pem)], require_client_auth=False)
     with tempfile.TemporaryDirectory(prefix="castiron-tf-") as tmp:
         socket = f"{tmp}/provider.sock"
-        chain, credentials = _self_signed_cert()
         server.add_secure_port(f"unix://{socket}", credentials)
         server.start()
-        cert = base64.b64encode(chain).decode().rstrip("=")
+        cert = base64.b64encode(der).decode().rstrip("=")
         os.write(1, f"1|6|unix|{socket}|grpc|{cert}\n".encode())
-        try:
-            while server.wait_for_termination(0.05):
-                if stopper.stopped:
-                    break
-        except KeyboardInterrupt:
-            pass
-        server.stop(grace=0.5)
+        stopped.wait()
+        server.stop(grace=0.5).wait()
+    # Terraform waits for the process to exit after every command phase, several times per
+    # command: skip the interpreter's teardown of grpc's threads (nothing is left to flush).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 __all__ = [
