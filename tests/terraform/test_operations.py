@@ -107,3 +107,14 @@ def test_the_provider_certificate_is_cached_until_its_last_day(tmp_path: Path) -
     assert certificate(cache, 1_000_000.0 + CERT_DAYS * 86400 - 86400)[0] != der
     cache.write_text("{not json")
     assert certificate(cache, 1_000_000.0)[0] != der
+
+
+def test_values_not_known_yet_leave_the_plan_to_the_apply() -> None:
+    from tf.types import Unknown
+
+    from castiron.terraform.provider import _known
+
+    assert _known({"A": "1", "B": ["x"]}) and _known(None) and _known("v1")
+    assert not _known(Unknown)
+    assert not _known({"A": Unknown})
+    assert not _known(["x", Unknown])

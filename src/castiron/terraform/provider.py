@@ -101,7 +101,15 @@ class CastironProvider(iface.Provider):  # type: ignore[misc]
 
 
 def _known(value: Any) -> bool:
-    return value is not Unknown
+    """False when ``value`` or anything in it is not known yet (a value of another resource
+    that the same apply computes first)."""
+    if value is Unknown:
+        return False
+    if isinstance(value, dict):
+        return all(_known(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_known(v) for v in value)
+    return True
 
 
 def _args(state: Mapping[str, Any]) -> ops.DeploymentArgs:
