@@ -29,7 +29,7 @@ from castiron.values import value
 
 if TYPE_CHECKING:  # the schema (pydantic) is only needed when a spec is resolved
     from castiron.spec.load import LoadedSpec, ReadSpec
-    from castiron.spec.schema import Spec
+    from castiron.spec.schema import SecretRef, Spec
 
 
 @value
@@ -57,7 +57,8 @@ class ReleaseConfig:
     port: int
     env: tuple[tuple[str, str], ...]
     secrets: tuple[tuple[str, str], ...]
-    """(NAME, reference) pairs: ``env:VAR`` or ``file:PATH``; never values."""
+    """(NAME, reference) pairs: ``env:VAR``, ``file:PATH`` or ``tf:FILE#OUTPUT``; never
+    values."""
     health: HealthConfig
     isolation: str
     network: str
@@ -129,10 +130,7 @@ def release_config(spec: Spec, environment: str) -> ReleaseConfig:
     else:
         kind, target = "none", ""
     merged_env = {**service.env, **env.env}
-    secrets = {
-        name: (f"env:{ref.env}" if ref.env is not None else f"file:{ref.file}")
-        for name, ref in service.secrets.items()
-    }
+    secrets = {name: _secret_ref(spec, ref) for name, ref in service.secrets.items()}
     config = ReleaseConfig(
         app=spec.app,
         environment=environment,
@@ -156,6 +154,15 @@ def release_config(spec: Spec, environment: str) -> ReleaseConfig:
         cpus=service.cpus,
     )
     return config
+
+
+def _secret_ref(spec: Spec, ref: SecretRef) -> str:
+    """A secret's reference: ``env:VAR``, ``file:PATH`` or ``tf:OUTPUTS_FILE#OUTPUT``."""
+    if ref.env is not None:
+        return f"env:{ref.env}"
+    if ref.tf is not None and spec.terraform is not None:
+        return f"tf:{spec.terraform.outputs}#{ref.tf}"
+    return f"file:{ref.file}"
 
 
 def release_from_json(data: dict[str, Any]) -> Release:
@@ -273,7 +280,13 @@ def deploy_spec(loaded: LoadedSpec) -> DeploySpec:
 _MASK = "\x00castiron:env-value\x00"
 """Stands for every text value of an environment-variable map in a cache key."""
 
-_SOURCES = ("spec/schema.py", "spec/load.py", "engine/release.py", "engine/canary.py")
+_SOURCES = (
+    "spec/schema.py",
+    "spec/load.py",
+    "spec/tfoutputs.py",
+    "engine/release.py",
+    "engine/canary.py",
+)
 """Modules whose code decides what a spec validates to: a change to one voids the cache."""
 
 

@@ -1,10 +1,10 @@
 """Secrets: references resolved at deploy time, never written anywhere castiron keeps.
 
-Owns turning a release's secret references (``env:VAR``, ``file:PATH``) into values for the
-instances of one deployment. Values live only in memory and in the instances' environment;
-each one is handed to the redactor (the state store's) before it is used, so that whatever
-castiron captures afterwards (instance output, errors, events, journal, audit details) has it
-masked as ``***``.
+Owns turning a release's secret references (``env:VAR``, ``file:PATH``, ``tf:FILE#OUTPUT``)
+into values for the instances of one deployment. Values live only in memory and in the
+instances' environment; each one is handed to the redactor (the state store's) before it is
+used, so that whatever castiron captures afterwards (instance output, errors, events, journal,
+audit details) has it masked as ``***``.
 """
 
 from __future__ import annotations
@@ -52,6 +52,14 @@ def resolve_secrets(
                 values[name] = data.decode("utf-8").rstrip("\n")
             except UnicodeDecodeError as exc:
                 raise UsageError(f"secret {name}: {path} is not UTF-8 text") from exc
+        elif kind == "tf":
+            from castiron.spec.tfoutputs import secret_value
+
+            outputs, _, output = target.rpartition("#")
+            try:
+                values[name] = secret_value(base_dir, outputs, output)
+            except ValueError as exc:
+                raise UsageError(f"secret {name}: {exc}") from exc
         else:
             raise UsageError(f"secret {name}: unknown reference {ref!r}")
         redactor.add([values[name]])

@@ -268,12 +268,23 @@ class SecretRef(_Section):
     """Read the value from this variable of the deploying process's environment."""
     file: str | None = None
     """Read the value from this file (relative to the spec file) at deploy time."""
+    tf: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
+    """Read the value from this output of the Terraform outputs file (``terraform.outputs``)
+    at deploy time; the way to use a sensitive output."""
 
     @model_validator(mode="after")
     def _one_source(self) -> SecretRef:
-        if (self.env is None) == (self.file is None):
-            raise ValueError("give exactly one of env or file")
+        if sum(source is not None for source in (self.env, self.file, self.tf)) != 1:
+            raise ValueError("give exactly one of env, file or tf")
         return self
+
+
+class TerraformSection(_Section):
+    """Where ``${tf:NAME}`` and ``{tf: NAME}`` secrets read Terraform outputs (``terraform:``)."""
+
+    outputs: str = Field(min_length=1)
+    """A Terraform state file (e.g. ``terraform.tfstate``) or the output of
+    ``terraform output -json``, relative to the spec file."""
 
 
 class Service(_Section):
@@ -470,12 +481,20 @@ class Spec(_Section):
     """How instances run."""
     environments: dict[Name, Environment] = Field(default_factory=dict)
     """Deployment targets by name."""
+    terraform: TerraformSection | None = None
+    """Terraform outputs the spec reads (``${tf:NAME}``, ``{tf: NAME}`` secrets)."""
     extensions: dict[str, Any] = Field(default_factory=dict, exclude=True)
     """Top-level keys starting with x-, as written (the loader fills this)."""
 
     @model_validator(mode="after")
     def _check_references(self) -> Spec:
         # Messages start with a dotted path so the loader can point at the right line.
+        for secret, ref in self.service.secrets.items():
+            if ref.tf is not None and self.terraform is None:
+                raise ValueError(
+                    f"service.secrets.{secret}.tf: name the Terraform outputs file in "
+                    "terraform.outputs"
+                )
         for name, env in self.environments.items():
             if env.promote_from is None:
                 continue
@@ -546,6 +565,7 @@ __all__ = [
     "Spec",
     "Sticky",
     "Strategy",
+    "TerraformSection",
     "parse_duration",
     "parse_listen",
     "spec_json_schema",

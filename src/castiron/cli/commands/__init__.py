@@ -24,6 +24,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "serve_cmd": ("serve",),
     "spec_cmd": ("init", "schema", "validate"),
     "status_cmd": ("history", "releases", "status"),
+    "terraform_cmd": ("terraform-provider", "terraform-setup"),
     "token_cmd": ("token",),
     "version_cmd": ("version",),
 }
