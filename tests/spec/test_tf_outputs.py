@@ -11,9 +11,9 @@ import pytest
 
 from castiron.engine.release import canonical_json, resolve_release
 from castiron.engine.secrets import resolve_secrets
-from castiron.redact import Redactor
 from castiron.errors import SpecError, UsageError
 from castiron.model import Digest
+from castiron.redact import Redactor
 from castiron.spec.load import load_spec
 from castiron.spec.tfoutputs import TfOutput, parse_outputs
 
