@@ -1,6 +1,6 @@
 """Shared fixtures: a per-test CASTIRON_HOME, an in-process CLI runner, and the CI guard.
 
-The CI guard: with CI=true, a skipped test marked ``docker``, ``haproxy`` or ``sandbox`` fails
+The CI guard: with CI=true, a skipped test marked ``docker``, ``haproxy``, ``sandbox`` or ``registry`` fails
 the session, because those legs must run in CI.
 """
 
@@ -18,7 +18,7 @@ import pytest
 
 from castiron.cli.main import main
 
-GUARDED_MARKERS = ("docker", "haproxy", "sandbox")
+GUARDED_MARKERS = ("docker", "haproxy", "sandbox", "registry")
 _guarded_skips: list[str] = []
 
 

@@ -167,7 +167,8 @@ def _corrupt_largest(members: Members) -> Members:
 def _drop_a_layer(members: Members) -> Members:
     blobs = {info.name: data for info, data in members}
     index = json.loads(blobs["index.json"])
-    manifest_name = "blobs/sha256/" + index["manifests"][0]["digest"].split(":")[1]
+    nested = json.loads(blobs["blobs/sha256/" + index["manifests"][0]["digest"].split(":")[1]])
+    manifest_name = "blobs/sha256/" + nested["manifests"][0]["digest"].split(":")[1]
     layer = json.loads(blobs[manifest_name])["layers"][0]["digest"].split(":")[1]
     return [m for m in members if m[0].name != f"blobs/sha256/{layer}"]
 

@@ -20,6 +20,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "sign_cmd": ("keys", "sign", "verify"),
     "logs_cmd": ("logs",),
     "quickstart_cmd": ("quickstart",),
+    "registry_cmd": ("pull", "push"),
     "spec_cmd": ("init", "schema", "validate"),
     "status_cmd": ("history", "releases", "status"),
     "version_cmd": ("version",),

@@ -808,7 +808,36 @@ __all__ = [
     "TransferOptions",
     "cosign_tag",
     "fallback_tag",
+    "options_from",
     "pull",
     "push",
     "resolve",
 ]
+
+
+def options_from(
+    environ: Mapping[str, str],
+    *,
+    insecure: Sequence[str] = (),
+    ca_file: Path | None = None,
+) -> TransferOptions:
+    """Transfer options from captured settings: ``insecure`` registries plus those listed in
+    ``CASTIRON_REGISTRY_INSECURE`` (comma-separated ``host[:port]``), ``ca_file`` else
+    ``CASTIRON_REGISTRY_CA_FILE``, and CA directories laid out as Docker's ``certs.d``
+    (``CASTIRON_REGISTRY_CERTS_DIR``, ``~/.docker/certs.d``, ``/etc/docker/certs.d``)."""
+    hosts = {h.strip() for h in environ.get("CASTIRON_REGISTRY_INSECURE", "").split(",")}
+    hosts.update(insecure)
+    hosts.discard("")
+    if ca_file is None and environ.get("CASTIRON_REGISTRY_CA_FILE"):
+        ca_file = Path(environ["CASTIRON_REGISTRY_CA_FILE"])
+    dirs: list[Path] = []
+    if environ.get("CASTIRON_REGISTRY_CERTS_DIR"):
+        dirs.append(Path(environ["CASTIRON_REGISTRY_CERTS_DIR"]))
+    if environ.get("HOME"):
+        dirs.append(Path(environ["HOME"]) / ".docker" / "certs.d")
+    dirs.append(Path("/etc/docker/certs.d"))
+    return TransferOptions(
+        transport=TransportOptions(
+            insecure=frozenset(hosts), ca_file=ca_file, certs_dirs=tuple(dirs)
+        )
+    )
