@@ -28,6 +28,7 @@ from cryptography.x509.oid import NameOID
 from tests.testkit import free_port, wait_for
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
+MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 USER = "ci-bot"
 PASSWORD = "s3cret-pass"
 
@@ -204,7 +205,8 @@ class Fault:
 
     kind: str
     """``drop`` (close mid-body after ``after`` bytes), ``corrupt`` (flip a byte of the body),
-    or ``status`` (answer ``status`` without asking the registry)."""
+    ``huge`` (announce a 5 MiB manifest) or ``status`` (answer ``status`` without asking the
+    registry)."""
     after: int = 0
     status: int = 503
 
@@ -258,8 +260,14 @@ class FaultProxy:
         import http.client
 
         conn.settimeout(30)
-        reader = conn.makefile("rb")
+        reader = conn.makefile("rb")  # buffered: peek works
         try:
+            if reader.peek(1)[:1] == b"\x16":  # a TLS ClientHello: answer as Go's server does
+                conn.sendall(
+                    b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request "
+                    b"to an HTTPS server.\n"
+                )
+                return
             while not self._stop.is_set():
                 line = reader.readline(65537)
                 if not line:
@@ -282,6 +290,14 @@ class FaultProxy:
                 body = reader.read(length) if length else b""
                 self.seen.append((method, path))
                 fault = self.rule(method, path)
+                if fault is not None and fault.kind == "huge":
+                    conn.sendall(
+                        f"HTTP/1.1 200 OK\r\nContent-Type: {MANIFEST}\r\n"
+                        f"Content-Length: {5 << 20}\r\n\r\n".encode()
+                        + b"{"
+                        + b" " * 4096
+                    )
+                    return
                 if fault is not None and fault.kind == "status":
                     msg = b'{"errors":[{"code":"UNAVAILABLE","message":"injected"}]}'
                     conn.sendall(
