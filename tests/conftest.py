@@ -1,7 +1,7 @@
 """Shared fixtures: a per-test CASTIRON_HOME, an in-process CLI runner, and the CI guard.
 
-The CI guard: with CI=true, a skipped test marked ``docker``, ``haproxy``, ``sandbox`` or ``registry`` fails
-the session, because those legs must run in CI.
+The CI guard: with CI=true, a skipped test marked ``docker``, ``haproxy``, ``sandbox`` or
+``registry`` fails the session, because those legs must run in CI.
 """
 
 from __future__ import annotations

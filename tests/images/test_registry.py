@@ -249,15 +249,12 @@ def test_a_registry_that_keeps_failing_is_one_clear_error(
     registry: Registry, tmp_path: Path
 ) -> None:
     store, digest = _bake(tmp_path)
-    with fault_proxy(registry.host, lambda m, p: Fault("status", status=500)) as proxy:
-        with pytest.raises(RegistryError) as err:
-            push(
-                store,
-                digest,
-                parse_reference(f"{proxy.host}/team/down:v1"),
-                environ={},
-                options=FAST,
-            )
+    always = Fault("status", status=500)
+    with (
+        fault_proxy(registry.host, lambda m, p: always) as proxy,
+        pytest.raises(RegistryError) as err,
+    ):
+        push(store, digest, parse_reference(f"{proxy.host}/team/down:v1"), environ={}, options=FAST)
     assert str(err.value) == (
         f"registry {proxy.host}: HEAD /v2/team/down/manifests/{digest} failed after 4 "
         "attempt(s): HTTP 500"
@@ -278,9 +275,8 @@ def test_a_registry_that_lies_about_a_blob_is_refused(registry: Registry, tmp_pa
         return Fault("corrupt") if method == "GET" and path.endswith(layer) else None
 
     target = ImageStore(tmp_path / "victim")
-    with fault_proxy(registry.host, rule) as proxy:
-        with pytest.raises(DigestMismatchError) as err:
-            pull(target, parse_reference(f"{proxy.host}/team/liar:v1"), environ={}, options=FAST)
+    with fault_proxy(registry.host, rule) as proxy, pytest.raises(DigestMismatchError) as err:
+        pull(target, parse_reference(f"{proxy.host}/team/liar:v1"), environ={}, options=FAST)
     assert str(err.value) == (
         f"registry {proxy.host}: team/liar layer 2 {layer}: content does not match its digest; "
         "refused, nothing stored"
@@ -298,9 +294,8 @@ def test_a_registry_that_lies_about_a_manifest_is_refused(
         return Fault("corrupt") if "/manifests/" in path else None
 
     target = ImageStore(tmp_path / "victim")
-    with fault_proxy(registry.host, rule) as proxy:
-        with pytest.raises(DigestMismatchError) as err:
-            pull(target, parse_reference(f"{proxy.host}/team/liar-m@{digest}"), environ={})
+    with fault_proxy(registry.host, rule) as proxy, pytest.raises(DigestMismatchError) as err:
+        pull(target, parse_reference(f"{proxy.host}/team/liar-m@{digest}"), environ={})
     assert str(err.value).startswith(
         f"registry {proxy.host}: manifest team/liar-m:{digest} hashes to sha256:"
     )
@@ -316,12 +311,9 @@ def test_truncated_blobs_are_refused_after_retries(registry: Registry, tmp_path:
         return Fault("drop", after=10) if method == "GET" and path.endswith(layer.digest) else None
 
     target = ImageStore(tmp_path / "victim")
-    with fault_proxy(registry.host, rule) as proxy:
-        with pytest.raises(RegistryError) as err:
-            pull(target, parse_reference(f"{proxy.host}/team/short:v1"), environ={}, options=FAST)
-    assert f"got 40 of {layer.size} bytes after 4 tries; the body was truncated" in str(
-        err.value
-    )
+    with fault_proxy(registry.host, rule) as proxy, pytest.raises(RegistryError) as err:
+        pull(target, parse_reference(f"{proxy.host}/team/short:v1"), environ={}, options=FAST)
+    assert f"got 40 of {layer.size} bytes after 4 tries; the body was truncated" in str(err.value)
     assert _store_is_empty(target)
 
 
@@ -330,9 +322,8 @@ def test_a_manifest_too_large_is_refused(registry: Registry, tmp_path: Path) -> 
         return Fault("huge") if "/manifests/" in path else None
 
     target = ImageStore(tmp_path / "victim")
-    with fault_proxy(registry.host, rule) as proxy:
-        with pytest.raises(RegistryError) as err:
-            pull(target, parse_reference(f"{proxy.host}/team/huge:v1"), environ={})
+    with fault_proxy(registry.host, rule) as proxy, pytest.raises(RegistryError) as err:
+        pull(target, parse_reference(f"{proxy.host}/team/huge:v1"), environ={})
     assert str(err.value) == (
         f"registry {proxy.host}: manifest team/huge:v1 is 5242880 bytes, more than the "
         "4194304 castiron accepts"
