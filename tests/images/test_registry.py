@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import urllib.parse
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,23 +35,11 @@ from castiron.images.store import ImageStore
 from castiron.model import Digest
 
 from .bakekit import APP_FILES, recipe, run_bake, write_tree
-from .registrykit import PASSWORD, USER, Fault, Registry, fault_proxy, run_registry
+from .registrykit import PASSWORD, USER, Fault, Registry, fault_proxy
 
 pytestmark = pytest.mark.registry
 
 FAST = TransferOptions(transport=TransportOptions(attempts=4, backoff=0.01))
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    with run_registry(tmp_path_factory.mktemp("registry")) as reg:
-        yield reg
-
-
-@pytest.fixture(scope="module")
-def tls_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    with run_registry(tmp_path_factory.mktemp("tls-registry"), tls=True) as reg:
-        yield reg
 
 
 def _bake(

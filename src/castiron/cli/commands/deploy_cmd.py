@@ -147,13 +147,26 @@ def render_plan(plan: Plan, tag: str | None, keep_warm: float) -> list[str]:
     return lines
 
 
+def _from_registry(engine: Engine, image: str | None, environ: Any) -> str | None:
+    """``--image`` as the store knows it: a registry reference is pulled and pinned by digest
+    here, before the plan (see :mod:`castiron.engine.imageref`)."""
+    from castiron.engine.imageref import resolve_image_reference
+
+    return resolve_image_reference(engine.images, image, environ)
+
+
 def _plan_json(plan: Plan, tag: str | None) -> dict[str, Any]:
     return {**plan.to_json(), "tag": tag}
 
 
 @click.command("plan")
 @click.argument("environment")
-@click.option("--image", "image", metavar="REF", help="Tag, digest or digest prefix to deploy.")
+@click.option(
+    "--image",
+    "image",
+    metavar="REF",
+    help="Tag, digest or digest prefix to deploy, or a registry reference (pulled first).",
+)
 @click.option(
     "--detailed-exitcode",
     is_flag=True,
@@ -176,6 +189,7 @@ def plan_cmd(
     settings = cli.settings
     spec = deploy_spec_for(settings)
     with open_engine(settings, observer=observer_for(cli, quiet=True)) as engine:
+        image = _from_registry(engine, image, settings.environ)
         target = engine.resolve(spec, environment, image)
         plan = engine.plan(target)
         from castiron.cli.commands.promote_cmd import gates_json, render_gates
@@ -193,7 +207,12 @@ def plan_cmd(
 
 @click.command("deploy")
 @click.argument("environment")
-@click.option("--image", "image", metavar="REF", help="Tag, digest or digest prefix to deploy.")
+@click.option(
+    "--image",
+    "image",
+    metavar="REF",
+    help="Tag, digest or digest prefix to deploy, or a registry reference (pulled first).",
+)
 @yes_option
 @lock_wait_option(
     "Wait up to S seconds for the environment's lock (default: fail at once, exit 4)."
@@ -232,6 +251,7 @@ def deploy_cmd(
     spec = deploy_spec_for(settings)
     observer = watch_observer(cli, watch, as_json)
     with open_engine(settings, observer=observer) as engine:
+        image = _from_registry(engine, image, settings.environ)
         target = engine.resolve(spec, environment, image)
         plan = engine.plan(target)
         confirm_plan(
