@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from castiron.errors import (
     CastironError,
@@ -38,7 +38,6 @@ from castiron.errors import (
     RegistryError,
 )
 from castiron.images import oci, provenance
-from castiron.images import sign as signing
 from castiron.images.registry.client import (
     Manifest,
     RegistryClient,
@@ -49,9 +48,14 @@ from castiron.images.registry.transport import TransportOptions
 from castiron.images.store import ImageStore, write_atomic
 from castiron.model import Digest
 
+if TYPE_CHECKING:
+    from castiron.images.sign import VerifyKey
+
 COSIGN_PREDICATE = "predicateType"
 """Layer annotation cosign puts on an attestation layer."""
 _HINTS_FILE = "registry-blobs.json"
+_MAX_PAYLOAD_BYTES = 1024 * 1024
+"""The largest signature payload or DSSE envelope read from cosign's tags."""
 _BLOCK = 1 << 20
 
 BlobOutcome = Literal["uploaded", "mounted", "skipped", "downloaded", "present"]
@@ -314,19 +318,19 @@ def _cosign_layers(
         art = store.read_json(ref.digest)
         ann = art.get("annotations") if isinstance(art.get("annotations"), dict) else {}
         assert isinstance(ann, dict)
-        keyid = ann.get(signing.ANN_KEYID)
+        keyid = ann.get(oci.ANN_KEYID)
         for layer in oci.manifest_layers(art, f"artifact {ref.digest}"):
-            if kind == signing.SIGNATURE_ARTIFACT and layer.media_type == signing.SIMPLE_SIGNING:
+            if kind == oci.SIGNATURE_ARTIFACT and layer.media_type == oci.SIMPLE_SIGNING:
                 extra = dict(layer.annotations)
-            elif kind == signing.DSSE and layer.media_type == signing.DSSE:
-                extra = {signing.ANN_SIGNATURE: ""}
-                predicate = ann.get(signing.ANN_PREDICATE_TYPE)
+            elif kind == oci.DSSE and layer.media_type == oci.DSSE:
+                extra = {oci.ANN_SIGNATURE: ""}
+                predicate = ann.get(oci.ANN_PREDICATE_TYPE)
                 if isinstance(predicate, str):
                     extra[COSIGN_PREDICATE] = predicate
             else:
                 continue
             if isinstance(keyid, str):
-                extra[signing.ANN_KEYID] = keyid
+                extra[oci.ANN_KEYID] = keyid
             out.append(
                 oci.Descriptor(layer.media_type, layer.digest, layer.size, annotations=extra)
             )
@@ -343,7 +347,7 @@ def _merge_layers(
         with contextlib.suppress(ImageError):
             theirs = oci.manifest_layers(existing.json(where), where)
     for d in [*theirs, *ours]:
-        key = (d.digest, d.annotations.get(signing.ANN_SIGNATURE, ""))
+        key = (d.digest, d.annotations.get(oci.ANN_SIGNATURE, ""))
         if key not in seen:
             seen.add(key)
             merged.append(d)
@@ -418,7 +422,7 @@ def _push_referrers(
     refs = [
         r
         for r in store.referrers(subject.digest)
-        if r.artifact_type in (signing.SIGNATURE_ARTIFACT, signing.DSSE, oci.IN_TOTO)
+        if r.artifact_type in (oci.SIGNATURE_ARTIFACT, oci.DSSE, oci.IN_TOTO)
     ]
     if not refs:
         return [], False, []
@@ -436,7 +440,7 @@ def _push_referrers(
     if not api:
         _update_fallback_index(client, repo, subject.digest, refs)
     tags: list[str] = []
-    for kind, suffix in ((signing.SIGNATURE_ARTIFACT, "sig"), (signing.DSSE, "att")):
+    for kind, suffix in ((oci.SIGNATURE_ARTIFACT, "sig"), (oci.DSSE, "att")):
         layers = _cosign_layers(store, refs, kind)
         if not layers:
             continue
@@ -612,7 +616,7 @@ class _Pull:
         self.added.append(desc.digest)
 
     def cosign(self, subject: oci.Descriptor) -> None:
-        for suffix, kind in (("sig", signing.SIGNATURE_ARTIFACT), ("att", signing.DSSE)):
+        for suffix, kind in (("sig", oci.SIGNATURE_ARTIFACT), ("att", oci.DSSE)):
             found = self.client.get_manifest(self.repo, cosign_tag(subject.digest, suffix))  # type: ignore[arg-type]
             if found is None:
                 continue
@@ -620,31 +624,31 @@ class _Pull:
             for layer in oci.manifest_layers(found.json(where), where):
                 if layer.media_type != kind:
                     continue
-                data = self.small_blob(layer, signing.MAX_PAYLOAD_BYTES)
-                keyid = layer.annotations.get(signing.ANN_KEYID)
-                manifest_ann = {signing.ANN_KEYID: keyid} if keyid else {}
-                if kind == signing.SIGNATURE_ARTIFACT:
-                    sig = layer.annotations.get(signing.ANN_SIGNATURE, "")
+                data = self.small_blob(layer, _MAX_PAYLOAD_BYTES)
+                keyid = layer.annotations.get(oci.ANN_KEYID)
+                manifest_ann = {oci.ANN_KEYID: keyid} if keyid else {}
+                if kind == oci.SIGNATURE_ARTIFACT:
+                    sig = layer.annotations.get(oci.ANN_SIGNATURE, "")
                     desc = oci.Descriptor(
-                        signing.SIMPLE_SIGNING,
+                        oci.SIMPLE_SIGNING,
                         layer.digest,
                         layer.size,
-                        {signing.ANN_SIGNATURE: sig},
+                        {oci.ANN_SIGNATURE: sig},
                     )
                 else:
                     predicate = layer.annotations.get(COSIGN_PREDICATE)
                     if predicate:
-                        manifest_ann[signing.ANN_PREDICATE_TYPE] = predicate
-                    desc = oci.Descriptor(signing.DSSE, layer.digest, layer.size)
+                        manifest_ann[oci.ANN_PREDICATE_TYPE] = predicate
+                    desc = oci.Descriptor(oci.DSSE, layer.digest, layer.size)
                     self._statement_from_envelope(subject, data)
                 self.added.append(self.store.attach(subject, kind, desc, manifest_ann))
 
     def _statement_from_envelope(self, subject: oci.Descriptor, envelope: bytes) -> None:
+        from castiron.images.sign import b64decode_strict
+
         with contextlib.suppress(CastironError, ValueError, KeyError, TypeError):
             doc = oci.parse_json_object(envelope, "DSSE envelope")
-            statement = oci.parse_json_object(
-                signing.b64decode_strict(doc["payload"]), "DSSE payload"
-            )
+            statement = oci.parse_json_object(b64decode_strict(doc["payload"]), "DSSE payload")
             if statement.get("_type") == provenance.STATEMENT_TYPE:
                 self.added.append(provenance.attach(self.store, subject, statement))
 
@@ -659,7 +663,7 @@ class _Pull:
                     oci.Descriptor.from_json(d, f"{where}: manifests[{i}]")
                     for i, d in enumerate(items if isinstance(items, list) else [])
                 ]
-        wanted = (signing.SIGNATURE_ARTIFACT, signing.DSSE, oci.IN_TOTO)
+        wanted = (oci.SIGNATURE_ARTIFACT, oci.DSSE, oci.IN_TOTO)
         if listed is None:
             self.cosign(subject)
             return
@@ -682,7 +686,7 @@ def pull(
     options: TransferOptions | None = None,
     observer: TransferObserver | None = None,
     tag: str | None = None,
-    verify_keys: Sequence[Path | bytes | signing.VerifyKey] = (),
+    verify_keys: Sequence[Path | bytes | VerifyKey] = (),
 ) -> PullResult:
     """Pull ``reference`` into the store with its signatures and provenance; bind ``tag``
     when given; with ``verify_keys``, keep it only when a signature by one of them verifies.
@@ -700,7 +704,13 @@ def pull(
 
     if tag is not None:
         check_tag(tag)
-    keys = signing._verify_keys(verify_keys) if verify_keys else []
+
+    keys: list[VerifyKey] = []
+    if verify_keys:  # a bad key fails before anything is fetched
+        from castiron.images.sign import VerifyKey as _Key
+        from castiron.images.sign import load_verify_key
+
+        keys = [k if isinstance(k, _Key) else load_verify_key(k) for k in verify_keys]
     options = options or TransferOptions()
     observer = observer or SilentObserver()
     client = client_for(reference, environ, options.transport)
@@ -754,7 +764,9 @@ def pull(
             state.referrers(subject)
             verified_by = None
             if keys:
-                result = signing.verify_image(store, found.digest, keys)
+                from castiron.images.sign import verify_image
+
+                result = verify_image(store, found.digest, keys)
                 if not result.ok:
                     raise PolicyRefusedError(
                         f"pull of {reference}: {result.message()}", rule="require_signature"

@@ -125,7 +125,12 @@ class Transport:
         self._scheme_known = False
         self._idle: dict[tuple[str, str], list[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
-        self._context = self._tls_context()
+        self._context: ssl.SSLContext | None = None  # loading the system CAs costs; on use
+
+    def _tls(self) -> ssl.SSLContext:
+        if self._context is None:
+            self._context = self._tls_context()
+        return self._context
 
     def _tls_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context()
@@ -167,7 +172,7 @@ class Transport:
         host, port = split_host(netloc)
         if scheme == "https":
             return http.client.HTTPSConnection(
-                host, port, timeout=self.options.timeout, context=self._context
+                host, port, timeout=self.options.timeout, context=self._tls()
             )
         return http.client.HTTPConnection(host, port, timeout=self.options.timeout)
 
@@ -210,29 +215,31 @@ class Transport:
         return resp
 
     def _choose_scheme(self) -> None:
+        """Plain HTTP may only be used for a loopback or insecure registry, and only when it
+        does not speak TLS: a bare handshake (no certificate check, no CA loading) tells."""
         if self._scheme_known:
             return
+        if not self._may_fallback:
+            self._scheme_known = True
+            return
+        host, port = split_host(self.host)
+        probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        probe.check_hostname = False
+        probe.verify_mode = ssl.CERT_NONE
         try:
-            resp = self._once("GET", f"https://{self.host}/v2/", {}, None, False)
-            del resp
-        except ssl.SSLCertVerificationError as exc:
-            raise RegistryError(
-                f"registry {self.host}: TLS certificate not trusted ({exc.verify_message}); "
-                "give its CA with --ca-file"
-            ) from None
-        except (ssl.SSLError, ConnectionResetError, http.client.BadStatusLine) as exc:
-            if not self._may_fallback:
-                raise RegistryError(
-                    f"registry {self.host}: TLS handshake failed ({exc}); plain HTTP is only "
-                    "used for loopback registries or with --insecure"
-                ) from None
-            self.scheme = "http"
+            with (
+                socket.create_connection((host, port or 443), timeout=self.options.timeout) as raw,
+                probe.wrap_socket(raw, server_hostname=host),
+            ):
+                pass
         except socket.gaierror:
             raise RegistryError(
                 f"unknown registry {self.host}: its host name does not resolve"
             ) from None
-        except (OSError, http.client.HTTPException):
-            return  # let the request itself report (and retry) connection errors
+        except (ssl.SSLError, ConnectionResetError):
+            self.scheme = "http"  # it answered, but not with TLS
+        except OSError:
+            return  # unreachable for now: the request itself reports (and retries) that
         self._scheme_known = True
 
     def request(
