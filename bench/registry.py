@@ -154,10 +154,10 @@ def main() -> int:
     env.pop("CASTIRON_REGISTRY_USERNAME", None)
     # Time castiron as installed (pip writes .pyc files), not recompiled on every start.
     env.pop("PYTHONDONTWRITEBYTECODE", None)
-    import castiron
+    import castiron as package
 
     subprocess.run(
-        [sys.executable, "-m", "compileall", "-q", str(Path(castiron.__file__).parent)],
+        [sys.executable, "-m", "compileall", "-q", str(Path(package.__file__).parent)],
         check=True,
         env=env,
     )
