@@ -8,6 +8,7 @@ per-layer progress on a terminal's stderr, and render the result.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,7 +50,7 @@ class _RichProgress:
 
 @contextlib.contextmanager
 def _observer(cli: CliContext, as_json: bool) -> Iterator[TransferObserver | None]:
-    if as_json or not cli.err_console.is_terminal:
+    if as_json or not sys.stderr.isatty():  # rich is imported only for a terminal
         yield None
         return
     from rich.progress import (

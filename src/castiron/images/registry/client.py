@@ -380,6 +380,25 @@ class RegistryClient:
             )
         return Manifest(data, media, digest)
 
+    def manifest_digest(self, repo: str, selector: str) -> str | None:
+        """HEAD a manifest by tag or digest: the digest the registry reports (None when it
+        has none, or reports none).
+
+        Raises:
+            RegistryError, RegistryAuthError: see :meth:`send`.
+        """
+        resp = self.send(
+            "HEAD",
+            f"/v2/{repo}/manifests/{selector}",
+            self.scope(repo, True),
+            headers={"Accept": MANIFEST_ACCEPT},
+        )
+        if resp.status == 404:
+            return None
+        if resp.status != 200:
+            raise self._unexpected(resp, f"checking manifest {selector}")
+        return resp.header("Docker-Content-Digest")
+
     def manifest_exists(self, repo: str, digest: str) -> bool:
         """HEAD a manifest by digest.
 

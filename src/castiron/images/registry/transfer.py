@@ -388,7 +388,10 @@ def push(
     pusher = _Pusher(store, client, repo, options, observer, hints)
     try:
         blobs: list[BlobReport] = []
-        if client.manifest_exists(repo, digest):
+        # The registry stores a manifest only once every blob it names is there, so a tag
+        # (or digest) that already names this image means there is nothing to send.
+        tagged = reference.tag is not None and client.manifest_digest(repo, reference.tag) == digest
+        if tagged or client.manifest_exists(repo, digest):
             blobs = [
                 BlobReport(d.digest, d.size, "skipped")
                 for d in [image.config_descriptor, *image.layers]
@@ -398,7 +401,7 @@ def push(
             items += [(layer, f"layer {i + 1}") for i, layer in enumerate(image.layers)]
             blobs = pusher.blobs(items)
             client.put_manifest(repo, digest, raw, media)
-        if reference.tag is not None:
+        if reference.tag is not None and not tagged:
             client.put_manifest(repo, reference.tag, raw, media)
         referrers, api, tags = _push_referrers(store, pusher, image.descriptor())
         hints.save()
@@ -427,9 +430,10 @@ def _push_referrers(
     if not refs:
         return [], False, []
     api = client.referrers(repo, subject.digest) is not None
+    listed = set() if api else _fallback_listed(client, repo, subject.digest)
     pushed: list[Digest] = []
     for ref in refs:
-        if not client.manifest_exists(repo, ref.digest):
+        if ref.digest not in listed and not client.manifest_exists(repo, ref.digest):
             art = store.read_json(ref.digest)
             where = f"artifact {ref.digest}"
             items = [(oci.manifest_config(art, where), "artifact config")]
@@ -437,7 +441,7 @@ def _push_referrers(
             pusher.blobs(items)
             client.put_manifest(repo, ref.digest, store.read_blob(ref.digest), oci.MANIFEST)
         pushed.append(ref.digest)
-    if not api:
+    if not api and not {r.digest for r in refs} <= listed:
         _update_fallback_index(client, repo, subject.digest, refs)
     tags: list[str] = []
     for kind, suffix in ((oci.SIGNATURE_ARTIFACT, "sig"), (oci.DSSE, "att")):
@@ -463,6 +467,19 @@ def _push_referrers(
             client.put_manifest(repo, tag, manifest, oci.MANIFEST)
         tags.append(tag)
     return pushed, api, tags
+
+
+def _fallback_listed(client: RegistryClient, repo: str, subject: Digest) -> set[str]:
+    """Digests listed in the ``sha256-<hex>`` fallback index (castiron writes it only after
+    pushing what it lists, so those are known to be there)."""
+    existing = client.get_manifest(repo, fallback_tag(subject), push=True)
+    if existing is None:
+        return set()
+    with contextlib.suppress(ImageError):
+        found = existing.json(f"{repo}:{fallback_tag(subject)}").get("manifests")
+        if isinstance(found, list):
+            return {d["digest"] for d in found if isinstance(d, dict) and "digest" in d}
+    return set()
 
 
 def _update_fallback_index(
