@@ -156,3 +156,29 @@ def test_bake_on_a_registry_base_pins_its_digest(
     assert {"uri": f"{name}@{digest}", "digest": {"sha256": digest.split(":")[1]}} in deps
     base_layers = store.image(digest).layers
     assert store.image(baked["digest"]).layers[: len(base_layers)] == base_layers
+
+
+def test_progress_shows_every_blob_with_bytes_and_rate(registry: Registry, tmp_path: Path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from castiron.cli.commands.registry_cmd import transfer_progress
+    from castiron.images import oci
+    from castiron.images.registry import parse_reference, pull, push
+
+    result = run_bake(tmp_path / "store", write_tree(tmp_path / "ctx", APP_FILES), tags=("v1",))
+    store = ImageStore(tmp_path / "store")
+    ref = parse_reference(f"{registry.host}/cli/progress-{uuid.uuid4().hex[:8]}:v1")
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=160, color_system=None)
+    with transfer_progress(console) as observer:
+        push(store, result.digest, ref, environ={}, observer=observer)
+        pull(ImageStore(tmp_path / "other"), ref, environ={}, observer=observer)
+    text = out.getvalue()
+    image = store.image(result.digest)
+    for blob in [image.config_descriptor, *image.layers]:
+        assert f"uploaded {oci.short(blob.digest)}" in text
+        assert f"downloaded {oci.short(blob.digest)}" in text
+    size = image.config_descriptor.size
+    assert f"{size}/{size} bytes" in text  # bytes done/total (and a rate, once measurable)

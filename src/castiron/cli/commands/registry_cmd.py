@@ -49,10 +49,8 @@ class _RichProgress:
 
 
 @contextlib.contextmanager
-def _observer(cli: CliContext, as_json: bool) -> Iterator[TransferObserver | None]:
-    if as_json or not sys.stderr.isatty():  # rich is imported only for a terminal
-        yield None
-        return
+def transfer_progress(console: Any) -> Iterator[TransferObserver]:
+    """Per-blob progress bars (bytes, rate) drawn on ``console`` (a rich console)."""
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -66,10 +64,19 @@ def _observer(cli: CliContext, as_json: bool) -> Iterator[TransferObserver | Non
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
-        console=cli.err_console,
+        console=console,
         transient=False,
     ) as progress:
         yield _RichProgress(progress)
+
+
+@contextlib.contextmanager
+def _observer(cli: CliContext, as_json: bool) -> Iterator[TransferObserver | None]:
+    if as_json or not sys.stderr.isatty():  # rich is imported only for a terminal
+        yield None
+        return
+    with transfer_progress(cli.err_console) as observer:
+        yield observer
 
 
 def _options(cli: CliContext, insecure: bool, ca_file: Path | None, host: str) -> TransferOptions:
