@@ -219,6 +219,13 @@ class FaultProxy:
     rule: Rule
     host: str = ""
     seen: list[tuple[str, str]] = field(default_factory=list)
+    bearer: tuple[str, str] | None = None
+    """(user, password): answer like a registry with a token service (401 + a Bearer
+    challenge; ``GET /token`` gives a token for those Basic credentials)."""
+    referrers_api: bool = False
+    """Answer ``GET /v2/<repo>/referrers/<digest>`` (OCI 1.1) from the fallback tag."""
+    tokens: list[str] = field(default_factory=list)
+    """The scopes tokens were asked for."""
     _server: socket.socket | None = None
     _threads: list[threading.Thread] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -255,6 +262,61 @@ class FaultProxy:
             t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
             t.start()
 
+    @staticmethod
+    def _send(conn: socket.socket, status: str, body: bytes, extra: str = "") -> None:
+        conn.sendall(
+            f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n{extra}"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+
+    def _answer_auth(self, conn: socket.socket, path: str, headers: dict[str, str]) -> bool:
+        """True when the request was answered here (a token, or a challenge)."""
+        import base64
+        import json
+        import urllib.parse
+
+        assert self.bearer is not None
+        token = "tok-" + base64.b64encode(":".join(self.bearer).encode()).decode()[:12]
+        if path.startswith("/token"):
+            basic = "Basic " + base64.b64encode(":".join(self.bearer).encode()).decode()
+            if headers.get("authorization") != basic:
+                self._send(conn, "401 Unauthorized", b'{"errors":[{"code":"UNAUTHORIZED"}]}')
+                return True
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)
+            self.tokens.append(" ".join(query.get("scope", [])))
+            self._send(conn, "200 OK", json.dumps({"token": token}).encode())
+            return True
+        if headers.get("authorization") == f"Bearer {token}":
+            return False
+        challenge = f'WWW-Authenticate: Bearer realm="http://{self.host}/token",service="test"\r\n'
+        self._send(conn, "401 Unauthorized", b'{"errors":[{"code":"UNAUTHORIZED"}]}', challenge)
+        return True
+
+    def _answer_referrers(self, conn: socket.socket, path: str) -> None:
+        import http.client
+
+        repo, _, digest = path.removeprefix("/v2/").partition("/referrers/")
+        up = http.client.HTTPConnection(*self.upstream.split(":"), timeout=30)
+        try:
+            up.request(
+                "GET",
+                f"/v2/{repo}/manifests/{digest.replace(':', '-')}",
+                headers={"Accept": "application/vnd.oci.image.index.v1+json"},
+            )
+            resp = up.getresponse()
+            data = resp.read()
+        finally:
+            up.close()
+        if resp.status != 200:
+            data = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json",'
+            data += b'"manifests":[]}'
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.index.v1+json\r\n"
+            + f"Content-Length: {len(data)}\r\n\r\n".encode()
+            + data
+        )
+
     def _serve(self, conn: socket.socket) -> None:
         import http.client
 
@@ -288,6 +350,12 @@ class FaultProxy:
                     headers.append((name, value))
                 body = reader.read(length) if length else b""
                 self.seen.append((method, path))
+                sent = {k.lower(): v for k, v in headers}
+                if self.bearer is not None and self._answer_auth(conn, path, sent):
+                    continue
+                if self.referrers_api and "/referrers/" in path:
+                    self._answer_referrers(conn, path)
+                    continue
                 fault = self.rule(method, path)
                 if fault is not None and fault.kind == "huge":
                     conn.sendall(
@@ -337,9 +405,9 @@ class FaultProxy:
 
 
 @contextlib.contextmanager
-def fault_proxy(upstream: str, rule: Rule) -> Iterator[FaultProxy]:
+def fault_proxy(upstream: str, rule: Rule, **options: object) -> Iterator[FaultProxy]:
     """Run a :class:`FaultProxy` in front of ``upstream`` for the block."""
-    proxy = FaultProxy(upstream, rule).start()
+    proxy = FaultProxy(upstream, rule, **options).start()  # type: ignore[arg-type]
     try:
         yield proxy
     finally:

@@ -488,3 +488,50 @@ def test_docker_pulls_what_castiron_pushed(
         assert image.id == store.image(digest).config_digest
     finally:
         client.images.remove(f"{name}:v1", force=True)  # type: ignore[attr-defined]
+
+
+def test_bearer_token_flow(registry: Registry, tmp_path: Path) -> None:
+    store, digest = _bake(tmp_path)
+    env = {"CASTIRON_REGISTRY_USERNAME": "ci", "CASTIRON_REGISTRY_PASSWORD": "tok3n"}
+    with fault_proxy(registry.host, lambda m, p: None, bearer=("ci", "tok3n")) as proxy:
+        ref = parse_reference(f"{proxy.host}/team/bearer:v1")
+        push(store, digest, ref, environ=env, options=FAST)
+        pulled = pull(ImageStore(tmp_path / "elsewhere"), ref, environ=env, options=FAST)
+        assert pulled.digest == digest
+        assert "repository:team/bearer:pull,push" in proxy.tokens
+        assert "repository:team/bearer:pull" in proxy.tokens
+        with pytest.raises(RegistryAuthError) as err:
+            pull(
+                ImageStore(tmp_path / "third"),
+                ref,
+                environ={**env, "CASTIRON_REGISTRY_PASSWORD": "nope"},
+                options=FAST,
+            )
+    assert str(err.value) == (
+        f"registry {proxy.host} refused the credentials of 'ci' (from environment)"
+    )
+
+
+def test_signatures_come_through_the_referrers_api(registry: Registry, tmp_path: Path) -> None:
+    store, digest, public = _signed(tmp_path)
+    repo = "team/with-api"
+    push(store, digest, parse_reference(f"{registry.host}/{repo}:v1"), environ={})
+    with fault_proxy(registry.host, lambda m, p: None, referrers_api=True) as proxy:
+        target = ImageStore(tmp_path / "elsewhere")
+        pulled = pull(
+            target,
+            parse_reference(f"{proxy.host}/{repo}:v1"),
+            environ={},
+            verify_keys=[public],
+        )
+        paths = [p for _, p in proxy.seen]
+    assert pulled.verified_by == str(public) and len(pulled.referrers) == 3
+    assert f"/v2/{repo}/referrers/{digest}" in paths
+    assert f"/v2/{repo}/manifests/{fallback_tag(digest)}" not in paths
+    # and a registry with the API gets no fallback tag
+    with fault_proxy(registry.host, lambda m, p: None, referrers_api=True) as proxy:
+        result = push(store, digest, parse_reference(f"{proxy.host}/team/api-only:v1"), environ={})
+        puts = [p for m, p in proxy.seen if m == "PUT" and "/manifests/" in p]
+    assert result.referrers_api
+    assert f"/v2/team/api-only/manifests/{fallback_tag(digest)}" not in puts
+    assert f"/v2/team/api-only/manifests/{cosign_tag(digest, 'sig')}" in puts
