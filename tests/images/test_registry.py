@@ -3,6 +3,7 @@ protocol, faults injected by a proxy, TLS with Basic auth, and interop with skop
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from castiron.errors import (
     RegistryAuthError,
     RegistryError,
 )
-from castiron.images import oci
+from castiron.images import oci, provenance
 from castiron.images.registry import TransferOptions, TransportOptions, parse_reference, pull, push
 from castiron.images.registry.client import RegistryClient
 from castiron.images.registry.transfer import cosign_tag, fallback_tag
@@ -365,7 +366,7 @@ def test_index_pull_selects_the_host_platform(registry: Registry, tmp_path: Path
     target = ImageStore(tmp_path / "elsewhere")
     pulled = pull(target, parse_reference(f"{registry.host}/{repo}:multi"), environ={})
     assert pulled.digest == digest
-    assert pulled.index_digest == "sha256:" + __import__("hashlib").sha256(index).hexdigest()
+    assert pulled.index_digest == "sha256:" + hashlib.sha256(index).hexdigest()
 
 
 def test_unknown_and_unreachable_registries(tmp_path: Path) -> None:
@@ -535,3 +536,26 @@ def test_signatures_come_through_the_referrers_api(registry: Registry, tmp_path:
     assert result.referrers_api
     assert f"/v2/team/api-only/manifests/{fallback_tag(digest)}" not in puts
     assert f"/v2/team/api-only/manifests/{cosign_tag(digest, 'sig')}" in puts
+
+
+def test_pull_reads_cosign_tags_when_there_are_no_referrers(
+    registry: Registry, tmp_path: Path
+) -> None:
+    store, digest, public = _signed(tmp_path)
+    repo = "team/cosign-only"
+    push(store, digest, parse_reference(f"{registry.host}/{repo}:v1"), environ={})
+    client = RegistryClient(registry.host, environ={})
+    index = client.get_manifest(repo, fallback_tag(digest))
+    assert index is not None
+    gone = client.send("DELETE", f"/v2/{repo}/manifests/{index.digest}", client.scope(repo, True))
+    client.close()
+    assert gone.status == 202  # now only cosign's .sig and .att tags say anything
+    target = ImageStore(tmp_path / "elsewhere")
+    pulled = pull(
+        target, parse_reference(f"{registry.host}/{repo}:v1"), environ={}, verify_keys=[public]
+    )
+    assert pulled.verified_by == str(public)
+    result = verify_image(target, digest, [public])
+    assert result.signature.ok and result.provenance.ok and result.provenance.required
+    (statement,) = __import__("castiron.images.provenance", fromlist=["read"]).read(target, digest)
+    assert statement["subject"][0]["digest"]["sha256"] == digest.split(":")[1]

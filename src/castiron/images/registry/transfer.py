@@ -37,7 +37,7 @@ from castiron.errors import (
     PolicyRefusedError,
     RegistryError,
 )
-from castiron.images import oci, provenance
+from castiron.images import oci
 from castiron.images.registry.client import (
     Manifest,
     RegistryClient,
@@ -444,11 +444,15 @@ def _push_referrers(
     if not api and not {r.digest for r in refs} <= listed:
         _update_fallback_index(client, repo, subject.digest, refs)
     tags: list[str] = []
-    for kind, suffix in ((oci.SIGNATURE_ARTIFACT, "sig"), (oci.DSSE, "att")):
+    suffixes: tuple[tuple[str, Literal["sig", "att"]], ...] = (
+        (oci.SIGNATURE_ARTIFACT, "sig"),
+        (oci.DSSE, "att"),
+    )
+    for kind, suffix in suffixes:
         layers = _cosign_layers(store, refs, kind)
         if not layers:
             continue
-        tag = cosign_tag(subject.digest, suffix)  # type: ignore[arg-type]
+        tag = cosign_tag(subject.digest, suffix)
         existing = client.get_manifest(repo, tag, push=True)
         merged = _merge_layers(existing, layers, f"{repo}:{tag}")
         pusher.blobs([(d, "signature") for d in layers])
@@ -633,13 +637,18 @@ class _Pull:
         self.added.append(desc.digest)
 
     def cosign(self, subject: oci.Descriptor) -> None:
-        for suffix, kind in (("sig", oci.SIGNATURE_ARTIFACT), ("att", oci.DSSE)):
-            found = self.client.get_manifest(self.repo, cosign_tag(subject.digest, suffix))  # type: ignore[arg-type]
+        kinds: tuple[tuple[Literal["sig", "att"], str, str], ...] = (
+            ("sig", oci.SIGNATURE_ARTIFACT, oci.SIMPLE_SIGNING),
+            ("att", oci.DSSE, oci.DSSE),
+        )
+        for suffix, kind, layer_type in kinds:
+            tag = cosign_tag(subject.digest, suffix)
+            found = self.client.get_manifest(self.repo, tag)
             if found is None:
                 continue
-            where = f"{self.repo}:{cosign_tag(subject.digest, suffix)}"  # type: ignore[arg-type]
+            where = f"{self.repo}:{tag}"
             for layer in oci.manifest_layers(found.json(where), where):
-                if layer.media_type != kind:
+                if layer.media_type != layer_type:
                     continue
                 data = self.small_blob(layer, _MAX_PAYLOAD_BYTES)
                 keyid = layer.annotations.get(oci.ANN_KEYID)
@@ -661,6 +670,7 @@ class _Pull:
                 self.added.append(self.store.attach(subject, kind, desc, manifest_ann))
 
     def _statement_from_envelope(self, subject: oci.Descriptor, envelope: bytes) -> None:
+        from castiron.images import provenance  # (its layer module is costly to import)
         from castiron.images.sign import b64decode_strict
 
         with contextlib.suppress(CastironError, ValueError, KeyError, TypeError):
