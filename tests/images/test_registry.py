@@ -557,5 +557,5 @@ def test_pull_reads_cosign_tags_when_there_are_no_referrers(
     assert pulled.verified_by == str(public)
     result = verify_image(target, digest, [public])
     assert result.signature.ok and result.provenance.ok and result.provenance.required
-    (statement,) = __import__("castiron.images.provenance", fromlist=["read"]).read(target, digest)
+    (statement,) = provenance.read(target, digest)
     assert statement["subject"][0]["digest"]["sha256"] == digest.split(":")[1]
