@@ -11,6 +11,7 @@ one run, median of --runs:
   pull       castiron pull REG/bench:v1 (empty store)  vs  skopeo copy docker://… oci:EMPTY:v1
   re-push    the same push again, unchanged (both ask the registry what it has)
   one file   bake v2 with one file changed, push it to the same repository: what each sends
+  library    castiron's push()/pull() called in-process (the same transfer, no start-up)
 
 Every figure is a whole CLI process (start-up included; castiron's modules byte-compiled, as
 an installed package has them). castiron's bytes come from its
@@ -126,6 +127,24 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
     return elapsed, proc.stdout
 
 
+def library(store: Path, ref: str, work: Path, what: str) -> float:
+    """Seconds for castiron's push()/pull() called in-process (no interpreter start-up)."""
+    from castiron.images.registry import parse_reference, pull, push
+    from castiron.images.store import ImageStore
+
+    images = ImageStore(store)
+    start = time.perf_counter()
+    if what == "push":
+        push(images, images.resolve("v1"), parse_reference(ref), environ={})
+    else:
+        target = work / f"lib-pull-{time.monotonic_ns()}"
+        pull(ImageStore(target), parse_reference(ref), environ={})
+    elapsed = time.perf_counter() - start
+    if what == "pull":
+        shutil.rmtree(target, ignore_errors=True)
+    return elapsed
+
+
 def uploads(log: Path) -> int:
     return sum(
         1
@@ -190,10 +209,17 @@ def main() -> int:
                 "skopeo copy (pull)",
                 "castiron re-push",
                 "skopeo re-push",
+                "push() in-process",
+                "pull() in-process",
             )
         }
         sent_one_file: dict[str, object] = {}
         for run in range(args.runs):
+            # the library alone (no interpreter start-up), into its own fresh registry
+            with registry(work) as (host, _):
+                hints.unlink(missing_ok=True)
+                rows["push() in-process"].append(library(store, f"{host}/lib:v1", work, "push"))
+                rows["pull() in-process"].append(library(store, f"{host}/lib:v1", work, "pull"))
             for tool in ("castiron", "skopeo"):
                 with registry(work) as (host, log):
                     ref = f"{host}/bench:v1"
@@ -292,6 +318,10 @@ def main() -> int:
         )
         print()
         print(f"{'case':24} {'median s':>9} {'vs skopeo':>10}")
+        for name in ("push() in-process", "pull() in-process"):
+            theirs = "skopeo copy (push)" if "push" in name else "skopeo copy (pull)"
+            a, b = statistics.median(rows[name]), statistics.median(rows[theirs])
+            print(f"{name:24} {a:9.3f} {a / b:9.2f}x  (vs {theirs})")
         pairs = [
             ("castiron push", "skopeo copy (push)"),
             ("castiron pull", "skopeo copy (pull)"),
