@@ -36,6 +36,7 @@ from castiron.errors import (
     NotFoundError,
     PolicyRefusedError,
     RegistryError,
+    UsageError,
 )
 from castiron.images import oci
 from castiron.images.registry.client import (
@@ -356,14 +357,14 @@ def _merge_layers(
 
 def push(
     store: ImageStore,
-    ref_or_digest: Digest,
+    digest: Digest,
     reference: Reference,
     *,
     environ: Mapping[str, str],
     options: TransferOptions | None = None,
     observer: TransferObserver | None = None,
 ) -> PushResult:
-    """Push image ``ref_or_digest`` from the store to ``reference`` (its tag, if any, is set
+    """Push image ``digest`` from the store to ``reference`` (its tag, if any, is set
     after the manifest is stored by digest), with its signatures and provenance.
 
     Raises:
@@ -372,11 +373,8 @@ def push(
         RegistryError: when the registry cannot be reached, keeps failing, or refuses content.
         UsageError: when ``reference`` names a digest other than the image's.
     """
-    from castiron.errors import UsageError
-
     options = options or TransferOptions()
     observer = observer or SilentObserver()
-    digest = ref_or_digest
     if reference.digest is not None and reference.digest != digest:
         raise UsageError(f"{reference} names another digest than the image {digest}")
     image = store.image(digest)

@@ -180,7 +180,7 @@ class Transport:
         with self._lock:
             self._idle.setdefault((scheme, netloc), []).append(conn)
 
-    def _once(
+    def once(
         self,
         method: str,
         url: str,
@@ -188,6 +188,8 @@ class Transport:
         body: bytes | None,
         stream: bool,
     ) -> Response:
+        """One attempt, no retry: connection errors surface as :class:`OSError` or
+        :class:`http.client.HTTPException` (for callers that resume rather than repeat)."""
         parts = urllib.parse.urlsplit(url)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         conn = self._connection(parts.scheme, parts.netloc)
@@ -266,7 +268,7 @@ class Transport:
         last = ""
         for attempt in range(1, max(1, self.options.attempts) + 1):
             try:
-                resp = self._once(method, url, headers or {}, body, stream)
+                resp = self.once(method, url, headers or {}, body, stream)
             except ssl.SSLCertVerificationError as exc:
                 raise RegistryError(
                     f"registry {self.host}: TLS certificate not trusted ({exc.verify_message})"
