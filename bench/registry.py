@@ -211,10 +211,12 @@ def main() -> int:
                 "skopeo re-push",
                 "push() in-process",
                 "pull() in-process",
+                "castiron version",
             )
         }
         sent_one_file: dict[str, object] = {}
         for run in range(args.runs):
+            rows["castiron version"].append(timed([castiron, "version"], env)[0])
             # the library alone (no interpreter start-up), into its own fresh registry
             with registry(work) as (host, _):
                 hints.unlink(missing_ok=True)
@@ -318,6 +320,8 @@ def main() -> int:
         )
         print()
         print(f"{'case':24} {'median s':>9} {'vs skopeo':>10}")
+        version = statistics.median(rows["castiron version"])
+        print(f"{'castiron version':24} {version:9.3f}   (interpreter + CLI start-up floor)")
         for name in ("push() in-process", "pull() in-process"):
             theirs = "skopeo copy (push)" if "push" in name else "skopeo copy (pull)"
             a, b = statistics.median(rows[name]), statistics.median(rows[theirs])
