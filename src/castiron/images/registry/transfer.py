@@ -24,7 +24,6 @@ import http.client
 import json
 import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -290,6 +289,8 @@ class _Pusher:
         unique = list({d.digest: (d, w) for d, w in items}.values())
         if len(unique) <= 1 or self.options.workers <= 1:
             return [self.blob(d, w) for d, w in unique]
+        from concurrent.futures import ThreadPoolExecutor  # only when there is work to share
+
         with ThreadPoolExecutor(max_workers=self.options.workers) as pool:
             futures = [pool.submit(self.blob, d, w) for d, w in unique]
             return [f.result() for f in futures]
@@ -766,6 +767,8 @@ def pull(
             oci.parse_json_object(store.read_blob(config.digest), f"{where}: config")
             todo = [(d, f"layer {i + 1}") for i, d in enumerate(layers)]
             if options.workers > 1 and len(todo) > 1:
+                from concurrent.futures import ThreadPoolExecutor
+
                 with ThreadPoolExecutor(max_workers=options.workers) as pool:
                     futures = [
                         pool.submit(_download, client, store, repo, d, w, options, observer)
