@@ -182,3 +182,37 @@ def test_progress_shows_every_blob_with_bytes_and_rate(registry: Registry, tmp_p
         assert f"downloaded {oci.short(blob.digest)}" in text
     size = image.config_descriptor.size
     assert f"{size}/{size} bytes" in text  # bytes done/total (and a rate, once measurable)
+
+
+def test_tls_flags_and_environment_credentials(
+    run_cli: Any,
+    tls_registry: Registry,
+    home: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from .registrykit import PASSWORD, USER
+
+    run_bake(home / "images", write_tree(tmp_path / "ctx", APP_FILES), tags=("v1",))
+    ref = f"{tls_registry.host}/cli/tls-{uuid.uuid4().hex[:8]}:v1"
+    monkeypatch.setenv("CASTIRON_REGISTRY_USERNAME", USER)
+    monkeypatch.setenv("CASTIRON_REGISTRY_PASSWORD", PASSWORD)
+    untrusted = run_cli("push", "v1", ref)
+    assert untrusted.exit_code == 1
+    assert untrusted.stderr.startswith(
+        f"error: registry {tls_registry.host}: TLS certificate not trusted ("
+    )
+    assert PASSWORD not in untrusted.stderr
+    pushed = _json(run_cli("push", "v1", ref, "--ca-file", str(tls_registry.ca_file), "--json"))
+    assert pushed["bytes_sent"] > 0
+    # --insecure accepts the certificate unverified (never downgrading to plain HTTP here)
+    monkeypatch.setenv("CASTIRON_HOME", str(tmp_path / "other"))
+    pulled = _json(run_cli("pull", ref, "--insecure", "--json"))
+    assert pulled["digest"] == pushed["digest"]
+    monkeypatch.setenv("CASTIRON_REGISTRY_PASSWORD", "wrong")
+    refused = run_cli("pull", ref, "--ca-file", str(tls_registry.ca_file))
+    assert refused.exit_code == 1
+    assert refused.stderr == (
+        f"error: registry {tls_registry.host} refused the credentials of {USER!r} "
+        "(from environment)\n"
+    )
