@@ -454,7 +454,6 @@ def _push_referrers(
         tag = cosign_tag(subject.digest, suffix)
         existing = client.get_manifest(repo, tag, push=True)
         merged = _merge_layers(existing, layers, f"{repo}:{tag}")
-        pusher.blobs([(d, "signature") for d in layers])
         config = _cosign_config(merged)
         config_desc = oci.Descriptor(oci.CONFIG, store.put_bytes(config), len(config))
         manifest = oci.canonical_json(
@@ -465,8 +464,8 @@ def _push_referrers(
                 "layers": [d.to_json() for d in merged],
             }
         )
-        if existing is None or existing.data != manifest:
-            pusher.blobs([(config_desc, "signature config")])
+        if existing is None or existing.data != manifest:  # else every blob is there already
+            pusher.blobs([*((d, "signature") for d in layers), (config_desc, "signature config")])
             client.put_manifest(repo, tag, manifest, oci.MANIFEST)
         tags.append(tag)
     return pushed, api, tags
