@@ -204,8 +204,8 @@ class Fault:
 
     kind: str
     """``drop`` (close mid-body after ``after`` bytes), ``corrupt`` (flip a byte of the body),
-    ``huge`` (announce a 5 MiB manifest) or ``status`` (answer ``status`` without asking the
-    registry)."""
+    ``close`` (hang up without answering), ``huge`` (announce a 5 MiB manifest) or ``status``
+    (answer ``status`` without asking the registry)."""
     after: int = 0
     status: int = 503
 
@@ -357,6 +357,8 @@ class FaultProxy:
                     self._answer_referrers(conn, path)
                     continue
                 fault = self.rule(method, path)
+                if fault is not None and fault.kind == "close":
+                    return  # no answer at all
                 if fault is not None and fault.kind == "huge":
                     conn.sendall(
                         f"HTTP/1.1 200 OK\r\nContent-Type: {MANIFEST}\r\n"

@@ -559,3 +559,22 @@ def test_pull_reads_cosign_tags_when_there_are_no_referrers(
     assert result.signature.ok and result.provenance.ok and result.provenance.required
     (statement,) = provenance.read(target, digest)
     assert statement["subject"][0]["digest"]["sha256"] == digest.split(":")[1]
+
+
+def test_http_library_errors_never_leak(registry: Registry, tmp_path: Path) -> None:
+    hang_up = Fault("close")
+    with (
+        fault_proxy(registry.host, lambda m, p: hang_up) as proxy,
+        pytest.raises(RegistryError) as err,
+    ):
+        pull(
+            ImageStore(tmp_path / "x"),
+            parse_reference(f"{proxy.host}/team/gone:v1"),
+            environ={},
+            options=FAST,
+        )
+    assert str(err.value) == (
+        f"registry {proxy.host}: GET /v2/team/gone/manifests/v1 failed after 4 attempt(s): "
+        "Remote end closed connection without response"
+    )
+    assert err.value.__cause__ is None  # http.client's exception is not chained to users
