@@ -1,7 +1,7 @@
 """Shared fixtures: a per-test CASTIRON_HOME, an in-process CLI runner, and the CI guard.
 
 The CI guard: with CI=true, a skipped test marked ``docker``, ``haproxy``, ``sandbox``,
-``browser`` or ``terraform`` fails the session, because those legs must run in CI.
+``browser``, ``terraform`` or ``registry`` fails the session, because those legs must run in CI.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 from castiron.cli.main import main
 
-GUARDED_MARKERS = ("docker", "haproxy", "sandbox", "browser", "terraform")
+GUARDED_MARKERS = ("docker", "haproxy", "sandbox", "browser", "terraform", "registry")
 _guarded_skips: list[str] = []
 
 

@@ -36,6 +36,7 @@ from castiron.images.cache import CACHE_VERSION, BuildCache, layer_key
 from castiron.images.context import SourceFile, scan, secret_files, walk
 from castiron.images.layer import LayerBlob, LayerEntry, compressor_id, with_parents, write_layer
 from castiron.images.pattern import PatternSet
+from castiron.images.registry.reference import looks_like_reference
 from castiron.images.store import ImageStore, check_tag, reachable_blobs, write_atomic
 from castiron.model import Digest
 
@@ -296,10 +297,35 @@ class _Base:
     diff_ids: tuple[Digest, ...]
 
 
+_BASE_KINDS = frozenset({"oci", "oci-archive", "docker-archive", "docker"})
+
+
+def _registry_base(ref: str, store: ImageStore, options: BakeOptions) -> _Base:
+    """A base named by a registry reference: pulled (verified) into the store, and pinned by
+    the digest it resolved to, which is what provenance records."""
+    from castiron.images.registry import options_from, parse_reference, pull
+
+    reference = parse_reference(ref)
+    pulled = pull(store, reference, environ=options.environ, options=options_from(options.environ))
+    return _base_of(store, f"{reference.name}@{pulled.digest}", pulled.digest)
+
+
+def _base_of(store: ImageStore, ref: str, digest: Digest) -> _Base:
+    image = store.image(digest)
+    diff_ids = oci.config_diff_ids(image.config, f"base {ref}")
+    if len(diff_ids) != len(image.layers):
+        raise ImageError(
+            f"image.base: {ref!r} has {len(image.layers)} layers but {len(diff_ids)} diff_ids"
+        )
+    return _Base(ref, digest, image.config, image.layers, tuple(diff_ids))
+
+
 def _resolve_base(ref: str, store: ImageStore, options: BakeOptions, tmp: Path) -> _Base:
     if ref == "scratch":
         return _Base(ref, None, {}, (), ())
     kind, sep, rest = ref.partition(":")
+    if kind not in _BASE_KINDS and looks_like_reference(ref):
+        return _registry_base(ref, store, options)
     if not sep or not rest:
         raise ImageError(
             f"image.base: {ref!r} is not scratch, oci:DIR[:TAG], oci-archive:FILE, "
@@ -327,13 +353,7 @@ def _resolve_base(ref: str, store: ImageStore, options: BakeOptions, tmp: Path) 
             f"image.base: unknown kind {kind!r}; use scratch, oci:, oci-archive:, "
             "docker-archive: or docker:"
         )
-    image = store.image(digest)
-    diff_ids = oci.config_diff_ids(image.config, f"base {ref}")
-    if len(diff_ids) != len(image.layers):
-        raise ImageError(
-            f"image.base: {ref!r} has {len(image.layers)} layers but {len(diff_ids)} diff_ids"
-        )
-    return _Base(ref, digest, image.config, image.layers, tuple(diff_ids))
+    return _base_of(store, ref, digest)
 
 
 def _copy_context(src: Path, dst: Path, exclude: PatternSet, skip: tuple[Path, ...]) -> None:
@@ -595,7 +615,7 @@ def bake(
             image_section=_recipe_json(recipe),
             build_commands=tuple(recipe.build),
             source_date_epoch=epoch,
-            base=recipe.base,
+            base=base.ref,
             base_digest=base.digest,
             context_digests=input_digests,
             revision=git.commit if git else None,

@@ -192,7 +192,8 @@ class ImageSection(_Section):
     """How to bake the app's image (``image:``)."""
 
     base: str = "scratch"
-    """The base: scratch, oci:DIR[:TAG], oci-archive:FILE, docker-archive:FILE or docker:REF."""
+    """The base: scratch, oci:DIR[:TAG], oci-archive:FILE, docker-archive:FILE, docker:REF, or a
+    registry reference (host[:port]/repo[:tag] or @sha256:…, pulled and pinned by digest)."""
     context: str = "."
     """The directory copied into the image, relative to the spec file."""
     workdir: str = "/app"

@@ -21,6 +21,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "sign_cmd": ("keys", "sign", "verify"),
     "logs_cmd": ("logs",),
     "quickstart_cmd": ("quickstart",),
+    "registry_cmd": ("pull", "push"),
     "serve_cmd": ("serve",),
     "spec_cmd": ("init", "schema", "validate"),
     "status_cmd": ("history", "releases", "status"),

@@ -174,6 +174,14 @@ def render_plan(plan: Plan, tag: str | None, keep_warm: float, why: str | None =
     return lines
 
 
+def _from_registry(engine: Engine, image: str | None, environ: Any) -> str | None:
+    """``--image`` as the store knows it: a registry reference is pulled and pinned by digest
+    here, before the plan (see :mod:`castiron.engine.imageref`)."""
+    from castiron.engine.imageref import resolve_image_reference
+
+    return resolve_image_reference(engine.images, image, environ)
+
+
 def _plan_json(plan: Plan, tag: str | None, why: str) -> dict[str, Any]:
     return {**plan.to_json(), "tag": tag, "image_chosen": why}
 
@@ -232,7 +240,12 @@ def tag_of(engine: Engine, target: Target) -> str | None:
 
 @click.command("plan")
 @click.argument("environment")
-@click.option("--image", "image", metavar="REF", help="Tag, digest or digest prefix to deploy.")
+@click.option(
+    "--image",
+    "image",
+    metavar="REF",
+    help="Tag, digest or digest prefix to deploy, or a registry reference (pulled first).",
+)
 @click.option(
     "--detailed-exitcode",
     is_flag=True,
@@ -256,6 +269,7 @@ def plan_cmd(
     spec = deploy_spec_for(settings)
     ref, why = choose_image(cli, spec, image)
     with open_engine(settings, observer=observer_for(cli, quiet=True)) as engine:
+        ref = _from_registry(engine, ref, settings.environ) or ref
         target = engine.resolve(spec, environment, ref)
         tag = tag_of(engine, target)
         plan = engine.plan(target)
@@ -274,7 +288,12 @@ def plan_cmd(
 
 @click.command("deploy")
 @click.argument("environment")
-@click.option("--image", "image", metavar="REF", help="Tag, digest or digest prefix to deploy.")
+@click.option(
+    "--image",
+    "image",
+    metavar="REF",
+    help="Tag, digest or digest prefix to deploy, or a registry reference (pulled first).",
+)
 @yes_option
 @lock_wait_option(
     "Wait up to S seconds for the environment's lock (default: fail at once, exit 4)."
@@ -315,6 +334,7 @@ def deploy_cmd(
     ref, why = choose_image(cli, spec, image)
     observer = watch_observer(cli, watch, as_json)
     with open_engine(settings, observer=observer) as engine:
+        ref = _from_registry(engine, ref, settings.environ) or ref
         target = engine.resolve(spec, environment, ref)
         plan = engine.plan(target)
         question = f"deploy release {target.release.id} to {environment}?"
