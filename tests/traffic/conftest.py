@@ -18,6 +18,7 @@ import pytest
 from castiron.traffic.base import (
     Backend,
     BackendSet,
+    Limits,
     ReleaseCounters,
     RouteConfig,
     Router,
@@ -96,6 +97,8 @@ class Harness:
         drain_timeout: float = 10.0,
         timeouts: Timeouts | None = None,
         max_header_bytes: int = 65536,
+        limits: Limits | None = None,
+        access_log: bool = False,
     ) -> RouteConfig:
         return RouteConfig(
             environment=self.env,
@@ -107,6 +110,8 @@ class Harness:
             drain_timeout=drain_timeout,
             timeouts=timeouts or Timeouts(connect=2, header_read=5, backend_response=30, idle=30),
             max_header_bytes=max_header_bytes,
+            limits=limits or Limits(),
+            access_log=access_log,
         )
 
     def apply(self, config: RouteConfig) -> None:

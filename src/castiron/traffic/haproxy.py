@@ -76,7 +76,14 @@ def _backend(env: str, slot: str) -> str:
 
 
 def _static_key(cfg: RouteConfig) -> tuple[object, ...]:
-    return (cfg.listen, cfg.sticky, cfg.timeouts, cfg.max_header_bytes)
+    return (cfg.listen, cfg.sticky, cfg.timeouts, cfg.max_header_bytes, cfg.limits, cfg.access_log)
+
+
+_REQUEST_ID = "^[A-Za-z0-9._:+/=-]{1,128}$"
+"""A client's X-Request-Id is kept only when it is one header of this form (else replaced)."""
+
+ACCESS_LOG_FORMAT = "%f %Ts %ms %ci %HM %HU %ST %B %si:%sp %Ta %[be_name]"
+"""What HAProxy sends the router for each request (turned into the JSON access line)."""
 
 
 def _ms(seconds: float) -> str:
@@ -98,6 +105,31 @@ def _map_entries(env: _Env) -> dict[str, str]:
     return entries
 
 
+def _hardening(cfg: RouteConfig) -> list[str]:
+    """Frontend rules that make HAProxy answer like the builtin router (RFC 9112 Host rules,
+    hop-by-hop abuse, request ids, body and connection limits)."""
+    limits = cfg.limits
+    lines = [
+        f"    http-request return status 503 content-type text/plain "
+        f'string "too many connections" hdr Connection close '
+        f"if {{ fe_conn gt {limits.max_connections} }}",
+        "    http-request deny deny_status 400 if { req.fhdr_cnt(host) gt 1 }",
+        "    http-request deny deny_status 400 if HTTP_1.1 !{ req.fhdr(host) -m found }",
+        "    http-request deny deny_status 400 if "
+        "{ req.hdr(connection) -i -m str host content-length transfer-encoding }",
+        "    http-request deny deny_status 413 if "
+        f"{{ req.hdr_val(content-length) gt {limits.max_body_bytes} }}",
+    ]
+    if not limits.allow_get_body:
+        lines += [
+            "    http-request deny deny_status 400 if METH_GET "
+            "{ req.hdr_val(content-length) gt 0 }",
+            "    http-request deny deny_status 400 if METH_GET "
+            "{ req.hdr(transfer-encoding) -m found }",
+        ]
+    return lines
+
+
 def render_config(workdir: Path, envs: dict[str, _Env]) -> str:
     """The whole HAProxy configuration for ``envs`` (pure: the same state gives the same text)."""
     max_header = max([e.config.max_header_bytes for e in envs.values()] + [15360])
@@ -112,6 +144,9 @@ def render_config(workdir: Path, envs: dict[str, _Env]) -> str:
         "defaults",
         "    mode http",
         "    option http-keep-alive",
+        # A server connection is never shared between client sessions: a backend that leaves
+        # a body unread would otherwise parse its bytes as another client's request.
+        "    http-reuse never",
         "    retries 3",
         "    option redispatch 1",
         "    timeout tunnel 1h",
@@ -128,7 +163,8 @@ def render_config(workdir: Path, envs: dict[str, _Env]) -> str:
         lines += [
             f"frontend fe_{_safe(name)}",
             f"    bind {cfg.listen}",
-            f"    timeout client {_ms(t.idle)}",
+            f"    maxconn {cfg.limits.max_connections + 64}",
+            f"    timeout client {_ms(min(t.idle, cfg.limits.body_timeout))}",
             f"    timeout http-request {_ms(t.header_read)}",
             f"    timeout http-keep-alive {_ms(t.idle)}",
             '    http-request set-header X-Forwarded-For "%[req.fhdr(x-forwarded-for)], %[src]" '
@@ -140,13 +176,15 @@ def render_config(workdir: Path, envs: dict[str, _Env]) -> str:
             "{ req.hdrs -m reg [\\\\x00-\\\\x08\\\\x0b\\\\x0c\\\\x0e-\\\\x1f\\\\x7f] }",
             "    http-request deny deny_status 400 if "
             f"{{ req.hdrs,length gt {cfg.max_header_bytes} }}",
+            *_hardening(cfg),
             "    http-request set-header X-Forwarded-Proto http",
             "    http-request set-header X-Forwarded-Host %[req.hdr(host)] "
             "if { req.hdr(host) -m found }",
             "    unique-id-format %[rand(4294967295),hex]%[rand(4294967295),hex]"
             "%[rand(4294967295),hex]%[rand(4294967295),hex]",
-            "    http-request set-header X-Request-Id %[unique-id] "
-            "unless { req.hdr(x-request-id) -m found }",
+            "    http-request set-header X-Request-Id %[unique-id] unless "
+            "{ req.fhdr_cnt(x-request-id) eq 1 } "
+            f"{{ req.fhdr(x-request-id) -m reg {_REQUEST_ID} }}",
             f"    http-request set-var(txn.cw) str(@weight),map({mp},0)",
             "    http-request set-var(txn.r) rand(100),sub(txn.cw)",
         ]
