@@ -95,3 +95,58 @@ def test_an_unread_body_never_reaches_another_client(
     harness.apply(harness.config(bset("A", *naives), limits=Limits(allow_get_body=True)))
     attack = SMUGGLE_COMPLETE.replace(b"GET /", method.encode() + b" /", 1)
     assert smuggling_rounds(harness, naives, attack) == 0
+
+
+LENIENCIES = {
+    "missing-host": (b"GET /echo HTTP/1.1\r\n\r\n", 400),
+    "two-hosts": (b"GET /echo HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n", 400),
+    "two-different-hosts-1.0": (b"GET /echo HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    "absolute-form-other-host": (b"GET http://a/echo HTTP/1.1\r\nHost: b\r\n\r\n", 400),
+    "connection-names-host": (b"GET /echo HTTP/1.1\r\nHost: a\r\nConnection: host\r\n\r\n", 400),
+    "no-host-1.0": (b"GET /echo HTTP/1.0\r\n\r\n", 200),
+    "absolute-form-same-host": (b"GET http://a/echo HTTP/1.1\r\nHost: a\r\n\r\n", 200),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LENIENCIES))
+def test_host_rules_are_strict(harness: Harness, backends: MakeBackend, case: str) -> None:
+    a = backends("a")
+    harness.apply(harness.config(bset("A", a)))
+    raw, expected = LENIENCIES[case]
+    if harness.kind == "haproxy" and case == "two-hosts":
+        # HAProxy merges repeated Host lines of the same value into one while parsing (and
+        # refuses different values); no configuration can see the repetition. The backend
+        # still gets exactly one, unambiguous Host.
+        expected = 200
+    status, _ = exchange(harness.port, raw)
+    assert status == expected
+    if expected == 200:
+        assert len(a.records) == 1
+        assert a.records[0]["headers"].get("host") in (None, "a")  # type: ignore[attr-defined]
+    else:
+        assert a.records == []
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [
+        (["abc-123_x.y:z"], True),
+        (["has space"], False),
+        (["x" * 129], False),
+        (["one", "two"], False),
+        (["<script>"], False),
+    ],
+)
+def test_a_client_request_id_is_checked(
+    harness: Harness, backends: MakeBackend, sent: list[str], kept: bool
+) -> None:
+    a = backends("a")
+    harness.apply(harness.config(bset("A", a)))
+    raw = "GET /echo HTTP/1.1\r\nHost: a\r\n" + "".join(f"X-Request-Id: {v}\r\n" for v in sent)
+    status, _ = exchange(harness.port, (raw + "\r\n").encode())
+    assert status == 200
+    rid = a.records[0]["headers"]["x-request-id"]  # type: ignore[index]
+    if kept:
+        assert rid == sent[0]
+    else:
+        assert rid not in sent and len(rid) >= 16 and rid.isalnum()
