@@ -87,6 +87,7 @@ class Harness:
         self.env = "web"
         self.port = free_port()
         self.listen = f"127.0.0.1:{self.port}"
+        self.access_dir: Path | None = None
 
     def config(
         self,
@@ -130,18 +131,20 @@ def harness(
 ) -> Iterator[Harness]:
     kind: str = request.param
     router: Router
+    access = tmp_path / "access"
     if kind == "builtin":
-        router = BuiltinRouter(parser="httptools")
+        router = BuiltinRouter(parser="httptools", access_log_dir=access)
     elif kind == "builtin-py":
-        router = BuiltinRouter(parser="python")
+        router = BuiltinRouter(parser="python", access_log_dir=access)
     else:
         binary = haproxy_binary()
         if binary is None:
             pytest.skip("haproxy is not installed")
         from castiron.traffic.haproxy import HaproxyRouter
 
-        router = HaproxyRouter(tmp_path / "haproxy", haproxy_bin=binary)
+        router = HaproxyRouter(tmp_path / "haproxy", haproxy_bin=binary, access_log_dir=access)
     h = Harness(kind, router, loop_thread)
+    h.access_dir = access
     yield h
     h.close()
 

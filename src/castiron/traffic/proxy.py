@@ -942,7 +942,9 @@ class _Exchange:
         if rh.status == 101:
             return  # written by tunnel_open, with the backend's own Upgrade headers
         if not client.closed:
-            client.write(self._client_head(rh))
+            head = self._client_head(rh)
+            self.sent += len(head)
+            client.write(head)
         self.resp_head_sent = True
 
     def _client_head(self, rh: ResponseHead, interim: bool = False) -> bytes:
