@@ -15,7 +15,6 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 
-
 MAX_BODY = 1024 * 1024
 """Largest request body the app reads (and ignores); a larger one closes the connection."""
 
