@@ -1009,12 +1009,15 @@ class _Exchange:
         listener = client.listener
         if listener.access is not None:
             self.log(rh.status, latency)
-        # A connection that carried a request body is never reused: nothing proves the backend
-        # read the body, and unread body bytes would be parsed as the next client's request.
+        # A connection that carried a request body (even an empty chunked one) is never
+        # reused: nothing proves the backend read it, and unread body bytes would be parsed
+        # as the next client's request.
+        head = self.head
         if (
             rh.keep_alive
             and self.req_done
-            and not self.body_size
+            and not head.content_length
+            and not head.chunked
             and not pool.draining
             and not listener.closing
         ):
