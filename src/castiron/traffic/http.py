@@ -15,6 +15,7 @@ caller feeds bytes and receives callbacks on a handler; a parser never buffers a
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -183,6 +184,12 @@ _HOP_FORBIDDEN = frozenset({b"host", b"content-length", b"transfer-encoding"})
 would change what the backend is asked)."""
 
 
+@functools.lru_cache(maxsize=256)
+def _valid_host(host: bytes) -> bool:
+    # memoized: a listener sees few distinct Host values, and the regex is most of the check
+    return _HOST.match(host) is not None
+
+
 def _check_host(target: bytes, minor: int, host: bytes | None, hosts: int) -> None:
     """RFC 9112 section 3.2: one valid Host (HTTP/1.1), agreeing with an absolute-form target.
 
@@ -194,7 +201,7 @@ def _check_host(target: bytes, minor: int, host: bytes | None, hosts: int) -> No
     if host is None:
         if minor == 1:
             raise HttpParseError(400, "missing Host header")
-    elif not _HOST.match(host):
+    elif not _valid_host(host):
         raise HttpParseError(400, "invalid Host header")
     if target[:1] != b"/" and target != b"*":
         m = _ABSOLUTE.match(target)
@@ -224,7 +231,8 @@ def _request_head(
             host = value
         elif lname in _SPECIAL:
             special = True
-    _check_host(target, minor, host, hosts)
+    if hosts != 1 or target[:1] != b"/" or not _valid_host(host or b""):
+        _check_host(target, minor, host, hosts)  # raises unless an HTTP/1.0 or absolute form
     if not special:  # the common case: no framing or hop-by-hop headers at all
         return RequestHead(method, target, minor, headers, minor == 1, False, False, None)
     chunked, length = _framing(headers)
