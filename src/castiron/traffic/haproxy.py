@@ -685,21 +685,6 @@ class HaproxyRouter:
         # what the frontend answered that no server did: refusals, limits, no backends
         own = [max(0, front[i] - sum(t[i] for t in totals.values())) for i in range(6)]
         result = []
-        if any(own):
-            result.append(
-                ReleaseCounters(
-                    release=ROUTER_RELEASE,
-                    requests=sum(own[1:]),
-                    responses_2xx=own[2],
-                    responses_3xx=own[3],
-                    responses_4xx=own[4],
-                    responses_5xx=own[5],
-                    connect_errors=0,
-                    drained_cut=0,
-                    latency=LatencySummary(0.0, 0.0, 0.0),
-                    latency_is_average=True,
-                )
-            )
         for release, t in sorted(totals.items()):
             weighted = times.get(release, [])
             n = sum(w for _, w in weighted)
@@ -715,6 +700,21 @@ class HaproxyRouter:
                     connect_errors=t[7],
                     drained_cut=t[6],
                     latency=LatencySummary(avg, avg, avg),
+                    latency_is_average=True,
+                )
+            )
+        if any(own):  # listed after the releases
+            result.append(
+                ReleaseCounters(
+                    release=ROUTER_RELEASE,
+                    requests=sum(own[1:]),
+                    responses_2xx=own[2],
+                    responses_3xx=own[3],
+                    responses_4xx=own[4],
+                    responses_5xx=own[5],
+                    connect_errors=0,
+                    drained_cut=0,
+                    latency=LatencySummary(0.0, 0.0, 0.0),
                     latency_is_average=True,
                 )
             )
