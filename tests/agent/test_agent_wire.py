@@ -14,6 +14,7 @@ from castiron.traffic.base import (
     Backend,
     BackendSet,
     LatencySummary,
+    Limits,
     ReleaseCounters,
     RouteConfig,
 )
@@ -37,6 +38,8 @@ def test_route_config_round_trips() -> None:
         environment="staging",
         listen="127.0.0.1:8080",
         stable=BackendSet("r1", (Backend("a", "127.0.0.1:9001"),)),
+        limits=Limits(max_body_bytes=5, body_timeout=1.5, max_connections=3, allow_get_body=True),
+        access_log=True,
     )
     assert route_from_json("staging", json.loads(json.dumps(route_to_json(config)))) == config
 
@@ -103,6 +106,11 @@ def test_spawn_request_refuses_bad_json(data: object, message: str) -> None:
         ({"timeouts": {"idle": 0}}, "body.timeouts.idle: must be a finite, positive number"),
         ({"timeouts": {"idel": 1}}, "body.timeouts: unknown field 'idel'"),
         ({"sticky": {"kind": "ip", "name": "x"}}, 'body.sticky.kind: must be one of "cookie"'),
+        ({"limits": {"max_connections": 0}}, "body.limits.max_connections: must be at least 1"),
+        ({"limits": {"body_timeout": 0}}, "body.limits.body_timeout: must be a finite, positive"),
+        ({"limits": {"max_body_bytes": -1}}, "body.limits.max_body_bytes: must not be negative"),
+        ({"limits": {"max_body": 1}}, "body.limits: unknown field 'max_body'"),
+        ({"access_log": "yes"}, "body.access_log: expected boolean, got string"),
         ({"environment": "prod"}, "body.environment: 'prod' does not match the path's"),
         (
             {"stable": {"release": "r1", "backends": [{"id": "a", "address": 9001}]}},

@@ -106,3 +106,32 @@ def test_hello_serves_and_stops_on_sigterm(hello_server: tuple[subprocess.Popen[
     assert proc.wait(timeout=10) == 0
     assert proc.stderr is not None
     assert proc.stderr.read().endswith("hello stopped\n")
+
+
+def _responses(port: int, requests: list[bytes]) -> list[bytes]:
+    """Send each request on one connection, reading its response before the next is sent."""
+    import http.client
+
+    out = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        for raw in requests:
+            sock.sendall(raw)
+            resp = http.client.HTTPResponse(sock)
+            try:
+                resp.begin()
+                out.append(resp.read())
+            finally:
+                resp.close()
+    return out
+
+
+def test_hello_reads_request_bodies(hello_server: tuple[subprocess.Popen[str], int]) -> None:
+    _, port = hello_server
+    smuggled = b"GET /version HTTP/1.1\r\nX-Ignore: "
+    first = b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(smuggled),
+        smuggled,
+    )
+    second = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+    # the body is read and ignored: the next request on the connection is /healthz
+    assert _responses(port, [first, second]) == [b"Hi there! (version 7.7.7)\n", b"ok\n"]

@@ -211,3 +211,37 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class _NaiveHandler(BaseHTTPRequestHandler):
+    """The standard library's handler used the common way: GET and POST never read a body."""
+
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        record = {"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}}
+        with self.server.lock:
+            self.server.records.append(record)
+        data = json.dumps({"path": self.path}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_POST = do_GET
+
+
+class NaiveBackend(HttpBackend):
+    """A backend that never reads request bodies (and logs every request it parses)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._server = _Server(name)
+        self._server.RequestHandlerClass = _NaiveHandler
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()

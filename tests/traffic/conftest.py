@@ -18,6 +18,7 @@ import pytest
 from castiron.traffic.base import (
     Backend,
     BackendSet,
+    Limits,
     ReleaseCounters,
     RouteConfig,
     Router,
@@ -86,6 +87,7 @@ class Harness:
         self.env = "web"
         self.port = free_port()
         self.listen = f"127.0.0.1:{self.port}"
+        self.access_dir: Path | None = None
 
     def config(
         self,
@@ -96,6 +98,8 @@ class Harness:
         drain_timeout: float = 10.0,
         timeouts: Timeouts | None = None,
         max_header_bytes: int = 65536,
+        limits: Limits | None = None,
+        access_log: bool = False,
     ) -> RouteConfig:
         return RouteConfig(
             environment=self.env,
@@ -107,6 +111,8 @@ class Harness:
             drain_timeout=drain_timeout,
             timeouts=timeouts or Timeouts(connect=2, header_read=5, backend_response=30, idle=30),
             max_header_bytes=max_header_bytes,
+            limits=limits or Limits(),
+            access_log=access_log,
         )
 
     def apply(self, config: RouteConfig) -> None:
@@ -125,18 +131,20 @@ def harness(
 ) -> Iterator[Harness]:
     kind: str = request.param
     router: Router
+    access = tmp_path / "access"
     if kind == "builtin":
-        router = BuiltinRouter(parser="httptools")
+        router = BuiltinRouter(parser="httptools", access_log_dir=access)
     elif kind == "builtin-py":
-        router = BuiltinRouter(parser="python")
+        router = BuiltinRouter(parser="python", access_log_dir=access)
     else:
         binary = haproxy_binary()
         if binary is None:
             pytest.skip("haproxy is not installed")
         from castiron.traffic.haproxy import HaproxyRouter
 
-        router = HaproxyRouter(tmp_path / "haproxy", haproxy_bin=binary)
+        router = HaproxyRouter(tmp_path / "haproxy", haproxy_bin=binary, access_log_dir=access)
     h = Harness(kind, router, loop_thread)
+    h.access_dir = access
     yield h
     h.close()
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 
 from castiron.errors import RouterError
-from castiron.traffic.base import RouteConfig
+from castiron.traffic.base import Limits, RouteConfig
 from castiron.traffic.http import (
     HttpParseError,
     RequestHead,
@@ -32,7 +32,9 @@ def test_fifty_megabytes_stream_through_in_bounded_memory(
 ) -> None:
     a = backends("a")
     router = BuiltinRouter()
-    loop_thread.run(router.apply(RouteConfig("web", "127.0.0.1:0", stable=bset("A", a))))
+    limits = Limits(max_body_bytes=64 * MB)
+    config = RouteConfig("web", "127.0.0.1:0", stable=bset("A", a), limits=limits)
+    loop_thread.run(router.apply(config))
     host, port = loop_thread.call(lambda: router.address("web"))
     tracemalloc.start()
     try:
@@ -80,9 +82,12 @@ class _Recorder:
 GOOD = [
     b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
     b"POST /p?q=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
-    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n0\r\nT: v\r\n\r\n",
-    b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\nHost: y\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"5;ext=1\r\nhello\r\n0\r\nT: v\r\n\r\n",
+    b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: y\r\n\r\n",
     b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    b"GET http://x:80/a HTTP/1.1\r\nHost: X:80\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\nX-Request-Id: abc\r\n\r\n",
 ]
 BAD = [
     b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
@@ -92,6 +97,13 @@ BAD = [
     b"G\x01T / HTTP/1.1\r\n\r\n",
     b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",
     b"GET / HTTP/1.1\r\nX: " + b"v" * 5000 + b"\r\n\r\n",
+    b"GET / HTTP/1.1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n",
+    b"GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n",
+    b"GET http://a/x HTTP/1.1\r\nHost: b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nConnection: host\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Content-Length\r\n\r\n",
 ]
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from castiron.traffic.base import Stickiness, Timeouts
+from castiron.traffic.base import Limits, Stickiness, Timeouts
 from castiron.traffic.stats import prometheus_text
 from testkit import wait_for
 from traffic.backends import HttpBackend, dead_address
@@ -105,7 +105,7 @@ def test_keep_alive_is_reused_on_both_sides(harness: Harness, backends: MakeBack
 
 def test_large_bodies_are_streamed(harness: Harness, backends: MakeBackend) -> None:
     a = backends("a")
-    harness.apply(harness.config(bset("A", a)))
+    harness.apply(harness.config(bset("A", a), limits=Limits(max_body_bytes=64 * MB)))
     c = conn(harness, timeout=60)
     c.request("GET", f"/stream?n={50 * MB}&delay=0.0005")
     r = c.getresponse()

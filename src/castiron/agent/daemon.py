@@ -96,6 +96,8 @@ WATCHER_ENV = "CASTIRON_DRIFT_WATCH"
 EVENTS_NAME = "events.jsonl"
 INSTANCES_NAME = "instances.json"
 REQUESTS_NAME = "requests.json"
+ACCESS_LOG_DIR = "access"
+"""Where routers write each environment's access log (ENV.log, rotated by size)."""
 _MAX_BODY = 1024 * 1024
 _MAX_HEAD = 16 * 1024
 _HEAD_TIMEOUT = 10.0
@@ -451,10 +453,16 @@ class Agent:
         if self.options.router == "haproxy":
             from castiron.traffic.haproxy import HaproxyRouter
 
-            return HaproxyRouter(self.dir / "haproxy", haproxy_bin=self.options.haproxy_bin)
+            return HaproxyRouter(
+                self.dir / "haproxy",
+                haproxy_bin=self.options.haproxy_bin,
+                access_log_dir=self.dir / ACCESS_LOG_DIR,
+            )
         from castiron.traffic.proxy import BuiltinRouter
 
-        return BuiltinRouter(listen_socket_factory=self._listen_socket)
+        return BuiltinRouter(
+            listen_socket_factory=self._listen_socket, access_log_dir=self.dir / ACCESS_LOG_DIR
+        )
 
     def _listen_socket(self, address: str) -> socket.socket:
         """The listening socket for ``address``: the kept one if any, else a new one."""

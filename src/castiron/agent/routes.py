@@ -90,6 +90,13 @@ def route_from_json(environment: str, data: object) -> RouteConfig:
     for name in ("connect", "header_read", "backend_response", "idle"):
         if not 0 < getattr(config.timeouts, name) < math.inf:
             raise UsageError(f"body.timeouts.{name}: must be a finite, positive number")
+    limits = config.limits
+    if limits.max_body_bytes < 0:
+        raise UsageError("body.limits.max_body_bytes: must not be negative")
+    if not 0 < limits.body_timeout < math.inf:
+        raise UsageError("body.limits.body_timeout: must be a finite, positive number")
+    if limits.max_connections < 1:
+        raise UsageError("body.limits.max_connections: must be at least 1")
     if config.max_header_bytes < 1024:
         raise UsageError("body.max_header_bytes: must be at least 1024")
     if config.sticky is not None and not config.sticky.name:

@@ -488,6 +488,8 @@ class _Canary:
             canary_weight=weight,
             drain_timeout=r.policy.drain_timeout,
             sticky=self.config.sticky,
+            limits=r.policy.limits,
+            access_log=r.policy.access_log,
         )
 
         def apply(tx: StateTx) -> None:

@@ -281,6 +281,7 @@ class Engine:
             deploy_timeout=env.deploy_timeout,
             base_dir=str(spec.base_dir),
             canary=env.canary,
+            router=env.router,
         )
         from castiron.engine.policy import gate_policy
 
@@ -500,6 +501,8 @@ class Engine:
                     policy.listen,
                     backends_of(back[0].release, back),
                     drain_timeout=policy.drain_timeout,
+                    limits=policy.limits,
+                    access_log=policy.access_log,
                 )
             else:
                 self.traffic.remove(environment)

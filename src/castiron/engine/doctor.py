@@ -75,7 +75,7 @@ def needs_of(loaded: LoadedSpec | None) -> Needs:
     envs = loaded.spec.environments
     return Needs(
         docker=any(e.runtime == "docker" for e in envs.values()),
-        haproxy=any(e.router == "haproxy" for e in envs.values()),
+        haproxy=any(e.router.type == "haproxy" for e in envs.values()),
         sandbox=any(e.runtime == "local" and e.isolation == "sandbox" for e in envs.values()),
         listens=tuple((name, e.listen) for name, e in sorted(envs.items())),
     )

@@ -834,6 +834,8 @@ def _fix(engine: Engine, report: DriftReport) -> FixResult:
             policy.listen,
             backends_of(release.id, kept),
             drain_timeout=policy.drain_timeout,
+            limits=policy.limits,
+            access_log=policy.access_log,
         )
         route_reapplied = True
         engine.observer.progress(f"route of {environment} re-applied from the records")
@@ -936,6 +938,8 @@ def _replace(
             policy.listen,
             backends_of(release.id, to),
             drain_timeout=policy.drain_timeout,
+            limits=policy.limits,
+            access_log=policy.access_log,
         )
         new_ids = [i.id for i in new]
 

@@ -29,7 +29,7 @@ from castiron.values import value
 
 if TYPE_CHECKING:  # the schema (pydantic) is only needed when a spec is resolved
     from castiron.spec.load import LoadedSpec, ReadSpec
-    from castiron.spec.schema import SecretRef, Spec
+    from castiron.spec.schema import Router, SecretRef, Spec
 
 
 @value
@@ -203,6 +203,8 @@ class EnvironmentDeploy:
     deploy_timeout: float
     canary: dict[str, Any] | None = None
     """The canary's steps, analysis and stickiness as JSON (see :mod:`castiron.engine.canary`)."""
+    router: dict[str, Any] | None = None
+    """The router's limits and access log switch as JSON (see :func:`router_json`)."""
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (see :func:`release_from_json` for the config's form)."""
@@ -246,6 +248,18 @@ def default_deploy_timeout(health: HealthConfig) -> float:
     return health.start_period + (health.healthy_after + 2) * (health.interval + health.timeout)
 
 
+def router_json(router: Router) -> dict[str, Any]:
+    """The router section as the JSON the engine records in an environment's policy (the
+    field names of :class:`castiron.traffic.base.Limits`, plus ``access_log``)."""
+    return {
+        "max_body_bytes": router.max_body,
+        "body_timeout": router.body_timeout,
+        "max_connections": router.max_connections,
+        "allow_get_body": router.allow_get_body,
+        "access_log": router.access_log,
+    }
+
+
 def deploy_spec(loaded: LoadedSpec) -> DeploySpec:
     """What deploying needs of the validated spec ``loaded``."""
     from castiron.engine.canary import canary_json
@@ -271,6 +285,7 @@ def deploy_spec(loaded: LoadedSpec) -> DeploySpec:
                     else default_deploy_timeout(release_config(spec, name).health)
                 ),
                 canary=canary_json(env.strategy),
+                router=router_json(env.router),
             )
             for name, env in spec.environments.items()
         },

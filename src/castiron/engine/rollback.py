@@ -199,6 +199,8 @@ def _flip(
             check=check,
             env=dict(release.config.env),
             drain_timeout=policy.drain_timeout,
+            limits=policy.limits,
+            access_log=policy.access_log,
         )
     except (Exception, KeyboardInterrupt) as exc:
         engine.undo(deployment, journal.steps(), policy, "failed", error=str(exc))

@@ -29,7 +29,7 @@ from castiron.engine.runtimes import instance_port
 from castiron.errors import CastironError, DeployFailedError
 from castiron.model import ImageRef, Instance, InstanceSpec, Isolation, Observed, ReleaseId
 from castiron.state.base import AuditDraft, EnvironmentRow, InstanceRow, StateTx, format_time
-from castiron.traffic.base import Backend, BackendSet
+from castiron.traffic.base import Backend, BackendSet, Limits
 from castiron.traffic.controller import TrafficController
 from castiron.values import value
 
@@ -80,6 +80,21 @@ class Policy:
     """The spec's directory: ``file:`` secrets are read relative to it."""
     canary: Mapping[str, Any] | None = None
     """The canary's steps, analysis and stickiness as JSON (see :mod:`castiron.engine.canary`)."""
+    router: Mapping[str, Any] | None = None
+    """The router's limits and access log switch as JSON (see :func:`router_json`); None:
+    the defaults."""
+
+    @property
+    def limits(self) -> Limits:
+        """The router limits of this environment."""
+        data = dict(self.router or {})
+        data.pop("access_log", None)
+        return Limits(**data)
+
+    @property
+    def access_log(self) -> bool:
+        """Whether the router writes an access log for this environment."""
+        return bool((self.router or {}).get("access_log", False))
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -94,6 +109,7 @@ class Policy:
             "deploy_timeout": self.deploy_timeout,
             "base_dir": self.base_dir,
             "canary": None if self.canary is None else dict(self.canary),
+            "router": None if self.router is None else dict(self.router),
         }
 
     @classmethod
@@ -382,6 +398,8 @@ class Rollout:
                 canary=new_set,
                 canary_weight=weight,
                 drain_timeout=self.policy.drain_timeout,
+                limits=self.policy.limits,
+                access_log=self.policy.access_log,
             )
         else:
             self.traffic.switch(
@@ -389,6 +407,8 @@ class Rollout:
                 self.policy.listen,
                 new_set,
                 drain_timeout=self.policy.drain_timeout,
+                limits=self.policy.limits,
+                access_log=self.policy.access_log,
             )
         if final:
             self.switched_at = self.monotonic()

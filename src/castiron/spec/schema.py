@@ -54,6 +54,34 @@ def parse_duration(value: object) -> float:
     return seconds
 
 
+SIZE_PATTERN = r"^(\d+)(B|KiB|MiB|GiB)?$"
+_SIZE_RE = re.compile(SIZE_PATTERN)
+_SIZE_UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+
+
+def parse_size(value: object) -> int:
+    """Parse ``512KiB``, ``10MiB``, ``1GiB`` (or a bare number of bytes) into bytes.
+
+    Raises:
+        ValueError: for anything else.
+    """
+    if isinstance(value, bool):
+        raise ValueError("must be a size such as 512KiB, 10MiB or 1GiB")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value.strip())
+        if m:
+            return int(m.group(1)) * _SIZE_UNITS[m.group(2) or "B"]
+        raise ValueError(f"{value!r} is not a size; use e.g. 512KiB, 10MiB or 1GiB")
+    raise ValueError("must be a size such as 512KiB, 10MiB or 1GiB")
+
+
+def _router_from_text(value: object) -> object:
+    # ``router: haproxy`` is short for ``router: {type: haproxy}``
+    return {"type": value} if isinstance(value, str) else value
+
+
 def _check_name(value: str) -> str:
     if not _NAME_RE.match(value):
         raise ValueError(
@@ -174,6 +202,19 @@ Name = Annotated[
     str, AfterValidator(_check_name), WithJsonSchema({"type": "string", "pattern": NAME_PATTERN})
 ]
 Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(_DURATION_JSON)]
+Size = Annotated[
+    int,
+    BeforeValidator(parse_size),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": SIZE_PATTERN},
+                {"type": "integer", "minimum": 0},
+            ],
+            "description": "bytes, or a size such as 512KiB, 10MiB or 1GiB",
+        }
+    ),
+]
 Port = Annotated[
     int, Field(strict=True), BeforeValidator(_port_from_text), AfterValidator(_check_port)
 ]
@@ -435,6 +476,31 @@ class Drift(_Section):
         return value
 
 
+class Router(_Section):
+    """The router in front of an environment's instances (``router:``); ``router: haproxy``
+    is short for ``router: {type: haproxy}``."""
+
+    type: Literal["builtin", "haproxy"] = "builtin"
+    """The data plane: castiron's builtin proxy or HAProxy."""
+    max_body: Size = Field(default=10 * 1024**2, ge=0, le=1024**4)
+    """Largest request body forwarded; a larger one is answered 413 Content Too Large."""
+    body_timeout: Duration = 30.0
+    """How long a request body may go without a byte before the request is cut (408)."""
+    max_connections: int = Field(default=1024, ge=1, le=1_000_000)
+    """Client connections served at once; requests on connections beyond get 503."""
+    allow_get_body: bool = False
+    """Forward bodies on GET and HEAD requests (refused with 400 by default)."""
+    access_log: bool = False
+    """Write one JSON line per request to the agent's access log of this environment."""
+
+    @field_validator("body_timeout")
+    @classmethod
+    def _body_timeout_positive(cls, value: float) -> float:
+        if value < 0.1:
+            raise ValueError("must be at least 100ms")
+        return value
+
+
 class Environment(_Section):
     """A named deployment target (``environments.<name>``)."""
 
@@ -452,8 +518,8 @@ class Environment(_Section):
     """The environment whose releases may be promoted here."""
     policy: Policy = Field(default_factory=Policy)
     """Gates a deployment or promotion must pass."""
-    router: Literal["builtin", "haproxy"] = "builtin"
-    """The data plane in front of instances: castiron's builtin proxy or HAProxy."""
+    router: Annotated[Router, BeforeValidator(_router_from_text)] = Field(default_factory=Router)
+    """The router in front of instances: its data plane and limits (see docs/routing.md)."""
     isolation: Literal["auto", "sandbox", "none"] = "auto"
     """Local runtime only: run instances in a bubblewrap sandbox (auto: when available)."""
     network: str = "host"

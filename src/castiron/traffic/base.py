@@ -56,6 +56,27 @@ class Timeouts:
 
 
 @value
+class Limits:
+    """What one client may ask of a listener (defaults are safe for a public listener)."""
+
+    max_body_bytes: int = 10 * 1024 * 1024
+    """Largest request body forwarded; a larger one is answered 413 and never reaches a backend
+    in full."""
+    body_timeout: float = 30.0
+    """How long a request body may go without a byte before the request is cut (408)."""
+    max_connections: int = 1024
+    """Client connections served at once; a request on a connection beyond this gets 503."""
+    allow_get_body: bool = False
+    """Forward bodies on GET and HEAD requests (refused with 400 by default: many servers
+    never read them, and unread bytes are how one request is smuggled inside another)."""
+
+
+ROUTER_RELEASE = "(router)"
+"""The release name of counters of responses the router itself gave before a release was
+picked (malformed requests, limits, no backends)."""
+
+
+@value
 class RouteConfig:
     """The whole routing configuration of one environment's listener."""
 
@@ -70,6 +91,9 @@ class RouteConfig:
     drain_timeout: float = 30.0
     timeouts: Timeouts = field(default_factory=Timeouts)
     max_header_bytes: int = 65536
+    limits: Limits = field(default_factory=Limits)
+    access_log: bool = False
+    """Write one JSON line per request to the router's access log of this environment."""
 
 
 @value

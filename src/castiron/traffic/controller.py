@@ -22,6 +22,7 @@ from castiron.traffic.base import (
     Backend,
     BackendSet,
     LatencySummary,
+    Limits,
     ReleaseCounters,
     RouteConfig,
     Stickiness,
@@ -80,10 +81,13 @@ class TrafficController(Protocol):
         canary_weight: int = 0,
         drain_timeout: float = 30.0,
         sticky: Stickiness | None = None,
+        limits: Limits | None = None,
+        access_log: bool = False,
     ) -> None:
         """Route ``environment``'s listener to ``stable`` (and ``canary_weight`` % to
         ``canary``) atomically, creating the listener if needed; leaving backends drain.
         ``sticky`` keeps each client on the release it first got while there is a canary.
+        ``limits`` (None: the defaults) and ``access_log`` configure the listener.
 
         Raises:
             RouterError: when the listener cannot be bound or the configuration is refused.
@@ -101,6 +105,8 @@ class TrafficController(Protocol):
         check: HealthCheck,
         env: Mapping[str, str],
         drain_timeout: float = 30.0,
+        limits: Limits | None = None,
+        access_log: bool = False,
     ) -> FlipOutcome:
         """Switch ``environment`` to the warm set ``stable`` in one step, provided its listener
         still serves release ``expect`` (None: nothing) and every backend of ``stable`` answers
@@ -145,6 +151,8 @@ def _route(
     canary_weight: int,
     drain_timeout: float,
     sticky: Stickiness | None = None,
+    limits: Limits | None = None,
+    access_log: bool = False,
 ) -> RouteConfig:
     if not 0 <= canary_weight <= 100:
         raise UsageError(f"{environment}: canary weight {canary_weight} is not 0-100")
@@ -159,6 +167,8 @@ def _route(
         canary_weight=canary_weight,
         sticky=sticky,
         drain_timeout=drain_timeout,
+        limits=limits or Limits(),
+        access_log=access_log,
     )
 
 
@@ -215,8 +225,20 @@ class AgentTraffic:
         canary_weight: int = 0,
         drain_timeout: float = 30.0,
         sticky: Stickiness | None = None,
+        limits: Limits | None = None,
+        access_log: bool = False,
     ) -> None:
-        config = _route(environment, listen, stable, canary, canary_weight, drain_timeout, sticky)
+        config = _route(
+            environment,
+            listen,
+            stable,
+            canary,
+            canary_weight,
+            drain_timeout,
+            sticky,
+            limits,
+            access_log,
+        )
         with _refusal_as_router_error(environment):
             self.client.put_route(environment, config)
 
@@ -230,8 +252,12 @@ class AgentTraffic:
         check: HealthCheck,
         env: Mapping[str, str],
         drain_timeout: float = 30.0,
+        limits: Limits | None = None,
+        access_log: bool = False,
     ) -> FlipOutcome:
-        config = _route(environment, listen, stable, None, 0, drain_timeout)
+        config = _route(
+            environment, listen, stable, None, 0, drain_timeout, None, limits, access_log
+        )
         with _refusal_as_router_error(environment):
             data = self.client.flip_route(environment, config, expect=expect, check=check, env=env)
         raw = data.get("previous")
@@ -289,8 +315,20 @@ class MemoryTraffic:
         canary_weight: int = 0,
         drain_timeout: float = 30.0,
         sticky: Stickiness | None = None,
+        limits: Limits | None = None,
+        access_log: bool = False,
     ) -> None:
-        config = _route(environment, listen, stable, canary, canary_weight, drain_timeout, sticky)
+        config = _route(
+            environment,
+            listen,
+            stable,
+            canary,
+            canary_weight,
+            drain_timeout,
+            sticky,
+            limits,
+            access_log,
+        )
         if self.fail_next > 0:
             self.fail_next -= 1
             raise RouterError(f"environment {environment!r}: injected router failure")
@@ -310,6 +348,8 @@ class MemoryTraffic:
         check: HealthCheck,
         env: Mapping[str, str],
         drain_timeout: float = 30.0,
+        limits: Limits | None = None,
+        access_log: bool = False,
     ) -> FlipOutcome:
         old = self.routes.get(environment)
         previous = None if old is None else _routing(old)
@@ -319,7 +359,14 @@ class MemoryTraffic:
             return FlipOutcome(False, why, previous)
         if self.refuse_flip:
             return FlipOutcome(False, self.refuse_flip, previous)
-        self.switch(environment, listen, stable, drain_timeout=drain_timeout)
+        self.switch(
+            environment,
+            listen,
+            stable,
+            drain_timeout=drain_timeout,
+            limits=limits,
+            access_log=access_log,
+        )
         return FlipOutcome(True, "", previous)
 
     def remove(self, environment: str) -> bool:

@@ -30,12 +30,13 @@ import io
 import os
 import signal
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from castiron.errors import RouterError
 from castiron.filemodes import make_private_dir
-from castiron.traffic.base import LatencySummary, ReleaseCounters, RouteConfig
+from castiron.traffic.accesslog import AccessLog, access_line
+from castiron.traffic.base import ROUTER_RELEASE, LatencySummary, ReleaseCounters, RouteConfig
 from castiron.traffic.proxy import parse_listen
 
 __all__ = ["HaproxyRouter", "render_config"]
@@ -61,6 +62,8 @@ class _Env:
     servers: dict[str, _Server] = field(default_factory=dict)
     retired: dict[str, list[int]] = field(default_factory=dict)
     """Per release: counts of servers no longer in HAProxy (requests, 1xx..5xx, econ, cut)."""
+    frontend_retired: list[int] = field(default_factory=lambda: [0] * 6)
+    """The frontend's counts (requests, 1xx..5xx) from workers replaced by a reload."""
 
 
 def _server_name(release: str, backend_id: str, address: str) -> str:
@@ -77,7 +80,43 @@ def _backend(env: str, slot: str) -> str:
 
 
 def _static_key(cfg: RouteConfig) -> tuple[object, ...]:
-    return (cfg.listen, cfg.sticky, cfg.timeouts, cfg.max_header_bytes)
+    return (cfg.listen, cfg.sticky, cfg.timeouts, cfg.max_header_bytes, cfg.limits, cfg.access_log)
+
+
+_REQUEST_ID = "^[A-Za-z0-9._:+/=-]{1,128}$"
+"""A client's X-Request-Id is kept only when it is one header of this form (else replaced)."""
+
+_FE_KEYS = ("req_tot", "hrsp_1xx", "hrsp_2xx", "hrsp_3xx", "hrsp_4xx", "hrsp_5xx")
+_SERVER_KEYS = ("stot", "hrsp_1xx", "hrsp_2xx", "hrsp_3xx", "hrsp_4xx", "hrsp_5xx")
+
+
+def _access_format(mp: Path) -> str:
+    """What HAProxy sends for each request (the router turns it into the JSON access line)."""
+    return f"%f %Ts %ms %ci %HM %HU %ST %B %si:%sp %Ta %[be_name,map({mp},-)]"
+
+
+def parse_access(message: str, environments: dict[str, str]) -> tuple[str, str] | None:
+    """(environment, JSON access line) of one HAProxy log message in :func:`_access_format`;
+    None when it is not one (``environments`` maps frontend names to environments)."""
+    parts = message.strip().split(" ")
+    if len(parts) != 11 or parts[0] not in environments:
+        return None
+    fe, ts, ms, client, method, path, status, sent, upstream, duration, release = parts
+    try:
+        line = access_line(
+            at=int(ts) + int(ms) / 1000.0,
+            client=client,
+            method=method,
+            path=path,
+            status=int(status),
+            sent=int(sent),
+            upstream=None if upstream.startswith(("-", "<")) else upstream,
+            release=None if release == "-" else release,
+            duration_ms=float(duration),
+        )
+    except ValueError:
+        return None
+    return environments[fe], line
 
 
 def _ms(seconds: float) -> str:
@@ -99,6 +138,33 @@ def _map_entries(env: _Env) -> dict[str, str]:
     return entries
 
 
+def _hardening(cfg: RouteConfig) -> list[str]:
+    """Frontend rules that make HAProxy answer like the builtin router (RFC 9112 Host rules,
+    hop-by-hop abuse, request ids, body and connection limits)."""
+    limits = cfg.limits
+    lines = [
+        f"    http-request return status 503 content-type text/plain "
+        f'string "too many connections" hdr Connection close '
+        f"if {{ fe_conn gt {limits.max_connections} }}",
+        "    http-request deny deny_status 400 if { req.fhdr_cnt(host) gt 1 }",
+        "    http-request deny deny_status 400 if HTTP_1.1 !{ req.fhdr(host) -m found }",
+        "    http-request deny deny_status 400 if "
+        "{ req.hdr(connection) -i -m str host content-length transfer-encoding }",
+        "    http-request deny deny_status 413 if "
+        f"{{ req.hdr_val(content-length) gt {limits.max_body_bytes} }}",
+    ]
+    if not limits.allow_get_body:
+        lines += [
+            "    http-request deny deny_status 400 if METH_GET "
+            "{ req.hdr_val(content-length) gt 0 }",
+            "    http-request deny deny_status 400 if METH_GET "
+            "{ req.hdr(transfer-encoding) -m found }",
+        ]
+    # the body's first buffer must come within body_timeout, before a server is chosen
+    lines.append(f"    http-request wait-for-body time {_ms(limits.body_timeout)}")
+    return lines
+
+
 def render_config(workdir: Path, envs: dict[str, _Env]) -> str:
     """The whole HAProxy configuration for ``envs`` (pure: the same state gives the same text)."""
     max_header = max([e.config.max_header_bytes for e in envs.values()] + [15360])
@@ -113,6 +179,9 @@ def render_config(workdir: Path, envs: dict[str, _Env]) -> str:
         "defaults",
         "    mode http",
         "    option http-keep-alive",
+        # A server connection is never shared between client sessions: a backend that leaves
+        # a body unread would otherwise parse its bytes as another client's request.
+        "    http-reuse never",
         "    retries 3",
         "    option redispatch 1",
         "    timeout tunnel 1h",
@@ -129,7 +198,16 @@ def render_config(workdir: Path, envs: dict[str, _Env]) -> str:
         lines += [
             f"frontend fe_{_safe(name)}",
             f"    bind {cfg.listen}",
-            f"    timeout client {_ms(t.idle)}",
+            *(
+                [
+                    f"    log {workdir / 'log.sock'} format raw local0",
+                    f'    log-format "{_access_format(mp)}"',
+                ]
+                if cfg.access_log
+                else []
+            ),
+            f"    maxconn {cfg.limits.max_connections + 64}",
+            f"    timeout client {_ms(min(t.idle, cfg.limits.body_timeout))}",
             f"    timeout http-request {_ms(t.header_read)}",
             f"    timeout http-keep-alive {_ms(t.idle)}",
             '    http-request set-header X-Forwarded-For "%[req.fhdr(x-forwarded-for)], %[src]" '
@@ -141,13 +219,15 @@ def render_config(workdir: Path, envs: dict[str, _Env]) -> str:
             "{ req.hdrs -m reg [\\\\x00-\\\\x08\\\\x0b\\\\x0c\\\\x0e-\\\\x1f\\\\x7f] }",
             "    http-request deny deny_status 400 if "
             f"{{ req.hdrs,length gt {cfg.max_header_bytes} }}",
+            *_hardening(cfg),
             "    http-request set-header X-Forwarded-Proto http",
             "    http-request set-header X-Forwarded-Host %[req.hdr(host)] "
             "if { req.hdr(host) -m found }",
             "    unique-id-format %[rand(4294967295),hex]%[rand(4294967295),hex]"
             "%[rand(4294967295),hex]%[rand(4294967295),hex]",
-            "    http-request set-header X-Request-Id %[unique-id] "
-            "unless { req.hdr(x-request-id) -m found }",
+            "    http-request set-header X-Request-Id %[unique-id] unless "
+            "{ req.fhdr_cnt(x-request-id) eq 1 } "
+            f"{{ req.fhdr(x-request-id) -m reg {_REQUEST_ID} }}",
             f"    http-request set-var(txn.cw) str(@weight),map({mp},0)",
             "    http-request set-var(txn.r) rand(100),sub(txn.cw)",
         ]
@@ -191,14 +271,29 @@ def render_config(workdir: Path, envs: dict[str, _Env]) -> str:
     return "\n".join(lines) + "\n"
 
 
+class _LogReceiver(asyncio.DatagramProtocol):
+    """Receives HAProxy's access log messages on a Unix datagram socket."""
+
+    def __init__(self, router: HaproxyRouter) -> None:
+        self.router = router
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        self.router._on_log(data.decode("utf-8", errors="replace"))
+
+
 class HaproxyRouter:
     """The HAProxy data plane (implements :class:`castiron.traffic.base.Router`)."""
 
     name = "haproxy"
 
-    def __init__(self, workdir: Path, *, haproxy_bin: str = "haproxy") -> None:
+    def __init__(
+        self, workdir: Path, *, haproxy_bin: str = "haproxy", access_log_dir: Path | None = None
+    ) -> None:
         self._dir = workdir
         self._bin = haproxy_bin
+        self._access_dir = access_log_dir
+        self._access: dict[str, AccessLog] = {}
+        self._log_transport: asyncio.DatagramTransport | None = None
         self._envs: dict[str, _Env] = {}
         self._proc: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
@@ -339,6 +434,38 @@ class HaproxyRouter:
             self._log.close()
             self._log = None
 
+    # --- access log ---
+    async def _open_log_socket(self) -> None:
+        if self._log_transport is not None:
+            return
+        path = self._dir / "log.sock"
+        self._dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        try:
+            transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+                lambda: _LogReceiver(self), local_addr=str(path), family=socket.AF_UNIX
+            )
+        except OSError as exc:
+            raise RouterError(f"haproxy: cannot open the access log socket {path}: {exc}") from exc
+        self._log_transport = transport
+
+    def _on_log(self, message: str) -> None:
+        frontends = {f"fe_{_safe(name)}": name for name in self._envs}
+        parsed = parse_access(message, frontends)
+        if parsed is None or self._access_dir is None:
+            return
+        env, line = parsed
+        access = self._access.get(env)
+        if access is None:
+            access = self._access[env] = AccessLog(self._access_dir / f"{env}.log")
+        access.write(line)
+        access.flush()
+
+    def _close_logs(self, keep: set[str]) -> None:
+        for env in [e for e in self._access if e not in keep]:
+            self._access.pop(env).close()
+
     # --- Router ---
     async def apply(self, config: RouteConfig) -> None:
         """Create the environment's listener if needed and switch to ``config`` atomically.
@@ -351,7 +478,11 @@ class HaproxyRouter:
         for bset in (config.stable, config.canary):
             for backend in bset.backends if bset else ():
                 parse_listen(backend.address)
+        if config.access_log and self._access_dir is None:
+            config = replace(config, access_log=False)  # nowhere to write it
         async with self._lock:
+            if config.access_log:
+                await self._open_log_socket()
             env = self._envs.get(config.environment)
             if env is None or _static_key(env.config) != _static_key(config):
                 await self._apply_with_reload(env, config)
@@ -520,6 +651,9 @@ class HaproxyRouter:
             row = stats.get((_backend(env.config.environment, server.slot), server.name))
             if row:
                 self._retire(env, server.release, row)
+        fe = stats.get((f"fe_{_safe(env.config.environment)}", "FRONTEND"))
+        for i, key in enumerate(_FE_KEYS):
+            env.frontend_retired[i] += int((fe or {}).get(key) or 0)
         # the old worker finishes draining servers; the new configuration does not have them
         env.servers = {n: s for n, s in env.servers.items() if not s.draining}
 
@@ -547,6 +681,10 @@ class HaproxyRouter:
             times.setdefault(server.release, []).append(
                 (int(row.get("ttime") or 0), int(row.get("stot") or 0))
             )
+        fe = stats.get((f"fe_{_safe(environment)}", "FRONTEND")) or {}
+        front = [env.frontend_retired[i] + int(fe.get(k) or 0) for i, k in enumerate(_FE_KEYS)]
+        # what the frontend answered that no server did: refusals, limits, no backends
+        own = [max(0, front[i] - sum(t[i] for t in totals.values())) for i in range(6)]
         result = []
         for release, t in sorted(totals.items()):
             weighted = times.get(release, [])
@@ -563,6 +701,21 @@ class HaproxyRouter:
                     connect_errors=t[7],
                     drained_cut=t[6],
                     latency=LatencySummary(avg, avg, avg),
+                    latency_is_average=True,
+                )
+            )
+        if any(own):  # listed after the releases
+            result.append(
+                ReleaseCounters(
+                    release=ROUTER_RELEASE,
+                    requests=sum(own[1:]),
+                    responses_2xx=own[2],
+                    responses_3xx=own[3],
+                    responses_4xx=own[4],
+                    responses_5xx=own[5],
+                    connect_errors=0,
+                    drained_cut=0,
+                    latency=LatencySummary(0.0, 0.0, 0.0),
                     latency_is_average=True,
                 )
             )
@@ -588,6 +741,10 @@ class HaproxyRouter:
                     await self._drainer
             await self._stop()
             self._envs.clear()
+            if self._log_transport is not None:
+                self._log_transport.close()
+                self._log_transport = None
+            self._close_logs(set())
 
 
 def _parse_stat(text: str) -> dict[tuple[str, str], dict[str, str]]:

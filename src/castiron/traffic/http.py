@@ -15,6 +15,7 @@ caller feeds bytes and receives callbacks on a handler; a parser never buffers a
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -43,6 +44,10 @@ _REQUEST_LINE = re.compile(
     rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e\x80-\xff]+) HTTP/1\.([01])\Z"
 )
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?\Z")
+_HOST = re.compile(rb"(?:(?:[A-Za-z0-9._~!$&'()*+,;=%-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{0,5})?)?\Z")
+"""A Host value: reg-name or IPv4 or [IPv6], optional port (RFC 9110 section 7.2); may be
+empty when the target has no authority."""
+_ABSOLUTE = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://([^/?#@]*)(?:[/?#][\x21-\x7e\x80-\xff]*)?\Z")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[\t\x20-\x7e\x80-\xff]*)?\Z")
 
 
@@ -174,6 +179,36 @@ def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[bool, int | None]:
 
 
 _SPECIAL = frozenset({b"connection", b"content-length", b"transfer-encoding", b"upgrade"})
+_HOP_FORBIDDEN = frozenset({b"host", b"content-length", b"transfer-encoding"})
+"""End-to-end headers a ``Connection`` header may not declare hop-by-hop (dropping them
+would change what the backend is asked)."""
+
+
+@functools.lru_cache(maxsize=256)
+def _valid_host(host: bytes) -> bool:
+    # memoized: a listener sees few distinct Host values, and the regex is most of the check
+    return _HOST.match(host) is not None
+
+
+def _check_host(target: bytes, minor: int, host: bytes | None, hosts: int) -> None:
+    """RFC 9112 section 3.2: one valid Host (HTTP/1.1), agreeing with an absolute-form target.
+
+    Raises:
+        HttpParseError: 400 on a missing, repeated, invalid or conflicting Host.
+    """
+    if hosts > 1:
+        raise HttpParseError(400, "more than one Host header")
+    if host is None:
+        if minor == 1:
+            raise HttpParseError(400, "missing Host header")
+    elif not _valid_host(host):
+        raise HttpParseError(400, "invalid Host header")
+    if target[:1] != b"/" and target != b"*":
+        m = _ABSOLUTE.match(target)
+        if m is None:
+            raise HttpParseError(400, "invalid request target")
+        if host is not None and m.group(1).lower() != host.lower():
+            raise HttpParseError(400, "Host header does not match the request target")
 
 
 def _request_head(
@@ -182,19 +217,28 @@ def _request_head(
     """The request's head with its framing decided.
 
     Raises:
-        HttpParseError: on bad framing headers or a ``CONNECT``.
+        HttpParseError: on bad framing or Host headers, or a ``CONNECT``.
     """
     if method == b"CONNECT":
         raise HttpParseError(405, "CONNECT is not proxied")
     special = False
-    for name, _ in headers:
-        if name.lower() in _SPECIAL:
+    hosts = 0
+    host: bytes | None = None
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"host":
+            hosts += 1
+            host = value
+        elif lname in _SPECIAL:
             special = True
-            break
+    if hosts != 1 or target[:1] != b"/" or not _valid_host(host or b""):
+        _check_host(target, minor, host, hosts)  # raises unless an HTTP/1.0 or absolute form
     if not special:  # the common case: no framing or hop-by-hop headers at all
         return RequestHead(method, target, minor, headers, minor == 1, False, False, None)
     chunked, length = _framing(headers)
     tokens = frozenset(_connection_tokens(headers))
+    if tokens & _HOP_FORBIDDEN:
+        raise HttpParseError(400, "Connection header names an end-to-end header")
     keep_alive = (b"close" not in tokens) if minor == 1 else (b"keep-alive" in tokens)
     upgrade = b"upgrade" in tokens and any(n.lower() == b"upgrade" for n, _ in headers)
     return RequestHead(method, target, minor, headers, keep_alive, upgrade, chunked, length, tokens)
@@ -433,6 +477,8 @@ class _HttptoolsRequestParser:
         except self._ht.HttpParserError as exc:
             if self._error is not None:
                 raise self._error from None
+            if isinstance(exc.__context__, HttpParseError):  # raised by the handler (a limit)
+                raise exc.__context__ from None
             if self._in_head and self._head_bytes > self._max:
                 raise HttpParseError(431, "request headers too large") from None
             raise HttpParseError(400, str(exc) or "malformed request") from None

@@ -21,13 +21,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import socket
+import time
 import zlib
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 
 from castiron.errors import RouterError
-from castiron.traffic.base import Backend, BackendSet, ReleaseCounters, RouteConfig
+from castiron.traffic.accesslog import AccessLog, access_line
+from castiron.traffic.base import ROUTER_RELEASE, Backend, BackendSet, ReleaseCounters, RouteConfig
 from castiron.traffic.http import (
     HttpParseError,
     ParserKind,
@@ -76,12 +80,15 @@ _REASONS = {
     400: b"Bad Request",
     405: b"Method Not Allowed",
     408: b"Request Timeout",
+    413: b"Content Too Large",
     431: b"Request Header Fields Too Large",
     501: b"Not Implemented",
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
 }
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:+/=-]{1,128}\Z")
+"""A client's X-Request-Id is kept only when it is one header of this form."""
 _PENDING_LIMIT = 1 << 20
 """Request body bytes held while the upstream connects before the client is paused."""
 _REPLAYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS"})
@@ -89,7 +96,12 @@ _REPLAYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 # reasons a client connection's reading is paused (a bit set)
 _P_UPSTREAM, _P_PENDING, _P_PIPELINE = 1, 2, 4
 # what a client connection's deadline guards
-_D_NONE, _D_HEADER, _D_IDLE = 0, 1, 2
+_D_NONE, _D_HEADER, _D_IDLE, _D_BODY = 0, 1, 2, 3
+_NO_BODY_METHODS = frozenset({b"GET", b"HEAD"})
+
+
+def _wall() -> float:
+    return time.time()
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -207,10 +219,25 @@ class _Listener:
         self.server: asyncio.base_events.Server | None = None
         self.closing = False
         self.snapshot = _Snapshot(config, None, None)
+        self.access: AccessLog | None = None
         self.install(config)
         self.sweeper = self.loop.create_task(self._sweep())
         self.rid_prefix = os.urandom(8).hex().encode()
         self.rid_count = 0
+
+    def _access_wanted(self, config: RouteConfig) -> None:
+        log_dir = self.router.access_log_dir
+        if config.access_log and log_dir is not None and self.access is None:
+            self.access = AccessLog(log_dir / f"{config.environment}.log")
+        elif not config.access_log and self.access is not None:
+            self.access.close()
+            self.access = None
+
+    def count_refusal(self, status: int, latency_ms: float) -> None:
+        """Count a response the router gave before any release was picked."""
+        stats = self.stats_for(ROUTER_RELEASE)
+        stats.requests += 1
+        stats.observe(status, latency_ms)
 
     def request_id(self) -> bytes:
         """A new request id: 128 bits as hex, a random per-listener prefix and a counter."""
@@ -246,6 +273,7 @@ class _Listener:
         canary = self._group(config.canary, keep)
         self.config = config
         self.snapshot = _Snapshot(config, stable, canary)
+        self._access_wanted(config)
         old, self.pools = self.pools, keep
         now = self.loop.time()
         for key, pool in old.items():
@@ -304,7 +332,8 @@ class _Listener:
 
     def tick(self) -> float:
         t = self.config.timeouts
-        return max(0.01, min(0.25, t.header_read / 4, t.backend_response / 4, t.idle / 4))
+        body = self.config.limits.body_timeout
+        return max(0.01, min(0.25, t.header_read / 4, t.backend_response / 4, t.idle / 4, body / 4))
 
     async def _sweep(self) -> None:
         while True:
@@ -314,8 +343,14 @@ class _Listener:
     def sweep(self, now: float) -> None:
         """Enforce deadlines: header read, idle keep-alive, backend response, drain."""
         idle = self.config.timeouts.idle
+        if self.access is not None:
+            self.access.flush()
         for client in list(self.clients):
             if client.deadline_kind != _D_NONE and now >= client.deadline:
+                if client.deadline_kind == _D_BODY and client.paused:
+                    # the router itself stopped reading (back-pressure): not the client's fault
+                    client.deadline = now + self.config.limits.body_timeout
+                    continue
                 client.timed_out()
         for pool in list(self.pools.values()):
             if pool.idle and now - pool.idle[0].idle_since >= idle:
@@ -363,6 +398,9 @@ class _Listener:
             pool.close_idle()
         for task in list(self.tasks):
             task.cancel()
+        if self.access is not None:
+            self.access.close()
+            self.access = None
         if self.server is not None:
             await self.server.wait_closed()
 
@@ -387,6 +425,9 @@ class _Client(asyncio.Protocol):
         self.deadline = self.loop.time() + listener.config.timeouts.header_read
         self.got_bytes = False
         self.closed = False
+        self.over_limit = False
+        """Accepted beyond ``max_connections``: its request is answered 503."""
+        self.last_head: RequestHead | None = None
         self.wbuf: list[bytes] | None = None
         """While a backend's bytes are being handled: client output gathered into one write."""
 
@@ -424,7 +465,9 @@ class _Client(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.peer = str(peer[0]).encode()
-        self.listener.clients.add(self)
+        clients = self.listener.clients
+        self.over_limit = len(clients) >= self.listener.config.limits.max_connections
+        clients.add(self)
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -488,22 +531,53 @@ class _Client(asyncio.Protocol):
 
     # parser events
     def on_request(self, head: RequestHead) -> None:
-        self.deadline_kind = _D_NONE
+        """A request head: refused here (raising) when a limit forbids it, else queued.
+
+        Raises:
+            HttpParseError: 503 beyond ``max_connections``, 413 when the declared body is too
+                large, 400 for a body on GET or HEAD (unless allowed).
+        """
+        self.last_head = head
+        if self.over_limit:
+            raise HttpParseError(503, "too many connections")
+        limits = self.listener.config.limits
+        if head.content_length or head.chunked:
+            if head.method in _NO_BODY_METHODS and not limits.allow_get_body:
+                raise HttpParseError(400, f"a {head.method.decode()} request may not have a body")
+            if (head.content_length or 0) > limits.max_body_bytes:
+                raise HttpParseError(413, "request body too large")
+            self.deadline_kind = _D_BODY
+            self.deadline = self.loop.time() + limits.body_timeout
+        else:
+            self.deadline_kind = _D_NONE
         self.queue.append(_Exchange(self, head))
         if len(self.queue) > 1:
             self.pause(_P_PIPELINE)
 
     def on_body(self, data: bytes) -> None:
-        self.queue[-1].client_body(data)
+        """Raises:
+        HttpParseError: 413 once a chunked body passes ``max_body_bytes``."""
+        ex = self.queue[-1]
+        ex.body_size += len(data)
+        limits = self.listener.config.limits
+        if ex.body_size > limits.max_body_bytes:
+            raise HttpParseError(413, "request body too large")
+        self.deadline = self.loop.time() + limits.body_timeout
+        ex.client_body(data)
 
     def on_request_end(self) -> None:
+        if self.deadline_kind == _D_BODY:
+            self.deadline_kind = _D_NONE
         self.queue[-1].client_end()
 
     # outcomes
     def bad_request(self, exc: HttpParseError) -> None:
+        """Answer a malformed or refused request with ``exc.status`` and close."""
         self.parser = None
+        self.deadline_kind = _D_NONE
         while self.queue and not self.queue[-1].started:
             self.queue.pop().discard()
+        counted = False
         if self.queue:
             ex = self.queue[0]
             ex.abort_upstream()
@@ -512,11 +586,41 @@ class _Client(asyncio.Protocol):
                 return
             self.queue.clear()
             ex.discard()
+            if ex.stats is not None:  # refused mid-body: the release counted the request
+                ex.stats.observe(exc.status, (self.loop.time() - ex.t0) * 1000.0)
+                counted = True
+        if not counted:
+            self.listener.count_refusal(exc.status, 0.0)
+        self.log_refusal(exc.status)
         self.write(_error_response(exc.status, exc.reason))
         self.close()
 
+    def log_refusal(self, status: int) -> None:
+        access = self.listener.access
+        if access is not None:
+            head = self.last_head
+            access.write(
+                access_line(
+                    at=_wall(),
+                    client=self.peer.decode("latin-1"),
+                    method=head.method.decode("latin-1") if head else "",
+                    path=head.target.decode("latin-1") if head else "",
+                    status=status,
+                    sent=0,
+                    upstream=None,
+                    release=None,
+                    duration_ms=0.0,
+                )
+            )
+
     def timed_out(self) -> None:
+        if self.deadline_kind == _D_BODY:
+            self.bad_request(HttpParseError(408, "request body not received in time"))
+            return
         if self.deadline_kind == _D_HEADER and self.got_bytes:
+            self.last_head = None
+            self.listener.count_refusal(408, 0.0)
+            self.log_refusal(408)
             self.write(_error_response(408, "request headers not received in time"))
         self.deadline_kind = _D_NONE
         self.close()
@@ -621,6 +725,7 @@ class _Exchange:
     """One request and its response, from headers parsed to the last byte back."""
 
     __slots__ = (
+        "body_size",
         "client",
         "close_client",
         "cookie",
@@ -639,6 +744,7 @@ class _Exchange:
         "retried_fresh",
         "reused",
         "rid",
+        "sent",
         "started",
         "stats",
         "t0",
@@ -672,6 +778,8 @@ class _Exchange:
         self.done = False
         self.reused = False
         self.retried_fresh = False
+        self.body_size = 0
+        self.sent = 0
 
     # --- request side ---
     def _send(self, parts: list[bytes]) -> None:
@@ -720,15 +828,16 @@ class _Exchange:
             if lname in _REQ_DROP or lname in tokens:
                 if lname == b"x-forwarded-for":
                     xff = value if not xff else xff + b", " + value
-                elif lname == b"x-request-id" and value:
-                    rid = value
+                elif lname == b"x-request-id":
+                    # kept only when it is one well-formed id; anything else is replaced
+                    rid = value if not rid and _REQUEST_ID.match(value) else b"-"
                 elif lname == b"upgrade":
                     upgrade = value
                 continue
             if lname == b"host":
                 host = value
             parts += (name, b": ", value, _CRLF)
-        if not rid:
+        if not rid or rid == b"-":
             rid = listener.request_id()
         parts += (
             b"X-Forwarded-For: ",
@@ -833,7 +942,9 @@ class _Exchange:
         if rh.status == 101:
             return  # written by tunnel_open, with the backend's own Upgrade headers
         if not client.closed:
-            client.write(self._client_head(rh))
+            head = self._client_head(rh)
+            self.sent += len(head)
+            client.write(head)
         self.resp_head_sent = True
 
     def _client_head(self, rh: ResponseHead, interim: bool = False) -> bytes:
@@ -874,6 +985,7 @@ class _Exchange:
         client = self.client
         if client.closed:
             return
+        self.sent += len(data)
         if self.out_chunked:
             client.write(encode_chunk(data))
             client.write(data)
@@ -887,20 +999,54 @@ class _Exchange:
         client = self.client
         if self.out_chunked and not client.closed:
             client.write(_LAST_CHUNK)
-        self.stats.observe(rh.status, (client.loop.time() - self.t0) * 1000.0)
+        latency = (client.loop.time() - self.t0) * 1000.0
+        self.stats.observe(rh.status, latency)
         self.done = True
         self.upstream = None
         up.exchange = None
         pool = self.pool
         pool.active.discard(self)
         listener = client.listener
-        if rh.keep_alive and self.req_done and not pool.draining and not listener.closing:
+        if listener.access is not None:
+            self.log(rh.status, latency)
+        # A connection that carried a request body (even an empty chunked one) is never
+        # reused: nothing proves the backend read it, and unread body bytes would be parsed
+        # as the next client's request.
+        head = self.head
+        if (
+            rh.keep_alive
+            and self.req_done
+            and not head.content_length
+            and not head.chunked
+            and not pool.draining
+            and not listener.closing
+        ):
             up.idle_since = client.loop.time()
             pool.idle.append(up)
         else:
             up.transport.close()
         keep = self.head.keep_alive and not self.close_client
         client.exchange_done(self, keep)
+
+    def log(self, status: int, latency_ms: float) -> None:
+        """Write this exchange's access log line."""
+        access = self.client.listener.access
+        if access is None:
+            return
+        head = self.head
+        access.write(
+            access_line(
+                at=_wall(),
+                client=self.client.peer.decode("latin-1"),
+                method=head.method.decode("latin-1"),
+                path=head.target.decode("latin-1"),
+                status=status,
+                sent=self.sent,
+                upstream=None if self.pool is None else self.pool.key[2],
+                release=None if self.group is None else self.group.release,
+                duration_ms=latency_ms,
+            )
+        )
 
     def tunnel_open(self, rest: bytes) -> None:
         rh = self.resp_head
@@ -925,8 +1071,13 @@ class _Exchange:
     # --- failures ---
     def respond_error(self, status: int, message: str) -> None:
         """Answer the client with an error (before any response byte was sent) and close."""
+        latency = (self.client.loop.time() - self.t0) * 1000.0
         if self.stats is not None:
-            self.stats.observe(status, (self.client.loop.time() - self.t0) * 1000.0)
+            self.stats.observe(status, latency)
+        else:
+            self.client.listener.count_refusal(status, latency)
+        if self.client.listener.access is not None:
+            self.log(status, latency)
         if self.pool is not None:
             self.pool.active.discard(self)
         self.done = True
@@ -1044,9 +1195,12 @@ class BuiltinRouter:
         *,
         listen_socket_factory: Callable[[str], socket.socket] | None = None,
         parser: ParserKind = "auto",
+        access_log_dir: Path | None = None,
     ) -> None:
         self._factory = listen_socket_factory
         self.parser_kind: ParserKind = parser
+        self.access_log_dir = access_log_dir
+        """Where environments with ``access_log`` write ``ENV.log`` (None: nowhere)."""
         self._listeners: dict[str, _Listener] = {}
 
     async def apply(self, config: RouteConfig) -> None:

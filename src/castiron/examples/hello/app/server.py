@@ -15,6 +15,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 
+MAX_BODY = 1024 * 1024
+"""Largest request body the app reads (and ignores); a larger one closes the connection."""
+
 
 class HelloHandler(BaseHTTPRequestHandler):
     """Answers ``/``, ``/healthz`` and ``/version``; everything else is 404."""
@@ -26,6 +29,7 @@ class HelloHandler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
 
     def do_GET(self) -> None:
+        self._discard_body()
         if self.path == "/healthz":
             self._send(200, "ok\n")
         elif self.path == "/version":
@@ -41,11 +45,34 @@ class HelloHandler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self.do_GET()
 
+    def _discard_body(self) -> None:
+        """Read the request's body, if any, so that its bytes are never taken for the next
+        request on this connection; a body it will not read (chunked, invalid or over 1 MiB)
+        closes the connection after the response instead."""
+        if self.headers.get("Transfer-Encoding") is not None:
+            self.close_connection = True
+            return
+        length = self.headers.get("Content-Length")
+        if length is None:
+            return
+        left = int(length) if length.isdigit() else -1
+        if not 0 <= left <= MAX_BODY:
+            self.close_connection = True
+            return
+        while left:
+            chunk = self.rfile.read(min(left, 65536))
+            if not chunk:
+                self.close_connection = True
+                return
+            left -= len(chunk)
+
     def _send(self, status: int, body: str, content_type: str = "text/plain") -> None:
         data = body.encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", f"{content_type}; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
