@@ -123,9 +123,16 @@ def console_errors(driver: Any) -> list[str]:
 
 
 def text(driver: Any, css: str) -> str:
+    """The text of the element at ``css``; empty while the page that holds it is still
+    loading (after a click that navigates, the old page may be gone and the new one not yet
+    there), so that ``wait_for`` polls again instead of failing."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
-    return str(driver.find_element(By.CSS_SELECTOR, css).text)
+    try:
+        return str(driver.find_element(By.CSS_SELECTOR, css).text)
+    except (NoSuchElementException, StaleElementReferenceException):
+        return ""
 
 
 def test_the_dashboard_in_chromium(make_project: Callable[..., Project], browser: Any) -> None:
