@@ -33,7 +33,7 @@ from castiron.engine.journal import StepObserver
 from castiron.engine.release import DeploySpec, cached_deploy_spec
 from castiron.engine.runtimes import AVAILABLE_RUNTIMES, runtime_driver
 from castiron.engine.strategies import LOG_LINES
-from castiron.errors import UsageError
+from castiron.errors import CastironError, UsageError
 from castiron.model import ImageRef, Instance, InstanceSpec
 from castiron.settings import Settings
 from castiron.state.base import StateStore
@@ -84,9 +84,13 @@ def local_driver(settings: Settings, agent: Callable[[], AgentClient]) -> Driver
 
     def unpack(image: ImageRef, target: Path) -> None:
         # Imported on use: only the first deployment of an image unpacks it (tarfile, gzip).
+        from castiron.engine.baselines import certify_tree
         from castiron.images.rootfs import unpack_release
 
         unpack_release(image.store, image.digest, target)
+        # Every later reuse of the tree is checked against this baseline first.
+        with contextlib.suppress(CastironError):  # without one, the next check is in full
+            certify_tree(target)
 
     path = settings.environ.get("PATH", os.defpath)
     return LocalDriver(
@@ -104,9 +108,16 @@ def drift_dir(settings: Settings) -> Path:
 
 
 def driver_factory(
-    settings: Settings, agent: Callable[[], AgentClient], store: StateStore
+    settings: Settings,
+    agent: Callable[[], AgentClient],
+    store: StateStore,
+    *,
+    verify_trees: bool = False,
+    notice: Callable[[str], None] | None = None,
 ) -> Callable[[str], Driver]:
-    """Drivers by runtime name, each built once.
+    """Drivers by runtime name, each built once. A local release tree is checked before it is
+    reused (fast; every file re-hashed with ``verify_trees``); ``notice`` hears when a tree
+    had to be unpacked again.
 
     Raises (from the returned callable):
         UsageError: when the runtime is not available.
@@ -118,9 +129,10 @@ def driver_factory(
             if runtime == "local":
                 from castiron.engine.baselines import BaselineDriver
 
-                # Each instance's tree is baselined when it starts: drift scans are fast.
                 inner = local_driver(settings, agent)
-                built[runtime] = BaselineDriver(inner, drift_dir(settings))
+                built[runtime] = BaselineDriver(
+                    inner, drift_dir(settings), verify=verify_trees, notice=notice
+                )
             else:
                 built[runtime] = runtime_driver(runtime, settings, store)
         return built[runtime]
@@ -134,10 +146,12 @@ def open_engine(
     *,
     observer: StepObserver | None = None,
     start_agent: bool = True,
+    verify_trees: bool = False,
 ) -> Iterator[Engine]:
     """An engine for ``settings`` (its state store is closed on exit).
 
     With ``start_agent=False`` the agent is only talked to if it already runs (read commands).
+    With ``verify_trees`` a local release tree is re-hashed in full before it is reused.
 
     Raises:
         StateError: when the state store cannot be opened.
@@ -148,7 +162,13 @@ def open_engine(
     def traffic() -> TrafficController:
         return AgentTraffic(agent())
 
-    driver_for = driver_factory(settings, agent, store)
+    driver_for = driver_factory(
+        settings,
+        agent,
+        store,
+        verify_trees=verify_trees,
+        notice=observer.progress if observer is not None else None,
+    )
 
     def instance_logs(instance: Instance) -> str:
         if instance.runtime != "local":

@@ -10,7 +10,8 @@ Imports never extract to disk: members are read by name from the tar, every blob
 and compared with its digest while it is copied into the store, names with path tricks,
 unexpected entry types, absurd sizes or entry counts are refused, every layer of every image
 is checked with the safe unpacker's rules (:func:`castiron.images.unpack.check_layers`,
-nothing written), and a failed import takes back every blob it added, so nothing of it remains. Knows nothing of the spec or runtimes.
+nothing written), and a failed import takes back every blob it added, so nothing of it
+remains. Knows nothing of the spec or runtimes.
 """
 
 from __future__ import annotations

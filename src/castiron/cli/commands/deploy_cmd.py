@@ -209,6 +209,12 @@ def plan_cmd(
     default=None,
     help="Show a canary's progress live (default: on a terminal, without --json).",
 )
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Re-hash every file of a release tree already on disk before reusing it "
+    "(default: only files whose stat changed since it was unpacked).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @pass_cli
 def deploy_cmd(
@@ -219,6 +225,7 @@ def deploy_cmd(
     lock_wait: float,
     continue_: bool,
     watch: bool | None,
+    verify: bool,
     as_json: bool,
 ) -> None:
     """Deploy the newest baked image (or --image) to ENVIRONMENT with zero downtime."""
@@ -231,7 +238,7 @@ def deploy_cmd(
     settings = cli.settings
     spec = deploy_spec_for(settings)
     observer = watch_observer(cli, watch, as_json)
-    with open_engine(settings, observer=observer) as engine:
+    with open_engine(settings, observer=observer, verify_trees=verify) as engine:
         target = engine.resolve(spec, environment, image)
         plan = engine.plan(target)
         confirm_plan(
