@@ -447,6 +447,8 @@ class Environment(_Section):
     """How long instances leaving service may finish in-flight requests."""
     keep_warm: Duration = 600.0
     """How long the previous release keeps running after a switch, for instant rollback."""
+    keep_warm_releases: int = Field(default=1, ge=0, le=100)
+    """How many previous releases are kept warm at most; older ones are drained and destroyed."""
     deploy_timeout: Duration = 60.0
     """How long a deployment may wait for new instances to become healthy."""
     drift: Drift = Field(default_factory=Drift)
