@@ -78,8 +78,13 @@ def health_for(spec: InstanceSpec) -> HealthCheck | None:
         return None
 
 
-def local_driver(settings: Settings, agent: Callable[[], AgentClient]) -> Driver:
-    """The local process runtime for ``settings.home``, reaching the agent through ``agent``."""
+def local_driver(
+    settings: Settings,
+    agent: Callable[[], AgentClient],
+    notice: Callable[[str], None] | None = None,
+) -> Driver:
+    """The local process runtime for ``settings.home``, reaching the agent through ``agent``;
+    ``notice`` hears what the host cannot do (limits it does not enforce)."""
     from castiron.drivers.local import LocalDriver, SandboxPolicy, find_bwrap
 
     def unpack(image: ImageRef, target: Path) -> None:
@@ -99,6 +104,7 @@ def local_driver(settings: Settings, agent: Callable[[], AgentClient]) -> Driver
         unpack=unpack,
         sandbox=SandboxPolicy(bwrap=find_bwrap(path)),
         health=health_for,
+        notice=notice,
     )
 
 
@@ -129,7 +135,7 @@ def driver_factory(
             if runtime == "local":
                 from castiron.engine.baselines import BaselineDriver
 
-                inner = local_driver(settings, agent)
+                inner = local_driver(settings, agent, notice)
                 built[runtime] = BaselineDriver(
                     inner, drift_dir(settings), verify=verify_trees, notice=notice
                 )

@@ -13,6 +13,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "audit_cmd": ("audit",),
     "canary_cmd": ("abort",),
     "deploy_cmd": ("deploy", "down", "plan", "rollback"),
+    "doctor_cmd": ("doctor",),
     "drift_cmd": ("drift",),
     "image_cmd": ("bake", "export", "images", "import", "inspect"),
     "lock_cmd": ("lock",),
