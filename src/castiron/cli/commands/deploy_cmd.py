@@ -8,7 +8,8 @@ The engine is imported inside the commands so CLI start-up stays fast.
 
 ``CASTIRON_TEST_PAUSE_AT=STEP`` (read here from the captured environment, never below the CLI)
 makes a deployment stop right after journaling STEP: it writes ``paused-at-STEP`` into the
-state directory and sleeps, so a test can kill the process at that exact point.
+state directory and sleeps, so a test can kill the process (or the agent, an instance, the
+router) at that exact point; a ``resume-STEP`` file there lets it go on.
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ class CliObserver:
         if step == self.pause_at:
             marker = self.home / f"paused-at-{step}"
             marker.write_text(f"{step}\n")
-            time.sleep(PAUSE_SECONDS)
+            deadline = time.monotonic() + PAUSE_SECONDS
+            resume = self.home / f"resume-{step}"
+            while not resume.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
 
     def progress(self, message: str) -> None:
         if not self.quiet:
