@@ -211,6 +211,29 @@ def agent_running(settings: Settings) -> AgentClient | None:
     return client if client.health() else None
 
 
+def revive_agent(settings: Settings, engine: Engine, environment: str | None = None) -> bool:
+    """Start the host agent when it is not running although an environment (``environment``,
+    or any) is deployed: its routers and the supervision of local instances live in it, so after
+    it died (kill -9, out of memory) nothing serves until it is back. It adopts the instances
+    still running and restores the routes it recorded. Returns True when it started it.
+
+    Raises:
+        AgentError: when the agent cannot be started.
+    """
+    if agent_running(settings) is not None:
+        return False
+    names = (
+        [environment]
+        if environment is not None
+        else [e.name for e in engine.store.list_environments()]
+    )
+    rows = [engine.store.get_environment(name) for name in names]
+    if not any(row is not None and row.current_release is not None for row in rows):
+        return False
+    ensure_agent(settings)
+    return True
+
+
 def deploy_spec_for(settings: Settings) -> DeploySpec:
     """What deploying needs of the settings' spec file, with validation results cached under
     ``CASTIRON_HOME/cache`` (see :func:`~castiron.engine.release.cached_deploy_spec`).
@@ -230,4 +253,5 @@ __all__ = [
     "health_for",
     "local_driver",
     "open_engine",
+    "revive_agent",
 ]

@@ -158,6 +158,15 @@ _BUSY_CODES = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_BUSY_SNAPSHOT"}
 """SQLite result codes meaning another connection holds a lock (past the busy timeout)."""
 
 
+def _disk_full(path: Path) -> bool:
+    """True when the filesystem holding ``path`` has (almost) no space left for us."""
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 1 << 20
+
+
 @contextlib.contextmanager
 def _db_errors(path: Path) -> Iterator[None]:
     """Turn sqlite3 errors into castiron's: busy/locked/IO are StateError, damage is corrupt."""
@@ -167,7 +176,14 @@ def _db_errors(path: Path) -> Iterator[None]:
         text = str(exc)
         if "malformed" in text or "not a database" in text:
             raise StateCorruptError(f"{path}: the database is damaged ({text})") from exc
-        if getattr(exc, "sqlite_errorname", "") in _BUSY_CODES:
+        name = str(getattr(exc, "sqlite_errorname", ""))
+        if name == "SQLITE_FULL" or (name.startswith("SQLITE_IOERR") and _disk_full(path)):
+            raise StateError(
+                f"{path}: the disk holding it is full ({text}); free some space on it (`df -h "
+                f"{path.parent}`) and run the command again. An interrupted deployment is "
+                "recovered by the next command"
+            ) from exc
+        if name in _BUSY_CODES:
             raise StateError(
                 f"{path}: another process holds the state store's write lock ({text} after "
                 "waiting for it); run the command again once that process has finished (`fuser "
