@@ -86,6 +86,10 @@ def test_memory_limit_is_enforced_and_an_instance_past_it_is_contained(
     assert gone is not None and gone["exit_code"] == -9
     log = Path(str(gone["log_path"])).read_text()
     assert "allocated 60 MiB" not in log
-    events = (project.home / "agent" / "events.jsonl").read_text()
-    assert "out of memory: killed at its limit (memory 64 MiB" in events
+    events = project.home / "agent" / "events.jsonl"
+    wait_for(
+        lambda: "out of memory: killed at its limit (memory 64 MiB" in events.read_text(),
+        timeout=10,
+        what="the agent's event saying why",
+    )
     wait_for(lambda: project.served() == "v1", what="the replacement to serve")
