@@ -158,6 +158,26 @@ class Observed:
     exit_code: int | None = None
 
 
+_MEMORY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bkmgt]?)(?:ib?|b)?\s*$", re.IGNORECASE)
+_MEMORY_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_memory(text: str) -> int:
+    """Bytes in a memory size such as ``256m``, ``1g``, ``512Mi`` or ``1048576``.
+
+    Raises:
+        ValueError: when ``text`` is not a size.
+    """
+    match = _MEMORY_RE.match(text)
+    if match is None:
+        raise ValueError(f"not a memory size: {text!r} (use e.g. 256m or 1g)")
+    number, unit = match.groups()
+    value = int(float(number) * _MEMORY_UNITS[unit.lower()])
+    if value <= 0:
+        raise ValueError(f"not a memory size: {text!r} (must be more than 0)")
+    return value
+
+
 __all__ = [
     "Digest",
     "ImageRef",
@@ -170,5 +190,6 @@ __all__ = [
     "is_digest",
     "is_name",
     "parse_digest",
+    "parse_memory",
     "sha256_digest",
 ]

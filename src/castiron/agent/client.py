@@ -119,6 +119,10 @@ class SpawnRequest:
     the routes once healthy. Stopping the instance through the API never triggers this."""
     health: HealthCheck | None = None
     """The check a replacement must pass before it gets traffic (``tcp`` when absent)."""
+    memory_bytes: int | None = None
+    """Memory limit of the instance (cgroups; see :mod:`castiron.agent.cgroups`)."""
+    cpus: float | None = None
+    """CPU limit of the instance, in CPUs (cgroups)."""
 
 
 InstanceStateName = Literal["running", "exited"]
@@ -160,6 +164,11 @@ class InstanceRecord:
     replaces: str = ""
     """The id of the exited instance this one replaced (empty for a first instance)."""
     instance_dir: str = ""
+    cgroups: tuple[str, ...] = ()
+    """The control groups enforcing the instance's limits (removed when it exits)."""
+    limits: str = ""
+    """How its limits are enforced: ``memory 64 MiB (cgroup v1)``, ``not enforced: WHY``, or
+    empty when it asked for none."""
 
     @property
     def handle(self) -> str:

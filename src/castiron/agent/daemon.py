@@ -1348,7 +1348,25 @@ class Agent:
         grace = _query_number(request, "grace", 10.0, 0.0, 3600.0)
         self.supervisor.get(p["id"])
         self._forget(p["id"])
-        return to_json(await self.supervisor.stop(p["id"], grace))
+        final = await self.supervisor.stop(p["id"], grace)
+        # An instance that died was replaced under a new id the caller may not know yet: it
+        # asked for the instance's place to go, so its replacements go too (else they leak).
+        for successor in self._successors(p["id"]):
+            self._forget(successor)
+            with contextlib.suppress(NotFoundError):
+                await self.supervisor.stop(successor, grace)
+        return to_json(final)
+
+    def _successors(self, instance_id: str) -> list[str]:
+        """The replacements of ``instance_id`` (and theirs), as the supervisor records them."""
+        out: list[str] = []
+        frontier = {instance_id}
+        while frontier:
+            found = [r.id for r in self.supervisor.records() if r.replaces in frontier]
+            found = [i for i in found if i not in out]
+            out += found
+            frontier = set(found)
+        return out
 
     async def _instance_logs(
         self, request: Request, writer: asyncio.StreamWriter, p: dict[str, str]

@@ -43,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from castiron.agent import cgroups
 from castiron.agent.client import (
     AgentEvent,
     EventKind,
@@ -158,8 +159,11 @@ class Supervisor:
         on_exit: Callable[[InstanceRecord], None] | None = None,
         log_policy: LogPolicy = LogPolicy(),
         clock: Callable[[], float] = time.time,
+        cgroup_host: Callable[[], cgroups.CgroupHost] = cgroups.find_host,
     ) -> None:
         self.records_path = records_path
+        self._find_cgroups = cgroup_host
+        self._cgroups: cgroups.CgroupHost | None = None
         self.default_log_dir = default_log_dir
         self.log_policy = log_policy
         self._on_event = on_event
@@ -271,6 +275,7 @@ class Supervisor:
             ) from None
         secrets = [request.env[k] for k in request.secret_env if k in request.env]
         out_fd = err_fd = log_fd
+        groups, limits_text = self._limit(request)
         try:
             if secrets:
                 out_fd, err_fd = self._start_pump(request.id, log_fd, secrets)
@@ -283,8 +288,10 @@ class Supervisor:
                 stderr=err_fd,
                 start_new_session=True,
                 close_fds=True,
+                preexec_fn=cgroups.joiner(groups) if groups else None,
             )
-        except OSError as exc:
+        except (OSError, subprocess.SubprocessError) as exc:
+            cgroups.remove_groups(groups)
             raise UsageError(f"instance {request.id}: cannot start {argv[0]!r}: {exc}") from None
         finally:
             os.close(log_fd)
@@ -311,12 +318,37 @@ class Supervisor:
             sandboxed=bool(request.sandbox),
             replaces=replaces,
             instance_dir=request.instance_dir,
+            cgroups=groups,
+            limits=limits_text,
         )
         self._records[record.id] = record
         self._save()
         self._emit("instance-started", record, detail=f"pid {popen.pid}")
         self._watch(record, pidfd, popen)
         return record
+
+    def cgroup_host(self) -> cgroups.CgroupHost:
+        """How this host enforces instance limits (found, and prepared, on first use)."""
+        if self._cgroups is None:
+            self._cgroups = cgroups.prepare(self._find_cgroups())
+        return self._cgroups
+
+    def _limit(self, request: SpawnRequest) -> tuple[tuple[str, ...], str]:
+        """The groups enforcing ``request``'s limits, and how they are enforced (in words)."""
+        limits = cgroups.Limits(request.memory_bytes, request.cpus)
+        if not limits:
+            return (), ""
+        host = self.cgroup_host()
+        why = host.cannot(limits)
+        if why is None:
+            try:
+                groups = cgroups.create_groups(host, request.id, limits)
+            except cgroups.CgroupError as exc:
+                why = str(exc)
+            else:
+                return groups, f"{limits.describe()} (cgroup {host.version})"
+        log.warning("instance %s: %s not enforced: %s", request.id, limits.describe(), why)
+        return (), f"not enforced: {why}"
 
     async def stop(self, instance_id: str, grace: float = 10.0) -> InstanceRecord:
         """SIGTERM the instance's process group, SIGKILL it after ``grace`` s, forget it.
@@ -481,7 +513,10 @@ class Supervisor:
         code: int | None = None
         if watch.popen is not None:
             code = watch.popen.wait()
-        self._mark_exited(instance_id, code, "instance-exited", _describe(code))
+        detail = _describe(code)
+        if record is not None and record.cgroups and cgroups.oom_kills(record.cgroups):
+            detail += f"; out of memory: killed at its limit ({record.limits})"
+        self._mark_exited(instance_id, code, "instance-exited", detail)
         watch.exited.set()
 
     async def _poll(self) -> None:
@@ -507,6 +542,7 @@ class Supervisor:
         if record is None:
             return
         final = dataclasses.replace(record, state="exited", exit_code=code, exited_at=self._clock())
+        cgroups.remove_groups(record.cgroups)
         self._records[instance_id] = final
         self._save()
         self._emit(kind, final, detail=detail)

@@ -56,6 +56,7 @@ from castiron.model import (
     InstanceState,
     Observed,
     ReleaseId,
+    parse_memory,
 )
 
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
@@ -103,8 +104,6 @@ _UNREACHABLE: tuple[type[BaseException], ...] = (
     ConnectionError,
     FileNotFoundError,
 )
-_MEMORY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bkmgt]?)(?:ib?|b)?\s*$", re.IGNORECASE)
-_MEMORY_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _NAME_BAD = re.compile(r"[^a-zA-Z0-9_.-]+")
 _LOADED_RE = re.compile(r"Loaded image(?: ID)?: (\S+)")
 _LOG_LINES = 5
@@ -142,22 +141,6 @@ class ContainerOptions:
 
 
 # --- pure argument builders ------------------------------------------------------------------
-
-
-def parse_memory(text: str) -> int:
-    """Bytes in a memory size such as ``256m``, ``1g``, ``512Mi`` or ``1048576``.
-
-    Raises:
-        ValueError: when ``text`` is not a size.
-    """
-    match = _MEMORY_RE.match(text)
-    if match is None:
-        raise ValueError(f"not a memory size: {text!r} (use e.g. 256m or 1g)")
-    number, unit = match.groups()
-    value = int(float(number) * _MEMORY_UNITS[unit.lower()])
-    if value <= 0:
-        raise ValueError(f"not a memory size: {text!r} (must be more than 0)")
-    return value
 
 
 def container_name(app: str, environment: str, instance_id: str) -> str:

@@ -117,6 +117,30 @@ def _bwrap(path_env: str, required: bool, probe: Callable[[str], str | None]) ->
     return Check("bubblewrap", "ok", required, f"{bwrap} can sandbox local instances")
 
 
+def _limits(probe: Callable[[], str | None]) -> Check:
+    """Whether ``memory:`` and ``cpus:`` of local instances are enforced (cgroups v1 or v2,
+    with a trial group made and removed); ``probe`` says why not, or None when they are."""
+    problem = probe()
+    if problem is None:
+        return Check("limits", "ok", False, "memory and cpus of local instances are enforced")
+    return Check(
+        "limits",
+        "warning",
+        False,
+        f"memory and cpus of local instances are NOT enforced: {problem}",
+        "run castiron's agent as root, or in a cgroup v2 subtree delegated to this user "
+        "(systemd: Delegate=yes)",
+    )
+
+
+def probe_limits() -> str | None:
+    """Why this host cannot enforce instance limits, or None when it can."""
+    from castiron.agent import cgroups
+
+    host = cgroups.probe(cgroups.find_host())
+    return host.problem
+
+
 def _docker_engine(docker_host: str, required: bool) -> Check:
     fix = "apt-get install docker.io && systemctl start docker"
     if not docker_host.startswith("unix://"):
@@ -257,6 +281,7 @@ def diagnose(
     version: tuple[int, ...] | None = None,
     bwrap_probe: Callable[[str], str | None] = probe_bwrap,
     find_module: Callable[[str], object] = importlib.util.find_spec,
+    limits_probe: Callable[[], str | None] = probe_limits,
 ) -> tuple[LoadedSpec | None, list[Check]]:
     """Every check for ``settings`` (and its spec, when one exists and validates).
 
@@ -275,6 +300,7 @@ def diagnose(
         _home(settings.home),
         _agent(pid),
         _bwrap(path_env, needs.sandbox, bwrap_probe),
+        _limits(limits_probe),
         _docker_engine(docker_host, needs.docker),
         _docker_sdk(needs.docker, find_module),
         _haproxy(path_env, needs.haproxy),

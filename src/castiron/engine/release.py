@@ -201,6 +201,7 @@ class EnvironmentDeploy:
     drain_timeout: float
     keep_warm: float
     deploy_timeout: float
+    keep_warm_releases: int = 1
     canary: dict[str, Any] | None = None
     """The canary's steps, analysis and stickiness as JSON (see :mod:`castiron.engine.canary`)."""
     router: dict[str, Any] | None = None
@@ -279,6 +280,7 @@ def deploy_spec(loaded: LoadedSpec) -> DeploySpec:
                 batch=env.strategy.batch,
                 drain_timeout=env.drain_timeout,
                 keep_warm=env.keep_warm,
+                keep_warm_releases=env.keep_warm_releases,
                 deploy_timeout=(
                     env.deploy_timeout
                     if env.deploy_timeout is not None

@@ -76,6 +76,8 @@ class Policy:
     drain_timeout: float = 30.0
     keep_warm: float = 600.0
     deploy_timeout: float = 60.0
+    keep_warm_releases: int = 1
+    """Previous releases kept warm at most (older warm instances are destroyed)."""
     base_dir: str = "."
     """The spec's directory: ``file:`` secrets are read relative to it."""
     canary: Mapping[str, Any] | None = None
@@ -106,6 +108,7 @@ class Policy:
             "batch": self.batch,
             "drain_timeout": self.drain_timeout,
             "keep_warm": self.keep_warm,
+            "keep_warm_releases": self.keep_warm_releases,
             "deploy_timeout": self.deploy_timeout,
             "base_dir": self.base_dir,
             "canary": None if self.canary is None else dict(self.canary),

@@ -8,8 +8,10 @@ Docker 20.10 on and which keeps Docker's image ID equal to the config digest.
 
 Imports never extract to disk: members are read by name from the tar, every blob is hashed
 and compared with its digest while it is copied into the store, names with path tricks,
-unexpected entry types, absurd sizes or entry counts are refused, and a failed import takes
-back every blob it added, so nothing of it remains. Knows nothing of the spec or runtimes.
+unexpected entry types, absurd sizes or entry counts are refused, every layer of every image
+is checked with the safe unpacker's rules (:func:`castiron.images.unpack.check_layers`,
+nothing written), and a failed import takes back every blob it added, so nothing of it
+remains. Knows nothing of the spec or runtimes.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal, Protocol
+from typing import IO, Any, BinaryIO, Literal, Protocol, cast
 
 from castiron.errors import (
     CastironError,
@@ -38,6 +40,7 @@ from castiron.errors import (
 from castiron.images import oci
 from castiron.images.layer import LayerEntry, write_tar
 from castiron.images.store import TMP_PREFIX, ImageStore, StoredImage, check_tag
+from castiron.images.unpack import check_layers
 from castiron.model import Digest, is_digest
 
 ArchiveFormat = Literal["oci-archive", "docker-archive"]
@@ -432,6 +435,30 @@ def _import_oci(
     return out
 
 
+def check_image_layers(store: ImageStore, digest: Digest, where: str) -> None:
+    """Check every layer of image ``digest`` of ``store`` with the safe unpacker's rules
+    (lowest first, as an unpack would apply them), writing nothing.
+
+    Raises:
+        UnsafeArchiveError: an entry the unpacker would refuse, named with its image and layer.
+        ImageError: a layer is not a valid (gzip) tar stream.
+        NotFoundError: a layer blob is missing from the store.
+    """
+    layers = store.image(digest).layers
+    streams: list[BinaryIO] = []
+    try:
+        for layer in layers:
+            streams.append(cast(BinaryIO, store.open_blob(layer.digest)))
+        check_layers(streams)
+    except UnsafeArchiveError as exc:
+        raise UnsafeArchiveError(f"{where}: image {digest}: {exc.message}", exc.entry) from exc
+    except ImageError as exc:
+        raise ImageError(f"{where}: image {digest}: {exc.message}") from exc
+    finally:
+        for stream in streams:
+            stream.close()
+
+
 def _finish(
     store: ImageStore,
     found: list[tuple[oci.Descriptor, Digest, list[str]]],
@@ -472,7 +499,8 @@ def import_archive(
     ``sha-<config digest>``); without, only their blobs are stored (for a bake's base image).
 
     Raises:
-        UnsafeArchiveError: for a refused entry (named), path tricks, or absurd sizes/counts.
+        UnsafeArchiveError: for a refused entry (named), path tricks, or absurd sizes/counts,
+            or a layer entry the safe unpacker would refuse.
         DigestMismatchError: when a blob does not match its digest.
         ImageError: for a damaged or incomplete archive.
         TagConflictError: when a tag is already bound to another image.
@@ -500,6 +528,8 @@ def import_archive(
                 src.close()
             if not found:
                 raise ImageError(f"{path}: the archive holds no image")
+            for desc, _, _ in found:
+                check_image_layers(store, desc.digest, str(path))
             if not register:
                 return [ImportedImage(d.digest, c, ()) for d, c, _ in found]
             return _finish(store, found, tags, str(path))
@@ -516,6 +546,7 @@ def import_layout(store: ImageStore, path: Path, ref: str | None = None) -> Impo
 
     Raises:
         ImageError: when the layout is missing, damaged, or ``ref`` is ambiguous or unknown.
+        UnsafeArchiveError: when a layer entry would be refused by the safe unpacker.
         DigestMismatchError: when a blob does not match its digest.
     """
     if not (path / "index.json").is_file():
@@ -524,6 +555,8 @@ def import_layout(store: ImageStore, path: Path, ref: str | None = None) -> Impo
     mark = len(store.created_blobs)
     try:
         found = _import_oci(store, src, ArchiveLimits(), ref)
+        for desc, _, _ in found:
+            check_image_layers(store, desc.digest, str(path))
     except CastironError:
         store.discard_created(mark)
         raise
@@ -711,6 +744,7 @@ __all__ = [
     "ArchiveLimits",
     "ExportResult",
     "ImportedImage",
+    "check_image_layers",
     "export_archive",
     "import_archive",
     "import_layout",

@@ -530,6 +530,8 @@ class Environment(_Section):
     """How long instances leaving service may finish in-flight requests."""
     keep_warm: Duration = 600.0
     """How long the previous release keeps running after a switch, for instant rollback."""
+    keep_warm_releases: int = Field(default=1, ge=0, le=100)
+    """How many previous releases are kept warm at most; older ones are drained and destroyed."""
     deploy_timeout: Duration | None = None
     """How long a deployment may wait for new instances to become healthy (default: the
     health check's ``start_period`` + (``healthy_after`` + 2) × (``interval`` + ``timeout``))."""

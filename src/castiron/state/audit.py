@@ -323,6 +323,24 @@ def read_head_file(path: Path) -> SignedHead | None:
         raise _HeadFileUnreadable(str(exc)) from exc
 
 
+def check_head_file(path: Path) -> None:
+    """Refuse to go on when the head file exists but is not a signed head: overwriting it
+    would erase what it guards (a restored or truncated database would go unnoticed).
+
+    Raises:
+        AuditError: naming the file and what to do.
+    """
+    try:
+        read_head_file(path)
+    except _HeadFileUnreadable as exc:
+        raise AuditError(
+            f"the audit head file {path} is damaged ({exc}); nothing was changed. Run "
+            "`castiron audit verify` to check the audit log; if only this file is wrong, move "
+            f"it aside (mv {path} {path}.damaged) and run the command again: the next change "
+            "records a fresh head"
+        ) from None
+
+
 def advance_head_file(path: Path, head: SignedHead) -> None:
     """Record ``head`` in ``path`` unless it already records a later one (it never goes back).
 
@@ -468,7 +486,12 @@ def _check_heads(
     hash_at_file_seq: str | None,
 ) -> None:
     if file_unreadable is not None:
-        raise _Bad(None, f"the head file {head_file} is unreadable ({file_unreadable})")
+        raise _Bad(
+            None,
+            f"the head file {head_file} is unreadable ({file_unreadable}); if the entries are "
+            f"right, move it aside (mv {head_file} {head_file}.damaged): the next change "
+            "records a fresh head",
+        )
     if db_head is None and file_head is None:
         if last_seq == 0:
             return
@@ -541,6 +564,7 @@ __all__ = [
     "advance_head_file",
     "canonical_bytes",
     "canonical_json",
+    "check_head_file",
     "check_row",
     "create_key",
     "entry_hash",

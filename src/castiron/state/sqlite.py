@@ -166,6 +166,19 @@ def _ptime(value: str | None) -> datetime | None:
     return None if value is None else parse_time(value)
 
 
+_BUSY_CODES = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_BUSY_SNAPSHOT"})
+"""SQLite result codes meaning another connection holds a lock (past the busy timeout)."""
+
+
+def _disk_full(path: Path) -> bool:
+    """True when the filesystem holding ``path`` has (almost) no space left for us."""
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 1 << 20
+
+
 @contextlib.contextmanager
 def _db_errors(path: Path) -> Iterator[None]:
     """Turn sqlite3 errors into castiron's: busy/locked/IO are StateError, damage is corrupt."""
@@ -175,6 +188,19 @@ def _db_errors(path: Path) -> Iterator[None]:
         text = str(exc)
         if "malformed" in text or "not a database" in text:
             raise StateCorruptError(f"{path}: the database is damaged ({text})") from exc
+        name = str(getattr(exc, "sqlite_errorname", ""))
+        if name == "SQLITE_FULL" or (name.startswith("SQLITE_IOERR") and _disk_full(path)):
+            raise StateError(
+                f"{path}: the disk holding it is full ({text}); free some space on it (`df -h "
+                f"{path.parent}`) and run the command again. An interrupted deployment is "
+                "recovered by the next command"
+            ) from exc
+        if name in _BUSY_CODES:
+            raise StateError(
+                f"{path}: another process holds the state store's write lock ({text} after "
+                "waiting for it); run the command again once that process has finished (`fuser "
+                f"{path}` names it). An interrupted deployment is recovered by the next command"
+            ) from exc
         raise StateError(f"{path}: {text}") from exc
     except sqlite3.DatabaseError as exc:
         if isinstance(exc, sqlite3.IntegrityError):
@@ -936,11 +962,14 @@ class SqliteStateStore:
 
         Raises:
             StateError: when the database cannot be written.
-            AuditError: when the chain's tail does not match its signed head, or the key is
-                missing or is not the one that signed the chain.
+            AuditError: when the chain's tail does not match its signed head, the key is
+                missing or is not the one that signed the chain, or the head file is damaged
+                (checked before this store's first change: nothing is changed then).
         """
         if not isinstance(draft, AuditDraft):
             raise TypeError("mutate needs an AuditDraft: every change is audited")
+        if not self._head_written:
+            audit.check_head_file(self._head_path)
         with self._lock, _db_errors(self._path):
             conn = self._conn
             tx = SqliteTx(conn, self._path, self._clock, self._redactor)
@@ -1151,7 +1180,9 @@ class SqliteStateStore:
         if environment is not None:
             sql += " WHERE environment = ?"
             params.append(environment)
-        sql += " ORDER BY started DESC, rowid DESC"
+        # Newest first in the order they were recorded: a clock that jumped back must not
+        # make an older deployment look like the latest.
+        sql += " ORDER BY rowid DESC"
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)

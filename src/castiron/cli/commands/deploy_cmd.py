@@ -8,7 +8,8 @@ The engine is imported inside the commands so CLI start-up stays fast.
 
 ``CASTIRON_TEST_PAUSE_AT=STEP`` (read here from the captured environment, never below the CLI)
 makes a deployment stop right after journaling STEP: it writes ``paused-at-STEP`` into the
-state directory and sleeps, so a test can kill the process at that exact point.
+state directory and sleeps, so a test can kill the process (or the agent, an instance, the
+router) at that exact point; a ``resume-STEP`` file there lets it go on.
 """
 
 from __future__ import annotations
@@ -58,7 +59,10 @@ class CliObserver:
         if step == self.pause_at:
             marker = self.home / f"paused-at-{step}"
             marker.write_text(f"{step}\n")
-            time.sleep(PAUSE_SECONDS)
+            deadline = time.monotonic() + PAUSE_SECONDS
+            resume = self.home / f"resume-{step}"
+            while not resume.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
 
     def progress(self, message: str) -> None:
         if not self.quiet:
@@ -309,6 +313,12 @@ def plan_cmd(
     default=None,
     help="Show a canary's progress live (default: on a terminal, without --json).",
 )
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Re-hash every file of a release tree already on disk before reusing it "
+    "(default: only files whose stat changed since it was unpacked).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @pass_cli
 def deploy_cmd(
@@ -319,6 +329,7 @@ def deploy_cmd(
     lock_wait: float,
     continue_: bool,
     watch: bool | None,
+    verify: bool,
     as_json: bool,
 ) -> None:
     """Deploy the image baked from the current spec and context (or --image) to ENVIRONMENT
@@ -333,7 +344,7 @@ def deploy_cmd(
     spec = deploy_spec_for(settings)
     ref, why = choose_image(cli, spec, image)
     observer = watch_observer(cli, watch, as_json)
-    with open_engine(settings, observer=observer) as engine:
+    with open_engine(settings, observer=observer, verify_trees=verify) as engine:
         ref = _from_registry(engine, ref, settings.environ) or ref
         target = engine.resolve(spec, environment, ref)
         plan = engine.plan(target)

@@ -19,8 +19,8 @@ from castiron.errors import ExitCode
 @click.pass_context
 def doctor_cmd(ctx: click.Context, cli: CliContext, as_json: bool) -> None:
     """Check the host for what each runtime and router needs (Python, bubblewrap, Docker,
-    HAProxy, free ports, the state directory, the agent) and say how to install what is
-    missing. Exits 1 when something required is missing."""
+    HAProxy, free ports, the state directory, the agent, enforced instance limits) and say how
+    to install what is missing. Exits 1 when something required is missing."""
     from castiron.engine.doctor import diagnose, failed
 
     loaded, checks = diagnose(cli.settings)

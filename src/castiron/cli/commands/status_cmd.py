@@ -1,9 +1,10 @@
 """``castiron status``, ``history`` and ``releases``: the read side, rendered.
 
 Before reading, ``status`` finishes or undoes an interrupted deployment and reaps warm
-instances past ``keep_warm`` (only when there is such work; that may start the agent).
-Otherwise these commands never start the agent. The engine is imported inside the commands
-so start-up stays fast.
+instances past ``keep_warm`` (only when there is such work; that may start the agent), and
+starts the host agent again when it died while an environment is deployed (nothing serves
+without it). Otherwise these commands never start the agent. The engine is imported inside
+the commands so start-up stays fast.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def _render_env(env: dict[str, Any]) -> list[str]:
 @pass_cli
 def status_cmd(cli: CliContext, environment: str | None, as_json: bool) -> None:
     """Show what each environment (or ENVIRONMENT) serves: release, instances, health, router."""
-    from castiron.engine.compose import agent_running, open_engine
+    from castiron.engine.compose import agent_running, open_engine, revive_agent
     from castiron.engine.status import status
 
     settings = cli.settings
@@ -92,6 +93,13 @@ def status_cmd(cli: CliContext, environment: str | None, as_json: bool) -> None:
         data: dict[str, Any] = {"environments": []}
     else:
         with open_engine(settings, start_agent=False) as engine:
+            if revive_agent(settings, engine, environment):
+                from castiron.cli.commands.deploy_cmd import observer_for
+
+                observer_for(cli).progress(
+                    "the host agent was not running: started it again (it adopts the running "
+                    "instances and restores the routes)"
+                )
             if engine.needs_housekeeping(environment):
                 from castiron.cli.commands.deploy_cmd import observer_for
 
