@@ -123,36 +123,47 @@ def _where(url: str) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    # libpq prefixes lines with "connection to server at ... failed:"; keep the reason.
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    reason = lines[-1] if lines else type(exc).__name__
-    return reason.removeprefix("FATAL:").strip()
+    """libpq's reason, without its "connection to server at ... failed:" preamble."""
+    text = " ".join(str(exc).split())
+    if "FATAL:" in text:
+        return text.rsplit("FATAL:", 1)[1].strip()
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return first.rsplit(" failed: ", 1)[-1].strip()
+
+
+def _refused(exc: BaseException) -> bool:
+    """True when nothing listens where the URL points (the server is down or restarting)."""
+    text = str(exc)
+    return "Connection refused" in text or "No such file or directory" in text
 
 
 def _connect_error(url: str, exc: psycopg.Error, tls: bool) -> StateError:
-    """The one line for a connection that could not be made (the password never in it)."""
+    """The one line for a connection that could not be made (the password never in it).
+
+    libpq reports connection failures without a SQLSTATE: its message is all there is to go
+    by, so this is the one place that reads it.
+    """
     where = _where(url)
-    state = getattr(exc, "sqlstate", None)
     reason = _first_line(exc)
-    if state == "28P01":
+    lowered = reason.lower()
+    if "password authentication failed" in lowered or "no password supplied" in lowered:
         return StateError(
             f"{where}: password authentication failed for the state database "
             "(check the password in its URL or the state password variable)"
         )
-    if state == "3D000":
+    if "does not exist" in lowered and "database" in lowered:
         return StateError(f"{where}: the database does not exist (create it first)")
-    # libpq reports TLS problems without a SQLSTATE: its message is all there is to go by.
-    lowered = reason.lower()
     if "no encryption" in lowered and not tls:
         return StateError(
             f"{where}: the server requires TLS; add sslmode=require (or verify-full) to the URL"
         )
     if "does not support ssl" in lowered:
+        return StateError(f"{where}: TLS was required (sslmode) but the server does not offer it")
+    if _refused(exc):
         return StateError(
-            f"{where}: TLS was required (sslmode) but the server does not offer it"
+            f"{where}: no PostgreSQL server answers there (connection refused; is it running?)"
         )
-    if state == "28000":
+    if "pg_hba.conf" in lowered:
         return StateError(f"{where}: the server refused the connection ({reason})")
     return StateError(f"{where}: cannot connect to the state database ({reason})")
 
@@ -279,7 +290,8 @@ def _connect(
             ) from None
         except psycopg.Error as exc:
             state = getattr(exc, "sqlstate", None)
-            if attempt + 1 < CONNECT_ATTEMPTS and state in ("57P03", "53300"):
+            busy = state in ("57P03", "53300") or _refused(exc)
+            if attempt + 1 < CONNECT_ATTEMPTS and busy:
                 time.sleep(pause)
                 pause *= 2
                 continue

@@ -155,7 +155,7 @@ def approve_cmd(
     deployer's own approval never counts."""
     from castiron.engine.compose import deploy_spec_for
     from castiron.engine.promote import approve
-    from castiron.state.sqlite import open_state
+    from castiron.state.store import open_state
 
     settings = cli.settings
     spec = deploy_spec_for(settings)
