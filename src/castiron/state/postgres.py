@@ -34,7 +34,8 @@ from psycopg.pq import TransactionStatus
 
 from castiron.errors import SchemaTooNewError, StateCorruptError, StateError
 from castiron.state.base import AuditDraft, Clock, StateStore, StateTx, SystemClock, format_time
-from castiron.state.sqlite import Migration, SqlStateStore, SqlTx, migration_names
+from castiron.state.sqlite import TABLES, Migration, SqlStateStore, SqlTx, migration_names
+from castiron.values import value
 
 T = TypeVar("T")
 
@@ -214,6 +215,10 @@ class _Cursor:
     @property
     def rowcount(self) -> int:
         return self._cursor.rowcount
+
+    @property
+    def description(self) -> Any:
+        return self._cursor.description
 
     def fetchone(self) -> Any:
         return self._cursor.fetchone()
@@ -398,6 +403,85 @@ class PostgresTx(SqlTx):
 
     integrity_errors = (psycopg.IntegrityError,)
 
+    def copy_rows(self, table: str, columns: list[str], rows: list[tuple[Any, ...]]) -> None:
+        """Insert ``rows`` into ``table`` verbatim (``state migrate``'s bulk copy).
+
+        Raises:
+            ValueError: when ``table`` is not a state table or a column name is odd.
+        """
+        if table not in TABLES or not all(c.isidentifier() for c in columns):
+            raise ValueError(f"cannot copy into {table!r} ({columns})")
+        if rows:
+            marks = ", ".join("?" for _ in columns)
+            self._db().executemany(
+                f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows
+            )
+
+    def count_rows(self) -> dict[str, int]:
+        """How many rows each state table holds, as of this transaction."""
+        db = self._db()
+        return {t: int(db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in TABLES}
+
+    def restart_identities(self) -> None:
+        """Move each identity column past the largest copied value."""
+        db = self._db()
+        for table, column in (("events", "id"), ("gate_results", "id"), ("deployments", "rowid")):
+            db.execute(
+                f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'),"
+                f" COALESCE((SELECT MAX({column}) FROM {table}), 0) + 1, false)"
+            )
+
+
+@value
+class Migrated:
+    """What ``state migrate`` moved."""
+
+    rows: dict[str, int]
+    """Rows copied per table."""
+    entries: int
+    """Audit entries copied (the chain then gains one: ``state.migrate``)."""
+
+
+def import_state(source: SqlStateStore, source_name: str, target: PostgresStateStore) -> Migrated:
+    """Copy every row of ``source`` into the empty ``target`` and append a ``state.migrate``
+    audit entry, all in one transaction: the copied chain continues, signed with the same key.
+
+    Raises:
+        StateError: when the target already holds state, or the source chain does not verify.
+        AuditError: when the target's key is not the one that signed the source chain.
+    """
+    report = source.verify_audit()
+    if not report.ok:
+        raise StateError(
+            f"{source_name}: the audit chain does not verify ({report.reason}); refusing to "
+            "migrate it"
+        )
+    tables = {table: source.dump(table) for table in TABLES}
+    counts = {table: len(rows) for table, (_, rows) in tables.items()}
+
+    def apply(tx: StateTx) -> None:
+        if not isinstance(tx, PostgresTx):  # pragma: no cover - mutate made it
+            raise TypeError("state migrate needs the PostgreSQL transaction")
+        held = {t: n for t, n in tx.count_rows().items() if n}
+        if held:
+            summary = ", ".join(f"{n} {t}" for t, n in sorted(held.items()))
+            raise StateError(
+                f"{target.location} already holds castiron state ({summary}); refusing to "
+                "migrate into it (use an empty database)"
+            )
+        for table, (columns, rows) in tables.items():
+            tx.copy_rows(table, columns, rows)
+        tx.restart_identities()
+
+    draft = AuditDraft(
+        "state.migrate",
+        from_=source_name,
+        to=target.location,
+        details={"entries": report.entries, "rows": counts},
+    )
+    target.mutate(draft, apply)
+    return Migrated(counts, report.entries)
+
 
 class PostgresStateStore(SqlStateStore):
     """State in a PostgreSQL database, shared by every machine that deploys."""
@@ -542,8 +626,10 @@ def open_postgres(
 
 __all__ = [
     "CANONICAL_SQL",
+    "Migrated",
     "PostgresStateStore",
     "PostgresTx",
+    "import_state",
     "is_postgres_url",
     "migrations",
     "open_postgres",

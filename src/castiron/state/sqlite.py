@@ -427,6 +427,25 @@ _DEPLOYMENT_COLUMNS = (
 )
 
 
+TABLES = {
+    "images": "created, digest",
+    "tags": "tag",
+    "releases": "created, id",
+    "environments": "name",
+    "deployments": "rowid",
+    "deployment_steps": "deployment_id, seq",
+    "instances": "id",
+    "events": "id",
+    "locks": "environment",
+    "approvals": "environment, release, actor",
+    "gate_results": "id",
+    "audit": "seq",
+    "audit_head": "id",
+}
+"""Every table of castiron's state (not ``schema_migrations``), in an order that satisfies its
+foreign keys, with the order its rows were written in."""
+
+
 # --------------------------------------------------------------------------------------------
 # the transaction
 
@@ -436,6 +455,8 @@ class SqlCursor(Protocol):
 
     @property
     def rowcount(self) -> int: ...
+    @property
+    def description(self) -> Any: ...
     def fetchone(self) -> Any: ...
     def fetchall(self) -> list[Any]: ...
     def fetchmany(self, size: int = ..., /) -> list[Any]: ...
@@ -1132,6 +1153,22 @@ class SqlStateStore:
         )
         return [audit.row_to_entry(r) for r in self._all(sql + " ORDER BY seq", params)]
 
+    def dump(self, table: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Every row of ``table`` verbatim, in insertion order, with its column names (for
+        ``castiron state migrate``).
+
+        Raises:
+            ValueError: when ``table`` is not one of :data:`TABLES`.
+        """
+        if table not in TABLES:
+            raise ValueError(f"not a state table: {table!r}")
+        with self._lock, self._errors():
+            cur = self._conn.execute(f"SELECT * FROM {table} ORDER BY {TABLES[table]}")
+            names = [d[0] for d in cur.description]
+            keep = [i for i, name in enumerate(names) if name != "rowid"]
+            rows = [tuple(r[i] for i in keep) for r in cur.fetchall()]
+            return [names[i] for i in keep], rows
+
     def audit_rows(self) -> Iterator[audit.AuditRow]:
         """Every stored audit row in seq order, streamed (for export and verification)."""
         with self._lock, self._errors():
@@ -1210,6 +1247,7 @@ class SqliteStateStore(SqlStateStore):
 __all__ = [
     "APPLICATION_ID",
     "CANONICAL_SQL",
+    "TABLES",
     "Migration",
     "SqlStateStore",
     "SqlTx",

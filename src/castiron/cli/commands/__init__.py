@@ -21,6 +21,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "logs_cmd": ("logs",),
     "quickstart_cmd": ("quickstart",),
     "spec_cmd": ("init", "schema", "validate"),
+    "state_cmd": ("state",),
     "status_cmd": ("history", "releases", "status"),
     "version_cmd": ("version",),
 }
