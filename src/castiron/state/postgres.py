@@ -581,9 +581,6 @@ class PostgresStateStore(SqlStateStore):
                 with contextlib.suppress(psycopg.Error):
                     self._pg.close()
 
-    def raw_connection(self) -> psycopg.Connection[Any]:
-        """The psycopg connection (for ``state migrate``'s bulk copy and for tests)."""
-        return self._pg.raw
 
 
 def open_postgres(
