@@ -321,3 +321,46 @@ def test_state_migrate_refuses_a_non_empty_target(  # type: ignore[no-untyped-de
     assert _exec(postgres_url, "SELECT count(*) FROM audit") == [(1,)]
     missing = run_cli("state", "migrate", "--from", "sqlite:nope.db", "--to", postgres_url)
     assert missing.exit_code == 2 and "does not exist" in missing.stderr
+
+
+# -- transient failures and secrets ----------------------------------------------------------------
+
+
+def test_a_lost_connection_is_retried_on_a_new_one(postgres_url: str, tmp_path: Path) -> None:
+    with open_postgres(postgres_url, actor="a@b", key_path=tmp_path / "audit.key") as store:
+        append(store, 1)
+        killed = _exec(
+            postgres_url,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'castiron' AND pid <> pg_backend_pid()",
+        )
+        assert killed == [(True,)]
+        append(store, 1)  # the write notices the dead connection, reconnects and runs again
+        _exec(
+            postgres_url,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'castiron' AND pid <> pg_backend_pid()",
+        )
+        assert [e.seq for e in store.audit_entries()] == [1, 2]
+        assert store.verify_audit().ok
+
+
+def test_the_password_is_written_nowhere(  # type: ignore[no-untyped-def]
+    run_cli, postgres_server: Any, postgres_url: str, home: Path, tmp_path: Path
+) -> None:
+    password = postgres_server.password
+    assert run_cli("--state", postgres_url, "lock", "acquire", "staging", "-m", "m").exit_code == 0
+    outputs = [
+        run_cli("--state", postgres_url, *args)
+        for args in (("state", "show"), ("lock", "status", "--json"), ("audit", "--json"))
+    ]
+    assert all(r.exit_code == 0 for r in outputs)
+    assert not any(password in r.stdout + r.stderr for r in outputs)
+    export = tmp_path / "audit.jsonl"
+    assert run_cli("--state", postgres_url, "audit", "export", "-o", str(export)).exit_code == 0
+    for path in [*home.rglob("*"), export]:
+        if path.is_file():
+            assert password.encode() not in path.read_bytes(), path
+    dump = _exec(postgres_url, "SELECT string_agg(t::text, ' ') FROM audit t")[0][0]
+    dump += _exec(postgres_url, "SELECT string_agg(t::text, ' ') FROM locks t")[0][0]
+    assert password not in dump

@@ -23,6 +23,7 @@ import contextlib
 import functools
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -56,6 +57,8 @@ _TRANSIENT_STATES = frozenset(
     {
         "40001",  # serialization_failure
         "40P01",  # deadlock_detected
+        "57P01",  # admin_shutdown (the server restarts, or the backend was terminated)
+        "57P02",  # crash_shutdown
         "57P03",  # cannot_connect_now (starting up, shutting down)
         "53300",  # too_many_connections
         "08000",  # connection_exception
@@ -535,7 +538,7 @@ class PostgresStateStore(SqlStateStore):
             except StateError as exc:
                 cause = exc.__cause__
                 last = attempt + 1 == CONNECT_ATTEMPTS
-                if last or cause is None or not _transient(cause):
+                if last or cause is None or not (_transient(cause) or self._pg.broken):
                     raise
                 if writes and self._pg.committing and self._pg.broken:
                     raise StateError(
@@ -571,6 +574,15 @@ class PostgresStateStore(SqlStateStore):
         with self._lock:
             return self._retrying(lambda: super(PostgresStateStore, self)._one(sql, params),
                                   writes=False)  # fmt: skip
+
+    def renew_lease(self, environment: str, token: str, expires: datetime) -> bool:
+        """The heartbeat (see :meth:`SqlStateStore.renew_lease`), retried like a read: it is
+        one idempotent ``UPDATE`` in its own transaction."""
+        with self._lock:
+            return self._retrying(
+                lambda: super(PostgresStateStore, self).renew_lease(environment, token, expires),
+                writes=False,
+            )
 
     def close(self) -> None:
         """Record the newest signed head in the head file, then close the connection."""
