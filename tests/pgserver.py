@@ -43,8 +43,10 @@ def _free_port() -> int:
 class PostgresServer:
     """One running server; :meth:`stop` kills it and removes its directory."""
 
-    def __init__(self, bin_dir: Path) -> None:
+    def __init__(self, bin_dir: Path, *, durable: bool = False) -> None:
         self.bin_dir = bin_dir
+        self.durable = durable
+        """Keep PostgreSQL's default durability (benchmarks); tests turn fsync off."""
         self.password = secrets.token_hex(12)
         self.port = _free_port()
         # Under /tmp, not the test's tmp_path: the postgres user must be able to reach it.
@@ -78,13 +80,14 @@ class PostgresServer:
             f"hostnossl {TLS_ONLY_DATABASE} all 127.0.0.1/32 reject\n"
             "host all all 127.0.0.1/32 scram-sha-256\n"
         )
+        fast = [] if self.durable else [
+            "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+        ]  # fmt: skip
         with open(self.log, "wb") as log:
             self._proc = subprocess.Popen(
                 [*self._as, str(self.bin_dir / "postgres"), "-D", str(self.data),
-                 "-h", "127.0.0.1", "-p", str(self.port), "-k", str(self.root),
-                 "-c", "fsync=off", "-c", "synchronous_commit=off",
-                 "-c", "full_page_writes=off", "-c", "max_connections=200",
-                 "-c", "shared_buffers=32MB"],
+                 "-h", "127.0.0.1", "-p", str(self.port), "-k", str(self.root), *fast,
+                 "-c", "max_connections=200", "-c", "shared_buffers=32MB"],
                 stdout=log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True,
             )  # fmt: skip
         deadline = time.monotonic() + 60
