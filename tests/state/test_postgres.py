@@ -364,3 +364,12 @@ def test_the_password_is_written_nowhere(  # type: ignore[no-untyped-def]
     dump = _exec(postgres_url, "SELECT string_agg(t::text, ' ') FROM audit t")[0][0]
     dump += _exec(postgres_url, "SELECT string_agg(t::text, ' ') FROM locks t")[0][0]
     assert password not in dump
+
+
+def test_a_malformed_url_never_shows_its_password(run_cli) -> None:  # type: ignore[no-untyped-def]
+    result = run_cli("--state", "postgresql://u:se%ZZcret@127.0.0.1:5/db", "lock", "status")
+    assert (result.exit_code, result.stderr) == (
+        1,
+        "error: the state URL postgresql://u:***@127.0.0.1:5/db is not valid (invalid "
+        'percent-encoded token: "***")\n',
+    )

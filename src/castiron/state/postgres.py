@@ -27,7 +27,7 @@ from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -108,6 +108,18 @@ def redact_url(url: str) -> str:
         return urlunsplit(parts._replace(netloc=f"{user}:***@{hostinfo}"))
     except ValueError:
         return url.split(":", 1)[0] + "://***"
+
+
+def _scrub(text: str, url: str, password: str | None) -> str:
+    """``text`` with any form of the URL's (or the given) password replaced by ``***``: libpq
+    quotes parts of a malformed URL back in its messages."""
+    secrets = {password} if password else set()
+    with contextlib.suppress(ValueError):
+        raw = urlsplit(url).netloc.rpartition("@")[0].partition(":")[2]
+        secrets |= {raw, unquote(raw)} if raw else set()
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def _where(url: str) -> str:
@@ -293,9 +305,8 @@ def _connect(
             raw = psycopg.connect(url, **extra)
             break
         except psycopg.ProgrammingError as exc:  # a malformed URL or option
-            raise StateError(
-                f"the state URL {redact_url(url)} is not valid ({_first_line(exc)})"
-            ) from None
+            reason = _scrub(_first_line(exc), url, password)
+            raise StateError(f"the state URL {redact_url(url)} is not valid ({reason})") from None
         except psycopg.Error as exc:
             state = getattr(exc, "sqlstate", None)
             busy = state in ("57P03", "53300") or _refused(exc)
@@ -303,7 +314,8 @@ def _connect(
                 time.sleep(pause)
                 pause *= 2
                 continue
-            raise _connect_error(url, exc, tls) from None
+            error = _connect_error(url, exc, tls)
+            raise StateError(_scrub(error.message, url, password)) from None
     else:  # pragma: no cover - the loop breaks or raises
         raise AssertionError("unreachable")
     try:
