@@ -6,6 +6,11 @@ migrations in ``migrations/*.sql`` recorded in ``schema_migrations``, and the SQ
 typed read and write. Every write happens inside :meth:`SqliteStateStore.mutate`, in the same
 transaction as its audit entry and the newly signed head.
 
+The SQL of every read and write, the row mapping and the audit chain's append are written once,
+in :class:`SqlTx` and :class:`SqlStateStore`, and shared with the PostgreSQL store
+(:mod:`castiron.state.postgres`); :class:`SqliteTx` and :class:`SqliteStateStore` add only what
+is SQLite's (its errors, ``BEGIN IMMEDIATE``, ``json_quote`` for verification, pragmas).
+
 It knows nothing of the spec, runtimes, or the CLI, and never reads the environment: the
 caller passes the path, the actor, the key path and the clock.
 """
