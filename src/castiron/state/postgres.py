@@ -527,8 +527,9 @@ class PostgresStateStore(SqlStateStore):
         return _pg_errors(self._url)
 
     def _begin_write(self) -> None:
-        self._conn.execute("BEGIN")
-        self._conn.execute("SELECT pg_advisory_xact_lock(?)", (WRITER_LOCK,))
+        # One round trip: without parameters, psycopg sends both in one simple query.
+        self._pg.committing = False
+        self._pg.raw.execute(f"BEGIN; SELECT pg_advisory_xact_lock({int(WRITER_LOCK)})")
 
     def _new_tx(self) -> PostgresTx:
         return PostgresTx(self._conn, Path(), self._clock)
