@@ -2,7 +2,7 @@
 """Team state benchmark: PostgreSQL next to SQLite, in the same run, on the same machine.
 
     python bench/state_postgres.py [--deploys 8] [--entries 100000] [--writers 20]
-                                   [--appends 50] [--runs 10]
+                                   [--appends 50] [--runs 10] [--only deploy|verify|writers]
 
 Starts its own PostgreSQL server (Debian's ``postgresql`` binaries, a throwaway data
 directory, 127.0.0.1 on a free port, with its default durability: fsync on) and measures:
@@ -258,7 +258,9 @@ def main() -> int:
     parser.add_argument("--writers", type=int, default=20)
     parser.add_argument("--appends", type=int, default=50)
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--only", choices=["deploy", "verify", "writers"], default=None)
     args = parser.parse_args()
+    want = {args.only} if args.only else {"deploy", "verify", "writers"}
     bin_dir = find_bin()
     if bin_dir is None:
         print("PostgreSQL is not installed (apt-get install postgresql)")
@@ -266,13 +268,19 @@ def main() -> int:
     print(f"machine: {machine()}, PostgreSQL {bin_dir.parent.name}")
     server = PostgresServer(bin_dir, durable=True).start()
     tmp = Path(tempfile.mkdtemp(prefix="castiron-bench-state-"))
+    d: dict[str, float] = {}
+    v: dict[str, float] = {}
+    rates: list[tuple[str, float, str]] = []
     try:
-        d = bench_deploys(tmp, server.create_database("deploy_bench"), args.deploys, args.runs)
-        v = bench_verify(tmp, server, args.entries, args.runs)
-        pg_rate, pg_verdict = bench_writers(
-            tmp, server.create_database("writers_bench"), args.writers, args.appends
-        )
-        sq_rate, sq_verdict = bench_writers(tmp, None, args.writers, args.appends)
+        if "deploy" in want:
+            url = server.create_database("deploy_bench")
+            d = bench_deploys(tmp, url, args.deploys, args.runs)
+        if "verify" in want:
+            v = bench_verify(tmp, server, args.entries, args.runs)
+        if "writers" in want:
+            url = server.create_database("writers_bench")
+            rates.append(("PostgreSQL", *bench_writers(tmp, url, args.writers, args.appends)))
+            rates.append(("SQLite", *bench_writers(tmp, None, args.writers, args.appends)))
     finally:
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -281,22 +289,25 @@ def main() -> int:
         return f"{s * 1000:.0f} ms"
 
     print()
-    print(f"deploy (median of {args.deploys}):  SQLite {ms(d['deploy_sqlite'])}, "
-          f"PostgreSQL {ms(d['deploy_postgresql'])}, "
-          f"difference {ms(d['deploy_postgresql'] - d['deploy_sqlite'])}")  # fmt: skip
+    if d:
+        print(f"deploy (median of {args.deploys}):  SQLite {ms(d['deploy_sqlite'])}, "
+              f"PostgreSQL {ms(d['deploy_postgresql'])}, "
+              f"difference {ms(d['deploy_postgresql'] - d['deploy_sqlite'])}")  # fmt: skip
     if "status_sqlite" in d:
         print(f"status (hyperfine mean):       SQLite {ms(d['status_sqlite'])}, "
               f"PostgreSQL {ms(d['status_postgresql'])} "
               f"({d['status_postgresql'] / d['status_sqlite']:.2f}x)")  # fmt: skip
-    print(f"state migrate {args.entries} entries: {v['migrate']:.2f} s")
-    print(f"audit verify {args.entries} (hyperfine mean): PostgreSQL {v['verify_postgresql']:.3f} s"
-          f", SQLite {v['verify_sqlite']:.3f} s, sha256sum of the {v['export_mb']:.1f} MB export "
-          f"{v['sha256sum']:.3f} s")  # fmt: skip
-    ratio = v["verify_postgresql"] / v["sha256sum"]
-    print(f"ratio PostgreSQL verify / sha256sum: {ratio:.1f}x "
-          f"({'meets' if ratio <= 3 else 'MISSES'} the <= 3x target)")  # fmt: skip
-    print(f"{args.writers} writers x {args.appends} appends: PostgreSQL {pg_rate:.0f} appends/s "
-          f"({pg_verdict}), SQLite {sq_rate:.0f} appends/s ({sq_verdict})")  # fmt: skip
+    if v:
+        print(f"state migrate {args.entries} entries: {v['migrate']:.2f} s")
+        print(f"audit verify {args.entries} (hyperfine mean): PostgreSQL "
+              f"{v['verify_postgresql']:.3f} s, SQLite {v['verify_sqlite']:.3f} s, sha256sum of "
+              f"the {v['export_mb']:.1f} MB export {v['sha256sum']:.3f} s")  # fmt: skip
+        ratio = v["verify_postgresql"] / v["sha256sum"]
+        print(f"ratio PostgreSQL verify / sha256sum: {ratio:.1f}x "
+              f"({'meets' if ratio <= 3 else 'MISSES'} the <= 3x target)")  # fmt: skip
+    for name, rate, verdict in rates:
+        print(f"{args.writers} writers x {args.appends} appends, {name}: {rate:.0f} appends/s "
+              f"({verdict})")  # fmt: skip
     return 0
 
 

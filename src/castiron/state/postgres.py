@@ -34,6 +34,7 @@ from psycopg import errors as pg_errors
 from psycopg.pq import TransactionStatus
 
 from castiron.errors import SchemaTooNewError, StateCorruptError, StateError
+from castiron.state import audit
 from castiron.state.base import AuditDraft, Clock, StateStore, StateTx, SystemClock, format_time
 from castiron.state.sqlite import TABLES, Migration, SqlStateStore, SqlTx, migration_names
 from castiron.values import value
@@ -587,6 +588,15 @@ class PostgresStateStore(SqlStateStore):
         with self._lock:
             return self._retrying(lambda: super(PostgresStateStore, self)._one(sql, params),
                                   writes=False)  # fmt: skip
+
+    def audit_links(self) -> Iterator[audit.ChainLink]:
+        """(seq, prev, hash, canonical JSON bytes) of every entry in seq order, in PostgreSQL's
+        binary format (a third faster to fetch than text: no hex-encoded bytea)."""
+        with self._lock, self._errors():
+            cur = self._pg.raw.cursor(binary=True)
+            cur.execute(f"SELECT seq, prev, hash, {CANONICAL_SQL} FROM audit ORDER BY seq")
+            while batch := cur.fetchmany(4096):
+                yield from batch
 
     def renew_lease(self, environment: str, token: str, expires: datetime) -> bool:
         """The heartbeat (see :meth:`SqlStateStore.renew_lease`), retried like a read: it is
