@@ -13,6 +13,7 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -125,11 +126,13 @@ class PostgresServer:
     def stop(self) -> None:
         """Stop the server (fast shutdown, then kill) and remove its directory."""
         if self._proc is not None and self._proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._proc.pid, 2)  # SIGINT: fast shutdown
-            try:
-                self._proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._proc.pid, 9)
-                self._proc.wait(timeout=10)
+            # SIGINT: fast shutdown; then SIGQUIT: immediate shutdown; then SIGKILL.
+            for signum, wait in ((signal.SIGINT, 10), (signal.SIGQUIT, 5), (signal.SIGKILL, 10)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self._proc.pid, signum)
+                try:
+                    self._proc.wait(timeout=wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
         shutil.rmtree(self.root, ignore_errors=True)
