@@ -1,7 +1,8 @@
 """Shared fixtures: a per-test CASTIRON_HOME, an in-process CLI runner, and the CI guard.
 
-The CI guard: with CI=true, a skipped test marked ``docker``, ``haproxy``, ``sandbox`` or
-``postgres`` fails the session, because those legs must run in CI.
+The CI guard: with CI=true, a skipped test marked ``docker``, ``haproxy``, ``sandbox``,
+``browser``, ``terraform``, ``registry`` or ``postgres`` fails the session, because those legs
+must run in CI.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 
 from castiron.cli.main import main
 
-GUARDED_MARKERS = ("docker", "haproxy", "sandbox", "postgres")
+GUARDED_MARKERS = ("docker", "haproxy", "sandbox", "browser", "terraform", "registry", "postgres")
 _guarded_skips: list[str] = []
 
 
@@ -138,7 +139,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             reporter.write_line(
-                f"CI=true but {len(_guarded_skips)} Docker/HAProxy/sandbox test(s) were skipped:",
+                f"CI=true but {len(_guarded_skips)} Docker/HAProxy/sandbox/browser test(s) "
+                "were skipped:",
                 red=True,
             )
             for nodeid in _guarded_skips:

@@ -24,6 +24,33 @@ Digest = NewType("Digest", str)
 ReleaseId = NewType("ReleaseId", str)
 """A release identifier: a hash of the image digest and the resolved runtime config."""
 
+IdentityKind = _Literal["key", "os_user", "token"]
+"""How an :class:`Identity` is proven: a signing key's id, the OS user, an API token."""
+
+
+@value
+class Identity:
+    """Who did something, as castiron can prove it (``CASTIRON_ACTOR`` is only a label).
+
+    ``id`` is the key id (``sha256:`` + hex of the public key's DER) for ``key``, the user
+    name for ``os_user``, a token's id for ``token``.
+    """
+
+    kind: IdentityKind
+    id: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.id}"
+
+    @property
+    def actor(self) -> str:
+        """How the state store records this identity as an actor: ``kind:id``."""
+        return f"{self.kind}:{self.id}"
+
+    def to_json(self) -> dict[str, str]:
+        return {"kind": self.kind, "id": self.id}
+
+
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 

@@ -14,7 +14,20 @@ from dataclasses import field
 from pathlib import Path
 
 from castiron.errors import UsageError
+from castiron.redact import Redactor
 from castiron.values import value
+
+
+def current_os_user() -> str:
+    """The name of the process's effective user, from its uid (never from ``$USER``, which
+    anyone can set); ``uid N`` when the user has no name."""
+    import pwd
+
+    uid = os.geteuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def _default_actor() -> str:
@@ -52,6 +65,14 @@ class Settings:
     state_password_env: str | None = None
     """The variable holding the PostgreSQL password when the URL has none (``state:`` block's
     ``password_env``); its value is read from :attr:`environ` when the store opens."""
+
+    os_user: str = field(default_factory=current_os_user)
+    """The OS user running castiron (an identity: it comes from the uid); recorded with
+    approvals, and an approval by the deployer's own OS user never counts."""
+
+    redactor: Redactor = field(default_factory=Redactor, compare=False, repr=False)
+    """The secret values resolved in this invocation: the state store, the observers and the
+    error line mask them (``***``) in every text they write or print."""
 
     @property
     def state_path(self) -> Path:
@@ -119,7 +140,11 @@ def _settings_file(home: Path) -> tuple[str | None, str | None]:
         UsageError: when the file is unreadable or not the documented shape.
     """
     path = home / SETTINGS_FILE
-    if not path.is_file():
+    try:
+        if not path.is_file():
+            return None, None
+    except PermissionError:
+        # A home this user may not enter: opening its state says so, in one line.
         return None, None
     import yaml
 
@@ -159,6 +184,7 @@ def load_settings(
     home: Path | None = None,
     cwd: Path | None = None,
     state: str | None = None,
+    redactor: Redactor | None = None,
 ) -> Settings:
     """Build settings from flags (explicit arguments win) and the environment.
 
@@ -193,4 +219,5 @@ def load_settings(
         environ=dict(environ),
         state=state,
         state_password_env=password_env,
+        redactor=redactor if redactor is not None else Redactor(),
     )

@@ -308,7 +308,7 @@ def test_cli_lock_commands(run_cli, shared: Path) -> None:  # type: ignore[no-un
     assert "locked by tester@testhost (manual lock until" in shown.stdout
     assert 'for "db migration"' in shown.stdout
     assert run_cli("lock", "acquire", "staging", "-m", "again").exit_code == 4
-    assert run_cli("lock", "break", "staging", "--reason", "testing").exit_code == 0
+    assert run_cli("lock", "break", "staging", "--reason", "testing", "--yes").exit_code == 0
     assert run_cli("lock", "release", "staging").exit_code == 2
     assert run_cli("lock", "acquire", "Bad_Name", "-m", "x").exit_code == 2
     assert run_cli("lock", "acquire", "staging", "-m", "x", "--ttl", "soon").exit_code == 2

@@ -63,9 +63,21 @@ def test_the_same_named_migrations_are_applied_and_recorded(
     sqlite = open_state(tmp_path / "state.db", actor="a@b")
     try:
         names = {r[0] for r in sqlite._all("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        sqlite_columns = {(t, r[1]) for t in names for r in sqlite._all(f"PRAGMA table_info({t})")}
     finally:
         sqlite.close()
     assert tables == names - {"sqlite_sequence"}
+    pg_columns = {
+        (t, c)
+        for t, c in _exec(
+            postgres_url,
+            "SELECT table_name, column_name FROM information_schema.columns"
+            " WHERE table_schema = 'public'",
+        )
+    }
+    # PostgreSQL has no implicit rowid: insertion order is an identity column there.
+    implicit = {("deployments", "rowid"), ("schema_migrations", "rowid")}
+    assert pg_columns - implicit == {(t, c) for t, c in sqlite_columns if t != "sqlite_sequence"}
 
 
 def test_a_newer_schema_is_refused_and_left_untouched(postgres_url: str, tmp_path: Path) -> None:
@@ -354,6 +366,34 @@ def test_the_password_is_written_nowhere(  # type: ignore[no-untyped-def]
     dump = _exec(postgres_url, "SELECT string_agg(t::text, ' ') FROM audit t")[0][0]
     dump += _exec(postgres_url, "SELECT string_agg(t::text, ' ') FROM locks t")[0][0]
     assert password not in dump
+
+
+def test_the_store_masks_the_password_and_secrets_in_what_it_writes(
+    postgres_server: Any, postgres_url: str, tmp_path: Path
+) -> None:
+    from castiron.redact import Redactor
+
+    password = postgres_server.password
+    redactor = Redactor(["s3cret-token-value"])
+    bare = postgres_url.replace(f":{password}@", "@")
+    for url, given in ((postgres_url, None), (bare, password)):
+        with open_postgres(
+            url, actor="a@b", key_path=tmp_path / "audit.key", password=given, redactor=redactor
+        ) as store:
+            assert store.redactor is redactor and password in redactor.values
+            said = f"dsn {url} pw {password} token s3cret-token-value"
+            store.mutate(
+                AuditDraft("test.event", environment="staging", details={"said": said}),
+                lambda tx, said=said: tx.add_event(
+                    EventRow(store.clock.now(), "staging", "test", said, {"said": said})
+                ),
+            )
+            event = store.events()[-1]
+            assert password not in event.message and "s3cret-token-value" not in event.message
+            assert "pw *** token ***" in event.message
+    dump = _exec(postgres_url, "SELECT string_agg(t::text, ' ') FROM audit t")[0][0]
+    dump += _exec(postgres_url, "SELECT string_agg(t::text, ' ') FROM events t")[0][0]
+    assert password not in dump and "s3cret-token-value" not in dump
 
 
 def test_a_malformed_url_never_shows_its_password(run_cli) -> None:  # type: ignore[no-untyped-def]

@@ -37,6 +37,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,9 +49,11 @@ from castiron.agent.client import (
     InstanceRecord,
     SpawnRequest,
     from_json,
+    minimal_environ,
     to_json,
 )
 from castiron.errors import AgentError, NotFoundError, UsageError
+from castiron.filemodes import make_private_dir, open_private
 from castiron.model import is_name
 
 log = logging.getLogger("castiron.agent.supervisor")
@@ -166,6 +169,7 @@ class Supervisor:
         self._watches: dict[str, _Watch] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._pumps: list[subprocess.Popen[bytes]] = []
 
     # -- life cycle
 
@@ -207,6 +211,10 @@ class Supervisor:
                 # Deliberately not waited for: it lives on in its own session.
                 watch.popen.returncode = 0
         self._watches.clear()
+        for pump in self._pumps:
+            if pump.poll() is None:
+                pump.returncode = 0  # lives on with its instance, like it
+        self._pumps.clear()
 
     # -- queries
 
@@ -246,29 +254,33 @@ class Supervisor:
         if request.instance_dir:
             try:
                 base = Path(request.instance_dir)
-                base.mkdir(parents=True, exist_ok=True, mode=0o700)
+                make_private_dir(base)
                 for sub in request.instance_subdirs:
-                    (base / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+                    make_private_dir(base / sub)
             except OSError as exc:
                 raise UsageError(
                     f"instance {request.id}: cannot create {request.instance_dir}: {exc}"
                 ) from None
         try:
-            log_dir.mkdir(parents=True, exist_ok=True)
+            make_private_dir(log_dir)
             log_path = log_dir / f"{request.id}.log"
-            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+            log_fd = open_private(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         except OSError as exc:
             raise UsageError(
                 f"instance {request.id}: cannot open its log in {log_dir}: {exc}"
             ) from None
+        secrets = [request.env[k] for k in request.secret_env if k in request.env]
+        out_fd = err_fd = log_fd
         try:
+            if secrets:
+                out_fd, err_fd = self._start_pump(request.id, log_fd, secrets)
             popen = subprocess.Popen(
                 argv,
                 env=dict(request.env),
                 cwd=request.cwd,
                 stdin=subprocess.DEVNULL,
-                stdout=log_fd,
-                stderr=log_fd,
+                stdout=out_fd,
+                stderr=err_fd,
                 start_new_session=True,
                 close_fds=True,
             )
@@ -276,6 +288,9 @@ class Supervisor:
             raise UsageError(f"instance {request.id}: cannot start {argv[0]!r}: {exc}") from None
         finally:
             os.close(log_fd)
+            if out_fd != log_fd:
+                os.close(out_fd)
+                os.close(err_fd)
         pidfd = _pidfd_open(popen.pid)
         start_time = process_start_time(popen.pid, zombie_ok=True)  # it may exit at once
         record = InstanceRecord(
@@ -335,6 +350,56 @@ class Supervisor:
 
     # -- logs
 
+    def _start_pump(self, instance_id: str, log_fd: int, secrets: list[str]) -> tuple[int, int]:
+        """Start the log pump of an instance with secrets; returns the write ends of its two
+        pipes (the instance's stdout and stderr, masked as separate streams).
+
+        Raises:
+            OSError: when the pipes or the pump cannot be made.
+        """
+        self._reap_pumps()
+        out_read, out_write = os.pipe()
+        err_read, err_write = os.pipe()
+        values_read, values_write = os.pipe()
+        kept = (out_read, err_read, values_read)
+        try:
+            pump = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "castiron.agent.logpump",
+                    "--secrets-fd",
+                    str(values_read),
+                    "--source-fd",
+                    str(out_read),
+                    "--source-fd",
+                    str(err_read),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=log_fd,
+                pass_fds=kept,
+                start_new_session=True,
+                close_fds=True,
+                cwd="/",
+                env=minimal_environ(os.environ),
+            )
+        except BaseException:
+            for fd in (out_write, err_write, values_write):
+                os.close(fd)
+            raise
+        finally:
+            for fd in kept:
+                os.close(fd)
+        self._pumps.append(pump)
+        with os.fdopen(values_write, "wb") as out:
+            out.write(json.dumps(secrets).encode())
+        log.debug("instance %s: log pump pid %d", instance_id, pump.pid)
+        return out_write, err_write
+
+    def _reap_pumps(self) -> None:
+        self._pumps = [p for p in self._pumps if p.poll() is None]
+
     def log_path(self, instance_id: str) -> Path:
         """The current log file of ``instance_id``. Raises NotFoundError."""
         return Path(self.get(instance_id).log_path)
@@ -345,6 +410,7 @@ class Supervisor:
         Returns the rotated files. Errors are logged, never raised: rotation must not stop the
         agent.
         """
+        self._reap_pumps()
         rotated: list[Path] = []
         for record in self._records.values():
             if record.state != "running":

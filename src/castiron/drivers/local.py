@@ -36,6 +36,7 @@ from pathlib import Path
 
 from castiron.agent.client import AgentClient, HealthCheck, InstanceRecord, SpawnRequest
 from castiron.errors import AgentError, CastironError, NotFoundError, RuntimeDriverError
+from castiron.filemodes import make_private_dir
 from castiron.model import (
     Digest,
     ImageRef,
@@ -138,7 +139,7 @@ class LocalDriver:
         if rootfs.is_dir():
             return
         try:
-            rootfs.parent.mkdir(parents=True, exist_ok=True)
+            make_private_dir(rootfs.parent)
             lock_fd = os.open(rootfs.parent / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise RuntimeDriverError(f"cannot prepare {rootfs.parent}: {exc}") from exc
@@ -162,7 +163,7 @@ class LocalDriver:
         """
         rootfs = self.rootfs(image.digest)
         try:
-            rootfs.parent.mkdir(parents=True, exist_ok=True)
+            make_private_dir(rootfs.parent)
             lock_fd = os.open(rootfs.parent / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise RuntimeDriverError(f"cannot prepare {rootfs.parent}: {exc}") from exc
@@ -266,6 +267,7 @@ class LocalDriver:
             address=address,
             labels=labels,
             public_env=tuple(sorted(k for k in env if k not in spec.secret_names)),
+            secret_env=tuple(sorted(k for k in env if k in spec.secret_names)),
             instance_dir=str(instance_dir),
             instance_subdirs=subdirs,
             replace=self.replace_on_exit,

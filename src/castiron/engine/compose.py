@@ -166,6 +166,7 @@ def open_engine(
             environ=settings.environ,
             observer=observer,
             instance_logs=instance_logs,
+            os_user=settings.os_user,
         )
     finally:
         store.close()

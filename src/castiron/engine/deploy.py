@@ -58,6 +58,7 @@ from castiron.errors import (
     UsageError,
 )
 from castiron.model import Digest, ImageRef, Instance, ReleaseId
+from castiron.settings import current_os_user
 from castiron.state.base import (
     AuditDraft,
     DeploymentRow,
@@ -192,8 +193,11 @@ class Engine:
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         locks: LockManager | None = None,
+        os_user: str | None = None,
     ) -> None:
         self.store = store
+        self.os_user = os_user if os_user is not None else current_os_user()
+        """The OS user deploying (an identity, from the uid): its own approvals never count."""
         self._images = images
         self._driver_for = driver_for
         self._traffic_factory = traffic
@@ -751,7 +755,9 @@ class Engine:
         environment = target.environment
         from castiron.engine.secrets import resolve_secrets
 
-        secret_values = resolve_secrets(release, self.environ, Path(policy.base_dir))
+        secret_values = resolve_secrets(
+            release, self.environ, Path(policy.base_dir), self.store.redactor
+        )
         runtime = image_runtime(self.images, release.digest)
         stored = self.images.image(release.digest)
         image = ImageRef(release.digest, stored.config_digest, self.images.root)

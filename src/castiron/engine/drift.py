@@ -888,7 +888,9 @@ def _replace(
     from castiron.engine.secrets import resolve_secrets
 
     environment = release.environment
-    secret_values = resolve_secrets(release, engine.environ, Path(policy.base_dir))
+    secret_values = resolve_secrets(
+        release, engine.environ, Path(policy.base_dir), engine.store.redactor
+    )
     runtime = image_runtime(engine.images, release.digest)
     stored = engine.images.image(release.digest)
     image = ImageRef(release.digest, stored.config_digest, engine.images.root)

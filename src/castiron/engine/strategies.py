@@ -46,6 +46,9 @@ connection costs next to nothing, and traffic should move as soon as the app is 
 INSPECT_EVERY = 0.1
 """Seconds between asking the runtime whether a new instance that fails its probe exited."""
 
+HEALTH_REPORT_EVERY = 3.0
+"""Seconds between progress lines giving each still-unhealthy instance's last probe result."""
+
 
 @value
 class ImageRuntime:
@@ -285,6 +288,7 @@ class Rollout:
         pending = list(instances)
         env = {**dict(self.runtime.env), **dict(self.release.config.env)}
         inspected: dict[str, float] = {}
+        reported = started
         while pending:
             for instance in list(pending):
                 result = self.prober(check, instance.address, env)
@@ -303,6 +307,15 @@ class Rollout:
                         self._fail(instance, f"exited{code} before becoming healthy")
             if not pending:
                 break
+            if self.monotonic() - reported >= HEALTH_REPORT_EVERY:
+                reported = self.monotonic()
+                for instance in pending:
+                    last = trackers[instance.id].last
+                    self.progress(
+                        f"{instance.id} not healthy yet after {reported - started:.0f}s of "
+                        f"{self.policy.deploy_timeout:g}s: "
+                        f"{last.detail if last is not None else 'no probe answered'}"
+                    )
             if self.monotonic() >= deadline:
                 last = trackers[pending[0].id].last
                 detail = last.detail if last is not None else "no probe answered"
@@ -323,6 +336,10 @@ class Rollout:
         tail = self.logs_of(instance)
         if tail:
             message += "\nlast output:\n" + tail
+        if self.policy.runtime == "local":  # the agent keeps a destroyed instance's log file
+            message += (
+                f"\nall of its output: castiron logs {self.environment} --instance {instance.id}"
+            )
         raise DeployFailedError(message)
 
     def logs_of(self, instance: Instance) -> str:

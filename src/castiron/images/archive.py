@@ -37,7 +37,7 @@ from castiron.errors import (
 )
 from castiron.images import oci
 from castiron.images.layer import LayerEntry, write_tar
-from castiron.images.store import TMP_PREFIX, ImageStore, check_tag
+from castiron.images.store import TMP_PREFIX, ImageStore, StoredImage, check_tag
 from castiron.model import Digest, is_digest
 
 ArchiveFormat = Literal["oci-archive", "docker-archive"]
@@ -355,6 +355,33 @@ def _import_docker(
     return out
 
 
+def _expand_nested(
+    src: _Source, desc: oci.Descriptor, limits: ArchiveLimits
+) -> list[oci.Descriptor]:
+    """A top-level index written by castiron (its image entry carries ``dev.castiron.tags``
+    or its entries have subjects) becomes its image and referrers; any other entry stays."""
+    if desc.media_type not in oci.INDEX_TYPES or desc.size > limits.max_json_bytes:
+        return [desc]
+    where = f"{src.where}: index {desc.digest}"
+    nested = oci.parse_json_object(_read_verified(src, desc, limits), where)
+    items = nested.get("manifests")
+    if not isinstance(items, list):
+        raise ImageError(f"{where}: no manifests list")
+    inner = [oci.Descriptor.from_json(d, f"{where}: manifests[{i}]") for i, d in enumerate(items)]
+    ours = any(ANN_TAGS in d.annotations or oci.ANN_SUBJECT in d.annotations for d in inner)
+    if not ours:
+        return [desc]
+    images = [d for d in inner if d.artifact_type is None and oci.ANN_SUBJECT not in d.annotations]
+    name = desc.annotations.get(oci.ANN_REF_NAME)
+    out: list[oci.Descriptor] = []
+    for d in images:
+        ann = dict(d.annotations)
+        if name:
+            ann[oci.ANN_REF_NAME] = name
+        out.append(oci.Descriptor(d.media_type, d.digest, d.size, annotations=ann))
+    return out + [d for d in inner if d not in images]
+
+
 def _import_oci(
     store: ImageStore, src: _Source, limits: ArchiveLimits, ref: str | None = None
 ) -> list[tuple[oci.Descriptor, Digest, list[str]]]:
@@ -371,18 +398,21 @@ def _import_oci(
     images: dict[Digest, list[str]] = {}
     order: list[oci.Descriptor] = []
     artifacts: list[oci.Descriptor] = []
+    descs = [x for d in descs for x in _expand_nested(src, d, limits)]
     for d in descs:
         if d.artifact_type is not None or oci.ANN_SUBJECT in d.annotations:
             artifacts.append(d)
             continue
         name = d.annotations.get(oci.ANN_REF_NAME)
-        if ref is not None and name != ref:
+        names = [t for t in d.annotations.get(ANN_TAGS, "").split(",") if t]
+        if not names and name is not None:
+            names = [name.rsplit(":", 1)[-1]]
+        if ref is not None and name != ref and ref not in names:
             continue
         if d.digest not in images:
             images[d.digest] = []
             order.append(d)
-        if name is not None:
-            images[d.digest].append(name.rsplit(":", 1)[-1])
+        images[d.digest].extend(n for n in names if n not in images[d.digest])
     if ref is not None and not order:
         raise ImageError(f"{src.where}: no image tagged {ref!r}")
     out: list[tuple[oci.Descriptor, Digest, list[str]]] = []
@@ -503,6 +533,35 @@ def import_layout(store: ImageStore, path: Path, ref: str | None = None) -> Impo
     return ImportedImage(desc.digest, config_digest, ())
 
 
+ANN_TAGS = "dev.castiron.tags"
+"""On the image entry of an archive's nested index: every tag of the image, comma-separated."""
+
+
+def _sha256(data: bytes) -> Digest:
+    return Digest("sha256:" + hashlib.sha256(data).hexdigest())
+
+
+def nested_index(image: StoredImage, tags: list[str], referrers: list[oci.Descriptor]) -> bytes:
+    """The one index an ``oci-archive`` lists in ``index.json``: the image (with its platform,
+    so tools that pick a platform find it, and its tags) followed by its signatures and
+    provenance as referrers, as the OCI 1.1 image layout allows. With a single top-level
+    entry, ``skopeo``/``podman`` open the archive without being told a ref."""
+    plat = {
+        "os": str(image.config.get("os") or "linux"),
+        "architecture": str(
+            image.config.get("architecture") or oci.host_platform()["architecture"]
+        ),
+    }
+    variant = image.config.get("variant")
+    if isinstance(variant, str) and variant:
+        plat["variant"] = variant
+    base = image.descriptor()
+    ann = {ANN_TAGS: ",".join(tags)} if tags else {}
+    entry = oci.Descriptor(base.media_type, base.digest, base.size, annotations=ann, platform=plat)
+    manifests = [entry.to_json(), *(r.to_json() for r in referrers)]
+    return oci.canonical_json({"schemaVersion": 2, "mediaType": oci.INDEX, "manifests": manifests})
+
+
 @dataclass(frozen=True)
 class ExportResult:
     """What :func:`export_archive` wrote."""
@@ -574,12 +633,21 @@ def export_archive(
             blobs[d.digest] = d.size
     entries_index: list[dict[str, Any]] = []
     base = image.descriptor()
-    for t in tags or [""]:
-        ann = {oci.ANN_REF_NAME: t} if t else {}
+    nested: bytes | None = None
+    if fmt == "oci-archive":
+        nested = nested_index(image, tags, referrers)
+        blobs[_sha256(nested)] = len(nested)
+        ann = {oci.ANN_REF_NAME: tags[0]} if tags else {}
         entries_index.append(
-            oci.Descriptor(base.media_type, digest, base.size, annotations=ann).to_json()
+            oci.Descriptor(oci.INDEX, _sha256(nested), len(nested), annotations=ann).to_json()
         )
-    entries_index.extend(r.to_json() for r in referrers)
+    else:
+        for t in tags or [""]:
+            ann = {oci.ANN_REF_NAME: t} if t else {}
+            entries_index.append(
+                oci.Descriptor(base.media_type, digest, base.size, annotations=ann).to_json()
+            )
+        entries_index.extend(r.to_json() for r in referrers)
     index = oci.canonical_json(
         {"schemaVersion": 2, "mediaType": oci.INDEX, "manifests": entries_index}
     )
@@ -608,7 +676,14 @@ def export_archive(
             p = Path(tmp) / doc_name
             p.write_bytes(data)
             entries.append(_tar_file(doc_name, p, len(data), hashlib.sha256(data).hexdigest()))
+        if nested is not None:
+            p = Path(tmp) / "nested-index.json"
+            p.write_bytes(nested)
+            nested_name = _blob_name(_sha256(nested))
+            entries.append(_tar_file(nested_name, p, len(nested), _sha256(nested)[7:]))
         for blob, size in sorted(blobs.items()):
+            if nested is not None and blob == _sha256(nested):
+                continue
             path = store.blob_path(blob)
             if not path.exists():
                 raise NotFoundError(f"blob {blob} of image {digest} is missing from {store.root}")

@@ -192,7 +192,8 @@ class ImageSection(_Section):
     """How to bake the app's image (``image:``)."""
 
     base: str = "scratch"
-    """The base: scratch, oci:DIR[:TAG], oci-archive:FILE, docker-archive:FILE or docker:REF."""
+    """The base: scratch, oci:DIR[:TAG], oci-archive:FILE, docker-archive:FILE, docker:REF, or a
+    registry reference (host[:port]/repo[:tag] or @sha256:…, pulled and pinned by digest)."""
     context: str = "."
     """The directory copied into the image, relative to the spec file."""
     workdir: str = "/app"
@@ -268,12 +269,23 @@ class SecretRef(_Section):
     """Read the value from this variable of the deploying process's environment."""
     file: str | None = None
     """Read the value from this file (relative to the spec file) at deploy time."""
+    tf: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
+    """Read the value from this output of the Terraform outputs file (``terraform.outputs``)
+    at deploy time; the way to use a sensitive output."""
 
     @model_validator(mode="after")
     def _one_source(self) -> SecretRef:
-        if (self.env is None) == (self.file is None):
-            raise ValueError("give exactly one of env or file")
+        if sum(source is not None for source in (self.env, self.file, self.tf)) != 1:
+            raise ValueError("give exactly one of env, file or tf")
         return self
+
+
+class TerraformSection(_Section):
+    """Where ``${tf:NAME}`` and ``{tf: NAME}`` secrets read Terraform outputs (``terraform:``)."""
+
+    outputs: str = Field(min_length=1)
+    """A Terraform state file (e.g. ``terraform.tfstate``) or the output of
+    ``terraform output -json``, relative to the spec file."""
 
 
 class Service(_Section):
@@ -397,7 +409,12 @@ class Policy(_Section):
     checks: tuple[tuple[str, ...], ...] = ()
     """Commands (argument lists) that must exit 0 before traffic moves; $URL is the source env."""
     approvals: int = Field(default=0, ge=0)
-    """Distinct approvals by others than the deployer, required before deploying here."""
+    """Approvals required before deploying here: each signed by a distinct approver key and OS
+    user other than the deployer (``castiron approve --key``), or made through the API by a
+    distinct token whose role may approve."""
+    approvers: tuple[str, ...] = ()
+    """Public keys (PEM files, relative to the spec) of the people whose signed approvals
+    count for ``castiron approve --key`` (a label such as CASTIRON_ACTOR proves nothing)."""
 
 
 class Drift(_Section):
@@ -447,8 +464,9 @@ class Environment(_Section):
     """How long instances leaving service may finish in-flight requests."""
     keep_warm: Duration = 600.0
     """How long the previous release keeps running after a switch, for instant rollback."""
-    deploy_timeout: Duration = 60.0
-    """How long a deployment may wait for new instances to become healthy."""
+    deploy_timeout: Duration | None = None
+    """How long a deployment may wait for new instances to become healthy (default: the
+    health check's ``start_period`` + (``healthy_after`` + 2) × (``interval`` + ``timeout``))."""
     drift: Drift = Field(default_factory=Drift)
     """Drift checks: how often the agent watches, whether it fixes, paths to ignore."""
 
@@ -464,12 +482,20 @@ class Spec(_Section):
     """How instances run."""
     environments: dict[Name, Environment] = Field(default_factory=dict)
     """Deployment targets by name."""
+    terraform: TerraformSection | None = None
+    """Terraform outputs the spec reads (``${tf:NAME}``, ``{tf: NAME}`` secrets)."""
     extensions: dict[str, Any] = Field(default_factory=dict, exclude=True)
     """Top-level keys starting with x-, as written (the loader fills this)."""
 
     @model_validator(mode="after")
     def _check_references(self) -> Spec:
         # Messages start with a dotted path so the loader can point at the right line.
+        for secret, ref in self.service.secrets.items():
+            if ref.tf is not None and self.terraform is None:
+                raise ValueError(
+                    f"service.secrets.{secret}.tf: name the Terraform outputs file in "
+                    "terraform.outputs"
+                )
         for name, env in self.environments.items():
             if env.promote_from is None:
                 continue
@@ -540,6 +566,7 @@ __all__ = [
     "Spec",
     "Sticky",
     "Strategy",
+    "TerraformSection",
     "parse_duration",
     "parse_listen",
     "spec_json_schema",

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from castiron.errors import AuditError
+from castiron.filemodes import make_private_dir, open_private
 from castiron.state.base import AuditEntry, AuditReport, SignedHead
 from castiron.values import value
 
@@ -247,8 +248,8 @@ def create_key(path: Path) -> AuditKey:
         serialization.NoEncryption(),
     )
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        make_private_dir(path.parent)
+        fd = open_private(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     except FileExistsError:
         existing = load_key(path)
         if existing is None:  # pragma: no cover - deleted between the two calls
@@ -333,7 +334,7 @@ def advance_head_file(path: Path, head: SignedHead) -> None:
     """
     lock_path = path.with_name(path.name + ".lock")
     try:
-        with open(lock_path, "a+b") as lock:
+        with open(open_private(lock_path, os.O_RDWR | os.O_CREAT | os.O_APPEND), "a+b") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             try:
                 current = read_head_file(path)
@@ -342,7 +343,7 @@ def advance_head_file(path: Path, head: SignedHead) -> None:
             if current is not None and current.seq >= head.seq:
                 return
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as out:
+            with open(open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as out:
                 out.write(canonical_json(head_to_json(head)).encode("utf-8") + b"\n")
                 out.flush()
                 os.fsync(out.fileno())

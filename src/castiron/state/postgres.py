@@ -34,6 +34,7 @@ from psycopg import errors as pg_errors
 from psycopg.pq import TransactionStatus
 
 from castiron.errors import SchemaTooNewError, StateCorruptError, StateError
+from castiron.redact import Redactor
 from castiron.state import audit
 from castiron.state.base import AuditDraft, Clock, StateStore, StateTx, SystemClock, format_time
 from castiron.state.sqlite import TABLES, Migration, SqlStateStore, SqlTx, migration_names
@@ -111,14 +112,19 @@ def redact_url(url: str) -> str:
         return url.split(":", 1)[0] + "://***"
 
 
-def _scrub(text: str, url: str, password: str | None) -> str:
-    """``text`` with any form of the URL's (or the given) password replaced by ``***``: libpq
-    quotes parts of a malformed URL back in its messages."""
+def url_secrets(url: str, password: str | None = None) -> set[str]:
+    """The URL's password (as written and decoded) and the given one: what is never shown."""
     secrets = {password} if password else set()
     with contextlib.suppress(ValueError):
         raw = urlsplit(url).netloc.rpartition("@")[0].partition(":")[2]
         secrets |= {raw, unquote(raw)} if raw else set()
-    for secret in sorted(secrets, key=len, reverse=True):
+    return secrets
+
+
+def _scrub(text: str, url: str, password: str | None) -> str:
+    """``text`` with any form of the URL's (or the given) password replaced by ``***``: libpq
+    quotes parts of a malformed URL back in its messages."""
+    for secret in sorted(url_secrets(url, password), key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
 
@@ -513,11 +519,14 @@ class PostgresStateStore(SqlStateStore):
         actor: str,
         key_path: Path,
         clock: Clock,
+        redactor: Redactor | None = None,
     ) -> None:
         self._url = url
         self._reconnect = reconnect
         self._pg = conn
-        super().__init__(conn, actor, key_path, clock)
+        super().__init__(conn, actor, key_path, clock, redactor)
+        # The DSN's password is a secret like any other: masked in every text written.
+        self._redactor.add(url_secrets(url))
 
     @property
     def location(self) -> str:
@@ -533,7 +542,7 @@ class PostgresStateStore(SqlStateStore):
         self._pg.raw.execute(f"BEGIN; SELECT pg_advisory_xact_lock({int(WRITER_LOCK)})")
 
     def _new_tx(self) -> PostgresTx:
-        return PostgresTx(self._conn, Path(), self._clock)
+        return PostgresTx(self._conn, Path(), self._clock, self._redactor)
 
     def _renew(self) -> None:
         """Replace a broken connection with a new one."""
@@ -617,7 +626,6 @@ class PostgresStateStore(SqlStateStore):
                     self._pg.close()
 
 
-
 def open_postgres(
     url: str,
     *,
@@ -627,11 +635,14 @@ def open_postgres(
     password: str | None = None,
     connect_timeout: float = 10.0,
     lock_timeout: float = 30.0,
+    redactor: Redactor | None = None,
 ) -> PostgresStateStore:
     """Open the state store in the PostgreSQL database ``url``, migrating it when needed.
 
     ``password`` is used when the URL has none (it is never stored or shown). The audit key
-    at ``key_path`` must be the team's one key: every machine signs the same chain.
+    at ``key_path`` must be the team's one key: every machine signs the same chain. The store
+    masks the values of ``redactor`` and the password (URL's or given) in every text it
+    writes (the password is added to ``redactor``).
 
     Raises:
         StateError: when the server cannot be reached or refuses (one line naming why).
@@ -651,8 +662,10 @@ def open_postgres(
     except BaseException:
         conn.close()
         raise
+    mask = redactor if redactor is not None else Redactor()
+    mask.add(url_secrets(url, password))
     return PostgresStateStore(
-        conn, url, connect, actor, key_path, clock if clock is not None else SystemClock()
+        conn, url, connect, actor, key_path, clock if clock is not None else SystemClock(), mask
     )
 
 
@@ -666,6 +679,7 @@ __all__ = [
     "migrations",
     "open_postgres",
     "redact_url",
+    "url_secrets",
 ]
 
 

@@ -36,8 +36,11 @@ from castiron.errors import (
     StateCorruptError,
     StateError,
     TagConflictError,
+    UsageError,
 )
-from castiron.model import Digest, ReleaseId
+from castiron.filemodes import make_private_dir, open_private, restrict
+from castiron.model import Digest, Identity, IdentityKind, ReleaseId
+from castiron.redact import Redactor
 from castiron.settings import Settings
 from castiron.state import audit
 from castiron.state.base import (
@@ -62,6 +65,7 @@ from castiron.state.base import (
     StepRow,
     SystemClock,
     TagRow,
+    TokenRow,
     format_time,
     parse_time,
 )
@@ -151,6 +155,14 @@ def _json(value: JsonObject | None) -> str:
     return audit.canonical_json(dict(value or {}))
 
 
+_IDENTITY_KINDS: dict[str, IdentityKind] = {"key": "key", "os_user": "os_user", "token": "token"}
+
+
+def _identity(kind: str, ident: str) -> Identity | None:
+    known = _IDENTITY_KINDS.get(kind)
+    return None if known is None else Identity(known, ident)
+
+
 def _time(value: datetime | None) -> str | None:
     return None if value is None else format_time(value)
 
@@ -186,12 +198,14 @@ def open_state(
     key_path: Path | None = None,
     clock: Clock | None = None,
     busy_timeout: float = 10.0,
+    redactor: Redactor | None = None,
 ) -> SqliteStateStore:
     """Open (creating when missing) the state store of ``target``.
 
     ``target`` is the settings (their ``state_path``, ``audit_key_path`` and ``actor`` are used)
     or a database path (then the key lives beside it as ``audit.key``). Explicit keyword
-    arguments win over the settings.
+    arguments win over the settings. The store masks the values of ``redactor`` (default:
+    the settings' one) in every text it writes.
 
     Raises:
         StateCorruptError: when the file is not SQLite, is truncated or is not castiron's.
@@ -202,18 +216,76 @@ def open_state(
         path = target.state_path
         key = key_path if key_path is not None else target.audit_key_path
         who = actor if actor is not None else target.actor
+        redactor = redactor if redactor is not None else target.redactor
     else:
         path = target
         key = key_path if key_path is not None else path.with_name("audit.key")
         who = actor if actor is not None else "unknown@unknown"
     conn = _connect(path, busy_timeout)
-    return SqliteStateStore(conn, path, who, key, clock if clock is not None else SystemClock())
+    return SqliteStateStore(
+        conn,
+        path,
+        who,
+        key,
+        clock if clock is not None else SystemClock(),
+        redactor if redactor is not None else Redactor(),
+    )
+
+
+_LIVE_LOCK = threading.Lock()
+_LIVE: dict[tuple[int, int], int] = {}
+"""Open connections of this process per database file (device, inode). POSIX record locks
+belong to the process, and closing *any* descriptor of a file drops all of them: reading the
+header of a file this process already has a connection to would silently unlock that
+connection, and another process could then checkpoint and delete the WAL under it. A file
+with a live connection here was checked when that connection opened, so it is not read again.
+A long-running process (``castiron serve``) holds several connections at once."""
+
+
+def _file_key(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _forget_connection(key: tuple[int, int] | None) -> None:
+    if key is None:
+        return
+    with _LIVE_LOCK:
+        left = _LIVE.get(key, 0) - 1
+        if left > 0:
+            _LIVE[key] = left
+        else:
+            _LIVE.pop(key, None)
 
 
 def _connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
-    if not path.exists():
-        _create(path)
-    _check_header(path)
+    try:
+        if not path.exists():
+            _create(path)
+        _make_private(path)
+    except PermissionError as exc:
+        raise StateError(
+            f"permission denied: {exc.filename or path} (a castiron home is private to the "
+            "user who created it)"
+        ) from exc
+    with _LIVE_LOCK:
+        key = _file_key(path)
+        if key is None or key not in _LIVE:
+            _check_header(path)
+            key = _file_key(path)
+        if key is not None:
+            _LIVE[key] = _LIVE.get(key, 0) + 1
+    try:
+        return _open_connection(path, busy_timeout)
+    except BaseException:
+        _forget_connection(key)
+        raise
+
+
+def _open_connection(path: Path, busy_timeout: float) -> sqlite3.Connection:
     try:
         conn = sqlite3.connect(
             f"file:{path}?mode=rw",
@@ -245,15 +317,28 @@ def _connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
     return conn
 
 
+def _make_private(path: Path) -> None:
+    """The home 0700; the database, its WAL and shared memory 0600 (SQLite gives the WAL and
+    shm files the database file's mode when it creates them)."""
+    try:
+        restrict(path.parent, 0o700)
+        for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
+            restrict(path.with_name(name))
+    except PermissionError:
+        raise
+    except OSError as exc:
+        raise StateError(f"cannot set the mode of the state files in {path.parent}: {exc}") from exc
+
+
 def _create(path: Path) -> None:
     home = path.parent
     try:
-        if not home.exists():
-            home.mkdir(mode=0o700, parents=True)
-            os.chmod(home, 0o700)
+        make_private_dir(home)
         tmp = home / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        # Created 0600 before SQLite opens it: SQLite would make it 0666 minus the umask.
+        os.close(open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
         conn = sqlite3.connect(tmp, isolation_level=None)
         try:
             conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
@@ -268,6 +353,8 @@ def _create(path: Path) -> None:
             pass
         finally:
             tmp.unlink()
+    except PermissionError:
+        raise
     except OSError as exc:
         raise StateError(f"cannot create the state database {path}: {exc.strerror}") from exc
     except sqlite3.Error as exc:
@@ -425,6 +512,11 @@ def _lease(r: Any) -> Lease:
     return Lease(r[0], r[1], r[2], r[3], r[4], r[5], r[6], parse_time(r[7]), parse_time(r[8]))
 
 
+def _token(r: Any) -> TokenRow:
+    return TokenRow(r[0], r[1], r[2], parse_time(r[3]), r[4], _ptime(r[5]))
+
+
+_TOKEN_COLUMNS = "name, role, hash, created, created_by, revoked"
 _LEASE_COLUMNS = "environment, token, holder, pid, host, purpose, kind, acquired, expires"
 _DEPLOYMENT_COLUMNS = (
     "id, environment, from_release, to_release, strategy, actor, started, finished, outcome, "
@@ -442,8 +534,9 @@ TABLES = {
     "instances": "id",
     "events": "id",
     "locks": "environment",
-    "approvals": "environment, release, actor",
+    "approvals": "environment, release, actor, identity_kind, identity",
     "gate_results": "id",
+    "api_tokens": "name",
     "audit": "seq",
     "audit_head": "id",
 }
@@ -488,10 +581,11 @@ class SqlTx:
     integrity_errors: tuple[type[Exception], ...] = ()
     """The driver's constraint-violation errors (a missing referenced row)."""
 
-    def __init__(self, conn: SqlConnection, path: Path, clock: Clock) -> None:
+    def __init__(self, conn: SqlConnection, path: Path, clock: Clock, redactor: Redactor) -> None:
         self._conn = conn
         self._path = path
         self._clock = clock
+        self._mask = redactor
         self._open = True
         self.notes: dict[str, Any] = {}
 
@@ -593,7 +687,7 @@ class SqlTx:
                 format_time(d.started),
                 _time(d.finished),
                 d.outcome,
-                _json(d.details),
+                _json(self._mask.json(d.details)),
                 d.git_commit,
             ),
             f"deployment {d.id}: a release it names is not recorded (or the id is taken)",
@@ -613,7 +707,7 @@ class SqlTx:
         if row is None:
             raise NotFoundError(f"no deployment {deployment_id!r}")
         current = _deployment(row)
-        merged = {**current.details, **(details or {})}
+        merged = self._mask.json({**current.details, **(details or {})})
         db.execute(
             "UPDATE deployments SET outcome = ?, finished = ?, details = ? WHERE id = ?",
             (outcome, format_time(finished), _json(merged), deployment_id),
@@ -636,7 +730,7 @@ class SqlTx:
         db.execute(
             "INSERT INTO deployment_steps (deployment_id, seq, step, state, data, at)"
             " VALUES (?, ?, ?, ?, ?, ?)",
-            (deployment_id, seq, step, state, _json(data), format_time(at)),
+            (deployment_id, seq, step, state, _json(self._mask.json(data)), format_time(at)),
         )
         return StepRow(deployment_id, seq, step, state, dict(data), at)
 
@@ -648,7 +742,15 @@ class SqlTx:
             " environment = excluded.environment, release = excluded.release,"
             " address = excluded.address, runtime = excluded.runtime,"
             " status = excluded.status, data = excluded.data",
-            (i.id, i.environment, i.release, i.address, i.runtime, i.status, _json(i.data)),
+            (
+                i.id,
+                i.environment,
+                i.release,
+                i.address,
+                i.runtime,
+                i.status,
+                _json(self._mask.json(i.data)),
+            ),
             f"instance {i.id}: release {i.release} is not recorded",
         )
 
@@ -664,7 +766,7 @@ class SqlTx:
         if row is None:
             raise NotFoundError(f"no instance {instance_id!r}")
         current = _instance(row)
-        merged = {**current.data, **(data or {})}
+        merged = self._mask.json({**current.data, **(data or {})})
         db.execute(
             "UPDATE instances SET status = ?, data = ? WHERE id = ?",
             (status, _json(merged), instance_id),
@@ -682,8 +784,8 @@ class SqlTx:
                 format_time(event.time),
                 event.environment,
                 event.kind,
-                event.message,
-                _json(event.data),
+                self._mask.text(event.message),
+                _json(self._mask.json(event.data)),
             ),
         )
         return replace(event, id=cur.fetchone()[0])
@@ -722,10 +824,31 @@ class SqlTx:
 
     def add_approval(self, approval: ApprovalRow) -> bool:
         a = approval
-        cur = self._db().execute(
-            "INSERT INTO approvals (environment, release, actor, created, comment)"
-            " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            (a.environment, a.release, a.actor, format_time(a.created), a.comment),
+        kind, ident = (a.identity.kind, a.identity.id) if a.identity is not None else ("", "")
+        db = self._db()
+        # One approval per identity (per label for those without one).
+        exists = db.execute(
+            "SELECT 1 FROM approvals WHERE environment = ? AND release = ? AND identity_kind = ?"
+            " AND identity = ? AND (identity_kind != '' OR actor = ?)",
+            (a.environment, a.release, kind, ident, a.actor),
+        ).fetchone()
+        if exists:
+            return False
+        cur = db.execute(
+            "INSERT INTO approvals (environment, release, actor, created, comment, identity_kind,"
+            " identity, os_user, signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT DO NOTHING",
+            (
+                a.environment,
+                a.release,
+                a.actor,
+                format_time(a.created),
+                self._mask.text(a.comment),
+                kind,
+                ident,
+                a.os_user,
+                a.signature,
+            ),
         )
         return cur.rowcount == 1
 
@@ -741,13 +864,36 @@ class SqlTx:
                     r.digest,
                     r.gate,
                     int(r.passed),
-                    r.reason,
-                    _json(r.data),
+                    self._mask.text(r.reason),
+                    _json(self._mask.json(r.data)),
                     format_time(r.checked),
                 )
                 for r in results
             ],
         )
+
+    def add_token(self, token: TokenRow) -> None:
+        db = self._db()
+        if db.execute("SELECT 1 FROM api_tokens WHERE name = ?", (token.name,)).fetchone():
+            raise UsageError(f"a token named {token.name!r} already exists")
+        t = token
+        db.execute(
+            f"INSERT INTO api_tokens ({_TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+            (t.name, t.role, t.hash, format_time(t.created), t.created_by, _time(t.revoked)),
+        )
+
+    def revoke_token(self, name: str, at: datetime) -> TokenRow:
+        db = self._db()
+        row = db.execute(
+            f"SELECT {_TOKEN_COLUMNS} FROM api_tokens WHERE name = ?", (name,)
+        ).fetchone()
+        if row is None:
+            raise NotFoundError(f"no API token named {name!r}")
+        current = _token(row)
+        if current.revoked is not None:
+            return current
+        db.execute("UPDATE api_tokens SET revoked = ? WHERE name = ?", (format_time(at), name))
+        return replace(current, revoked=parse_time(format_time(at)))
 
     def _write(self, sql: str, params: tuple[Any, ...], missing: str) -> None:
         try:
@@ -780,7 +926,15 @@ class SqlStateStore:
     _BEGIN_SNAPSHOT = "BEGIN"
     """Starts a read transaction that sees one consistent snapshot."""
 
-    def __init__(self, conn: SqlConnection, actor: str, key_path: Path, clock: Clock) -> None:
+    def __init__(
+        self,
+        conn: SqlConnection,
+        actor: str,
+        key_path: Path,
+        clock: Clock,
+        redactor: Redactor | None = None,
+    ) -> None:
+        self._redactor = redactor if redactor is not None else Redactor()
         self._conn = conn
         self._actor = actor
         self._key_path = key_path
@@ -816,6 +970,10 @@ class SqlStateStore:
     @property
     def clock(self) -> Clock:
         return self._clock
+
+    @property
+    def redactor(self) -> Redactor:
+        return self._redactor
 
     @property
     def key_path(self) -> Path:
@@ -920,7 +1078,7 @@ class SqlStateStore:
         self._check_tail(last, head, key)
         seq = 1 if last is None else last[0] + 1
         prev = audit.GENESIS if last is None else last[11]
-        details = audit.canonical_json({**draft.details, **notes})
+        details = audit.canonical_json(self._redactor.json({**draft.details, **notes}))
         row = (
             seq,
             format_time(self._clock.now()),
@@ -1115,10 +1273,20 @@ class SqlStateStore:
 
     def approvals(self, environment: str, release: ReleaseId) -> list[ApprovalRow]:
         return [
-            ApprovalRow(r[0], ReleaseId(r[1]), r[2], parse_time(r[3]), r[4])
+            ApprovalRow(
+                r[0],
+                ReleaseId(r[1]),
+                r[2],
+                parse_time(r[3]),
+                r[4],
+                _identity(r[5], r[6]),
+                r[7],
+                r[8],
+            )
             for r in self._all(
-                "SELECT environment, release, actor, created, comment FROM approvals"
-                " WHERE environment = ? AND release = ? ORDER BY created, actor",
+                "SELECT environment, release, actor, created, comment, identity_kind, identity,"
+                " os_user, signature FROM approvals WHERE environment = ? AND release = ?"
+                " ORDER BY created, actor, identity",
                 (environment, release),
             )
         ]
@@ -1174,6 +1342,19 @@ class SqlStateStore:
             rows = [tuple(r[i] for i in keep) for r in cur.fetchall()]
             return [names[i] for i in keep], rows
 
+    def get_token(self, name: str) -> TokenRow | None:
+        row = self._one(f"SELECT {_TOKEN_COLUMNS} FROM api_tokens WHERE name = ?", (name,))
+        return None if row is None else _token(row)
+
+    def token_by_hash(self, hash: str) -> TokenRow | None:
+        row = self._one(f"SELECT {_TOKEN_COLUMNS} FROM api_tokens WHERE hash = ?", (hash,))
+        return None if row is None else _token(row)
+
+    def list_tokens(self) -> list[TokenRow]:
+        return [
+            _token(r) for r in self._all(f"SELECT {_TOKEN_COLUMNS} FROM api_tokens ORDER BY name")
+        ]
+
     def audit_rows(self) -> Iterator[audit.AuditRow]:
         """Every stored audit row in seq order, streamed (for export and verification)."""
         with self._lock, self._errors():
@@ -1223,10 +1404,17 @@ class SqliteStateStore(SqlStateStore):
     _CANONICAL = f"CAST({CANONICAL_SQL} AS BLOB)"
 
     def __init__(
-        self, conn: sqlite3.Connection, path: Path, actor: str, key_path: Path, clock: Clock
+        self,
+        conn: sqlite3.Connection,
+        path: Path,
+        actor: str,
+        key_path: Path,
+        clock: Clock,
+        redactor: Redactor | None = None,
     ) -> None:
         self._path = path
-        super().__init__(conn, actor, key_path, clock)
+        self._file = _file_key(path)
+        super().__init__(conn, actor, key_path, clock, redactor)
 
     @property
     def path(self) -> Path:
@@ -1240,7 +1428,21 @@ class SqliteStateStore(SqlStateStore):
         self._conn.execute("BEGIN IMMEDIATE")
 
     def _new_tx(self) -> SqliteTx:
-        return SqliteTx(self._conn, self._path, self._clock)
+        return SqliteTx(self._conn, self._path, self._clock, self._redactor)
+
+    def close(self) -> None:
+        """Record the newest signed head in the head file, then close the database (and
+        forget it in this process's table of live connections).
+
+        Raises:
+            AuditError: when the head file cannot be written (the database is closed anyway).
+        """
+        with self._lock:
+            try:
+                super().close()
+            finally:
+                file, self._file = self._file, None
+                _forget_connection(file)
 
     def pragma(self, name: str) -> Any:
         """The value of ``PRAGMA name`` on this store's connection (for diagnostics)."""

@@ -32,7 +32,8 @@ def open_state(
     key_path: Path | None = None,
     clock: Clock | None = None,
 ) -> SqlStateStore:
-    """Open (creating or migrating when needed) the state store the settings name.
+    """Open (creating or migrating when needed) the state store the settings name; it masks
+    the settings' redactor's values (and a PostgreSQL password) in every text it writes.
 
     Raises:
         StateError: when it cannot be reached or opened (one line naming why).
@@ -48,9 +49,16 @@ def open_state(
         if settings.state_password_env:
             password = settings.environ.get(settings.state_password_env) or None
         return open_postgres(
-            settings.state, actor=who, key_path=key, clock=clock, password=password
+            settings.state,
+            actor=who,
+            key_path=key,
+            clock=clock,
+            password=password,
+            redactor=settings.redactor,
         )
-    return open_sqlite(settings.state_path, actor=who, key_path=key, clock=clock)
+    return open_sqlite(
+        settings.state_path, actor=who, key_path=key, clock=clock, redactor=settings.redactor
+    )
 
 
 __all__ = ["describe_location", "open_state"]

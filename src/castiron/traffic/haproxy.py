@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from castiron.errors import RouterError
+from castiron.filemodes import make_private_dir
 from castiron.traffic.base import LatencySummary, ReleaseCounters, RouteConfig
 from castiron.traffic.proxy import parse_listen
 
@@ -258,7 +259,7 @@ class HaproxyRouter:
 
     # --- process ---
     def _write_files(self) -> None:
-        self._dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self._dir)
         (self._dir / "502.http").write_bytes(
             b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: 33\r\n"
             b"Connection: close\r\n\r\nno backend accepted the request.\n"

@@ -19,7 +19,7 @@ from castiron.cli.render import emit_json
 from castiron.errors import UsageError
 from castiron.images import oci, provenance
 from castiron.images.archive import ArchiveFormat, export_archive, import_archive
-from castiron.images.build import BakeOptions, bake
+from castiron.images.build import BakeOptions, bake, default_skips
 from castiron.images.store import ImageStore, prune
 from castiron.model import Digest
 from castiron.spec.load import load_spec
@@ -85,7 +85,10 @@ def _epoch(cli: CliContext, given: int | None) -> int | None:
     "tags",
     multiple=True,
     metavar="TAG",
-    help="Tag to bind (repeatable; default: git short sha, or sha-<config digest>).",
+    help=(
+        "Tag to bind (repeatable; default: the git short sha when every file of the context "
+        "is committed, else <sha>-dirty-<digest> or sha-<digest>)."
+    ),
 )
 @click.option(
     "--source-date-epoch",
@@ -155,7 +158,7 @@ def bake_cmd(
         app=loaded.spec.app,
         port=loaded.spec.service.port,
         spec_digest=loaded.digest,
-        skip=(settings.home,),
+        skip=default_skips(context, settings.spec_path, settings.home),
         fetch_docker_base=fetch_base,
         build_dockerfile=build_dockerfile,
     )

@@ -44,12 +44,17 @@ def _render_env(env: dict[str, Any]) -> list[str]:
         lines.extend(_table(rows))
     else:
         lines.append("  no instances")
-    warm = env["warm"]
-    if warm:
+    for warm in env["warm"]:
         lines.append(
-            f"  warm     release {warm['release']}: {len(warm['instances'])} instance(s) "
-            f"(until {warm['instances'][0]['until'] or '?'}) — `castiron rollback "
-            f"{env['name']}` is a pointer flip"
+            f"  warm     release {warm['release']}  image {_short(warm['digest'], 19)}: "
+            f"{len(warm['instances'])} instance(s) until {warm['until'] or '?'}"
+        )
+    target = env["rollback_target"]
+    if target is not None:
+        how = "a pointer flip to its warm instances" if target["warm"] else "a fresh deployment"
+        lines.append(
+            f"  rollback `castiron rollback {env['name']}` goes to release {target['release']}"
+            f"  image {_short(target['digest'], 19)} ({how})"
         )
     for c in env["counters"] or []:
         lines.append(
