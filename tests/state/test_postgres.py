@@ -403,3 +403,29 @@ def test_a_malformed_url_never_shows_its_password(run_cli) -> None:  # type: ign
         "error: the state URL postgresql://u:***@127.0.0.1:5/db is not valid (invalid "
         'percent-encoded token: "***")\n',
     )
+
+
+def test_api_tokens_live_in_the_team_database(  # type: ignore[no-untyped-def]
+    run_cli, postgres_url: str, home: Path, tmp_path: Path
+) -> None:
+    made = run_cli("--state", postgres_url, "token", "create", "ci", "--role", "deployer")
+    assert made.exit_code == 0, made.stderr
+    secret = made.stdout.strip()
+    # Another machine (another home with the team's audit key, the same database) sees and
+    # revokes it.
+    (tmp_path / "other").mkdir(mode=0o700)
+    key = tmp_path / "other" / "audit.key"
+    key.write_bytes((home / "audit.key").read_bytes())
+    key.chmod(0o600)
+    other = ("--home", str(tmp_path / "other"), "--state", postgres_url)
+    listed = json.loads(run_cli(*other, "token", "list", "--json").stdout)
+    assert [(t["name"], t["role"], t["revoked"]) for t in listed["tokens"]] == [
+        ("ci", "deployer", None)
+    ]
+    revoked = run_cli(*other, "token", "revoke", "ci")
+    assert (revoked.exit_code, revoked.stdout) == (0, "revoked API token ci\n")
+    assert json.loads(run_cli("--state", postgres_url, "token", "list", "--json").stdout)["tokens"][
+        0
+    ]["revoked"]
+    stored = _exec(postgres_url, "SELECT name, role, hash FROM api_tokens")
+    assert len(stored) == 1 and secret not in repr(stored)
