@@ -1,7 +1,8 @@
 """Shared fixtures: a per-test CASTIRON_HOME, an in-process CLI runner, and the CI guard.
 
 The CI guard: with CI=true, a skipped test marked ``docker``, ``haproxy``, ``sandbox``,
-``browser``, ``terraform`` or ``registry`` fails the session, because those legs must run in CI.
+``browser``, ``terraform``, ``registry`` or ``postgres`` fails the session, because those legs
+must run in CI.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 
 from castiron.cli.main import main
 
-GUARDED_MARKERS = ("docker", "haproxy", "sandbox", "browser", "terraform", "registry")
+GUARDED_MARKERS = ("docker", "haproxy", "sandbox", "browser", "terraform", "registry", "postgres")
 _guarded_skips: list[str] = []
 
 
@@ -77,6 +78,32 @@ def busybox_image(docker_engine: Any, tmp_path_factory: pytest.TempPathFactory) 
         path=str(context), tag=BUSYBOX_IMAGE, network_mode="host", pull=False, rm=True, forcerm=True
     )
     return BUSYBOX_IMAGE
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[object]:
+    """A PostgreSQL server of this session (``pgserver.PostgresServer``): Debian's binaries,
+    its own data directory, 127.0.0.1 on a free port. Skips (a failure in CI) without them."""
+    from pgserver import PostgresServer, find_bin
+
+    bin_dir = find_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    server = PostgresServer(bin_dir)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: Any, request: pytest.FixtureRequest) -> str:
+    """The URL of a fresh, empty database on the session's PostgreSQL server."""
+    import re
+    import secrets
+
+    name = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:40]
+    return str(postgres_server.create_database(f"t_{name}_{secrets.token_hex(3)}"))
 
 
 @pytest.fixture

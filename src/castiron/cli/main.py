@@ -65,15 +65,25 @@ def _command_index() -> dict[str, str]:
     default=None,
     help="Spec file (default: $CASTIRON_SPEC, else ./castiron.yaml).",
 )
+@click.option(
+    "--state",
+    "state",
+    default=None,
+    metavar="URL",
+    help="Where state lives: postgresql://USER@HOST/DB (team state) or sqlite:PATH "
+    "(default: $CASTIRON_STATE, else state: in HOME/settings.yaml, else HOME/state.db).",
+)
 @click.pass_context
-def cli(ctx: click.Context, home: Path | None, spec_file: Path | None) -> None:
+def cli(ctx: click.Context, home: Path | None, spec_file: Path | None, state: str | None) -> None:
     """castiron: bake immutable images, deploy them with zero downtime, roll back in a blink.
 
     Exit codes: 0 ok, 1 operation failed, 2 usage or spec error, 3 drift found,
     4 environment locked, 5 refused by policy.
     """
     redactor = ctx.obj if isinstance(ctx.obj, Redactor) else None
-    settings = load_settings(os.environ, spec_path=spec_file, home=home, redactor=redactor)
+    settings = load_settings(
+        os.environ, spec_path=spec_file, home=home, state=state, redactor=redactor
+    )
     ctx.obj = CliContext(settings=settings)
 
 

@@ -1,8 +1,8 @@
 """The one place that builds an :class:`~castiron.engine.deploy.Engine` from settings.
 
-Owns wiring: the SQLite state store, the image store, the host agent's client (started on
-first use, and only when a command needs the runtime or the router), the drivers by runtime
-(``local`` is the local process runtime; the others come from
+Owns wiring: the state store (SQLite or PostgreSQL), the image store, the host agent's client
+(started on first use, and only when a command needs the runtime or the router), the drivers by
+runtime (``local`` is the local process runtime; the others come from
 :mod:`castiron.engine.runtimes`) and the traffic controller. Read commands get an engine that
 never starts the agent.
 
@@ -37,7 +37,7 @@ from castiron.errors import CastironError, UsageError
 from castiron.model import ImageRef, Instance, InstanceSpec
 from castiron.settings import Settings
 from castiron.state.base import StateStore
-from castiron.state.sqlite import open_state
+from castiron.state.store import open_state
 from castiron.traffic.controller import AgentTraffic, TrafficController
 
 if TYPE_CHECKING:

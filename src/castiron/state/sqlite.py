@@ -6,6 +6,11 @@ migrations in ``migrations/*.sql`` recorded in ``schema_migrations``, and the SQ
 typed read and write. Every write happens inside :meth:`SqliteStateStore.mutate`, in the same
 transaction as its audit entry and the newly signed head.
 
+The SQL of every read and write, the row mapping and the audit chain's append are written once,
+in :class:`SqlTx` and :class:`SqlStateStore`, and shared with the PostgreSQL store
+(:mod:`castiron.state.postgres`); :class:`SqliteTx` and :class:`SqliteStateStore` add only what
+is SQLite's (its errors, ``BEGIN IMMEDIATE``, ``json_quote`` for verification, pragmas).
+
 It knows nothing of the spec, runtimes, or the CLI, and never reads the environment: the
 caller passes the path, the actor, the key path and the clock.
 """
@@ -22,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
 from castiron.errors import (
     AuditError,
@@ -545,16 +550,64 @@ _DEPLOYMENT_COLUMNS = (
 )
 
 
+TABLES = {
+    "images": "created, digest",
+    "tags": "tag",
+    "releases": "created, id",
+    "environments": "name",
+    "deployments": "rowid",
+    "deployment_steps": "deployment_id, seq",
+    "instances": "id",
+    "events": "id",
+    "locks": "environment",
+    "approvals": "environment, release, actor, identity_kind, identity",
+    "gate_results": "id",
+    "api_tokens": "name",
+    "audit": "seq",
+    "audit_head": "id",
+}
+"""Every table of castiron's state (not ``schema_migrations``), in an order that satisfies its
+foreign keys, with the order its rows were written in."""
+
+
 # --------------------------------------------------------------------------------------------
 # the transaction
 
 
-class SqliteTx:
-    """Writes inside one :meth:`SqliteStateStore.mutate`; dead once it returns."""
+class SqlCursor(Protocol):
+    """What the shared SQL needs of a cursor (sqlite3's, or the PostgreSQL store's)."""
 
-    def __init__(
-        self, conn: sqlite3.Connection, path: Path, clock: Clock, redactor: Redactor
-    ) -> None:
+    @property
+    def rowcount(self) -> int: ...
+    @property
+    def description(self) -> Any: ...
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def fetchmany(self, size: int = ..., /) -> list[Any]: ...
+
+
+class SqlConnection(Protocol):
+    """What the shared SQL needs of a connection: ``?`` placeholders, DB-API cursors."""
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> SqlCursor: ...
+    def executemany(self, sql: str, parameters: Any, /) -> SqlCursor: ...
+    def close(self) -> None: ...
+
+    @property
+    def in_transaction(self) -> bool: ...
+
+
+class SqlTx:
+    """Writes inside one :meth:`SqlStateStore.mutate`; dead once it returns.
+
+    Its SQL runs unchanged on SQLite and PostgreSQL (``?`` placeholders; the PostgreSQL store's
+    connection translates them): the backends differ only in :attr:`integrity_errors`.
+    """
+
+    integrity_errors: tuple[type[Exception], ...] = ()
+    """The driver's constraint-violation errors (a missing referenced row)."""
+
+    def __init__(self, conn: SqlConnection, path: Path, clock: Clock, redactor: Redactor) -> None:
         self._conn = conn
         self._path = path
         self._clock = clock
@@ -562,7 +615,7 @@ class SqliteTx:
         self._open = True
         self.notes: dict[str, Any] = {}
 
-    def _db(self) -> sqlite3.Connection:
+    def _db(self) -> SqlConnection:
         if not self._open:
             raise StateError("this transaction has ended; write through store.mutate(...)")
         return self._conn
@@ -710,8 +763,11 @@ class SqliteTx:
     def put_instance(self, instance: InstanceRow) -> None:
         i = instance
         self._write(
-            "INSERT OR REPLACE INTO instances (id, environment, release, address, runtime,"
-            " status, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO instances (id, environment, release, address, runtime,"
+            " status, data) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+            " environment = excluded.environment, release = excluded.release,"
+            " address = excluded.address, runtime = excluded.runtime,"
+            " status = excluded.status, data = excluded.data",
             (
                 i.id,
                 i.environment,
@@ -748,7 +804,8 @@ class SqliteTx:
 
     def add_event(self, event: EventRow) -> EventRow:
         cur = self._db().execute(
-            "INSERT INTO events (time, environment, kind, message, data) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO events (time, environment, kind, message, data) VALUES (?, ?, ?, ?, ?)"
+            " RETURNING id",
             (
                 format_time(event.time),
                 event.environment,
@@ -757,7 +814,7 @@ class SqliteTx:
                 _json(self._mask.json(event.data)),
             ),
         )
-        return replace(event, id=cur.lastrowid)
+        return replace(event, id=cur.fetchone()[0])
 
     def get_lease(self, environment: str) -> Lease | None:
         row = (
@@ -770,7 +827,11 @@ class SqliteTx:
     def put_lease(self, lease: Lease) -> None:
         x = lease
         self._db().execute(
-            f"INSERT OR REPLACE INTO locks ({_LEASE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO locks ({_LEASE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (environment) DO UPDATE SET token = excluded.token,"
+            " holder = excluded.holder, pid = excluded.pid, host = excluded.host,"
+            " purpose = excluded.purpose, kind = excluded.kind,"
+            " acquired = excluded.acquired, expires = excluded.expires",
             (
                 x.environment,
                 x.token,
@@ -863,21 +924,37 @@ class SqliteTx:
     def _write(self, sql: str, params: tuple[Any, ...], missing: str) -> None:
         try:
             self._db().execute(sql, params)
-        except sqlite3.IntegrityError as exc:
+        except self.integrity_errors as exc:
             raise NotFoundError(f"{missing} ({exc})") from exc
+
+
+class SqliteTx(SqlTx):
+    """:class:`SqlTx` on SQLite."""
+
+    integrity_errors = (sqlite3.IntegrityError,)
 
 
 # --------------------------------------------------------------------------------------------
 # the store
 
 
-class SqliteStateStore:
-    """State in one SQLite file. One connection, shared by threads under a lock."""
+class SqlStateStore:
+    """The typed reads, the audited writer and the audit chain, in SQL both backends run.
+
+    One connection, shared by threads under a lock. A backend supplies its errors
+    (:meth:`_errors`), how a write transaction begins (:meth:`_begin_write`), its transaction
+    handle (:meth:`_new_tx`) and how the chain is read for verification (:meth:`audit_links`).
+    """
+
+    _CANONICAL: str
+    """SQL selecting an audit row's canonical JSON as UTF-8 bytes (see :data:`CANONICAL_SQL`)."""
+
+    _BEGIN_SNAPSHOT = "BEGIN"
+    """Starts a read transaction that sees one consistent snapshot."""
 
     def __init__(
         self,
-        conn: sqlite3.Connection,
-        path: Path,
+        conn: SqlConnection,
         actor: str,
         key_path: Path,
         clock: Clock,
@@ -885,8 +962,6 @@ class SqliteStateStore:
     ) -> None:
         self._redactor = redactor if redactor is not None else Redactor()
         self._conn = conn
-        self._path = path
-        self._file = _file_key(path)
         self._actor = actor
         self._key_path = key_path
         self._head_path = audit.head_file_for(key_path)
@@ -896,16 +971,23 @@ class SqliteStateStore:
         self._head_written = False
         self._pending_head: SignedHead | None = None
 
-    def __enter__(self) -> SqliteStateStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @property
-    def path(self) -> Path:
-        """The database file."""
-        return self._path
+    def _errors(self) -> contextlib.AbstractContextManager[None]:
+        """Turns the driver's errors into castiron's (around every statement)."""
+        raise NotImplementedError
+
+    def _begin_write(self) -> None:
+        """Begin the write transaction of :meth:`mutate` (holding the one writer's lock)."""
+        raise NotImplementedError
+
+    def _new_tx(self) -> SqlTx:
+        """The transaction handle :meth:`mutate` passes to its caller."""
+        raise NotImplementedError
 
     @property
     def actor(self) -> str:
@@ -940,8 +1022,6 @@ class SqliteStateStore:
                 self._flush_head()
             finally:
                 self._conn.close()
-                file, self._file = self._file, None
-                _forget_connection(file)
 
     def _flush_head(self) -> None:
         """Write the head signed by this store's last mutation into the head file, if it is
@@ -970,10 +1050,10 @@ class SqliteStateStore:
             raise TypeError("mutate needs an AuditDraft: every change is audited")
         if not self._head_written:
             audit.check_head_file(self._head_path)
-        with self._lock, _db_errors(self._path):
+        with self._lock, self._errors():
             conn = self._conn
-            tx = SqliteTx(conn, self._path, self._clock, self._redactor)
-            conn.execute("BEGIN IMMEDIATE")
+            tx = self._new_tx()
+            self._begin_write()
             try:
                 result = apply(tx)
                 head = self._append(draft, tx.notes)
@@ -1048,8 +1128,10 @@ class SqliteStateStore:
         )
         signed = key.sign_head(seq, digest)
         conn.execute(
-            "INSERT OR REPLACE INTO audit_head (id, seq, hash, public_key, signature)"
-            " VALUES (1, ?, ?, ?, ?)",
+            "INSERT INTO audit_head (id, seq, hash, public_key, signature)"
+            " VALUES (1, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET seq = excluded.seq,"
+            " hash = excluded.hash, public_key = excluded.public_key,"
+            " signature = excluded.signature",
             (signed.seq, signed.hash, signed.public_key, signed.signature),
         )
         return signed
@@ -1077,7 +1159,7 @@ class SqliteStateStore:
         Raises:
             StateError: when the database cannot be written.
         """
-        with self._lock, _db_errors(self._path):
+        with self._lock, self._errors():
             cur = self._conn.execute(
                 "UPDATE locks SET expires = ? WHERE environment = ? AND token = ? AND expires < ?",
                 (format_time(expires), environment, token, format_time(expires)),
@@ -1092,18 +1174,12 @@ class SqliteStateStore:
     # -- reads -----------------------------------------------------------------------------
 
     def _all(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
-        with self._lock, _db_errors(self._path):
+        with self._lock, self._errors():
             return self._conn.execute(sql, params).fetchall()
 
     def _one(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
-        with self._lock, _db_errors(self._path):
+        with self._lock, self._errors():
             return self._conn.execute(sql, params).fetchone()
-
-    def pragma(self, name: str) -> Any:
-        """The value of ``PRAGMA name`` on this store's connection (for diagnostics)."""
-        if not name.isidentifier():
-            raise ValueError(f"not a pragma name: {name!r}")
-        return self._one(f"PRAGMA {name}")[0]
 
     def schema_migrations(self) -> list[tuple[str, str]]:
         return [
@@ -1281,6 +1357,22 @@ class SqliteStateStore:
         )
         return [audit.row_to_entry(r) for r in self._all(sql + " ORDER BY seq", params)]
 
+    def dump(self, table: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Every row of ``table`` verbatim, in insertion order, with its column names (for
+        ``castiron state migrate``).
+
+        Raises:
+            ValueError: when ``table`` is not one of :data:`TABLES`.
+        """
+        if table not in TABLES:
+            raise ValueError(f"not a state table: {table!r}")
+        with self._lock, self._errors():
+            cur = self._conn.execute(f"SELECT * FROM {table} ORDER BY {TABLES[table]}")
+            names = [d[0] for d in cur.description]
+            keep = [i for i, name in enumerate(names) if name != "rowid"]
+            rows = [tuple(r[i] for i in keep) for r in cur.fetchall()]
+            return [names[i] for i in keep], rows
+
     def get_token(self, name: str) -> TokenRow | None:
         row = self._one(f"SELECT {_TOKEN_COLUMNS} FROM api_tokens WHERE name = ?", (name,))
         return None if row is None else _token(row)
@@ -1296,16 +1388,16 @@ class SqliteStateStore:
 
     def audit_rows(self) -> Iterator[audit.AuditRow]:
         """Every stored audit row in seq order, streamed (for export and verification)."""
-        with self._lock, _db_errors(self._path):
+        with self._lock, self._errors():
             cur = self._conn.execute(f"SELECT {_AUDIT_COLUMNS} FROM audit ORDER BY seq")
             while batch := cur.fetchmany(4096):
                 yield from batch
 
     def audit_links(self) -> Iterator[audit.ChainLink]:
         """(seq, prev, hash, canonical JSON bytes) of every entry in seq order, streamed."""
-        with self._lock, _db_errors(self._path):
+        with self._lock, self._errors():
             cur = self._conn.execute(
-                f"SELECT seq, prev, hash, CAST({CANONICAL_SQL} AS BLOB) FROM audit ORDER BY seq"
+                f"SELECT seq, prev, hash, {self._CANONICAL} FROM audit ORDER BY seq"
             )
             while batch := cur.fetchmany(4096):
                 yield from batch
@@ -1317,7 +1409,7 @@ class SqliteStateStore:
         return None if row is None else SignedHead(row[0], row[1], row[2], row[3])
 
     def audit_head(self) -> SignedHead | None:
-        with self._lock, _db_errors(self._path):
+        with self._lock, self._errors():
             return self._read_head()
 
     def verify_audit(self) -> AuditReport:
@@ -1328,8 +1420,8 @@ class SqliteStateStore:
             StateError: when the database cannot be read.
         """
         self._flush_head()
-        with self._lock, _db_errors(self._path):
-            self._conn.execute("BEGIN")  # one consistent snapshot of rows and head
+        with self._lock, self._errors():
+            self._conn.execute(self._BEGIN_SNAPSHOT)  # one snapshot of rows and head
             try:
                 head = self._read_head()
                 return audit.verify_chain(self.audit_links(), head, self._key_path, self._head_path)
@@ -1337,9 +1429,66 @@ class SqliteStateStore:
                 self._conn.execute("COMMIT")
 
 
+class SqliteStateStore(SqlStateStore):
+    """State in one SQLite file."""
+
+    _CANONICAL = f"CAST({CANONICAL_SQL} AS BLOB)"
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        path: Path,
+        actor: str,
+        key_path: Path,
+        clock: Clock,
+        redactor: Redactor | None = None,
+    ) -> None:
+        self._path = path
+        self._file = _file_key(path)
+        super().__init__(conn, actor, key_path, clock, redactor)
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._path
+
+    def _errors(self) -> contextlib.AbstractContextManager[None]:
+        return _db_errors(self._path)
+
+    def _begin_write(self) -> None:
+        self._conn.execute("BEGIN IMMEDIATE")
+
+    def _new_tx(self) -> SqliteTx:
+        return SqliteTx(self._conn, self._path, self._clock, self._redactor)
+
+    def close(self) -> None:
+        """Record the newest signed head in the head file, then close the database (and
+        forget it in this process's table of live connections).
+
+        Raises:
+            AuditError: when the head file cannot be written (the database is closed anyway).
+        """
+        with self._lock:
+            try:
+                super().close()
+            finally:
+                file, self._file = self._file, None
+                _forget_connection(file)
+
+    def pragma(self, name: str) -> Any:
+        """The value of ``PRAGMA name`` on this store's connection (for diagnostics)."""
+        if not name.isidentifier():
+            raise ValueError(f"not a pragma name: {name!r}")
+        return self._one(f"PRAGMA {name}")[0]
+
+
 __all__ = [
     "APPLICATION_ID",
+    "CANONICAL_SQL",
+    "TABLES",
     "Migration",
+    "SqlStateStore",
+    "SqlTx",
     "SqliteStateStore",
     "SqliteTx",
     "migrations",

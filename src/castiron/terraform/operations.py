@@ -211,7 +211,7 @@ def observe(settings: Settings, environment: str) -> Observed | None:
     """
     from castiron.engine.compose import open_engine
 
-    if not settings.state_path.exists():
+    if not settings.state_present():
         return None
     with open_engine(settings) as engine:
         return _observe(engine, settings, environment, with_drift=True)
@@ -289,7 +289,7 @@ def take_down(settings: Settings, environment: str) -> list[str]:
     """
     from castiron.engine.compose import open_engine
 
-    if not settings.state_path.exists():
+    if not settings.state_present():
         return []
     with open_engine(settings) as engine:
         return engine.down(environment)
@@ -374,7 +374,7 @@ def environment_facts(settings: Settings, environment: str) -> dict[str, Any]:
     from castiron.engine.compose import agent_running, open_engine
     from castiron.engine.status import environment_status
 
-    if not settings.state_path.exists():
+    if not settings.state_present():
         raise NotFoundError(f"environment {environment!r} was never deployed")
     running = agent_running(settings) is not None
     with open_engine(settings, start_agent=False) as engine:

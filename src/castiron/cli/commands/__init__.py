@@ -24,6 +24,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "registry_cmd": ("pull", "push"),
     "serve_cmd": ("serve",),
     "spec_cmd": ("init", "schema", "validate"),
+    "state_cmd": ("state",),
     "status_cmd": ("history", "releases", "status"),
     "terraform_cmd": ("terraform-provider", "terraform-setup"),
     "token_cmd": ("token",),

@@ -145,7 +145,7 @@ def continue_deployment(cli: CliContext, environment: str, as_json: bool) -> Non
         UsageError: when the running deployment is not a canary.
     """
     from castiron.engine.canary import request_control
-    from castiron.state.sqlite import open_state
+    from castiron.state.store import open_state
 
     store = open_state(cli.settings)
     try:

@@ -72,7 +72,7 @@ def drift_cmd(
     from castiron.engine.drift import default_threads, detect_drift, fix_drift, record_detection
 
     settings = cli.settings
-    if not settings.state_path.exists():
+    if not settings.state_present():
         if environment is not None:
             raise NotFoundError(f"environment {environment!r} was never deployed")
         names: list[str] = []
@@ -83,7 +83,7 @@ def drift_cmd(
     from castiron.cli.commands.deploy_cmd import observer_for
 
     with open_engine(settings, observer=observer_for(cli, quiet=quiet)) as engine:
-        if settings.state_path.exists():
+        if settings.state_present():
             names = (
                 [environment]
                 if environment is not None

@@ -238,9 +238,9 @@ def _retained_digests(cli: CliContext) -> set[Digest]:
 
     Any recorded release can become a rollback or promotion target, so its image stays.
     """
-    if not cli.settings.state_path.exists():
+    if not cli.settings.state_present():
         return set()
-    from castiron.state.sqlite import open_state
+    from castiron.state.store import open_state
 
     with open_state(cli.settings) as state:
         return {

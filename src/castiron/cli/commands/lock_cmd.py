@@ -16,7 +16,7 @@ from castiron.model import is_name
 from castiron.spec.schema import parse_duration
 from castiron.state.base import format_time_short
 from castiron.state.locks import MANUAL_TTL, LockManager, LockStatus, describe
-from castiron.state.sqlite import open_state
+from castiron.state.store import open_state
 
 
 def _env(value: str) -> str:

@@ -139,7 +139,7 @@ def _runtime_logs(cli: CliContext, environment: str, instance: str | None) -> _R
     """The driver and instances of ``environment`` when its runtime is not local and keeps
     the output itself; ``None`` for local environments (and unknown ones: the agent decides)."""
     settings = cli.settings
-    if not settings.state_path.exists():
+    if not settings.state_present():
         return None
     from castiron.drivers.base import LogSource
     from castiron.engine.compose import open_engine

@@ -179,7 +179,7 @@ def approve_cmd(
     from castiron.engine.policy import gate_policy
     from castiron.engine.promote import approve
     from castiron.images.sign import load_signer
-    from castiron.state.sqlite import open_state
+    from castiron.state.store import open_state
 
     settings = cli.settings
     spec = deploy_spec_for(settings)

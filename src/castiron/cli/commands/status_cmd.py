@@ -85,7 +85,7 @@ def status_cmd(cli: CliContext, environment: str | None, as_json: bool) -> None:
     from castiron.engine.status import status
 
     settings = cli.settings
-    if not settings.state_path.exists():
+    if not settings.state_present():
         if environment is not None:
             from castiron.errors import NotFoundError
 

@@ -31,7 +31,7 @@ def token_group() -> None:
 def create(cli: CliContext, name: str, role: str, as_json: bool) -> None:
     """Create the API token NAME with ROLE and print its secret (shown only this once)."""
     from castiron.engine.access import create_token, token_json
-    from castiron.state.sqlite import open_state
+    from castiron.state.store import open_state
 
     with open_state(cli.settings) as store:
         row, secret = create_token(store, name, role)
@@ -52,7 +52,7 @@ def create(cli: CliContext, name: str, role: str, as_json: bool) -> None:
 def list_(cli: CliContext, as_json: bool) -> None:
     """List API tokens (names, roles, who made them; never secrets)."""
     from castiron.engine.access import token_json
-    from castiron.state.sqlite import open_state
+    from castiron.state.store import open_state
 
     with open_state(cli.settings) as store:
         tokens = [token_json(t) for t in store.list_tokens()]
@@ -76,7 +76,7 @@ def list_(cli: CliContext, as_json: bool) -> None:
 def revoke(cli: CliContext, name: str, as_json: bool) -> None:
     """Revoke the API token NAME: it stops working at once."""
     from castiron.engine.access import revoke_token, token_json
-    from castiron.state.sqlite import open_state
+    from castiron.state.store import open_state
 
     with open_state(cli.settings) as store:
         row = revoke_token(store, name)
