@@ -108,6 +108,12 @@ def test_status_lists_each_warm_release_and_the_exact_rollback_target(
     make_project: Callable[..., Project],
 ) -> None:
     project = make_project(replicas=1)
+    spec = project.root / "castiron.yaml"  # two previous releases stay warm
+    spec.write_text(
+        spec.read_text().replace(
+            "    keep_warm: 10m\n", "    keep_warm: 10m\n    keep_warm_releases: 2\n"
+        )
+    )
     releases = []
     for n in ("1", "2", "3"):
         project.bake(f"v{n}")

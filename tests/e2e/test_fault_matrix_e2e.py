@@ -119,9 +119,10 @@ def leaks(project: Project) -> tuple[list[str], set[str]]:
     nowhere). An instance killed by hand is replaced by the agent under a new id (recorded by
     the next change): a replacement counts as its original."""
     status = project.status()
-    warm = status["warm"] or {}
-    assert isinstance(warm, dict) and isinstance(status["instances"], list)
-    recorded = {str(i["id"]) for i in [*status["instances"], *warm.get("instances", [])]}
+    warm = status["warm"] or []
+    assert isinstance(warm, list) and isinstance(status["instances"], list)
+    warm_instances = [i for release in warm for i in release["instances"]]
+    recorded = {str(i["id"]) for i in [*status["instances"], *warm_instances]}
     records = json.loads((project.home / "agent" / "instances.json").read_text())["instances"]
     replaces = {r["id"]: r.get("replaces", "") for r in records}
     running = [r["id"] for r in records if r["state"] == "running"]

@@ -50,7 +50,11 @@ def test_a_bare_host_against_a_demanding_spec(tmp_path: Path, taken: int) -> Non
     environ = {"PATH": str(empty), "DOCKER_HOST": f"unix://{tmp_path}/docker.sock"}
     settings = load_settings(environ, cwd=tmp_path)
     loaded, checks = diagnose(
-        settings, version=(3, 10, 4), bwrap_probe=lambda _: None, find_module=lambda _: None
+        settings,
+        version=(3, 10, 4),
+        bwrap_probe=lambda _: None,
+        find_module=lambda _: None,
+        limits_probe=lambda: "no cgroup hierarchy with the memory or cpu controller is mounted",
     )
     assert loaded is not None and loaded.spec.app == "shop"
     home = tmp_path / ".castiron"
@@ -70,6 +74,15 @@ def test_a_bare_host_against_a_demanding_spec(tmp_path: Path, taken: int) -> Non
             True,
             "bwrap not found (needed: an environment sets isolation: sandbox)",
             "apt-get install bubblewrap",
+        ),
+        Check(
+            "limits",
+            "warning",
+            False,
+            "memory and cpus of local instances are NOT enforced: no cgroup hierarchy with the "
+            "memory or cpu controller is mounted",
+            "run castiron's agent as root, or in a cgroup v2 subtree delegated to this user "
+            "(systemd: Delegate=yes)",
         ),
         Check(
             "docker engine",
