@@ -431,6 +431,50 @@ class Drift(_Section):
         return value
 
 
+_DNS_LABEL = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
+_LABEL_KEY = (
+    r"^(?:[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?/)?"
+    r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$"
+)
+_LABEL_VALUE = r"^(?:[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?)?$"
+_QUANTITY = r"^[0-9]+(?:\.[0-9]+)?(?:m|k|M|G|T|Ki|Mi|Gi|Ti)?$"
+_REPOSITORY = r"^[a-z0-9]+(?:[._:-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*$"
+
+
+class KubernetesService(_Section):
+    """The environment's stable Service (``kubernetes.service``)."""
+
+    name: Annotated[str, Field(pattern=_DNS_LABEL)] | None = None
+    """The Service's name (default: APP-ENVIRONMENT)."""
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    port: Port = 80
+    """The port the Service exposes; it targets service.port."""
+
+
+class KubernetesResources(_Section):
+    """Requests per pod (``kubernetes.resources``); limits come from service.memory/cpus."""
+
+    cpu: Annotated[str, Field(pattern=_QUANTITY)] | None = None
+    memory: Annotated[str, Field(pattern=_QUANTITY)] | None = None
+
+
+class Kubernetes(_Section):
+    """Where the pods of a ``runtime: kubernetes`` environment run (``kubernetes:``)."""
+
+    context: str | None = None
+    """The kubeconfig context (default: the current one; KUBECONFIG or in-cluster, like kubectl)."""
+    namespace: Annotated[str, Field(pattern=_DNS_LABEL)] = "default"
+    service: KubernetesService = Field(default_factory=KubernetesService)
+    image_repository: Annotated[str, Field(pattern=_REPOSITORY)] | None = None
+    """REGISTRY/REPO the nodes pull the image from, by digest; unset: the nodes' container
+    engine is given the image from castiron's store and pods never pull."""
+    image_pull_secret: Annotated[str, Field(pattern=_DNS_LABEL)] | None = None
+    resources: KubernetesResources = Field(default_factory=KubernetesResources)
+    node_selector: dict[
+        Annotated[str, Field(pattern=_LABEL_KEY)], Annotated[str, Field(pattern=_LABEL_VALUE)]
+    ] = Field(default_factory=dict)
+
+
 class Environment(_Section):
     """A named deployment target (``environments.<name>``)."""
 
@@ -464,6 +508,17 @@ class Environment(_Section):
     """How long a deployment may wait for new instances to become healthy."""
     drift: Drift = Field(default_factory=Drift)
     """Drift checks: how often the agent watches, whether it fixes, paths to ignore."""
+    kubernetes: Kubernetes | None = None
+    """Kubernetes runtime only: context, namespace, Service, image source, resources."""
+
+    @model_validator(mode="after")
+    def _kubernetes_only_for_kubernetes(self) -> Environment:
+        if self.kubernetes is not None and self.runtime != "kubernetes":
+            raise ValueError(
+                f"kubernetes: only for runtime: kubernetes (this environment's runtime is "
+                f"{self.runtime})"
+            )
+        return self
 
 
 class Spec(_Section):
@@ -544,6 +599,9 @@ __all__ = [
     "Environment",
     "HealthCheck",
     "ImageSection",
+    "Kubernetes",
+    "KubernetesResources",
+    "KubernetesService",
     "Listen",
     "Name",
     "Policy",
