@@ -40,6 +40,7 @@ from castiron.drivers.kubernetes.manifests import (
     MANAGER,
     KubernetesOptions,
     deployment,
+    pod_port,
     secret,
     secret_name,
 )
@@ -108,8 +109,6 @@ class KubernetesDriver:
         where = f"{spec.environment}/{spec.id}"
         if api.get("Deployment", options.namespace, spec.id) is not None:
             raise RuntimeDriverError(f"{where}: instance {spec.id} exists already")
-        if spec.port <= 0:
-            raise RuntimeDriverError(f"{where}: a pod needs the app's port, not {spec.port}")
         built = deployment(spec, options)  # validates before anything is sent
         holder = secret(spec, options)
         try:
@@ -124,7 +123,7 @@ class KubernetesDriver:
             environment=spec.environment,
             release=spec.release,
             runtime=self.name,
-            address=address_of(options.namespace, spec.id, spec.port),
+            address=address_of(options.namespace, spec.id, pod_port(spec)),
             handle=f"{options.namespace}/{spec.id}",
             image=spec.image.digest,
         )

@@ -47,6 +47,8 @@ ANNOTATION_SECRETS = "castiron.dev/secrets"
 ANNOTATION_PORT = "castiron.dev/port"
 MANAGER = "castiron"
 CONTAINER = "app"
+DEFAULT_PORT = 8000
+"""The port the app listens on in its pod when the instance spec asks for none (0)."""
 NONROOT_UID = 65534
 """The user pods run as when the image names none (or names one by name: Kubernetes needs a
 number to prove it is not root)."""
@@ -128,6 +130,11 @@ def image_reference(spec: InstanceSpec, options: KubernetesOptions) -> tuple[str
     if options.image_repository:
         return f"{options.image_repository}@{spec.image.digest}", "IfNotPresent"
     return spec.image.config_digest, "Never"
+
+
+def pod_port(spec: InstanceSpec) -> int:
+    """The port the app listens on in its pod (its own network namespace: no collisions)."""
+    return spec.port or DEFAULT_PORT
 
 
 def secret_name(instance_id: str) -> str:
@@ -213,7 +220,7 @@ def deployment(spec: InstanceSpec, options: KubernetesOptions) -> dict[str, Any]
     """
     where = f"{spec.environment}/{spec.id}"
     image, pull = image_reference(spec, options)
-    port = spec.port
+    port = pod_port(spec)
     env: list[dict[str, Any]] = []
     plain = {k: v for k, v in spec.env.items() if k not in spec.secret_names}
     plain.update(
@@ -379,6 +386,7 @@ __all__ = [
     "ANNOTATION_PORT",
     "ANNOTATION_SECRETS",
     "CONTAINER",
+    "DEFAULT_PORT",
     "FIELD_MANAGER",
     "LABEL_ENVIRONMENT",
     "LABEL_INSTANCE",
@@ -392,6 +400,7 @@ __all__ = [
     "dump",
     "image_reference",
     "labels",
+    "pod_port",
     "secret",
     "secret_name",
     "selector",
