@@ -211,8 +211,11 @@ def _run_as(user: str | None) -> tuple[int, int]:
     return NONROOT_UID, NONROOT_UID
 
 
-def deployment(spec: InstanceSpec, options: KubernetesOptions) -> dict[str, Any]:
-    """The Deployment of one instance (one replica; its pod is the instance).
+def deployment(
+    spec: InstanceSpec, options: KubernetesOptions, *, replicas: int = 1
+) -> dict[str, Any]:
+    """The Deployment of one instance (one replica; its pod is the instance), or of a whole
+    release for export (``replicas``).
 
     Raises:
         RuntimeDriverError: for a bad memory size, CPU count or writable path (naming the
@@ -316,7 +319,7 @@ def deployment(spec: InstanceSpec, options: KubernetesOptions) -> dict[str, Any]
             "annotations": annotations,
         },
         "spec": {
-            "replicas": 1,
+            "replicas": replicas,
             "revisionHistoryLimit": 0,
             "selector": {"matchLabels": {LABEL_INSTANCE: spec.id}},
             "strategy": {"type": "Recreate"},
