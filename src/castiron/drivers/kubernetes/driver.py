@@ -287,7 +287,15 @@ class KubernetesDriver:
             "replicas": spec.get("replicas"),
             "ready_replicas": status.get("readyReplicas") or 0,
             "pods": sorted(str(p["metadata"]["name"]) for p in pods),
-            "labels": dict(labels),
+            # castiron's labels under the names every runtime reports them by (drift).
+            "labels": {
+                "castiron.app": labels.get(LABEL_NAME, ""),
+                "castiron.environment": labels.get(LABEL_ENVIRONMENT, ""),
+                "castiron.release": labels.get(LABEL_RELEASE, ""),
+                "castiron.image": manifest,
+                "castiron.instance": labels.get(LABEL_INSTANCE, ""),
+            },
+            "kubernetes_labels": dict(labels),
             "read_only": bool(security.get("readOnlyRootFilesystem")),
             "cap_drop": list((security.get("capabilities") or {}).get("drop") or []),
             "deployment": f"{namespace}/{name}",
