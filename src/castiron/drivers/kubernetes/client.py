@@ -3,9 +3,9 @@
 Owns how castiron talks to an API server: kubeconfig resolution like kubectl (``KUBECONFIG``,
 else ``~/.kube/config``, else the in-cluster service account; an optional context), and five
 verbs on plain dicts: server-side apply with castiron's field manager, get, list by label
-selector, delete, and pod logs. The library is ``lightkube`` (measured: about 5x cheaper to
-import than the official ``kubernetes`` package, see docs/runtime-kubernetes.md) and is imported
-when a :class:`KubeClient` is first built, never at CLI start-up.
+selector, delete, and pod logs. The library is ``lightkube`` (measured: about half the import
+time of the official ``kubernetes`` package, see docs/runtime-kubernetes.md); this module is
+imported only when a Kubernetes environment is used, never at CLI start-up.
 
 Every library, HTTP and socket error is wrapped at this boundary in a
 :class:`~castiron.errors.RuntimeDriverError` (a missing object is ``None`` or ``False``, not an
