@@ -22,6 +22,7 @@ the engine, the state store or traffic, and decides no policy.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -91,6 +92,11 @@ class KubernetesDriver:
     load: ImageLoader | None = None
     """How images reach the nodes (None: they pull from the registry by digest)."""
     name: str = "kubernetes"
+    readiness_ttl: float = 0.25
+    """Seconds a readiness answer is reused: the engine polls briskly until an instance first
+    answers, and the kubelet itself probes at most once a second."""
+    clock: Callable[[], float] = time.monotonic
+    _ready: dict[str, tuple[float, tuple[bool, str]]] = field(default_factory=dict, repr=False)
 
     def options_for(self, environment: str) -> KubernetesOptions:
         """The options of ``environment`` (the defaults when it has none)."""
@@ -207,7 +213,15 @@ class KubernetesDriver:
         parsed = parse_address(address)
         if parsed is None:
             return False, f"{address}: not a pod address"
-        namespace, name = parsed
+        now = self.clock()
+        cached = self._ready.get(address)
+        if cached is not None and now - cached[0] < self.readiness_ttl:
+            return cached[1]
+        answer = self._readiness(*parsed)
+        self._ready[address] = (now, answer)
+        return answer
+
+    def _readiness(self, namespace: str, name: str) -> tuple[bool, str]:
         pods = self.client(KubernetesOptions(namespace=namespace)).find(
             "Pod", namespace, {LABEL_INSTANCE: name}
         )
