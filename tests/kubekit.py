@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import ssl
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -96,9 +97,16 @@ class Cluster:
         return KubeClient(kubeconfig=self.kubeconfig)
 
     def create_namespace(self) -> str:
+        """A new namespace, once its default service account exists (pods need it)."""
         name = f"ci-{secrets.token_hex(4)}"
         self.raw("/api/v1/namespaces", "POST", {"metadata": {"name": name}})
-        return name
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(urllib.error.HTTPError):
+                self.raw(f"/api/v1/namespaces/{name}/serviceaccounts/default")
+                return name
+            time.sleep(0.1)
+        raise TimeoutError(f"namespace {name}: no default service account after 60s")
 
     def delete_namespace(self, name: str) -> None:
         with contextlib.suppress(urllib.error.HTTPError):

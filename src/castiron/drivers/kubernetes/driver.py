@@ -284,7 +284,8 @@ class KubernetesDriver:
         manifest = annotations.get(ANNOTATION_IMAGE, "")
         configured = str(container.get("image") or "")
         expected = {annotations.get(ANNOTATION_CONFIG, ""), manifest}
-        same = bool(manifest) and (configured in expected or configured.endswith("@" + manifest))
+        pinned = configured.rpartition("@")[2]
+        same = bool(manifest) and (configured in expected or pinned in expected)
         image: Digest | None = (
             Digest(manifest) if same else (Digest(configured) if configured else None)
         )

@@ -124,12 +124,19 @@ def selector(app: str, environment: str) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels(app, environment).items()))
 
 
+LOADED_REPOSITORY = "castiron.local"
+"""The name part of an image loaded into the nodes' engine: ``castiron.local/APP@<config
+digest>``. A Docker engine (and the kubelet's dockershim) resolves a digest reference it holds
+no repository digest for by image ID, so the pod names exactly the loaded image."""
+
+
 def image_reference(spec: InstanceSpec, options: KubernetesOptions) -> tuple[str, PullPolicy]:
-    """The pod's image and pull policy: ``REPO@MANIFEST-DIGEST`` pulled when missing, or the
-    image ID (config digest) the node's engine already holds, never pulled."""
+    """The pod's image and pull policy, always by digest: ``REPO@<manifest digest>`` pulled
+    when missing, or ``castiron.local/APP@<config digest>`` (the image ID) that the node's
+    engine already holds, never pulled."""
     if options.image_repository:
         return f"{options.image_repository}@{spec.image.digest}", "IfNotPresent"
-    return spec.image.config_digest, "Never"
+    return f"{LOADED_REPOSITORY}/{spec.app}@{spec.image.config_digest}", "Never"
 
 
 def pod_port(spec: InstanceSpec) -> int:
@@ -396,6 +403,7 @@ __all__ = [
     "LABEL_MANAGED_BY",
     "LABEL_NAME",
     "LABEL_RELEASE",
+    "LOADED_REPOSITORY",
     "KubernetesOptions",
     "PullPolicy",
     "ServiceType",
