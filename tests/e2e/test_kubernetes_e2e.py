@@ -14,6 +14,7 @@ it serves nothing and its readiness probe never passes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -63,7 +64,7 @@ environments:
     deploy_timeout: {deploy_timeout}
     drain_timeout: 1s
     keep_warm: 10m
-    strategy: {{type: {strategy}, batch: 1}}
+    strategy: {{type: {strategy}, batch: 1{steps}}}
     kubernetes: {{namespace: {namespace}, service: {{port: 80}}}}
 """
 SECRET_VALUE = "kube-e2e-secret-value-7f3a"
@@ -155,6 +156,7 @@ def make_project(
                 port=port,
                 deploy_timeout=deploy_timeout,
                 strategy=strategy,
+                steps=", steps: [{weight: 50, pause: manual}]" if strategy == "canary" else "",
                 namespace=kube_namespace,
             )
         )
@@ -319,3 +321,39 @@ def test_kill_during_deploy_then_recovery(make_project: Callable[..., KubeProjec
     finally:
         db.close()
     assert rows[0] == 1
+
+
+def test_canary_abort_restores_stable(make_project: Callable[..., KubeProject]) -> None:
+    project = make_project(replicas=1, strategy="canary")
+    project.bake("v1")
+    stable = project.deploy("v1", "one")["release"]
+    proc = project.start(
+        "deploy", "staging", "--image", "v1", "--yes", "--json", extra={"VERSION": "two"}
+    )
+    try:
+        # At the manual step the selector spans both releases (replica-ratio weights).
+        wait_for(
+            lambda: "two" in {project.served() for _ in range(6)},
+            timeout=120,
+            what="the canary to take its share",
+        )
+        svc = json.loads(project.kubectl("get", "service", SERVICE, "-o", "json"))
+        assert "castiron.dev/release" not in svc["spec"]["selector"]
+        result = project.json("abort", "staging")
+        _out, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    assert result["outcome"] == "aborted" and result["release"] == stable
+    assert proc.returncode == 1, err
+    svc = json.loads(project.kubectl("get", "service", SERVICE, "-o", "json"))
+    assert svc["spec"]["selector"]["castiron.dev/release"] == stable
+    assert {project.served() for _ in range(6)} == {"one"}
+    wait_for(
+        lambda: (
+            {d["metadata"]["labels"]["castiron.dev/release"] for d in _deployments(project)}
+            == {stable}
+        ),
+        timeout=30,
+        what="the canary's Deployment deleted",
+    )
