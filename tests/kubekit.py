@@ -79,8 +79,12 @@ class Cluster:
             method=method,
             headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
         )
-        with urllib.request.urlopen(request, context=self.ca, timeout=timeout) as response:
-            text = response.read().decode()
+        try:
+            with urllib.request.urlopen(request, context=self.ca, timeout=timeout) as response:
+                text = response.read().decode()
+        except urllib.error.HTTPError as exc:
+            exc.close()  # it holds the connection
+            raise
         try:
             return json.loads(text)
         except ValueError:

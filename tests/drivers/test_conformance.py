@@ -64,8 +64,12 @@ def _kubernetes_case(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator
     cluster = request.getfixturevalue("kube_testbed")
     namespace = request.getfixturevalue("kube_namespace")
     image = bake_busybox(tmp_path / "k8s")
-    driver = cluster.driver(tmp_path, {"test": KubernetesOptions(namespace=namespace)})
-    yield DriverCase(driver, image, HTTPD)
+    options = KubernetesOptions(namespace=namespace)
+    driver = cluster.driver(tmp_path, {"test": options})
+    try:
+        yield DriverCase(driver, image, HTTPD)
+    finally:
+        driver.client(options).close()
 
 
 DRIVER_CASES: dict[
