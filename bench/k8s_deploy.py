@@ -247,7 +247,7 @@ def main() -> None:
                 run([*castiron, "deploy", "staging", "--yes"], {**env, "VERSION": f"c{i}"}, work)
             )
             deploy_k.append(peer_apply(f"k{i}"))
-            rollback_c.append(run([*castiron, "rollback", "staging", "--yes"], env, work))
+            rollback_c.append(run([*castiron, "rollback", "staging"], env, work))
             started = time.perf_counter()
             run([*kubectl, "rollout", "undo", "deployment/peer"], env)
             run([*kubectl, "rollout", "status", "deployment/peer", "--timeout=120s"], env)

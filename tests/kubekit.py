@@ -16,7 +16,7 @@ import ssl
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ import yaml
 
 from castiron.drivers.kubernetes.client import KubeClient
 from castiron.drivers.kubernetes.driver import KubernetesDriver
-from castiron.drivers.kubernetes.manifests import KubernetesOptions
+from castiron.drivers.kubernetes.manifests import LOADED_REPOSITORY, KubernetesOptions
 from castiron.model import ImageRef
 
 
@@ -130,5 +130,8 @@ class Cluster:
 
         client = self.client()
         loader = DockerDriver(export=export, endpoint=DockerEndpoint(base_url=self.docker_host))
-        load: Callable[[ImageRef], None] = loader.ensure_image
+
+        def load(image: ImageRef) -> None:
+            loader.name_image(image, LOADED_REPOSITORY)
+
         return KubernetesDriver(client=lambda _options: client, options=dict(options), load=load)

@@ -215,7 +215,7 @@ def test_blue_green_rollback_secrets_down(make_project: Callable[..., KubeProjec
     assert len(_deployments(project)) == 4  # the previous release is kept warm
     # Warm rollback: the selector flips back to the warm release.
     with ServiceLoad(project) as load:
-        rolled = project.json("rollback", "staging", "--yes")
+        rolled = project.json("rollback", "staging")
         wait_for(lambda: project.served() == "one", timeout=30, what="rollback to one")
     assert load.failed == 0, load.errors[:5]
     assert rolled["release"] == first["release"]
@@ -279,7 +279,7 @@ def test_drift_found_and_fixed(make_project: Callable[..., KubeProject]) -> None
     assert {"kind": "config", "instance": name, "path": "env.VERSION"}.items() <= findings[
         0
     ].items()
-    fixed = project.run("drift", "staging", "--fix", "--yes")
+    fixed = project.run("drift", "staging", "--fix")
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
     wait_for(lambda: project.served() == "one", timeout=60, what="fixed instance serving")
     assert project.run("drift", "staging").returncode == 0

@@ -220,16 +220,20 @@ def kubernetes_driver(settings: Settings, store: StateStore) -> Driver:
             clients[options.context] = KubeClient(kubeconfig=kubeconfig, context=options.context)
         return clients[options.context]
 
-    load = None
+    load: Callable[[ImageRef], None] | None = None
     node_docker = settings.environ.get("CASTIRON_KUBERNETES_DOCKER_HOST")
     if node_docker:
         from castiron.drivers.docker import DockerDriver, DockerEndpoint
+        from castiron.drivers.kubernetes.manifests import LOADED_REPOSITORY
 
         loader = DockerDriver(
             export=archive_exporter(docker_cache(settings)),
             endpoint=DockerEndpoint(base_url=node_docker),
         )
-        load = loader.ensure_image
+
+        def load(image: ImageRef) -> None:
+            loader.name_image(image, LOADED_REPOSITORY)
+
     return KubernetesDriver(client=client, options=ReleaseKubernetes(store), load=load)
 
 

@@ -38,6 +38,7 @@ from castiron.drivers.kubernetes.manifests import (
     LABEL_MANAGED_BY,
     LABEL_NAME,
     LABEL_RELEASE,
+    LOADED_REPOSITORY,
     MANAGER,
     KubernetesOptions,
     deployment,
@@ -284,8 +285,12 @@ class KubernetesDriver:
         manifest = annotations.get(ANNOTATION_IMAGE, "")
         configured = str(container.get("image") or "")
         expected = {annotations.get(ANNOTATION_CONFIG, ""), manifest}
-        pinned = configured.rpartition("@")[2]
-        same = bool(manifest) and (configured in expected or pinned in expected)
+        pinned = configured.rpartition("@")[2] if "@" in configured else configured
+        config_digest = annotations.get(ANNOTATION_CONFIG, "")
+        loaded = f"{LOADED_REPOSITORY}:{config_digest.removeprefix('sha256:')}"
+        same = bool(manifest) and (
+            configured in expected or pinned in expected or configured == loaded
+        )
         image: Digest | None = (
             Digest(manifest) if same else (Digest(configured) if configured else None)
         )

@@ -124,19 +124,19 @@ def selector(app: str, environment: str) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels(app, environment).items()))
 
 
-LOADED_REPOSITORY = "castiron.local"
-"""The name part of an image loaded into the nodes' engine: ``castiron.local/APP@<config
-digest>``. A Docker engine (and the kubelet's dockershim) resolves a digest reference it holds
-no repository digest for by image ID, so the pod names exactly the loaded image."""
+LOADED_REPOSITORY = "castiron.local/image"
+"""The repository of an image loaded into the nodes' engine (no registry): the pod names
+``castiron.local/image:<config digest hex>``, a name castiron binds in the node's engine to
+exactly that image ID after checking it (the kubelet's dockershim resolves a digest reference
+only through a registry's repository digest, so ``NAME@sha256:…`` cannot name a loaded image)."""
 
 
 def image_reference(spec: InstanceSpec, options: KubernetesOptions) -> tuple[str, PullPolicy]:
-    """The pod's image and pull policy, always by digest: ``REPO@<manifest digest>`` pulled
-    when missing, or ``castiron.local/APP@<config digest>`` (the image ID) that the node's
-    engine already holds, never pulled."""
+    """The pod's image and pull policy: ``REPO@<manifest digest>`` pulled when missing, or the
+    name derived from the image ID (config digest) that the node's engine holds, never pulled."""
     if options.image_repository:
         return f"{options.image_repository}@{spec.image.digest}", "IfNotPresent"
-    return f"{LOADED_REPOSITORY}/{spec.app}@{spec.image.config_digest}", "Never"
+    return f"{LOADED_REPOSITORY}:{spec.image.config_digest.removeprefix('sha256:')}", "Never"
 
 
 def pod_port(spec: InstanceSpec) -> int:
