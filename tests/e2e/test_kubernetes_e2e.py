@@ -179,6 +179,9 @@ def test_blue_green_rollback_secrets_down(make_project: Callable[..., KubeProjec
     project.bake("v1")
     first = project.deploy("v1", "one")
     assert project.served() == "one"
+    assert project.ok("logs", "staging").count("serving one") == 2  # the pods' own output
+    status = project.status()
+    assert status["release"] == first["release"]
     # One Deployment per instance, castiron's labels, image by ID, never pulled, hardened.
     made = _deployments(project)
     assert len(made) == 2

@@ -235,10 +235,14 @@ class KubernetesDriver:
             detail = _waiting_reason(pod) or detail
         return False, detail
 
+    def _by_handle(self, instance: Instance) -> tuple[KubeClient, str]:
+        """The client and namespace of ``instance`` from its handle alone (reading its
+        environment's options may need the state store, which a reader may have closed)."""
+        namespace = _namespace(instance, KubernetesOptions())
+        return self.client(KubernetesOptions(namespace=namespace)), namespace
+
     def logs(self, instance: Instance, lines: int) -> str:
-        options = self.options_for(instance.environment)
-        namespace = _namespace(instance, options)
-        api = self.client(options)
+        api, namespace = self._by_handle(instance)
         pods = api.find("Pod", namespace, {LABEL_INSTANCE: instance.id})
         if not pods:
             raise NotFoundError(f"{instance.environment}/{instance.id}: no pod")
@@ -250,9 +254,7 @@ class KubernetesDriver:
             return "".join(f"event: {e.get('reason')}: {e.get('message')}\n" for e in events)
 
     def follow_logs(self, instance: Instance, lines: int) -> Iterator[bytes]:
-        options = self.options_for(instance.environment)
-        namespace = _namespace(instance, options)
-        api = self.client(options)
+        api, namespace = self._by_handle(instance)
         pods = api.find("Pod", namespace, {LABEL_INSTANCE: instance.id})
         if not pods:
             raise NotFoundError(f"{instance.environment}/{instance.id}: no pod")
