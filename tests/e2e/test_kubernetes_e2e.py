@@ -366,3 +366,30 @@ def test_canary_abort_restores_stable(make_project: Callable[..., KubeProject]) 
         timeout=30,
         what="the canary's Deployment deleted",
     )
+
+
+def test_drift_selector_elsewhere_and_deleted_by_hand(
+    make_project: Callable[..., KubeProject],
+) -> None:
+    project = make_project(replicas=1)
+    project.bake("v1")
+    first = project.deploy("v1", "one")
+    patch = json.dumps({"spec": {"selector": {"castiron.dev/release": "elsewhere"}}})
+    project.kubectl("patch", "service", SERVICE, "-p", patch)
+    found = project.run("drift", "staging", "--json")
+    assert found.returncode == 3, found.stdout + found.stderr
+    kinds = {f["kind"] for f in json.loads(found.stdout)["findings"]}
+    assert kinds == {"membership"}
+    fixed = project.run("drift", "staging", "--fix")
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    svc = json.loads(project.kubectl("get", "service", SERVICE, "-o", "json"))
+    assert svc["spec"]["selector"]["castiron.dev/release"] == first["release"]
+    assert project.served() == "one"
+    (made,) = _deployments(project)
+    project.kubectl("delete", "deployment", made["metadata"]["name"])
+    found = project.run("drift", "staging", "--json")
+    assert found.returncode == 3, found.stdout + found.stderr
+    fixed = project.run("drift", "staging", "--fix")
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    wait_for(lambda: project.served() == "one", timeout=60, what="a replacement serving")
+    assert project.run("drift", "staging").returncode == 0
