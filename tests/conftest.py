@@ -19,7 +19,16 @@ import pytest
 
 from castiron.cli.main import main
 
-GUARDED_MARKERS = ("docker", "haproxy", "sandbox", "browser", "terraform", "registry", "postgres")
+GUARDED_MARKERS = (
+    "docker",
+    "haproxy",
+    "sandbox",
+    "browser",
+    "terraform",
+    "registry",
+    "postgres",
+    "kubernetes",
+)
 _guarded_skips: list[str] = []
 
 
@@ -106,6 +115,28 @@ def postgres_url(postgres_server: Any, request: pytest.FixtureRequest) -> str:
     return str(postgres_server.create_database(f"t_{name}_{secrets.token_hex(3)}"))
 
 
+@pytest.fixture(scope="session")
+def kube_testbed() -> object:
+    """The test cluster (``kubekit.Cluster``) of ``scripts/k8s-testbed``; skips (a failure
+    in CI) without one."""
+    from kubekit import Cluster, testbed_problem
+
+    problem = testbed_problem()
+    if problem is not None:
+        pytest.skip(problem)
+    return Cluster.from_env()
+
+
+@pytest.fixture
+def kube_namespace(kube_testbed: Any) -> Iterator[str]:
+    """A namespace of its own on the test cluster, deleted after the test."""
+    name = str(kube_testbed.create_namespace())
+    try:
+        yield name
+    finally:
+        kube_testbed.delete_namespace(name)
+
+
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh CASTIRON_HOME for the test, set in the environment."""
@@ -139,8 +170,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             reporter.write_line(
-                f"CI=true but {len(_guarded_skips)} Docker/HAProxy/sandbox/browser test(s) "
-                "were skipped:",
+                f"CI=true but {len(_guarded_skips)} test(s) needing Docker, HAProxy, a sandbox, "
+                "a browser, Terraform, a registry, PostgreSQL or Kubernetes were skipped:",
                 red=True,
             )
             for nodeid in _guarded_skips:

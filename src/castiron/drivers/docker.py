@@ -291,6 +291,25 @@ class DockerDriver:
                     f"not the config digest {image.config_digest}"
                 )
 
+    def name_image(self, image: ImageRef, repository: str) -> str:
+        """Bind ``REPOSITORY:<config digest hex>`` to ``image`` in the engine (loading it
+        first) and return that name: a name derived from the image's ID, for consumers that
+        cannot refer to a loaded image by ID (the kubelet's dockershim resolves a digest
+        reference only through a registry's repository digest).
+
+        Raises:
+            RuntimeDriverError, DigestMismatchError: as :meth:`ensure_image`.
+        """
+        self.ensure_image(image)
+        tag = image.config_digest.removeprefix("sha256:")
+        where = f"image {image.digest}"
+        with self._client(where) as client:
+            found = _image_id(client, image)
+            if found is None:
+                raise DigestMismatchError(f"{where}: not in the engine after loading it")
+            client.api.tag(found, repository, tag)
+        return f"{repository}:{tag}"
+
     def _load(self, client: docker.DockerClient, source: BinaryIO | Path, where: str) -> list[str]:
         if isinstance(source, Path):
             try:

@@ -31,7 +31,12 @@ from castiron.drivers.base import Driver, LogSource
 from castiron.engine.deploy import Engine
 from castiron.engine.journal import StepObserver
 from castiron.engine.release import DeploySpec, cached_deploy_spec
-from castiron.engine.runtimes import AVAILABLE_RUNTIMES, runtime_driver
+from castiron.engine.runtimes import (
+    AVAILABLE_RUNTIMES,
+    RuntimeTraffic,
+    runtime_driver,
+    runtime_prober,
+)
 from castiron.engine.strategies import LOG_LINES
 from castiron.errors import CastironError, UsageError
 from castiron.model import ImageRef, Instance, InstanceSpec
@@ -165,9 +170,6 @@ def open_engine(
     store = open_state(settings)
     agent = _Agent(settings, start_agent)
 
-    def traffic() -> TrafficController:
-        return AgentTraffic(agent())
-
     driver_for = driver_factory(
         settings,
         agent,
@@ -175,6 +177,11 @@ def open_engine(
         verify_trees=verify_trees,
         notice=observer.progress if observer is not None else None,
     )
+
+    def traffic() -> TrafficController:
+        # Each environment's runtime decides: the host agent's router, or (Kubernetes) the
+        # environment's Service selector.
+        return RuntimeTraffic(store, lambda: AgentTraffic(agent()), driver_for)
 
     def instance_logs(instance: Instance) -> str:
         if instance.runtime != "local":
@@ -192,6 +199,7 @@ def open_engine(
             environ=settings.environ,
             observer=observer,
             instance_logs=instance_logs,
+            prober=runtime_prober(driver_for),
             os_user=settings.os_user,
         )
     finally:

@@ -22,6 +22,7 @@ from dataclasses import asdict, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from castiron.drivers.kubernetes.manifests import KubernetesOptions
 from castiron.errors import UsageError
 from castiron.filemodes import make_private_dir, open_private
 from castiron.model import Digest, ReleaseId
@@ -29,7 +30,7 @@ from castiron.values import value
 
 if TYPE_CHECKING:  # the schema (pydantic) is only needed when a spec is resolved
     from castiron.spec.load import LoadedSpec, ReadSpec
-    from castiron.spec.schema import Router, SecretRef, Spec
+    from castiron.spec.schema import Kubernetes, Router, SecretRef, Spec
 
 
 @value
@@ -65,6 +66,9 @@ class ReleaseConfig:
     writable: tuple[str, ...]
     memory: str | None
     cpus: float | None
+    kubernetes: KubernetesOptions | None = None
+    """Where the pods run (``runtime: kubernetes`` only; absent from the JSON otherwise, so
+    the ids of other runtimes' releases do not depend on it)."""
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (lists for tuples, dicts for pair lists)."""
@@ -72,6 +76,10 @@ class ReleaseConfig:
         data["env"] = dict(self.env)
         data["secrets"] = dict(self.secrets)
         data["writable"] = list(self.writable)
+        if self.kubernetes is None:
+            del data["kubernetes"]
+        else:
+            data["kubernetes"] = self.kubernetes.to_json()
         return data
 
 
@@ -152,6 +160,7 @@ def release_config(spec: Spec, environment: str) -> ReleaseConfig:
         writable=tuple(service.writable),
         memory=service.memory,
         cpus=service.cpus,
+        kubernetes=_kubernetes_options(env.kubernetes) if env.runtime == "kubernetes" else None,
     )
     return config
 
@@ -163,6 +172,23 @@ def _secret_ref(spec: Spec, ref: SecretRef) -> str:
     if ref.tf is not None and spec.terraform is not None:
         return f"tf:{spec.terraform.outputs}#{ref.tf}"
     return f"file:{ref.file}"
+
+
+def _kubernetes_options(section: Kubernetes | None) -> KubernetesOptions:
+    if section is None:
+        return KubernetesOptions()
+    return KubernetesOptions(
+        namespace=section.namespace,
+        context=section.context,
+        service_name=section.service.name or "",
+        service_type=section.service.type,
+        service_port=section.service.port,
+        image_repository=section.image_repository,
+        image_pull_secret=section.image_pull_secret,
+        node_selector=tuple(sorted(section.node_selector.items())),
+        cpu_request=section.resources.cpu,
+        memory_request=section.resources.memory,
+    )
 
 
 def release_from_json(data: dict[str, Any]) -> Release:
@@ -414,4 +440,6 @@ def _config_from_json(data: dict[str, Any]) -> ReleaseConfig:
     cfg["secrets"] = tuple(sorted(dict(cfg["secrets"]).items()))
     cfg["writable"] = tuple(cfg["writable"])
     cfg["health"] = HealthConfig(**cfg["health"])
+    if cfg.get("kubernetes") is not None:
+        cfg["kubernetes"] = KubernetesOptions.from_json(cfg["kubernetes"])
     return ReleaseConfig(**cfg)

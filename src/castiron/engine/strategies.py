@@ -17,7 +17,7 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
@@ -25,7 +25,7 @@ from castiron.drivers.base import Driver
 from castiron.engine.health import HealthTracker, ProbeResult, probe
 from castiron.engine.journal import Journal
 from castiron.engine.release import HealthConfig, Release
-from castiron.engine.runtimes import instance_port
+from castiron.engine.runtimes import KUBERNETES_ADDRESS_PREFIX, instance_port
 from castiron.errors import CastironError, DeployFailedError
 from castiron.model import ImageRef, Instance, InstanceSpec, Isolation, Observed, ReleaseId
 from castiron.state.base import AuditDraft, EnvironmentRow, InstanceRow, StateTx, format_time
@@ -303,7 +303,15 @@ class Rollout:
         )
         started = self.monotonic()
         deadline = started + self.policy.deploy_timeout
-        trackers = {i.id: HealthTracker(check, started) for i in instances}
+        # Where the runtime judges readiness itself (Kubernetes: the kubelet already asked
+        # for healthy_after successes), one ready answer is the verdict.
+        judged = replace(check, healthy_after=1)
+        trackers = {
+            i.id: HealthTracker(
+                judged if i.address.startswith(KUBERNETES_ADDRESS_PREFIX) else check, started
+            )
+            for i in instances
+        }
         pending = list(instances)
         env = {**dict(self.runtime.env), **dict(self.release.config.env)}
         inspected: dict[str, float] = {}

@@ -501,6 +501,79 @@ class Router(_Section):
         return value
 
 
+_DNS_LABEL_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+_LABEL_KEY_RE = re.compile(
+    r"^(?:[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?/)?"
+    r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$"
+)
+_LABEL_VALUE_RE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?)?$")
+_QUANTITY_RE = re.compile(r"^[0-9]+(?:\.[0-9]+)?(?:m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
+_REPOSITORY_RE = re.compile(
+    r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)+$"
+)
+
+
+def _matching(pattern: re.Pattern[str], what: str) -> AfterValidator:
+    def check(value: str) -> str:
+        if not pattern.match(value):
+            raise ValueError(f"{value!r} is not {what}")
+        return value
+
+    return AfterValidator(check)
+
+
+DnsLabel = Annotated[
+    str, _matching(_DNS_LABEL_RE, "a Kubernetes name (1-63 lowercase letters, digits and '-')")
+]
+Quantity = Annotated[str, _matching(_QUANTITY_RE, "a Kubernetes quantity such as 250m or 128Mi")]
+
+
+class KubernetesService(_Section):
+    """The environment's stable Service (``kubernetes.service``)."""
+
+    name: DnsLabel | None = None
+    """The Service's name (default: APP-ENVIRONMENT)."""
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    """The Service's type."""
+    port: Port = 80
+    """The port the Service exposes; it targets service.port."""
+
+
+class KubernetesResources(_Section):
+    """Requests per pod (``kubernetes.resources``); limits come from service.memory/cpus."""
+
+    cpu: Quantity | None = None
+    """CPU requested per pod, e.g. 250m."""
+    memory: Quantity | None = None
+    """Memory requested per pod, e.g. 128Mi."""
+
+
+class Kubernetes(_Section):
+    """Where the pods of a ``runtime: kubernetes`` environment run (``kubernetes:``)."""
+
+    context: str | None = None
+    """The kubeconfig context (default: the current one; KUBECONFIG or in-cluster, like kubectl)."""
+    namespace: DnsLabel = "default"
+    """The namespace of the environment's Deployments, Secrets and Service (it must exist)."""
+    service: KubernetesService = Field(default_factory=KubernetesService)
+    """The stable Service whose selector names the serving release."""
+    image_repository: (
+        Annotated[str, _matching(_REPOSITORY_RE, "a repository such as registry.example/team/app")]
+        | None
+    ) = None
+    """REGISTRY/REPO the nodes pull the image from, by digest; unset: the nodes' container
+    engine is given the image from castiron's store and pods never pull."""
+    image_pull_secret: DnsLabel | None = None
+    """The Secret the nodes use to pull from image_repository."""
+    resources: KubernetesResources = Field(default_factory=KubernetesResources)
+    """Requests per pod (limits come from service.memory and service.cpus)."""
+    node_selector: dict[
+        Annotated[str, _matching(_LABEL_KEY_RE, "a label key")],
+        Annotated[str, _matching(_LABEL_VALUE_RE, "a label value")],
+    ] = Field(default_factory=dict)
+    """Node labels the pods must be scheduled on."""
+
+
 class Environment(_Section):
     """A named deployment target (``environments.<name>``)."""
 
@@ -537,6 +610,17 @@ class Environment(_Section):
     health check's ``start_period`` + (``healthy_after`` + 2) × (``interval`` + ``timeout``))."""
     drift: Drift = Field(default_factory=Drift)
     """Drift checks: how often the agent watches, whether it fixes, paths to ignore."""
+    kubernetes: Kubernetes | None = None
+    """Kubernetes runtime only: context, namespace, Service, image source, resources."""
+
+    @model_validator(mode="after")
+    def _kubernetes_only_for_kubernetes(self) -> Environment:
+        if self.kubernetes is not None and self.runtime != "kubernetes":
+            raise ValueError(
+                f"kubernetes: only for runtime: kubernetes (this environment's runtime is "
+                f"{self.runtime})"
+            )
+        return self
 
 
 class Spec(_Section):
@@ -625,6 +709,9 @@ __all__ = [
     "Environment",
     "HealthCheck",
     "ImageSection",
+    "Kubernetes",
+    "KubernetesResources",
+    "KubernetesService",
     "Listen",
     "Name",
     "Policy",

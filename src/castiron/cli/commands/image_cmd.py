@@ -330,22 +330,38 @@ def inspect_cmd(cli: CliContext, ref: str, as_json: bool) -> None:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["oci-archive", "docker-archive"]),
+    type=click.Choice(["oci-archive", "docker-archive", "kubernetes"]),
     default="oci-archive",
     show_default=True,
-    help="Archive format; docker-archive loads with `docker load`.",
+    help="Archive format (docker-archive loads with `docker load`), or kubernetes: REF is "
+    "an environment and its release's manifests are written.",
 )
 @click.option(
     "-o",
     "--output",
     type=click.Path(path_type=Path, dir_okay=False),
-    required=True,
-    help="File to write.",
+    help="File to write (required for archives; manifests go to stdout without it).",
+)
+@click.option(
+    "--image",
+    "image",
+    metavar="REF",
+    help="With --format kubernetes: the image of the release (default: the newest baked).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @pass_cli
-def export_cmd(cli: CliContext, ref: str, fmt: str, output: Path, as_json: bool) -> None:
-    """Write an image to an archive file (with its tags and provenance)."""
+def export_cmd(
+    cli: CliContext, ref: str, fmt: str, output: Path | None, image: str | None, as_json: bool
+) -> None:
+    """Write an image to an archive file (with its tags and provenance), or the Kubernetes
+    manifests of an environment's release (``--format kubernetes``)."""
+    if fmt == "kubernetes":
+        _export_manifests(cli, ref, image, output, as_json)
+        return
+    if image is not None:
+        raise UsageError("--image is only for --format kubernetes")
+    if output is None:
+        raise UsageError(f"--format {fmt} needs -o FILE")
     store = _store(cli)
     digest = store.resolve(ref)
     archive_fmt: ArchiveFormat = "docker-archive" if fmt == "docker-archive" else "oci-archive"
@@ -363,6 +379,54 @@ def export_cmd(cli: CliContext, ref: str, fmt: str, output: Path, as_json: bool)
         )
         return
     click.echo(f"wrote {result.path} ({result.format}, {_human(result.size)}) for {result.digest}")
+
+
+def _export_manifests(
+    cli: CliContext, environment: str, image: str | None, output: Path | None, as_json: bool
+) -> None:
+    from castiron.engine.compose import deploy_spec_for, open_engine
+    from castiron.engine.kubeexport import kubernetes_manifests
+
+    settings = cli.settings
+    with open_engine(settings, start_agent=False) as engine:
+        release, text = kubernetes_manifests(engine, deploy_spec_for(settings), environment, image)
+    if output is not None:
+        _write_atomically(output, text.encode())
+    if as_json:
+        emit_json(
+            {
+                "environment": environment,
+                "release": release.id,
+                "digest": release.digest,
+                "path": str(output) if output is not None else None,
+                "manifests": None if output is not None else text,
+            }
+        )
+    elif output is None:
+        click.echo(text, nl=False)
+    else:
+        click.echo(f"wrote {output} (release {release.id} of {environment})")
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all (temp file, fsync, rename)."""
+    import os
+    import tempfile
+
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent or Path("."), prefix=f".{path.name}.")
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 @click.command("import")
