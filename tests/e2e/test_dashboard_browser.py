@@ -107,6 +107,8 @@ def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         service=Service(executable_path=CHROMEDRIVER, log_output=str(tmp_path / "driver.log")),
     )
     driver.set_page_load_timeout(30)
+    # After a click that navigates, look-ups wait for the next page rather than race it.
+    driver.implicitly_wait(10)
     try:
         yield driver
     finally:
@@ -155,7 +157,10 @@ def test_the_dashboard_in_chromium(make_project: Callable[..., Project], browser
         assert browser.current_url.startswith(server.url + "/login")
         browser.find_element(By.ID, "token").send_keys("cit_not-a-token")
         browser.find_element(By.ID, "login").click()
-        assert text(browser, "#login-error") == "unknown or revoked token"
+        wait_for(
+            lambda: text(browser, "#login-error") == "unknown or revoked token",
+            what="the login refusal",
+        )
         browser.find_element(By.ID, "token").send_keys(ops)
         browser.find_element(By.ID, "login").click()
         wait_for(lambda: browser.find_elements(By.ID, "environments"), what="home page")
