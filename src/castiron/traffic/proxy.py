@@ -45,7 +45,7 @@ from castiron.traffic.http import (
 )
 from castiron.traffic.stats import ReleaseStats
 
-__all__ = ["BuiltinRouter", "parse_listen"]
+__all__ = ["BuiltinRouter", "bind_listener", "parse_listen", "validate_route"]
 
 _CRLF = b"\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
@@ -238,6 +238,12 @@ class _Listener:
         stats = self.stats_for(ROUTER_RELEASE)
         stats.requests += 1
         stats.observe(status, latency_ms)
+
+    def connections(self) -> int:
+        """Client connections of the whole listener (every process serving it)."""
+        count = self.router.connection_count
+        local = len(self.clients)
+        return local if count is None else count(self.environment, local)
 
     def request_id(self) -> bytes:
         """A new request id: 128 bits as hex, a random per-listener prefix and a counter."""
@@ -465,9 +471,10 @@ class _Client(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.peer = str(peer[0]).encode()
-        clients = self.listener.clients
-        self.over_limit = len(clients) >= self.listener.config.limits.max_connections
+        listener = self.listener
+        clients = listener.clients
         clients.add(self)
+        self.over_limit = listener.connections() > listener.config.limits.max_connections
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -501,7 +508,10 @@ class _Client(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.listener.clients.discard(self)
+        listener = self.listener
+        listener.clients.discard(self)
+        if listener.router.connection_count is not None:
+            listener.connections()
         self.deadline_kind = _D_NONE
         queue, self.queue = self.queue, deque()
         for ex in queue:
@@ -1196,8 +1206,13 @@ class BuiltinRouter:
         listen_socket_factory: Callable[[str], socket.socket] | None = None,
         parser: ParserKind = "auto",
         access_log_dir: Path | None = None,
+        connection_count: Callable[[str, int], int] | None = None,
     ) -> None:
         self._factory = listen_socket_factory
+        self.connection_count = connection_count
+        """When several processes serve one listener: called with (environment, this
+        process's client connections) whenever that number changes, returns the listener's
+        total, which ``max_connections`` limits."""
         self.parser_kind: ParserKind = parser
         self.access_log_dir = access_log_dir
         """Where environments with ``access_log`` write ``ENV.log`` (None: nowhere)."""
@@ -1288,3 +1303,21 @@ def _validate(config: RouteConfig) -> None:
                     f"environment {config.environment}: release {bset.release}: backend "
                     f"{backend.id}: address {backend.address!r} is not HOST:PORT"
                 ) from None
+
+
+def validate_route(config: RouteConfig) -> None:
+    """Check ``config`` as :meth:`BuiltinRouter.apply` does, without applying it.
+
+    Raises:
+        RouterError: when the listen address, the canary weight or a backend address is invalid.
+    """
+    _validate(config)
+
+
+def bind_listener(listen: str, environment: str) -> socket.socket:
+    """A new non-blocking listening socket on ``listen`` (``SO_REUSEADDR``, backlog 1024).
+
+    Raises:
+        RouterError: when ``listen`` is invalid or cannot be bound.
+    """
+    return _bind(listen, environment)
