@@ -288,9 +288,7 @@ class WorkerPoolRouter:
         self._table.clear_worker(worker.index)
         self._reap(worker.proc)
         if self._procs.get(worker.index) is worker and not self._closing:
-            log.warning(
-                "router worker %d (pid %d) exited; replacing it", worker.index, worker.pid
-            )
+            log.warning("router worker %d (pid %d) exited; replacing it", worker.index, worker.pid)
             if time.monotonic() - worker.started_at >= _LIVED_LONG:
                 self._fails[worker.index] = 0
             self.restarts += 1
