@@ -1505,7 +1505,7 @@ def _parse_args(argv: list[str] | None) -> AgentOptions:
         "--router-workers",
         type=int,
         default=None,
-        help="Processes of the builtin router (default: one per CPU; 0: inside the agent).",
+        help="Processes of the builtin router (default: one per CPU, at most 8; 0: in the agent).",
     )
     parser.add_argument("--metrics", default=None, help="Loopback HOST:PORT for Prometheus.")
     parser.add_argument("--log-file", type=Path, default=None, help="Rotate this log file.")

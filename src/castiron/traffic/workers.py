@@ -51,7 +51,7 @@ from castiron.traffic.proxy import bind_listener, validate_route
 from castiron.traffic.stats import merge_counters
 from castiron.traffic.worker import MAX_MESSAGE, SLOTS, ConnectionTable
 
-__all__ = ["WorkerPoolRouter", "default_workers"]
+__all__ = ["DEFAULT_MAX_WORKERS", "WorkerPoolRouter", "default_workers"]
 
 log = logging.getLogger("castiron.traffic.workers")
 
@@ -64,12 +64,17 @@ _LIVED_LONG = 10.0
 """A worker that lived this long is replaced at once when it dies."""
 
 
+DEFAULT_MAX_WORKERS = 8
+"""The default worker count is one per CPU, but no more than this (ask for more explicitly)."""
+
+
 def default_workers() -> int:
-    """One worker per CPU this process may run on."""
+    """One worker per CPU this process may run on, at most ``DEFAULT_MAX_WORKERS``."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, DEFAULT_MAX_WORKERS))
 
 
 class _Dead:

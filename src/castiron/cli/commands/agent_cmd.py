@@ -41,7 +41,7 @@ _workers_option = click.option(
     default=None,
     metavar="N",
     help="Processes of the builtin router, all accepting on each listener "
-    "[default: one per CPU; 0: inside the agent].",
+    "[default: one per CPU, at most 8; 0: inside the agent].",
 )
 _metrics_option = click.option(
     "--metrics",
