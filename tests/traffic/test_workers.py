@@ -247,3 +247,21 @@ def test_a_bad_worker_count_is_refused() -> None:
 
     with pytest.raises(RouterError, match=r"^router workers: 0 is not at least 1$"):
         WorkerPoolRouter(0)
+
+
+def test_merged_counters_add_up_and_percentiles_come_from_the_summed_histogram() -> None:
+    from castiron.traffic.stats import ReleaseStats, merge_counters
+
+    one, two, both = ReleaseStats("A"), ReleaseStats("A"), ReleaseStats("A")
+    for i in range(100):
+        stats = one if i % 3 else two
+        for s in (stats, both):
+            s.requests += 1
+            s.observe(200 if i % 4 else 503, float(i))
+    other = ReleaseStats("B")
+    other.requests = 1
+    other.observe(404, 3.0)
+    merged = merge_counters([one.snapshot(), other.snapshot()], [two.snapshot()])
+    assert [c.release for c in merged] == ["A", "B"]
+    assert merged[0] == both.snapshot()
+    assert merged[1] == other.snapshot()
