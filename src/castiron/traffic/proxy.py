@@ -28,6 +28,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from castiron.errors import RouterError
 from castiron.traffic.accesslog import AccessLog, access_line
@@ -45,7 +46,13 @@ from castiron.traffic.http import (
 )
 from castiron.traffic.stats import ReleaseStats
 
-__all__ = ["BuiltinRouter", "bind_listener", "parse_listen", "validate_route"]
+__all__ = [
+    "BuiltinRouter",
+    "SharedListener",
+    "bind_listener",
+    "parse_listen",
+    "validate_route",
+]
 
 _CRLF = b"\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
@@ -98,6 +105,20 @@ _P_UPSTREAM, _P_PENDING, _P_PIPELINE = 1, 2, 4
 # what a client connection's deadline guards
 _D_NONE, _D_HEADER, _D_IDLE, _D_BODY = 0, 1, 2, 3
 _NO_BODY_METHODS = frozenset({b"GET", b"HEAD"})
+
+
+class SharedListener(Protocol):
+    """What a router process needs when other processes accept on the same listening sockets."""
+
+    def connections(self, environment: str, local: int) -> int:
+        """Record this process's client connections of ``environment`` (``local``) and return
+        those of the whole listener, which ``max_connections`` limits."""
+        ...
+
+    def over_share(self, environment: str, local: int) -> bool:
+        """True when this process holds more than its share of the listener's connections
+        (it then leaves new ones to the others for a moment)."""
+        ...
 
 
 def _wall() -> float:
@@ -217,6 +238,7 @@ class _Listener:
         self.clients: set[_Client] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.server: asyncio.base_events.Server | None = None
+        self.acceptor: _SharedAcceptor | None = None
         self.closing = False
         self.snapshot = _Snapshot(config, None, None)
         self.access: AccessLog | None = None
@@ -241,9 +263,9 @@ class _Listener:
 
     def connections(self) -> int:
         """Client connections of the whole listener (every process serving it)."""
-        count = self.router.connection_count
+        shared = self.router.shared
         local = len(self.clients)
-        return local if count is None else count(self.environment, local)
+        return local if shared is None else shared.connections(self.environment, local)
 
     def request_id(self) -> bytes:
         """A new request id: 128 bits as hex, a random per-listener prefix and a counter."""
@@ -329,6 +351,9 @@ class _Listener:
 
     # --- serving ----------------------------------------------------------------------------------
     async def start(self, sock: socket.socket) -> None:
+        if self.router.shared is not None:
+            self.acceptor = _SharedAcceptor(self, sock)
+            return
         self.server = await self.loop.create_server(lambda: _Client(self), sock=sock, backlog=1024)
 
     def spawn(self, coro: object) -> None:
@@ -381,6 +406,8 @@ class _Listener:
         self.closing = True
         if self.server is not None:
             self.server.close()
+        if self.acceptor is not None:
+            self.acceptor.close()
         self.install(
             RouteConfig(
                 environment=self.environment,
@@ -409,6 +436,70 @@ class _Listener:
             self.access = None
         if self.server is not None:
             await self.server.wait_closed()
+
+
+class _SharedAcceptor:
+    """Accepts from a listening socket that other router processes accept from too.
+
+    Every process is woken for each new connection; a server's accept loop would let the first
+    one take a whole burst (wrk's 32 connections all landing in one process). This accepts one
+    connection per wake-up, and a process holding more than its share of the listener's
+    connections first leaves the new one to the others for ``_DEFER`` seconds, then takes it
+    if nobody did (a busy or dead peer never strands a connection).
+    """
+
+    _DEFER = 0.002
+
+    def __init__(self, listener: _Listener, sock: socket.socket) -> None:
+        self.listener = listener
+        self.loop = listener.loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.deferred = False
+        self.closed = False
+        self.loop.add_reader(self.fd, self._ready)
+
+    def _ready(self) -> None:
+        listener = self.listener
+        shared = listener.router.shared
+        if (
+            not self.deferred
+            and shared is not None
+            and shared.over_share(listener.environment, len(listener.clients))
+        ):
+            self._pause(self._DEFER)
+            self.deferred = True
+            return
+        self.deferred = False
+        try:
+            conn, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:  # out of descriptors or memory: try again shortly
+            self._pause(0.1)
+            return
+        conn.setblocking(False)
+        listener.spawn(self._serve(conn))
+
+    def _pause(self, delay: float) -> None:
+        self.loop.remove_reader(self.fd)
+        self.loop.call_later(delay, self._resume)
+
+    def _resume(self) -> None:
+        if not self.closed:
+            self.loop.add_reader(self.fd, self._ready)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(lambda: _Client(self.listener), conn)
+        except OSError:
+            conn.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.loop.remove_reader(self.fd)
+            self.sock.close()
 
 
 class _Client(asyncio.Protocol):
@@ -510,7 +601,7 @@ class _Client(asyncio.Protocol):
         self.closed = True
         listener = self.listener
         listener.clients.discard(self)
-        if listener.router.connection_count is not None:
+        if listener.router.shared is not None:
             listener.connections()
         self.deadline_kind = _D_NONE
         queue, self.queue = self.queue, deque()
@@ -1206,13 +1297,12 @@ class BuiltinRouter:
         listen_socket_factory: Callable[[str], socket.socket] | None = None,
         parser: ParserKind = "auto",
         access_log_dir: Path | None = None,
-        connection_count: Callable[[str, int], int] | None = None,
+        shared: SharedListener | None = None,
     ) -> None:
         self._factory = listen_socket_factory
-        self.connection_count = connection_count
-        """When several processes serve one listener: called with (environment, this
-        process's client connections) whenever that number changes, returns the listener's
-        total, which ``max_connections`` limits."""
+        self.shared = shared
+        """Set when other processes accept on the same listening sockets: connections are
+        counted across them and accepted one at a time, balanced by each one's share."""
         self.parser_kind: ParserKind = parser
         self.access_log_dir = access_log_dir
         """Where environments with ``access_log`` write ``ENV.log`` (None: nowhere)."""

@@ -73,6 +73,20 @@ class ConnectionTable:
         cells[base + self.index] = local
         return sum(cells[base : base + self.workers])
 
+    def connections(self, environment: str, local: int) -> int:
+        """:class:`castiron.traffic.proxy.SharedListener`: see :meth:`update`."""
+        return self.update(environment, local)
+
+    def over_share(self, environment: str, local: int) -> bool:
+        """True when this worker holds more than an even share (plus one) of the listener's
+        connections."""
+        slot = self.slots.get(environment)
+        if slot is None or self.workers == 1:
+            return False
+        base = slot * self.workers
+        total = sum(self.cells[base : base + self.workers])
+        return local * self.workers > total + self.workers
+
     def clear_worker(self, index: int) -> None:
         """Forget the connections of worker ``index`` (it exited)."""
         for slot in range(SLOTS):
@@ -101,7 +115,7 @@ class _Worker:
         self.sockets: dict[str, list[socket.socket]] = {}
         self.router = router_factory(
             listen_socket_factory=self._take,
-            connection_count=None if table is None else table.update,
+            shared=table,
         )
         self.queues: dict[str, asyncio.Queue[tuple[int, str, Any, list[socket.socket]]]] = {}
         self.runners: set[asyncio.Task[None]] = set()
