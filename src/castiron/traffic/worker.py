@@ -103,6 +103,8 @@ class ConnectionTable:
 
 
 class _Worker:
+    """The worker's side of its channel: runs the pool's commands on one BuiltinRouter."""
+
     def __init__(
         self,
         channel: socket.socket,
