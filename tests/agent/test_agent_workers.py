@@ -12,7 +12,7 @@ from typing import Any
 
 from test_agent_restart import _serve_two, get, kill_agent
 
-from castiron.agent.client import AgentClient, agent_pid, ensure_agent
+from castiron.agent.client import AgentClient, agent_pid, ensure_agent, socket_path
 from castiron.settings import Settings
 from castiron.traffic.workers import default_workers
 
@@ -102,3 +102,18 @@ def test_router_workers_stop_with_a_killed_agent_and_the_next_agent_starts_its_o
     new_pid = agent_pid(settings)
     assert new_pid is not None and len(workers_of(new_pid)) == len(old)
     assert restarted.status().inherited_listeners == (f"127.0.0.1:{listen}",)
+
+
+def test_agent_start_takes_the_number_of_router_workers(
+    settings: Settings, run_cli: Any, app_script: Path, helpers: Any
+) -> None:
+    bad = run_cli("agent", "start", "--router-workers", "300")
+    assert bad.exit_code == 2
+    assert "Invalid value for '--router-workers'" in bad.stderr
+    result = run_cli("agent", "start", "--router-workers", "1")
+    assert result.exit_code == 0, result.stderr
+    pid = agent_pid(settings)
+    assert pid is not None
+    listen, _ = _serve_two(AgentClient(socket_path(settings)), app_script, helpers)
+    assert get(listen) in (b"web-1\n", b"web-2\n")
+    assert len(workers_of(pid)) == 1
