@@ -375,8 +375,8 @@ class WorkerPoolRouter:
         """Switch every worker to ``config``; returns once each has installed it.
 
         Raises:
-            RouterError: when the config is invalid, its listener cannot be opened, or a
-                worker refused it.
+            RouterError: when the config is invalid, its listener cannot be opened, a worker
+                refused it, or no worker is running to take it.
         """
         validate_route(config)
         if self._closing:
@@ -410,6 +410,11 @@ class WorkerPoolRouter:
             refused = [r for ok, r in results if not ok and r is not _DEAD]
             if refused:
                 raise RouterError(f"environment {env}: a router worker refused: {refused[0]}")
+            if not any(ok for ok, _ in results):
+                raise RouterError(
+                    f"environment {env}: no router worker is running "
+                    "(they keep exiting: see the agent log)"
+                )
 
     async def remove(self, environment: str) -> None:
         """Drain (up to the environment's ``drain_timeout``) and close its listener in every
