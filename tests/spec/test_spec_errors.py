@@ -16,6 +16,7 @@ def _issues(text: str | bytes, environ: dict[str, str] | None = None) -> list[st
 
 
 ENV_OK = "environments:\n  staging: {listen: 127.0.0.1:8080}\n"
+ROUTER = "app: hello\nenvironments:\n  staging:\n    listen: 127.0.0.1:8080\n    router: "
 
 
 @pytest.mark.parametrize(
@@ -233,6 +234,34 @@ ENV_OK = "environments:\n  staging: {listen: 127.0.0.1:8080}\n"
             "app: hello\nservice: {<<: 3}\n",
             "castiron.yaml:2:15: service: a merge key (<<) needs a mapping or a list of mappings",
             id="merge-not-mapping",
+        ),
+        pytest.param(
+            ROUTER + "{max_body: 10MB}\n",
+            "castiron.yaml:5:24: environments.staging.router.max_body: "
+            "'10MB' is not a size; use e.g. 512KiB, 10MiB or 1GiB",
+            id="router-size",
+        ),
+        pytest.param(
+            ROUTER + "{body_timeout: 10ms}\n",
+            "castiron.yaml:5:28: environments.staging.router.body_timeout: must be at least 100ms",
+            id="router-body-timeout",
+        ),
+        pytest.param(
+            ROUTER + "{max_connections: 0}\n",
+            "castiron.yaml:5:31: environments.staging.router.max_connections: must be at least 1",
+            id="router-max-connections",
+        ),
+        pytest.param(
+            ROUTER + "nginx\n",
+            "castiron.yaml:5:13: environments.staging.router: "
+            "must be one of 'builtin' or 'haproxy'",
+            id="router-short-form",
+        ),
+        pytest.param(
+            ROUTER + "{acces_log: true}\n",
+            "castiron.yaml:5:14: environments.staging.router.acces_log: "
+            "unknown key 'acces_log'; did you mean 'access_log'?",
+            id="router-unknown-key",
         ),
     ],
 )

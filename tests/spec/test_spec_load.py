@@ -231,3 +231,24 @@ def test_typed_after_interpolation() -> None:
     assert spec.environments["s"].replicas == 2
     analysis = spec.environments["s"].strategy.analysis
     assert analysis is not None and analysis.max_error_rate == 0.05
+
+
+def test_router_section_short_form_and_defaults() -> None:
+    from castiron.spec.load import load_spec_text
+
+    text = (
+        "app: hello\nenvironments:\n"
+        "  a: {listen: 127.0.0.1:8080, router: haproxy}\n"
+        "  b: {listen: 127.0.0.1:8081, router: {max_body: 512KiB, body_timeout: 2s}}\n"
+        "  c: {listen: 127.0.0.1:8082}\n"
+    )
+    envs = load_spec_text(text, "castiron.yaml", {}).environments
+    assert envs["a"].router.type == "haproxy" and envs["a"].router.max_body == 10 * 1024**2
+    assert (envs["b"].router.max_body, envs["b"].router.body_timeout) == (512 * 1024, 2.0)
+    c = envs["c"].router
+    assert (c.type, c.max_connections, c.allow_get_body, c.access_log) == (
+        "builtin",
+        1024,
+        False,
+        False,
+    )
