@@ -1,7 +1,8 @@
 """Shared fixtures: a per-test CASTIRON_HOME, an in-process CLI runner, and the CI guard.
 
-The CI guard: with CI=true, a skipped test marked ``docker``, ``haproxy`` or ``sandbox`` fails
-the session, because those legs must run in CI.
+The CI guard: with CI=true, a skipped test marked ``docker``, ``haproxy``, ``sandbox``,
+``browser``, ``terraform``, ``registry`` or ``postgres`` fails the session, because those legs
+must run in CI.
 """
 
 from __future__ import annotations
@@ -18,7 +19,16 @@ import pytest
 
 from castiron.cli.main import main
 
-GUARDED_MARKERS = ("docker", "haproxy", "sandbox")
+GUARDED_MARKERS = (
+    "docker",
+    "haproxy",
+    "sandbox",
+    "browser",
+    "terraform",
+    "registry",
+    "postgres",
+    "kubernetes",
+)
 _guarded_skips: list[str] = []
 
 
@@ -79,6 +89,54 @@ def busybox_image(docker_engine: Any, tmp_path_factory: pytest.TempPathFactory) 
     return BUSYBOX_IMAGE
 
 
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[object]:
+    """A PostgreSQL server of this session (``pgserver.PostgresServer``): Debian's binaries,
+    its own data directory, 127.0.0.1 on a free port. Skips (a failure in CI) without them."""
+    from pgserver import PostgresServer, find_bin
+
+    bin_dir = find_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    server = PostgresServer(bin_dir)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: Any, request: pytest.FixtureRequest) -> str:
+    """The URL of a fresh, empty database on the session's PostgreSQL server."""
+    import re
+    import secrets
+
+    name = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:40]
+    return str(postgres_server.create_database(f"t_{name}_{secrets.token_hex(3)}"))
+
+
+@pytest.fixture(scope="session")
+def kube_testbed() -> object:
+    """The test cluster (``kubekit.Cluster``) of ``scripts/k8s-testbed``; skips (a failure
+    in CI) without one."""
+    from kubekit import Cluster, testbed_problem
+
+    problem = testbed_problem()
+    if problem is not None:
+        pytest.skip(problem)
+    return Cluster.from_env()
+
+
+@pytest.fixture
+def kube_namespace(kube_testbed: Any) -> Iterator[str]:
+    """A namespace of its own on the test cluster, deleted after the test."""
+    name = str(kube_testbed.create_namespace())
+    try:
+        yield name
+    finally:
+        kube_testbed.delete_namespace(name)
+
+
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh CASTIRON_HOME for the test, set in the environment."""
@@ -112,7 +170,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             reporter.write_line(
-                f"CI=true but {len(_guarded_skips)} Docker/HAProxy/sandbox test(s) were skipped:",
+                f"CI=true but {len(_guarded_skips)} test(s) needing Docker, HAProxy, a sandbox, "
+                "a browser, Terraform, a registry, PostgreSQL or Kubernetes were skipped:",
                 red=True,
             )
             for nodeid in _guarded_skips:

@@ -22,6 +22,8 @@ This module knows nothing else of castiron and imports nothing from it.
     ├── ImageError                    exit 1  building, storing or reading an image failed
     │   ├── UnsafeArchiveError        exit 2  an archive or layer entry is refused
     │   ├── DigestMismatchError               content does not match its digest
+    │   ├── RegistryError                     a registry failed, refused or was unreachable
+    │   │   └── RegistryAuthError             the registry wants credentials it did not accept
     │   └── TagConflictError          exit 2  a tag is already bound to another digest
     ├── RuntimeDriverError            exit 1  a runtime (local, docker, ...) failed
     ├── RouterError                   exit 1  the traffic router failed
@@ -161,6 +163,14 @@ class DigestMismatchError(ImageError):
     """Content does not hash to the digest it was stored or referenced under."""
 
 
+class RegistryError(ImageError):
+    """A registry could not be reached, failed, or answered outside the distribution spec."""
+
+
+class RegistryAuthError(RegistryError):
+    """The registry asked for credentials and refused the ones given (or none were found)."""
+
+
 class TagConflictError(ImageError):
     """A tag is already bound to another digest; tags never move."""
 
@@ -208,6 +218,8 @@ __all__ = [
     "LockedError",
     "NotFoundError",
     "PolicyRefusedError",
+    "RegistryAuthError",
+    "RegistryError",
     "RouterError",
     "RuntimeDriverError",
     "SchemaTooNewError",

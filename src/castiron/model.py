@@ -24,6 +24,33 @@ Digest = NewType("Digest", str)
 ReleaseId = NewType("ReleaseId", str)
 """A release identifier: a hash of the image digest and the resolved runtime config."""
 
+IdentityKind = _Literal["key", "os_user", "token"]
+"""How an :class:`Identity` is proven: a signing key's id, the OS user, an API token."""
+
+
+@value
+class Identity:
+    """Who did something, as castiron can prove it (``CASTIRON_ACTOR`` is only a label).
+
+    ``id`` is the key id (``sha256:`` + hex of the public key's DER) for ``key``, the user
+    name for ``os_user``, a token's id for ``token``.
+    """
+
+    kind: IdentityKind
+    id: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.id}"
+
+    @property
+    def actor(self) -> str:
+        """How the state store records this identity as an actor: ``kind:id``."""
+        return f"{self.kind}:{self.id}"
+
+    def to_json(self) -> dict[str, str]:
+        return {"kind": self.kind, "id": self.id}
+
+
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -131,6 +158,26 @@ class Observed:
     exit_code: int | None = None
 
 
+_MEMORY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bkmgt]?)(?:ib?|b)?\s*$", re.IGNORECASE)
+_MEMORY_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_memory(text: str) -> int:
+    """Bytes in a memory size such as ``256m``, ``1g``, ``512Mi`` or ``1048576``.
+
+    Raises:
+        ValueError: when ``text`` is not a size.
+    """
+    match = _MEMORY_RE.match(text)
+    if match is None:
+        raise ValueError(f"not a memory size: {text!r} (use e.g. 256m or 1g)")
+    number, unit = match.groups()
+    value = int(float(number) * _MEMORY_UNITS[unit.lower()])
+    if value <= 0:
+        raise ValueError(f"not a memory size: {text!r} (must be more than 0)")
+    return value
+
+
 __all__ = [
     "Digest",
     "ImageRef",
@@ -143,5 +190,6 @@ __all__ = [
     "is_digest",
     "is_name",
     "parse_digest",
+    "parse_memory",
     "sha256_digest",
 ]

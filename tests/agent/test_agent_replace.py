@@ -109,6 +109,30 @@ def test_stopping_on_request_never_replaces(
     assert agent.instances() == []
 
 
+def test_stopping_a_replaced_instance_stops_its_replacement(
+    agent: AgentClient, app_script: Path, python: str, helpers: Any
+) -> None:
+    # The engine knows the original id only: destroying it must not leave the agent's
+    # replacement running unrecorded.
+    port = helpers.free_port()
+    first = agent.spawn(_request(app_script, python, port, "gone-1"))
+    helpers.wait_for(lambda: helpers.port_open(port), what="gone-1 to listen")
+    since = agent.events()[-1].seq
+    os.kill(first.pid, signal.SIGKILL)
+    started = helpers.wait_for(
+        lambda: next((e for e in agent.events(since) if e.kind == "instance-started"), None),
+        timeout=60,
+        what="the replacement to start",
+    )
+    assert started.instance == "gone-1.r1"
+
+    agent.stop_instance("gone-1", grace=5.0)
+
+    assert [r.id for r in agent.instances() if r.state == "running"] == []
+    stopped = [e.instance for e in agent.events(since) if e.kind == "instance-stopped"]
+    assert stopped == ["gone-1", "gone-1.r1"]
+
+
 def test_an_unhealthy_replacement_is_retried_with_backoff(
     settings: Settings, agent: AgentClient, python: str, helpers: Any, tmp_path: Path
 ) -> None:
@@ -148,8 +172,8 @@ def test_an_unhealthy_replacement_is_retried_with_backoff(
     )
     failed = [e for e in agent.events(since) if e.kind == "instance-replace-failed"]
     assert failed and "exited before it became healthy" in failed[0].detail
-    for record in agent.instances():
-        agent.stop_instance(record.id, grace=1.0)
+    agent.stop_instance("flaky-1", grace=1.0)  # and its replacements with it
+    assert [r.id for r in agent.instances() if r.state == "running"] == []
 
 
 def test_after_an_agent_restart_secrets_block_replacement(

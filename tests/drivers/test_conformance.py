@@ -57,11 +57,34 @@ def _docker_case(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Dri
             engine.images.remove(image.config_digest)
 
 
+@contextlib.contextmanager
+def _kubernetes_case(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[DriverCase]:
+    from castiron.drivers.kubernetes.manifests import KubernetesOptions
+
+    cluster = request.getfixturevalue("kube_testbed")
+    namespace = request.getfixturevalue("kube_namespace")
+    image = bake_busybox(tmp_path / "k8s")
+    options = KubernetesOptions(namespace=namespace)
+    driver = cluster.driver(tmp_path, {"test": options})
+    try:
+        yield DriverCase(driver, image, HTTPD)
+    finally:
+        driver.client(options).close()
+
+
 DRIVER_CASES: dict[
     str, Callable[[Path, pytest.FixtureRequest], AbstractContextManager[DriverCase]]
-] = {"fake": _fake_case, "local": _local_case, "docker": _docker_case}
+] = {
+    "fake": _fake_case,
+    "local": _local_case,
+    "docker": _docker_case,
+    "kubernetes": _kubernetes_case,
+}
 
-CASE_MARKS: dict[str, tuple[pytest.MarkDecorator, ...]] = {"docker": (pytest.mark.docker,)}
+CASE_MARKS: dict[str, tuple[pytest.MarkDecorator, ...]] = {
+    "docker": (pytest.mark.docker,),
+    "kubernetes": (pytest.mark.kubernetes,),
+}
 """Markers of a case (a guarded marker makes its skip a failure in CI)."""
 
 

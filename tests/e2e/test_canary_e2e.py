@@ -153,8 +153,8 @@ def start_deploy(project: Project, version: str) -> subprocess.Popen[str]:
 def instances(project: Project) -> tuple[set[str], set[str]]:
     """(releases of recorded instances, ids of strays) after the command's housekeeping."""
     status = project.status()
-    warm = status["warm"] or {"instances": []}
-    rows = [*status["instances"], *warm["instances"]]  # type: ignore[index]
+    warm = [i for w in status["warm"] for i in w["instances"]]  # type: ignore[attr-defined]
+    rows = [*status["instances"], *warm]  # type: ignore[misc]
     return {str(r["release"]) for r in rows}, {str(s) for s in status.get("strays") or []}  # type: ignore[union-attr]
 
 

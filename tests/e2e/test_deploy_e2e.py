@@ -124,7 +124,7 @@ def test_kill_9_at_each_journal_step_recovers(
         check=True,
     )
     running = json.loads(agent.stdout)["status"]["running_instances"]
-    warm = status["warm"] or {}
-    assert isinstance(warm, dict) and isinstance(status["instances"], list)
-    recorded = len(status["instances"]) + len(warm.get("instances", []))
+    warm = status["warm"]
+    assert isinstance(warm, list) and isinstance(status["instances"], list)
+    recorded = len(status["instances"]) + sum(len(w["instances"]) for w in warm)
     assert running == recorded

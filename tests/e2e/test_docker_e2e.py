@@ -141,8 +141,8 @@ def containers(docker: Any) -> dict[str, str]:
 
 def recorded(status: dict[str, Any]) -> set[str]:
     """Instance ids castiron records for the environment (serving and warm)."""
-    warm = status["warm"] or {"instances": []}
-    return {i["id"] for i in status["instances"]} | {i["id"] for i in warm["instances"]}
+    warm = [i["id"] for w in status["warm"] for i in w["instances"]]
+    return {i["id"] for i in status["instances"]} | set(warm)
 
 
 def test_blue_green_deploy_and_warm_rollback_with_zero_failed_requests(

@@ -77,6 +77,38 @@ def release_tree(project: Project) -> Path:
 # --- local runtime -------------------------------------------------------------------------------
 
 
+def test_a_tree_edited_before_a_deploy_is_unpacked_again_not_reused(
+    make_project: Callable[..., Project],
+) -> None:
+    project = make_project(replicas=1)
+    project.bake("v1")
+    project.deploy("v1", "one")
+    tree = release_tree(project)
+    (app_py,) = tree.glob("**/app.py")
+    app_py.chmod(0o644)
+    with app_py.open("a") as fh:
+        fh.write("# changed by hand\n")
+    app_py.chmod(0o444)
+    in_image = "/" + str(app_py.relative_to(tree))
+    code, found = drift(project)
+    assert code == 3 and (in_image, "filesystem") in {
+        (f["path"], f["kind"]) for f in found["findings"]
+    }
+
+    # A new release of the same image (another VERSION) reuses the tree: it is checked first.
+    proc = project.run("deploy", "staging", "--yes", "--json", extra={"VERSION": "two"})
+
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"differs from the image ({in_image} (content)): unpacking it again" in proc.stderr
+    assert project.served() == "two"
+    fresh = release_tree(project)
+    assert "changed by hand" not in next(fresh.glob("**/app.py")).read_text()
+    assert_clean(project)
+    verified = project.run("deploy", "staging", "--yes", "--verify", extra={"VERSION": "three"})
+    assert verified.returncode == 0 and "differs" not in verified.stderr
+
+
 def test_local_tree_changes_are_found_and_replaced_with_zero_failed_requests(
     make_project: Callable[..., Project],
 ) -> None:
@@ -86,7 +118,7 @@ def test_local_tree_changes_are_found_and_replaced_with_zero_failed_requests(
     code, clean = drift(project)
     assert code == 0 and clean["findings"] == []
     before = serving_ids(project)
-    assert all((project.home / "drift" / f"{i}.baseline").is_file() for i in before)
+    assert (release_tree(project).parent / "rootfs.baseline").is_file()  # taken at unpack
 
     tree = release_tree(project)
     (app_py,) = tree.glob("**/app.py")

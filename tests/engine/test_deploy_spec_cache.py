@@ -104,3 +104,22 @@ def test_a_damaged_or_missing_cache_is_ignored(spec_file: Path, tmp_path: Path) 
     missing = tmp_path / "no" / "cache"
     assert cached_deploy_spec(spec_file, {}, missing) == _uncached(spec_file, {})
     assert not missing.exists()  # never creates the state directory
+
+
+def test_the_image_section_is_cached_with_its_env_from_this_parse(tmp_path: Path) -> None:
+    path = tmp_path / "castiron.yaml"
+    path.write_text(
+        SPEC.replace(
+            "app: hello\n",
+            "app: hello\nimage:\n  context: ./src\n  exclude: ['*.log']\n"
+            "  env: {BUILD: '${BUILD:-0}'}\n  labels: {team: web}\n",
+        )
+    )
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cached_deploy_spec(path, {"BUILD": "1"}, cache)  # fills the cache
+    hit = cached_deploy_spec(path, {"BUILD": "2"}, cache)
+    assert hit == _uncached(path, {"BUILD": "2"})
+    assert hit.image is not None and hit.service_port == 8000
+    assert (hit.image["context"], hit.image["exclude"]) == ("./src", ["*.log"])
+    assert (hit.image["env"], hit.image["labels"]) == ({"BUILD": "2"}, {"team": "web"})

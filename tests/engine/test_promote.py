@@ -4,6 +4,7 @@ when a gate refuses."""
 
 from __future__ import annotations
 
+import base64
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from castiron.engine.deploy import DeployResult
 from castiron.engine.policy import (
+    approval_payload,
     check_soak,
     gate_policy,
     human_duration,
@@ -20,7 +22,10 @@ from castiron.engine.policy import (
 from castiron.engine.promote import Promotion, approve, prepare, promote
 from castiron.engine.release import cached_deploy_spec
 from castiron.errors import PolicyRefusedError, UsageError
-from castiron.model import Digest, ReleaseId
+from castiron.images.sign import load_signer
+from castiron.model import Digest, Identity, ReleaseId
+from castiron.settings import current_os_user
+from castiron.state.base import ApprovalRow, AuditDraft, StateTx
 from castiron.state.sqlite import open_state
 
 from .conftest import World
@@ -31,10 +36,16 @@ __all__ = ["gated"]
 PY = sys.executable
 
 
-def approve_as(world: World, actor: str, environment: str, release: str) -> None:
+def approve_as(
+    world: World, os_user: str, key: str, release: str, actor: str = "anyone@anywhere"
+) -> bool:
+    """Approve ``release`` for production as ``os_user`` with ``keys/KEY.key``; True when
+    it was added."""
     store = open_state(world.root / ".castiron" / "state.db", actor=actor, clock=world.clock)
+    policy = gate_policy(world.spec(), "production", {})
+    signer = load_signer(world.root / "keys" / f"{key}.key")
     with store:
-        approve(store, environment, release)
+        return approve(store, policy, release, signer, os_user).added
 
 
 def promotion(world: World, source: str = "staging", release: str | None = None) -> Promotion:
@@ -53,9 +64,11 @@ def test_promotion_through_every_gate_deploys_the_same_digest(gated: World) -> N
             "soak": "10m",
             "require_signature": ["keys/prod.pub"],
             "approvals": 1,
+            "approvers": ["keys/alice.pub"],
             "checks": [[*check, "${URL}"], [PY, "-c", "pass"]],
         },
     )
+    make_keys(world, "alice")
     staged = world.deploy("staging", "v1")
     assert isinstance(staged, DeployResult)
     world.clock.advance(11 * 60)
@@ -64,7 +77,7 @@ def test_promotion_through_every_gate_deploys_the_same_digest(gated: World) -> N
     assert prepared.source_release.id == staged.release
     target = prepared.target
     assert target.release.digest == staged.digest and target.release.id != staged.release
-    approve_as(world, "bob@elsewhere", "production", target.release.id)
+    approve_as(world, "alice", "alice", target.release.id)
     result = promote(engine, prepared)
     assert result.result.outcome == "succeeded"
     assert [g["gate"] for g in result.gates] == [
@@ -90,7 +103,8 @@ def test_promotion_through_every_gate_deploys_the_same_digest(gated: World) -> N
 
 def test_plain_deploy_to_a_gated_environment_is_gated_too(gated: World) -> None:
     world = gated
-    write_policy(world, {"approvals": 1})
+    write_policy(world, {"approvals": 1, "approvers": ["keys/alice.pub"]})
+    make_keys(world, "alice")
     world.deploy("staging", "v1")
     with pytest.raises(PolicyRefusedError) as err:
         world.deploy("production", "v2")
@@ -153,32 +167,106 @@ def test_down_ends_a_soak_period(gated: World) -> None:
     assert [(b - a).total_seconds() for a, b in periods] == [pytest.approx(60, abs=1)]
 
 
-def test_approvals_count_distinct_actors_other_than_the_deployer(gated: World) -> None:
+def approvers(world: World, approvals: int = 2) -> None:
+    write_policy(
+        world,
+        {
+            "approvals": approvals,
+            "approvers": ["keys/alice.pub", "keys/bob.pub", "keys/carol.pub", "keys/dave.pub"],
+        },
+    )
+    for name in ("alice", "bob", "carol", "dave", "mallory"):
+        make_keys(world, name)
+
+
+def test_approvals_count_distinct_keys_and_users_other_than_the_deployer(gated: World) -> None:
     world = gated
-    write_policy(world, {"approvals": 2})
+    approvers(world)
     world.deploy("staging", "v1")
     prepared = promotion(world)
     release = prepared.target.release.id
-    approve_as(world, "tester@testhost", "production", release)  # the deployer
-    approve_as(world, "bob@a", "production", release)
-    approve_as(world, "bob@a", "production", release)  # twice counts once
+    deployer = current_os_user()
+    # Whatever label each one claims, these are one key or one user (or the deployer).
+    assert approve_as(world, deployer, "alice", release, actor="alice@a")
+    assert approve_as(world, "bob", "bob", release, actor="bob@b")
+    assert not approve_as(world, "bob", "bob", release, actor="robert@b")  # one key: once
+    assert approve_as(world, "bob", "carol", release, actor="carol@c")  # one user, two keys
     with pytest.raises(PolicyRefusedError) as err:
         promote(world.engine(), prepared)
     assert err.value.rule == "approvals"
-    assert "it has 1 (bob@a)" in str(err.value)
-    assert "tester@testhost's own approval does not count" in str(err.value)
-    approve_as(world, "carol@b", "production", release)
+    assert str(err.value) == (
+        f"refused by policy (approvals): release {release} for production needs 2 "
+        "approval(s) signed by approver keys of distinct users (or by distinct approver API "
+        "tokens) other than the deployer "
+        f"({deployer}), it has 1 (bob (keys/bob.pub)); not counted: "
+        f"{deployer}: the deployer's own approval does not count; bob: already counted with "
+        f"another key: run `castiron approve production {release} --key KEY`"
+    )
+    assert approve_as(world, "dave", "dave", release)
     done = promote(world.engine(), prepared)
     assert done.result.outcome == "succeeded"
     approvals = [
         e for e in world.store.audit_entries("production") if e.action == "release.approve"
     ]
-    assert len(approvals) == 4 and [e.details["added"] for e in approvals].count(False) == 1
+    assert [e.details["added"] for e in approvals] == [True, True, False, True, True]
+    assert approvals[1].details["identity"].startswith("key:sha256:")
+    assert approvals[1].details["os_user"] == "bob"
+
+
+def test_a_label_or_a_forged_signature_never_counts(gated: World) -> None:
+    world = gated
+    approvers(world, approvals=1)
+    world.deploy("staging", "v1")
+    prepared = promotion(world)
+    release = ReleaseId(prepared.target.release.id)
+    alice = load_signer(world.root / "keys" / "alice.key")
+    bob = load_signer(world.root / "keys" / "bob.key")
+    good = base64.b64encode(alice.sign(approval_payload("production", release, "alice")))
+    other_release = base64.b64encode(bob.sign(approval_payload("production", "0" * 16, "bob")))
+    rows = [
+        # A label, as `CASTIRON_ACTOR=alice castiron approve` once recorded.
+        ApprovalRow("production", release, "alice@h", world.clock.now()),
+        # alice's signature claimed by another OS user.
+        ApprovalRow(
+            "production", release, "x", world.clock.now(), "", Identity("key", alice.keyid),
+            "eve", good.decode(),
+        ),
+        # bob's signature of another release.
+        ApprovalRow(
+            "production", release, "y", world.clock.now(), "", Identity("key", bob.keyid),
+            "bob", other_release.decode(),
+        ),
+    ]  # fmt: skip
+
+    def insert(tx: StateTx) -> None:
+        for row in rows:
+            assert tx.add_approval(row)
+
+    world.store.mutate(AuditDraft("test.forge", environment="production"), insert)
+    with pytest.raises(PolicyRefusedError) as err:
+        promote(world.engine(), prepared)
+    reason = str(err.value)
+    assert "it has 0; not counted: alice@h: not signed" in reason
+    assert "eve: the signature by keys/alice.pub does not verify" in reason
+    assert "bob: the signature by keys/bob.pub does not verify" in reason
+
+
+def test_only_an_approver_key_may_approve(gated: World) -> None:
+    world = gated
+    approvers(world, approvals=1)
+    mallory = load_signer(world.root / "keys" / "mallory.key")
+    with pytest.raises(UsageError) as err:
+        approve_as(world, "mallory", "mallory", "0123456789abcdef")
+    assert str(err.value) == (
+        f"key {mallory.keyid} is not an approver of 'production' "
+        "(policy.approvers: keys/alice.pub, keys/bob.pub, keys/carol.pub, keys/dave.pub)"
+    )
 
 
 def test_approve_needs_a_release_id(gated: World) -> None:
+    approvers(gated, approvals=1)
     with pytest.raises(UsageError, match="not a release id"):
-        approve(gated.store, "production", "v1")
+        approve_as(gated, "alice", "alice", "v1")
 
 
 def test_promote_from_another_environment_is_refused(gated: World) -> None:
@@ -220,10 +308,19 @@ def test_promote_a_named_release_and_nothing_to_promote(gated: World) -> None:
 
 def test_gate_policy_from_the_cached_deploy_spec(gated: World) -> None:
     world = gated
-    write_policy(world, {"soak": "90s", "approvals": 2, "require_signature": True})
+    write_policy(
+        world,
+        {
+            "soak": "90s",
+            "approvals": 2,
+            "approvers": ["keys/a.pub", "keys/b.pub"],
+            "require_signature": True,
+        },
+    )
     spec = cached_deploy_spec(world.root / "castiron.yaml", {}, world.root / ".castiron" / "c")
     gates = gate_policy(spec, "production", {})
     assert gates.source == "staging" and gates.soak == 90 and gates.approvals == 2
+    assert gates.approvers == ("keys/a.pub", "keys/b.pub")
     assert gates.require_signature is True
     assert gate_policy(spec, "staging", {}).active == []
 

@@ -15,6 +15,7 @@ import pytest
 
 from castiron.images import oci
 from castiron.model import Digest
+from castiron.settings import current_os_user
 
 from .conftest import World
 from .promotekit import forge, gated, make_keys, sign, write_policy
@@ -152,51 +153,107 @@ def test_failing_check_is_refused_with_its_exit_code_and_output(gated: World, cl
     assert run["argv"][-1] == "http://127.0.0.1:18080"
 
 
-def test_missing_approvals_are_refused_until_someone_else_approves(gated: World, cli: Run) -> None:
-    write_policy(gated, {"approvals": 1})
+def approvers(world: World, approvals: int) -> None:
+    write_policy(world, {"approvals": approvals, "approvers": ["keys/alice.pub", "keys/bob.pub"]})
+    for name in ("alice", "bob", "mallory"):
+        make_keys(world, name)
+
+
+def test_a_label_is_not_an_identity_and_the_deployers_own_approval_never_counts(
+    gated: World, cli: Run
+) -> None:
+    approvers(gated, 1)
     gated.deploy("staging", "v1")
     assert_refused(gated, promote(cli), "approvals", "needs 1 approval(s)")
     plan = promote(cli)
-    release = plan.stderr.split("run `castiron approve production ")[1].split("`")[0]
-    mine = cli("approve", "production", release, "--json")
-    assert mine.exit_code == 0, mine.stderr
-    assert json.loads(mine.stdout)["approvers"] == ["tester@testhost"]
-    assert_refused(
-        gated, promote(cli), "approvals", "tester@testhost's own approval does not count"
+    release = plan.stderr.split("run `castiron approve production ")[1].split(" ")[0]
+    me = current_os_user()
+    # Claiming to be alice, then bob, through CASTIRON_ACTOR: still one OS user, the deployer.
+    first = cli(
+        "approve", "production", release, "--key", f"{gated.root}/keys/alice.key", actor="alice@h"
     )
-    first = cli("approve", "production", release, actor="bob@h")
-    again = cli("approve", "production", release, "--json", actor="bob@h")
-    assert first.exit_code == again.exit_code == 0
-    assert "approved release" in first.stdout
-    assert json.loads(again.stdout)["added"] is False
+    assert first.exit_code == 0, first.stderr
+    assert first.stdout.startswith(f"{me} approved release {release} for production with key ")
+    second = cli(
+        "approve",
+        "production",
+        release,
+        "--key",
+        f"{gated.root}/keys/bob.key",
+        "--json",
+        actor="bob@h",
+    )
+    data = json.loads(second.stdout)
+    assert data["os_user"] == me and data["actor"] == "bob@h" and data["added"] is True
+    assert data["identity"]["kind"] == "key" and data["identity"]["id"].startswith("sha256:")
+    assert [a["os_user"] for a in data["approvals"]] == [me, me]
+    assert_refused(
+        gated,
+        promote(cli),
+        "approvals",
+        f"it has 0; not counted: {me}: the deployer's own approval does not count; "
+        f"{me}: the deployer's own approval does not count",
+    )
     approvals = [
         e for e in gated.store.audit_entries("production") if e.action == "release.approve"
     ]
-    assert [e.actor for e in approvals] == ["tester@testhost", "bob@h", "bob@h"]
+    assert [e.details["os_user"] for e in approvals] == [me, me]
 
 
-def test_same_approver_twice_counts_once(gated: World, cli: Run) -> None:
-    write_policy(gated, {"approvals": 2})
+def test_one_key_approving_twice_is_recorded_once(gated: World, cli: Run) -> None:
+    approvers(gated, 2)
     gated.deploy("staging", "v1")
     plan = cli("plan", "production", "--image", "v1")
     assert plan.exit_code == 0, plan.stderr
     release = plan.stdout.split(" -> ")[1].split(" ")[0]
-    for _ in range(2):
-        assert cli("approve", "production", release, actor="bob@h").exit_code == 0
-    assert_refused(gated, promote(cli), "approvals", "it has 1 (bob@h)")
+    once = cli(
+        "approve", "production", release, "--key", f"{gated.root}/keys/bob.key", actor="bob@h"
+    )
+    twice = cli(
+        "approve", "production", release, "--key", f"{gated.root}/keys/bob.key", actor="robert@h"
+    )
+    assert once.exit_code == twice.exit_code == 0, twice.stderr
+    assert "(this key had already approved it; counted once)" in twice.stdout
+    assert len(gated.store.approvals("production", release)) == 1
 
 
 def test_approve_checks_its_arguments(gated: World, cli: Run) -> None:
-    bad_env = cli("approve", "nowhere", "0123456789abcdef")
+    approvers(gated, 1)
+    key = ("--key", f"{gated.root}/keys/alice.key")
+    bad_env = cli("approve", "nowhere", "0123456789abcdef", *key)
     assert bad_env.exit_code == 2 and "no environment 'nowhere'" in bad_env.stderr
-    bad_release = cli("approve", "production", "v1")
+    bad_release = cli("approve", "production", "v1", *key)
     assert bad_release.exit_code == 2 and "not a release id" in bad_release.stderr
+    no_key = cli("approve", "production", "0123456789abcdef")
+    assert no_key.exit_code == 2 and "Missing option '--key'" in no_key.stderr
+    other = cli(
+        "approve", "production", "0123456789abcdef", "--key", f"{gated.root}/keys/mallory.key"
+    )
+    assert other.exit_code == 2
+    assert other.stderr.startswith("error: key sha256:")
+    assert other.stderr.endswith(
+        " is not an approver of 'production' (policy.approvers: keys/alice.pub, keys/bob.pub)\n"
+    )
+    write_policy(gated, {})
+    ungated = cli("approve", "production", "0123456789abcdef", *key)
+    assert ungated.stderr == (
+        "error: environment 'production' lists no approvers (policy.approvers): an approval "
+        "would count for nothing there\n"
+    )
 
 
 def test_plan_shows_the_gates(gated: World, cli: Run) -> None:
     write_policy(
-        gated, {"soak": "10m", "approvals": 1, "checks": [["true"]], "require_signature": True}
+        gated,
+        {
+            "soak": "10m",
+            "approvals": 1,
+            "approvers": ["keys/alice.pub"],
+            "checks": [["true"]],
+            "require_signature": True,
+        },
     )
+    make_keys(gated, "alice")
     gated.deploy("staging", "v1")
     human = cli("plan", "production", "--image", "v1")
     assert human.exit_code == 0, human.stderr

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from castiron.engine.runtimes import (
+    ReleaseKubernetes,
     ReleaseNetworks,
     archive_exporter,
     docker_cache,
@@ -49,8 +50,25 @@ def test_the_docker_driver_is_wired_from_settings(world: World, tmp_path: Path) 
     assert driver.endpoint.base_url == "tcp://127.0.0.1:1"
     assert isinstance(driver.options, ReleaseNetworks)
     assert docker_cache(settings) == tmp_path / "home" / "cache" / "docker"
-    with pytest.raises(UsageError, match=r"runtime 'kubernetes' is not available yet"):
-        runtime_driver("kubernetes", settings, world.store)
+    with pytest.raises(UsageError, match=r"runtime 'nomad' is not available yet"):
+        runtime_driver("nomad", settings, world.store)
+
+
+def test_the_kubernetes_driver_is_wired_from_settings(world: World, tmp_path: Path) -> None:
+    from castiron.drivers.kubernetes.driver import KubernetesDriver
+
+    environ = {
+        "KUBECONFIG": f"{tmp_path / 'a'}:{tmp_path / 'b'}",
+        "CASTIRON_KUBERNETES_DOCKER_HOST": "unix:///nonexistent.sock",
+    }
+    settings = Settings(home=tmp_path / "home", environ=environ)
+    driver = runtime_driver("kubernetes", settings, world.store)
+    assert isinstance(driver, KubernetesDriver)
+    assert isinstance(driver.options, ReleaseKubernetes)
+    assert driver.load is not None  # images go into the node's Docker engine
+    assert driver.client(driver.options_for("staging")).where == str(tmp_path / "a")
+    bare = runtime_driver("kubernetes", Settings(home=tmp_path / "h2", environ={}), world.store)
+    assert isinstance(bare, KubernetesDriver) and bare.load is None  # nodes pull by digest
 
 
 def test_container_options_follow_the_release_network(world: World) -> None:

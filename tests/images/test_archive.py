@@ -167,7 +167,8 @@ def _corrupt_largest(members: Members) -> Members:
 def _drop_a_layer(members: Members) -> Members:
     blobs = {info.name: data for info, data in members}
     index = json.loads(blobs["index.json"])
-    manifest_name = "blobs/sha256/" + index["manifests"][0]["digest"].split(":")[1]
+    nested = json.loads(blobs["blobs/sha256/" + index["manifests"][0]["digest"].split(":")[1]])
+    manifest_name = "blobs/sha256/" + nested["manifests"][0]["digest"].split(":")[1]
     layer = json.loads(blobs[manifest_name])["layers"][0]["digest"].split(":")[1]
     return [m for m in members if m[0].name != f"blobs/sha256/{layer}"]
 
@@ -364,3 +365,59 @@ def test_docker_ref_base(
         assert "/bin/busybox" in file_manifest(target, result.digest)
     finally:
         docker_engine.images.remove(loaded.id, force=True)
+
+
+def test_oci_archive_lists_one_entry_holding_the_image_and_its_referrers(
+    tmp_path: Path, baked: tuple[ImageStore, str]
+) -> None:
+    store, digest = baked
+    archive = tmp_path / "one.tar"
+    export_archive(store, digest, "oci-archive", archive)
+    members = {info.name: data for info, data in _members(archive)}
+    (entry,) = json.loads(members["index.json"])["manifests"]
+    assert entry["mediaType"] == oci.INDEX
+    assert entry["annotations"] == {oci.ANN_REF_NAME: "v1"}
+    nested = json.loads(members["blobs/sha256/" + entry["digest"].split(":")[1]])
+    image, *referrers = nested["manifests"]
+    assert image["digest"] == digest and image["platform"]["os"] == "linux"
+    assert image["annotations"] == {"dev.castiron.tags": "v1"}
+    assert [r["annotations"][oci.ANN_SUBJECT] for r in referrers] == [digest] * len(referrers)
+    assert referrers, "provenance travels with the archive"
+
+
+@pytest.mark.registry
+def test_skopeo_opens_an_oci_archive_without_a_ref(
+    tmp_path: Path, baked: tuple[ImageStore, str]
+) -> None:
+    import shutil
+    import subprocess
+
+    if shutil.which("skopeo") is None:
+        pytest.skip("skopeo is not installed (apt-get install skopeo)")
+    store, digest = baked
+    from castiron.images.sign import generate_keypair, load_signer, sign_image, verify_image
+
+    pair = generate_keypair(tmp_path / "k")
+    sign_image(store, digest, load_signer(pair.private_path), reference="hello:v1")
+    archive = tmp_path / "signed.tar"
+    export_archive(store, digest, "oci-archive", archive)
+    inspect = subprocess.run(
+        ["skopeo", "inspect", f"oci-archive:{archive}"], capture_output=True, text=True
+    )
+    assert inspect.returncode == 0, inspect.stderr
+    # skopeo names the archive's one entry (the nested index) and shows the host's image
+    assert json.loads(inspect.stdout)["Layers"] == [x.digest for x in store.image(digest).layers]
+    copied = tmp_path / "copied"
+    copy = subprocess.run(
+        ["skopeo", "copy", f"oci-archive:{archive}", f"oci:{copied}:v1"],
+        capture_output=True,
+        text=True,
+    )
+    assert copy.returncode == 0, copy.stderr
+    (entry,) = json.loads((copied / "index.json").read_text())["manifests"]
+    assert entry["digest"] == digest
+    # and the signature travels: importing the archive elsewhere still verifies
+    target = ImageStore(tmp_path / "dst")
+    (imported,) = import_archive(target, archive)
+    assert imported.digest == digest and imported.tags == ("v1",)
+    assert verify_image(target, digest, [pair.public_path]).ok

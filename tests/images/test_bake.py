@@ -265,12 +265,12 @@ def test_git_context_gives_tag_epoch_revision_and_dirty(tmp_path: Path) -> None:
     (ctx / "server.py").write_text("print('dirty')\n")
     dirty = run_bake(home / "images", ctx, source_date_epoch=None, skip=(home,))
     assert dirty.dirty
-    assert dirty.tags == (f"{short}-dirty-{dirty.config_digest.split(':')[1][:8]}",)
+    assert dirty.tags == (f"{short}-dirty-{dirty.digest.split(':')[1][:12]}",)
 
 
-def test_no_git_falls_back_to_the_config_digest(tmp_path: Path) -> None:
+def test_no_git_falls_back_to_the_image_digest(tmp_path: Path) -> None:
     result = run_bake(tmp_path / "store", write_tree(tmp_path / "ctx", APP_FILES))
-    assert result.tags == ("sha-" + result.config_digest.split(":")[1][:12],)
+    assert result.tags == ("sha-" + result.digest.split(":")[1][:12],)
     assert result.revision is None
 
 

@@ -8,6 +8,7 @@ import io
 import os
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from castiron.errors import ImageError, UnsafeArchiveError
-from castiron.images.unpack import UnpackLimits, unpack_layers, unpack_rootfs
+from castiron.images.unpack import UnpackLimits, check_layers, unpack_layers, unpack_rootfs
 
 from .malicious import CASE_IDS, build_case, directory, file, hardlink, layer, symlink
 
@@ -168,3 +169,65 @@ def test_random_input_only_raises_image_errors(layers: list[bytes]) -> None:
         with contextlib.suppress(ImageError):
             unpack_layers([io.BytesIO(d) for d in layers], root, limits=limits)
         assert snapshot(base, root) == before
+
+
+# --- the same rules without writing (import, bake bases) ----------------------------------------
+
+
+@pytest.mark.parametrize("case_id", CASE_IDS)
+def test_check_layers_refuses_what_unpacking_refuses(sandbox: Path, case_id: str) -> None:
+    case = build_case(case_id, sandbox / "outside", f"castiron-canary-{uuid.uuid4().hex}")
+    with pytest.raises(UnsafeArchiveError) as unpacked:
+        unpack_layers([io.BytesIO(d) for d in case.layers], sandbox / "root", limits=case.limits)
+    before = snapshot(sandbox, sandbox / "nothing")
+
+    with pytest.raises(UnsafeArchiveError) as checked:
+        check_layers([io.BytesIO(d) for d in case.layers], limits=case.limits)
+
+    assert (checked.value.message, checked.value.entry) == (
+        unpacked.value.message,
+        unpacked.value.entry,
+    )
+    assert snapshot(sandbox, sandbox / "nothing") == before
+
+
+def _verdict(action: Callable[[], object]) -> str:
+    try:
+        return f"ok {action()}"
+    except UnsafeArchiveError as exc:
+        return f"refused {exc.message}"
+    except ImageError:
+        return "invalid"
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize=True,
+)
+@given(layers=st.lists(tarish(), min_size=1, max_size=3))
+def test_check_layers_agrees_with_unpacking(layers: list[bytes]) -> None:
+    limits = UnpackLimits(max_total_bytes=1 << 20, max_entries=1000)
+    with tempfile.TemporaryDirectory() as tmp:
+        unpacked = _verdict(
+            lambda: unpack_layers([io.BytesIO(d) for d in layers], Path(tmp) / "r", limits=limits)
+        )
+    checked = _verdict(lambda: check_layers([io.BytesIO(d) for d in layers], limits=limits))
+    assert checked == unpacked
+
+
+def test_check_layers_follows_lower_layers() -> None:
+    lower = layer(directory("usr/"), symlink("usr/lib64", "/lib"), file("usr/f", b"abc"))
+    assert (
+        check_layers([io.BytesIO(lower), io.BytesIO(layer(hardlink("h", "usr/f")))]).hardlinks == 1
+    )
+    with pytest.raises(UnsafeArchiveError) as caught:
+        check_layers([io.BytesIO(lower), io.BytesIO(layer(file("usr/lib64/x", b"x")))])
+    assert caught.value.message == (
+        "layer entry 'usr/lib64/x': its parent 'usr/lib64' is a symlink; "
+        "entries are never written through symlinks"
+    )
+    hidden = layer(file("usr/.wh.f"))
+    with pytest.raises(UnsafeArchiveError, match="'usr/f', which does not exist"):
+        check_layers([io.BytesIO(d) for d in (lower, hidden, layer(hardlink("h", "usr/f")))])

@@ -30,13 +30,13 @@ ROUTER = "app: hello\nenvironments:\n  staging:\n    listen: 127.0.0.1:8080\n   
         pytest.param(
             "app: hello\nzzz: 1\n",
             "castiron.yaml:2:1: zzz: unknown key 'zzz' "
-            "(expected one of: app, image, service, environments)",
+            "(expected one of: app, image, service, environments, terraform)",
             id="unknown-key-listed",
         ),
         pytest.param(
             "app: hello\nextensions: {a: 1}\n",
             "castiron.yaml:2:1: extensions: unknown key 'extensions' "
-            "(expected one of: app, image, service, environments)",
+            "(expected one of: app, image, service, environments, terraform)",
             id="extensions-is-not-a-key",
         ),
         pytest.param(
@@ -164,7 +164,7 @@ ROUTER = "app: hello\nenvironments:\n  staging:\n    listen: 127.0.0.1:8080\n   
         ),
         pytest.param(
             "app: hello\nservice: {secrets: {DB: {}}}\n",
-            "castiron.yaml:2:25: service.secrets.DB: give exactly one of env or file",
+            "castiron.yaml:2:25: service.secrets.DB: give exactly one of env, file or tf",
             id="secret-source",
         ),
         pytest.param(

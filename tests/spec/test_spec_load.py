@@ -142,7 +142,7 @@ def test_durations_and_defaults() -> None:
     health = spec.service.health
     assert (health.interval, health.timeout, health.start_period) == (0.5, 2.0, 60.0)
     env = spec.environments["s"]
-    assert (env.keep_warm, env.drain_timeout, env.deploy_timeout) == (3600.0, 1.5, 60.0)
+    assert (env.keep_warm, env.drain_timeout, env.deploy_timeout) == (3600.0, 1.5, None)
     assert env.listen == "127.0.0.1:8080"
 
 

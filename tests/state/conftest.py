@@ -1,7 +1,7 @@
 """Fixtures for the state conformance suite: one store per backend, on real files.
 
-Every backend (only SQLite so far; PostgreSQL will join) must pass the same tests, so tests
-ask for ``open_store`` and never name a backend.
+Every backend (SQLite, and PostgreSQL on the session's own server) must pass the same tests,
+so tests ask for ``open_store`` and never name a backend.
 """
 
 from __future__ import annotations
@@ -18,14 +18,16 @@ from castiron.state.sqlite import open_state
 OpenStore = Callable[..., StateStore]
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def backend(request: pytest.FixtureRequest) -> str:
     """The state backend under test."""
     return str(request.param)
 
 
 @pytest.fixture
-def open_store(backend: str, tmp_path: Path) -> Iterator[OpenStore]:
+def open_store(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[OpenStore]:
     """Open a store of the backend in ``tmp_path/home`` (closed after the test)."""
     opened: list[StateStore] = []
 
@@ -33,8 +35,11 @@ def open_store(backend: str, tmp_path: Path) -> Iterator[OpenStore]:
         kwargs.setdefault("actor", "tester@testhost")
         if backend == "sqlite":
             store = open_state(tmp_path / "home" / "state.db", **kwargs)
-        else:  # pragma: no cover - future backends
-            raise AssertionError(backend)
+        else:
+            from castiron.state.postgres import open_postgres
+
+            kwargs.setdefault("key_path", tmp_path / "home" / "audit.key")
+            store = open_postgres(request.getfixturevalue("postgres_url"), **kwargs)
         opened.append(store)
         return store
 

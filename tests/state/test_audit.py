@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sqlite3
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,31 +18,82 @@ from hypothesis import strategies as st
 
 from castiron.errors import AuditError
 from castiron.state import audit
-from castiron.state.base import AuditDraft, ManualClock
-from castiron.state.sqlite import CANONICAL_SQL, open_state
+from castiron.state.base import AuditDraft
+from castiron.state.postgres import open_postgres
+from castiron.state.sqlite import CANONICAL_SQL, SqlStateStore, open_state
 
 from .conftest import append
 
 N = 6
 
 
-@pytest.fixture
-def chain(home: Path) -> Path:
-    """A CASTIRON_HOME whose chain has N entries; returns the database path."""
-    path = home / "state.db"
-    with open_state(path, actor="alice@host", clock=ManualClock()) as store:
-        append(store, N)
-    return path
+@dataclass
+class Chain:
+    """A CASTIRON_HOME (on either backend) whose chain has N entries, and raw SQL on it."""
 
+    home: Path
+    backend: str
+    url: str | None
 
-def _sql(path: Path, *statements: str, params: tuple[Any, ...] = ()) -> None:
-    conn = sqlite3.connect(path)
-    try:
-        with conn:
+    @property
+    def key(self) -> Path:
+        return self.home / "audit.key"
+
+    def open(self, actor: str = "alice@host") -> SqlStateStore:
+        if self.url is None:
+            return open_state(self.home / "state.db", actor=actor)
+        return open_postgres(self.url, actor=actor, key_path=self.key)
+
+    def rows(self, statement: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        """Run ``statement`` (``?`` placeholders) outside castiron; returns its rows."""
+        if self.url is None:
+            conn = sqlite3.connect(self.home / "state.db")
+            try:
+                with conn:
+                    return conn.execute(statement, params).fetchall()
+            finally:
+                conn.close()
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as pg:
+            cur = pg.execute(statement.replace("?", "%s"), params)
+            return cur.fetchall() if cur.description else []
+
+    def sql(self, *statements: str, params: tuple[Any, ...] = ()) -> None:
+        """Run ``statements`` in one transaction outside castiron (tampering)."""
+        if self.url is None:
+            conn = sqlite3.connect(self.home / "state.db")
+            try:
+                with conn:
+                    for statement in statements:
+                        conn.execute(statement, params)
+            finally:
+                conn.close()
+            return
+        import psycopg
+
+        with psycopg.connect(self.url) as pg, pg.transaction():
             for statement in statements:
-                conn.execute(statement, params)
-    finally:
-        conn.close()
+                pg.execute(statement.replace("?", "%s"), params)
+
+
+@pytest.fixture
+def chain(
+    home: Path, backend: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Chain:
+    """A CASTIRON_HOME whose chain has N entries (the CLI pointed at it)."""
+    url = None
+    if backend == "postgres":
+        url = str(request.getfixturevalue("postgres_url"))
+        monkeypatch.setenv("CASTIRON_STATE", url)
+    made = Chain(home, backend, url)
+    with made.open() as store:
+        append(store, N)
+    return made
+
+
+def _sql(chain: Chain, *statements: str, params: tuple[Any, ...] = ()) -> None:
+    chain.sql(*statements, params=params)
 
 
 def _verify(run_cli: Callable[..., Any]) -> tuple[int, int | None, str]:
@@ -51,7 +102,7 @@ def _verify(run_cli: Callable[..., Any]) -> tuple[int, int | None, str]:
     return result.exit_code, report["bad_seq"], result.stderr
 
 
-def test_an_untouched_chain_verifies(run_cli, chain: Path) -> None:  # type: ignore[no-untyped-def]
+def test_an_untouched_chain_verifies(run_cli, chain: Chain) -> None:  # type: ignore[no-untyped-def]
     result = run_cli("audit", "verify")
     assert (result.exit_code, result.stdout) == (0, f"ok: {N} entries\n")
     as_json = json.loads(run_cli("audit", "verify", "--json").stdout)
@@ -81,7 +132,7 @@ EDITS = {
 
 @pytest.mark.parametrize("column", sorted(EDITS))
 def test_editing_any_field_is_caught_at_its_seq(  # type: ignore[no-untyped-def]
-    run_cli, chain: Path, column: str
+    run_cli, chain: Chain, column: str
 ) -> None:
     _sql(chain, f"UPDATE audit SET {column} = {EDITS[column]} WHERE seq = 3")
     code, seq, stderr = _verify(run_cli)
@@ -89,7 +140,7 @@ def test_editing_any_field_is_caught_at_its_seq(  # type: ignore[no-untyped-def]
     assert "error: audit chain does not verify at seq 3" in stderr
 
 
-def test_deleting_the_last_rows_is_caught(run_cli, chain: Path) -> None:  # type: ignore[no-untyped-def]
+def test_deleting_the_last_rows_is_caught(run_cli, chain: Chain) -> None:  # type: ignore[no-untyped-def]
     _sql(chain, f"DELETE FROM audit WHERE seq > {N - 2}")
     code, seq, stderr = _verify(run_cli)
     assert (code, seq) == (1, N - 1)
@@ -97,7 +148,7 @@ def test_deleting_the_last_rows_is_caught(run_cli, chain: Path) -> None:  # type
 
 
 def test_deleting_every_row_and_the_head_is_caught(  # type: ignore[no-untyped-def]
-    run_cli, chain: Path
+    run_cli, chain: Chain
 ) -> None:
     _sql(chain, "DELETE FROM audit", "DELETE FROM audit_head")
     code, seq, stderr = _verify(run_cli)
@@ -105,14 +156,14 @@ def test_deleting_every_row_and_the_head_is_caught(  # type: ignore[no-untyped-d
     assert "audit.head" in stderr
 
 
-def test_deleting_a_middle_row_is_caught(run_cli, chain: Path) -> None:  # type: ignore[no-untyped-def]
+def test_deleting_a_middle_row_is_caught(run_cli, chain: Chain) -> None:  # type: ignore[no-untyped-def]
     _sql(chain, "DELETE FROM audit WHERE seq = 3")
     code, seq, stderr = _verify(run_cli)
     assert (code, seq) == (1, 3)
     assert "entry 3 is missing" in stderr
 
 
-def test_reordering_rows_is_caught(run_cli, chain: Path) -> None:  # type: ignore[no-untyped-def]
+def test_reordering_rows_is_caught(run_cli, chain: Chain) -> None:  # type: ignore[no-untyped-def]
     _sql(
         chain,
         "UPDATE audit SET seq = -1 WHERE seq = 3",
@@ -122,25 +173,27 @@ def test_reordering_rows_is_caught(run_cli, chain: Path) -> None:  # type: ignor
     assert _verify(run_cli)[:2] == (1, 3)
 
 
-def _rewrite(path: Path, change: Callable[[list[Any]], None]) -> None:
+def _rewrite(chain: Chain, change: Callable[[list[Any]], None]) -> None:
     """Rewrite every entry after ``change``, with valid hashes (what a careful forger does)."""
-    conn = sqlite3.connect(path)
     rows = [
         list(r)
-        for r in conn.execute(
+        for r in chain.rows(
             "SELECT seq, time, actor, action, environment, subject, from_value, to_value, result,"
             " details, prev, hash FROM audit ORDER BY seq"
         )
     ]
     change(rows)
     prev = audit.GENESIS
-    with conn:
-        conn.execute("DELETE FROM audit")
-        for row in rows:
-            row[10] = prev
-            row[11] = prev = audit.entry_hash(prev, audit.canonical_bytes(tuple(row)))
-            conn.execute("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
-    conn.close()
+    inserts = []
+    for row in rows:
+        row[10] = prev
+        row[11] = prev = audit.entry_hash(prev, audit.canonical_bytes(tuple(row)))
+        inserts.append(row)
+    chain.sql("DELETE FROM audit")
+    for row in inserts:
+        chain.sql(
+            "INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", params=tuple(row)
+        )
 
 
 def _set_actor(rows: list[Any]) -> None:
@@ -148,7 +201,7 @@ def _set_actor(rows: list[Any]) -> None:
 
 
 def test_rewriting_the_whole_chain_is_caught_by_the_head(  # type: ignore[no-untyped-def]
-    run_cli, chain: Path
+    run_cli, chain: Chain
 ) -> None:
     _rewrite(chain, _set_actor)
     code, seq, stderr = _verify(run_cli)
@@ -157,13 +210,11 @@ def test_rewriting_the_whole_chain_is_caught_by_the_head(  # type: ignore[no-unt
 
 
 def test_rewriting_and_re_signing_with_another_key_is_caught(  # type: ignore[no-untyped-def]
-    run_cli, chain: Path
+    run_cli, chain: Chain
 ) -> None:
     _rewrite(chain, _set_actor)
-    conn = sqlite3.connect(chain)
-    last_hash = conn.execute("SELECT hash FROM audit WHERE seq = ?", (N,)).fetchone()[0]
-    conn.close()
-    forged = audit.AuditKey(chain.with_name("x"), Ed25519PrivateKey.generate()).sign_head(
+    last_hash = chain.rows("SELECT hash FROM audit WHERE seq = ?", (N,))[0][0]
+    forged = audit.AuditKey(chain.home / "x", Ed25519PrivateKey.generate()).sign_head(
         N, last_hash
     )
     _sql(
@@ -176,7 +227,7 @@ def test_rewriting_and_re_signing_with_another_key_is_caught(  # type: ignore[no
     assert "signed by another key" in stderr
 
 
-def test_a_forged_signature_is_caught(run_cli, chain: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_forged_signature_is_caught(run_cli, chain: Chain) -> None:  # type: ignore[no-untyped-def]
     _sql(chain, "UPDATE audit_head SET signature = ?", params=("00" * 64,))
     code, seq, stderr = _verify(run_cli)
     assert (code, seq) == (1, N)
@@ -184,13 +235,17 @@ def test_a_forged_signature_is_caught(run_cli, chain: Path) -> None:  # type: ig
 
 
 def test_restoring_an_older_database_is_caught_by_the_head_file(  # type: ignore[no-untyped-def]
-    run_cli, chain: Path
+    run_cli, chain: Chain
 ) -> None:
-    old = chain.with_name("old.db")
-    shutil.copy(chain, old)  # the database as it was at seq N (closed, so no WAL pending)
-    with open_state(chain, actor="alice@host") as store:
+    # The database as it was at seq N: validly signed, but older than the head file.
+    (old_head,) = chain.rows("SELECT id, seq, hash, public_key, signature FROM audit_head")
+    with chain.open() as store:
         append(store, 2)
-    shutil.copy(old, chain)  # validly signed, but older than the head file beside the key
+    chain.sql(f"DELETE FROM audit WHERE seq > {N}")
+    chain.sql(
+        "UPDATE audit_head SET seq = ?, hash = ?, public_key = ?, signature = ?",
+        params=tuple(old_head[1:]),
+    )
     code, seq, stderr = _verify(run_cli)
     assert (code, seq) == (1, N + 1)
     assert "audit.head" in stderr
@@ -204,44 +259,44 @@ def _replace_key(key_path: Path) -> None:
     key_path.write_bytes(pem)
 
 
-def test_a_wrong_key_is_caught(run_cli, chain: Path) -> None:  # type: ignore[no-untyped-def]
-    _replace_key(chain.with_name("audit.key"))
+def test_a_wrong_key_is_caught(run_cli, chain: Chain) -> None:  # type: ignore[no-untyped-def]
+    _replace_key(chain.key)
     code, seq, stderr = _verify(run_cli)
     assert (code, seq) == (1, N)
     assert "another key" in stderr
 
 
-def test_a_missing_key_is_caught(run_cli, chain: Path) -> None:  # type: ignore[no-untyped-def]
-    chain.with_name("audit.key").unlink()
+def test_a_missing_key_is_caught(run_cli, chain: Chain) -> None:  # type: ignore[no-untyped-def]
+    chain.key.unlink()
     code, seq, stderr = _verify(run_cli)
     assert (code, seq) == (1, N)
     assert "audit.key is missing" in stderr
 
 
-def test_a_missing_key_is_never_silently_replaced(chain: Path) -> None:
-    chain.with_name("audit.key").unlink()
-    with open_state(chain, actor="a@b") as store, pytest.raises(AuditError, match="restore"):
+def test_a_missing_key_is_never_silently_replaced(chain: Chain) -> None:
+    chain.key.unlink()
+    with chain.open("a@b") as store, pytest.raises(AuditError, match="restore"):
         append(store, 1)
-    assert not chain.with_name("audit.key").exists()
+    assert not chain.key.exists()
 
 
-def test_a_tampered_tail_is_never_signed_over(chain: Path) -> None:
+def test_a_tampered_tail_is_never_signed_over(chain: Chain) -> None:
     _sql(chain, f"UPDATE audit SET actor = 'mallory@host' WHERE seq = {N}")
-    with open_state(chain, actor="a@b") as store:
+    with chain.open("a@b") as store:
         with pytest.raises(AuditError, match="refusing to extend"):
             append(store, 1)
         assert len(store.audit_entries()) == N
 
 
-def test_the_key_is_private(chain: Path) -> None:
-    assert (chain.with_name("audit.key").stat().st_mode & 0o777) == 0o600
+def test_the_key_is_private(chain: Chain) -> None:
+    assert (chain.key.stat().st_mode & 0o777) == 0o600
 
 
 # -- the format, as an outsider checks it -----------------------------------------------------
 
 
 def test_an_export_verifies_with_the_documented_formula(  # type: ignore[no-untyped-def]
-    run_cli, chain: Path, tmp_path: Path
+    run_cli, chain: Chain, tmp_path: Path
 ) -> None:
     out = tmp_path / "audit.jsonl"
     result = run_cli("audit", "export", "--format", "jsonl", "-o", str(out))
@@ -258,7 +313,7 @@ def test_an_export_verifies_with_the_documented_formula(  # type: ignore[no-unty
             claimed
         )
         prev = claimed
-    head = json.loads(chain.with_name("audit.head").read_text(encoding="utf-8"))
+    head = json.loads((chain.home / "audit.head").read_text(encoding="utf-8"))
     assert (head["seq"], head["hash"]) == (N, prev)
 
 

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from castiron.errors import LockedError, NotFoundError
+from castiron.settings import load_settings
 from castiron.state.base import ManualClock, StateStore
 from castiron.state.locks import LockManager, pid_alive
-from castiron.state.sqlite import open_state
+from castiron.state.store import open_state
 
 # -- rules, on a manual clock -------------------------------------------------------------------
 
@@ -160,13 +161,13 @@ def test_a_broken_lease_is_noticed_by_its_holder(open_store) -> None:  # type: i
 
 HOLDER = textwrap.dedent(
     """
-    import sys
-    from pathlib import Path
+    import os, sys
+    from castiron.settings import load_settings
     from castiron.state.locks import LockManager
-    from castiron.state.sqlite import open_state
+    from castiron.state.store import open_state
 
-    home, env, ttl = sys.argv[1], sys.argv[2], float(sys.argv[3])
-    with open_state(Path(home) / "state.db", actor="holder@box") as store:
+    env, ttl = sys.argv[2], float(sys.argv[3])
+    with open_state(load_settings(os.environ), actor="holder@box") as store:
         with LockManager(store).acquire(env, "deploy v2", ttl=ttl):
             print("held", flush=True)
             sys.stdin.readline()
@@ -176,13 +177,24 @@ HOLDER = textwrap.dedent(
 
 
 @pytest.fixture
-def holder(home: Path) -> Iterator[object]:
+def shared(
+    home: Path, backend: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """The test's home, its state on the backend under test (processes find it through the
+    environment: CASTIRON_HOME, and CASTIRON_STATE for PostgreSQL)."""
+    if backend == "postgres":
+        monkeypatch.setenv("CASTIRON_STATE", str(request.getfixturevalue("postgres_url")))
+    return home
+
+
+@pytest.fixture
+def holder(shared: Path) -> Iterator[object]:
     """Start a real process holding a heartbeat lease on 'staging'; yields a starter."""
     procs: list[subprocess.Popen[str]] = []
 
     def start(ttl: float = 15.0) -> subprocess.Popen[str]:
         proc = subprocess.Popen(
-            [sys.executable, "-c", HOLDER, str(home), "staging", str(ttl)],
+            [sys.executable, "-c", HOLDER, str(shared), "staging", str(ttl)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -274,9 +286,9 @@ def test_a_sigkilled_holders_lease_is_free_at_once(holder) -> None:  # type: ign
     assert result.returncode == 0, result.stderr
 
 
-def test_the_heartbeat_outlives_the_ttl_across_processes(holder, home: Path) -> None:  # type: ignore[no-untyped-def]
+def test_the_heartbeat_outlives_the_ttl_across_processes(holder) -> None:  # type: ignore[no-untyped-def]
     proc = holder(ttl=0.6)
-    with open_state(home / "state.db", actor="observer@box") as store:
+    with open_state(load_settings(os.environ), actor="observer@box") as store:
         first = store.get_lease("staging")
         assert first is not None
         deadline = time.monotonic() + 10
@@ -288,7 +300,7 @@ def test_the_heartbeat_outlives_the_ttl_across_processes(holder, home: Path) -> 
     assert f"(pid {proc.pid})" in result.stderr
 
 
-def test_cli_lock_commands(run_cli) -> None:  # type: ignore[no-untyped-def]
+def test_cli_lock_commands(run_cli, shared: Path) -> None:  # type: ignore[no-untyped-def]
     assert run_cli("lock", "status").stdout == "no environment is locked\n"
     took = run_cli("lock", "acquire", "staging", "-m", "db migration", "--ttl", "30m")
     assert took.exit_code == 0
@@ -296,7 +308,7 @@ def test_cli_lock_commands(run_cli) -> None:  # type: ignore[no-untyped-def]
     assert "locked by tester@testhost (manual lock until" in shown.stdout
     assert 'for "db migration"' in shown.stdout
     assert run_cli("lock", "acquire", "staging", "-m", "again").exit_code == 4
-    assert run_cli("lock", "break", "staging", "--reason", "testing").exit_code == 0
+    assert run_cli("lock", "break", "staging", "--reason", "testing", "--yes").exit_code == 0
     assert run_cli("lock", "release", "staging").exit_code == 2
     assert run_cli("lock", "acquire", "Bad_Name", "-m", "x").exit_code == 2
     assert run_cli("lock", "acquire", "staging", "-m", "x", "--ttl", "soon").exit_code == 2

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from castiron.errors import AgentError, NotFoundError, UsageError
+from castiron.filemodes import make_private_dir
 from castiron.settings import Settings
 from castiron.values import value
 
@@ -103,6 +104,10 @@ class SpawnRequest:
     public_env: tuple[str, ...] = ()
     """Names in ``env`` whose *values* may be recorded (for drift detection); every other
     value is treated as a secret: kept in memory only, never written."""
+    secret_env: tuple[str, ...] = ()
+    """Names in ``env`` whose values are resolved secrets: the instance's output reaches its
+    log through a pump that masks them (``***``), and the agent masks them in its own log and
+    events."""
     instance_dir: str = ""
     """An absolute directory private to the instance, created (mode 0700) before it starts and
     removed when it is stopped; a replacement gets its own (see ``replace``)."""
@@ -114,6 +119,10 @@ class SpawnRequest:
     the routes once healthy. Stopping the instance through the API never triggers this."""
     health: HealthCheck | None = None
     """The check a replacement must pass before it gets traffic (``tcp`` when absent)."""
+    memory_bytes: int | None = None
+    """Memory limit of the instance (cgroups; see :mod:`castiron.agent.cgroups`)."""
+    cpus: float | None = None
+    """CPU limit of the instance, in CPUs (cgroups)."""
 
 
 InstanceStateName = Literal["running", "exited"]
@@ -155,6 +164,11 @@ class InstanceRecord:
     replaces: str = ""
     """The id of the exited instance this one replaced (empty for a first instance)."""
     instance_dir: str = ""
+    cgroups: tuple[str, ...] = ()
+    """The control groups enforcing the instance's limits (removed when it exits)."""
+    limits: str = ""
+    """How its limits are enforced: ``memory 64 MiB (cgroup v1)``, ``not enforced: WHY``, or
+    empty when it asked for none."""
 
     @property
     def handle(self) -> str:
@@ -746,6 +760,28 @@ def agent_pid(settings: Settings) -> int | None:
         return 0  # held by an agent that has not written its pid yet
 
 
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+"""``PATH`` of the agent when the deployer's environment has none."""
+
+_KEPT_ENV = frozenset({"PATH", "LANG", "LC_ALL", "LC_CTYPE", "HOME", "TZ"})
+
+
+def minimal_environ(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment the agent and the fd keeper run with: ``PATH``, locale, ``HOME``,
+    ``TZ`` and ``CASTIRON_*`` of ``environ``, nothing else.
+
+    The deployer's cloud credentials and tokens must not sit in a long-lived daemon's
+    ``/proc/PID/environ``; instances get exactly the environment of their spawn request.
+    """
+    kept = {
+        name: text
+        for name, text in environ.items()
+        if name in _KEPT_ENV or name.startswith("CASTIRON_")
+    }
+    kept.setdefault("PATH", DEFAULT_PATH)
+    return kept
+
+
 def daemon_argv(settings: Settings, extra_args: tuple[str, ...] = ()) -> list[str]:
     """The command that runs the agent of ``settings.home`` in the foreground."""
     return [
@@ -773,8 +809,7 @@ def start_agent(
     if running is not None:
         raise AgentError(f"an agent already runs for {settings.home} (pid {running})")
     agent_dir = settings.agent_path
-    agent_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(agent_dir, 0o700)
+    make_private_dir(agent_dir)
     log_path = agent_dir / LOG_NAME
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     try:
@@ -786,6 +821,7 @@ def start_agent(
             start_new_session=True,
             close_fds=True,
             cwd="/",
+            env=minimal_environ(settings.environ),
         )
     except OSError as exc:
         raise AgentError(f"cannot start the agent for {settings.home}: {exc}") from exc
@@ -848,13 +884,35 @@ def stop_agent(settings: Settings, *, timeout: float = 30.0) -> int | None:
     with contextlib.suppress(AgentError):
         AgentClient(socket_path(settings), timeout=5.0).shutdown()
     if _wait_unlocked(settings, timeout / 2):
+        _wait_gone(pid, timeout / 2)
         return pid
     if pid > 0:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     if _wait_unlocked(settings, timeout / 2):
+        _wait_gone(pid, timeout / 2)
         return pid
     raise AgentError(f"the agent for {settings.home} (pid {pid}) did not stop within {timeout:g}s")
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    """Wait until process ``pid`` has exited (its lock goes a moment before the process
+    does), so nothing of the agent is left once ``agent stop`` returns."""
+    deadline = time.monotonic() + timeout
+    while pid > 0 and time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            return  # another user's process now holds the pid: ours is gone
+        try:
+            stat_line = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return
+        if stat_line.rpartition(")")[2].split()[:1] == ["Z"]:
+            return  # exited; only its parent's bookkeeping is left
+        time.sleep(0.02)
 
 
 def _wait_unlocked(settings: Settings, timeout: float) -> bool:
@@ -898,6 +956,7 @@ __all__ = [
     "daemon_argv",
     "ensure_agent",
     "from_json",
+    "minimal_environ",
     "socket_path",
     "start_agent",
     "stop_agent",

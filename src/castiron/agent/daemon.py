@@ -66,6 +66,7 @@ from castiron.agent.client import (
     unix_address,
 )
 from castiron.agent.fdkeeper import FdKeeperClient
+from castiron.agent.notify import Notifier
 from castiron.agent.routes import (
     counters_to_json,
     is_loopback,
@@ -80,6 +81,8 @@ from castiron.agent.supervisor import (
     write_json_atomic,
 )
 from castiron.errors import AgentError, CastironError, NotFoundError, RouterError, UsageError
+from castiron.filemodes import make_private_dir, open_private
+from castiron.redact import Redactor
 from castiron.traffic.base import Backend, BackendSet, RouteConfig, Router
 from castiron.traffic.stats import prometheus_text
 
@@ -136,6 +139,9 @@ class AgentOptions:
     """Hand listening sockets to the fd keeper so they outlive the agent process."""
     backoff: ReplaceBackoff = field(default_factory=lambda: ReplaceBackoff())
     """How soon exited instances are replaced."""
+    notifier: Notifier = field(default_factory=Notifier)
+    """The service manager to tell of readiness, liveness and stopping (systemd
+    ``Type=notify``; nothing when not started by one)."""
 
     @property
     def agent_dir(self) -> Path:
@@ -180,8 +186,11 @@ def acquire_lock(agent_dir: Path, *, wait: float = 1.0) -> int:
 class EventLog:
     """Numbered events, kept in memory (the newest few thousand) and in ``events.jsonl``."""
 
-    def __init__(self, path: Path, keep: int = _EVENTS_KEPT) -> None:
+    def __init__(
+        self, path: Path, keep: int = _EVENTS_KEPT, redactor: Redactor | None = None
+    ) -> None:
         self.path = path
+        self._mask = redactor if redactor is not None else Redactor()
         self._events: deque[AgentEvent] = deque(maxlen=keep)
         self._seq = 0
         self._load()
@@ -192,12 +201,14 @@ class EventLog:
         return self._seq
 
     def append(self, event: AgentEvent) -> AgentEvent:
-        """Number ``event``, keep it and append it to the file (errors are logged)."""
+        """Number ``event`` (its detail with secret values masked), keep it and append it to
+        the file (errors are logged)."""
         self._seq += 1
-        numbered = replace(event, seq=self._seq)
+        numbered = replace(event, seq=self._seq, detail=self._mask.text(event.detail))
         self._events.append(numbered)
         try:
-            with self.path.open("a", encoding="utf-8") as fh:
+            fd = open_private(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            with open(fd, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(to_json(numbered), sort_keys=True) + "\n")
             if self.path.stat().st_size > 4 * 1024 * 1024:
                 self._compact()
@@ -211,7 +222,8 @@ class EventLog:
 
     def _compact(self) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with tmp.open("w", encoding="utf-8") as fh:
+        fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        with open(fd, "w", encoding="utf-8") as fh:
             for e in self._events:
                 fh.write(json.dumps(to_json(e), sort_keys=True) + "\n")
         os.replace(tmp, self.path)
@@ -383,7 +395,9 @@ class Agent:
         self.options = options
         self.dir = options.agent_dir
         self.started_at = time.time()
-        self.events = EventLog(self.dir / EVENTS_NAME)
+        self.redactor = Redactor()
+        """The secret values of every spawn request seen: masked in events and the log."""
+        self.events = EventLog(self.dir / EVENTS_NAME, redactor=self.redactor)
         self.supervisor = Supervisor(
             self.dir / INSTANCES_NAME,
             self.dir / "logs",
@@ -527,12 +541,19 @@ class Agent:
         housekeeping = loop.create_task(self._housekeeping())
         self._note("agent-started", detail=f"pid {os.getpid()}")
         log.info("agent %d ready on %s", os.getpid(), self.dir / SOCKET_NAME)
+        notifier = self.options.notifier
+        notifier.ready(f"ready on {self.dir / SOCKET_NAME}")
+        watchdog = loop.create_task(notifier.keep_alive())
         if ready is not None:
             ready()
         try:
             await self._stop.wait()
         finally:
             log.info("agent stopping")
+            notifier.stopping()
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
             housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await housekeeping
@@ -1319,6 +1340,7 @@ class Agent:
         self, request: Request, w: asyncio.StreamWriter, p: dict[str, str]
     ) -> object:
         spawn = from_json(SpawnRequest, _json_body(request), "body")
+        self.redactor.add(spawn.env[k] for k in spawn.secret_env if k in spawn.env)
         _check_health(spawn.health)
         record = self.supervisor.spawn(spawn)
         if spawn.replace:
@@ -1336,7 +1358,25 @@ class Agent:
         grace = _query_number(request, "grace", 10.0, 0.0, 3600.0)
         self.supervisor.get(p["id"])
         self._forget(p["id"])
-        return to_json(await self.supervisor.stop(p["id"], grace))
+        final = await self.supervisor.stop(p["id"], grace)
+        # An instance that died was replaced under a new id the caller may not know yet: it
+        # asked for the instance's place to go, so its replacements go too (else they leak).
+        for successor in self._successors(p["id"]):
+            self._forget(successor)
+            with contextlib.suppress(NotFoundError):
+                await self.supervisor.stop(successor, grace)
+        return to_json(final)
+
+    def _successors(self, instance_id: str) -> list[str]:
+        """The replacements of ``instance_id`` (and theirs), as the supervisor records them."""
+        out: list[str] = []
+        frontier = {instance_id}
+        while frontier:
+            found = [r.id for r in self.supervisor.records() if r.replaces in frontier]
+            found = [i for i in found if i not in out]
+            out += found
+            frontier = set(found)
+        return out
 
     async def _instance_logs(
         self, request: Request, writer: asyncio.StreamWriter, p: dict[str, str]
@@ -1466,10 +1506,29 @@ def prepare_dir(agent_dir: Path) -> None:
         AgentError: when it cannot be created.
     """
     try:
-        agent_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(agent_dir, 0o700)
+        make_private_dir(agent_dir)
     except OSError as exc:
         raise AgentError(f"cannot create the agent directory {agent_dir}: {exc}") from exc
+
+
+class _MaskFilter(logging.Filter):
+    """Masks secret values in every record a handler writes."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self.redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.redactor:
+            record.msg = self.redactor.text(record.getMessage())
+            record.args = None
+        return True
+
+
+def mask_log(redactor: Redactor) -> None:
+    """Mask ``redactor``'s values in everything the process logs (the agent's log file)."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_MaskFilter(redactor))
 
 
 async def serve(options: AgentOptions) -> None:
@@ -1483,8 +1542,11 @@ async def serve(options: AgentOptions) -> None:
     lock_fd = acquire_lock(agent_dir)
     pid_path = agent_dir / PID_NAME
     try:
-        pid_path.write_text(f"{os.getpid()}\n")
+        fd = open_private(pid_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        with open(fd, "w") as out:
+            out.write(f"{os.getpid()}\n")
         agent = Agent(options)
+        mask_log(agent.redactor)
         await agent.run()
     finally:
         with contextlib.suppress(OSError):
@@ -1530,6 +1592,7 @@ def _parse_args(argv: list[str] | None) -> AgentOptions:
         log_file=args.log_file.absolute() if args.log_file else None,
         log_policy=LogPolicy(max_bytes=args.log_max_bytes, backups=args.log_backups),
         keep_listeners=not args.no_keep_listeners,
+        notifier=Notifier.from_environ(os.environ, os.getpid()),
     )
 
 

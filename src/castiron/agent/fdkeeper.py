@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from castiron.agent.client import unix_address, unix_connect
+from castiron.agent.client import minimal_environ, unix_address, unix_connect
 from castiron.errors import AgentError
 
 SOCKET_NAME = "fdkeeper.sock"
@@ -61,7 +61,9 @@ def serve(sock_path: Path, pid_path: Path | None = None) -> int:
     server.listen(16)
     server.settimeout(2.0)
     if pid_path is not None:
-        pid_path.write_text(f"{os.getpid()}\n")
+        fd = os.open(pid_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with open(fd, "w") as out:
+            out.write(f"{os.getpid()}\n")
     stopping = False
 
     def _stop(signum: int, frame: object) -> None:
@@ -241,6 +243,7 @@ class FdKeeperClient:
                 start_new_session=True,
                 close_fds=True,
                 cwd="/",
+                env=minimal_environ(os.environ),
             )
         except OSError as exc:
             raise AgentError(f"cannot start the fd keeper: {exc}") from exc

@@ -37,20 +37,24 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from castiron.agent import cgroups
 from castiron.agent.client import (
     AgentEvent,
     EventKind,
     InstanceRecord,
     SpawnRequest,
     from_json,
+    minimal_environ,
     to_json,
 )
 from castiron.errors import AgentError, NotFoundError, UsageError
+from castiron.filemodes import make_private_dir, open_private
 from castiron.model import is_name
 
 log = logging.getLogger("castiron.agent.supervisor")
@@ -155,8 +159,11 @@ class Supervisor:
         on_exit: Callable[[InstanceRecord], None] | None = None,
         log_policy: LogPolicy = LogPolicy(),
         clock: Callable[[], float] = time.time,
+        cgroup_host: Callable[[], cgroups.CgroupHost] = cgroups.find_host,
     ) -> None:
         self.records_path = records_path
+        self._find_cgroups = cgroup_host
+        self._cgroups: cgroups.CgroupHost | None = None
         self.default_log_dir = default_log_dir
         self.log_policy = log_policy
         self._on_event = on_event
@@ -166,6 +173,7 @@ class Supervisor:
         self._watches: dict[str, _Watch] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._pumps: list[subprocess.Popen[bytes]] = []
 
     # -- life cycle
 
@@ -207,6 +215,10 @@ class Supervisor:
                 # Deliberately not waited for: it lives on in its own session.
                 watch.popen.returncode = 0
         self._watches.clear()
+        for pump in self._pumps:
+            if pump.poll() is None:
+                pump.returncode = 0  # lives on with its instance, like it
+        self._pumps.clear()
 
     # -- queries
 
@@ -246,36 +258,46 @@ class Supervisor:
         if request.instance_dir:
             try:
                 base = Path(request.instance_dir)
-                base.mkdir(parents=True, exist_ok=True, mode=0o700)
+                make_private_dir(base)
                 for sub in request.instance_subdirs:
-                    (base / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+                    make_private_dir(base / sub)
             except OSError as exc:
                 raise UsageError(
                     f"instance {request.id}: cannot create {request.instance_dir}: {exc}"
                 ) from None
         try:
-            log_dir.mkdir(parents=True, exist_ok=True)
+            make_private_dir(log_dir)
             log_path = log_dir / f"{request.id}.log"
-            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+            log_fd = open_private(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         except OSError as exc:
             raise UsageError(
                 f"instance {request.id}: cannot open its log in {log_dir}: {exc}"
             ) from None
+        secrets = [request.env[k] for k in request.secret_env if k in request.env]
+        out_fd = err_fd = log_fd
+        groups, limits_text = self._limit(request)
         try:
+            if secrets:
+                out_fd, err_fd = self._start_pump(request.id, log_fd, secrets)
             popen = subprocess.Popen(
                 argv,
                 env=dict(request.env),
                 cwd=request.cwd,
                 stdin=subprocess.DEVNULL,
-                stdout=log_fd,
-                stderr=log_fd,
+                stdout=out_fd,
+                stderr=err_fd,
                 start_new_session=True,
                 close_fds=True,
+                preexec_fn=cgroups.joiner(groups) if groups else None,
             )
-        except OSError as exc:
+        except (OSError, subprocess.SubprocessError) as exc:
+            cgroups.remove_groups(groups)
             raise UsageError(f"instance {request.id}: cannot start {argv[0]!r}: {exc}") from None
         finally:
             os.close(log_fd)
+            if out_fd != log_fd:
+                os.close(out_fd)
+                os.close(err_fd)
         pidfd = _pidfd_open(popen.pid)
         start_time = process_start_time(popen.pid, zombie_ok=True)  # it may exit at once
         record = InstanceRecord(
@@ -296,12 +318,37 @@ class Supervisor:
             sandboxed=bool(request.sandbox),
             replaces=replaces,
             instance_dir=request.instance_dir,
+            cgroups=groups,
+            limits=limits_text,
         )
         self._records[record.id] = record
         self._save()
         self._emit("instance-started", record, detail=f"pid {popen.pid}")
         self._watch(record, pidfd, popen)
         return record
+
+    def cgroup_host(self) -> cgroups.CgroupHost:
+        """How this host enforces instance limits (found, and prepared, on first use)."""
+        if self._cgroups is None:
+            self._cgroups = cgroups.prepare(self._find_cgroups())
+        return self._cgroups
+
+    def _limit(self, request: SpawnRequest) -> tuple[tuple[str, ...], str]:
+        """The groups enforcing ``request``'s limits, and how they are enforced (in words)."""
+        limits = cgroups.Limits(request.memory_bytes, request.cpus)
+        if not limits:
+            return (), ""
+        host = self.cgroup_host()
+        why = host.cannot(limits)
+        if why is None:
+            try:
+                groups = cgroups.create_groups(host, request.id, limits)
+            except cgroups.CgroupError as exc:
+                why = str(exc)
+            else:
+                return groups, f"{limits.describe()} (cgroup {host.version})"
+        log.warning("instance %s: %s not enforced: %s", request.id, limits.describe(), why)
+        return (), f"not enforced: {why}"
 
     async def stop(self, instance_id: str, grace: float = 10.0) -> InstanceRecord:
         """SIGTERM the instance's process group, SIGKILL it after ``grace`` s, forget it.
@@ -335,6 +382,56 @@ class Supervisor:
 
     # -- logs
 
+    def _start_pump(self, instance_id: str, log_fd: int, secrets: list[str]) -> tuple[int, int]:
+        """Start the log pump of an instance with secrets; returns the write ends of its two
+        pipes (the instance's stdout and stderr, masked as separate streams).
+
+        Raises:
+            OSError: when the pipes or the pump cannot be made.
+        """
+        self._reap_pumps()
+        out_read, out_write = os.pipe()
+        err_read, err_write = os.pipe()
+        values_read, values_write = os.pipe()
+        kept = (out_read, err_read, values_read)
+        try:
+            pump = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "castiron.agent.logpump",
+                    "--secrets-fd",
+                    str(values_read),
+                    "--source-fd",
+                    str(out_read),
+                    "--source-fd",
+                    str(err_read),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=log_fd,
+                pass_fds=kept,
+                start_new_session=True,
+                close_fds=True,
+                cwd="/",
+                env=minimal_environ(os.environ),
+            )
+        except BaseException:
+            for fd in (out_write, err_write, values_write):
+                os.close(fd)
+            raise
+        finally:
+            for fd in kept:
+                os.close(fd)
+        self._pumps.append(pump)
+        with os.fdopen(values_write, "wb") as out:
+            out.write(json.dumps(secrets).encode())
+        log.debug("instance %s: log pump pid %d", instance_id, pump.pid)
+        return out_write, err_write
+
+    def _reap_pumps(self) -> None:
+        self._pumps = [p for p in self._pumps if p.poll() is None]
+
     def log_path(self, instance_id: str) -> Path:
         """The current log file of ``instance_id``. Raises NotFoundError."""
         return Path(self.get(instance_id).log_path)
@@ -345,6 +442,7 @@ class Supervisor:
         Returns the rotated files. Errors are logged, never raised: rotation must not stop the
         agent.
         """
+        self._reap_pumps()
         rotated: list[Path] = []
         for record in self._records.values():
             if record.state != "running":
@@ -415,7 +513,10 @@ class Supervisor:
         code: int | None = None
         if watch.popen is not None:
             code = watch.popen.wait()
-        self._mark_exited(instance_id, code, "instance-exited", _describe(code))
+        detail = _describe(code)
+        if record is not None and record.cgroups and cgroups.oom_kills(record.cgroups):
+            detail += f"; out of memory: killed at its limit ({record.limits})"
+        self._mark_exited(instance_id, code, "instance-exited", detail)
         watch.exited.set()
 
     async def _poll(self) -> None:
@@ -441,6 +542,7 @@ class Supervisor:
         if record is None:
             return
         final = dataclasses.replace(record, state="exited", exit_code=code, exited_at=self._clock())
+        cgroups.remove_groups(record.cgroups)
         self._records[instance_id] = final
         self._save()
         self._emit(kind, final, detail=detail)

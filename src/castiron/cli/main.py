@@ -19,6 +19,7 @@ from castiron.cli.commands import COMMAND_MODULES
 from castiron.cli.context import CliContext
 from castiron.cli.render import emit_error
 from castiron.errors import CastironError, ExitCode
+from castiron.redact import Redactor
 from castiron.settings import load_settings
 
 
@@ -64,24 +65,37 @@ def _command_index() -> dict[str, str]:
     default=None,
     help="Spec file (default: $CASTIRON_SPEC, else ./castiron.yaml).",
 )
+@click.option(
+    "--state",
+    "state",
+    default=None,
+    metavar="URL",
+    help="Where state lives: postgresql://USER@HOST/DB (team state) or sqlite:PATH "
+    "(default: $CASTIRON_STATE, else state: in HOME/settings.yaml, else HOME/state.db).",
+)
 @click.pass_context
-def cli(ctx: click.Context, home: Path | None, spec_file: Path | None) -> None:
+def cli(ctx: click.Context, home: Path | None, spec_file: Path | None, state: str | None) -> None:
     """castiron: bake immutable images, deploy them with zero downtime, roll back in a blink.
 
     Exit codes: 0 ok, 1 operation failed, 2 usage or spec error, 3 drift found,
     4 environment locked, 5 refused by policy.
     """
-    settings = load_settings(os.environ, spec_path=spec_file, home=home)
+    redactor = ctx.obj if isinstance(ctx.obj, Redactor) else None
+    settings = load_settings(
+        os.environ, spec_path=spec_file, home=home, state=state, redactor=redactor
+    )
     ctx.obj = CliContext(settings=settings)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (the console script's entry point)."""
+    # The secret values a command resolves; the error line masks them too.
+    redactor = Redactor()
     try:
         # Without standalone mode click returns a command's `ctx.exit(code)` value.
-        result = cli.main(args=argv, prog_name="castiron", standalone_mode=False)
+        result = cli.main(args=argv, prog_name="castiron", standalone_mode=False, obj=redactor)
     except CastironError as exc:
-        emit_error(str(exc))
+        emit_error(redactor.text(str(exc)))
         return int(exc.exit_code)
     except click.exceptions.Abort:
         emit_error("aborted")
@@ -96,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return int(ExitCode.OK)
+    except PermissionError as exc:
+        # Another user's castiron home (0700) or a file castiron may not touch.
+        emit_error(f"permission denied: {exc.filename or exc.strerror}")
+        return int(ExitCode.FAILED)
     except Exception:
         import traceback
 

@@ -77,3 +77,18 @@ class LogSource(Protocol):
             RuntimeDriverError: when the runtime cannot be read.
         """
         ...
+
+
+@runtime_checkable
+class ReadinessSource(Protocol):
+    """A driver whose runtime judges readiness itself (Kubernetes: the kubelet runs the
+    probes derived from the release's health check); its instances' addresses are not
+    reachable from castiron's host, so the engine asks the driver instead of probing."""
+
+    def readiness(self, address: str) -> tuple[bool, str]:
+        """Whether the instance at ``address`` is ready, and a one-line detail.
+
+        Raises:
+            RuntimeDriverError: when the runtime cannot be read.
+        """
+        ...

@@ -56,6 +56,7 @@ from castiron.model import (
     InstanceState,
     Observed,
     ReleaseId,
+    parse_memory,
 )
 
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
@@ -103,8 +104,6 @@ _UNREACHABLE: tuple[type[BaseException], ...] = (
     ConnectionError,
     FileNotFoundError,
 )
-_MEMORY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bkmgt]?)(?:ib?|b)?\s*$", re.IGNORECASE)
-_MEMORY_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _NAME_BAD = re.compile(r"[^a-zA-Z0-9_.-]+")
 _LOADED_RE = re.compile(r"Loaded image(?: ID)?: (\S+)")
 _LOG_LINES = 5
@@ -142,22 +141,6 @@ class ContainerOptions:
 
 
 # --- pure argument builders ------------------------------------------------------------------
-
-
-def parse_memory(text: str) -> int:
-    """Bytes in a memory size such as ``256m``, ``1g``, ``512Mi`` or ``1048576``.
-
-    Raises:
-        ValueError: when ``text`` is not a size.
-    """
-    match = _MEMORY_RE.match(text)
-    if match is None:
-        raise ValueError(f"not a memory size: {text!r} (use e.g. 256m or 1g)")
-    number, unit = match.groups()
-    value = int(float(number) * _MEMORY_UNITS[unit.lower()])
-    if value <= 0:
-        raise ValueError(f"not a memory size: {text!r} (must be more than 0)")
-    return value
 
 
 def container_name(app: str, environment: str, instance_id: str) -> str:
@@ -307,6 +290,25 @@ class DockerDriver:
                     f"{where}: the Docker engine loaded {', '.join(loaded) or 'no image'}, "
                     f"not the config digest {image.config_digest}"
                 )
+
+    def name_image(self, image: ImageRef, repository: str) -> str:
+        """Bind ``REPOSITORY:<config digest hex>`` to ``image`` in the engine (loading it
+        first) and return that name: a name derived from the image's ID, for consumers that
+        cannot refer to a loaded image by ID (the kubelet's dockershim resolves a digest
+        reference only through a registry's repository digest).
+
+        Raises:
+            RuntimeDriverError, DigestMismatchError: as :meth:`ensure_image`.
+        """
+        self.ensure_image(image)
+        tag = image.config_digest.removeprefix("sha256:")
+        where = f"image {image.digest}"
+        with self._client(where) as client:
+            found = _image_id(client, image)
+            if found is None:
+                raise DigestMismatchError(f"{where}: not in the engine after loading it")
+            client.api.tag(found, repository, tag)
+        return f"{repository}:{tag}"
 
     def _load(self, client: docker.DockerClient, source: BinaryIO | Path, where: str) -> list[str]:
         if isinstance(source, Path):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import shutil
 import socket
@@ -36,6 +37,7 @@ from pathlib import Path
 
 from castiron.agent.client import AgentClient, HealthCheck, InstanceRecord, SpawnRequest
 from castiron.errors import AgentError, CastironError, NotFoundError, RuntimeDriverError
+from castiron.filemodes import make_private_dir
 from castiron.model import (
     Digest,
     ImageRef,
@@ -44,6 +46,7 @@ from castiron.model import (
     InstanceState,
     Observed,
     ReleaseId,
+    parse_memory,
 )
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -117,8 +120,11 @@ class LocalDriver:
     health: HealthFor = _no_health
     replace_on_exit: bool = True
     """Ask the agent to replace an instance that exits by itself (with backoff, health-gated)."""
+    notice: Callable[[str], None] | None = None
+    """Hears, once per driver, when the host cannot enforce the limits an instance declares."""
     name: str = "local"
     _probe: dict[str, str | None] = field(default_factory=dict, repr=False)
+    _limits_told: bool = field(default=False, repr=False)
 
     # -- images
 
@@ -138,7 +144,7 @@ class LocalDriver:
         if rootfs.is_dir():
             return
         try:
-            rootfs.parent.mkdir(parents=True, exist_ok=True)
+            make_private_dir(rootfs.parent)
             lock_fd = os.open(rootfs.parent / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise RuntimeDriverError(f"cannot prepare {rootfs.parent}: {exc}") from exc
@@ -162,7 +168,7 @@ class LocalDriver:
         """
         rootfs = self.rootfs(image.digest)
         try:
-            rootfs.parent.mkdir(parents=True, exist_ok=True)
+            make_private_dir(rootfs.parent)
             lock_fd = os.open(rootfs.parent / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise RuntimeDriverError(f"cannot prepare {rootfs.parent}: {exc}") from exc
@@ -217,6 +223,14 @@ class LocalDriver:
                 f"{where}: image {spec.image.digest} is not unpacked (ensure_image first)"
             )
         isolation = self._isolation(spec, where)
+        memory_bytes = None
+        if spec.memory is not None:
+            try:
+                memory_bytes = parse_memory(spec.memory)
+            except ValueError as exc:
+                raise RuntimeDriverError(f"{where}: memory: {exc}") from None
+        if spec.cpus is not None and not (math.isfinite(spec.cpus) and spec.cpus > 0):
+            raise RuntimeDriverError(f"{where}: cpus must be more than 0, not {spec.cpus}")
         port = spec.port or _free_port(spec.host)
         address = f"[{spec.host}]:{port}" if ":" in spec.host else f"{spec.host}:{port}"
         instance_dir = (self.instances_dir or self.releases_dir.parent / "instances") / spec.id
@@ -266,15 +280,25 @@ class LocalDriver:
             address=address,
             labels=labels,
             public_env=tuple(sorted(k for k in env if k not in spec.secret_names)),
+            secret_env=tuple(sorted(k for k in env if k in spec.secret_names)),
             instance_dir=str(instance_dir),
             instance_subdirs=subdirs,
             replace=self.replace_on_exit,
             health=self.health(spec),
+            memory_bytes=memory_bytes,
+            cpus=spec.cpus,
         )
         try:
             record = self.agent.spawn(request)
         except CastironError as exc:
             raise RuntimeDriverError(f"{where}: {exc}") from exc
+        told = self._limits_told
+        if record.limits.startswith("not enforced") and self.notice is not None and not told:
+            self._limits_told = True
+            self.notice(
+                f"{spec.environment}: the limits declared ({_limits_text(spec)}) are "
+                f"{record.limits}"
+            )
         return self._instance(record)
 
     def destroy(self, instance: Instance, grace: float) -> None:
@@ -433,6 +457,13 @@ class LocalDriver:
             stray=any(not labels.get(name) for name in LABELS),
             exit_code=record.exit_code,
         )
+
+
+def _limits_text(spec: InstanceSpec) -> str:
+    parts = [f"memory {spec.memory}"] if spec.memory is not None else []
+    if spec.cpus is not None:
+        parts.append(f"cpus {spec.cpus:g}")
+    return ", ".join(parts)
 
 
 def _is_under(path: str, base: str) -> bool:

@@ -1,8 +1,8 @@
 """The one place that builds an :class:`~castiron.engine.deploy.Engine` from settings.
 
-Owns wiring: the SQLite state store, the image store, the host agent's client (started on
-first use, and only when a command needs the runtime or the router), the drivers by runtime
-(``local`` is the local process runtime; the others come from
+Owns wiring: the state store (SQLite or PostgreSQL), the image store, the host agent's client
+(started on first use, and only when a command needs the runtime or the router), the drivers by
+runtime (``local`` is the local process runtime; the others come from
 :mod:`castiron.engine.runtimes`) and the traffic controller. Read commands get an engine that
 never starts the agent.
 
@@ -31,13 +31,18 @@ from castiron.drivers.base import Driver, LogSource
 from castiron.engine.deploy import Engine
 from castiron.engine.journal import StepObserver
 from castiron.engine.release import DeploySpec, cached_deploy_spec
-from castiron.engine.runtimes import AVAILABLE_RUNTIMES, runtime_driver
+from castiron.engine.runtimes import (
+    AVAILABLE_RUNTIMES,
+    RuntimeTraffic,
+    runtime_driver,
+    runtime_prober,
+)
 from castiron.engine.strategies import LOG_LINES
-from castiron.errors import UsageError
+from castiron.errors import CastironError, UsageError
 from castiron.model import ImageRef, Instance, InstanceSpec
 from castiron.settings import Settings
 from castiron.state.base import StateStore
-from castiron.state.sqlite import open_state
+from castiron.state.store import open_state
 from castiron.traffic.controller import AgentTraffic, TrafficController
 
 if TYPE_CHECKING:
@@ -78,15 +83,24 @@ def health_for(spec: InstanceSpec) -> HealthCheck | None:
         return None
 
 
-def local_driver(settings: Settings, agent: Callable[[], AgentClient]) -> Driver:
-    """The local process runtime for ``settings.home``, reaching the agent through ``agent``."""
+def local_driver(
+    settings: Settings,
+    agent: Callable[[], AgentClient],
+    notice: Callable[[str], None] | None = None,
+) -> Driver:
+    """The local process runtime for ``settings.home``, reaching the agent through ``agent``;
+    ``notice`` hears what the host cannot do (limits it does not enforce)."""
     from castiron.drivers.local import LocalDriver, SandboxPolicy, find_bwrap
 
     def unpack(image: ImageRef, target: Path) -> None:
         # Imported on use: only the first deployment of an image unpacks it (tarfile, gzip).
+        from castiron.engine.baselines import certify_tree
         from castiron.images.rootfs import unpack_release
 
         unpack_release(image.store, image.digest, target)
+        # Every later reuse of the tree is checked against this baseline first.
+        with contextlib.suppress(CastironError):  # without one, the next check is in full
+            certify_tree(target)
 
     path = settings.environ.get("PATH", os.defpath)
     return LocalDriver(
@@ -95,6 +109,7 @@ def local_driver(settings: Settings, agent: Callable[[], AgentClient]) -> Driver
         unpack=unpack,
         sandbox=SandboxPolicy(bwrap=find_bwrap(path)),
         health=health_for,
+        notice=notice,
     )
 
 
@@ -104,9 +119,16 @@ def drift_dir(settings: Settings) -> Path:
 
 
 def driver_factory(
-    settings: Settings, agent: Callable[[], AgentClient], store: StateStore
+    settings: Settings,
+    agent: Callable[[], AgentClient],
+    store: StateStore,
+    *,
+    verify_trees: bool = False,
+    notice: Callable[[str], None] | None = None,
 ) -> Callable[[str], Driver]:
-    """Drivers by runtime name, each built once.
+    """Drivers by runtime name, each built once. A local release tree is checked before it is
+    reused (fast; every file re-hashed with ``verify_trees``); ``notice`` hears when a tree
+    had to be unpacked again.
 
     Raises (from the returned callable):
         UsageError: when the runtime is not available.
@@ -118,9 +140,10 @@ def driver_factory(
             if runtime == "local":
                 from castiron.engine.baselines import BaselineDriver
 
-                # Each instance's tree is baselined when it starts: drift scans are fast.
-                inner = local_driver(settings, agent)
-                built[runtime] = BaselineDriver(inner, drift_dir(settings))
+                inner = local_driver(settings, agent, notice)
+                built[runtime] = BaselineDriver(
+                    inner, drift_dir(settings), verify=verify_trees, notice=notice
+                )
             else:
                 built[runtime] = runtime_driver(runtime, settings, store)
         return built[runtime]
@@ -134,10 +157,12 @@ def open_engine(
     *,
     observer: StepObserver | None = None,
     start_agent: bool = True,
+    verify_trees: bool = False,
 ) -> Iterator[Engine]:
     """An engine for ``settings`` (its state store is closed on exit).
 
     With ``start_agent=False`` the agent is only talked to if it already runs (read commands).
+    With ``verify_trees`` a local release tree is re-hashed in full before it is reused.
 
     Raises:
         StateError: when the state store cannot be opened.
@@ -145,10 +170,18 @@ def open_engine(
     store = open_state(settings)
     agent = _Agent(settings, start_agent)
 
-    def traffic() -> TrafficController:
-        return AgentTraffic(agent())
+    driver_for = driver_factory(
+        settings,
+        agent,
+        store,
+        verify_trees=verify_trees,
+        notice=observer.progress if observer is not None else None,
+    )
 
-    driver_for = driver_factory(settings, agent, store)
+    def traffic() -> TrafficController:
+        # Each environment's runtime decides: the host agent's router, or (Kubernetes) the
+        # environment's Service selector.
+        return RuntimeTraffic(store, lambda: AgentTraffic(agent()), driver_for)
 
     def instance_logs(instance: Instance) -> str:
         if instance.runtime != "local":
@@ -166,6 +199,8 @@ def open_engine(
             environ=settings.environ,
             observer=observer,
             instance_logs=instance_logs,
+            prober=runtime_prober(driver_for),
+            os_user=settings.os_user,
         )
     finally:
         store.close()
@@ -183,6 +218,29 @@ def agent_running(settings: Settings) -> AgentClient | None:
         return None
     client = AgentClient(socket_path(settings), timeout=5.0)
     return client if client.health() else None
+
+
+def revive_agent(settings: Settings, engine: Engine, environment: str | None = None) -> bool:
+    """Start the host agent when it is not running although an environment (``environment``,
+    or any) is deployed: its routers and the supervision of local instances live in it, so after
+    it died (kill -9, out of memory) nothing serves until it is back. It adopts the instances
+    still running and restores the routes it recorded. Returns True when it started it.
+
+    Raises:
+        AgentError: when the agent cannot be started.
+    """
+    if agent_running(settings) is not None:
+        return False
+    names = (
+        [environment]
+        if environment is not None
+        else [e.name for e in engine.store.list_environments()]
+    )
+    rows = [engine.store.get_environment(name) for name in names]
+    if not any(row is not None and row.current_release is not None for row in rows):
+        return False
+    ensure_agent(settings)
+    return True
 
 
 def deploy_spec_for(settings: Settings) -> DeploySpec:
@@ -204,4 +262,5 @@ __all__ = [
     "health_for",
     "local_driver",
     "open_engine",
+    "revive_agent",
 ]

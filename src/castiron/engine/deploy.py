@@ -58,6 +58,7 @@ from castiron.errors import (
     UsageError,
 )
 from castiron.model import Digest, ImageRef, Instance, ReleaseId
+from castiron.settings import current_os_user
 from castiron.state.base import (
     AuditDraft,
     DeploymentRow,
@@ -192,8 +193,11 @@ class Engine:
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         locks: LockManager | None = None,
+        os_user: str | None = None,
     ) -> None:
         self.store = store
+        self.os_user = os_user if os_user is not None else current_os_user()
+        """The OS user deploying (an identity, from the uid): its own approvals never count."""
         self._images = images
         self._driver_for = driver_for
         self._traffic_factory = traffic
@@ -274,6 +278,7 @@ class Engine:
             batch=env.batch,
             drain_timeout=env.drain_timeout,
             keep_warm=env.keep_warm,
+            keep_warm_releases=env.keep_warm_releases,
             deploy_timeout=env.deploy_timeout,
             base_dir=str(spec.base_dir),
             canary=env.canary,
@@ -663,35 +668,64 @@ class Engine:
         return [r.id for r in adopt] + drop
 
     def reap(self, environment: str) -> list[str]:
-        """Destroy warm instances of ``environment`` past their ``keep_warm`` (call with the
-        lock held); returns their ids.
+        """Destroy warm instances of ``environment`` past their ``keep_warm``, and those beyond
+        its ``keep_warm_releases`` (see :func:`surplus_warm`); call with the lock held.
+        Returns their ids.
 
         Raises:
             RuntimeDriverError: when an instance cannot be destroyed.
         """
         now = self.store.clock.now()
-        due = [r for r in self.store.list_instances(environment) if _warm_due(r, now)]
+        rows = self.store.list_instances(environment)
+        expired = [r for r in rows if _warm_due(r, now)]
+        env_row = self.store.get_environment(environment)
+        surplus: list[InstanceRow] = []
+        if env_row is not None:
+            keep = Policy.from_json(env_row.config).keep_warm_releases
+            live = [r for r in rows if r not in expired]
+            drained = [
+                d.from_release
+                for d in self.store.list_deployments(environment, limit=200)
+                if d.from_release is not None and d.outcome == "succeeded"
+            ]
+            surplus = surplus_warm(live, env_row.current_release, keep, self._replicas_of, drained)
+        due = expired + surplus
         if not due:
             return []
         by_runtime: dict[str, list[InstanceRow]] = {}
         for row in due:
             by_runtime.setdefault(row.runtime, []).append(row)
         ids = [r.id for r in due]
-        for runtime, rows in by_runtime.items():
+        for runtime, group in by_runtime.items():
             driver = self.driver(runtime)
-            for row in rows:
+            for row in group:
                 driver.destroy(row_instance(row), grace=5.0)
+        why = [
+            *(["keep_warm expired"] if expired else []),
+            *(["beyond keep_warm_releases"] if surplus else []),
+        ]
         self.store.mutate(
             AuditDraft(
                 "instance.reap",
                 environment=environment,
                 subject=",".join(ids),
-                details={"ids": ids, "why": "keep_warm expired"},
+                details={"ids": ids, "why": " and ".join(why)},
             ),
             lambda tx: remove_instances(tx, ids),
         )
-        self.observer.progress(f"destroyed {len(ids)} warm instance(s) past keep_warm")
+        if expired:
+            self.observer.progress(f"destroyed {len(expired)} warm instance(s) past keep_warm")
+        if surplus:
+            self.observer.progress(
+                f"destroyed {len(surplus)} warm instance(s) beyond keep_warm_releases"
+            )
         return ids
+
+    def _replicas_of(self, release: ReleaseId) -> int:
+        try:
+            return self.load_release(release).config.replicas
+        except CastironError:
+            return 0  # an unknown release is no rollback target
 
     # --- deploy ------------------------------------------------------------------------------
 
@@ -754,7 +788,9 @@ class Engine:
         environment = target.environment
         from castiron.engine.secrets import resolve_secrets
 
-        secret_values = resolve_secrets(release, self.environ, Path(policy.base_dir))
+        secret_values = resolve_secrets(
+            release, self.environ, Path(policy.base_dir), self.store.redactor
+        )
         runtime = image_runtime(self.images, release.digest)
         stored = self.images.image(release.digest)
         image = ImageRef(release.digest, stored.config_digest, self.images.root)
@@ -900,6 +936,50 @@ class Engine:
             )
         self.observer.progress(f"{environment}: route removed, {len(ids)} instance(s) destroyed")
         return ids
+
+
+def surplus_warm(
+    rows: Sequence[InstanceRow],
+    current: ReleaseId | None,
+    keep: int,
+    replicas_of: Callable[[ReleaseId], int],
+    drained: Sequence[ReleaseId] = (),
+) -> list[InstanceRow]:
+    """The warm instances among ``rows`` that no rollback needs: copies of the ``current``
+    release, instances of releases older than the ``keep`` most recently drained ones, and
+    older copies of a kept release beyond its replica count (a release deployed again and
+    again leaves a warm set each time). ``drained`` lists releases newest drained first (the
+    ``from`` release of each succeeded deployment, newest first); within a release, and for
+    releases it does not name, the later ``warm_until`` is newer. Pure."""
+    rank: dict[str, int] = {}
+    for i, release in enumerate(drained):
+        rank.setdefault(release, i)
+    warm = sorted(
+        (r for r in rows if r.status == "warm"),
+        key=lambda r: (
+            -rank.get(r.release, len(rank)),
+            str(r.data.get("warm_until", "")),
+            r.id,
+        ),
+        reverse=True,
+    )
+    kept: dict[str, int] = {}
+    out: list[InstanceRow] = []
+    for row in warm:
+        if row.release == current:
+            out.append(row)
+        elif row.release in kept:
+            if kept[row.release] > 0:
+                kept[row.release] -= 1
+            else:
+                out.append(row)
+        elif len(kept) < keep:
+            kept[row.release] = replicas_of(row.release) - 1
+            if kept[row.release] < 0:
+                out.append(row)
+        else:
+            out.append(row)
+    return out
 
 
 def _warm_due(row: InstanceRow, now: datetime) -> bool:

@@ -8,9 +8,10 @@ kinds:
   directory, port, labels, mounts or limits differ from what the release and the image's
   config say (or the container was re-created outside castiron);
 - ``filesystem``: its root filesystem differs from the image's file manifest. Local runtime:
-  the release's shared read-only tree, by a fast scan against the baseline taken when an
-  instance of it started (``CASTIRON_HOME/drift/<instance>.baseline``, see
-  :class:`BaselineDriver`) or a full re-hash (:mod:`castiron.engine.fsdrift`); a finding
+  the release's shared read-only tree, by a fast scan against the baseline taken when the
+  tree was unpacked (``releases/sha256/<hex>/rootfs.baseline``, see
+  :func:`~castiron.engine.baselines.check_tree`) or a full re-hash
+  (:mod:`castiron.engine.fsdrift`), so a tree changed before an instance started is found; a finding
   about a shared tree is reported for every serving instance of it. Docker: ``docker diff``
   judged against the manifest;
 - ``membership``: instances missing or stopped, extra instances, strays, serving instances the
@@ -39,8 +40,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from castiron.drivers.base import Driver
-from castiron.engine.baselines import BaselineDriver, RootfsHolder, baseline_path
-from castiron.engine.fsdrift import Finding, PathFilter, ScanResult, scan_fast, scan_full
+from castiron.engine.baselines import BaselineDriver, RootfsHolder, baseline_path, check_tree
+from castiron.engine.fsdrift import Finding, PathFilter, ScanResult
 from castiron.engine.journal import Journal, new_deployment_id
 from castiron.engine.release import Release
 from castiron.engine.runtimes import find_strays, instance_port
@@ -317,6 +318,9 @@ def config_findings(expected: Expected, observed: Observed, row: InstanceRow) ->
         for key, want in want_labels.items():
             if labels.get(key) != want:
                 add(f"labels.{key}", want, labels.get(key))
+    if cfg.get("replicas") is not None and cfg["replicas"] != 1:
+        # Kubernetes: an instance is the one pod of its Deployment (`kubectl scale` drifts).
+        add("replicas", 1, cfg["replicas"])
     if "read_only" in cfg and not cfg["read_only"]:
         add("read_only", "true", "false")
     mounts = cfg.get("mounts")
@@ -372,29 +376,19 @@ def scan_tree(
     root: Path,
     manifest: Callable[[], Mapping[str, FileEntry]],
     instance_ids: Sequence[str],
-    baselines: Path,
     paths: PathFilter,
     *,
     full: bool,
     threads: int,
 ) -> ScanResult:
-    """Scan a shared local tree: fast against the first baseline one of ``instance_ids`` has
-    (any instance of the same image certifies the same tree), else (or with ``full``) in full.
+    """Scan a shared local tree: fast against the baseline taken when it was unpacked, else
+    (or with ``full``) in full (see :func:`~castiron.engine.baselines.check_tree`).
 
     Raises:
         ImageError: when the tree cannot be read.
-        StateCorruptError, StateError: when a baseline is damaged or unreadable.
     """
     label = ",".join(instance_ids)
-    if not full:
-        for iid in instance_ids:
-            path = baseline_path(baselines, iid)
-            if path.is_file():
-                try:
-                    return scan_fast(root, manifest, path, instance=label, paths=paths)
-                except NotFoundError:
-                    continue
-    return scan_full(root, manifest, instance=label, paths=paths, threads=threads)
+    return check_tree(root, manifest, label=label, full=full, paths=paths, threads=threads)
 
 
 def _docker_findings(
@@ -620,7 +614,6 @@ def _detect(ctx: _Context) -> DriftReport:
                 driver.rootfs(Digest(digest)),
                 ctx.manifest(digest),
                 live or ids,
-                ctx.baselines,
                 ctx.path_filter(),
                 full=ctx.full,
                 threads=ctx.threads,
@@ -890,7 +883,9 @@ def _replace(
     from castiron.engine.secrets import resolve_secrets
 
     environment = release.environment
-    secret_values = resolve_secrets(release, engine.environ, Path(policy.base_dir))
+    secret_values = resolve_secrets(
+        release, engine.environ, Path(policy.base_dir), engine.store.redactor
+    )
     runtime = image_runtime(engine.images, release.digest)
     stored = engine.images.image(release.digest)
     image = ImageRef(release.digest, stored.config_digest, engine.images.root)

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 from castiron.errors import ImageError, NotFoundError, StateCorruptError, StateError
+from castiron.filemodes import make_private_dir, open_private
 from castiron.images.manifest import FileEntry, FileIndex, RawEntry
 from castiron.images.pattern import PatternSet
 
@@ -814,8 +815,8 @@ def take_baseline(root: Path, out: Path, *, paths: PathFilter | None = None) -> 
     paths = paths or PathFilter()
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        make_private_dir(out.parent)
+        fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     except OSError as exc:
         raise StateError(f"{out}: cannot write the baseline: {exc.strerror or exc}") from exc
     try:

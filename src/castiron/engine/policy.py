@@ -20,8 +20,9 @@ The gates, in the order they are checked (checks run only when the others pass):
     the end of the successful deployment that put it there, until now or until a later
     successful deployment (or rollback, or ``down``) replaced it. Any such period counts.
 ``approvals``
-    that many distinct actors, other than the one deploying, approved exactly this release
-    for this environment.
+    that many approvals of exactly this release for this environment, each signed by one of
+    the ``approvers`` public keys, by distinct keys and distinct OS users, none by the
+    deploying OS user (``CASTIRON_ACTOR`` is a label and counts for nothing).
 ``checks``
     every command exits 0 within :data:`CHECK_TIMEOUT` seconds; ``${URL}`` (and ``$URL`` in
     the command's environment) is ``http://<source environment's listen address>`` (the
@@ -37,6 +38,7 @@ engine passes the environment captured by the settings).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import time
@@ -48,11 +50,19 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from castiron.errors import CastironError, PolicyRefusedError
 from castiron.model import Digest, ReleaseId
-from castiron.state.base import AuditDraft, GateResultRow, StateStore, StateTx, parse_time
+from castiron.state.base import (
+    ApprovalRow,
+    AuditDraft,
+    GateResultRow,
+    StateStore,
+    StateTx,
+    parse_time,
+)
 
 if TYPE_CHECKING:
     from castiron.engine.deploy import Engine, Target
     from castiron.engine.release import DeploySpec, Release
+    from castiron.images.sign import VerifyKey
     from castiron.images.store import ImageStore
     from castiron.spec.load import LoadedSpec
     from castiron.spec.schema import Spec
@@ -89,6 +99,8 @@ class GatePolicy:
     require_signature: bool | tuple[str, ...] = False
     checks: tuple[tuple[str, ...], ...] = ()
     approvals: int = 0
+    approvers: tuple[str, ...] = ()
+    """Public key files (relative to ``base_dir``) whose signed approvals count."""
 
     @property
     def active(self) -> list[GateName]:
@@ -128,6 +140,7 @@ class GatePolicy:
             ),
             "checks": [list(c) for c in self.checks],
             "approvals": self.approvals,
+            "approvers": list(self.approvers),
             "active": list(self.active),
         }
 
@@ -150,6 +163,7 @@ def policy_of(spec: Spec, environment: str, base_dir: Path) -> GatePolicy:
         require_signature=env.policy.require_signature,
         checks=env.policy.checks,
         approvals=env.policy.approvals,
+        approvers=env.policy.approvers,
     )
 
 
@@ -406,27 +420,134 @@ def check_soak(
     )
 
 
+APPROVAL_TYPE = "castiron.approval.v1"
+"""The ``type`` of the statement an approver signs."""
+
+
+def approval_payload(environment: str, release: str, os_user: str) -> bytes:
+    """The exact bytes an approval's signature covers: canonical JSON naming the type, the
+    environment, the release id (a hash of the image digest and the resolved config) and the
+    OS user who recorded it, so a signature can be neither moved to another release or
+    environment nor claimed by another user."""
+    doc = {
+        "environment": environment,
+        "os_user": os_user,
+        "release": release,
+        "type": APPROVAL_TYPE,
+    }
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def approver_keys(policy: GatePolicy) -> list[VerifyKey]:
+    """The public keys of ``policy.approvers`` (paths relative to the spec's directory).
+
+    Raises:
+        UsageError: naming a key file that is missing or not a P-256 public key.
+    """
+    from castiron.images.sign import load_verify_key
+
+    return [load_verify_key(policy.base_dir / name, name) for name in policy.approvers]
+
+
+def _why_not_token(store: StateStore, row: ApprovalRow, deployer: str) -> str:
+    """Why an API token's approval cannot count (empty when it can): the token must still
+    exist, not be revoked and hold a role that may approve."""
+    assert row.identity is not None
+    token = store.get_token(row.identity.id)
+    if token is None:
+        return f"{row.identity}: no such API token"
+    if token.revoked is not None:
+        return f"{row.identity}: the token was revoked"
+    if token.role not in ("approver", "admin"):
+        return f"{row.identity}: a {token.role} token may not approve"
+    if deployer in (row.identity.actor, row.actor):
+        return f"{row.identity}: the deployer's own approval does not count"
+    return ""
+
+
+def _why_not(
+    row: ApprovalRow, keys: Mapping[str, VerifyKey], deployer: str
+) -> tuple[str, VerifyKey | None]:
+    """Why ``row`` cannot count (empty when it can), and the approver key it is bound to."""
+    import base64
+    import binascii
+
+    if row.identity is None or row.identity.kind != "key":
+        return f"{row.actor}: not signed (recorded before approvals were signed)", None
+    key = keys.get(row.identity.id)
+    if key is None:
+        return f"{row.os_user}: key {row.identity.id[:19]}... is not an approver", None
+    try:
+        signature = base64.b64decode(row.signature, validate=True)
+    except (binascii.Error, ValueError):
+        signature = b""
+    if not key.verifies(signature, approval_payload(row.environment, row.release, row.os_user)):
+        return f"{row.os_user}: the signature by {key.source} does not verify", None
+    if row.os_user == deployer:
+        return f"{row.os_user}: the deployer's own approval does not count", key
+    return "", key
+
+
 def check_approvals(
-    store: StateStore, environment: str, release: ReleaseId, needed: int, deployer: str
+    store: StateStore,
+    environment: str,
+    release: ReleaseId,
+    needed: int,
+    deployer: str,
+    approvers: Sequence[VerifyKey],
 ) -> GateResult:
-    """The ``approvals`` gate: ``needed`` distinct actors other than ``deployer`` approved
-    ``release`` for ``environment``."""
-    approvers = sorted({a.actor for a in store.approvals(environment, release)})
-    counted = [a for a in approvers if a != deployer]
+    """The ``approvals`` gate: ``needed`` approvals of ``release`` for ``environment``, each
+    signed by one of ``approvers``' keys, by distinct keys *and* distinct OS users, none by
+    ``deployer`` (the deploying OS user). Never raises for a bad approval: it does not count."""
+    keys = {k.keyid: k for k in approvers}
+    # Deploying through the API, the deployer is the token (the server's OS user is no one).
+    if store.actor.startswith("token:"):
+        deployer = store.actor
+    counted: list[str] = []
+    not_counted: list[str] = []
+    seen_keys: set[str] = set()
+    seen_users: set[str] = set()
+    seen_tokens: set[str] = set()
+    for row in store.approvals(environment, release):
+        if row.identity is not None and row.identity.kind == "token":
+            why = _why_not_token(store, row, deployer)
+            if not why and row.identity.id in seen_tokens:
+                why = f"{row.identity}: already counted"
+            if why:
+                not_counted.append(why)
+            else:
+                seen_tokens.add(row.identity.id)
+                counted.append(str(row.identity))
+            continue
+        why, key = _why_not(row, keys, deployer)
+        if key is not None and not why:
+            if key.keyid in seen_keys:
+                why = f"{row.os_user}: key {key.source} already counted"
+            elif row.os_user in seen_users:
+                why = f"{row.os_user}: already counted with another key"
+        if why:
+            not_counted.append(why)
+            continue
+        assert key is not None
+        seen_keys.add(key.keyid)
+        seen_users.add(row.os_user)
+        counted.append(f"{row.os_user} ({key.source})")
     data: dict[str, Any] = {"required": needed, "approvers": counted}
-    if deployer in approvers:
-        data["not_counted"] = [deployer]
+    if not_counted:
+        data["not_counted"] = not_counted
     if len(counted) >= needed:
         return GateResult(
             "approvals", True, f"approved by {', '.join(counted)} ({needed} needed)", data
         )
     have = f"{len(counted)}" + (f" ({', '.join(counted)})" if counted else "")
-    own = f"; {deployer}'s own approval does not count" if deployer in approvers else ""
+    skipped = f"; not counted: {'; '.join(not_counted)}" if not_counted else ""
     return GateResult(
         "approvals",
         False,
-        f"release {release} for {environment} needs {needed} approval(s) by someone other "
-        f"than {deployer}, it has {have}{own}: run `castiron approve {environment} {release}`",
+        f"release {release} for {environment} needs {needed} approval(s) signed by approver "
+        f"keys of distinct users (or by distinct approver API tokens) other than the deployer "
+        f"({deployer}), it has {have}{skipped}: "
+        f"run `castiron approve {environment} {release} --key KEY`",
         data,
     )
 
@@ -605,11 +726,17 @@ def evaluate(
         elif gate == "approvals":
             results.append(
                 check_approvals(
-                    store, target.environment, release.id, policy.approvals, store.actor
+                    store,
+                    target.environment,
+                    release.id,
+                    policy.approvals,
+                    engine.os_user,
+                    approver_keys(policy),
                 )
             )
         elif gate == "checks" and run_checks and all(r.passed for r in results):
             masks = secret_values(release, engine.environ, policy.base_dir)
+            store.redactor.add(masks)
             url = policy.check_url(store)
             engine.observer.progress(f"running {len(policy.checks)} check(s) against {url}")
             results.append(
@@ -728,6 +855,7 @@ def with_source(policy: GatePolicy, source: str, listen: str | None) -> GatePoli
 
 
 __all__ = [
+    "APPROVAL_TYPE",
     "CHECK_TIMEOUT",
     "GATES",
     "KEYS_DIR",
@@ -737,6 +865,8 @@ __all__ = [
     "GatePolicy",
     "GateReport",
     "GateResult",
+    "approval_payload",
+    "approver_keys",
     "check_approvals",
     "check_commands",
     "check_promote_from",

@@ -3,8 +3,9 @@
 Owns choosing what to promote (the source environment's current release, or a named one),
 turning it into a :class:`~castiron.engine.deploy.Target` of the destination environment
 (the destination's own config with the source's digest: the release id differs, the image
-does not), and approvals (:func:`approve`), the input of the ``approvals`` gate. The gates
-themselves live in :mod:`castiron.engine.policy`; they are enforced by
+does not), and approvals (:func:`approve`), the input of the ``approvals`` gate: each is
+signed by an approver's key over the environment, the release id and the OS user recording
+it. The gates themselves live in :mod:`castiron.engine.policy`; they are enforced by
 :meth:`~castiron.engine.deploy.Engine.deploy` for promotions and plain deployments alike.
 
 A promotion to an environment whose ``promote_from`` names another environment is refused
@@ -17,6 +18,7 @@ It knows nothing of the CLI: it never prints or exits and reads no process envir
 
 from __future__ import annotations
 
+import base64
 import re
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -25,16 +27,19 @@ from castiron.engine.deploy import DeployResult, Engine, Target
 from castiron.engine.policy import (
     GatePolicy,
     GateResult,
+    approval_payload,
+    approver_keys,
     gate_policy,
     refuse,
     with_source,
 )
 from castiron.engine.release import DeploySpec, Release
 from castiron.errors import UsageError
-from castiron.model import ReleaseId
-from castiron.state.base import ApprovalRow, AuditDraft, StateStore, StateTx
+from castiron.model import Identity, ReleaseId
+from castiron.state.base import ApprovalRow, AuditDraft, StateStore, StateTx, format_time
 
 if TYPE_CHECKING:
+    from castiron.images.sign import Signer
     from castiron.spec.load import LoadedSpec
 
 _RELEASE_ID = re.compile(r"^[0-9a-f]{16}$")
@@ -180,27 +185,102 @@ class Approval:
     environment: str
     release: ReleaseId
     actor: str
+    identity: Identity
+    """The approver key that signed it."""
+    os_user: str
     added: bool
-    """False when this actor had already approved it (recorded once)."""
-    approvers: tuple[str, ...]
-    """Everyone who approved this release for this environment, in order."""
+    """False when this key had already approved it (recorded once)."""
+    approvals: tuple[ApprovalRow, ...]
+    """Every approval of this release for this environment, in order."""
 
     def to_json(self) -> dict[str, Any]:
         return {
             "environment": self.environment,
             "release": self.release,
             "actor": self.actor,
+            "identity": {"kind": self.identity.kind, "id": self.identity.id},
+            "os_user": self.os_user,
             "added": self.added,
-            "approvers": list(self.approvers),
+            "approvals": [_approval_json(a) for a in self.approvals],
         }
 
 
-def approve(store: StateStore, environment: str, release: str, comment: str = "") -> Approval:
-    """Record ``store.actor``'s approval of ``release`` (a release id, as plans show it) for
-    ``environment``; audited (``release.approve``) even when already approved.
+def _approval_json(row: ApprovalRow) -> dict[str, Any]:
+    identity = row.identity
+    return {
+        "actor": row.actor,
+        "identity": None if identity is None else {"kind": identity.kind, "id": identity.id},
+        "os_user": row.os_user,
+        "created": format_time(row.created),
+    }
+
+
+def approve(
+    store: StateStore,
+    policy: GatePolicy,
+    release: str,
+    signer: Signer,
+    os_user: str,
+    comment: str = "",
+) -> Approval:
+    """Record an approval of ``release`` (a release id, as plans show it) for
+    ``policy.environment``, signed by ``signer`` (which must hold one of the environment's
+    ``approvers`` keys) and recorded with ``os_user``; audited (``release.approve``) even
+    when this key had already approved it.
 
     Raises:
-        UsageError: when ``release`` is not a release id (16 hex digits).
+        UsageError: when ``release`` is not a release id (16 hex digits), the environment
+            lists no approvers, or ``signer``'s key is not one of them.
+        StateError: when the database cannot be written.
+    """
+    environment = policy.environment
+    if not _RELEASE_ID.match(release):
+        raise UsageError(
+            f"{release!r} is not a release id (16 hex digits, as `castiron promote` or "
+            "`castiron plan` shows it)"
+        )
+    if not policy.approvers:
+        raise UsageError(
+            f"environment {environment!r} lists no approvers (policy.approvers): an approval "
+            "would count for nothing there"
+        )
+    keys = approver_keys(policy)
+    if signer.keyid not in {k.keyid for k in keys}:
+        raise UsageError(
+            f"key {signer.keyid} is not an approver of {environment!r} "
+            f"(policy.approvers: {', '.join(policy.approvers)})"
+        )
+    rid = ReleaseId(release)
+    signature = base64.b64encode(signer.sign(approval_payload(environment, rid, os_user)))
+    return _record_approval(
+        store,
+        ApprovalRow(
+            environment,
+            rid,
+            store.actor,
+            store.clock.now(),
+            comment,
+            Identity("key", signer.keyid),
+            os_user,
+            signature.decode("ascii"),
+        ),
+    )
+
+
+def approve_as_token(
+    store: StateStore,
+    environment: str,
+    release: str,
+    identity: Identity,
+    os_user: str,
+    comment: str = "",
+) -> Approval:
+    """Record an approval of ``release`` for ``environment`` by an API token (``identity``
+    of kind ``token``, proven by the API's authentication); the gate counts it once per token
+    while the token exists, is not revoked and may approve. Audited like :func:`approve`.
+
+    Raises:
+        UsageError: when ``release`` is not a release id or ``identity`` is not a token.
         StateError: when the database cannot be written.
     """
     if not _RELEASE_ID.match(release):
@@ -208,26 +288,48 @@ def approve(store: StateStore, environment: str, release: str, comment: str = ""
             f"{release!r} is not a release id (16 hex digits, as `castiron promote` or "
             "`castiron plan` shows it)"
         )
+    if identity.kind != "token":
+        raise UsageError(f"{identity} is not an API token identity")
     rid = ReleaseId(release)
-    row = ApprovalRow(environment, rid, store.actor, store.clock.now(), comment)
+    return _record_approval(
+        store,
+        ApprovalRow(environment, rid, store.actor, store.clock.now(), comment, identity, os_user),
+    )
+
+
+def _record_approval(store: StateStore, row: ApprovalRow) -> Approval:
+    """Store ``row`` (once per identity) with its ``release.approve`` audit entry."""
+    environment, rid, identity, os_user = row.environment, row.release, row.identity, row.os_user
+    comment = row.comment
+    assert identity is not None
 
     def apply(tx: StateTx) -> bool:
         added = tx.add_approval(row)
         tx.note(added=added)
         return added
 
+    details: dict[str, Any] = {"identity": str(identity), "os_user": os_user}
+    if comment:
+        details["comment"] = comment
     added = store.mutate(
         AuditDraft(
             "release.approve",
             environment=environment,
             subject=rid,
             to=rid,
-            details={"comment": comment} if comment else {},
+            details=details,
         ),
         apply,
     )
-    approvers = tuple(a.actor for a in store.approvals(environment, rid))
-    return Approval(environment, rid, store.actor, added, approvers)
+    return Approval(
+        environment,
+        rid,
+        store.actor,
+        identity,
+        os_user,
+        added,
+        tuple(store.approvals(environment, rid)),
+    )
 
 
 __all__ = [
@@ -235,6 +337,7 @@ __all__ = [
     "PromoteResult",
     "Promotion",
     "approve",
+    "approve_as_token",
     "prepare",
     "promote",
     "source_release",

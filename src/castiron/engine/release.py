@@ -22,13 +22,15 @@ from dataclasses import asdict, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from castiron.drivers.kubernetes.manifests import KubernetesOptions
 from castiron.errors import UsageError
+from castiron.filemodes import make_private_dir, open_private
 from castiron.model import Digest, ReleaseId
 from castiron.values import value
 
 if TYPE_CHECKING:  # the schema (pydantic) is only needed when a spec is resolved
     from castiron.spec.load import LoadedSpec, ReadSpec
-    from castiron.spec.schema import Router, Spec
+    from castiron.spec.schema import Kubernetes, Router, SecretRef, Spec
 
 
 @value
@@ -56,13 +58,17 @@ class ReleaseConfig:
     port: int
     env: tuple[tuple[str, str], ...]
     secrets: tuple[tuple[str, str], ...]
-    """(NAME, reference) pairs: ``env:VAR`` or ``file:PATH``; never values."""
+    """(NAME, reference) pairs: ``env:VAR``, ``file:PATH`` or ``tf:FILE#OUTPUT``; never
+    values."""
     health: HealthConfig
     isolation: str
     network: str
     writable: tuple[str, ...]
     memory: str | None
     cpus: float | None
+    kubernetes: KubernetesOptions | None = None
+    """Where the pods run (``runtime: kubernetes`` only; absent from the JSON otherwise, so
+    the ids of other runtimes' releases do not depend on it)."""
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (lists for tuples, dicts for pair lists)."""
@@ -70,6 +76,10 @@ class ReleaseConfig:
         data["env"] = dict(self.env)
         data["secrets"] = dict(self.secrets)
         data["writable"] = list(self.writable)
+        if self.kubernetes is None:
+            del data["kubernetes"]
+        else:
+            data["kubernetes"] = self.kubernetes.to_json()
         return data
 
 
@@ -128,10 +138,7 @@ def release_config(spec: Spec, environment: str) -> ReleaseConfig:
     else:
         kind, target = "none", ""
     merged_env = {**service.env, **env.env}
-    secrets = {
-        name: (f"env:{ref.env}" if ref.env is not None else f"file:{ref.file}")
-        for name, ref in service.secrets.items()
-    }
+    secrets = {name: _secret_ref(spec, ref) for name, ref in service.secrets.items()}
     config = ReleaseConfig(
         app=spec.app,
         environment=environment,
@@ -153,8 +160,35 @@ def release_config(spec: Spec, environment: str) -> ReleaseConfig:
         writable=tuple(service.writable),
         memory=service.memory,
         cpus=service.cpus,
+        kubernetes=_kubernetes_options(env.kubernetes) if env.runtime == "kubernetes" else None,
     )
     return config
+
+
+def _secret_ref(spec: Spec, ref: SecretRef) -> str:
+    """A secret's reference: ``env:VAR``, ``file:PATH`` or ``tf:OUTPUTS_FILE#OUTPUT``."""
+    if ref.env is not None:
+        return f"env:{ref.env}"
+    if ref.tf is not None and spec.terraform is not None:
+        return f"tf:{spec.terraform.outputs}#{ref.tf}"
+    return f"file:{ref.file}"
+
+
+def _kubernetes_options(section: Kubernetes | None) -> KubernetesOptions:
+    if section is None:
+        return KubernetesOptions()
+    return KubernetesOptions(
+        namespace=section.namespace,
+        context=section.context,
+        service_name=section.service.name or "",
+        service_type=section.service.type,
+        service_port=section.service.port,
+        image_repository=section.image_repository,
+        image_pull_secret=section.image_pull_secret,
+        node_selector=tuple(sorted(section.node_selector.items())),
+        cpu_request=section.resources.cpu,
+        memory_request=section.resources.memory,
+    )
 
 
 def release_from_json(data: dict[str, Any]) -> Release:
@@ -193,6 +227,7 @@ class EnvironmentDeploy:
     drain_timeout: float
     keep_warm: float
     deploy_timeout: float
+    keep_warm_releases: int = 1
     canary: dict[str, Any] | None = None
     """The canary's steps, analysis and stickiness as JSON (see :mod:`castiron.engine.canary`)."""
     router: dict[str, Any] | None = None
@@ -221,11 +256,23 @@ class DeploySpec:
     path: Path
     """Absolute path of the spec file (its directory anchors ``file:`` secrets)."""
     environments: Mapping[str, EnvironmentDeploy] = field(default_factory=dict)
+    image: Mapping[str, Any] | None = None
+    """The ``image:`` section as plain JSON (:func:`castiron.images.build.recipe_json`): what
+    ``deploy`` needs to find the image baked from the current spec and context."""
+    service_port: int = 8000
+    """``service.port``: part of what a bake is made from."""
 
     @property
     def base_dir(self) -> Path:
         """The spec file's directory."""
         return self.path.parent
+
+
+def default_deploy_timeout(health: HealthConfig) -> float:
+    """How long a deployment waits for health when the spec does not say: the start period
+    (where failures do not count) plus ``healthy_after`` + 2 probes of ``interval`` + ``timeout``
+    each, so a slow but healthy app passes and a broken one fails soon after it may start."""
+    return health.start_period + (health.healthy_after + 2) * (health.interval + health.timeout)
 
 
 def router_json(router: Router) -> dict[str, Any]:
@@ -243,11 +290,14 @@ def router_json(router: Router) -> dict[str, Any]:
 def deploy_spec(loaded: LoadedSpec) -> DeploySpec:
     """What deploying needs of the validated spec ``loaded``."""
     from castiron.engine.canary import canary_json
+    from castiron.images.build import recipe_json
 
     spec = loaded.spec
     return DeploySpec(
         app=spec.app,
         path=loaded.path,
+        image=recipe_json(spec.image),
+        service_port=spec.service.port,
         environments={
             name: EnvironmentDeploy(
                 config=release_config(spec, name),
@@ -256,7 +306,12 @@ def deploy_spec(loaded: LoadedSpec) -> DeploySpec:
                 batch=env.strategy.batch,
                 drain_timeout=env.drain_timeout,
                 keep_warm=env.keep_warm,
-                deploy_timeout=env.deploy_timeout,
+                keep_warm_releases=env.keep_warm_releases,
+                deploy_timeout=(
+                    env.deploy_timeout
+                    if env.deploy_timeout is not None
+                    else default_deploy_timeout(release_config(spec, name).health)
+                ),
                 canary=canary_json(env.strategy),
                 router=router_json(env.router),
             )
@@ -268,7 +323,13 @@ def deploy_spec(loaded: LoadedSpec) -> DeploySpec:
 _MASK = "\x00castiron:env-value\x00"
 """Stands for every text value of an environment-variable map in a cache key."""
 
-_SOURCES = ("spec/schema.py", "spec/load.py", "engine/release.py", "engine/canary.py")
+_SOURCES = (
+    "spec/schema.py",
+    "spec/load.py",
+    "spec/tfoutputs.py",
+    "engine/release.py",
+    "engine/canary.py",
+)
 """Modules whose code decides what a spec validates to: a change to one voids the cache."""
 
 
@@ -336,7 +397,17 @@ def _cached(entry: Path, key: str, read: ReadSpec) -> DeploySpec | None:
             env = {**service_env, **dict(read.value["environments"][name].get("env", {}))}
             config = replace(cached.config, env=tuple(sorted(env.items())))
             environments[name] = replace(cached, config=config)
-        return DeploySpec(app=str(data["app"]), path=read.path, environments=environments)
+        image = dict(data["image"])
+        raw_image = read.value.get("image", {})
+        for name in ("env", "labels"):  # text values come from this parse, as for env above
+            image[name] = dict(raw_image.get(name, {}))
+        return DeploySpec(
+            app=str(data["app"]),
+            path=read.path,
+            environments=environments,
+            image=image,
+            service_port=int(data["service_port"]),
+        )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
@@ -345,6 +416,8 @@ def _store(entry: Path, key: str, result: DeploySpec) -> None:
     data = {
         "key": key,
         "app": result.app,
+        "image": {**(result.image or {}), "env": {}, "labels": {}},
+        "service_port": result.service_port,
         "environments": {
             name: {**env.to_json(), "config": {**env.config.to_json(), "env": {}}}
             for name, env in result.environments.items()
@@ -353,8 +426,9 @@ def _store(entry: Path, key: str, result: DeploySpec) -> None:
     tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
     with contextlib.suppress(OSError):
         # Only beside existing state: the state directory is created (0700) by the store.
-        entry.parent.mkdir(exist_ok=True, mode=0o700)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        if entry.parent.parent.is_dir():
+            make_private_dir(entry.parent)
+        fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         with os.fdopen(fd, "wb") as out:
             out.write(canonical_json(data))
         os.replace(tmp, entry)
@@ -366,4 +440,6 @@ def _config_from_json(data: dict[str, Any]) -> ReleaseConfig:
     cfg["secrets"] = tuple(sorted(dict(cfg["secrets"]).items()))
     cfg["writable"] = tuple(cfg["writable"])
     cfg["health"] = HealthConfig(**cfg["health"])
+    if cfg.get("kubernetes") is not None:
+        cfg["kubernetes"] = KubernetesOptions.from_json(cfg["kubernetes"])
     return ReleaseConfig(**cfg)

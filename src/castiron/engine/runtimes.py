@@ -23,18 +23,23 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from castiron.drivers.base import Driver
-from castiron.engine.release import ReleaseConfig
+from castiron.agent.client import HealthCheck
+from castiron.drivers.base import Driver, ReadinessSource
+from castiron.engine.health import ProbeResult, probe
+from castiron.engine.release import HealthConfig, ReleaseConfig
 from castiron.errors import CastironError, UsageError
 from castiron.model import Digest, ImageRef, Observed, ReleaseId
 from castiron.settings import Settings
 from castiron.state.base import StateStore
+from castiron.traffic.base import BackendSet, Limits, ReleaseCounters, Stickiness
+from castiron.traffic.controller import FlipOutcome, Routing, TrafficController
 
 if TYPE_CHECKING:  # the docker SDK is only imported when a Docker runtime is used
     from castiron.drivers.docker import ContainerOptions
+    from castiron.drivers.kubernetes.manifests import KubernetesOptions
     from castiron.engine.deploy import Engine
 
-AVAILABLE_RUNTIMES = ("local", "docker")
+AVAILABLE_RUNTIMES = ("local", "docker", "kubernetes")
 """Runtimes this castiron can deploy to."""
 
 DEFAULT_NETWORK = "host"
@@ -145,6 +150,93 @@ def docker_driver(settings: Settings, store: StateStore) -> Driver:
     )
 
 
+def moving_release_config(store: StateStore, environment: str) -> Mapping[str, Any] | None:
+    """The config of the release ``environment`` is moving to (a running deployment), else
+    of the one it serves; None when there is neither."""
+    release: ReleaseId | None = None
+    for deployment in store.list_deployments(environment, limit=5):
+        if deployment.outcome == "running":
+            release = ReleaseId(deployment.to_release)
+            break
+    if release is None:
+        row = store.get_environment(environment)
+        release = row.current_release if row is not None else None
+    if release is None:
+        return None
+    found = store.get_release(release)
+    return None if found is None else found.config
+
+
+class ReleaseKubernetes(Mapping[str, "KubernetesOptions"]):
+    """Kubernetes options by environment, from the release being deployed there (else the one
+    it serves), read from the state store on each look-up."""
+
+    def __init__(self, store: StateStore) -> None:
+        self._store = store
+
+    def __getitem__(self, environment: str) -> KubernetesOptions:
+        from castiron.drivers.kubernetes.manifests import KubernetesOptions
+
+        config = moving_release_config(self._store, environment)
+        if config is None or not config.get("kubernetes"):
+            raise KeyError(environment)
+        try:
+            return KubernetesOptions.from_json(config["kubernetes"])
+        except (KeyError, TypeError, ValueError):
+            raise KeyError(environment) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([e.name for e in self._store.list_environments() if e.runtime == "kubernetes"])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def kubernetes_driver(settings: Settings, store: StateStore) -> Driver:
+    """The Kubernetes runtime: the cluster of ``KUBECONFIG`` (like kubectl), one client per
+    context. With ``CASTIRON_KUBERNETES_DOCKER_HOST`` set (a single-node cluster whose node
+    runs that Docker engine, e.g. the test bed), images are loaded into that engine from
+    castiron's store and pods run them by image ID; otherwise nodes pull by digest from the
+    environment's ``image_repository``.
+
+    Raises:
+        UsageError: when the Kubernetes client library is not installed.
+    """
+    try:
+        from castiron.drivers.kubernetes.client import KubeClient
+    except ImportError as exc:
+        raise UsageError(
+            f"runtime 'kubernetes' needs the Kubernetes client library ({exc}): "
+            "pip install 'castiron[kubernetes]'"
+        ) from None
+    from castiron.drivers.kubernetes.driver import KubernetesDriver
+
+    kubeconfig_env = settings.environ.get("KUBECONFIG", "")
+    kubeconfig = Path(kubeconfig_env.split(":")[0]) if kubeconfig_env else None
+    clients: dict[str | None, KubeClient] = {}
+
+    def client(options: KubernetesOptions) -> KubeClient:
+        if options.context not in clients:
+            clients[options.context] = KubeClient(kubeconfig=kubeconfig, context=options.context)
+        return clients[options.context]
+
+    load: Callable[[ImageRef], None] | None = None
+    node_docker = settings.environ.get("CASTIRON_KUBERNETES_DOCKER_HOST")
+    if node_docker:
+        from castiron.drivers.docker import DockerDriver, DockerEndpoint
+        from castiron.drivers.kubernetes.manifests import LOADED_REPOSITORY
+
+        loader = DockerDriver(
+            export=archive_exporter(docker_cache(settings)),
+            endpoint=DockerEndpoint(base_url=node_docker),
+        )
+
+        def load(image: ImageRef) -> None:
+            loader.name_image(image, LOADED_REPOSITORY)
+
+    return KubernetesDriver(client=client, options=ReleaseKubernetes(store), load=load)
+
+
 def runtime_driver(runtime: str, settings: Settings, store: StateStore) -> Driver:
     """The driver of ``runtime`` (any but ``local``, which needs the host agent).
 
@@ -153,9 +245,146 @@ def runtime_driver(runtime: str, settings: Settings, store: StateStore) -> Drive
     """
     if runtime == "docker":
         return docker_driver(settings, store)
+    if runtime == "kubernetes":
+        return kubernetes_driver(settings, store)
     raise UsageError(
         f"runtime {runtime!r} is not available yet (available: {', '.join(AVAILABLE_RUNTIMES)})"
     )
+
+
+# --- traffic and readiness by runtime --------------------------------------------------------
+
+
+class RuntimeTraffic:
+    """The traffic controller of each environment's runtime: a Kubernetes environment's
+    traffic is its Service's selector; every other environment's is the host agent's router.
+    The runtime is the one of the release being deployed there (else the one it serves)."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        agent: Callable[[], TrafficController],
+        driver_for: Callable[[str], Driver],
+    ) -> None:
+        self._store = store
+        self._agent_factory = agent
+        self._driver_for = driver_for
+        self._agent: TrafficController | None = None
+        self._kubernetes: TrafficController | None = None
+
+    def _runtime(self, environment: str) -> str:
+        config = moving_release_config(self._store, environment)
+        if config is not None:
+            return str(config.get("runtime", "local"))
+        row = self._store.get_environment(environment)
+        return row.runtime if row is not None else "local"
+
+    def _for(self, environment: str) -> TrafficController:
+        if self._runtime(environment) == "kubernetes":
+            if self._kubernetes is None:
+                from castiron.drivers.kubernetes.driver import KubernetesDriver
+                from castiron.drivers.kubernetes.traffic import KubernetesTraffic
+
+                driver = self._driver_for("kubernetes")
+                if not isinstance(driver, KubernetesDriver):
+                    raise UsageError("runtime 'kubernetes' has no Kubernetes driver")
+
+                def app_of(environment: str) -> str:
+                    config = moving_release_config(self._store, environment) or {}
+                    return str(config.get("app", ""))
+
+                def port_of(environment: str) -> int:
+                    config = moving_release_config(self._store, environment) or {}
+                    return int(config.get("port", 0))
+
+                self._kubernetes = KubernetesTraffic(driver, app_of, port_of)
+            return self._kubernetes
+        if self._agent is None:
+            self._agent = self._agent_factory()
+        return self._agent
+
+    def switch(
+        self,
+        environment: str,
+        listen: str,
+        stable: BackendSet,
+        *,
+        canary: BackendSet | None = None,
+        canary_weight: int = 0,
+        drain_timeout: float = 30.0,
+        sticky: Stickiness | None = None,
+        limits: Limits | None = None,
+        access_log: bool = False,
+    ) -> None:
+        self._for(environment).switch(
+            environment,
+            listen,
+            stable,
+            canary=canary,
+            canary_weight=canary_weight,
+            drain_timeout=drain_timeout,
+            sticky=sticky,
+            limits=limits,
+            access_log=access_log,
+        )
+
+    def flip(
+        self,
+        environment: str,
+        listen: str,
+        stable: BackendSet,
+        *,
+        expect: str | None,
+        check: HealthCheck,
+        env: Mapping[str, str],
+        drain_timeout: float = 30.0,
+        limits: Limits | None = None,
+        access_log: bool = False,
+    ) -> FlipOutcome:
+        return self._for(environment).flip(
+            environment,
+            listen,
+            stable,
+            expect=expect,
+            check=check,
+            env=env,
+            drain_timeout=drain_timeout,
+            limits=limits,
+            access_log=access_log,
+        )
+
+    def remove(self, environment: str) -> bool:
+        return self._for(environment).remove(environment)
+
+    def current(self, environment: str) -> Routing | None:
+        return self._for(environment).current(environment)
+
+    def counters(self, environment: str) -> list[ReleaseCounters]:
+        return self._for(environment).counters(environment)
+
+
+def runtime_prober(
+    driver_for: Callable[[str], Driver],
+) -> Callable[[HealthConfig, str, Mapping[str, str]], ProbeResult]:
+    """The engine's health prober: a real probe of the address, except for instances whose
+    runtime judges readiness itself (their driver is asked)."""
+
+    def prober(check: HealthConfig, address: str, env: Mapping[str, str]) -> ProbeResult:
+        if address.startswith(KUBERNETES_ADDRESS_PREFIX):
+            driver = driver_for("kubernetes")
+            if isinstance(driver, ReadinessSource):
+                try:
+                    ready, detail = driver.readiness(address)
+                except CastironError as exc:
+                    return ProbeResult(False, str(exc))
+                return ProbeResult(ready, detail)
+        return probe(check, address, env)
+
+    return prober
+
+
+KUBERNETES_ADDRESS_PREFIX = "k8s://"
+"""How the Kubernetes driver's pod addresses start (see its ``address_of``)."""
 
 
 # --- beyond the protocol ---------------------------------------------------------------------
@@ -268,7 +497,10 @@ def environment_strays(
 __all__ = [
     "AVAILABLE_RUNTIMES",
     "DEFAULT_NETWORK",
+    "KUBERNETES_ADDRESS_PREFIX",
+    "ReleaseKubernetes",
     "ReleaseNetworks",
+    "RuntimeTraffic",
     "StrayFinder",
     "Sweeper",
     "archive_exporter",
@@ -277,7 +509,10 @@ __all__ = [
     "environment_strays",
     "find_strays",
     "instance_port",
+    "kubernetes_driver",
+    "moving_release_config",
     "runtime_driver",
+    "runtime_prober",
     "stray_json",
     "sweep",
 ]

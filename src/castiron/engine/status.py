@@ -16,7 +16,7 @@ from typing import Any
 
 from castiron.engine.deploy import Engine
 from castiron.engine.release import HealthConfig
-from castiron.engine.rollback import known_good
+from castiron.engine.rollback import choose, known_good
 from castiron.engine.runtimes import environment_strays
 from castiron.errors import CastironError, NotFoundError
 from castiron.state.base import DeploymentRow, format_time_short
@@ -39,6 +39,49 @@ def _tags_by_digest(engine: Engine) -> dict[str, list[str]]:
 
 def _last(items: list[str]) -> str | None:
     return items[-1] if items else None
+
+
+def _warm_releases(engine: Engine, name: str, warm_rows: list[Any]) -> list[dict[str, Any]]:
+    """Each warm release with its own id, digest and instances; newest known-good first (the
+    order rollback considers them in)."""
+    by_release: dict[str, list[Any]] = {}
+    for r in warm_rows:
+        by_release.setdefault(r.release, []).append(r)
+    rank = {rid: i for i, rid in enumerate(known_good(engine, name))}
+    out: list[dict[str, Any]] = []
+    for release_id in sorted(by_release, key=lambda rid: rank.get(rid, len(rank))):
+        members = by_release[release_id]
+        try:
+            digest: str | None = engine.load_release(release_id).digest
+        except CastironError:
+            digest = None
+        until = [str(r.data.get("warm_until")) for r in members if r.data.get("warm_until")]
+        out.append(
+            {
+                "release": release_id,
+                "digest": digest,
+                "until": max(until) if until else None,
+                "instances": [
+                    {"id": r.id, "address": r.address, "until": r.data.get("warm_until")}
+                    for r in members
+                ],
+            }
+        )
+    return out
+
+
+def _rollback_target(engine: Engine, name: str) -> dict[str, Any] | None:
+    """Exactly what ``castiron rollback NAME`` would choose now (None: nothing to go back to)."""
+    try:
+        choice = choose(engine, name)
+    except CastironError:
+        return None
+    return {
+        "release": choice.release.id,
+        "digest": choice.release.digest,
+        "warm": len(choice.warm) >= choice.release.config.replicas,
+        "warm_instances": len(choice.warm),
+    }
 
 
 def environment_status(
@@ -110,16 +153,7 @@ def environment_status(
             engine.prober(check, item["address"], env).ok if check is not None else False
         )
         item["in_route"] = item["id"] in routing.backend_ids if routing else None
-    warm_rows = [r for r in rows if r.status == "warm"]
-    warm: dict[str, Any] | None = None
-    if warm_rows:
-        warm = {
-            "release": warm_rows[0].release,
-            "instances": [
-                {"id": r.id, "address": r.address, "until": r.data.get("warm_until")}
-                for r in warm_rows
-            ],
-        }
+    warm = _warm_releases(engine, name, [r for r in rows if r.status == "warm"])
     pending = [d.id for d in engine.store.list_deployments(name, limit=5) if d.outcome == "running"]
     strays = environment_strays(engine, name, seen | {r.id for r in rows}, agent_running=router)
     locks = LockManager(engine.store).status(name)
@@ -136,6 +170,7 @@ def environment_status(
         "updated": format_time_short(row.updated) if row.updated else None,
         "instances": instances,
         "warm": warm,
+        "rollback_target": _rollback_target(engine, name),
         "router": None if routing is None else {"releases": list(routing.releases)},
         "counters": counters,
         "lock": locks[0].as_json() if locks else None,

@@ -17,7 +17,7 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
@@ -25,7 +25,7 @@ from castiron.drivers.base import Driver
 from castiron.engine.health import HealthTracker, ProbeResult, probe
 from castiron.engine.journal import Journal
 from castiron.engine.release import HealthConfig, Release
-from castiron.engine.runtimes import instance_port
+from castiron.engine.runtimes import KUBERNETES_ADDRESS_PREFIX, instance_port
 from castiron.errors import CastironError, DeployFailedError
 from castiron.model import ImageRef, Instance, InstanceSpec, Isolation, Observed, ReleaseId
 from castiron.state.base import AuditDraft, EnvironmentRow, InstanceRow, StateTx, format_time
@@ -45,6 +45,9 @@ connection costs next to nothing, and traffic should move as soon as the app is 
 
 INSPECT_EVERY = 0.1
 """Seconds between asking the runtime whether a new instance that fails its probe exited."""
+
+HEALTH_REPORT_EVERY = 3.0
+"""Seconds between progress lines giving each still-unhealthy instance's last probe result."""
 
 
 @value
@@ -73,6 +76,8 @@ class Policy:
     drain_timeout: float = 30.0
     keep_warm: float = 600.0
     deploy_timeout: float = 60.0
+    keep_warm_releases: int = 1
+    """Previous releases kept warm at most (older warm instances are destroyed)."""
     base_dir: str = "."
     """The spec's directory: ``file:`` secrets are read relative to it."""
     canary: Mapping[str, Any] | None = None
@@ -103,6 +108,7 @@ class Policy:
             "batch": self.batch,
             "drain_timeout": self.drain_timeout,
             "keep_warm": self.keep_warm,
+            "keep_warm_releases": self.keep_warm_releases,
             "deploy_timeout": self.deploy_timeout,
             "base_dir": self.base_dir,
             "canary": None if self.canary is None else dict(self.canary),
@@ -297,10 +303,19 @@ class Rollout:
         )
         started = self.monotonic()
         deadline = started + self.policy.deploy_timeout
-        trackers = {i.id: HealthTracker(check, started) for i in instances}
+        # Where the runtime judges readiness itself (Kubernetes: the kubelet already asked
+        # for healthy_after successes), one ready answer is the verdict.
+        judged = replace(check, healthy_after=1)
+        trackers = {
+            i.id: HealthTracker(
+                judged if i.address.startswith(KUBERNETES_ADDRESS_PREFIX) else check, started
+            )
+            for i in instances
+        }
         pending = list(instances)
         env = {**dict(self.runtime.env), **dict(self.release.config.env)}
         inspected: dict[str, float] = {}
+        reported = started
         while pending:
             for instance in list(pending):
                 result = self.prober(check, instance.address, env)
@@ -319,6 +334,15 @@ class Rollout:
                         self._fail(instance, f"exited{code} before becoming healthy")
             if not pending:
                 break
+            if self.monotonic() - reported >= HEALTH_REPORT_EVERY:
+                reported = self.monotonic()
+                for instance in pending:
+                    last = trackers[instance.id].last
+                    self.progress(
+                        f"{instance.id} not healthy yet after {reported - started:.0f}s of "
+                        f"{self.policy.deploy_timeout:g}s: "
+                        f"{last.detail if last is not None else 'no probe answered'}"
+                    )
             if self.monotonic() >= deadline:
                 last = trackers[pending[0].id].last
                 detail = last.detail if last is not None else "no probe answered"
@@ -339,6 +363,10 @@ class Rollout:
         tail = self.logs_of(instance)
         if tail:
             message += "\nlast output:\n" + tail
+        if self.policy.runtime == "local":  # the agent keeps a destroyed instance's log file
+            message += (
+                f"\nall of its output: castiron logs {self.environment} --instance {instance.id}"
+            )
         raise DeployFailedError(message)
 
     def logs_of(self, instance: Instance) -> str:

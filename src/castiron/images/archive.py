@@ -8,8 +8,10 @@ Docker 20.10 on and which keeps Docker's image ID equal to the config digest.
 
 Imports never extract to disk: members are read by name from the tar, every blob is hashed
 and compared with its digest while it is copied into the store, names with path tricks,
-unexpected entry types, absurd sizes or entry counts are refused, and a failed import takes
-back every blob it added, so nothing of it remains. Knows nothing of the spec or runtimes.
+unexpected entry types, absurd sizes or entry counts are refused, every layer of every image
+is checked with the safe unpacker's rules (:func:`castiron.images.unpack.check_layers`,
+nothing written), and a failed import takes back every blob it added, so nothing of it
+remains. Knows nothing of the spec or runtimes.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal, Protocol
+from typing import IO, Any, BinaryIO, Literal, Protocol, cast
 
 from castiron.errors import (
     CastironError,
@@ -37,7 +39,8 @@ from castiron.errors import (
 )
 from castiron.images import oci
 from castiron.images.layer import LayerEntry, write_tar
-from castiron.images.store import TMP_PREFIX, ImageStore, check_tag
+from castiron.images.store import TMP_PREFIX, ImageStore, StoredImage, check_tag
+from castiron.images.unpack import check_layers
 from castiron.model import Digest, is_digest
 
 ArchiveFormat = Literal["oci-archive", "docker-archive"]
@@ -355,6 +358,33 @@ def _import_docker(
     return out
 
 
+def _expand_nested(
+    src: _Source, desc: oci.Descriptor, limits: ArchiveLimits
+) -> list[oci.Descriptor]:
+    """A top-level index written by castiron (its image entry carries ``dev.castiron.tags``
+    or its entries have subjects) becomes its image and referrers; any other entry stays."""
+    if desc.media_type not in oci.INDEX_TYPES or desc.size > limits.max_json_bytes:
+        return [desc]
+    where = f"{src.where}: index {desc.digest}"
+    nested = oci.parse_json_object(_read_verified(src, desc, limits), where)
+    items = nested.get("manifests")
+    if not isinstance(items, list):
+        raise ImageError(f"{where}: no manifests list")
+    inner = [oci.Descriptor.from_json(d, f"{where}: manifests[{i}]") for i, d in enumerate(items)]
+    ours = any(ANN_TAGS in d.annotations or oci.ANN_SUBJECT in d.annotations for d in inner)
+    if not ours:
+        return [desc]
+    images = [d for d in inner if d.artifact_type is None and oci.ANN_SUBJECT not in d.annotations]
+    name = desc.annotations.get(oci.ANN_REF_NAME)
+    out: list[oci.Descriptor] = []
+    for d in images:
+        ann = dict(d.annotations)
+        if name:
+            ann[oci.ANN_REF_NAME] = name
+        out.append(oci.Descriptor(d.media_type, d.digest, d.size, annotations=ann))
+    return out + [d for d in inner if d not in images]
+
+
 def _import_oci(
     store: ImageStore, src: _Source, limits: ArchiveLimits, ref: str | None = None
 ) -> list[tuple[oci.Descriptor, Digest, list[str]]]:
@@ -371,18 +401,21 @@ def _import_oci(
     images: dict[Digest, list[str]] = {}
     order: list[oci.Descriptor] = []
     artifacts: list[oci.Descriptor] = []
+    descs = [x for d in descs for x in _expand_nested(src, d, limits)]
     for d in descs:
         if d.artifact_type is not None or oci.ANN_SUBJECT in d.annotations:
             artifacts.append(d)
             continue
         name = d.annotations.get(oci.ANN_REF_NAME)
-        if ref is not None and name != ref:
+        names = [t for t in d.annotations.get(ANN_TAGS, "").split(",") if t]
+        if not names and name is not None:
+            names = [name.rsplit(":", 1)[-1]]
+        if ref is not None and name != ref and ref not in names:
             continue
         if d.digest not in images:
             images[d.digest] = []
             order.append(d)
-        if name is not None:
-            images[d.digest].append(name.rsplit(":", 1)[-1])
+        images[d.digest].extend(n for n in names if n not in images[d.digest])
     if ref is not None and not order:
         raise ImageError(f"{src.where}: no image tagged {ref!r}")
     out: list[tuple[oci.Descriptor, Digest, list[str]]] = []
@@ -400,6 +433,30 @@ def _import_oci(
             store.put_bytes(data, a.digest)
             store.add_referrer(a)
     return out
+
+
+def check_image_layers(store: ImageStore, digest: Digest, where: str) -> None:
+    """Check every layer of image ``digest`` of ``store`` with the safe unpacker's rules
+    (lowest first, as an unpack would apply them), writing nothing.
+
+    Raises:
+        UnsafeArchiveError: an entry the unpacker would refuse, named with its image and layer.
+        ImageError: a layer is not a valid (gzip) tar stream.
+        NotFoundError: a layer blob is missing from the store.
+    """
+    layers = store.image(digest).layers
+    streams: list[BinaryIO] = []
+    try:
+        for layer in layers:
+            streams.append(cast(BinaryIO, store.open_blob(layer.digest)))
+        check_layers(streams)
+    except UnsafeArchiveError as exc:
+        raise UnsafeArchiveError(f"{where}: image {digest}: {exc.message}", exc.entry) from exc
+    except ImageError as exc:
+        raise ImageError(f"{where}: image {digest}: {exc.message}") from exc
+    finally:
+        for stream in streams:
+            stream.close()
 
 
 def _finish(
@@ -442,7 +499,8 @@ def import_archive(
     ``sha-<config digest>``); without, only their blobs are stored (for a bake's base image).
 
     Raises:
-        UnsafeArchiveError: for a refused entry (named), path tricks, or absurd sizes/counts.
+        UnsafeArchiveError: for a refused entry (named), path tricks, or absurd sizes/counts,
+            or a layer entry the safe unpacker would refuse.
         DigestMismatchError: when a blob does not match its digest.
         ImageError: for a damaged or incomplete archive.
         TagConflictError: when a tag is already bound to another image.
@@ -470,6 +528,8 @@ def import_archive(
                 src.close()
             if not found:
                 raise ImageError(f"{path}: the archive holds no image")
+            for desc, _, _ in found:
+                check_image_layers(store, desc.digest, str(path))
             if not register:
                 return [ImportedImage(d.digest, c, ()) for d, c, _ in found]
             return _finish(store, found, tags, str(path))
@@ -486,6 +546,7 @@ def import_layout(store: ImageStore, path: Path, ref: str | None = None) -> Impo
 
     Raises:
         ImageError: when the layout is missing, damaged, or ``ref`` is ambiguous or unknown.
+        UnsafeArchiveError: when a layer entry would be refused by the safe unpacker.
         DigestMismatchError: when a blob does not match its digest.
     """
     if not (path / "index.json").is_file():
@@ -494,6 +555,8 @@ def import_layout(store: ImageStore, path: Path, ref: str | None = None) -> Impo
     mark = len(store.created_blobs)
     try:
         found = _import_oci(store, src, ArchiveLimits(), ref)
+        for desc, _, _ in found:
+            check_image_layers(store, desc.digest, str(path))
     except CastironError:
         store.discard_created(mark)
         raise
@@ -501,6 +564,35 @@ def import_layout(store: ImageStore, path: Path, ref: str | None = None) -> Impo
         raise ImageError(f"{path}: holds {len(found)} images; name one as oci:{path}:TAG")
     desc, config_digest, _ = found[0]
     return ImportedImage(desc.digest, config_digest, ())
+
+
+ANN_TAGS = "dev.castiron.tags"
+"""On the image entry of an archive's nested index: every tag of the image, comma-separated."""
+
+
+def _sha256(data: bytes) -> Digest:
+    return Digest("sha256:" + hashlib.sha256(data).hexdigest())
+
+
+def nested_index(image: StoredImage, tags: list[str], referrers: list[oci.Descriptor]) -> bytes:
+    """The one index an ``oci-archive`` lists in ``index.json``: the image (with its platform,
+    so tools that pick a platform find it, and its tags) followed by its signatures and
+    provenance as referrers, as the OCI 1.1 image layout allows. With a single top-level
+    entry, ``skopeo``/``podman`` open the archive without being told a ref."""
+    plat = {
+        "os": str(image.config.get("os") or "linux"),
+        "architecture": str(
+            image.config.get("architecture") or oci.host_platform()["architecture"]
+        ),
+    }
+    variant = image.config.get("variant")
+    if isinstance(variant, str) and variant:
+        plat["variant"] = variant
+    base = image.descriptor()
+    ann = {ANN_TAGS: ",".join(tags)} if tags else {}
+    entry = oci.Descriptor(base.media_type, base.digest, base.size, annotations=ann, platform=plat)
+    manifests = [entry.to_json(), *(r.to_json() for r in referrers)]
+    return oci.canonical_json({"schemaVersion": 2, "mediaType": oci.INDEX, "manifests": manifests})
 
 
 @dataclass(frozen=True)
@@ -574,12 +666,21 @@ def export_archive(
             blobs[d.digest] = d.size
     entries_index: list[dict[str, Any]] = []
     base = image.descriptor()
-    for t in tags or [""]:
-        ann = {oci.ANN_REF_NAME: t} if t else {}
+    nested: bytes | None = None
+    if fmt == "oci-archive":
+        nested = nested_index(image, tags, referrers)
+        blobs[_sha256(nested)] = len(nested)
+        ann = {oci.ANN_REF_NAME: tags[0]} if tags else {}
         entries_index.append(
-            oci.Descriptor(base.media_type, digest, base.size, annotations=ann).to_json()
+            oci.Descriptor(oci.INDEX, _sha256(nested), len(nested), annotations=ann).to_json()
         )
-    entries_index.extend(r.to_json() for r in referrers)
+    else:
+        for t in tags or [""]:
+            ann = {oci.ANN_REF_NAME: t} if t else {}
+            entries_index.append(
+                oci.Descriptor(base.media_type, digest, base.size, annotations=ann).to_json()
+            )
+        entries_index.extend(r.to_json() for r in referrers)
     index = oci.canonical_json(
         {"schemaVersion": 2, "mediaType": oci.INDEX, "manifests": entries_index}
     )
@@ -608,7 +709,14 @@ def export_archive(
             p = Path(tmp) / doc_name
             p.write_bytes(data)
             entries.append(_tar_file(doc_name, p, len(data), hashlib.sha256(data).hexdigest()))
+        if nested is not None:
+            p = Path(tmp) / "nested-index.json"
+            p.write_bytes(nested)
+            nested_name = _blob_name(_sha256(nested))
+            entries.append(_tar_file(nested_name, p, len(nested), _sha256(nested)[7:]))
         for blob, size in sorted(blobs.items()):
+            if nested is not None and blob == _sha256(nested):
+                continue
             path = store.blob_path(blob)
             if not path.exists():
                 raise NotFoundError(f"blob {blob} of image {digest} is missing from {store.root}")
@@ -636,6 +744,7 @@ __all__ = [
     "ArchiveLimits",
     "ExportResult",
     "ImportedImage",
+    "check_image_layers",
     "export_archive",
     "import_archive",
     "import_layout",

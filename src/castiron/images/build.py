@@ -36,6 +36,7 @@ from castiron.images.cache import CACHE_VERSION, BuildCache, layer_key
 from castiron.images.context import SourceFile, scan, secret_files, walk
 from castiron.images.layer import LayerBlob, LayerEntry, compressor_id, with_parents, write_layer
 from castiron.images.pattern import PatternSet
+from castiron.images.registry.reference import looks_like_reference
 from castiron.images.store import ImageStore, check_tag, reachable_blobs, write_atomic
 from castiron.model import Digest
 
@@ -73,6 +74,41 @@ class ImageRecipe(Protocol):
     def allow_secrets(self) -> tuple[str, ...]: ...
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """An ``image:`` section as plain data (see :func:`recipe_json`): what a cached deploy
+    spec carries so ``deploy`` can find the image baked from it without validating again."""
+
+    base: str
+    context: str
+    workdir: str
+    exclude: tuple[str, ...]
+    build: tuple[str, ...]
+    layers: tuple[str, ...]
+    entrypoint: tuple[str, ...]
+    cmd: tuple[str, ...]
+    env: dict[str, str]
+    user: str | None
+    labels: dict[str, str]
+    dockerfile: str | None
+    allow_secrets: tuple[str, ...]
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Recipe:
+        """Rebuild :func:`recipe_json` output.
+
+        Raises:
+            KeyError, TypeError, ValueError: when ``data`` is not such an object.
+        """
+        seqs = ("exclude", "build", "layers", "entrypoint", "cmd", "allow_secrets")
+        fields = {name: data[name] for name in cls.__dataclass_fields__}
+        for name in seqs:
+            fields[name] = tuple(str(item) for item in fields[name])
+        for name in ("env", "labels"):
+            fields[name] = {str(k): str(v) for k, v in dict(fields[name]).items()}
+        return cls(**fields)
+
+
 ArchiveFetcher = Callable[[str, Path], Path]
 """Writes an image archive (docker-archive or OCI) into the given directory and returns its
 path: for ``docker:REF`` bases it is called with REF; for Dockerfile builds with the path of
@@ -106,7 +142,7 @@ class BakeOptions:
     port: int | None = None
     spec_digest: str | None = None
     skip: tuple[Path, ...] = ()
-    """Directories never part of the context (castiron's state directory)."""
+    """Directories and files never part of the context (see :func:`default_skips`)."""
     workers: int = 2
     fetch_docker_base: ArchiveFetcher | None = None
     build_dockerfile: ArchiveFetcher | None = None
@@ -177,9 +213,16 @@ def _git(args: list[str], cwd: Path, env: Mapping[str, str]) -> str | None:
 
 
 def git_info(
-    context: Path, environ: Mapping[str, str], skip: tuple[Path, ...] = ()
+    context: Path,
+    environ: Mapping[str, str],
+    skip: tuple[Path, ...] = (),
+    exclude: PatternSet | None = None,
 ) -> GitInfo | None:
-    """Commit, commit time, dirty flag and remote of the repository holding ``context``.
+    """Commit, commit time, clean flag and remote of the repository holding ``context``.
+
+    The context is clean only when every file that goes into the image (``context`` minus
+    ``exclude`` and ``skip``) is tracked by git and unmodified against HEAD, and no tracked
+    file of it was deleted: an untracked or ignored file makes it dirty.
 
     Returns ``None`` when git is missing or ``context`` is not in a work tree.
     """
@@ -190,14 +233,6 @@ def git_info(
         return None
     short_sha = _git(["rev-parse", "--short", "HEAD"], context, env) or commit[:7]
     when = _git(["log", "-1", "--format=%ct", "HEAD"], context, env)
-    pathspec = ["--", "."]
-    for p in skip:
-        try:
-            rel = p.resolve().relative_to(context.resolve())
-        except ValueError:
-            continue
-        pathspec.append(f":(exclude){rel.as_posix()}")
-    status = _git(["status", "--porcelain", "--untracked-files=normal", *pathspec], context, env)
     remote = _git(["config", "--get", "remote.origin.url"], context, env)
     if remote:
         remote = re.sub(r"^(\w+://)[^/@]*@", r"\1", remote)
@@ -205,8 +240,51 @@ def git_info(
         commit=commit,
         short=short_sha,
         commit_time=int(when) if when and when.isdigit() else 0,
-        dirty=bool(status),
+        dirty=not _git_clean(context, env, skip, exclude or PatternSet.of(())),
         remote=remote or None,
+    )
+
+
+def _git_clean(
+    context: Path, env: Mapping[str, str], skip: tuple[Path, ...], exclude: PatternSet
+) -> bool:
+    try:
+        entries = walk(context, exclude, skip=skip)
+    except ImageError:
+        return False  # bake reports what it cannot read; a tag just says "not clean"
+    files = {w.rel for w in entries if not stat.S_ISDIR(w.st.st_mode)}
+    tracked = _git(["ls-files", "-z", "--", "."], context, env)
+    changed = _git(
+        ["diff", "--name-only", "--no-renames", "-z", "--relative", "HEAD", "--", "."],
+        context,
+        env,
+    )
+    if tracked is None or changed is None:
+        return False
+    if not files <= set(tracked.split("\0")):
+        return False
+    for rel in filter(None, changed.split("\0")):
+        if rel in files:
+            return False
+        gone = not os.path.lexists(context / rel)
+        if gone and not exclude.excluded(rel, False):
+            return False
+    return True
+
+
+def default_skips(context: Path, spec_path: Path, home: Path) -> tuple[Path, ...]:
+    """What is never part of a context by default: castiron's state directory (``home``, and
+    a ``.castiron/`` beside the spec or in the context), the spec file itself and a
+    ``castiron-quickstart/`` directory. Editing the spec (a port, a replica count) therefore
+    never changes the image digest."""
+    base = spec_path.parent
+    return (
+        home,
+        spec_path,
+        base / ".castiron",
+        context / ".castiron",
+        base / "castiron-quickstart",
+        context / "castiron-quickstart",
     )
 
 
@@ -219,10 +297,35 @@ class _Base:
     diff_ids: tuple[Digest, ...]
 
 
+_BASE_KINDS = frozenset({"oci", "oci-archive", "docker-archive", "docker"})
+
+
+def _registry_base(ref: str, store: ImageStore, options: BakeOptions) -> _Base:
+    """A base named by a registry reference: pulled (verified) into the store, and pinned by
+    the digest it resolved to, which is what provenance records."""
+    from castiron.images.registry import options_from, parse_reference, pull
+
+    reference = parse_reference(ref)
+    pulled = pull(store, reference, environ=options.environ, options=options_from(options.environ))
+    return _base_of(store, f"{reference.name}@{pulled.digest}", pulled.digest)
+
+
+def _base_of(store: ImageStore, ref: str, digest: Digest) -> _Base:
+    image = store.image(digest)
+    diff_ids = oci.config_diff_ids(image.config, f"base {ref}")
+    if len(diff_ids) != len(image.layers):
+        raise ImageError(
+            f"image.base: {ref!r} has {len(image.layers)} layers but {len(diff_ids)} diff_ids"
+        )
+    return _Base(ref, digest, image.config, image.layers, tuple(diff_ids))
+
+
 def _resolve_base(ref: str, store: ImageStore, options: BakeOptions, tmp: Path) -> _Base:
     if ref == "scratch":
         return _Base(ref, None, {}, (), ())
     kind, sep, rest = ref.partition(":")
+    if kind not in _BASE_KINDS and looks_like_reference(ref):
+        return _registry_base(ref, store, options)
     if not sep or not rest:
         raise ImageError(
             f"image.base: {ref!r} is not scratch, oci:DIR[:TAG], oci-archive:FILE, "
@@ -250,13 +353,7 @@ def _resolve_base(ref: str, store: ImageStore, options: BakeOptions, tmp: Path) 
             f"image.base: unknown kind {kind!r}; use scratch, oci:, oci-archive:, "
             "docker-archive: or docker:"
         )
-    image = store.image(digest)
-    diff_ids = oci.config_diff_ids(image.config, f"base {ref}")
-    if len(diff_ids) != len(image.layers):
-        raise ImageError(
-            f"image.base: {ref!r} has {len(image.layers)} layers but {len(diff_ids)} diff_ids"
-        )
-    return _Base(ref, digest, image.config, image.layers, tuple(diff_ids))
+    return _base_of(store, ref, digest)
 
 
 def _copy_context(src: Path, dst: Path, exclude: PatternSet, skip: tuple[Path, ...]) -> None:
@@ -462,7 +559,7 @@ def bake(
     context = options.context
     if not context.is_dir():
         raise ImageError(f"image.context: {context} is not a directory")
-    git = git_info(context, options.environ, options.skip)
+    git = git_info(context, options.environ, options.skip, exclude)
     epoch = options.source_date_epoch
     if epoch is None:
         epoch = git.commit_time if git else 0
@@ -510,7 +607,7 @@ def bake(
             cache.save_assembly(key, assembly.to_json())
         image, layers, input_digests = assembly.image, list(assembly.layers), assembly.input_digests
         config_digest = assembly.config_digest
-        tags = options.tags or (_default_tag(git, config_digest),)
+        tags = options.tags or (_default_tag(git, image.digest),)
         store.tag(image, tags, {})
         record = provenance.BuildRecord(
             app=options.app,
@@ -518,13 +615,17 @@ def bake(
             image_section=_recipe_json(recipe),
             build_commands=tuple(recipe.build),
             source_date_epoch=epoch,
-            base=recipe.base,
+            base=base.ref,
             base_digest=base.digest,
             context_digests=input_digests,
             revision=git.commit if git else None,
             source=git.remote if git else None,
             dirty=bool(git and git.dirty),
         )
+        sources = scanned.files
+        if recipe.build:
+            sources = scan(context, exclude, skip=options.skip, pool=pool).files
+        cache.save_baked(source_key(recipe, options, git, sources), image.digest)
         name = f"{options.app}:{tags[0]}" if options.app else tags[0]
         prov = provenance.attach(store, image, provenance.statement(image.digest, name, record))
         if not recipe.build and scanned.stats != prior_stats:
@@ -677,6 +778,47 @@ def _bake_key(
     return hashlib.sha256(oci.canonical_json(doc)).hexdigest()
 
 
+def source_key(
+    recipe: ImageRecipe,
+    options: BakeOptions,
+    git: GitInfo | None,
+    files: tuple[SourceFile, ...],
+) -> str:
+    """What a bake is made from, as one hash: the image section of the spec, the app's name
+    and port, the git commit and the context's files (before any ``build`` command). It names
+    "the current spec and context" so a deploy can find the image baked from them."""
+    doc = {
+        "v": CACHE_VERSION,
+        "recipe": _recipe_json(recipe),
+        "app": options.app,
+        "port": options.port,
+        "git": [git.commit, git.remote] if git else None,
+        "files": [[f.rel, f.kind, f.mode, f.size, f.sha256, f.target] for f in files],
+    }
+    return hashlib.sha256(oci.canonical_json(doc)).hexdigest()
+
+
+def baked_image(recipe: ImageRecipe, store: ImageStore, options: BakeOptions) -> Digest | None:
+    """The image last baked from the current recipe and context (``None`` when the current
+    sources were never baked, or their image left the store). Reads files, never builds.
+
+    Raises:
+        ImageError: for an unreadable context or a bad pattern.
+    """
+    context = options.context
+    if not context.is_dir():
+        raise ImageError(f"image.context: {context} is not a directory")
+    exclude = PatternSet.of(() if recipe.dockerfile else recipe.exclude, "image.exclude")
+    git = git_info(context, options.environ, options.skip, exclude)
+    cache = BuildCache(store)
+    stats = cache.stat_entries(context) if not (recipe.build or recipe.dockerfile) else None
+    files = scan(context, exclude, skip=options.skip, stat_cache=stats).files
+    digest = cache.baked(source_key(recipe, options, git, files))
+    if digest is None or not store.has_blob(digest):
+        return None
+    return digest
+
+
 def _complete(store: ImageStore, assembly: _Assembly) -> bool:
     try:
         needed = reachable_blobs(store, assembly.image.digest)
@@ -687,13 +829,20 @@ def _complete(store: ImageStore, assembly: _Assembly) -> bool:
     )
 
 
-def _default_tag(git: GitInfo | None, config_digest: Digest) -> str:
+def _default_tag(git: GitInfo | None, image: Digest) -> str:
+    """The git short sha when the context is clean; otherwise a name derived from the image
+    manifest's digest, so two different images never get the same default tag (and baking
+    the same image again binds the same tag, which is not an error)."""
     if git is None:
-        return "sha-" + oci.short(config_digest)
+        return "sha-" + oci.short(image)
     if git.dirty:
-        # Tags never move, so each distinct dirty build gets its own name.
-        return f"{git.short}-dirty-{oci.short(config_digest, 8)}"
+        return f"{git.short}-dirty-{oci.short(image)}"
     return git.short
+
+
+def recipe_json(recipe: ImageRecipe) -> dict[str, Any]:
+    """``recipe`` as plain JSON (the form bake keys and provenance record)."""
+    return _recipe_json(recipe)
 
 
 def _recipe_json(recipe: ImageRecipe) -> dict[str, Any]:
@@ -726,8 +875,10 @@ def _bake_dockerfile(
         imported = import_archive(store, archive, register=False)[0]
         image = store.image(imported.digest)
         git = git_info(options.context, options.environ, options.skip)
-        tags = options.tags or (_default_tag(git, imported.config_digest),)
+        tags = options.tags or (_default_tag(git, imported.digest),)
         store.tag(image.descriptor(), tags, {})
+        sources = scan(options.context, PatternSet.of(()), skip=options.skip).files
+        BuildCache(store).save_baked(source_key(recipe, options, git, sources), imported.digest)
     return BakeResult(
         digest=imported.digest,
         config_digest=imported.config_digest,
@@ -752,6 +903,11 @@ __all__ = [
     "GitInfo",
     "ImageRecipe",
     "LayerInfo",
+    "Recipe",
     "bake",
+    "baked_image",
+    "default_skips",
     "git_info",
+    "recipe_json",
+    "source_key",
 ]

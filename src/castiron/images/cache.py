@@ -87,6 +87,16 @@ class BuildCache:
         """Remember the finished image for a bake key."""
         write_atomic(self._dir / "bakes" / f"{key}.json", oci.canonical_json(doc))
 
+    def baked(self, key: str) -> Digest | None:
+        """The image last baked from a source key (see :func:`castiron.images.build.source_key`)."""
+        obj = self._read(self._dir / "baked" / f"{key}.json")
+        digest = obj.get("digest") if obj is not None else None
+        return Digest(digest) if isinstance(digest, str) and is_digest(digest) else None
+
+    def save_baked(self, key: str, digest: Digest) -> None:
+        """Remember that the sources of ``key`` were baked into ``digest``."""
+        write_atomic(self._dir / "baked" / f"{key}.json", oci.canonical_json({"digest": digest}))
+
     def _stat_path(self, context: Path) -> Path:
         name = hashlib.sha256(str(context.resolve()).encode()).hexdigest()[:24]
         return self._dir / "stat" / f"{name}.json"

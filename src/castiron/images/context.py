@@ -121,8 +121,8 @@ def walk(root: Path, exclude: PatternSet, *, skip: Iterable[Path] = ()) -> list[
     """Every included path under ``root``, sorted so a directory precedes its contents.
 
     Excluded directories are not descended (gitignore semantics); ``.git/`` is always
-    excluded. ``skip`` names directories that are never part of the context (castiron's own
-    state directory).
+    excluded. ``skip`` names directories and files that are never part of the context
+    (castiron's own state directory, the spec file, a quickstart directory).
 
     Raises:
         ImageError: for an unreadable directory, or a device, FIFO or socket.
@@ -151,9 +151,9 @@ def walk(root: Path, exclude: PatternSet, *, skip: Iterable[Path] = ()) -> list[
             is_dir = stat.S_ISDIR(st.st_mode)
             if always.excluded(rel, is_dir) or exclude.excluded(rel, is_dir):
                 continue
+            if (st.st_dev, st.st_ino) in skipped:
+                continue
             if is_dir:
-                if (st.st_dev, st.st_ino) in skipped:
-                    continue
                 stack.append(rel)
             elif not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
                 raise ImageError(

@@ -48,6 +48,18 @@ ANN_FILES = "dev.castiron.files"
 ANN_COMPRESSOR = "dev.castiron.compressor"
 ANN_SUBJECT = "dev.castiron.subject"
 
+SIGNATURE_ARTIFACT = "application/vnd.dev.cosign.artifact.sig.v1+json"
+"""``artifactType`` of a signature artifact (cosign's)."""
+SIMPLE_SIGNING = "application/vnd.dev.cosign.simplesigning.v1+json"
+"""Media type of a signed simple-signing payload layer (cosign's)."""
+ANN_SIGNATURE = "dev.cosignproject.cosign/signature"
+"""Layer annotation holding the base64 DER ECDSA signature (cosign's)."""
+ANN_KEYID = "dev.castiron.keyid"
+"""Which key claims to have signed (a hint for error messages, never trusted)."""
+DSSE = "application/vnd.dsse.envelope.v1+json"
+"""``artifactType`` and layer media type of a DSSE envelope."""
+ANN_PREDICATE_TYPE = "in-toto.io/predicate-type"
+
 MAX_JSON_BYTES = 16 * 1024 * 1024
 """The largest manifest, config, index or statement castiron will parse."""
 

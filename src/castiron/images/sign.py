@@ -37,19 +37,19 @@ from castiron.images import oci, provenance
 from castiron.images.store import ImageStore
 from castiron.model import Digest
 
-SIGNATURE_ARTIFACT = "application/vnd.dev.cosign.artifact.sig.v1+json"
+SIGNATURE_ARTIFACT = oci.SIGNATURE_ARTIFACT
 """``artifactType`` of a signature artifact (cosign's)."""
-SIMPLE_SIGNING = "application/vnd.dev.cosign.simplesigning.v1+json"
+SIMPLE_SIGNING = oci.SIMPLE_SIGNING
 """Media type of the signed payload layer (cosign's)."""
 SIMPLE_SIGNING_TYPE = "cosign container image signature"
-ANN_SIGNATURE = "dev.cosignproject.cosign/signature"
+ANN_SIGNATURE = oci.ANN_SIGNATURE
 """Layer annotation holding the base64 DER ECDSA signature (cosign's)."""
-ANN_KEYID = "dev.castiron.keyid"
+ANN_KEYID = oci.ANN_KEYID
 """Which key claims to have signed (a hint for error messages, never trusted)."""
-DSSE = "application/vnd.dsse.envelope.v1+json"
+DSSE = oci.DSSE
 """``artifactType`` and layer media type of a DSSE envelope."""
 DSSE_PAYLOAD_TYPE = oci.IN_TOTO
-ANN_PREDICATE_TYPE = "in-toto.io/predicate-type"
+ANN_PREDICATE_TYPE = oci.ANN_PREDICATE_TYPE
 
 KDF_ROUNDS = 600_000
 """PBKDF2-HMAC-SHA256 iterations protecting an encrypted private key (OWASP's 2023 advice)."""

@@ -33,6 +33,7 @@ from castiron.errors import (
     TagConflictError,
     UsageError,
 )
+from castiron.filemodes import make_private_dir, open_private
 from castiron.images import oci
 from castiron.model import Digest, is_digest
 
@@ -64,8 +65,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically (temp file in the same dir, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Replace ``path`` with ``data`` atomically (temp file in the same dir, fsync, rename);
+    missing directories are made 0700 and the file is 0600 (the store is private)."""
+    make_private_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -88,7 +90,7 @@ class BlobWriter:
 
     def __init__(self, store: ImageStore) -> None:
         self._store = store
-        store.blobs_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(store.blobs_dir)
         fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=store.blobs_dir)
         self._tmp = Path(tmp)
         self._fh: IO[bytes] = os.fdopen(fd, "wb", buffering=0)
@@ -206,7 +208,7 @@ class ImageStore:
 
     def ensure(self) -> None:
         """Create the layout (``oci-layout``, empty ``index.json``) if it does not exist."""
-        self.blobs_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.blobs_dir)
         layout = self.root / "oci-layout"
         if not layout.exists():
             write_atomic(layout, oci.canonical_json({"imageLayoutVersion": "1.0.0"}))
@@ -301,8 +303,8 @@ class ImageStore:
 
     @contextlib.contextmanager
     def _index_lock(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with (self.root / "index.lock").open("a") as fh:
+        make_private_dir(self.root)
+        with open(open_private(self.root / "index.lock", os.O_WRONLY | os.O_CREAT), "a") as fh:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
             try:
                 yield
@@ -312,8 +314,8 @@ class ImageStore:
     @contextlib.contextmanager
     def using(self) -> Iterator[None]:
         """Hold a shared lock for the duration of a bake/import so :func:`prune` waits."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with (self.root / "gc.lock").open("a") as fh:
+        make_private_dir(self.root)
+        with open(open_private(self.root / "gc.lock", os.O_WRONLY | os.O_CREAT), "a") as fh:
             fcntl.flock(fh.fileno(), fcntl.LOCK_SH)
             try:
                 yield
@@ -322,8 +324,8 @@ class ImageStore:
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with (self.root / "gc.lock").open("a") as fh:
+        make_private_dir(self.root)
+        with open(open_private(self.root / "gc.lock", os.O_WRONLY | os.O_CREAT), "a") as fh:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
             try:
                 yield

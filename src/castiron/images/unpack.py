@@ -388,13 +388,7 @@ class _Layer:
         try:
             fd = _open_dir(self.root_fd, key, create=create)
         except _Blocked as blocked:
-            where = "/".join(blocked.prefix)
-            why = (
-                "; entries are never written through symlinks" if "symlink" in blocked.kind else ""
-            )
-            raise UnsafeArchiveError(
-                f"layer entry {name!r}: its parent {where!r} is {blocked.kind}{why}", entry=name
-            ) from None
+            raise _parent_refused(name, blocked) from None
         if fd is not None:
             self._forget()
             self._cached = (key, os.dup(fd))
@@ -421,13 +415,7 @@ class _Layer:
             self.paths.add(parts[:i])
 
     def _whiteout(self, parts: tuple[str, ...], name: str) -> None:
-        leaf = parts[-1]
-        target = leaf[len(WHITEOUT_PREFIX) :]
-        opaque = leaf == OPAQUE_WHITEOUT
-        if not opaque and (target in ("", ".", "..") or target.startswith(WHITEOUT_PREFIX)):
-            raise UnsafeArchiveError(
-                f"layer entry {name!r} is a whiteout of an invalid name {target!r}", entry=name
-            )
+        target, opaque = _whiteout_target(parts, name)
         pfd = self._parent(parts, name, create=False)
         self.counts["whiteouts"] += 1
         if pfd is None:
@@ -460,11 +448,7 @@ class _Layer:
 
     def _symlink(self, parts: tuple[str, ...], info: tarfile.TarInfo, name: str) -> None:
         target = info.linkname
-        if not target or "\x00" in target or _nbytes(target) > self.limits.max_name_bytes:
-            raise UnsafeArchiveError(
-                f"layer entry {name!r} is a symlink with an empty, NUL-bearing or over-long target",
-                entry=name,
-            )
+        _check_link_target(target, self.limits, name)
         pfd = self._parent(parts, name, create=True)
         assert pfd is not None
         leaf = parts[-1]
@@ -480,34 +464,14 @@ class _Layer:
         self.counts["symlinks"] += 1
 
     def _hardlink(self, parts: tuple[str, ...], info: tarfile.TarInfo, name: str) -> None:
-        target = _entry_parts(info.linkname, self.limits, what="hard link target", entry=name)
-        if not target or target[: len(parts)] == parts:
-            raise UnsafeArchiveError(
-                f"layer entry {name!r} is a hard link to the root, itself or its own contents",
-                entry=name,
-            )
-        where = "/".join(target)
+        target = _link_target(parts, info, self.limits, name)
         try:
             tfd = _open_dir(self.root_fd, target[:-1], create=False)
         except _Blocked as blocked:
-            raise UnsafeArchiveError(
-                f"layer entry {name!r} is a hard link to {where!r} through "
-                f"{'/'.join(blocked.prefix)!r}, which is {blocked.kind}",
-                entry=name,
-            ) from None
+            raise _link_refused(name, target, blocked) from None
         try:
             st = _lstat(tfd, target[-1]) if tfd is not None else None
-            if st is None:
-                raise UnsafeArchiveError(
-                    f"layer entry {name!r} is a hard link to {where!r}, which does not exist",
-                    entry=name,
-                )
-            if not stat.S_ISREG(st.st_mode):
-                kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
-                raise UnsafeArchiveError(
-                    f"layer entry {name!r} is a hard link to {where!r}, which is {kind}",
-                    entry=name,
-                )
+            _check_link_source(name, target, _kind_of(st))
             pfd = self._parent(parts, name, create=True)
             assert pfd is not None and tfd is not None
             try:
@@ -579,6 +543,133 @@ class _Layer:
                 os.close(fd)
 
 
+_Node = dict[str, "_Node"] | str
+"""A path of a dry run's tree: a directory (its children by name), ``file`` or ``symlink``."""
+
+
+class _DryLayer(_Layer):
+    """Applies one layer's rules to an in-memory tree: nothing is written anywhere.
+
+    Every rule that depends on what lower layers left (a symlink in a parent path, a hard
+    link's target, whiteouts) is judged against ``tree``, the names the layers so far made.
+    The messages are the unpacker's own, so a refusal at import reads as it would at deploy.
+    """
+
+    def __init__(self, tree: dict[str, _Node], budget: _Budget, index: int) -> None:
+        super().__init__(Path("."), -1, budget, False, index)
+        self.tree = tree
+
+    def _forget(self) -> None:
+        pass
+
+    def _finish_dirs(self) -> None:
+        pass
+
+    def _node_dir(self, key: tuple[str, ...], *, create: bool) -> dict[str, _Node] | None:
+        node = self.tree
+        for i, part in enumerate(key):
+            child = node.get(part)
+            if child is None:
+                if not create:
+                    return None
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                kind = "a symlink" if child == "symlink" else "not a directory"
+                raise _Blocked(key[: i + 1], kind)
+            node = child
+        return node
+
+    def _dir_of(
+        self, parts: tuple[str, ...], name: str, *, create: bool
+    ) -> dict[str, _Node] | None:
+        try:
+            return self._node_dir(parts[:-1], create=create)
+        except _Blocked as blocked:
+            raise _parent_refused(name, blocked) from None
+
+    def _whiteout(self, parts: tuple[str, ...], name: str) -> None:
+        target, opaque = _whiteout_target(parts, name)
+        node = self._dir_of(parts, name, create=False)
+        self.counts["whiteouts"] += 1
+        if node is None:
+            return
+        if opaque:
+            _prune_lower_dry(node, parts[:-1], self.paths)
+        elif (*parts[:-1], target) not in self.paths:
+            node.pop(target, None)
+
+    def _directory(self, parts: tuple[str, ...], info: tarfile.TarInfo, name: str) -> None:
+        node = self._dir_of(parts, name, create=True)
+        assert node is not None
+        if not isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]] = {}
+        self._record(parts)
+        self.counts["directories"] += 1
+
+    def _symlink(self, parts: tuple[str, ...], info: tarfile.TarInfo, name: str) -> None:
+        _check_link_target(info.linkname, self.limits, name)
+        node = self._dir_of(parts, name, create=True)
+        assert node is not None
+        node[parts[-1]] = "symlink"
+        self._record(parts)
+        self.counts["symlinks"] += 1
+
+    def _hardlink(self, parts: tuple[str, ...], info: tarfile.TarInfo, name: str) -> None:
+        target = _link_target(parts, info, self.limits, name)
+        try:
+            holder = self._node_dir(target[:-1], create=False)
+        except _Blocked as blocked:
+            raise _link_refused(name, target, blocked) from None
+        found = None if holder is None else holder.get(target[-1])
+        kind = None if found is None else "other" if isinstance(found, dict) else found
+        _check_link_source(name, target, kind)
+        node = self._dir_of(parts, name, create=True)
+        assert node is not None
+        node[parts[-1]] = "file"
+        self._record(parts)
+        self.counts["hardlinks"] += 1
+
+    def _file(
+        self, tar: tarfile.TarFile, parts: tuple[str, ...], info: tarfile.TarInfo, name: str
+    ) -> None:
+        source = tar.extractfile(info)
+        if source is None:  # pragma: no cover - regular members always have a reader
+            raise ImageError(f"cannot read layer entry {name!r}")
+        node = self._dir_of(parts, name, create=True)
+        assert node is not None
+        read = 0
+        while chunk := _read(source, name):
+            read += len(chunk)
+        if read != info.size:
+            raise ImageError(f"layer entry {name!r} is truncated")
+        node[parts[-1]] = "file"
+        self._record(parts)
+        self.counts["files"] += 1
+        self.counts["bytes"] += read
+
+
+def check_layers(
+    layers: Iterable[BinaryIO],
+    *,
+    limits: UnpackLimits | None = None,
+    compressed: bool | None = None,
+) -> UnpackStats:
+    """Apply every rule of :func:`unpack_layers` to ``layers`` (lowest first) without writing
+    anything: the checks an import or a bake base needs before it accepts an image. Returns
+    what an unpack would write.
+
+    Raises:
+        UnsafeArchiveError: an entry the unpacker would refuse (same message, ``entry`` names it).
+        ImageError: a layer is not a valid (gzip) tar stream.
+    """
+    budget = _Budget(limits or UnpackLimits())
+    tree: dict[str, _Node] = {}
+    total = UnpackStats()
+    for index, layer in enumerate(layers):
+        total = total + _DryLayer(tree, budget, index).apply(layer, compressed)
+    return total
+
+
 # --- helpers ---------------------------------------------------------------------------------
 
 
@@ -631,6 +722,93 @@ def _read(source: IO[bytes], name: str) -> bytes:
         return source.read(_CHUNK)
     except _READ_ERRORS as exc:
         raise ImageError(f"cannot read layer entry {name!r}: {exc}") from exc
+
+
+def _parent_refused(name: str, blocked: _Blocked) -> UnsafeArchiveError:
+    where = "/".join(blocked.prefix)
+    why = "; entries are never written through symlinks" if "symlink" in blocked.kind else ""
+    return UnsafeArchiveError(
+        f"layer entry {name!r}: its parent {where!r} is {blocked.kind}{why}", entry=name
+    )
+
+
+def _whiteout_target(parts: tuple[str, ...], name: str) -> tuple[str, bool]:
+    """The name a whiteout entry hides, and whether it is the opaque marker."""
+    leaf = parts[-1]
+    target = leaf[len(WHITEOUT_PREFIX) :]
+    opaque = leaf == OPAQUE_WHITEOUT
+    if not opaque and (target in ("", ".", "..") or target.startswith(WHITEOUT_PREFIX)):
+        raise UnsafeArchiveError(
+            f"layer entry {name!r} is a whiteout of an invalid name {target!r}", entry=name
+        )
+    return target, opaque
+
+
+def _check_link_target(target: str, limits: UnpackLimits, name: str) -> None:
+    if not target or "\x00" in target or _nbytes(target) > limits.max_name_bytes:
+        raise UnsafeArchiveError(
+            f"layer entry {name!r} is a symlink with an empty, NUL-bearing or over-long target",
+            entry=name,
+        )
+
+
+def _link_target(
+    parts: tuple[str, ...], info: tarfile.TarInfo, limits: UnpackLimits, name: str
+) -> tuple[str, ...]:
+    target = _entry_parts(info.linkname, limits, what="hard link target", entry=name)
+    if not target or target[: len(parts)] == parts:
+        raise UnsafeArchiveError(
+            f"layer entry {name!r} is a hard link to the root, itself or its own contents",
+            entry=name,
+        )
+    return target
+
+
+def _link_refused(name: str, target: tuple[str, ...], blocked: _Blocked) -> UnsafeArchiveError:
+    return UnsafeArchiveError(
+        f"layer entry {name!r} is a hard link to {'/'.join(target)!r} through "
+        f"{'/'.join(blocked.prefix)!r}, which is {blocked.kind}",
+        entry=name,
+    )
+
+
+def _kind_of(st: os.stat_result | None) -> str | None:
+    if st is None:
+        return None
+    if stat.S_ISREG(st.st_mode):
+        return "file"
+    return "symlink" if stat.S_ISLNK(st.st_mode) else "other"
+
+
+def _check_link_source(name: str, target: tuple[str, ...], kind: str | None) -> None:
+    """Refuse a hard link whose target (of ``kind``: file, symlink, other) is no regular file."""
+    where = "/".join(target)
+    if kind is None:
+        raise UnsafeArchiveError(
+            f"layer entry {name!r} is a hard link to {where!r}, which does not exist", entry=name
+        )
+    if kind != "file":
+        what = "a symlink" if kind == "symlink" else "not a regular file"
+        raise UnsafeArchiveError(
+            f"layer entry {name!r} is a hard link to {where!r}, which is {what}", entry=name
+        )
+
+
+def _prune_lower_dry(
+    node: dict[str, _Node], dir_parts: tuple[str, ...], layer: set[tuple[str, ...]]
+) -> None:
+    """The dry run's :func:`_prune_lower`: drop every name below ``node`` the layer did not make."""
+    stack = [(node, dir_parts)]
+    while stack:
+        current, parts = stack.pop()
+        for name in sorted(current):
+            child = (*parts, name)
+            if child not in layer:
+                del current[name]
+            elif isinstance(current[name], dict):
+                sub = current[name]
+                assert isinstance(sub, dict)
+                stack.append((sub, child))
 
 
 def _nbytes(text: str) -> int:
@@ -763,6 +941,7 @@ __all__ = [
     "WHITEOUT_PREFIX",
     "UnpackLimits",
     "UnpackStats",
+    "check_layers",
     "unpack_layer",
     "unpack_layers",
     "unpack_rootfs",

@@ -2,10 +2,11 @@
 
 Owns everything between the file and the schema: size and encoding limits, YAML parsing with
 marks, refusing what YAML allows but a spec must not contain (duplicate keys, custom tags,
-non-string keys, several documents, alias bombs), ``x-`` extension keys, ``${VAR}``
-interpolation, and turning validation errors into :class:`~castiron.errors.SpecIssue` lines
-(``FILE:LINE:COL: dotted.path: message``) that point at the offending node. Every problem found
-is reported at once.
+non-string keys, several documents, alias bombs), ``x-`` extension keys, ``${VAR}`` and
+``${tf:NAME}`` interpolation (outputs of the file named in ``terraform.outputs``), and turning
+validation errors into :class:`~castiron.errors.SpecIssue` lines (``FILE:LINE:COL:
+dotted.path: message``) that point at the offending node. Every problem found is reported at
+once.
 
 It must not know the CLI (no click, no rich), any runtime, or the process environment: the
 variables used for interpolation are passed in by the caller. pydantic (and the schema) are
@@ -19,7 +20,7 @@ import difflib
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,7 @@ if TYPE_CHECKING:  # validation imports pydantic on use
     from pydantic import BaseModel, ValidationError
 
     from castiron.spec.schema import Spec
+    from castiron.spec.tfoutputs import TfOutput
 
 MAX_BYTES = 1024 * 1024
 """Largest spec file read, in bytes."""
@@ -159,6 +161,27 @@ def load_spec(path: Path, environ: Mapping[str, str]) -> LoadedSpec:
     data = _read(path)
     spec = load_spec_text(data, _display_name(path), environ)
     return LoadedSpec(spec=spec, path=path, digest=sha256_digest(data))
+
+
+def issue_locator(
+    path: Path, environ: Mapping[str, str]
+) -> Callable[[tuple[str | int, ...], str], SpecIssue]:
+    """A maker of issues located in the spec file at ``path`` (``FILE:LINE:COL: dotted.path:
+    message``), for problems found after validation (a missing context, an unreadable secret
+    file).
+
+    Raises:
+        SpecError: when the file cannot be read or parsed.
+    """
+    path = Path(path).absolute()
+    name = _display_name(path)
+    _, builder = _build(_decode(_read(path), name), name, environ)
+
+    def at(where: tuple[str | int, ...], message: str) -> SpecIssue:
+        line, column = builder.position(where)
+        return SpecIssue(name, line, column, _dotted(where), message)
+
+    return at
 
 
 def load_spec_text(data: bytes | str, filename: str, environ: Mapping[str, str]) -> Spec:
@@ -372,6 +395,9 @@ class _Builder:
     def __init__(self, filename: str, environ: Mapping[str, str]) -> None:
         self.filename = filename
         self.environ = environ
+        self.tf_file: str | None = None
+        """``terraform.outputs`` as written (read by the first ``${tf:NAME}``)."""
+        self._tf_outputs: dict[str, TfOutput] | str | None = None
         self.issues: list[SpecIssue] = []
         self.where: dict[_Path, _Where] = {}
         self.poisoned: set[_Path] = set()
@@ -417,9 +443,38 @@ class _Builder:
 
     def build_root(self, root: MappingNode) -> dict[str, Any]:
         self.where[()] = _Where(None, _pos(root.start_mark))
+        self.tf_file = _terraform_outputs(root, self.environ)
         value = self._build(root, (), interpolate=True, raw=False, extensions=True)
         # A refused root (e.g. a custom tag) has already been reported as an issue.
         return value if isinstance(value, dict) else {}
+
+    def tf_output(self, name: str) -> tuple[str, str | None]:
+        """The value of Terraform output ``name`` for ``${tf:NAME}``, or an error message."""
+        if self.tf_file is None:
+            return "", (
+                f"${{tf:{name}}} needs the Terraform outputs: name a state file or a "
+                "`terraform output -json` file in terraform.outputs"
+            )
+        if self._tf_outputs is None:
+            from castiron.spec.tfoutputs import outputs_path, read_outputs
+
+            base = Path(self.filename).parent
+            try:
+                self._tf_outputs = read_outputs(outputs_path(base, self.tf_file))
+            except ValueError as exc:
+                self._tf_outputs = f"terraform.outputs: {exc}"
+        if isinstance(self._tf_outputs, str):
+            return "", self._tf_outputs
+        output = self._tf_outputs.get(name)
+        if output is None:
+            known = ", ".join(sorted(self._tf_outputs)) or "none"
+            return "", f"terraform output {name!r} is not in {self.tf_file} (outputs: {known})"
+        if output.sensitive:
+            return "", (
+                f"terraform output {name!r} is sensitive: use it as a secret "
+                f"(service.secrets.NAME: {{tf: {name}}}), never as a plain value"
+            )
+        return output.value, None
 
     def _count_node(self, node: Node) -> None:
         self._count += 1
@@ -554,7 +609,7 @@ class _Builder:
         if tag in (_TAG + "str", _TAG + "value", _TAG + "merge", _TAG + "timestamp"):
             if not interpolate or tag == _TAG + "timestamp" or "$" not in text:
                 return text
-            value, errors = interpolate_text(text, self.environ)
+            value, errors = interpolate_text(text, self.environ, self.tf_output)
             for error in errors:
                 self.issue(pos, path, error)
             if errors:
@@ -590,6 +645,21 @@ class _Builder:
         return str(node.value)
 
 
+def _terraform_outputs(root: MappingNode, environ: Mapping[str, str]) -> str | None:
+    """``terraform.outputs`` of the spec as written (``${VAR}`` resolved), or None."""
+    for key, value in root.value:
+        if not (isinstance(key, ScalarNode) and key.value == "terraform"):
+            continue
+        if not isinstance(value, MappingNode):
+            return None
+        for inner_key, inner in value.value:
+            named = isinstance(inner_key, ScalarNode) and inner_key.value == "outputs"
+            if named and isinstance(inner, ScalarNode) and inner.value:
+                text, errors = interpolate_text(str(inner.value), environ)
+                return None if errors else text
+    return None
+
+
 def _is_raw_map(path: _Path) -> bool:
     return any(_matches(path, (pattern,)) for pattern in _RAW_VALUE_MAPS)
 
@@ -613,14 +683,23 @@ def _dotted(path: _Path) -> str:
 
 
 _VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_TF_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+TF_PREFIX = "tf:"
+"""``${tf:NAME}``: the Terraform output NAME (see :mod:`castiron.spec.tfoutputs`)."""
 
 
-def interpolate_text(text: str, environ: Mapping[str, str]) -> tuple[str, list[str]]:
-    """Replace ``${VAR}`` and ``${VAR:-default}`` in ``text``; ``$${`` is a literal ``${``.
+def interpolate_text(
+    text: str,
+    environ: Mapping[str, str],
+    terraform: Callable[[str], tuple[str, str | None]] | None = None,
+) -> tuple[str, list[str]]:
+    """Replace ``${VAR}``, ``${VAR:-default}`` and ``${tf:NAME}`` in ``text``; ``$${`` is a
+    literal ``${``.
 
-    The default applies when the variable is unset or empty. Returns the new text and the
-    problems found (an unset variable without a default, a malformed reference); it raises
-    nothing.
+    The default applies when the variable is unset or empty. ``terraform`` gives the value
+    of a Terraform output, or why it cannot (None: ``${tf:NAME}`` is an error). Returns the
+    new text and the problems found (an unset variable without a default, a malformed
+    reference, an output that cannot be used); it raises nothing.
     """
     out: list[str] = []
     errors: list[str] = []
@@ -648,7 +727,21 @@ def interpolate_text(text: str, environ: Mapping[str, str]) -> tuple[str, list[s
             break
         expr = text[j + 2 : end]
         name, sep, default = expr.partition(":-")
-        if not _VAR_NAME.match(name):
+        if expr.startswith(TF_PREFIX):
+            output = expr.removeprefix(TF_PREFIX)
+            if not _TF_NAME.match(output):
+                errors.append(f"'${{{expr}}}' is not a valid reference: write ${{tf:OUTPUT}}")
+            elif terraform is None:
+                errors.append(
+                    f"${{{expr}}} needs the Terraform outputs: name a state file or a "
+                    "`terraform output -json` file in terraform.outputs"
+                )
+            else:
+                found, error = terraform(output)
+                if error is not None:
+                    errors.append(error)
+                out.append(found)
+        elif not _VAR_NAME.match(name):
             errors.append(
                 f"'${{{expr}}}' is not a valid reference: write ${{NAME}} or "
                 "${NAME:-default}, or $${ for a literal '${'"

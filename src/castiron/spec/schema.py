@@ -233,7 +233,8 @@ class ImageSection(_Section):
     """How to bake the app's image (``image:``)."""
 
     base: str = "scratch"
-    """The base: scratch, oci:DIR[:TAG], oci-archive:FILE, docker-archive:FILE or docker:REF."""
+    """The base: scratch, oci:DIR[:TAG], oci-archive:FILE, docker-archive:FILE, docker:REF, or a
+    registry reference (host[:port]/repo[:tag] or @sha256:…, pulled and pinned by digest)."""
     context: str = "."
     """The directory copied into the image, relative to the spec file."""
     workdir: str = "/app"
@@ -309,12 +310,23 @@ class SecretRef(_Section):
     """Read the value from this variable of the deploying process's environment."""
     file: str | None = None
     """Read the value from this file (relative to the spec file) at deploy time."""
+    tf: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
+    """Read the value from this output of the Terraform outputs file (``terraform.outputs``)
+    at deploy time; the way to use a sensitive output."""
 
     @model_validator(mode="after")
     def _one_source(self) -> SecretRef:
-        if (self.env is None) == (self.file is None):
-            raise ValueError("give exactly one of env or file")
+        if sum(source is not None for source in (self.env, self.file, self.tf)) != 1:
+            raise ValueError("give exactly one of env, file or tf")
         return self
+
+
+class TerraformSection(_Section):
+    """Where ``${tf:NAME}`` and ``{tf: NAME}`` secrets read Terraform outputs (``terraform:``)."""
+
+    outputs: str = Field(min_length=1)
+    """A Terraform state file (e.g. ``terraform.tfstate``) or the output of
+    ``terraform output -json``, relative to the spec file."""
 
 
 class Service(_Section):
@@ -438,7 +450,12 @@ class Policy(_Section):
     checks: tuple[tuple[str, ...], ...] = ()
     """Commands (argument lists) that must exit 0 before traffic moves; $URL is the source env."""
     approvals: int = Field(default=0, ge=0)
-    """Distinct approvals by others than the deployer, required before deploying here."""
+    """Approvals required before deploying here: each signed by a distinct approver key and OS
+    user other than the deployer (``castiron approve --key``), or made through the API by a
+    distinct token whose role may approve."""
+    approvers: tuple[str, ...] = ()
+    """Public keys (PEM files, relative to the spec) of the people whose signed approvals
+    count for ``castiron approve --key`` (a label such as CASTIRON_ACTOR proves nothing)."""
 
 
 class Drift(_Section):
@@ -484,6 +501,79 @@ class Router(_Section):
         return value
 
 
+_DNS_LABEL_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+_LABEL_KEY_RE = re.compile(
+    r"^(?:[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?/)?"
+    r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$"
+)
+_LABEL_VALUE_RE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?)?$")
+_QUANTITY_RE = re.compile(r"^[0-9]+(?:\.[0-9]+)?(?:m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
+_REPOSITORY_RE = re.compile(
+    r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)+$"
+)
+
+
+def _matching(pattern: re.Pattern[str], what: str) -> AfterValidator:
+    def check(value: str) -> str:
+        if not pattern.match(value):
+            raise ValueError(f"{value!r} is not {what}")
+        return value
+
+    return AfterValidator(check)
+
+
+DnsLabel = Annotated[
+    str, _matching(_DNS_LABEL_RE, "a Kubernetes name (1-63 lowercase letters, digits and '-')")
+]
+Quantity = Annotated[str, _matching(_QUANTITY_RE, "a Kubernetes quantity such as 250m or 128Mi")]
+
+
+class KubernetesService(_Section):
+    """The environment's stable Service (``kubernetes.service``)."""
+
+    name: DnsLabel | None = None
+    """The Service's name (default: APP-ENVIRONMENT)."""
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    """The Service's type."""
+    port: Port = 80
+    """The port the Service exposes; it targets service.port."""
+
+
+class KubernetesResources(_Section):
+    """Requests per pod (``kubernetes.resources``); limits come from service.memory/cpus."""
+
+    cpu: Quantity | None = None
+    """CPU requested per pod, e.g. 250m."""
+    memory: Quantity | None = None
+    """Memory requested per pod, e.g. 128Mi."""
+
+
+class Kubernetes(_Section):
+    """Where the pods of a ``runtime: kubernetes`` environment run (``kubernetes:``)."""
+
+    context: str | None = None
+    """The kubeconfig context (default: the current one; KUBECONFIG or in-cluster, like kubectl)."""
+    namespace: DnsLabel = "default"
+    """The namespace of the environment's Deployments, Secrets and Service (it must exist)."""
+    service: KubernetesService = Field(default_factory=KubernetesService)
+    """The stable Service whose selector names the serving release."""
+    image_repository: (
+        Annotated[str, _matching(_REPOSITORY_RE, "a repository such as registry.example/team/app")]
+        | None
+    ) = None
+    """REGISTRY/REPO the nodes pull the image from, by digest; unset: the nodes' container
+    engine is given the image from castiron's store and pods never pull."""
+    image_pull_secret: DnsLabel | None = None
+    """The Secret the nodes use to pull from image_repository."""
+    resources: KubernetesResources = Field(default_factory=KubernetesResources)
+    """Requests per pod (limits come from service.memory and service.cpus)."""
+    node_selector: dict[
+        Annotated[str, _matching(_LABEL_KEY_RE, "a label key")],
+        Annotated[str, _matching(_LABEL_VALUE_RE, "a label value")],
+    ] = Field(default_factory=dict)
+    """Node labels the pods must be scheduled on."""
+
+
 class Environment(_Section):
     """A named deployment target (``environments.<name>``)."""
 
@@ -513,10 +603,24 @@ class Environment(_Section):
     """How long instances leaving service may finish in-flight requests."""
     keep_warm: Duration = 600.0
     """How long the previous release keeps running after a switch, for instant rollback."""
-    deploy_timeout: Duration = 60.0
-    """How long a deployment may wait for new instances to become healthy."""
+    keep_warm_releases: int = Field(default=1, ge=0, le=100)
+    """How many previous releases are kept warm at most; older ones are drained and destroyed."""
+    deploy_timeout: Duration | None = None
+    """How long a deployment may wait for new instances to become healthy (default: the
+    health check's ``start_period`` + (``healthy_after`` + 2) × (``interval`` + ``timeout``))."""
     drift: Drift = Field(default_factory=Drift)
     """Drift checks: how often the agent watches, whether it fixes, paths to ignore."""
+    kubernetes: Kubernetes | None = None
+    """Kubernetes runtime only: context, namespace, Service, image source, resources."""
+
+    @model_validator(mode="after")
+    def _kubernetes_only_for_kubernetes(self) -> Environment:
+        if self.kubernetes is not None and self.runtime != "kubernetes":
+            raise ValueError(
+                f"kubernetes: only for runtime: kubernetes (this environment's runtime is "
+                f"{self.runtime})"
+            )
+        return self
 
 
 class Spec(_Section):
@@ -530,12 +634,20 @@ class Spec(_Section):
     """How instances run."""
     environments: dict[Name, Environment] = Field(default_factory=dict)
     """Deployment targets by name."""
+    terraform: TerraformSection | None = None
+    """Terraform outputs the spec reads (``${tf:NAME}``, ``{tf: NAME}`` secrets)."""
     extensions: dict[str, Any] = Field(default_factory=dict, exclude=True)
     """Top-level keys starting with x-, as written (the loader fills this)."""
 
     @model_validator(mode="after")
     def _check_references(self) -> Spec:
         # Messages start with a dotted path so the loader can point at the right line.
+        for secret, ref in self.service.secrets.items():
+            if ref.tf is not None and self.terraform is None:
+                raise ValueError(
+                    f"service.secrets.{secret}.tf: name the Terraform outputs file in "
+                    "terraform.outputs"
+                )
         for name, env in self.environments.items():
             if env.promote_from is None:
                 continue
@@ -597,6 +709,9 @@ __all__ = [
     "Environment",
     "HealthCheck",
     "ImageSection",
+    "Kubernetes",
+    "KubernetesResources",
+    "KubernetesService",
     "Listen",
     "Name",
     "Policy",
@@ -606,6 +721,7 @@ __all__ = [
     "Spec",
     "Sticky",
     "Strategy",
+    "TerraformSection",
     "parse_duration",
     "parse_listen",
     "spec_json_schema",

@@ -17,10 +17,11 @@ app: {app}                      # 1-63 lowercase letters, digits and '-'
 
 image:                          # baked once, reproducibly; deployed by digest
   base: scratch                 # or oci:DIR[:TAG], oci-archive:FILE, docker:REF, ...
-  context: ./app                # copied into the image (relative to this file)
+  context: {context:<21}# copied into the image (relative to this file); this file,
+                                # .castiron/, .git/ and castiron-quickstart/ never are
   workdir: /app                 # where the context lands; the working directory
-  exclude: [".git", "**/__pycache__"]
-  entrypoint: ["python3", "server.py"]
+  exclude: ["**/__pycache__", ".venv", "*.pyc"]
+  entrypoint: ["python3", "{entrypoint}"]
   # build: ["pip install --target deps -r requirements.txt"]   # host-side, in a clean copy
   # env: {{PYTHONPATH: /app/deps}}
 
@@ -40,10 +41,10 @@ service:
 environments:
   staging:
     runtime: local              # local | docker | kubernetes
-    listen: 127.0.0.1:8080
+    listen: 127.0.0.1:{staging_port}  # the router; a port that was free when this was written
   production:
     runtime: local
-    listen: 127.0.0.1:8081
+    listen: 127.0.0.1:{production_port}
     replicas: 2
     promote_from: staging       # `castiron promote production` ships staging's release
     policy:
@@ -55,8 +56,16 @@ environments:
 """
 
 
-def starter_spec(app: str) -> str:
-    """The starter spec text for an app named ``app``.
+def starter_spec(
+    app: str,
+    *,
+    context: str = "./app",
+    entrypoint: str = "server.py",
+    staging_port: int = 8080,
+    production_port: int = 8081,
+) -> str:
+    """The starter spec text for an app named ``app`` whose files are in ``context`` (relative
+    to the spec file) and start with ``python3 ENTRYPOINT``, routed on the given ports.
 
     Raises:
         UsageError: when ``app`` is not a valid name.
@@ -66,7 +75,14 @@ def starter_spec(app: str) -> str:
             f"{app!r} is not a valid app name: use 1-63 lowercase letters, digits and '-', "
             "not starting or ending with '-'"
         )
-    return _STARTER.format(app=app, env_prefix=app.upper().replace("-", "_"))
+    return _STARTER.format(
+        app=app,
+        env_prefix=app.upper().replace("-", "_"),
+        context=context,
+        entrypoint=entrypoint,
+        staging_port=staging_port,
+        production_port=production_port,
+    )
 
 
 __all__ = ["starter_spec"]

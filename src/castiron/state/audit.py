@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from castiron.errors import AuditError
+from castiron.filemodes import make_private_dir, open_private
 from castiron.state.base import AuditEntry, AuditReport, SignedHead
 from castiron.values import value
 
@@ -247,8 +248,8 @@ def create_key(path: Path) -> AuditKey:
         serialization.NoEncryption(),
     )
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        make_private_dir(path.parent)
+        fd = open_private(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     except FileExistsError:
         existing = load_key(path)
         if existing is None:  # pragma: no cover - deleted between the two calls
@@ -322,6 +323,24 @@ def read_head_file(path: Path) -> SignedHead | None:
         raise _HeadFileUnreadable(str(exc)) from exc
 
 
+def check_head_file(path: Path) -> None:
+    """Refuse to go on when the head file exists but is not a signed head: overwriting it
+    would erase what it guards (a restored or truncated database would go unnoticed).
+
+    Raises:
+        AuditError: naming the file and what to do.
+    """
+    try:
+        read_head_file(path)
+    except _HeadFileUnreadable as exc:
+        raise AuditError(
+            f"the audit head file {path} is damaged ({exc}); nothing was changed. Run "
+            "`castiron audit verify` to check the audit log; if only this file is wrong, move "
+            f"it aside (mv {path} {path}.damaged) and run the command again: the next change "
+            "records a fresh head"
+        ) from None
+
+
 def advance_head_file(path: Path, head: SignedHead) -> None:
     """Record ``head`` in ``path`` unless it already records a later one (it never goes back).
 
@@ -333,7 +352,7 @@ def advance_head_file(path: Path, head: SignedHead) -> None:
     """
     lock_path = path.with_name(path.name + ".lock")
     try:
-        with open(lock_path, "a+b") as lock:
+        with open(open_private(lock_path, os.O_RDWR | os.O_CREAT | os.O_APPEND), "a+b") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             try:
                 current = read_head_file(path)
@@ -342,7 +361,7 @@ def advance_head_file(path: Path, head: SignedHead) -> None:
             if current is not None and current.seq >= head.seq:
                 return
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as out:
+            with open(open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as out:
                 out.write(canonical_json(head_to_json(head)).encode("utf-8") + b"\n")
                 out.flush()
                 os.fsync(out.fileno())
@@ -467,7 +486,12 @@ def _check_heads(
     hash_at_file_seq: str | None,
 ) -> None:
     if file_unreadable is not None:
-        raise _Bad(None, f"the head file {head_file} is unreadable ({file_unreadable})")
+        raise _Bad(
+            None,
+            f"the head file {head_file} is unreadable ({file_unreadable}); if the entries are "
+            f"right, move it aside (mv {head_file} {head_file}.damaged): the next change "
+            "records a fresh head",
+        )
     if db_head is None and file_head is None:
         if last_seq == 0:
             return
@@ -540,6 +564,7 @@ __all__ = [
     "advance_head_file",
     "canonical_bytes",
     "canonical_json",
+    "check_head_file",
     "check_row",
     "create_key",
     "entry_hash",

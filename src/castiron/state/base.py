@@ -21,7 +21,8 @@ from dataclasses import field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol, TypeVar
 
-from castiron.model import Digest, ReleaseId
+from castiron.model import Digest, Identity, ReleaseId
+from castiron.redact import Redactor
 from castiron.values import value
 
 T = TypeVar("T")
@@ -231,13 +232,25 @@ class Lease:
 
 @value
 class ApprovalRow:
-    """One actor's approval of a release for an environment (a promotion gate)."""
+    """One approval of a release for an environment (the input of the ``approvals`` gate).
+
+    Unique by (environment, release, identity): approving twice with one key records once.
+    """
 
     environment: str
     release: ReleaseId
     actor: str
+    """The ``CASTIRON_ACTOR`` label (``user@host``): shown, never counted."""
     created: datetime
     comment: str = ""
+    identity: Identity | None = None
+    """What the approval is bound to (a signing key); None for approvals recorded before
+    castiron required one (never counted)."""
+    os_user: str = ""
+    """The OS user of the process that recorded it (from its uid, not the environment)."""
+    signature: str = ""
+    """Base64 DER signature by ``identity``'s key of
+    :func:`castiron.engine.policy.approval_payload`."""
 
 
 @value
@@ -258,6 +271,20 @@ class GateResultRow:
     """What was looked at (e.g. a check's exit code and capped output)."""
     id: int | None = None
     """Assigned by the store."""
+
+
+@value
+class TokenRow:
+    """An API token of ``castiron serve``: its name, role and the SHA-256 of its secret."""
+
+    name: str
+    role: str
+    """``viewer``, ``deployer``, ``approver`` or ``admin``."""
+    hash: str
+    """Hex SHA-256 of the secret (the secret itself is never stored)."""
+    created: datetime
+    created_by: str
+    revoked: datetime | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,6 +452,22 @@ class StateTx(Protocol):
         """Record the gate results of one policy evaluation."""
         ...
 
+    def add_token(self, token: TokenRow) -> None:
+        """Record a new API token.
+
+        Raises:
+            UsageError: when a token of that name exists (revoked or not).
+        """
+        ...
+
+    def revoke_token(self, name: str, at: datetime) -> TokenRow:
+        """Mark the token ``name`` revoked at ``at`` (a revoked one stays as it was).
+
+        Raises:
+            NotFoundError: when there is no such token.
+        """
+        ...
+
 
 class StateStore(Protocol):
     """Persistent state: typed reads, and :meth:`mutate` as the one audited writer."""
@@ -437,6 +480,13 @@ class StateStore(Protocol):
     @property
     def clock(self) -> Clock:
         """Where this store's timestamps come from."""
+        ...
+
+    @property
+    def redactor(self) -> Redactor:
+        """The secret values this store masks (``***``) in every text it writes: deployment
+        details, journal steps, instance data, events, gate results, approval comments and
+        audit details. Whoever resolves a secret adds its value here before using it."""
         ...
 
     def mutate(self, draft: AuditDraft, apply: Callable[[StateTx], T]) -> T:
@@ -491,6 +541,12 @@ class StateStore(Protocol):
     def audit_entries(
         self, environment: str | None = None, since: datetime | None = None
     ) -> list[AuditEntry]: ...
+    def get_token(self, name: str) -> TokenRow | None: ...
+    def token_by_hash(self, hash: str) -> TokenRow | None:
+        """The token whose secret hashes to ``hash`` (revoked or not)."""
+        ...
+
+    def list_tokens(self) -> list[TokenRow]: ...
     def audit_head(self) -> SignedHead | None:
         """The signed head stored in the database (``None`` before the first entry)."""
         ...
@@ -549,6 +605,7 @@ __all__ = [
     "StepRow",
     "SystemClock",
     "TagRow",
+    "TokenRow",
     "format_time",
     "format_time_short",
     "parse_time",

@@ -6,6 +6,11 @@ migrations in ``migrations/*.sql`` recorded in ``schema_migrations``, and the SQ
 typed read and write. Every write happens inside :meth:`SqliteStateStore.mutate`, in the same
 transaction as its audit entry and the newly signed head.
 
+The SQL of every read and write, the row mapping and the audit chain's append are written once,
+in :class:`SqlTx` and :class:`SqlStateStore`, and shared with the PostgreSQL store
+(:mod:`castiron.state.postgres`); :class:`SqliteTx` and :class:`SqliteStateStore` add only what
+is SQLite's (its errors, ``BEGIN IMMEDIATE``, ``json_quote`` for verification, pragmas).
+
 It knows nothing of the spec, runtimes, or the CLI, and never reads the environment: the
 caller passes the path, the actor, the key path and the clock.
 """
@@ -22,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
 from castiron.errors import (
     AuditError,
@@ -31,8 +36,11 @@ from castiron.errors import (
     StateCorruptError,
     StateError,
     TagConflictError,
+    UsageError,
 )
-from castiron.model import Digest, ReleaseId
+from castiron.filemodes import make_private_dir, open_private, restrict
+from castiron.model import Digest, Identity, IdentityKind, ReleaseId
+from castiron.redact import Redactor
 from castiron.settings import Settings
 from castiron.state import audit
 from castiron.state.base import (
@@ -57,6 +65,7 @@ from castiron.state.base import (
     StepRow,
     SystemClock,
     TagRow,
+    TokenRow,
     format_time,
     parse_time,
 )
@@ -146,12 +155,33 @@ def _json(value: JsonObject | None) -> str:
     return audit.canonical_json(dict(value or {}))
 
 
+_IDENTITY_KINDS: dict[str, IdentityKind] = {"key": "key", "os_user": "os_user", "token": "token"}
+
+
+def _identity(kind: str, ident: str) -> Identity | None:
+    known = _IDENTITY_KINDS.get(kind)
+    return None if known is None else Identity(known, ident)
+
+
 def _time(value: datetime | None) -> str | None:
     return None if value is None else format_time(value)
 
 
 def _ptime(value: str | None) -> datetime | None:
     return None if value is None else parse_time(value)
+
+
+_BUSY_CODES = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_BUSY_SNAPSHOT"})
+"""SQLite result codes meaning another connection holds a lock (past the busy timeout)."""
+
+
+def _disk_full(path: Path) -> bool:
+    """True when the filesystem holding ``path`` has (almost) no space left for us."""
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 1 << 20
 
 
 @contextlib.contextmanager
@@ -163,6 +193,19 @@ def _db_errors(path: Path) -> Iterator[None]:
         text = str(exc)
         if "malformed" in text or "not a database" in text:
             raise StateCorruptError(f"{path}: the database is damaged ({text})") from exc
+        name = str(getattr(exc, "sqlite_errorname", ""))
+        if name == "SQLITE_FULL" or (name.startswith("SQLITE_IOERR") and _disk_full(path)):
+            raise StateError(
+                f"{path}: the disk holding it is full ({text}); free some space on it (`df -h "
+                f"{path.parent}`) and run the command again. An interrupted deployment is "
+                "recovered by the next command"
+            ) from exc
+        if name in _BUSY_CODES:
+            raise StateError(
+                f"{path}: another process holds the state store's write lock ({text} after "
+                "waiting for it); run the command again once that process has finished (`fuser "
+                f"{path}` names it). An interrupted deployment is recovered by the next command"
+            ) from exc
         raise StateError(f"{path}: {text}") from exc
     except sqlite3.DatabaseError as exc:
         if isinstance(exc, sqlite3.IntegrityError):
@@ -181,12 +224,14 @@ def open_state(
     key_path: Path | None = None,
     clock: Clock | None = None,
     busy_timeout: float = 10.0,
+    redactor: Redactor | None = None,
 ) -> SqliteStateStore:
     """Open (creating when missing) the state store of ``target``.
 
     ``target`` is the settings (their ``state_path``, ``audit_key_path`` and ``actor`` are used)
     or a database path (then the key lives beside it as ``audit.key``). Explicit keyword
-    arguments win over the settings.
+    arguments win over the settings. The store masks the values of ``redactor`` (default:
+    the settings' one) in every text it writes.
 
     Raises:
         StateCorruptError: when the file is not SQLite, is truncated or is not castiron's.
@@ -197,18 +242,76 @@ def open_state(
         path = target.state_path
         key = key_path if key_path is not None else target.audit_key_path
         who = actor if actor is not None else target.actor
+        redactor = redactor if redactor is not None else target.redactor
     else:
         path = target
         key = key_path if key_path is not None else path.with_name("audit.key")
         who = actor if actor is not None else "unknown@unknown"
     conn = _connect(path, busy_timeout)
-    return SqliteStateStore(conn, path, who, key, clock if clock is not None else SystemClock())
+    return SqliteStateStore(
+        conn,
+        path,
+        who,
+        key,
+        clock if clock is not None else SystemClock(),
+        redactor if redactor is not None else Redactor(),
+    )
+
+
+_LIVE_LOCK = threading.Lock()
+_LIVE: dict[tuple[int, int], int] = {}
+"""Open connections of this process per database file (device, inode). POSIX record locks
+belong to the process, and closing *any* descriptor of a file drops all of them: reading the
+header of a file this process already has a connection to would silently unlock that
+connection, and another process could then checkpoint and delete the WAL under it. A file
+with a live connection here was checked when that connection opened, so it is not read again.
+A long-running process (``castiron serve``) holds several connections at once."""
+
+
+def _file_key(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _forget_connection(key: tuple[int, int] | None) -> None:
+    if key is None:
+        return
+    with _LIVE_LOCK:
+        left = _LIVE.get(key, 0) - 1
+        if left > 0:
+            _LIVE[key] = left
+        else:
+            _LIVE.pop(key, None)
 
 
 def _connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
-    if not path.exists():
-        _create(path)
-    _check_header(path)
+    try:
+        if not path.exists():
+            _create(path)
+        _make_private(path)
+    except PermissionError as exc:
+        raise StateError(
+            f"permission denied: {exc.filename or path} (a castiron home is private to the "
+            "user who created it)"
+        ) from exc
+    with _LIVE_LOCK:
+        key = _file_key(path)
+        if key is None or key not in _LIVE:
+            _check_header(path)
+            key = _file_key(path)
+        if key is not None:
+            _LIVE[key] = _LIVE.get(key, 0) + 1
+    try:
+        return _open_connection(path, busy_timeout)
+    except BaseException:
+        _forget_connection(key)
+        raise
+
+
+def _open_connection(path: Path, busy_timeout: float) -> sqlite3.Connection:
     try:
         conn = sqlite3.connect(
             f"file:{path}?mode=rw",
@@ -240,15 +343,28 @@ def _connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
     return conn
 
 
+def _make_private(path: Path) -> None:
+    """The home 0700; the database, its WAL and shared memory 0600 (SQLite gives the WAL and
+    shm files the database file's mode when it creates them)."""
+    try:
+        restrict(path.parent, 0o700)
+        for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
+            restrict(path.with_name(name))
+    except PermissionError:
+        raise
+    except OSError as exc:
+        raise StateError(f"cannot set the mode of the state files in {path.parent}: {exc}") from exc
+
+
 def _create(path: Path) -> None:
     home = path.parent
     try:
-        if not home.exists():
-            home.mkdir(mode=0o700, parents=True)
-            os.chmod(home, 0o700)
+        make_private_dir(home)
         tmp = home / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        # Created 0600 before SQLite opens it: SQLite would make it 0666 minus the umask.
+        os.close(open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
         conn = sqlite3.connect(tmp, isolation_level=None)
         try:
             conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
@@ -263,6 +379,8 @@ def _create(path: Path) -> None:
             pass
         finally:
             tmp.unlink()
+    except PermissionError:
+        raise
     except OSError as exc:
         raise StateError(f"cannot create the state database {path}: {exc.strerror}") from exc
     except sqlite3.Error as exc:
@@ -420,6 +538,11 @@ def _lease(r: Any) -> Lease:
     return Lease(r[0], r[1], r[2], r[3], r[4], r[5], r[6], parse_time(r[7]), parse_time(r[8]))
 
 
+def _token(r: Any) -> TokenRow:
+    return TokenRow(r[0], r[1], r[2], parse_time(r[3]), r[4], _ptime(r[5]))
+
+
+_TOKEN_COLUMNS = "name, role, hash, created, created_by, revoked"
 _LEASE_COLUMNS = "environment, token, holder, pid, host, purpose, kind, acquired, expires"
 _DEPLOYMENT_COLUMNS = (
     "id, environment, from_release, to_release, strategy, actor, started, finished, outcome, "
@@ -427,21 +550,72 @@ _DEPLOYMENT_COLUMNS = (
 )
 
 
+TABLES = {
+    "images": "created, digest",
+    "tags": "tag",
+    "releases": "created, id",
+    "environments": "name",
+    "deployments": "rowid",
+    "deployment_steps": "deployment_id, seq",
+    "instances": "id",
+    "events": "id",
+    "locks": "environment",
+    "approvals": "environment, release, actor, identity_kind, identity",
+    "gate_results": "id",
+    "api_tokens": "name",
+    "audit": "seq",
+    "audit_head": "id",
+}
+"""Every table of castiron's state (not ``schema_migrations``), in an order that satisfies its
+foreign keys, with the order its rows were written in."""
+
+
 # --------------------------------------------------------------------------------------------
 # the transaction
 
 
-class SqliteTx:
-    """Writes inside one :meth:`SqliteStateStore.mutate`; dead once it returns."""
+class SqlCursor(Protocol):
+    """What the shared SQL needs of a cursor (sqlite3's, or the PostgreSQL store's)."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, clock: Clock) -> None:
+    @property
+    def rowcount(self) -> int: ...
+    @property
+    def description(self) -> Any: ...
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def fetchmany(self, size: int = ..., /) -> list[Any]: ...
+
+
+class SqlConnection(Protocol):
+    """What the shared SQL needs of a connection: ``?`` placeholders, DB-API cursors."""
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> SqlCursor: ...
+    def executemany(self, sql: str, parameters: Any, /) -> SqlCursor: ...
+    def close(self) -> None: ...
+
+    @property
+    def in_transaction(self) -> bool: ...
+
+
+class SqlTx:
+    """Writes inside one :meth:`SqlStateStore.mutate`; dead once it returns.
+
+    Its SQL runs unchanged on SQLite and PostgreSQL (``?`` placeholders; the PostgreSQL store's
+    connection translates them): the backends differ only in :attr:`integrity_errors`.
+    """
+
+    integrity_errors: tuple[type[Exception], ...] = ()
+    """The driver's constraint-violation errors (a missing referenced row)."""
+
+    def __init__(self, conn: SqlConnection, path: Path, clock: Clock, redactor: Redactor) -> None:
         self._conn = conn
         self._path = path
         self._clock = clock
+        self._mask = redactor
         self._open = True
         self.notes: dict[str, Any] = {}
 
-    def _db(self) -> sqlite3.Connection:
+    def _db(self) -> SqlConnection:
         if not self._open:
             raise StateError("this transaction has ended; write through store.mutate(...)")
         return self._conn
@@ -539,7 +713,7 @@ class SqliteTx:
                 format_time(d.started),
                 _time(d.finished),
                 d.outcome,
-                _json(d.details),
+                _json(self._mask.json(d.details)),
                 d.git_commit,
             ),
             f"deployment {d.id}: a release it names is not recorded (or the id is taken)",
@@ -559,7 +733,7 @@ class SqliteTx:
         if row is None:
             raise NotFoundError(f"no deployment {deployment_id!r}")
         current = _deployment(row)
-        merged = {**current.details, **(details or {})}
+        merged = self._mask.json({**current.details, **(details or {})})
         db.execute(
             "UPDATE deployments SET outcome = ?, finished = ?, details = ? WHERE id = ?",
             (outcome, format_time(finished), _json(merged), deployment_id),
@@ -582,16 +756,27 @@ class SqliteTx:
         db.execute(
             "INSERT INTO deployment_steps (deployment_id, seq, step, state, data, at)"
             " VALUES (?, ?, ?, ?, ?, ?)",
-            (deployment_id, seq, step, state, _json(data), format_time(at)),
+            (deployment_id, seq, step, state, _json(self._mask.json(data)), format_time(at)),
         )
         return StepRow(deployment_id, seq, step, state, dict(data), at)
 
     def put_instance(self, instance: InstanceRow) -> None:
         i = instance
         self._write(
-            "INSERT OR REPLACE INTO instances (id, environment, release, address, runtime,"
-            " status, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (i.id, i.environment, i.release, i.address, i.runtime, i.status, _json(i.data)),
+            "INSERT INTO instances (id, environment, release, address, runtime,"
+            " status, data) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+            " environment = excluded.environment, release = excluded.release,"
+            " address = excluded.address, runtime = excluded.runtime,"
+            " status = excluded.status, data = excluded.data",
+            (
+                i.id,
+                i.environment,
+                i.release,
+                i.address,
+                i.runtime,
+                i.status,
+                _json(self._mask.json(i.data)),
+            ),
             f"instance {i.id}: release {i.release} is not recorded",
         )
 
@@ -607,7 +792,7 @@ class SqliteTx:
         if row is None:
             raise NotFoundError(f"no instance {instance_id!r}")
         current = _instance(row)
-        merged = {**current.data, **(data or {})}
+        merged = self._mask.json({**current.data, **(data or {})})
         db.execute(
             "UPDATE instances SET status = ?, data = ? WHERE id = ?",
             (status, _json(merged), instance_id),
@@ -619,16 +804,17 @@ class SqliteTx:
 
     def add_event(self, event: EventRow) -> EventRow:
         cur = self._db().execute(
-            "INSERT INTO events (time, environment, kind, message, data) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO events (time, environment, kind, message, data) VALUES (?, ?, ?, ?, ?)"
+            " RETURNING id",
             (
                 format_time(event.time),
                 event.environment,
                 event.kind,
-                event.message,
-                _json(event.data),
+                self._mask.text(event.message),
+                _json(self._mask.json(event.data)),
             ),
         )
-        return replace(event, id=cur.lastrowid)
+        return replace(event, id=cur.fetchone()[0])
 
     def get_lease(self, environment: str) -> Lease | None:
         row = (
@@ -641,7 +827,11 @@ class SqliteTx:
     def put_lease(self, lease: Lease) -> None:
         x = lease
         self._db().execute(
-            f"INSERT OR REPLACE INTO locks ({_LEASE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO locks ({_LEASE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (environment) DO UPDATE SET token = excluded.token,"
+            " holder = excluded.holder, pid = excluded.pid, host = excluded.host,"
+            " purpose = excluded.purpose, kind = excluded.kind,"
+            " acquired = excluded.acquired, expires = excluded.expires",
             (
                 x.environment,
                 x.token,
@@ -660,10 +850,31 @@ class SqliteTx:
 
     def add_approval(self, approval: ApprovalRow) -> bool:
         a = approval
-        cur = self._db().execute(
-            "INSERT INTO approvals (environment, release, actor, created, comment)"
-            " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            (a.environment, a.release, a.actor, format_time(a.created), a.comment),
+        kind, ident = (a.identity.kind, a.identity.id) if a.identity is not None else ("", "")
+        db = self._db()
+        # One approval per identity (per label for those without one).
+        exists = db.execute(
+            "SELECT 1 FROM approvals WHERE environment = ? AND release = ? AND identity_kind = ?"
+            " AND identity = ? AND (identity_kind != '' OR actor = ?)",
+            (a.environment, a.release, kind, ident, a.actor),
+        ).fetchone()
+        if exists:
+            return False
+        cur = db.execute(
+            "INSERT INTO approvals (environment, release, actor, created, comment, identity_kind,"
+            " identity, os_user, signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT DO NOTHING",
+            (
+                a.environment,
+                a.release,
+                a.actor,
+                format_time(a.created),
+                self._mask.text(a.comment),
+                kind,
+                ident,
+                a.os_user,
+                a.signature,
+            ),
         )
         return cur.rowcount == 1
 
@@ -679,33 +890,78 @@ class SqliteTx:
                     r.digest,
                     r.gate,
                     int(r.passed),
-                    r.reason,
-                    _json(r.data),
+                    self._mask.text(r.reason),
+                    _json(self._mask.json(r.data)),
                     format_time(r.checked),
                 )
                 for r in results
             ],
         )
 
+    def add_token(self, token: TokenRow) -> None:
+        db = self._db()
+        if db.execute("SELECT 1 FROM api_tokens WHERE name = ?", (token.name,)).fetchone():
+            raise UsageError(f"a token named {token.name!r} already exists")
+        t = token
+        db.execute(
+            f"INSERT INTO api_tokens ({_TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+            (t.name, t.role, t.hash, format_time(t.created), t.created_by, _time(t.revoked)),
+        )
+
+    def revoke_token(self, name: str, at: datetime) -> TokenRow:
+        db = self._db()
+        row = db.execute(
+            f"SELECT {_TOKEN_COLUMNS} FROM api_tokens WHERE name = ?", (name,)
+        ).fetchone()
+        if row is None:
+            raise NotFoundError(f"no API token named {name!r}")
+        current = _token(row)
+        if current.revoked is not None:
+            return current
+        db.execute("UPDATE api_tokens SET revoked = ? WHERE name = ?", (format_time(at), name))
+        return replace(current, revoked=parse_time(format_time(at)))
+
     def _write(self, sql: str, params: tuple[Any, ...], missing: str) -> None:
         try:
             self._db().execute(sql, params)
-        except sqlite3.IntegrityError as exc:
+        except self.integrity_errors as exc:
             raise NotFoundError(f"{missing} ({exc})") from exc
+
+
+class SqliteTx(SqlTx):
+    """:class:`SqlTx` on SQLite."""
+
+    integrity_errors = (sqlite3.IntegrityError,)
 
 
 # --------------------------------------------------------------------------------------------
 # the store
 
 
-class SqliteStateStore:
-    """State in one SQLite file. One connection, shared by threads under a lock."""
+class SqlStateStore:
+    """The typed reads, the audited writer and the audit chain, in SQL both backends run.
+
+    One connection, shared by threads under a lock. A backend supplies its errors
+    (:meth:`_errors`), how a write transaction begins (:meth:`_begin_write`), its transaction
+    handle (:meth:`_new_tx`) and how the chain is read for verification (:meth:`audit_links`).
+    """
+
+    _CANONICAL: str
+    """SQL selecting an audit row's canonical JSON as UTF-8 bytes (see :data:`CANONICAL_SQL`)."""
+
+    _BEGIN_SNAPSHOT = "BEGIN"
+    """Starts a read transaction that sees one consistent snapshot."""
 
     def __init__(
-        self, conn: sqlite3.Connection, path: Path, actor: str, key_path: Path, clock: Clock
+        self,
+        conn: SqlConnection,
+        actor: str,
+        key_path: Path,
+        clock: Clock,
+        redactor: Redactor | None = None,
     ) -> None:
+        self._redactor = redactor if redactor is not None else Redactor()
         self._conn = conn
-        self._path = path
         self._actor = actor
         self._key_path = key_path
         self._head_path = audit.head_file_for(key_path)
@@ -715,16 +971,23 @@ class SqliteStateStore:
         self._head_written = False
         self._pending_head: SignedHead | None = None
 
-    def __enter__(self) -> SqliteStateStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @property
-    def path(self) -> Path:
-        """The database file."""
-        return self._path
+    def _errors(self) -> contextlib.AbstractContextManager[None]:
+        """Turns the driver's errors into castiron's (around every statement)."""
+        raise NotImplementedError
+
+    def _begin_write(self) -> None:
+        """Begin the write transaction of :meth:`mutate` (holding the one writer's lock)."""
+        raise NotImplementedError
+
+    def _new_tx(self) -> SqlTx:
+        """The transaction handle :meth:`mutate` passes to its caller."""
+        raise NotImplementedError
 
     @property
     def actor(self) -> str:
@@ -733,6 +996,10 @@ class SqliteStateStore:
     @property
     def clock(self) -> Clock:
         return self._clock
+
+    @property
+    def redactor(self) -> Redactor:
+        return self._redactor
 
     @property
     def key_path(self) -> Path:
@@ -775,15 +1042,18 @@ class SqliteStateStore:
 
         Raises:
             StateError: when the database cannot be written.
-            AuditError: when the chain's tail does not match its signed head, or the key is
-                missing or is not the one that signed the chain.
+            AuditError: when the chain's tail does not match its signed head, the key is
+                missing or is not the one that signed the chain, or the head file is damaged
+                (checked before this store's first change: nothing is changed then).
         """
         if not isinstance(draft, AuditDraft):
             raise TypeError("mutate needs an AuditDraft: every change is audited")
-        with self._lock, _db_errors(self._path):
+        if not self._head_written:
+            audit.check_head_file(self._head_path)
+        with self._lock, self._errors():
             conn = self._conn
-            tx = SqliteTx(conn, self._path, self._clock)
-            conn.execute("BEGIN IMMEDIATE")
+            tx = self._new_tx()
+            self._begin_write()
             try:
                 result = apply(tx)
                 head = self._append(draft, tx.notes)
@@ -837,7 +1107,7 @@ class SqliteStateStore:
         self._check_tail(last, head, key)
         seq = 1 if last is None else last[0] + 1
         prev = audit.GENESIS if last is None else last[11]
-        details = audit.canonical_json({**draft.details, **notes})
+        details = audit.canonical_json(self._redactor.json({**draft.details, **notes}))
         row = (
             seq,
             format_time(self._clock.now()),
@@ -858,8 +1128,10 @@ class SqliteStateStore:
         )
         signed = key.sign_head(seq, digest)
         conn.execute(
-            "INSERT OR REPLACE INTO audit_head (id, seq, hash, public_key, signature)"
-            " VALUES (1, ?, ?, ?, ?)",
+            "INSERT INTO audit_head (id, seq, hash, public_key, signature)"
+            " VALUES (1, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET seq = excluded.seq,"
+            " hash = excluded.hash, public_key = excluded.public_key,"
+            " signature = excluded.signature",
             (signed.seq, signed.hash, signed.public_key, signed.signature),
         )
         return signed
@@ -887,7 +1159,7 @@ class SqliteStateStore:
         Raises:
             StateError: when the database cannot be written.
         """
-        with self._lock, _db_errors(self._path):
+        with self._lock, self._errors():
             cur = self._conn.execute(
                 "UPDATE locks SET expires = ? WHERE environment = ? AND token = ? AND expires < ?",
                 (format_time(expires), environment, token, format_time(expires)),
@@ -902,18 +1174,12 @@ class SqliteStateStore:
     # -- reads -----------------------------------------------------------------------------
 
     def _all(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
-        with self._lock, _db_errors(self._path):
+        with self._lock, self._errors():
             return self._conn.execute(sql, params).fetchall()
 
     def _one(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
-        with self._lock, _db_errors(self._path):
+        with self._lock, self._errors():
             return self._conn.execute(sql, params).fetchone()
-
-    def pragma(self, name: str) -> Any:
-        """The value of ``PRAGMA name`` on this store's connection (for diagnostics)."""
-        if not name.isidentifier():
-            raise ValueError(f"not a pragma name: {name!r}")
-        return self._one(f"PRAGMA {name}")[0]
 
     def schema_migrations(self) -> list[tuple[str, str]]:
         return [
@@ -990,7 +1256,9 @@ class SqliteStateStore:
         if environment is not None:
             sql += " WHERE environment = ?"
             params.append(environment)
-        sql += " ORDER BY started DESC, rowid DESC"
+        # Newest first in the order they were recorded: a clock that jumped back must not
+        # make an older deployment look like the latest.
+        sql += " ORDER BY rowid DESC"
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)
@@ -1036,10 +1304,20 @@ class SqliteStateStore:
 
     def approvals(self, environment: str, release: ReleaseId) -> list[ApprovalRow]:
         return [
-            ApprovalRow(r[0], ReleaseId(r[1]), r[2], parse_time(r[3]), r[4])
+            ApprovalRow(
+                r[0],
+                ReleaseId(r[1]),
+                r[2],
+                parse_time(r[3]),
+                r[4],
+                _identity(r[5], r[6]),
+                r[7],
+                r[8],
+            )
             for r in self._all(
-                "SELECT environment, release, actor, created, comment FROM approvals"
-                " WHERE environment = ? AND release = ? ORDER BY created, actor",
+                "SELECT environment, release, actor, created, comment, identity_kind, identity,"
+                " os_user, signature FROM approvals WHERE environment = ? AND release = ?"
+                " ORDER BY created, actor, identity",
                 (environment, release),
             )
         ]
@@ -1079,18 +1357,47 @@ class SqliteStateStore:
         )
         return [audit.row_to_entry(r) for r in self._all(sql + " ORDER BY seq", params)]
 
+    def dump(self, table: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Every row of ``table`` verbatim, in insertion order, with its column names (for
+        ``castiron state migrate``).
+
+        Raises:
+            ValueError: when ``table`` is not one of :data:`TABLES`.
+        """
+        if table not in TABLES:
+            raise ValueError(f"not a state table: {table!r}")
+        with self._lock, self._errors():
+            cur = self._conn.execute(f"SELECT * FROM {table} ORDER BY {TABLES[table]}")
+            names = [d[0] for d in cur.description]
+            keep = [i for i, name in enumerate(names) if name != "rowid"]
+            rows = [tuple(r[i] for i in keep) for r in cur.fetchall()]
+            return [names[i] for i in keep], rows
+
+    def get_token(self, name: str) -> TokenRow | None:
+        row = self._one(f"SELECT {_TOKEN_COLUMNS} FROM api_tokens WHERE name = ?", (name,))
+        return None if row is None else _token(row)
+
+    def token_by_hash(self, hash: str) -> TokenRow | None:
+        row = self._one(f"SELECT {_TOKEN_COLUMNS} FROM api_tokens WHERE hash = ?", (hash,))
+        return None if row is None else _token(row)
+
+    def list_tokens(self) -> list[TokenRow]:
+        return [
+            _token(r) for r in self._all(f"SELECT {_TOKEN_COLUMNS} FROM api_tokens ORDER BY name")
+        ]
+
     def audit_rows(self) -> Iterator[audit.AuditRow]:
         """Every stored audit row in seq order, streamed (for export and verification)."""
-        with self._lock, _db_errors(self._path):
+        with self._lock, self._errors():
             cur = self._conn.execute(f"SELECT {_AUDIT_COLUMNS} FROM audit ORDER BY seq")
             while batch := cur.fetchmany(4096):
                 yield from batch
 
     def audit_links(self) -> Iterator[audit.ChainLink]:
         """(seq, prev, hash, canonical JSON bytes) of every entry in seq order, streamed."""
-        with self._lock, _db_errors(self._path):
+        with self._lock, self._errors():
             cur = self._conn.execute(
-                f"SELECT seq, prev, hash, CAST({CANONICAL_SQL} AS BLOB) FROM audit ORDER BY seq"
+                f"SELECT seq, prev, hash, {self._CANONICAL} FROM audit ORDER BY seq"
             )
             while batch := cur.fetchmany(4096):
                 yield from batch
@@ -1102,7 +1409,7 @@ class SqliteStateStore:
         return None if row is None else SignedHead(row[0], row[1], row[2], row[3])
 
     def audit_head(self) -> SignedHead | None:
-        with self._lock, _db_errors(self._path):
+        with self._lock, self._errors():
             return self._read_head()
 
     def verify_audit(self) -> AuditReport:
@@ -1113,8 +1420,8 @@ class SqliteStateStore:
             StateError: when the database cannot be read.
         """
         self._flush_head()
-        with self._lock, _db_errors(self._path):
-            self._conn.execute("BEGIN")  # one consistent snapshot of rows and head
+        with self._lock, self._errors():
+            self._conn.execute(self._BEGIN_SNAPSHOT)  # one snapshot of rows and head
             try:
                 head = self._read_head()
                 return audit.verify_chain(self.audit_links(), head, self._key_path, self._head_path)
@@ -1122,9 +1429,66 @@ class SqliteStateStore:
                 self._conn.execute("COMMIT")
 
 
+class SqliteStateStore(SqlStateStore):
+    """State in one SQLite file."""
+
+    _CANONICAL = f"CAST({CANONICAL_SQL} AS BLOB)"
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        path: Path,
+        actor: str,
+        key_path: Path,
+        clock: Clock,
+        redactor: Redactor | None = None,
+    ) -> None:
+        self._path = path
+        self._file = _file_key(path)
+        super().__init__(conn, actor, key_path, clock, redactor)
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._path
+
+    def _errors(self) -> contextlib.AbstractContextManager[None]:
+        return _db_errors(self._path)
+
+    def _begin_write(self) -> None:
+        self._conn.execute("BEGIN IMMEDIATE")
+
+    def _new_tx(self) -> SqliteTx:
+        return SqliteTx(self._conn, self._path, self._clock, self._redactor)
+
+    def close(self) -> None:
+        """Record the newest signed head in the head file, then close the database (and
+        forget it in this process's table of live connections).
+
+        Raises:
+            AuditError: when the head file cannot be written (the database is closed anyway).
+        """
+        with self._lock:
+            try:
+                super().close()
+            finally:
+                file, self._file = self._file, None
+                _forget_connection(file)
+
+    def pragma(self, name: str) -> Any:
+        """The value of ``PRAGMA name`` on this store's connection (for diagnostics)."""
+        if not name.isidentifier():
+            raise ValueError(f"not a pragma name: {name!r}")
+        return self._one(f"PRAGMA {name}")[0]
+
+
 __all__ = [
     "APPLICATION_ID",
+    "CANONICAL_SQL",
+    "TABLES",
     "Migration",
+    "SqlStateStore",
+    "SqlTx",
     "SqliteStateStore",
     "SqliteTx",
     "migrations",

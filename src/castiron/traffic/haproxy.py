@@ -27,6 +27,7 @@ import contextlib
 import csv
 import hashlib
 import io
+import logging
 import os
 import signal
 import socket
@@ -34,11 +35,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from castiron.errors import RouterError
+from castiron.filemodes import make_private_dir
 from castiron.traffic.accesslog import AccessLog, access_line
 from castiron.traffic.base import ROUTER_RELEASE, LatencySummary, ReleaseCounters, RouteConfig
 from castiron.traffic.proxy import parse_listen
 
 __all__ = ["HaproxyRouter", "render_config"]
+
+log = logging.getLogger("castiron.traffic.haproxy")
+_RESTART_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0)
+"""Waits between attempts to start HAProxy again after it died (the last one repeats)."""
 
 _SLOTS = ("a", "b")
 
@@ -298,6 +304,8 @@ class HaproxyRouter:
         self._lock = asyncio.Lock()
         self._drainer: asyncio.Task[None] | None = None
         self._log: io.BufferedWriter | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._closed = False
 
     @property
     def _admin(self) -> Path:
@@ -353,7 +361,7 @@ class HaproxyRouter:
 
     # --- process ---
     def _write_files(self) -> None:
-        self._dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self._dir)
         (self._dir / "502.http").write_bytes(
             b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: 33\r\n"
             b"Connection: close\r\n\r\nno backend accepted the request.\n"
@@ -399,11 +407,40 @@ class HaproxyRouter:
             if self._proc.returncode is not None:
                 break
             if await self._worker_pid() is not None:
+                self._watcher = asyncio.get_running_loop().create_task(self._watch(self._proc))
                 return
             await asyncio.sleep(0.02)
         tail = (self._dir / "haproxy.log").read_text(errors="replace")[-500:]
         await self._stop()
         raise RouterError(f"haproxy did not start: {tail.strip()}")
+
+    async def _watch(self, proc: asyncio.subprocess.Process) -> None:
+        """Start HAProxy again when it dies by itself (killed, crashed): from the files that
+        hold every environment's current routes, so traffic comes back without a command."""
+        code = await proc.wait()
+        async with self._lock:
+            if self._proc is not proc or self._closed:
+                return  # stopped on purpose, or already started again
+            log.warning("haproxy exited with status %s: starting it again", code)
+            await self._restart()
+
+    async def _restart(self) -> None:
+        """Start HAProxy again (call with the lock held), retrying with growing waits."""
+        self._proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        for attempt in range(1_000_000):
+            if self._closed or not self._envs:
+                return
+            try:
+                self._write_files()
+                await self._start()
+                return
+            except (RouterError, OSError) as exc:
+                delay = _RESTART_DELAYS[min(attempt, len(_RESTART_DELAYS) - 1)]
+                log.error("haproxy could not be started again (%s); retrying in %ss", exc, delay)
+                await asyncio.sleep(delay)
 
     async def _reload(self) -> None:
         await self._check()
@@ -480,6 +517,8 @@ class HaproxyRouter:
         if config.access_log and self._access_dir is None:
             config = replace(config, access_log=False)  # nowhere to write it
         async with self._lock:
+            if self._proc is not None and self._proc.returncode is not None:
+                await self._restart()  # it died and its watcher has not seen it yet
             if config.access_log:
                 await self._open_log_socket()
             env = self._envs.get(config.environment)
@@ -733,6 +772,7 @@ class HaproxyRouter:
 
     async def close(self) -> None:
         """Stop HAProxy: a soft stop lets in-flight requests finish (up to ``hard-stop-after``)."""
+        self._closed = True
         async with self._lock:
             if self._drainer is not None:
                 self._drainer.cancel()
@@ -744,6 +784,9 @@ class HaproxyRouter:
                 self._log_transport.close()
                 self._log_transport = None
             self._close_logs(set())
+            watcher, self._watcher = self._watcher, None
+        if watcher is not None:  # it sees the process stopped on purpose and returns
+            await watcher
 
 
 def _parse_stat(text: str) -> dict[tuple[str, str], dict[str, str]]:

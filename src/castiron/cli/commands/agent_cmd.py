@@ -1,4 +1,4 @@
-"""``castiron agent run|start|stop|status|logs``: the host agent's life cycle from the shell.
+"""``castiron agent run|start|stop|status|logs|unit``: the host agent's life cycle from the shell.
 
 A thin layer over :mod:`castiron.agent.client` (start, stop, probe, API calls). ``agent run``
 replaces the CLI process with the agent (``python -m castiron.agent.daemon``), so a service
@@ -80,6 +80,52 @@ def run(cli: CliContext, router: str, router_workers: int | None, metrics: str |
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(argv[0], argv)
+
+
+@agent.command("unit")
+@_router_option
+@_workers_option
+@_metrics_option
+@click.option(
+    "--user",
+    metavar="NAME",
+    default=None,
+    help="The user the agent runs as (default: the one running this command).",
+)
+@click.option(
+    "--watchdog",
+    type=click.IntRange(2, 3600),
+    default=30,
+    show_default=True,
+    help="WatchdogSec: systemd restarts an agent silent for this many seconds.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@pass_cli
+def unit(
+    cli: CliContext,
+    router: str,
+    router_workers: int | None,
+    metrics: str | None,
+    user: str | None,
+    watchdog: int,
+    as_json: bool,
+) -> None:
+    """Print a hardened systemd unit that runs the agent of this home (Type=notify: the agent
+    reports readiness and pings the watchdog; KillMode=process keeps instances running;
+    ProtectSystem=strict with the home as the only writable path)."""
+    from castiron.agent.unit import UNIT_NAME, service_unit
+
+    settings = cli.settings
+    text = service_unit(
+        settings,
+        user=user or settings.os_user,
+        extra_args=_daemon_args(router, metrics, router_workers),
+        watchdog=watchdog,
+    )
+    if as_json:
+        emit_json({"name": UNIT_NAME, "unit": text})
+        return
+    click.echo(text, nl=False)
 
 
 @agent.command("start")

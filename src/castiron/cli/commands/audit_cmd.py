@@ -21,7 +21,7 @@ from castiron.cli.render import emit_json
 from castiron.errors import AuditError, UsageError
 from castiron.state import audit
 from castiron.state.base import AuditEntry
-from castiron.state.sqlite import open_state
+from castiron.state.store import open_state
 
 _AGO_RE = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d|w)$")
 _AGO_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}

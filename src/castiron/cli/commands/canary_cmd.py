@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from castiron.cli.commands.deploy_cmd import CliObserver, observer_for
+from castiron.cli.commands.deploy_cmd import CliObserver, accept_yes_option, observer_for
 from castiron.cli.context import CliContext, pass_cli
 from castiron.cli.render import emit_json
 from castiron.errors import CanaryAbortedError, DeployFailedError, NotFoundError
@@ -43,7 +43,7 @@ class WatchObserver(CliObserver):
     """Progress lines plus a live view of a canary (rich on a terminal, plain lines else)."""
 
     def __init__(self, base: CliObserver, console: Console | None) -> None:
-        super().__init__(base.home, base.pause_at, base.quiet)
+        super().__init__(base.home, base.pause_at, base.quiet, base.redactor)
         self.started = base.started
         self.console = console
         self.live: Live | None = None
@@ -52,7 +52,9 @@ class WatchObserver(CliObserver):
     def progress(self, message: str) -> None:
         if self.live is not None and not self.quiet:
             elapsed = time.monotonic() - self.started
-            self.live.console.print(f"[{elapsed:6.2f}s] {message}", markup=False)
+            self.live.console.print(
+                f"[{elapsed:6.2f}s] {self.redactor.text(message)}", markup=False
+            )
             return
         super().progress(message)
 
@@ -143,7 +145,7 @@ def continue_deployment(cli: CliContext, environment: str, as_json: bool) -> Non
         UsageError: when the running deployment is not a canary.
     """
     from castiron.engine.canary import request_control
-    from castiron.state.sqlite import open_state
+    from castiron.state.store import open_state
 
     store = open_state(cli.settings)
     try:
@@ -169,9 +171,10 @@ def continue_deployment(cli: CliContext, environment: str, as_json: bool) -> Non
     metavar="S",
     help="Wait up to S seconds for the deployment to be undone (0: only ask).",
 )
+@accept_yes_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @pass_cli
-def abort_cmd(cli: CliContext, environment: str, wait: float, as_json: bool) -> None:
+def abort_cmd(cli: CliContext, environment: str, wait: float, yes: bool, as_json: bool) -> None:
     """Abort ENVIRONMENT's running deployment (a canary at any step): traffic back on the
     stable release, the new instances destroyed."""
     from castiron.engine.canary import request_control

@@ -4,94 +4,27 @@ A thin edge over :mod:`castiron.engine.drift`: it reads the environment's ``drif
 the spec (ignore patterns, watch schedule) when the spec file is there, builds an engine,
 prints one finding per line (or one JSON object with ``--json``) and exits with 3 when drift
 was found (0 when clean, or when ``--fix`` removed all of it). It also keeps the host agent's
-drift watch of an environment in line with the spec (:func:`sync_watch`).
+drift watch of an environment in line with the spec (:mod:`castiron.engine.driftwatch`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
 from typing import TYPE_CHECKING, Any
 
 import click
 
+from castiron.cli.commands.deploy_cmd import accept_yes_option
 from castiron.cli.context import CliContext, pass_cli
 from castiron.cli.render import emit_json
+from castiron.engine.driftwatch import drift_rules, sync_watch
 from castiron.errors import CastironError, ExitCode, NotFoundError
 
 if TYPE_CHECKING:
-    from castiron.engine.drift import DriftFinding, DriftRules
-    from castiron.settings import Settings
+    from castiron.engine.drift import DriftFinding
 
 WATCHER_ENV = "CASTIRON_DRIFT_WATCH"
 """Set by the host agent on the drift checks it runs (so they do not re-register the watch)."""
-
-
-def drift_rules(settings: Settings, environment: str) -> DriftRules:
-    """The ``drift`` section of ``environment`` in the settings' spec (defaults without a spec
-    file or without that environment in it).
-
-    Raises:
-        SpecError: when the spec file exists but does not validate.
-    """
-    from castiron.engine.drift import DriftRules
-
-    if not settings.spec_path.is_file():
-        return DriftRules()
-    from castiron.spec.load import load_spec
-
-    spec = load_spec(settings.spec_path, settings.environ).spec
-    env = spec.environments.get(environment)
-    if env is None:
-        return DriftRules()
-    return DriftRules(watch=env.drift.watch, fix=env.drift.fix, ignore=env.drift.ignore)
-
-
-def sync_watch(settings: Settings, environment: str, rules: DriftRules) -> None:
-    """Register (or drop) the agent's periodic ``castiron drift ENVIRONMENT`` per ``rules``.
-
-    Raises:
-        AgentError: when the agent cannot be reached.
-    """
-    from castiron.agent.client import AgentClient, DriftWatch, socket_path
-
-    client = AgentClient(socket_path(settings), timeout=5.0)
-    if rules.watch is None:
-        with contextlib.suppress(NotFoundError):
-            client.delete_watch(environment)
-        return
-    argv = [sys.executable, "-m", "castiron.cli.main", "drift", environment, "--json"]
-    if rules.fix:
-        argv.append("--fix")
-    client.put_watch(
-        DriftWatch(
-            environment=environment,
-            argv=tuple(argv),
-            cwd=str(settings.spec_path.parent),
-            interval=rules.watch,
-            fix=rules.fix,
-            env={"CASTIRON_HOME": str(settings.home), "CASTIRON_SPEC": str(settings.spec_path)},
-        )
-    )
-
-
-def watch_after_deploy(settings: Settings, environment: str) -> None:
-    """After a deployment: keep the agent's drift watch of ``environment`` in line with the
-    spec. Cheap when the environment has no ``drift.watch`` (the spec is parsed, not
-    validated); a watch that cannot be registered does not fail the deployment."""
-    from castiron.spec.load import read_spec
-
-    with contextlib.suppress(CastironError):
-        raw = read_spec(settings.spec_path, settings.environ).value
-        env = (raw.get("environments") or {}).get(environment)
-        drift = env.get("drift") if isinstance(env, dict) else None
-        if isinstance(drift, dict) and drift.get("watch") is not None:
-            rules = drift_rules(settings, environment)
-        else:
-            from castiron.engine.drift import DriftRules
-
-            rules = DriftRules()
-        sync_watch(settings, environment, rules)
 
 
 def _line(f: DriftFinding) -> str:
@@ -116,6 +49,7 @@ def _line(f: DriftFinding) -> str:
     metavar="SECONDS",
     help="With --fix: wait this long for the environment's lock.",
 )
+@accept_yes_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @pass_cli
 @click.pass_context
@@ -126,6 +60,7 @@ def drift_cmd(
     full: bool,
     fix: bool,
     lock_wait: float,
+    yes: bool,
     as_json: bool,
 ) -> None:
     """Compare what runs in ENVIRONMENT (default: every one) with its release.
@@ -137,7 +72,7 @@ def drift_cmd(
     from castiron.engine.drift import default_threads, detect_drift, fix_drift, record_detection
 
     settings = cli.settings
-    if not settings.state_path.exists():
+    if not settings.state_present():
         if environment is not None:
             raise NotFoundError(f"environment {environment!r} was never deployed")
         names: list[str] = []
@@ -148,7 +83,7 @@ def drift_cmd(
     from castiron.cli.commands.deploy_cmd import observer_for
 
     with open_engine(settings, observer=observer_for(cli, quiet=quiet)) as engine:
-        if settings.state_path.exists():
+        if settings.state_present():
             names = (
                 [environment]
                 if environment is not None

@@ -19,7 +19,7 @@ from castiron.cli.render import emit_json
 from castiron.errors import UsageError
 from castiron.images import oci, provenance
 from castiron.images.archive import ArchiveFormat, export_archive, import_archive
-from castiron.images.build import BakeOptions, bake
+from castiron.images.build import BakeOptions, bake, default_skips
 from castiron.images.store import ImageStore, prune
 from castiron.model import Digest
 from castiron.spec.load import load_spec
@@ -85,7 +85,10 @@ def _epoch(cli: CliContext, given: int | None) -> int | None:
     "tags",
     multiple=True,
     metavar="TAG",
-    help="Tag to bind (repeatable; default: git short sha, or sha-<config digest>).",
+    help=(
+        "Tag to bind (repeatable; default: the git short sha when every file of the context "
+        "is committed, else <sha>-dirty-<digest> or sha-<digest>)."
+    ),
 )
 @click.option(
     "--source-date-epoch",
@@ -155,7 +158,7 @@ def bake_cmd(
         app=loaded.spec.app,
         port=loaded.spec.service.port,
         spec_digest=loaded.digest,
-        skip=(settings.home,),
+        skip=default_skips(context, settings.spec_path, settings.home),
         fetch_docker_base=fetch_base,
         build_dockerfile=build_dockerfile,
     )
@@ -235,9 +238,9 @@ def _retained_digests(cli: CliContext) -> set[Digest]:
 
     Any recorded release can become a rollback or promotion target, so its image stays.
     """
-    if not cli.settings.state_path.exists():
+    if not cli.settings.state_present():
         return set()
-    from castiron.state.sqlite import open_state
+    from castiron.state.store import open_state
 
     with open_state(cli.settings) as state:
         return {
@@ -327,22 +330,38 @@ def inspect_cmd(cli: CliContext, ref: str, as_json: bool) -> None:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["oci-archive", "docker-archive"]),
+    type=click.Choice(["oci-archive", "docker-archive", "kubernetes"]),
     default="oci-archive",
     show_default=True,
-    help="Archive format; docker-archive loads with `docker load`.",
+    help="Archive format (docker-archive loads with `docker load`), or kubernetes: REF is "
+    "an environment and its release's manifests are written.",
 )
 @click.option(
     "-o",
     "--output",
     type=click.Path(path_type=Path, dir_okay=False),
-    required=True,
-    help="File to write.",
+    help="File to write (required for archives; manifests go to stdout without it).",
+)
+@click.option(
+    "--image",
+    "image",
+    metavar="REF",
+    help="With --format kubernetes: the image of the release (default: the newest baked).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @pass_cli
-def export_cmd(cli: CliContext, ref: str, fmt: str, output: Path, as_json: bool) -> None:
-    """Write an image to an archive file (with its tags and provenance)."""
+def export_cmd(
+    cli: CliContext, ref: str, fmt: str, output: Path | None, image: str | None, as_json: bool
+) -> None:
+    """Write an image to an archive file (with its tags and provenance), or the Kubernetes
+    manifests of an environment's release (``--format kubernetes``)."""
+    if fmt == "kubernetes":
+        _export_manifests(cli, ref, image, output, as_json)
+        return
+    if image is not None:
+        raise UsageError("--image is only for --format kubernetes")
+    if output is None:
+        raise UsageError(f"--format {fmt} needs -o FILE")
     store = _store(cli)
     digest = store.resolve(ref)
     archive_fmt: ArchiveFormat = "docker-archive" if fmt == "docker-archive" else "oci-archive"
@@ -360,6 +379,54 @@ def export_cmd(cli: CliContext, ref: str, fmt: str, output: Path, as_json: bool)
         )
         return
     click.echo(f"wrote {result.path} ({result.format}, {_human(result.size)}) for {result.digest}")
+
+
+def _export_manifests(
+    cli: CliContext, environment: str, image: str | None, output: Path | None, as_json: bool
+) -> None:
+    from castiron.engine.compose import deploy_spec_for, open_engine
+    from castiron.engine.kubeexport import kubernetes_manifests
+
+    settings = cli.settings
+    with open_engine(settings, start_agent=False) as engine:
+        release, text = kubernetes_manifests(engine, deploy_spec_for(settings), environment, image)
+    if output is not None:
+        _write_atomically(output, text.encode())
+    if as_json:
+        emit_json(
+            {
+                "environment": environment,
+                "release": release.id,
+                "digest": release.digest,
+                "path": str(output) if output is not None else None,
+                "manifests": None if output is not None else text,
+            }
+        )
+    elif output is None:
+        click.echo(text, nl=False)
+    else:
+        click.echo(f"wrote {output} (release {release.id} of {environment})")
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all (temp file, fsync, rename)."""
+    import os
+    import tempfile
+
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent or Path("."), prefix=f".{path.name}.")
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 @click.command("import")

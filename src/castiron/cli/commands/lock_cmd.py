@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import click
 
+from castiron.cli.commands.deploy_cmd import confirm, yes_option
 from castiron.cli.context import CliContext, pass_cli
 from castiron.cli.render import emit_json
 from castiron.errors import UsageError
@@ -15,7 +16,7 @@ from castiron.model import is_name
 from castiron.spec.schema import parse_duration
 from castiron.state.base import format_time_short
 from castiron.state.locks import MANUAL_TTL, LockManager, LockStatus, describe
-from castiron.state.sqlite import open_state
+from castiron.state.store import open_state
 
 
 def _env(value: str) -> str:
@@ -130,10 +131,12 @@ def release(cli: CliContext, environment: str) -> None:
 @lock_group.command("break")
 @click.argument("environment")
 @click.option("--reason", default="", help="Why, recorded in the audit entry.")
+@yes_option
 @pass_cli
-def break_(cli: CliContext, environment: str, reason: str) -> None:
+def break_(cli: CliContext, environment: str, reason: str, yes: bool) -> None:
     """Remove ENVIRONMENT's lock whoever holds it (audited); use when a holder is stuck."""
     _env(environment)
+    confirm(cli, f"break the lock on {environment} whoever holds it?", yes)
     with open_state(cli.settings) as store:
         lease = LockManager(store).break_lock(environment, reason)
     click.echo(f"broke the lock of {lease.holder} on environment {environment!r}")

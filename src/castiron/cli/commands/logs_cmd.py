@@ -2,17 +2,21 @@
 
 Local instances are read through :class:`castiron.agent.client.AgentClient`: the instances are
 the agent's records for the environment (exited ones included, until they are destroyed); each
-one's stdout and stderr come from its log file, which the agent caps and rotates. Instances of
+one's stdout and stderr come from its log file, which the agent caps and rotates. A destroyed
+local instance (one a failed deployment made) is still shown by ``--instance ID`` from the log
+file it left. Instances of
 a runtime that keeps their output itself (Docker: a :class:`castiron.drivers.base.LogSource`)
 are the environment's recorded instances, read through their driver.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -37,6 +41,48 @@ def _records(client: AgentClient, environment: str, instance: str | None) -> lis
         if not records:
             raise NotFoundError(f"no instance {instance!r} in environment {environment!r}")
     return records
+
+
+_INSTANCE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+
+
+def _left_log(cli: CliContext, instance: str | None) -> Path | None:
+    """The log file a destroyed local instance left in the agent's directory, if any (a
+    failed deployment destroys its instances; their output stays readable)."""
+    if instance is None or not _INSTANCE_ID.match(instance):
+        return None
+    path = cli.settings.agent_path / "logs" / f"{instance}.log"
+    return path if path.is_file() else None
+
+
+def _show_left_log(
+    environment: str, instance: str | None, path: Path, lines: int, as_json: bool
+) -> None:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    kept = text.splitlines()[-lines:] if lines > 0 else []
+    if as_json:
+        emit_json(
+            {
+                "environment": environment,
+                "instances": [
+                    {
+                        "id": instance,
+                        "release": None,
+                        "state": "destroyed",
+                        "exit_code": None,
+                        "log_path": str(path),
+                        "lines": kept,
+                    }
+                ],
+            }
+        )
+        return
+    click.echo(f"instance {instance} was destroyed; the output it left in {path}:", err=True)
+    for line in kept:
+        click.echo(line)
 
 
 def _prefixed(text: str, prefix: str) -> str:
@@ -93,7 +139,7 @@ def _runtime_logs(cli: CliContext, environment: str, instance: str | None) -> _R
     """The driver and instances of ``environment`` when its runtime is not local and keeps
     the output itself; ``None`` for local environments (and unknown ones: the agent decides)."""
     settings = cli.settings
-    if not settings.state_path.exists():
+    if not settings.state_present():
         return None
     from castiron.drivers.base import LogSource
     from castiron.engine.compose import open_engine
@@ -196,11 +242,21 @@ def logs(
         _show_runtime_logs(environment, runtime, lines, follow, as_json)
         return
     client = AgentClient(socket_path(cli.settings))
+    left = _left_log(cli, instance)
     if not client.health():
+        if left is not None:
+            _show_left_log(environment, instance, left, lines, as_json)
+            return
         raise AgentError(
             f"no agent runs for {cli.settings.home}: there are no local instances to read"
         )
-    records = _records(client, environment, instance)
+    try:
+        records = _records(client, environment, instance)
+    except NotFoundError:
+        if left is None:
+            raise
+        _show_left_log(environment, instance, left, lines, as_json)
+        return
     if follow:
         if records:
             _follow([r.id for r in records], lambda iid: client.follow_instance_logs(iid, lines))

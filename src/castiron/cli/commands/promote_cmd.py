@@ -9,11 +9,13 @@ and ``deploy`` show an environment's gates.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
 from castiron.cli.commands.deploy_cmd import (
+    accept_yes_option,
     confirm_plan,
     lock_wait_option,
     observer_for,
@@ -22,6 +24,8 @@ from castiron.cli.commands.deploy_cmd import (
 from castiron.cli.context import CliContext, pass_cli
 from castiron.cli.render import emit_json
 from castiron.errors import UsageError
+
+PASSPHRASE_HELP = "Read the key's passphrase from this environment variable."
 
 if TYPE_CHECKING:
     from castiron.engine.deploy import Engine, Target
@@ -144,33 +148,58 @@ def promote_cmd(
 @click.command("approve")
 @click.argument("environment")
 @click.argument("release")
+@click.option(
+    "--key",
+    "key_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="Your private key (its public key must be listed in the environment's approvers).",
+)
+@click.option("--passphrase-env", metavar="VAR", default=None, help=PASSPHRASE_HELP)
 @click.option("--comment", default="", metavar="TEXT", help="Why; kept with the approval.")
+@accept_yes_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @pass_cli
 def approve_cmd(
-    cli: CliContext, environment: str, release: str, comment: str, as_json: bool
+    cli: CliContext,
+    environment: str,
+    release: str,
+    key_path: Path,
+    passphrase_env: str | None,
+    comment: str,
+    yes: bool,
+    as_json: bool,
 ) -> None:
     """Approve RELEASE (a release id, as the plan of ENVIRONMENT shows it) for deployment to
-    ENVIRONMENT, as you ($CASTIRON_ACTOR, else user@host). Approving twice counts once; the
-    deployer's own approval never counts."""
+    ENVIRONMENT, signed with --key (one of the environment's policy.approvers) and recorded
+    with your OS user. One key, or one OS user, counts once; the deployer's own OS user never
+    counts; $CASTIRON_ACTOR is only a label."""
+    from castiron.cli.commands.sign_cmd import read_passphrase
     from castiron.engine.compose import deploy_spec_for
+    from castiron.engine.policy import gate_policy
     from castiron.engine.promote import approve
-    from castiron.state.sqlite import open_state
+    from castiron.images.sign import load_signer
+    from castiron.state.store import open_state
 
     settings = cli.settings
     spec = deploy_spec_for(settings)
     if environment not in spec.environments:
         known = ", ".join(sorted(spec.environments)) or "none"
         raise UsageError(f"no environment {environment!r} in {spec.path} (known: {known})")
+    policy = gate_policy(spec, environment, settings.environ)
+    signer = load_signer(key_path, read_passphrase(cli, passphrase_env))
     with open_state(settings) as store:
-        approval = approve(store, environment, release, comment)
+        approval = approve(store, policy, release, signer, settings.os_user, comment)
     if as_json:
         emit_json(approval.to_json())
         return
-    already = "" if approval.added else " (already approved; counted once)"
+    already = "" if approval.added else " (this key had already approved it; counted once)"
+    who = ", ".join(
+        f"{a.os_user or a.actor} ({a.identity or 'unsigned'})" for a in approval.approvals
+    )
     click.echo(
-        f"{approval.actor} approved release {approval.release} for {environment}{already}; "
-        f"approvals: {', '.join(approval.approvers)}"
+        f"{approval.os_user} approved release {approval.release} for {environment} with key "
+        f"{approval.identity.id}{already}; approvals: {who}"
     )
 
 

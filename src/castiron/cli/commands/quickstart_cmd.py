@@ -5,6 +5,10 @@ Copies ``castiron/examples/hello`` into a working directory, bakes v1, deploys i
 deploys it with zero downtime while a small client load counts failed requests, rolls back,
 and says what happened and what to try next. It needs nothing but the Python package: no
 Docker, no root (instances run sandboxed when bubblewrap works, else as plain processes).
+It can run again and again in the same directory, inside a git work tree or outside one (the
+default tags are derived from the images, see :mod:`castiron.images.build`); its state goes
+to the one state home every command uses (``--home``, ``$CASTIRON_HOME``, else
+``DIR/.castiron``), and the commands it suggests work as printed.
 
 The composition lives here, at the edge; the engine and the image library are imported
 inside the command so CLI start-up stays fast.
@@ -28,6 +32,7 @@ from castiron.errors import CastironError, UsageError
 from castiron.settings import Settings
 
 DEFAULT_PORT = 8080
+PORT_ENV = "CASTIRON_QUICKSTART_PORT"
 
 
 @dataclass
@@ -113,6 +118,40 @@ def _copy_example(target: Path) -> bool:
     return True
 
 
+def _listen_port(spec: Path) -> int | None:
+    """The staging router's port in an existing quickstart spec."""
+    in_staging = False
+    for line in spec.read_text(encoding="utf-8").splitlines():
+        stripped = line.strip()
+        if stripped.startswith("staging:"):
+            in_staging = True
+        elif in_staging and stripped.startswith("listen:"):
+            port = stripped.rpartition(":")[2]
+            return int(port) if port.isdigit() else None
+    return None
+
+
+def choose_port(given: int | None, environ: dict[str, str], spec: Path, fresh: bool) -> int:
+    """The staging router's port: ``--port``, else ``$CASTIRON_QUICKSTART_PORT``, else the
+    port of a previous quickstart in the same directory, else 8080 when it is free, else a
+    free port.
+
+    Raises:
+        UsageError: when ``$CASTIRON_QUICKSTART_PORT`` is not a port number.
+    """
+    if given is not None:
+        return given
+    env = environ.get(PORT_ENV, "")
+    if env:
+        if not env.isdigit() or not 1 <= int(env) <= 65535:
+            raise UsageError(f"{PORT_ENV}={env!r} is not a port number (1-65535)")
+        return int(env)
+    previous = None if fresh else _listen_port(spec)
+    if previous is not None:
+        return previous
+    return DEFAULT_PORT if _port_free(DEFAULT_PORT) else _free_port()
+
+
 def _set_listen(spec: Path, port: int) -> None:
     text = spec.read_text(encoding="utf-8")
     lines = []
@@ -158,14 +197,18 @@ class _Printer:
     "--port",
     type=click.IntRange(1, 65535),
     default=None,
-    help=f"Port for the staging router (default {DEFAULT_PORT}, or a free one if it is taken).",
+    help=(
+        f"Port for the staging router (default: ${PORT_ENV}, else the previous run's port, "
+        f"else {DEFAULT_PORT}, or a free one if it is taken)."
+    ),
 )
 @pass_cli
-def quickstart_cmd(cli: CliContext, directory: Path, port: int | None) -> None:
+@click.pass_context
+def quickstart_cmd(ctx: click.Context, cli: CliContext, directory: Path, port: int | None) -> None:
     """Bake, deploy, update with zero downtime and roll back the bundled example app."""
     from castiron.engine.compose import open_engine
     from castiron.engine.rollback import rollback
-    from castiron.images.build import BakeOptions, bake
+    from castiron.images.build import BakeOptions, bake, default_skips
     from castiron.images.store import ImageStore
     from castiron.spec.load import load_spec
 
@@ -174,14 +217,18 @@ def quickstart_cmd(cli: CliContext, directory: Path, port: int | None) -> None:
     target_dir = directory.absolute()
     fresh = _copy_example(target_dir)
     spec_path = target_dir / "castiron.yaml"
-    if port is None:
-        port = DEFAULT_PORT if _port_free(DEFAULT_PORT) or not fresh else _free_port()
+    port = choose_port(port, dict(cli.settings.environ), spec_path, fresh)
     _set_listen(spec_path, port)
     out.say(
         f"1. {'copied' if fresh else 'reusing'} the example app in {target_dir}"
         " (castiron.yaml + app/server.py, standard library only)"
     )
-    base: Settings = replace(cli.settings, home=target_dir / ".castiron", spec_path=spec_path)
+    # One state home: --home or $CASTIRON_HOME when given, else .castiron/ beside the spec
+    # (where every other command run in the quickstart directory looks).
+    home_flag = ctx.find_root().params.get("home")
+    explicit_home = home_flag is not None or bool(cli.settings.environ.get("CASTIRON_HOME"))
+    home = cli.settings.home if explicit_home else target_dir / ".castiron"
+    base: Settings = replace(cli.settings, home=home, spec_path=spec_path)
 
     def settings_for(version: str) -> Settings:
         return replace(base, environ={**base.environ, "APP_VERSION": version})
@@ -190,18 +237,19 @@ def quickstart_cmd(cli: CliContext, directory: Path, port: int | None) -> None:
         (target_dir / "app" / "VERSION").write_text(version + "\n", encoding="utf-8")
         settings = settings_for(version)
         loaded = load_spec(spec_path, settings.environ)
+        context = (loaded.base_dir / loaded.spec.image.context).resolve()
         result = bake(
             loaded.spec.image,
             ImageStore(settings.images_path),
             BakeOptions(
-                context=(loaded.base_dir / loaded.spec.image.context).resolve(),
+                context=context,
                 base_dir=loaded.base_dir,
                 source_date_epoch=0,
                 environ=settings.environ,
                 app=loaded.spec.app,
                 port=loaded.spec.service.port,
                 spec_digest=loaded.digest,
-                skip=(settings.home,),
+                skip=default_skips(context, spec_path, settings.home),
             ),
         )
         out.say(f"   baked {result.digest[:19]}… tagged {', '.join(result.tags)}")
@@ -217,7 +265,7 @@ def quickstart_cmd(cli: CliContext, directory: Path, port: int | None) -> None:
         return result.release
 
     url = f"http://127.0.0.1:{port}/"
-    out.say("2. bake v1 (reproducible OCI image in .castiron/images)")
+    out.say(f"2. bake v1 (reproducible OCI image in {base.images_path})")
     v1 = bake_version("1")
     out.say("3. deploy v1 to staging")
     deploy_version("1", v1)
@@ -242,15 +290,26 @@ def quickstart_cmd(cli: CliContext, directory: Path, port: int | None) -> None:
     took = time.monotonic() - began
     out.say("")
     out.say(f"Done in {took:.1f}s: two releases, zero failed requests, one instant rollback.")
-    out.say(f"staging keeps serving {url} — try next (in {target_dir}):")
-    out.say("  castiron status                 what runs, health, router counters")
-    out.say("  castiron history staging        every deployment, who, when, outcome")
-    out.say("  castiron releases staging       known-good and warm releases")
-    out.say("  castiron rollback staging       flip back to v2")
-    out.say("  castiron audit verify           the tamper-evident audit chain")
-    out.say("  castiron down staging --yes     stop everything")
+    out.say(f"staging keeps serving {url} — try next:")
+    out.say(f"  cd {target_dir}")
+    prefix = f"castiron --home {home}" if home_flag is not None else "castiron"
+    for command, what in try_next(prefix):
+        out.say(f"  {command:<38}  {what}")
     if load.failed:
         raise CastironError(f"{load.failed} request(s) failed during the deployment")
+
+
+def try_next(prefix: str = "castiron") -> list[tuple[str, str]]:
+    """The commands quickstart suggests, in order (the last two tear everything down)."""
+    return [
+        (f"{prefix} status", "what runs, health, router counters"),
+        (f"{prefix} history staging", "every deployment, who, when, outcome"),
+        (f"{prefix} releases staging", "known-good and warm releases"),
+        (f"{prefix} rollback staging", "flip back to v2"),
+        (f"{prefix} audit verify", "the tamper-evident audit chain"),
+        (f"{prefix} down staging --yes", "route removed, instances destroyed"),
+        (f"{prefix} agent stop", "nothing of castiron left running"),
+    ]
 
 
 commands: list[click.Command] = [quickstart_cmd]

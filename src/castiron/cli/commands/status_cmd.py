@@ -1,9 +1,10 @@
 """``castiron status``, ``history`` and ``releases``: the read side, rendered.
 
 Before reading, ``status`` finishes or undoes an interrupted deployment and reaps warm
-instances past ``keep_warm`` (only when there is such work; that may start the agent).
-Otherwise these commands never start the agent. The engine is imported inside the commands
-so start-up stays fast.
+instances past ``keep_warm`` (only when there is such work; that may start the agent), and
+starts the host agent again when it died while an environment is deployed (nothing serves
+without it). Otherwise these commands never start the agent. The engine is imported inside
+the commands so start-up stays fast.
 """
 
 from __future__ import annotations
@@ -44,12 +45,17 @@ def _render_env(env: dict[str, Any]) -> list[str]:
         lines.extend(_table(rows))
     else:
         lines.append("  no instances")
-    warm = env["warm"]
-    if warm:
+    for warm in env["warm"]:
         lines.append(
-            f"  warm     release {warm['release']}: {len(warm['instances'])} instance(s) "
-            f"(until {warm['instances'][0]['until'] or '?'}) — `castiron rollback "
-            f"{env['name']}` is a pointer flip"
+            f"  warm     release {warm['release']}  image {_short(warm['digest'], 19)}: "
+            f"{len(warm['instances'])} instance(s) until {warm['until'] or '?'}"
+        )
+    target = env["rollback_target"]
+    if target is not None:
+        how = "a pointer flip to its warm instances" if target["warm"] else "a fresh deployment"
+        lines.append(
+            f"  rollback `castiron rollback {env['name']}` goes to release {target['release']}"
+            f"  image {_short(target['digest'], 19)} ({how})"
         )
     for c in env["counters"] or []:
         lines.append(
@@ -75,11 +81,11 @@ def _render_env(env: dict[str, Any]) -> list[str]:
 @pass_cli
 def status_cmd(cli: CliContext, environment: str | None, as_json: bool) -> None:
     """Show what each environment (or ENVIRONMENT) serves: release, instances, health, router."""
-    from castiron.engine.compose import agent_running, open_engine
+    from castiron.engine.compose import agent_running, open_engine, revive_agent
     from castiron.engine.status import status
 
     settings = cli.settings
-    if not settings.state_path.exists():
+    if not settings.state_present():
         if environment is not None:
             from castiron.errors import NotFoundError
 
@@ -87,6 +93,13 @@ def status_cmd(cli: CliContext, environment: str | None, as_json: bool) -> None:
         data: dict[str, Any] = {"environments": []}
     else:
         with open_engine(settings, start_agent=False) as engine:
+            if revive_agent(settings, engine, environment):
+                from castiron.cli.commands.deploy_cmd import observer_for
+
+                observer_for(cli).progress(
+                    "the host agent was not running: started it again (it adopts the running "
+                    "instances and restores the routes)"
+                )
             if engine.needs_housekeeping(environment):
                 from castiron.cli.commands.deploy_cmd import observer_for
 

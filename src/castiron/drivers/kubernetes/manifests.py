@@ -1,0 +1,419 @@
+"""Pure builders of the Kubernetes objects castiron creates: values in, plain dicts out.
+
+Owns the shape of every object castiron sends to a cluster, and nothing else:
+
+* one ``apps/v1`` Deployment per instance (:func:`deployment`), named by the instance id, one
+  replica, labelled with castiron's labels (managed-by, app, environment, release, instance),
+  the image by digest, readiness and liveness probes from the release's health check, and the
+  same hardening as the Docker runtime (non-root, read-only root filesystem, every capability
+  dropped, no privilege escalation, no service-account token);
+* one ``v1`` Secret per instance holding the resolved secret values (:func:`secret`), read by
+  the container through ``valueFrom``; castiron's state only ever holds the names;
+* one stable ``v1`` Service per environment (:func:`service`) whose selector names the
+  serving release: changing the selector is the traffic switch.
+
+Only ``apps/v1`` and ``core/v1`` are used; every port spells out ``protocol: TCP`` (server-side
+apply on 1.20 needs it). The output of a builder depends only on its arguments (sorted keys
+and lists), so an exported manifest is byte-identical for the same release.
+
+It imports no client library and does no I/O; it knows no spec, engine or state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from castiron.errors import RuntimeDriverError
+from castiron.model import InstanceSpec
+from castiron.values import value
+
+FIELD_MANAGER = "castiron"
+"""The field manager of every server-side apply castiron makes."""
+
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_ENVIRONMENT = "castiron.dev/environment"
+LABEL_RELEASE = "castiron.dev/release"
+LABEL_INSTANCE = "castiron.dev/instance"
+ANNOTATION_IMAGE = "castiron.dev/image"
+"""The image's manifest digest (its castiron identity)."""
+ANNOTATION_CONFIG = "castiron.dev/config-digest"
+ANNOTATION_SECRETS = "castiron.dev/secrets"
+"""Comma-separated names (never values) of the environment variables that hold secrets."""
+ANNOTATION_PORT = "castiron.dev/port"
+MANAGER = "castiron"
+CONTAINER = "app"
+DEFAULT_PORT = 8000
+"""The port the app listens on in its pod when the instance spec asks for none (0)."""
+NONROOT_UID = 65534
+"""The user pods run as when the image names none (or names one by name: Kubernetes needs a
+number to prove it is not root)."""
+
+ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer"]
+PullPolicy = Literal["IfNotPresent", "Never", "Always"]
+
+_QUANTITY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+_K8S_UNITS = {"": "", "k": "Ki", "m": "Mi", "g": "Gi", "t": "Ti"}
+
+
+@value
+class KubernetesOptions:
+    """Where and how the pods of one environment run, beyond what the instance spec says
+    (resolved by the engine from the spec's ``kubernetes:`` section)."""
+
+    namespace: str = "default"
+    """The namespace of every object of the environment."""
+    context: str | None = None
+    """The kubeconfig context (None: the current one)."""
+    service_name: str = ""
+    """The stable Service's name ('': ``APP-ENVIRONMENT``)."""
+    service_type: ServiceType = "ClusterIP"
+    service_port: int = 80
+    """The port the Service exposes (it targets the app's port)."""
+    image_repository: str | None = None
+    """``REGISTRY/REPO`` the nodes pull from, by digest (``REPO@sha256:…``); None: the nodes'
+    container engine already holds the image (loaded from castiron's store), referenced by its
+    image ID and never pulled."""
+    image_pull_secret: str | None = None
+    node_selector: tuple[tuple[str, str], ...] = ()
+    cpu_request: str | None = None
+    memory_request: str | None = None
+
+    def service_for(self, app: str, environment: str) -> str:
+        """The Service's name for ``app``/``environment``."""
+        return self.service_name or f"{app}-{environment}"
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (see :meth:`from_json`)."""
+        return {
+            "namespace": self.namespace,
+            "context": self.context,
+            "service_name": self.service_name,
+            "service_type": self.service_type,
+            "service_port": self.service_port,
+            "image_repository": self.image_repository,
+            "image_pull_secret": self.image_pull_secret,
+            "node_selector": dict(self.node_selector),
+            "cpu_request": self.cpu_request,
+            "memory_request": self.memory_request,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> KubernetesOptions:
+        """Rebuild :meth:`to_json` output.
+
+        Raises:
+            KeyError, TypeError, ValueError: when ``data`` is not such an object.
+        """
+        fields = dict(data)
+        fields["node_selector"] = tuple(sorted(dict(fields.get("node_selector") or {}).items()))
+        return cls(**fields)
+
+
+def labels(app: str, environment: str) -> dict[str, str]:
+    """The labels every object castiron creates for ``app``/``environment`` carries."""
+    return {LABEL_MANAGED_BY: MANAGER, LABEL_NAME: app, LABEL_ENVIRONMENT: environment}
+
+
+def selector(app: str, environment: str) -> str:
+    """A label selector (text) matching what castiron created for ``app``/``environment``."""
+    return ",".join(f"{k}={v}" for k, v in sorted(labels(app, environment).items()))
+
+
+LOADED_REPOSITORY = "castiron.local/image"
+"""The repository of an image loaded into the nodes' engine (no registry): the pod names
+``castiron.local/image:<config digest hex>``, a name castiron binds in the node's engine to
+exactly that image ID after checking it (the kubelet's dockershim resolves a digest reference
+only through a registry's repository digest, so ``NAME@sha256:…`` cannot name a loaded image)."""
+
+
+def image_reference(spec: InstanceSpec, options: KubernetesOptions) -> tuple[str, PullPolicy]:
+    """The pod's image and pull policy: ``REPO@<manifest digest>`` pulled when missing, or the
+    name derived from the image ID (config digest) that the node's engine holds, never pulled."""
+    if options.image_repository:
+        return f"{options.image_repository}@{spec.image.digest}", "IfNotPresent"
+    return f"{LOADED_REPOSITORY}:{spec.image.config_digest.removeprefix('sha256:')}", "Never"
+
+
+def pod_port(spec: InstanceSpec) -> int:
+    """The port the app listens on in its pod (its own network namespace: no collisions)."""
+    return spec.port or DEFAULT_PORT
+
+
+def secret_name(instance_id: str) -> str:
+    """The name of the Secret holding ``instance_id``'s secret values."""
+    return f"{instance_id}-secrets"
+
+
+def secret(spec: InstanceSpec, options: KubernetesOptions) -> dict[str, Any] | None:
+    """The Secret of ``spec``'s secret values (None when it has none)."""
+    if not spec.secret_names:
+        return None
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": secret_name(spec.id),
+            "namespace": options.namespace,
+            "labels": {
+                **labels(spec.app, spec.environment),
+                LABEL_RELEASE: spec.release,
+                LABEL_INSTANCE: spec.id,
+            },
+        },
+        "type": "Opaque",
+        "stringData": {name: spec.env[name] for name in sorted(spec.secret_names)},
+    }
+
+
+def _quantity_memory(text: str, where: str) -> str:
+    found = _QUANTITY_RE.match(text)
+    if not found:
+        raise RuntimeDriverError(f"{where}: memory: not a size: {text!r}")
+    number, unit = found.group(1), found.group(2).lower()
+    return f"{number}{_K8S_UNITS[unit]}"
+
+
+def _quantity_cpu(cpus: float, where: str) -> str:
+    if not math.isfinite(cpus) or cpus <= 0:
+        raise RuntimeDriverError(f"{where}: cpus must be more than 0, not {cpus}")
+    return f"{max(1, round(cpus * 1000))}m"
+
+
+def _probe(health: Mapping[str, Any], port: int, liveness: bool) -> dict[str, Any] | None:
+    kind = str(health.get("kind", "none"))
+    probe: dict[str, Any]
+    if kind == "http":
+        probe = {"httpGet": {"path": str(health.get("target") or "/"), "port": port}}
+    elif kind == "tcp":
+        probe = {"tcpSocket": {"port": port}}
+    elif kind == "command":
+        probe = {"exec": {"command": list(json.loads(str(health.get("target") or "[]")))}}
+    else:
+        return None
+    interval = float(health.get("interval", 1.0))
+    timeout = float(health.get("timeout", 1.0))
+    probe["periodSeconds"] = max(1, math.ceil(interval))
+    probe["timeoutSeconds"] = max(1, math.ceil(timeout))
+    if liveness:
+        probe["initialDelaySeconds"] = max(0, math.ceil(float(health.get("start_period", 0.0))))
+        probe["failureThreshold"] = 3
+    else:
+        probe["successThreshold"] = max(1, int(health.get("healthy_after", 1)))
+        probe["failureThreshold"] = 1
+    return probe
+
+
+def _run_as(user: str | None) -> tuple[int, int]:
+    """(uid, gid) for the pod: the image's numeric user when it is not root, else nobody."""
+    if user:
+        uid_text, _, gid_text = user.partition(":")
+        if uid_text.isdigit() and int(uid_text) != 0:
+            gid = int(gid_text) if gid_text.isdigit() else int(uid_text)
+            return int(uid_text), gid
+    return NONROOT_UID, NONROOT_UID
+
+
+def deployment(
+    spec: InstanceSpec, options: KubernetesOptions, *, replicas: int = 1
+) -> dict[str, Any]:
+    """The Deployment of one instance (one replica; its pod is the instance), or of a whole
+    release for export (``replicas``).
+
+    Raises:
+        RuntimeDriverError: for a bad memory size, CPU count or writable path (naming the
+            environment and instance).
+    """
+    where = f"{spec.environment}/{spec.id}"
+    image, pull = image_reference(spec, options)
+    port = pod_port(spec)
+    env: list[dict[str, Any]] = []
+    plain = {k: v for k, v in spec.env.items() if k not in spec.secret_names}
+    plain.update(
+        PORT=str(port),
+        HOST="0.0.0.0",
+        CASTIRON_APP=spec.app,
+        CASTIRON_ENVIRONMENT=spec.environment,
+    )
+    for name in sorted(plain):
+        env.append({"name": name, "value": plain[name]})
+    for name in sorted(spec.secret_names):
+        ref = {"name": secret_name(spec.id), "key": name}
+        env.append({"name": name, "valueFrom": {"secretKeyRef": ref}})
+    obj_labels = {**labels(spec.app, spec.environment), LABEL_RELEASE: spec.release}
+    pod_labels = {**obj_labels, LABEL_INSTANCE: spec.id}
+    annotations = {
+        ANNOTATION_IMAGE: spec.image.digest,
+        ANNOTATION_CONFIG: spec.image.config_digest,
+        ANNOTATION_SECRETS: ",".join(sorted(spec.secret_names)),
+        ANNOTATION_PORT: str(port),
+    }
+    mounts = [{"name": "tmp", "mountPath": "/tmp"}]
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {"medium": "Memory"}}]
+    for index, path in enumerate(spec.writable):
+        if not path.startswith("/") or path == "/":
+            raise RuntimeDriverError(
+                f"{where}: writable path {path!r} must be an absolute path below '/'"
+            )
+        if path.rstrip("/") == "/tmp":
+            continue
+        volumes.append({"name": f"writable-{index}", "emptyDir": {}})
+        mounts.append({"name": f"writable-{index}", "mountPath": path.rstrip("/")})
+    limits: dict[str, str] = {}
+    requests: dict[str, str] = {}
+    if spec.memory is not None:
+        limits["memory"] = _quantity_memory(spec.memory, where)
+        requests["memory"] = limits["memory"]
+    if spec.cpus is not None:
+        limits["cpu"] = _quantity_cpu(spec.cpus, where)
+    if options.memory_request:
+        requests["memory"] = options.memory_request
+    if options.cpu_request:
+        requests["cpu"] = options.cpu_request
+    uid, gid = _run_as(spec.user)
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": image,
+        "imagePullPolicy": pull,
+        "env": env,
+        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": mounts,
+    }
+    if spec.command:
+        container["command"] = list(spec.command)
+    if spec.workdir:
+        container["workingDir"] = spec.workdir
+    health = _health(spec)
+    readiness = _probe(health, port, liveness=False)
+    if readiness is not None:
+        container["readinessProbe"] = readiness
+        liveness = _probe(health, port, liveness=True)
+        if liveness is not None:
+            container["livenessProbe"] = liveness
+    if limits or requests:
+        container["resources"] = {
+            k: v for k, v in (("limits", limits), ("requests", requests)) if v
+        }
+    pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 10,
+        "securityContext": {"runAsUser": uid, "runAsGroup": gid, "runAsNonRoot": True},
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if options.image_pull_secret:
+        pod_spec["imagePullSecrets"] = [{"name": options.image_pull_secret}]
+    if options.node_selector:
+        pod_spec["nodeSelector"] = dict(options.node_selector)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": spec.id,
+            "namespace": options.namespace,
+            "labels": {**obj_labels, LABEL_INSTANCE: spec.id},
+            "annotations": annotations,
+        },
+        "spec": {
+            "replicas": replicas,
+            "revisionHistoryLimit": 0,
+            "selector": {"matchLabels": {LABEL_INSTANCE: spec.id}},
+            "strategy": {"type": "Recreate"},
+            "template": {
+                "metadata": {"labels": pod_labels, "annotations": annotations},
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def _health(spec: InstanceSpec) -> Mapping[str, Any]:
+    """The release's health check, carried in the ``castiron.health`` label by the engine."""
+    text = spec.labels.get("castiron.health", "")
+    if not text:
+        return {}
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def service(
+    app: str,
+    environment: str,
+    release: str | None,
+    port: int,
+    options: KubernetesOptions,
+) -> dict[str, Any]:
+    """The environment's stable Service, selecting the pods of ``release`` (None: every pod
+    of the environment, whatever its release: a canary's replica-ratio weights)."""
+    chosen = labels(app, environment)
+    if release is not None:
+        chosen[LABEL_RELEASE] = release
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": options.service_for(app, environment),
+            "namespace": options.namespace,
+            "labels": labels(app, environment),
+        },
+        "spec": {
+            "type": options.service_type,
+            "selector": chosen,
+            "ports": [
+                {
+                    "name": "http",
+                    "port": options.service_port,
+                    "targetPort": port,
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
+def dump(objects: list[dict[str, Any]]) -> str:
+    """Objects as one YAML-compatible JSON document stream (sorted keys: byte-stable)."""
+    return "".join("---\n" + json.dumps(obj, sort_keys=True, indent=2) + "\n" for obj in objects)
+
+
+__all__ = [
+    "ANNOTATION_CONFIG",
+    "ANNOTATION_IMAGE",
+    "ANNOTATION_PORT",
+    "ANNOTATION_SECRETS",
+    "CONTAINER",
+    "DEFAULT_PORT",
+    "FIELD_MANAGER",
+    "LABEL_ENVIRONMENT",
+    "LABEL_INSTANCE",
+    "LABEL_MANAGED_BY",
+    "LABEL_NAME",
+    "LABEL_RELEASE",
+    "LOADED_REPOSITORY",
+    "KubernetesOptions",
+    "PullPolicy",
+    "ServiceType",
+    "deployment",
+    "dump",
+    "image_reference",
+    "labels",
+    "pod_port",
+    "secret",
+    "secret_name",
+    "selector",
+    "service",
+]

@@ -1,0 +1,89 @@
+"""The host agent's drift watch of an environment, kept in line with the spec.
+
+Owns reading an environment's ``drift`` section (watch schedule, fix, ignore patterns) and
+registering or dropping the agent's periodic ``castiron drift ENV --json [--fix]``: after
+every deployment, whether the CLI or the API (``castiron serve``) made it. It knows nothing of
+click or HTTP; the settings carry the spec path and the environment captured at the edge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import TYPE_CHECKING
+
+from castiron.errors import CastironError, NotFoundError
+from castiron.settings import Settings
+
+if TYPE_CHECKING:
+    from castiron.engine.drift import DriftRules
+
+
+def drift_rules(settings: Settings, environment: str) -> DriftRules:
+    """The ``drift`` section of ``environment`` in the settings' spec (defaults without a spec
+    file or without that environment in it).
+
+    Raises:
+        SpecError: when the spec file exists but does not validate.
+    """
+    from castiron.engine.drift import DriftRules
+
+    if not settings.spec_path.is_file():
+        return DriftRules()
+    from castiron.spec.load import load_spec
+
+    spec = load_spec(settings.spec_path, settings.environ).spec
+    env = spec.environments.get(environment)
+    if env is None:
+        return DriftRules()
+    return DriftRules(watch=env.drift.watch, fix=env.drift.fix, ignore=env.drift.ignore)
+
+
+def sync_watch(settings: Settings, environment: str, rules: DriftRules) -> None:
+    """Register (or drop) the agent's periodic ``castiron drift ENVIRONMENT`` per ``rules``.
+
+    Raises:
+        AgentError: when the agent cannot be reached.
+    """
+    from castiron.agent.client import AgentClient, DriftWatch, socket_path
+
+    client = AgentClient(socket_path(settings), timeout=5.0)
+    if rules.watch is None:
+        with contextlib.suppress(NotFoundError):
+            client.delete_watch(environment)
+        return
+    argv = [sys.executable, "-m", "castiron.cli.main", "drift", environment, "--json"]
+    if rules.fix:
+        argv.append("--fix")
+    client.put_watch(
+        DriftWatch(
+            environment=environment,
+            argv=tuple(argv),
+            cwd=str(settings.spec_path.parent),
+            interval=rules.watch,
+            fix=rules.fix,
+            env={"CASTIRON_HOME": str(settings.home), "CASTIRON_SPEC": str(settings.spec_path)},
+        )
+    )
+
+
+def watch_after_deploy(settings: Settings, environment: str) -> None:
+    """After a deployment: keep the agent's drift watch of ``environment`` in line with the
+    spec. Cheap when the environment has no ``drift.watch`` (the spec is parsed, not
+    validated); a watch that cannot be registered does not fail the deployment."""
+    from castiron.spec.load import read_spec
+
+    with contextlib.suppress(CastironError):
+        raw = read_spec(settings.spec_path, settings.environ).value
+        env = (raw.get("environments") or {}).get(environment)
+        drift = env.get("drift") if isinstance(env, dict) else None
+        if isinstance(drift, dict) and drift.get("watch") is not None:
+            rules = drift_rules(settings, environment)
+        else:
+            from castiron.engine.drift import DriftRules
+
+            rules = DriftRules()
+        sync_watch(settings, environment, rules)
+
+
+__all__ = ["drift_rules", "sync_watch", "watch_after_deploy"]

@@ -1,0 +1,138 @@
+"""The Kubernetes manifest builders: golden cases, and every object valid on 1.25-1.33.
+
+Each ``kubernetes_cases/*.json`` holds ``{"spec": …, "options": …, "expected": [objects]}``;
+``CASTIRON_UPDATE_GOLDEN=1`` rewrites ``expected`` from the builders (review the diff).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+
+from castiron.drivers.kubernetes.manifests import (
+    KubernetesOptions,
+    deployment,
+    dump,
+    secret,
+    service,
+)
+from castiron.errors import RuntimeDriverError
+from castiron.model import Digest, ImageRef, InstanceSpec, ReleaseId
+
+CASES = Path(__file__).parent / "kubernetes_cases"
+VERSIONS = [f"1.{minor}.0" for minor in range(25, 34)]
+DIGEST = Digest("sha256:" + "1" * 64)
+CONFIG = Digest("sha256:" + "2" * 64)
+
+
+def _spec(data: dict[str, Any]) -> InstanceSpec:
+    return InstanceSpec(
+        id=data["id"],
+        app=data["app"],
+        environment=data["environment"],
+        release=ReleaseId(data["release"]),
+        image=ImageRef(DIGEST, CONFIG, Path("/nonexistent")),
+        command=tuple(data.get("command", ())),
+        env=dict(data.get("env", {})),
+        workdir=data.get("workdir", "/app"),
+        port=int(data.get("port", 8000)),
+        user=data.get("user"),
+        secret_names=frozenset(data.get("secret_names", ())),
+        writable=tuple(data.get("writable", ())),
+        memory=data.get("memory"),
+        cpus=data.get("cpus"),
+        labels=dict(data.get("labels", {})),
+    )
+
+
+def _objects(case: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = _spec(case["spec"])
+    options = KubernetesOptions.from_json(case.get("options", {}))
+    held = secret(spec, options)
+    out = [] if held is None else [held]
+    out.append(deployment(spec, options))
+    out.append(service(spec.app, spec.environment, spec.release, spec.port or 8000, options))
+    return out
+
+
+def _case_files() -> list[Path]:
+    return sorted(CASES.glob("*.json"))
+
+
+@pytest.mark.parametrize("path", _case_files(), ids=lambda p: p.stem)
+def test_golden(path: Path) -> None:
+    case = json.loads(path.read_text())
+    built = _objects(case)
+    if os.environ.get("CASTIRON_UPDATE_GOLDEN") == "1":
+        case["expected"] = built
+        path.write_text(json.dumps(case, indent=2, sort_keys=True) + "\n")
+    assert built == case["expected"]
+
+
+@pytest.mark.parametrize("path", _case_files(), ids=lambda p: p.stem)
+@pytest.mark.parametrize("version", VERSIONS)
+def test_valid_on_current_kubernetes(path: Path, version: str) -> None:
+    for obj in _objects(json.loads(path.read_text())):
+        kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_only_core_and_apps_v1() -> None:
+    kinds = {
+        (obj["apiVersion"], obj["kind"])
+        for path in _case_files()
+        for obj in _objects(json.loads(path.read_text()))
+    }
+    assert kinds == {("v1", "Secret"), ("apps/v1", "Deployment"), ("v1", "Service")}
+
+
+def test_dump_is_byte_stable() -> None:
+    case = json.loads((CASES / "secrets-and-limits.json").read_text())
+    assert dump(_objects(case)) == dump(_objects(json.loads(json.dumps(case))))
+    assert dump(_objects(case)).startswith("---\n{\n")
+
+
+def test_secret_values_only_in_the_secret() -> None:
+    case = json.loads((CASES / "secrets-and-limits.json").read_text())
+    objects = _objects(case)
+    held, made = objects[0], objects[1]
+    assert held["stringData"] == {"DB_PASSWORD": "hunter2"}
+    assert "hunter2" not in json.dumps(made)
+    env = made["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {
+        "name": "DB_PASSWORD",
+        "valueFrom": {"secretKeyRef": {"name": "hello-prod-abc-secrets", "key": "DB_PASSWORD"}},
+    } in env
+
+
+def test_canary_selector_spans_releases() -> None:
+    made = service("hello", "prod", None, 8000, KubernetesOptions())
+    assert made["spec"]["selector"] == {
+        "app.kubernetes.io/managed-by": "castiron",
+        "app.kubernetes.io/name": "hello",
+        "castiron.dev/environment": "prod",
+    }
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("memory", "lots", "prod/i-1: memory: not a size: 'lots'"),
+        ("cpus", 0.0, "prod/i-1: cpus must be more than 0, not 0.0"),
+        (
+            "writable",
+            ["relative"],
+            "prod/i-1: writable path 'relative' must be an absolute path below '/'",
+        ),
+    ],
+)
+def test_bad_values_name_the_instance(field: str, value: object, message: str) -> None:
+    data: dict[str, Any] = {"id": "i-1", "app": "hello", "environment": "prod", "release": "r"}
+    data[field] = value
+    with pytest.raises(RuntimeDriverError) as caught:
+        deployment(_spec(data), KubernetesOptions())
+    assert str(caught.value) == message
