@@ -401,21 +401,31 @@ class _Listener:
                     ex.cut()
                 self.draining.discard(pool)
 
-    async def shutdown(self, drain_timeout: float) -> None:
-        """Stop accepting, drain in-flight requests (up to the deadline), close everything."""
+    async def shutdown(self, drain_timeout: float, *, keep_routes: bool = False) -> None:
+        """Stop accepting, drain in-flight requests (up to the deadline), close everything.
+
+        With ``keep_routes`` (the process is going away, not the route) a request still being
+        parsed on an open connection is routed as before instead of finding no backends."""
         self.closing = True
         if self.server is not None:
             self.server.close()
         if self.acceptor is not None:
             self.acceptor.close()
-        self.install(
-            RouteConfig(
-                environment=self.environment,
-                listen=self.config.listen,
-                drain_timeout=drain_timeout,
-                timeouts=self.config.timeouts,
+        if keep_routes:
+            now = self.loop.time()
+            for pool in self.pools.values():
+                if pool.active:
+                    pool.cut_at = now + drain_timeout
+                    self.draining.add(pool)
+        else:
+            self.install(
+                RouteConfig(
+                    environment=self.environment,
+                    listen=self.config.listen,
+                    drain_timeout=drain_timeout,
+                    timeouts=self.config.timeouts,
+                )
             )
-        )
         for client in list(self.clients):
             if not client.queue:
                 client.close()
@@ -1368,10 +1378,12 @@ class BuiltinRouter:
         name = listener.server.sockets[0].getsockname()
         return str(name[0]), int(name[1])
 
-    async def close(self) -> None:
-        """Stop every listener, draining each first."""
+    async def close(self, *, keep_routes: bool = False) -> None:
+        """Stop every listener, draining each first (``keep_routes``: see ``shutdown``)."""
         listeners, self._listeners = list(self._listeners.values()), {}
-        await asyncio.gather(*(lst.shutdown(lst.config.drain_timeout) for lst in listeners))
+        await asyncio.gather(
+            *(lst.shutdown(lst.config.drain_timeout, keep_routes=keep_routes) for lst in listeners)
+        )
 
 
 def _validate(config: RouteConfig) -> None:

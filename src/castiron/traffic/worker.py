@@ -219,7 +219,8 @@ class _Worker:
         await self.stopped.wait()
         for task in self.runners:
             task.cancel()
-        await self.router.close()
+        # the worker is going away, not the routes: what is in flight finishes where it goes
+        await self.router.close(keep_routes=True)
         if self.exit_reply is not None:
             self.reply(self.exit_reply, True, None)
 
