@@ -1,14 +1,20 @@
 """Router benchmark: direct vs the builtin proxy vs HAProxy, on the same backend, in one run.
 
-    python bench/router.py [--duration 10] [--connections 32]
+    python bench/router.py [--duration 10] [--connections 32] [--runs 3] [--busy]
+                           [--workers N]
 
-Needs wrk and haproxy on PATH. Everything stays on 127.0.0.1. Prints, side by side:
-throughput and p99 latency (wrk -t2 -cN -dD --latency) direct to the backend, through the
-builtin router and through HAProxy (driven by castiron's HaproxyRouter, with HAProxy's own
-defaults: one thread per CPU); the p99 added by each router at half of the builtin's maximum
-throughput; and failed requests across 50 backend-set switches under constant wrk load. An
-extra throughput row runs two builtin router processes on one SO_REUSEPORT port: an experiment
-that sizes what one process per core would give, not a mode castiron offers.
+Needs wrk and haproxy on PATH. Everything stays on 127.0.0.1. Prints, side by side, for each
+of ``--runs`` runs and then their medians: throughput and p99 latency (wrk -t2 -cN -dD
+--latency) direct to the backend, through the builtin router as the agent runs it (worker
+processes, one per CPU unless ``--workers``; ``WorkerPoolRouter``), through HAProxy (driven by
+castiron's HaproxyRouter, with HAProxy's own defaults: one thread per CPU) and through one
+builtin router process (``builtin-1``, the router inside the agent: ``--router-workers 0``);
+the p99 added by each router at half of the builtin's maximum throughput; and, once, failed
+requests across 50 backend-set switches under constant wrk load.
+
+``--busy`` starts one CPU-bound Python process (pinned to no CPU) before all measurements and
+stops it at the end: the machine shared with another tenant. The load average is printed
+before and after each run.
 
 The half-load run is an open-loop generator in this process (uvloop, asyncio Protocols,
 64 keep-alive connections each sending on a fixed schedule; latency counts from each request's
@@ -29,11 +35,13 @@ import re
 import resource
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 BODY = b"hello, world\n"
@@ -87,14 +95,15 @@ def run_router(kind: str, listen: str, backends: list[str], workdir: str) -> Non
     from castiron.traffic.base import Backend, BackendSet, RouteConfig
 
     async def main() -> None:
-        if kind == "builtin":
+        router: Any
+        if kind == "builtin:1proc":
             from castiron.traffic.proxy import BuiltinRouter
 
             router = BuiltinRouter()
-        elif kind == "builtin-reuseport":
-            from castiron.traffic.proxy import BuiltinRouter
+        elif kind.startswith("builtin:"):
+            from castiron.traffic.workers import WorkerPoolRouter
 
-            router = BuiltinRouter(listen_socket_factory=_reuseport_socket)
+            router = WorkerPoolRouter(int(kind.split(":")[1]) or None)
         else:
             from castiron.traffic.haproxy import HaproxyRouter
 
@@ -123,17 +132,6 @@ def run_router(kind: str, listen: str, backends: list[str], workdir: str) -> Non
         await router.close()
 
     asyncio.run(main())
-
-
-def _reuseport_socket(listen: str) -> socket.socket:
-    """A listening socket several router processes can share (the kernel spreads connections)."""
-    host, port = listen.rsplit(":", 1)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, int(port)))
-    sock.listen(1024)
-    return sock
 
 
 def free_port() -> int:
@@ -334,72 +332,123 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU ({cpu}), Linux {platform.release()}, Python {py}"
 
 
+def loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return f.read().split()[0]
+
+
+def busy() -> None:
+    """The CPU-bound neighbour of ``--busy``: one process spinning, pinned to no CPU."""
+    n = 0
+    while True:
+        n += 1
+
+
+def one_run(
+    ports: list[int], b_port: int, one_port: int, h_port: int, args: argparse.Namespace
+) -> dict[str, dict[str, float]]:
+    d, c, pc = args.duration, args.connections, args.paced_connections
+    print(f"\n== max throughput: wrk -t2 -c{c} -d{d}s --latency   (load average {loadavg()})")
+    res: dict[str, dict[str, float]] = {}
+    for name, port in (
+        ("direct", ports[0]),
+        ("builtin", b_port),
+        ("haproxy", h_port),
+        ("builtin-1", one_port),
+    ):
+        res[name] = wrk(port, d, c)
+        r = res[name]
+        print(
+            f"{name:10s} {r['rps']:10.0f} req/s   p99 {r['p99_ms']:7.2f} ms"
+            f"   errors {r['errors']:.0f}"
+        )
+    ratio = res["builtin"]["rps"] / res["haproxy"]["rps"]
+    res["ratio"] = {"builtin": ratio, "builtin-1": res["builtin-1"]["rps"] / res["haproxy"]["rps"]}
+    print(
+        f"builtin/haproxy throughput ratio: {ratio:.2f}"
+        f"   (one builtin process: {res['ratio']['builtin-1']:.2f})"
+    )
+    rate = res["builtin"]["rps"] / 2
+    print(f"\n== p99 at half the builtin's max ({rate:.0f} req/s, open loop, {pc} conns, {d}s)")
+    base = None
+    for name, port in (("direct", ports[0]), ("builtin", b_port), ("haproxy", h_port)):
+        achieved, p99, errors, cpu = paced(port, rate, d, pc)
+        base = p99 if base is None else base
+        added = p99 - base
+        res[name].update({"half_p99_ms": p99, "added_ms": added, "half_rate": rate})
+        print(
+            f"{name:8s} achieved {achieved:8.0f} req/s   p99 {p99:7.2f} ms"
+            f"   added {added:6.2f} ms   errors {errors}   generator CPU {cpu:4.0%}"
+        )
+    print(f"(load average after the run: {loadavg()})")
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--runs", type=int, default=3, help="runs; medians are printed at the end")
+    ap.add_argument(
+        "--workers", type=int, default=0, help="builtin router workers (default: one per CPU)"
+    )
+    ap.add_argument(
+        "--busy",
+        action="store_true",
+        help="start one CPU-bound process (pinned to no CPU) before all measurements",
+    )
     ap.add_argument(
         "--paced-connections",
         type=int,
         default=64,
         help="connections of the open-loop run (enough that each sends rarely)",
     )
+    ap.add_argument("--no-switches", action="store_true", help="skip the 50-switch run")
     args = ap.parse_args()
     for tool in ("wrk", "haproxy"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed")
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}   load average {loadavg()}")
     ports = [free_port(), free_port()]
     procs = [spawn("backend", str(p)) for p in ports]
     addrs = [f"127.0.0.1:{p}" for p in ports]
     workdir = tempfile.mkdtemp(prefix="castiron-bench-")
+    neighbour = None
     try:
-        b_port, h_port = free_port(), free_port()
-        builtin = spawn("router", "builtin", f"127.0.0.1:{b_port}", ",".join(addrs), workdir)
+        if args.busy:
+            neighbour = subprocess.Popen([sys.executable, str(Path(__file__)), "busy"])
+            print("busy mode: one CPU-bound process runs during every measurement")
+        b_port, one_port, h_port = free_port(), free_port(), free_port()
+        kind = f"builtin:{args.workers}"
+        builtin = spawn("router", kind, f"127.0.0.1:{b_port}", ",".join(addrs), workdir)
+        one = spawn("router", "builtin:1proc", f"127.0.0.1:{one_port}", addrs[0], workdir)
         hap = spawn("router", "haproxy", f"127.0.0.1:{h_port}", ",".join(addrs), workdir)
-        procs += [builtin, hap]
-        x2_port = free_port()
-        for _ in range(2):  # an experiment, not a castiron mode: see docs/routing.md
-            procs.append(
-                spawn("router", "builtin-reuseport", f"127.0.0.1:{x2_port}", addrs[0], workdir)
-            )
-        d, c = args.duration, args.connections
-        print(f"\n== max throughput: wrk -t2 -c{c} -d{d}s --latency")
-        res = {}
-        for name, port in (
-            ("direct", ports[0]),
-            ("builtin", b_port),
-            ("haproxy", h_port),
-            ("builtin-x2", x2_port),
-        ):
-            res[name] = wrk(port, d, c)
-            r = res[name]
-            print(
-                f"{name:10s} {r['rps']:10.0f} req/s   p99 {r['p99_ms']:7.2f} ms"
-                f"   errors {r['errors']:.0f}"
-            )
-        print(
-            f"builtin/haproxy throughput ratio: {res['builtin']['rps'] / res['haproxy']['rps']:.2f}"
-            f"   (experiment, two builtin processes on SO_REUSEPORT: "
-            f"{res['builtin-x2']['rps'] / res['haproxy']['rps']:.2f})"
-        )
-        rate = res["builtin"]["rps"] / 2
-        pc = args.paced_connections
-        print(f"\n== p99 at half the builtin's max ({rate:.0f} req/s, open loop, {pc} conns, {d}s)")
-        base = None
-        for name, port in (("direct", ports[0]), ("builtin", b_port), ("haproxy", h_port)):
-            achieved, p99, errors, cpu = paced(port, rate, d, args.paced_connections)
-            base = p99 if base is None else base
-            added = p99 - base
-            print(
-                f"{name:8s} achieved {achieved:8.0f} req/s   p99 {p99:7.2f} ms"
-                f"   added {added:6.2f} ms   errors {errors}   generator CPU {cpu:4.0%}"
-            )
-        print("\n== 50 backend-set switches under constant load (wrk -t2 -c16 -d12s)")
-        for name, proc, port in (("builtin", builtin, b_port), ("haproxy", hap, h_port)):
-            s = switches(proc, port)
-            print(f"{name:8s} {s['total']:.0f} requests, failed {s['errors']:.0f}")
+        procs += [builtin, one, hap]
+        runs = [one_run(ports, b_port, one_port, h_port, args) for _ in range(args.runs)]
+
+        def med(name: str, key: str) -> str:
+            values = [r[name][key] for r in runs]
+            listed = ", ".join(f"{v:.2f}" for v in values)
+            return f"{statistics.median(values):.2f} ({listed})"
+
+        print(f"\n== medians of {len(runs)} runs (per-run values in brackets)")
+        for name in ("direct", "builtin", "haproxy", "builtin-1"):
+            print(f"{name:10s} req/s {med(name, 'rps')}")
+        print(f"builtin/haproxy ratio {med('ratio', 'builtin')}")
+        print(f"one builtin process/haproxy ratio {med('ratio', 'builtin-1')}")
+        for name in ("direct", "builtin", "haproxy"):
+            print(f"{name:10s} p99 at half load ms {med(name, 'half_p99_ms')}")
+        for name in ("builtin", "haproxy"):
+            print(f"{name:10s} added p99 ms {med(name, 'added_ms')}")
+        if not args.no_switches:
+            print("\n== 50 backend-set switches under constant load (wrk -t2 -c16 -d12s)")
+            for name, proc, port in (("builtin", builtin, b_port), ("haproxy", hap, h_port)):
+                s = switches(proc, port)
+                print(f"{name:8s} {s['total']:.0f} requests, failed {s['errors']:.0f}")
     finally:
+        if neighbour is not None:
+            neighbour.kill()
+            neighbour.wait()
         for p in procs:
             if p.stdin:
                 p.stdin.close()
@@ -415,7 +464,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "backend":
+    if len(sys.argv) > 1 and sys.argv[1] == "busy":
+        busy()
+    elif len(sys.argv) > 1 and sys.argv[1] == "backend":
         run_backend(int(sys.argv[2]))
     elif len(sys.argv) > 1 and sys.argv[1] == "router":
         run_router(sys.argv[2], sys.argv[3], sys.argv[4].split(","), sys.argv[5])

@@ -26,11 +26,17 @@ from castiron.traffic.base import (
     Timeouts,
 )
 from castiron.traffic.proxy import BuiltinRouter
+from castiron.traffic.workers import WorkerPoolRouter
 from traffic.backends import HttpBackend, free_port
 
 T = TypeVar("T")
 
-PLANES = ["builtin", "builtin-py", pytest.param("haproxy", marks=pytest.mark.haproxy)]
+PLANES = [
+    "builtin",
+    "builtin-py",
+    "workers",
+    pytest.param("haproxy", marks=pytest.mark.haproxy),
+]
 
 
 def haproxy_binary() -> str | None:
@@ -136,6 +142,9 @@ def harness(
         router = BuiltinRouter(parser="httptools", access_log_dir=access)
     elif kind == "builtin-py":
         router = BuiltinRouter(parser="python", access_log_dir=access)
+    elif kind == "workers":
+        # the builtin router in two worker processes: every test also holds across workers
+        router = WorkerPoolRouter(2, access_log_dir=access)
     else:
         binary = haproxy_binary()
         if binary is None:

@@ -62,3 +62,18 @@ def test_a_full_disk_drops_lines_without_raising() -> None:
         log.write(line(i))  # the buffer fills and its flush fails: ENOSPC
     log.flush()
     log.close()
+
+
+def test_two_writers_of_one_file_never_split_a_line(tmp_path: Path) -> None:
+    # router workers of one listener append to the same file
+    path = tmp_path / "access" / "web.log"
+    logs = [AccessLog(path, max_bytes=4000, keep=50, buffer_bytes=300) for _ in range(2)]
+    for i in range(300):
+        logs[i % 2].write(line(i))
+    for log in logs:
+        log.close()
+    seen = []
+    for p in (tmp_path / "access").iterdir():
+        for text in p.read_text().splitlines():
+            seen.append(json.loads(text)["path"])
+    assert sorted(seen) == sorted(f"/n/{i}" for i in range(300))

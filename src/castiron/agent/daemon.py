@@ -127,6 +127,8 @@ class AgentOptions:
     """The ``CASTIRON_HOME`` it serves; its files live in ``home/agent``."""
     router: Literal["builtin", "haproxy"] = "builtin"
     """The data plane: the builtin asyncio proxy or a system HAProxy."""
+    router_workers: int | None = None
+    """Processes the builtin router runs in (None: one per CPU; 0: inside the agent)."""
     haproxy_bin: str = "haproxy"
     metrics: str | None = None
     """Loopback ``HOST:PORT`` for a Prometheus listener (overrides a recorded one)."""
@@ -458,10 +460,18 @@ class Agent:
                 haproxy_bin=self.options.haproxy_bin,
                 access_log_dir=self.dir / ACCESS_LOG_DIR,
             )
-        from castiron.traffic.proxy import BuiltinRouter
+        if self.options.router_workers == 0:
+            from castiron.traffic.proxy import BuiltinRouter
 
-        return BuiltinRouter(
-            listen_socket_factory=self._listen_socket, access_log_dir=self.dir / ACCESS_LOG_DIR
+            return BuiltinRouter(
+                listen_socket_factory=self._listen_socket, access_log_dir=self.dir / ACCESS_LOG_DIR
+            )
+        from castiron.traffic.workers import WorkerPoolRouter
+
+        return WorkerPoolRouter(
+            self.options.router_workers,
+            listen_socket_factory=self._listen_socket,
+            access_log_dir=self.dir / ACCESS_LOG_DIR,
         )
 
     def _listen_socket(self, address: str) -> socket.socket:
@@ -1553,6 +1563,12 @@ def _parse_args(argv: list[str] | None) -> AgentOptions:
     parser.add_argument("--home", type=Path, required=True, help="The CASTIRON_HOME to serve.")
     parser.add_argument("--router", choices=("builtin", "haproxy"), default="builtin")
     parser.add_argument("--haproxy-bin", default="haproxy", help="The haproxy executable.")
+    parser.add_argument(
+        "--router-workers",
+        type=int,
+        default=None,
+        help="Processes of the builtin router (default: one per CPU, at most 8; 0: in the agent).",
+    )
     parser.add_argument("--metrics", default=None, help="Loopback HOST:PORT for Prometheus.")
     parser.add_argument("--log-file", type=Path, default=None, help="Rotate this log file.")
     parser.add_argument("--log-max-bytes", type=int, default=LogPolicy.max_bytes)
@@ -1563,11 +1579,14 @@ def _parse_args(argv: list[str] | None) -> AgentOptions:
         help="Do not hand listening sockets to the fd keeper.",
     )
     args = parser.parse_args(argv)
+    if args.router_workers is not None and not 0 <= args.router_workers <= 256:
+        parser.error("--router-workers must be between 0 and 256")
     if args.log_max_bytes < 1024 or args.log_backups < 0:
         parser.error("--log-max-bytes must be at least 1024 and --log-backups at least 0")
     return AgentOptions(
         home=args.home.absolute(),
         router=args.router,
+        router_workers=args.router_workers,
         haproxy_bin=args.haproxy_bin,
         metrics=args.metrics,
         log_file=args.log_file.absolute() if args.log_file else None,

@@ -28,6 +28,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from castiron.errors import RouterError
 from castiron.traffic.accesslog import AccessLog, access_line
@@ -45,7 +46,13 @@ from castiron.traffic.http import (
 )
 from castiron.traffic.stats import ReleaseStats
 
-__all__ = ["BuiltinRouter", "parse_listen"]
+__all__ = [
+    "BuiltinRouter",
+    "SharedListener",
+    "bind_listener",
+    "parse_listen",
+    "validate_route",
+]
 
 _CRLF = b"\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
@@ -98,6 +105,20 @@ _P_UPSTREAM, _P_PENDING, _P_PIPELINE = 1, 2, 4
 # what a client connection's deadline guards
 _D_NONE, _D_HEADER, _D_IDLE, _D_BODY = 0, 1, 2, 3
 _NO_BODY_METHODS = frozenset({b"GET", b"HEAD"})
+
+
+class SharedListener(Protocol):
+    """What a router process needs when other processes accept on the same listening sockets."""
+
+    def connections(self, environment: str, local: int) -> int:
+        """Record this process's client connections of ``environment`` (``local``) and return
+        those of the whole listener, which ``max_connections`` limits."""
+        ...
+
+    def over_share(self, environment: str, local: int) -> bool:
+        """True when this process holds more than its share of the listener's connections
+        (it then leaves new ones to the others for a moment)."""
+        ...
 
 
 def _wall() -> float:
@@ -217,6 +238,7 @@ class _Listener:
         self.clients: set[_Client] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.server: asyncio.base_events.Server | None = None
+        self.acceptor: _SharedAcceptor | None = None
         self.closing = False
         self.snapshot = _Snapshot(config, None, None)
         self.access: AccessLog | None = None
@@ -238,6 +260,12 @@ class _Listener:
         stats = self.stats_for(ROUTER_RELEASE)
         stats.requests += 1
         stats.observe(status, latency_ms)
+
+    def connections(self) -> int:
+        """Client connections of the whole listener (every process serving it)."""
+        shared = self.router.shared
+        local = len(self.clients)
+        return local if shared is None else shared.connections(self.environment, local)
 
     def request_id(self) -> bytes:
         """A new request id: 128 bits as hex, a random per-listener prefix and a counter."""
@@ -323,6 +351,9 @@ class _Listener:
 
     # --- serving ----------------------------------------------------------------------------------
     async def start(self, sock: socket.socket) -> None:
+        if self.router.shared is not None:
+            self.acceptor = _SharedAcceptor(self, sock)
+            return
         self.server = await self.loop.create_server(lambda: _Client(self), sock=sock, backlog=1024)
 
     def spawn(self, coro: object) -> None:
@@ -370,19 +401,31 @@ class _Listener:
                     ex.cut()
                 self.draining.discard(pool)
 
-    async def shutdown(self, drain_timeout: float) -> None:
-        """Stop accepting, drain in-flight requests (up to the deadline), close everything."""
+    async def shutdown(self, drain_timeout: float, *, keep_routes: bool = False) -> None:
+        """Stop accepting, drain in-flight requests (up to the deadline), close everything.
+
+        With ``keep_routes`` (the process is going away, not the route) a request still being
+        parsed on an open connection is routed as before instead of finding no backends."""
         self.closing = True
         if self.server is not None:
             self.server.close()
-        self.install(
-            RouteConfig(
-                environment=self.environment,
-                listen=self.config.listen,
-                drain_timeout=drain_timeout,
-                timeouts=self.config.timeouts,
+        if self.acceptor is not None:
+            self.acceptor.close()
+        if keep_routes:
+            now = self.loop.time()
+            for pool in self.pools.values():
+                if pool.active:
+                    pool.cut_at = now + drain_timeout
+                    self.draining.add(pool)
+        else:
+            self.install(
+                RouteConfig(
+                    environment=self.environment,
+                    listen=self.config.listen,
+                    drain_timeout=drain_timeout,
+                    timeouts=self.config.timeouts,
+                )
             )
-        )
         for client in list(self.clients):
             if not client.queue:
                 client.close()
@@ -403,6 +446,70 @@ class _Listener:
             self.access = None
         if self.server is not None:
             await self.server.wait_closed()
+
+
+class _SharedAcceptor:
+    """Accepts from a listening socket that other router processes accept from too.
+
+    Every process is woken for each new connection; a server's accept loop would let the first
+    one take a whole burst (wrk's 32 connections all landing in one process). This accepts one
+    connection per wake-up, and a process holding more than its share of the listener's
+    connections first leaves the new one to the others for ``_DEFER`` seconds, then takes it
+    if nobody did (a busy or dead peer never strands a connection).
+    """
+
+    _DEFER = 0.002
+
+    def __init__(self, listener: _Listener, sock: socket.socket) -> None:
+        self.listener = listener
+        self.loop = listener.loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.deferred = False
+        self.closed = False
+        self.loop.add_reader(self.fd, self._ready)
+
+    def _ready(self) -> None:
+        listener = self.listener
+        shared = listener.router.shared
+        if (
+            not self.deferred
+            and shared is not None
+            and shared.over_share(listener.environment, len(listener.clients))
+        ):
+            self._pause(self._DEFER)
+            self.deferred = True
+            return
+        self.deferred = False
+        try:
+            conn, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:  # out of descriptors or memory: try again shortly
+            self._pause(0.1)
+            return
+        conn.setblocking(False)
+        listener.spawn(self._serve(conn))
+
+    def _pause(self, delay: float) -> None:
+        self.loop.remove_reader(self.fd)
+        self.loop.call_later(delay, self._resume)
+
+    def _resume(self) -> None:
+        if not self.closed:
+            self.loop.add_reader(self.fd, self._ready)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(lambda: _Client(self.listener), conn)
+        except OSError:
+            conn.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.loop.remove_reader(self.fd)
+            self.sock.close()
 
 
 class _Client(asyncio.Protocol):
@@ -465,9 +572,10 @@ class _Client(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.peer = str(peer[0]).encode()
-        clients = self.listener.clients
-        self.over_limit = len(clients) >= self.listener.config.limits.max_connections
+        listener = self.listener
+        clients = listener.clients
         clients.add(self)
+        self.over_limit = listener.connections() > listener.config.limits.max_connections
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -501,7 +609,10 @@ class _Client(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.listener.clients.discard(self)
+        listener = self.listener
+        listener.clients.discard(self)
+        if listener.router.shared is not None:
+            listener.connections()
         self.deadline_kind = _D_NONE
         queue, self.queue = self.queue, deque()
         for ex in queue:
@@ -1196,8 +1307,12 @@ class BuiltinRouter:
         listen_socket_factory: Callable[[str], socket.socket] | None = None,
         parser: ParserKind = "auto",
         access_log_dir: Path | None = None,
+        shared: SharedListener | None = None,
     ) -> None:
         self._factory = listen_socket_factory
+        self.shared = shared
+        """Set when other processes accept on the same listening sockets: connections are
+        counted across them and accepted one at a time, balanced by each one's share."""
         self.parser_kind: ParserKind = parser
         self.access_log_dir = access_log_dir
         """Where environments with ``access_log`` write ``ENV.log`` (None: nowhere)."""
@@ -1263,10 +1378,12 @@ class BuiltinRouter:
         name = listener.server.sockets[0].getsockname()
         return str(name[0]), int(name[1])
 
-    async def close(self) -> None:
-        """Stop every listener, draining each first."""
+    async def close(self, *, keep_routes: bool = False) -> None:
+        """Stop every listener, draining each first (``keep_routes``: see ``shutdown``)."""
         listeners, self._listeners = list(self._listeners.values()), {}
-        await asyncio.gather(*(lst.shutdown(lst.config.drain_timeout) for lst in listeners))
+        await asyncio.gather(
+            *(lst.shutdown(lst.config.drain_timeout, keep_routes=keep_routes) for lst in listeners)
+        )
 
 
 def _validate(config: RouteConfig) -> None:
@@ -1288,3 +1405,21 @@ def _validate(config: RouteConfig) -> None:
                     f"environment {config.environment}: release {bset.release}: backend "
                     f"{backend.id}: address {backend.address!r} is not HOST:PORT"
                 ) from None
+
+
+def validate_route(config: RouteConfig) -> None:
+    """Check ``config`` as :meth:`BuiltinRouter.apply` does, without applying it.
+
+    Raises:
+        RouterError: when the listen address, the canary weight or a backend address is invalid.
+    """
+    _validate(config)
+
+
+def bind_listener(listen: str, environment: str) -> socket.socket:
+    """A new non-blocking listening socket on ``listen`` (``SO_REUSEADDR``, backlog 1024).
+
+    Raises:
+        RouterError: when ``listen`` is invalid or cannot be bound.
+    """
+    return _bind(listen, environment)

@@ -18,6 +18,7 @@ __all__ = [
     "BUCKETS_MS",
     "ReleaseStats",
     "estimate_percentile",
+    "merge_counters",
     "prometheus_text",
 ]
 
@@ -103,6 +104,62 @@ class ReleaseStats:
             histogram=hist,
             latency_sum_ms=self.latency_sum_ms,
         )
+
+
+def merge_counters(*parts: Sequence[ReleaseCounters]) -> list[ReleaseCounters]:
+    """Counters of several processes serving one listener, summed per release (sorted).
+
+    Counts, histogram buckets and latency sums add up exactly; percentiles are estimated
+    again from the summed histogram. Counters without a histogram keep a request-weighted
+    average latency.
+    """
+    by_release: dict[str, list[ReleaseCounters]] = {}
+    for part in parts:
+        for c in part:
+            by_release.setdefault(c.release, []).append(c)
+    merged: list[ReleaseCounters] = []
+    for release in sorted(by_release):
+        items = by_release[release]
+        if len(items) == 1:
+            merged.append(items[0])
+            continue
+        hist: tuple[tuple[float, int], ...] = ()
+        if all(c.histogram for c in items) and len({len(c.histogram) for c in items}) == 1:
+            hist = tuple(
+                (bounds[0][0], sum(n for _, n in bounds))
+                for bounds in zip(*(c.histogram for c in items), strict=True)
+            )
+        requests = sum(c.requests for c in items)
+        if hist:
+            latency = LatencySummary(
+                p50_ms=estimate_percentile(hist, 0.50),
+                p95_ms=estimate_percentile(hist, 0.95),
+                p99_ms=estimate_percentile(hist, 0.99),
+            )
+        else:
+            weight = max(1, requests)
+            latency = LatencySummary(
+                p50_ms=sum(c.latency.p50_ms * c.requests for c in items) / weight,
+                p95_ms=sum(c.latency.p95_ms * c.requests for c in items) / weight,
+                p99_ms=sum(c.latency.p99_ms * c.requests for c in items) / weight,
+            )
+        merged.append(
+            ReleaseCounters(
+                release=release,
+                requests=requests,
+                responses_2xx=sum(c.responses_2xx for c in items),
+                responses_3xx=sum(c.responses_3xx for c in items),
+                responses_4xx=sum(c.responses_4xx for c in items),
+                responses_5xx=sum(c.responses_5xx for c in items),
+                connect_errors=sum(c.connect_errors for c in items),
+                drained_cut=sum(c.drained_cut for c in items),
+                latency=latency,
+                histogram=hist,
+                latency_sum_ms=sum(c.latency_sum_ms for c in items),
+                latency_is_average=not hist and any(c.latency_is_average for c in items),
+            )
+        )
+    return merged
 
 
 def _label(value: str) -> str:

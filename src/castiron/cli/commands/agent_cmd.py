@@ -35,6 +35,14 @@ _router_option = click.option(
     show_default=True,
     help="The data plane: the builtin proxy or a system HAProxy.",
 )
+_workers_option = click.option(
+    "--router-workers",
+    type=click.IntRange(0, 256),
+    default=None,
+    metavar="N",
+    help="Processes of the builtin router, all accepting on each listener "
+    "[default: one per CPU, at most 8; 0: inside the agent].",
+)
 _metrics_option = click.option(
     "--metrics",
     metavar="HOST:PORT",
@@ -43,8 +51,10 @@ _metrics_option = click.option(
 )
 
 
-def _daemon_args(router: str, metrics: str | None) -> tuple[str, ...]:
+def _daemon_args(router: str, metrics: str | None, workers: int | None) -> tuple[str, ...]:
     args: list[str] = ["--router", router]
+    if workers is not None:
+        args += ["--router-workers", str(workers)]
     if metrics:
         args += ["--metrics", metrics]
     return tuple(args)
@@ -58,14 +68,15 @@ def agent() -> None:
 
 @agent.command("run")
 @_router_option
+@_workers_option
 @_metrics_option
 @pass_cli
-def run(cli: CliContext, router: str, metrics: str | None) -> None:
+def run(cli: CliContext, router: str, router_workers: int | None, metrics: str | None) -> None:
     """Run the agent in the foreground, logging to stderr (for systemd and containers).
 
     SIGTERM or SIGINT stop it gracefully: routers drain and close; instances keep running.
     """
-    argv = daemon_argv(cli.settings, _daemon_args(router, metrics))
+    argv = daemon_argv(cli.settings, _daemon_args(router, metrics, router_workers))
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(argv[0], argv)
@@ -73,6 +84,7 @@ def run(cli: CliContext, router: str, metrics: str | None) -> None:
 
 @agent.command("unit")
 @_router_option
+@_workers_option
 @_metrics_option
 @click.option(
     "--user",
@@ -92,6 +104,7 @@ def run(cli: CliContext, router: str, metrics: str | None) -> None:
 def unit(
     cli: CliContext,
     router: str,
+    router_workers: int | None,
     metrics: str | None,
     user: str | None,
     watchdog: int,
@@ -106,7 +119,7 @@ def unit(
     text = service_unit(
         settings,
         user=user or settings.os_user,
-        extra_args=_daemon_args(router, metrics),
+        extra_args=_daemon_args(router, metrics, router_workers),
         watchdog=watchdog,
     )
     if as_json:
@@ -117,13 +130,21 @@ def unit(
 
 @agent.command("start")
 @_router_option
+@_workers_option
 @_metrics_option
 @click.option(
     "--timeout", type=float, default=15.0, show_default=True, help="Seconds to wait for it."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @pass_cli
-def start(cli: CliContext, router: str, metrics: str | None, timeout: float, as_json: bool) -> None:
+def start(
+    cli: CliContext,
+    router: str,
+    router_workers: int | None,
+    metrics: str | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
     """Start the agent in the background (logs to agent/agent.log) and print its pid."""
     settings = cli.settings
     running = agent_pid(settings)
@@ -131,7 +152,9 @@ def start(cli: CliContext, router: str, metrics: str | None, timeout: float, as_
         started = False
         pid = running
     else:
-        pid = start_agent(settings, extra_args=_daemon_args(router, metrics), timeout=timeout)
+        pid = start_agent(
+            settings, extra_args=_daemon_args(router, metrics, router_workers), timeout=timeout
+        )
         started = True
     if as_json:
         emit_json({"pid": pid, "started": started, "socket": str(socket_path(settings))})
