@@ -32,7 +32,7 @@ import pytest
 
 from castiron.engine.journal import STEPS
 
-from .conftest import Project, free_port, project_env, wait_for
+from .conftest import Project, free_port, project_env, reap_home, wait_for
 
 pytestmark = [pytest.mark.kubernetes, pytest.mark.slow]
 
@@ -164,9 +164,13 @@ def make_project(
         env["CASTIRON_KUBERNETES_DOCKER_HOST"] = kube_testbed.docker_host
         env["KUBECONFIG"] = str(kube_testbed.kubeconfig)
         env["KUBE_E2E_API_KEY"] = SECRET_VALUE
+        made.append(root)
         return KubeProject(root, port, env, cluster=kube_testbed, namespace=kube_namespace)
 
+    made: list[Path] = []
     yield _make
+    for root in made:  # the host agent a command started for this home
+        reap_home(root / ".castiron")
 
 
 def _deployments(project: KubeProject) -> list[dict[str, Any]]:
