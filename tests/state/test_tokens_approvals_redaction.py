@@ -122,10 +122,10 @@ def test_approvals_are_unique_by_identity_and_keep_who_signed(store: StateStore)
 # -- redaction ------------------------------------------------------------------------------------
 
 
-def test_every_text_the_store_writes_is_masked(store: StateStore) -> None:
-    store.redactor.add([SECRET])  # as resolving a secret does, after the store was opened
-    said = f"connecting with {SECRET}"
-    masked = "connecting with ***"
+def write_every_captured_text(store: StateStore, said: str) -> None:
+    """Write ``said`` through every store write that captures text: a deployment's details,
+    a journal step, instance data, an event, a gate result, an approval comment, a note and
+    the audit details of the one transaction (also used by the SQLite file-bytes test)."""
     _release(store)
     now = store.clock.now()
 
@@ -149,6 +149,13 @@ def test_every_text_the_store_writes_is_masked(store: StateStore) -> None:
         tx.note(output=said)
 
     store.mutate(AuditDraft("test.capture", environment="staging", details={"x": said}), apply)
+
+
+def test_every_text_the_store_writes_is_masked(store: StateStore) -> None:
+    store.redactor.add([SECRET])  # as resolving a secret does, after the store was opened
+    said = f"connecting with {SECRET}"
+    masked = "connecting with ***"
+    write_every_captured_text(store, said)
 
     deployment = store.get_deployment("d1")
     assert deployment is not None
