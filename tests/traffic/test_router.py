@@ -156,6 +156,9 @@ def test_switch_is_atomic_and_in_flight_requests_finish(
         result["status"], result["body"], _ = get_json(c, "/echo?sleep=1.0")
         c.close()
 
+    # the backend counts a request out only after it wrote the response: wait for the earlier
+    # exchange to be counted out, so the 1 below is the long request
+    wait_for(lambda: a.in_flight == 0)
     t = threading.Thread(target=long_request)
     t.start()
     wait_for(lambda: a.in_flight == 1)
@@ -226,6 +229,9 @@ def test_drain_deadline_cuts_and_counts(harness: Harness, backends: MakeBackend)
             result["error"] = exc
         c.close()
 
+    # the backend counts a request out only after it wrote the response: wait for the earlier
+    # exchange to be counted out, so the 1 below is the long request
+    wait_for(lambda: a.in_flight == 0)
     t = threading.Thread(target=long_request)
     t.start()
     wait_for(lambda: a.in_flight == 1)
