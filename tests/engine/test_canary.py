@@ -18,9 +18,6 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 
 from castiron.engine.canary import (
-    AnalysisLimits,
-    CanaryConfig,
-    PrometheusQuery,
     WindowStats,
     judge,
     query_prometheus,
@@ -30,6 +27,7 @@ from castiron.engine.canary import (
 from castiron.engine.deploy import DeployResult
 from castiron.engine.health import ProbeResult
 from castiron.engine.release import HealthConfig
+from castiron.engine.resolve import AnalysisLimits, CanaryConfig, PrometheusQuery
 from castiron.errors import CanaryAbortedError, NotFoundError, SpecError, UsageError
 from castiron.spec.load import load_spec
 from castiron.traffic.base import ReleaseCounters, Stickiness
@@ -447,7 +445,8 @@ def test_the_canary_config_round_trips_through_the_policy(world: World) -> None:
     )
     target = world.engine().resolve(world.spec(), "canary", "v1")
     assert target.policy.canary is not None
-    config = CanaryConfig.from_json(target.policy.canary)
+    config = target.policy.canary
+    assert config is not None
     assert [(s.weight, s.pause) for s in config.steps] == [(5, 30.0), (50, None)]
     assert config.sticky == Stickiness("cookie", "cid")
     assert config.analysis == AnalysisLimits(0.05, 200.0, 20)

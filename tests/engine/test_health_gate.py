@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from castiron.engine.release import HealthConfig, default_deploy_timeout
+from castiron.engine.release import HealthConfig
+from castiron.engine.resolve import default_deploy_timeout
 from castiron.errors import DeployFailedError
 
 from .conftest import Recorder, World

@@ -14,13 +14,12 @@ from castiron.engine.deploy import DeployResult
 from castiron.engine.policy import (
     approval_payload,
     check_soak,
-    gate_policy,
     human_duration,
     run_check,
     serving_periods,
 )
 from castiron.engine.promote import Promotion, approve, prepare, promote
-from castiron.engine.release import cached_deploy_spec
+from castiron.engine.resolve import cached_resolve_spec, resolve_spec
 from castiron.errors import PolicyRefusedError, UsageError
 from castiron.images.sign import load_signer
 from castiron.model import Digest, Identity, ReleaseId
@@ -42,7 +41,7 @@ def approve_as(
     """Approve ``release`` for production as ``os_user`` with ``keys/KEY.key``; True when
     it was added."""
     store = open_state(world.root / ".castiron" / "state.db", actor=actor, clock=world.clock)
-    policy = gate_policy(world.spec(), "production", {})
+    policy = resolve_spec(world.spec()).environment("production").gates
     signer = load_signer(world.root / "keys" / f"{key}.key")
     with store:
         return approve(store, policy, release, signer, os_user).added
@@ -306,7 +305,7 @@ def test_promote_a_named_release_and_nothing_to_promote(gated: World) -> None:
         promotion(world, release="ffff")
 
 
-def test_gate_policy_from_the_cached_deploy_spec(gated: World) -> None:
+def test_gates_from_the_cached_resolved_spec(gated: World) -> None:
     world = gated
     write_policy(
         world,
@@ -317,12 +316,12 @@ def test_gate_policy_from_the_cached_deploy_spec(gated: World) -> None:
             "require_signature": True,
         },
     )
-    spec = cached_deploy_spec(world.root / "castiron.yaml", {}, world.root / ".castiron" / "c")
-    gates = gate_policy(spec, "production", {})
+    spec = cached_resolve_spec(world.root / "castiron.yaml", {}, world.root / ".castiron" / "c")
+    gates = spec.environment("production").gates
     assert gates.source == "staging" and gates.soak == 90 and gates.approvals == 2
     assert gates.approvers == ("keys/a.pub", "keys/b.pub")
     assert gates.require_signature is True
-    assert gate_policy(spec, "staging", {}).active == []
+    assert spec.environment("staging").gates.active == []
 
 
 def test_require_signature_true_trusts_the_keys_in_castiron_home(gated: World) -> None:

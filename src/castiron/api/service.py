@@ -23,7 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from castiron.api.events import EventWatcher
 from castiron.engine.access import Identity
-from castiron.engine.compose import agent_running, deploy_spec_for, drift_dir, open_engine
+from castiron.engine.compose import agent_running, drift_dir, open_engine, resolved_spec
 from castiron.engine.deploy import Engine
 from castiron.engine.journal import StepObserver
 from castiron.errors import CastironError, NotFoundError, UsageError
@@ -392,15 +392,12 @@ def gates(settings: Settings, name: str) -> dict[str, Any]:
     Raises:
         UsageError: when ``name`` is not in the spec; SpecError when the spec is invalid.
     """
-    from castiron.engine.policy import gate_policy, preview
+    from castiron.engine.policy import preview
     from castiron.engine.promote import prepare
 
-    spec = deploy_spec_for(settings)
-    if name not in spec.environments:
-        known_names = ", ".join(sorted(spec.environments)) or "none"
-        raise UsageError(f"no environment {name!r} in {spec.path} (known: {known_names})")
+    spec = resolved_spec(settings)
+    policy = spec.environment(name).gates
     with reading(settings) as engine:
-        policy = gate_policy(spec, name, engine.environ)
         out: dict[str, Any] = {
             "environment": name,
             "promote_from": policy.source,
@@ -447,11 +444,11 @@ def deploy(
     """``castiron deploy ENV [--image REF] --yes`` as ``identity``."""
     from castiron.engine.driftwatch import watch_after_deploy
 
-    spec = deploy_spec_for(settings)
+    spec = resolved_spec(settings)
     with acting(settings, identity, observer) as engine:
         target = engine.resolve(spec, name, image)
         result = engine.deploy(target, lock_wait=lock_wait).to_json()
-    watch_after_deploy(settings, name)
+    watch_after_deploy(settings, name, spec.environment(name).drift)
     return result
 
 
@@ -483,7 +480,7 @@ def promote(
     from castiron.engine.promote import prepare
     from castiron.engine.promote import promote as run_promotion
 
-    spec = deploy_spec_for(settings)
+    spec = resolved_spec(settings)
     with acting(settings, identity, observer) as engine:
         promotion = prepare(engine, spec, source, name, release=release_id)
         return run_promotion(engine, promotion, lock_wait=lock_wait).to_json()
@@ -495,10 +492,7 @@ def approve(
     """``castiron approve ENV RELEASE`` as ``identity`` (counted once per identity)."""
     from castiron.engine.promote import approve_as_token
 
-    spec = deploy_spec_for(settings)
-    if name not in spec.environments:
-        known_names = ", ".join(sorted(spec.environments)) or "none"
-        raise UsageError(f"no environment {name!r} in {spec.path} (known: {known_names})")
+    resolved_spec(settings).environment(name)  # an environment of the spec, or UsageError
     with acting(settings, identity) as engine:
         approval = approve_as_token(
             engine.store, name, release_id, identity, settings.os_user, comment

@@ -2,8 +2,8 @@
 
 Owns the canary strategy (:func:`run_canary`) and everything it decides by:
 
-* :class:`CanaryConfig`, the steps, analysis limits and stickiness of an environment, kept as
-  plain JSON with the environment's policy (:func:`canary_json` makes it from the spec);
+* :class:`~castiron.engine.resolve.CanaryConfig`, the steps, analysis limits and stickiness
+  of an environment, resolved with the spec and recorded with the environment's policy;
 * the analysis of one step's window (:func:`window_stats`, :func:`judge`): the router's
   cumulative per-release counters are read at the window's start and end and diffed, giving
   the canary's request count, error rate (5xx and failed connects over all requests) and p95
@@ -19,7 +19,7 @@ instances drain and stay warm. A failed analysis raises :class:`CanaryAbortedErr
 engine undoes the deployment (traffic back on the stable set at once, canary instances
 destroyed) and records outcome ``aborted`` with the figures.
 
-It knows nothing of the CLI, of rendering, or of the spec file's format (it reads JSON).
+It knows nothing of the CLI, of rendering, or of the spec file's format.
 """
 
 from __future__ import annotations
@@ -29,20 +29,18 @@ import math
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from castiron.engine.release import HealthConfig
+from castiron.engine.resolve import AnalysisLimits, CanaryConfig, CanaryStep, PrometheusQuery
 from castiron.engine.strategies import Rollout, backends_of, blue_green
 from castiron.errors import CanaryAbortedError, NotFoundError, UsageError
 from castiron.model import Instance
 from castiron.state.base import AuditDraft, DeploymentRow, StateStore, StateTx, StepRow
-from castiron.traffic.base import ReleaseCounters, Stickiness
+from castiron.traffic.base import ReleaseCounters
 from castiron.traffic.stats import estimate_percentile
-
-if TYPE_CHECKING:  # the schema (pydantic) is only needed when a spec is resolved
-    from castiron.spec.schema import Strategy
 
 POLL = 0.2
 """Seconds between two reads of the router's counters (and of control requests) in a step."""
@@ -63,144 +61,6 @@ CONTROL_ACTIONS: tuple[str, ...] = ("continue", "abort")
 
 
 # --- configuration -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CanaryStep:
-    """Send ``weight`` percent of requests to the canary, then hold for ``pause`` seconds
-    (None: until ``castiron deploy ENV --continue``)."""
-
-    weight: int
-    pause: float | None
-
-
-@dataclass(frozen=True)
-class PrometheusQuery:
-    """An instant query whose value (every sample of a vector) must be at most ``max``."""
-
-    url: str
-    query: str
-    max: float
-
-
-@dataclass(frozen=True)
-class AnalysisLimits:
-    """What a step's window must show before the canary may go on."""
-
-    max_error_rate: float | None = None
-    max_p95_ms: float | None = None
-    min_requests: int = 20
-    http: tuple[str, ...] = ()
-    prometheus: tuple[PrometheusQuery, ...] = ()
-
-
-@dataclass(frozen=True)
-class CanaryConfig:
-    """An environment's canary: its steps, analysis and stickiness."""
-
-    steps: tuple[CanaryStep, ...]
-    analysis: AnalysisLimits | None = None
-    sticky: Stickiness | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict (the form kept with the environment's policy)."""
-        analysis = None
-        if self.analysis is not None:
-            a = self.analysis
-            analysis = {
-                "max_error_rate": a.max_error_rate,
-                "max_p95_ms": a.max_p95_ms,
-                "min_requests": a.min_requests,
-                "http": list(a.http),
-                "prometheus": [
-                    {"url": p.url, "query": p.query, "max": p.max} for p in a.prometheus
-                ],
-            }
-        return {
-            "steps": [
-                {"weight": s.weight, "pause": "manual" if s.pause is None else s.pause}
-                for s in self.steps
-            ],
-            "analysis": analysis,
-            "sticky": None
-            if self.sticky is None
-            else {"kind": self.sticky.kind, "name": self.sticky.name},
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any], where: str = "canary") -> CanaryConfig:
-        """The config recorded as ``data``.
-
-        Raises:
-            UsageError: when ``data`` does not describe a canary (naming ``where``).
-        """
-        try:
-            steps = tuple(
-                CanaryStep(
-                    weight=int(s["weight"]),
-                    pause=None if s["pause"] == "manual" else float(s["pause"]),
-                )
-                for s in data["steps"]
-            )
-            analysis = None
-            if data.get("analysis") is not None:
-                a = data["analysis"]
-                analysis = AnalysisLimits(
-                    max_error_rate=_opt_float(a.get("max_error_rate")),
-                    max_p95_ms=_opt_float(a.get("max_p95_ms")),
-                    min_requests=int(a.get("min_requests", 20)),
-                    http=tuple(str(p) for p in a.get("http", ())),
-                    prometheus=tuple(
-                        PrometheusQuery(str(p["url"]), str(p["query"]), float(p["max"]))
-                        for p in a.get("prometheus", ())
-                    ),
-                )
-            sticky = None
-            if data.get("sticky") is not None:
-                kind = str(data["sticky"]["kind"])
-                if kind not in ("cookie", "header"):
-                    raise ValueError(f"sticky.kind {kind!r}")
-                sticky = Stickiness(
-                    "cookie" if kind == "cookie" else "header", data["sticky"]["name"]
-                )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UsageError(f"{where}: not a canary configuration ({exc})") from exc
-        if not steps or any(not 0 <= s.weight <= 100 for s in steps):
-            raise UsageError(f"{where}: a canary needs steps with weights from 0 to 100")
-        return cls(steps, analysis, sticky)
-
-
-def _opt_float(value: Any) -> float | None:
-    return None if value is None else float(value)
-
-
-def canary_json(strategy: Strategy) -> dict[str, Any] | None:
-    """The recorded form of a validated ``strategy:`` (None unless it is a canary)."""
-    if strategy.type != "canary":
-        return None
-    analysis = None
-    if strategy.analysis is not None:
-        a = strategy.analysis
-        analysis = AnalysisLimits(
-            max_error_rate=a.max_error_rate,
-            max_p95_ms=a.max_p95_ms,
-            min_requests=a.min_requests,
-            http=tuple(a.http),
-            prometheus=tuple(PrometheusQuery(p.url, p.query, p.max) for p in a.prometheus),
-        )
-    sticky = None
-    if strategy.sticky is not None:
-        s = strategy.sticky
-        sticky = (
-            Stickiness("cookie", s.cookie)
-            if s.cookie is not None
-            else Stickiness("header", s.header or "")
-        )
-    steps = tuple(
-        CanaryStep(s.weight, None if s.pause == "manual" else float(s.pause))
-        for s in strategy.steps
-    )
-    return CanaryConfig(steps, analysis, sticky).to_json()
 
 
 # --- analysis ------------------------------------------------------------------------------
@@ -719,9 +579,7 @@ def run_canary(rollout: Rollout) -> None:
             f"environments.{rollout.environment}.strategy: canary without steps "
             "(redeploy from the spec)"
         )
-    config = CanaryConfig.from_json(
-        rollout.policy.canary, f"environments.{rollout.environment}.strategy"
-    )
+    config = rollout.policy.canary
     if not rollout.previous:
         rollout.progress("first deployment: no stable release to compare with, switching at once")
         blue_green(rollout)
@@ -750,7 +608,6 @@ __all__ = [
     "ControlInbox",
     "PrometheusQuery",
     "WindowStats",
-    "canary_json",
     "describe",
     "judge",
     "query_prometheus",

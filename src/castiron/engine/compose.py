@@ -30,7 +30,7 @@ from castiron.agent.client import (
 from castiron.drivers.base import Driver, LogSource
 from castiron.engine.deploy import Engine
 from castiron.engine.journal import StepObserver
-from castiron.engine.release import DeploySpec, cached_deploy_spec
+from castiron.engine.resolve import ResolvedSpec, cached_resolve_spec
 from castiron.engine.runtimes import (
     AVAILABLE_RUNTIMES,
     RuntimeTraffic,
@@ -243,24 +243,24 @@ def revive_agent(settings: Settings, engine: Engine, environment: str | None = N
     return True
 
 
-def deploy_spec_for(settings: Settings) -> DeploySpec:
-    """What deploying needs of the settings' spec file, with validation results cached under
-    ``CASTIRON_HOME/cache`` (see :func:`~castiron.engine.release.cached_deploy_spec`).
+def resolved_spec(settings: Settings) -> ResolvedSpec:
+    """The settings' spec file, resolved, with the result cached under
+    ``CASTIRON_HOME/cache`` (see :func:`~castiron.engine.resolve.cached_resolve_spec`).
 
     Raises:
         SpecError: when the spec cannot be read or does not validate.
     """
-    return cached_deploy_spec(settings.spec_path, settings.environ, settings.home / "cache")
+    return cached_resolve_spec(settings.spec_path, settings.environ, settings.home / "cache")
 
 
 __all__ = [
     "AVAILABLE_RUNTIMES",
     "agent_running",
-    "deploy_spec_for",
     "drift_dir",
     "driver_factory",
     "health_for",
     "local_driver",
     "open_engine",
+    "resolved_spec",
     "revive_agent",
 ]

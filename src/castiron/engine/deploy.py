@@ -32,13 +32,8 @@ from castiron.engine.journal import (
     finish_deployment,
     new_deployment_id,
 )
-from castiron.engine.release import (
-    DeploySpec,
-    Release,
-    deploy_spec,
-    release_from_json,
-    release_id,
-)
+from castiron.engine.release import Release, release_from_json, release_id
+from castiron.engine.resolve import STRATEGY_NAMES, ResolvedSpec, resolve_spec
 from castiron.engine.strategies import (
     STRATEGIES,
     ImageRuntime,
@@ -76,7 +71,7 @@ from castiron.values import value
 
 if TYPE_CHECKING:  # loading a spec needs pydantic; read commands never do
     from castiron.engine.plan import Plan
-    from castiron.engine.policy import GatePolicy
+    from castiron.engine.resolve import GatePolicy
     from castiron.images.store import ImageStore
     from castiron.spec.load import LoadedSpec
     from castiron.traffic.controller import TrafficController
@@ -125,6 +120,24 @@ class DeployResult:
             "deployment": self.deployment,
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
         }
+
+
+def strategy_runner(name: str) -> Callable[[Rollout], None]:
+    """The strategy called ``name`` (``strategy.type``); the canary's module is imported on
+    use.
+
+    Raises:
+        UsageError: when no strategy has that name.
+    """
+    if name == "canary":
+        from castiron.engine.canary import run_canary
+
+        return run_canary
+    for known, run in STRATEGIES.items():
+        if known == name:
+            return run
+    names = ", ".join(STRATEGY_NAMES)
+    raise UsageError(f"strategy {name!r} is not available (use one of: {names})")
 
 
 def image_runtime(images: ImageStore, digest: str) -> ImageRuntime:
@@ -238,13 +251,13 @@ class Engine:
     # --- resolve and plan ------------------------------------------------------------------
 
     def resolve(
-        self, loaded: LoadedSpec | DeploySpec, environment: str, image: str | None = None
+        self, spec: ResolvedSpec | LoadedSpec, environment: str, image: str | None = None
     ) -> Target:
         """Resolve ``environment`` of the spec with image ``image`` (a tag, digest or unique
         prefix; default: the newest baked image of the app) to a :class:`Target`.
 
-        ``loaded`` is a validated spec, or what deploying needs of one (:class:`DeploySpec`,
-        which :func:`~castiron.engine.release.cached_deploy_spec` gives without pydantic).
+        ``spec`` is the resolved spec (:func:`~castiron.engine.resolve.cached_resolve_spec`
+        gives it without pydantic), or a validated one, resolved here.
         The reference is resolved to a digest here, once; everything after uses the digest.
 
         Raises:
@@ -253,25 +266,22 @@ class Engine:
         """
         from castiron.images import oci
 
-        spec = loaded if isinstance(loaded, DeploySpec) else deploy_spec(loaded)
-        env = spec.environments.get(environment)
-        if env is None:
-            known = ", ".join(sorted(spec.environments)) or "none"
-            raise UsageError(f"no environment {environment!r} in {spec.path} (known: {known})")
+        resolved = spec if isinstance(spec, ResolvedSpec) else resolve_spec(spec)
+        env = resolved.environment(environment)
         if image is None:
-            digest, tag = newest_image(self.images, spec.app)
+            digest, tag = newest_image(self.images, resolved.app)
         else:
             digest = self.images.resolve(image)
             tag = image if image in self.images.tags() else None
-        if env.strategy not in STRATEGIES:
+        if env.strategy not in STRATEGY_NAMES:
             raise UsageError(
                 f"environments.{environment}.strategy.type: {env.strategy!r} is not "
-                f"available yet (use one of: {', '.join(STRATEGIES)})"
+                f"available yet (use one of: {', '.join(STRATEGY_NAMES)})"
             )
         stored = self.images.image(digest)
         release = Release(id=release_id(digest, env.config), digest=digest, config=env.config)
         policy = Policy(
-            app=spec.app,
+            app=resolved.app,
             runtime=env.config.runtime,
             listen=env.listen,
             strategy=env.strategy,
@@ -280,14 +290,11 @@ class Engine:
             keep_warm=env.keep_warm,
             keep_warm_releases=env.keep_warm_releases,
             deploy_timeout=env.deploy_timeout,
-            base_dir=str(spec.base_dir),
+            base_dir=str(resolved.base_dir),
             canary=env.canary,
             router=env.router,
         )
-        from castiron.engine.policy import gate_policy
-
-        gates = gate_policy(loaded, environment, self.environ)
-        return Target(release, policy, tag, stored.annotations.get(oci.ANN_REVISION), gates)
+        return Target(release, policy, tag, stored.annotations.get(oci.ANN_REVISION), env.gates)
 
     def current_release(self, environment: str) -> Release | None:
         """The release the environment serves, as recorded (None before the first deploy)."""
@@ -856,7 +863,7 @@ class Engine:
         )
         try:
             driver.ensure_image(image)
-            STRATEGIES[strategy](rollout)
+            strategy_runner(strategy)(rollout)
         except (Exception, KeyboardInterrupt) as exc:
             self.observer.progress("deployment failed: undoing it")
             # A canary that fails its analysis is "aborted" (and carries its figures).

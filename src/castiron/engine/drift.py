@@ -44,6 +44,7 @@ from castiron.engine.baselines import BaselineDriver, RootfsHolder, baseline_pat
 from castiron.engine.fsdrift import Finding, PathFilter, ScanResult
 from castiron.engine.journal import Journal, new_deployment_id
 from castiron.engine.release import Release
+from castiron.engine.resolve import DriftRules
 from castiron.engine.runtimes import find_strays, instance_port
 from castiron.engine.strategies import (
     ImageRuntime,
@@ -116,18 +117,6 @@ class DriftFinding:
             "expected": self.expected,
             "actual": self.actual,
         }
-
-
-@dataclass(frozen=True)
-class DriftRules:
-    """What the spec's ``drift`` section says for one environment."""
-
-    watch: float | None = None
-    """Seconds between the agent's checks (None: only on demand)."""
-    fix: bool = False
-    """Whether the agent's checks fix what they find."""
-    ignore: tuple[str, ...] = ()
-    """Gitignore-style patterns of paths whose changes are not drift."""
 
 
 @dataclass(frozen=True)

@@ -1,42 +1,35 @@
 """The host agent's drift watch of an environment, kept in line with the spec.
 
-Owns reading an environment's ``drift`` section (watch schedule, fix, ignore patterns) and
-registering or dropping the agent's periodic ``castiron drift ENV --json [--fix]``: after
-every deployment, whether the CLI or the API (``castiron serve``) made it. It knows nothing of
-click or HTTP; the settings carry the spec path and the environment captured at the edge.
+Owns finding an environment's drift rules (watch schedule, fix, ignore patterns) in the
+resolved spec and registering or dropping the agent's periodic
+``castiron drift ENV --json [--fix]``: after every deployment, whether the CLI or the API
+(``castiron serve``) made it. It knows nothing of click or HTTP; the settings carry the spec
+path and the environment captured at the edge.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from typing import TYPE_CHECKING
 
+from castiron.engine.resolve import DriftRules
 from castiron.errors import CastironError, NotFoundError
 from castiron.settings import Settings
 
-if TYPE_CHECKING:
-    from castiron.engine.drift import DriftRules
-
 
 def drift_rules(settings: Settings, environment: str) -> DriftRules:
-    """The ``drift`` section of ``environment`` in the settings' spec (defaults without a spec
-    file or without that environment in it).
+    """The ``drift`` section of ``environment`` in the settings' resolved spec (defaults
+    without a spec file or without that environment in it).
 
     Raises:
         SpecError: when the spec file exists but does not validate.
     """
-    from castiron.engine.drift import DriftRules
-
     if not settings.spec_path.is_file():
         return DriftRules()
-    from castiron.spec.load import load_spec
+    from castiron.engine.compose import resolved_spec
 
-    spec = load_spec(settings.spec_path, settings.environ).spec
-    env = spec.environments.get(environment)
-    if env is None:
-        return DriftRules()
-    return DriftRules(watch=env.drift.watch, fix=env.drift.fix, ignore=env.drift.ignore)
+    env = resolved_spec(settings).environments.get(environment)
+    return DriftRules() if env is None else env.drift
 
 
 def sync_watch(settings: Settings, environment: str, rules: DriftRules) -> None:
@@ -67,22 +60,11 @@ def sync_watch(settings: Settings, environment: str, rules: DriftRules) -> None:
     )
 
 
-def watch_after_deploy(settings: Settings, environment: str) -> None:
-    """After a deployment: keep the agent's drift watch of ``environment`` in line with the
-    spec. Cheap when the environment has no ``drift.watch`` (the spec is parsed, not
-    validated); a watch that cannot be registered does not fail the deployment."""
-    from castiron.spec.load import read_spec
-
+def watch_after_deploy(settings: Settings, environment: str, rules: DriftRules) -> None:
+    """After a deployment: keep the agent's drift watch of ``environment`` in line with
+    ``rules`` (from the resolved spec the deployment used); a watch that cannot be registered
+    does not fail the deployment."""
     with contextlib.suppress(CastironError):
-        raw = read_spec(settings.spec_path, settings.environ).value
-        env = (raw.get("environments") or {}).get(environment)
-        drift = env.get("drift") if isinstance(env, dict) else None
-        if isinstance(drift, dict) and drift.get("watch") is not None:
-            rules = drift_rules(settings, environment)
-        else:
-            from castiron.engine.drift import DriftRules
-
-            rules = DriftRules()
         sync_watch(settings, environment, rules)
 
 

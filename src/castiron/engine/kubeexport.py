@@ -23,7 +23,8 @@ from castiron.drivers.kubernetes.manifests import (
     service,
 )
 from castiron.engine.deploy import Engine, image_runtime
-from castiron.engine.release import DeploySpec, Release
+from castiron.engine.release import Release
+from castiron.engine.resolve import ResolvedSpec
 from castiron.errors import UsageError
 from castiron.model import ImageRef, InstanceSpec
 
@@ -36,7 +37,7 @@ def export_name(release: Release) -> str:
 
 
 def kubernetes_manifests(
-    engine: Engine, spec: DeploySpec, environment: str, image: str | None = None
+    engine: Engine, spec: ResolvedSpec, environment: str, image: str | None = None
 ) -> tuple[Release, str]:
     """The release ``environment`` would run with ``image`` (default: the newest baked image
     of the app), and its manifests as a document stream.

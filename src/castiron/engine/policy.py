@@ -1,7 +1,7 @@
 """Deployment policy: the gates a change must pass before any instance is created.
 
-Owns an environment's gates as the spec states them (:class:`GatePolicy`, read by
-:func:`gate_policy`), their evaluation against the state store, the image store and the source
+Owns the evaluation of an environment's gates (:class:`~castiron.engine.resolve.GatePolicy`,
+resolved with the spec) against the state store, the image store and the source
 environment (:func:`evaluate`, :func:`preview`), running the ``checks`` commands, and
 enforcement (:func:`enforce`): every evaluation is recorded (the ``gate_results`` table) with
 one audit entry in the same transaction — ``policy.pass``, or ``policy.refuse`` with result
@@ -46,8 +46,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
+from castiron.engine.resolve import GATES, GateName, GatePolicy
 from castiron.errors import CastironError, PolicyRefusedError
 from castiron.model import Digest, ReleaseId
 from castiron.state.base import (
@@ -61,15 +62,9 @@ from castiron.state.base import (
 
 if TYPE_CHECKING:
     from castiron.engine.deploy import Engine, Target
-    from castiron.engine.release import DeploySpec, Release
+    from castiron.engine.release import Release
     from castiron.images.sign import VerifyKey
     from castiron.images.store import ImageStore
-    from castiron.spec.load import LoadedSpec
-    from castiron.spec.schema import Spec
-
-GateName = Literal["require_signature", "promote_from", "soak", "approvals", "checks"]
-GATES: tuple[GateName, ...] = ("require_signature", "promote_from", "soak", "approvals", "checks")
-"""Every gate, in the order they are evaluated."""
 
 CHECK_TIMEOUT = 60.0
 """Seconds a ``checks`` command may run before it is killed (and the gate refuses)."""
@@ -80,124 +75,6 @@ OUTPUT_CAP = 4096
 KEYS_DIR = "keys"
 """The directory under ``CASTIRON_HOME`` whose ``*.pub`` keys ``require_signature: true``
 trusts."""
-
-
-@dataclass(frozen=True)
-class GatePolicy:
-    """The gates of one environment, as its spec states them."""
-
-    environment: str
-    listen: str
-    """The environment's own listen address (``${URL}`` of checks when there is no source)."""
-    base_dir: Path
-    """The spec's directory: key paths and check commands are relative to it."""
-    source: str | None = None
-    """Where releases come from (``promote_from``), if anywhere."""
-    source_listen: str | None = None
-    """The source environment's listen address, as the spec states it."""
-    soak: float | None = None
-    require_signature: bool | tuple[str, ...] = False
-    checks: tuple[tuple[str, ...], ...] = ()
-    approvals: int = 0
-    approvers: tuple[str, ...] = ()
-    """Public key files (relative to ``base_dir``) whose signed approvals count."""
-
-    @property
-    def active(self) -> list[GateName]:
-        """The gates that apply, in evaluation order."""
-        on: list[GateName] = []
-        if self.require_signature:
-            on.append("require_signature")
-        if self.source is not None:
-            on.append("promote_from")
-            if self.soak:
-                on.append("soak")
-        if self.approvals > 0:
-            on.append("approvals")
-        if self.checks:
-            on.append("checks")
-        return on
-
-    def check_url(self, store: StateStore | None = None) -> str:
-        """``http://HOST:PORT`` the checks run against: the source environment's address
-        (as recorded when it was deployed, else as the spec states it), else this one's."""
-        listen = self.listen
-        if self.source is not None:
-            row = store.get_environment(self.source) if store is not None else None
-            listen = row.listen if row is not None else (self.source_listen or self.listen)
-        return f"http://{listen}"
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return {
-            "environment": self.environment,
-            "source": self.source,
-            "soak_s": self.soak,
-            "require_signature": (
-                list(self.require_signature)
-                if isinstance(self.require_signature, tuple)
-                else self.require_signature
-            ),
-            "checks": [list(c) for c in self.checks],
-            "approvals": self.approvals,
-            "approvers": list(self.approvers),
-            "active": list(self.active),
-        }
-
-
-def policy_of(spec: Spec, environment: str, base_dir: Path) -> GatePolicy:
-    """The gates of ``environment`` of the validated ``spec``.
-
-    Raises:
-        KeyError: when ``environment`` is not in the spec.
-    """
-    env = spec.environments[environment]
-    source = env.promote_from
-    return GatePolicy(
-        environment=environment,
-        listen=env.listen,
-        base_dir=base_dir,
-        source=source,
-        source_listen=spec.environments[source].listen if source in spec.environments else None,
-        soak=env.policy.soak,
-        require_signature=env.policy.require_signature,
-        checks=env.policy.checks,
-        approvals=env.policy.approvals,
-        approvers=env.policy.approvers,
-    )
-
-
-def gate_policy(
-    spec: LoadedSpec | DeploySpec, environment: str, environ: Mapping[str, str]
-) -> GatePolicy:
-    """The gates of ``environment`` in ``spec`` (validated, or what deploying needs of it).
-
-    What deploying needs of a spec carries no policy (it is cached without pydantic): the
-    file is read again, and validated only when that environment states a policy or a
-    ``promote_from`` (so an environment without gates costs one parse).
-
-    Raises:
-        SpecError: when the spec cannot be read or does not validate.
-        KeyError: when ``environment`` is not in the spec.
-    """
-    from castiron.spec.load import LoadedSpec, load_spec, read_spec
-
-    if isinstance(spec, LoadedSpec):
-        return policy_of(spec.spec, environment, spec.base_dir)
-    deploy = spec.environments[environment]
-    none = GatePolicy(environment=environment, listen=deploy.listen, base_dir=spec.base_dir)
-    try:
-        text = spec.path.read_bytes()
-    except OSError:
-        text = b"\\"  # unreadable now: read_spec below says why
-    # Keys are never interpolated, so a spec that never spells them (nor escapes anything
-    # in a quoted key) states no gates: most deployments skip parsing the file again.
-    if not any(word in text for word in (b"policy", b"promote_from", b"\\")):
-        return none
-    raw = read_spec(spec.path, environ).value.get("environments", {}).get(environment)
-    if isinstance(raw, dict) and ("policy" in raw or "promote_from" in raw):
-        return policy_of(load_spec(spec.path, environ).spec, environment, spec.base_dir)
-    return none
 
 
 # --- results ------------------------------------------------------------------------------------
@@ -874,10 +751,8 @@ __all__ = [
     "check_soak",
     "enforce",
     "evaluate",
-    "gate_policy",
     "human_duration",
     "keys_dir_of",
-    "policy_of",
     "preview",
     "record",
     "refusal_message",

@@ -29,11 +29,11 @@ from castiron.engine.policy import (
     GateResult,
     approval_payload,
     approver_keys,
-    gate_policy,
     refuse,
     with_source,
 )
-from castiron.engine.release import DeploySpec, Release
+from castiron.engine.release import Release
+from castiron.engine.resolve import ResolvedSpec, resolve_spec
 from castiron.errors import UsageError
 from castiron.model import Identity, ReleaseId
 from castiron.state.base import ApprovalRow, AuditDraft, StateStore, StateTx, format_time
@@ -115,7 +115,7 @@ def source_release(engine: Engine, source: str, release: str | None = None) -> R
 
 def prepare(
     engine: Engine,
-    spec: LoadedSpec | DeploySpec,
+    spec: ResolvedSpec | LoadedSpec,
     source: str,
     environment: str,
     *,
@@ -129,9 +129,7 @@ def prepare(
         NotFoundError: when the image is no longer in the store.
         SpecError: when the spec cannot be read.
     """
-    from castiron.engine.release import deploy_spec
-
-    deploy = spec if isinstance(spec, DeploySpec) else deploy_spec(spec)
+    deploy = spec if isinstance(spec, ResolvedSpec) else resolve_spec(spec)
     if source == environment:
         raise UsageError(f"cannot promote {environment!r} to itself")
     for name in (source, environment):
@@ -139,8 +137,8 @@ def prepare(
             known = ", ".join(sorted(deploy.environments)) or "none"
             raise UsageError(f"no environment {name!r} in {deploy.path} (known: {known})")
     chosen = source_release(engine, source, release)
-    target = engine.resolve(spec, environment, chosen.digest)
-    gates = target.gates or gate_policy(spec, environment, engine.environ)
+    target = engine.resolve(deploy, environment, chosen.digest)
+    gates = target.gates or deploy.environments[environment].gates
     wrong = None
     if gates.source is None:
         gates = with_source(gates, source, deploy.environments[source].listen)

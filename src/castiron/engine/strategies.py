@@ -25,8 +25,9 @@ from castiron.drivers.base import Driver
 from castiron.engine.health import HealthTracker, ProbeResult, probe
 from castiron.engine.journal import Journal
 from castiron.engine.release import HealthConfig, Release
+from castiron.engine.resolve import CanaryConfig, StrategyName
 from castiron.engine.runtimes import KUBERNETES_ADDRESS_PREFIX, instance_port
-from castiron.errors import CastironError, DeployFailedError
+from castiron.errors import CastironError, DeployFailedError, UsageError
 from castiron.model import ImageRef, Instance, InstanceSpec, Isolation, Observed, ReleaseId
 from castiron.state.base import AuditDraft, EnvironmentRow, InstanceRow, StateTx, format_time
 from castiron.traffic.base import Backend, BackendSet, Limits
@@ -80,8 +81,8 @@ class Policy:
     """Previous releases kept warm at most (older warm instances are destroyed)."""
     base_dir: str = "."
     """The spec's directory: ``file:`` secrets are read relative to it."""
-    canary: Mapping[str, Any] | None = None
-    """The canary's steps, analysis and stickiness as JSON (see :mod:`castiron.engine.canary`)."""
+    canary: CanaryConfig | None = None
+    """The canary's steps, analysis and stickiness (``strategy: canary`` only)."""
     router: Mapping[str, Any] | None = None
     """The router's limits and access log switch as JSON (see :func:`router_json`); None:
     the defaults."""
@@ -111,7 +112,7 @@ class Policy:
             "keep_warm_releases": self.keep_warm_releases,
             "deploy_timeout": self.deploy_timeout,
             "base_dir": self.base_dir,
-            "canary": None if self.canary is None else dict(self.canary),
+            "canary": None if self.canary is None else self.canary.to_json(),
             "router": None if self.router is None else dict(self.router),
         }
 
@@ -119,6 +120,12 @@ class Policy:
     def from_json(cls, data: Mapping[str, Any]) -> Policy:
         """The policy recorded as ``data`` (unknown keys ignored, missing ones defaulted)."""
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        canary = known.get("canary")
+        if canary is not None:
+            try:
+                known["canary"] = CanaryConfig.from_json(canary)
+            except UsageError:
+                known["canary"] = None  # damaged: a canary then refuses to run without it
         return cls(**known)
 
 
@@ -527,20 +534,12 @@ def rolling(rollout: Rollout) -> None:
     rollout.drain(old)
 
 
-def canary(rollout: Rollout) -> None:
-    """Shift weighted steps of traffic to the new set, judged by analysis (see
-    :mod:`castiron.engine.canary`, imported on use)."""
-    from castiron.engine.canary import run_canary
-
-    run_canary(rollout)
-
-
-STRATEGIES: dict[str, Callable[[Rollout], None]] = {
+STRATEGIES: dict[StrategyName, Callable[[Rollout], None]] = {
     "blue-green": blue_green,
     "rolling": rolling,
-    "canary": canary,
 }
-"""Strategies by the name used in ``strategy.type``."""
+"""The strategies of this module by the name used in ``strategy.type`` (the canary's is
+:func:`castiron.engine.canary.run_canary`, built on these)."""
 
 
 __all__ = [

@@ -26,9 +26,9 @@ from castiron.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from castiron.engine.deploy import Engine, Target
-    from castiron.engine.drift import DriftFinding, DriftRules
+    from castiron.engine.drift import DriftFinding
     from castiron.engine.promote import Promotion
-    from castiron.engine.release import DeploySpec
+    from castiron.engine.resolve import DriftRules, ResolvedSpec
 
 IMPORT_SEPARATOR = "#"
 """Separates the spec path from the environment in an import id (``castiron.yaml#staging``)."""
@@ -83,20 +83,17 @@ def settings_for(environ: Mapping[str, str], spec: str, home: str | None) -> Set
     return load_settings(environ, spec_path=Path(spec), home=Path(home) if home else None)
 
 
-def _deploy_spec(settings: Settings, args: DeploymentArgs) -> DeploySpec:
+def _resolved_spec(settings: Settings, args: DeploymentArgs) -> ResolvedSpec:
     """The settings' spec with ``args``'s overrides applied to its environment.
 
     Raises:
         SpecError: when the spec cannot be read or does not validate.
         UsageError: when the environment is not in the spec, or an override is invalid.
     """
-    from castiron.engine.compose import deploy_spec_for
+    from castiron.engine.compose import resolved_spec
 
-    spec = deploy_spec_for(settings)
-    env = spec.environments.get(args.environment)
-    if env is None:
-        known = ", ".join(sorted(spec.environments)) or "none"
-        raise UsageError(f"no environment {args.environment!r} in {spec.path} (known: {known})")
+    spec = resolved_spec(settings)
+    env = spec.environment(args.environment)
     if args.replicas is None and not args.env:
         return spec
     config = env.config
@@ -120,7 +117,7 @@ def _target(
         SpecError, UsageError, NotFoundError: see :meth:`Engine.resolve` and
             :func:`castiron.engine.promote.prepare`.
     """
-    spec = _deploy_spec(settings, args)
+    spec = _resolved_spec(settings, args)
     if args.promote_from is None:
         return engine.resolve(spec, args.environment, args.image), None
     from castiron.engine.promote import prepare
@@ -152,7 +149,7 @@ def plan(settings: Settings, args: DeploymentArgs) -> Planned:
         if args.promote_from is not None and args.image is not None:
             # The release a promotion of this digest will deploy: the source may only serve
             # it once an earlier step of the same apply has deployed it there.
-            spec = _deploy_spec(settings, args)
+            spec = _resolved_spec(settings, args)
             target = engine.resolve(spec, args.environment, args.image)
         else:
             target, _ = _target(engine, settings, args)
@@ -194,7 +191,7 @@ def deploy(settings: Settings, args: DeploymentArgs, *, fix_drift: bool = False)
                 engine,
                 args.environment,
                 baselines=drift_dir(settings),
-                rules=drift_rules(settings, args.environment),
+                rules=_drift_rules(settings, args.environment),
             )
         observed = _observe(engine, settings, args.environment, with_drift=False)
     if observed is None:  # pragma: no cover - a deployment that succeeded records its release
@@ -233,7 +230,7 @@ def _observe(
             engine,
             environment,
             baselines=drift_dir(settings),
-            rules=drift_rules(settings, environment),
+            rules=_drift_rules(settings, environment),
         )
         drift = tuple(finding_line(f) for f in report.findings)
     tags = sorted(t for t, d in engine.images.tags().items() if d == release.digest)
@@ -254,30 +251,14 @@ def finding_line(finding: DriftFinding) -> str:
     return f"{finding.kind} {finding.instance} {finding.path}: expected {expected}, actual {actual}"
 
 
-def drift_rules(settings: Settings, environment: str) -> DriftRules:
-    """The ignore patterns of ``environment``'s ``drift`` section in the settings' spec
-    (defaults without a spec file or without that environment in it).
+def _drift_rules(settings: Settings, environment: str) -> DriftRules:
+    """The drift rules of ``environment`` in the settings' resolved spec, with only their ignore
+    patterns: the provider's scans report and fix on Terraform's terms, never on the agent's
+    watch schedule."""
+    from castiron.engine.driftwatch import drift_rules
+    from castiron.engine.resolve import DriftRules
 
-    Only parsed, not validated again: every plan and apply validates the spec (through the
-    cache of :func:`~castiron.engine.compose.deploy_spec_for`), and a refresh should not pay
-    for a second validation (a bad pattern is reported by the drift scan itself).
-
-    Raises:
-        SpecError: when the spec file cannot be read or is not YAML.
-    """
-    from castiron.engine.drift import DriftRules
-
-    if not settings.spec_path.is_file():
-        return DriftRules()
-    from castiron.spec.load import read_spec
-
-    environments = read_spec(settings.spec_path, settings.environ).value.get("environments")
-    env = environments.get(environment) if isinstance(environments, dict) else None
-    drift = env.get("drift") if isinstance(env, dict) else None
-    ignore = drift.get("ignore") if isinstance(drift, dict) else None
-    if not isinstance(ignore, list):
-        return DriftRules()
-    return DriftRules(ignore=tuple(str(pattern) for pattern in ignore))
+    return DriftRules(ignore=drift_rules(settings, environment).ignore)
 
 
 def take_down(settings: Settings, environment: str) -> list[str]:
@@ -399,7 +380,6 @@ __all__ = [
     "Observed",
     "Planned",
     "deploy",
-    "drift_rules",
     "environment_facts",
     "finding_line",
     "image_facts",

@@ -1,7 +1,7 @@
 """``castiron plan``, ``deploy``, ``rollback`` and ``down``: thin edges over the engine.
 
-They read the spec (what deploying needs of it; its validation is cached, see
-:func:`castiron.engine.release.cached_deploy_spec`) and settings, build an engine
+They resolve the spec once (the result is cached, see
+:func:`castiron.engine.resolve.cached_resolve_spec`), read the settings, build an engine
 (:mod:`castiron.engine.compose`), show the plan, ask for confirmation on a terminal, and
 render the result; progress goes to stderr so ``--json`` output on stdout stays one object.
 The engine is imported inside the commands so CLI start-up stays fast.
@@ -30,7 +30,7 @@ from castiron.redact import Redactor
 if TYPE_CHECKING:
     from castiron.engine.deploy import Engine, Target
     from castiron.engine.plan import Plan
-    from castiron.engine.release import DeploySpec
+    from castiron.engine.resolve import ResolvedSpec
     from castiron.state.base import JsonObject
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -193,7 +193,7 @@ def _plan_json(plan: Plan, tag: str | None, why: str) -> dict[str, Any]:
 BAKED_WHY = "baked from the current spec and context (castiron bake)"
 
 
-def choose_image(cli: CliContext, spec: DeploySpec, image: str | None) -> tuple[str, str]:
+def choose_image(cli: CliContext, spec: ResolvedSpec, image: str | None) -> tuple[str, str]:
     """The image to deploy and why: ``--image`` when given, else the image baked from the
     current spec and context (the bake's source key), never merely the newest in the store.
 
@@ -208,10 +208,10 @@ def choose_image(cli: CliContext, spec: DeploySpec, image: str | None) -> tuple[
 
     settings = cli.settings
     if spec.image is None:  # a spec read before it carried its image section
-        from castiron.engine.release import deploy_spec
+        from castiron.engine.resolve import resolve_spec
         from castiron.spec.load import load_spec
 
-        spec = deploy_spec(load_spec(spec.path, settings.environ))
+        spec = resolve_spec(load_spec(spec.path, settings.environ))
     assert spec.image is not None
     recipe = Recipe.from_json(spec.image)
     context = (spec.base_dir / recipe.context).resolve()
@@ -267,10 +267,10 @@ def plan_cmd(
     as_json: bool,
 ) -> None:
     """Show what deploying to ENVIRONMENT would change; changes nothing."""
-    from castiron.engine.compose import deploy_spec_for, open_engine
+    from castiron.engine.compose import open_engine, resolved_spec
 
     settings = cli.settings
-    spec = deploy_spec_for(settings)
+    spec = resolved_spec(settings)
     ref, why = choose_image(cli, spec, image)
     with open_engine(settings, observer=observer_for(cli, quiet=True)) as engine:
         ref = _from_registry(engine, ref, settings.environ) or ref
@@ -335,13 +335,13 @@ def deploy_cmd(
     """Deploy the image baked from the current spec and context (or --image) to ENVIRONMENT
     with zero downtime."""
     from castiron.cli.commands.canary_cmd import continue_deployment, report_abort, watch_observer
-    from castiron.engine.compose import deploy_spec_for, open_engine
+    from castiron.engine.compose import open_engine, resolved_spec
 
     if continue_:
         continue_deployment(cli, environment, as_json)
         return
     settings = cli.settings
-    spec = deploy_spec_for(settings)
+    spec = resolved_spec(settings)
     ref, why = choose_image(cli, spec, image)
     observer = watch_observer(cli, watch, as_json)
     with open_engine(settings, observer=observer, verify_trees=verify) as engine:
@@ -354,7 +354,7 @@ def deploy_cmd(
             result = engine.deploy(target, lock_wait=lock_wait)
     from castiron.engine.driftwatch import watch_after_deploy
 
-    watch_after_deploy(settings, environment)
+    watch_after_deploy(settings, environment, spec.environment(environment).drift)
     if as_json:
         emit_json(result.to_json())
         return

@@ -384,12 +384,12 @@ def export_cmd(
 def _export_manifests(
     cli: CliContext, environment: str, image: str | None, output: Path | None, as_json: bool
 ) -> None:
-    from castiron.engine.compose import deploy_spec_for, open_engine
+    from castiron.engine.compose import open_engine, resolved_spec
     from castiron.engine.kubeexport import kubernetes_manifests
 
     settings = cli.settings
     with open_engine(settings, start_agent=False) as engine:
-        release, text = kubernetes_manifests(engine, deploy_spec_for(settings), environment, image)
+        release, text = kubernetes_manifests(engine, resolved_spec(settings), environment, image)
     if output is not None:
         _write_atomically(output, text.encode())
     if as_json:

@@ -23,13 +23,12 @@ from castiron.cli.commands.deploy_cmd import (
 )
 from castiron.cli.context import CliContext, pass_cli
 from castiron.cli.render import emit_json
-from castiron.errors import UsageError
 
 PASSPHRASE_HELP = "Read the key's passphrase from this environment variable."
 
 if TYPE_CHECKING:
     from castiron.engine.deploy import Engine, Target
-    from castiron.engine.policy import GatePolicy
+    from castiron.engine.resolve import GatePolicy
 
 
 def _describe(gates: GatePolicy, gate: str, url: str) -> str:
@@ -114,11 +113,11 @@ def promote_cmd(
 ) -> None:
     """Deploy the exact image FROM serves (or --release) to TO, with TO's config, through
     TO's policy gates (exit 5 when one refuses)."""
-    from castiron.engine.compose import deploy_spec_for, open_engine
+    from castiron.engine.compose import open_engine, resolved_spec
     from castiron.engine.promote import prepare, promote
 
     settings = cli.settings
-    spec = deploy_spec_for(settings)
+    spec = resolved_spec(settings)
     with open_engine(settings, observer=observer_for(cli)) as engine:
         promotion = prepare(engine, spec, source, environment, release=release)
         target = promotion.target
@@ -175,18 +174,13 @@ def approve_cmd(
     with your OS user. One key, or one OS user, counts once; the deployer's own OS user never
     counts; $CASTIRON_ACTOR is only a label."""
     from castiron.cli.commands.sign_cmd import read_passphrase
-    from castiron.engine.compose import deploy_spec_for
-    from castiron.engine.policy import gate_policy
+    from castiron.engine.compose import resolved_spec
     from castiron.engine.promote import approve
     from castiron.images.sign import load_signer
     from castiron.state.store import open_state
 
     settings = cli.settings
-    spec = deploy_spec_for(settings)
-    if environment not in spec.environments:
-        known = ", ".join(sorted(spec.environments)) or "none"
-        raise UsageError(f"no environment {environment!r} in {spec.path} (known: {known})")
-    policy = gate_policy(spec, environment, settings.environ)
+    policy = resolved_spec(settings).environment(environment).gates
     signer = load_signer(key_path, read_passphrase(cli, passphrase_env))
     with open_state(settings) as store:
         approval = approve(store, policy, release, signer, settings.os_user, comment)
