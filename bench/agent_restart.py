@@ -31,6 +31,7 @@ from pathlib import Path
 
 from castiron.agent.client import SpawnRequest, agent_pid, ensure_agent, stop_agent
 from castiron.agent.supervisor import process_start_time
+from castiron.ports import free_port
 from castiron.settings import load_settings
 
 APP = textwrap.dedent(
@@ -44,12 +45,6 @@ APP = textwrap.dedent(
     http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
     """
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def one_request(port: int) -> str:

@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,15 +45,11 @@ from pathlib import Path
 
 from _machine import cpu_model
 
+from castiron.ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "src" / "castiron" / "examples" / "hello"
 CLI = [sys.executable, "-m", "castiron.cli.main"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def get(port: int, path: str = "/", timeout: float = 5.0) -> tuple[int, str]:

@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,6 +45,8 @@ from pathlib import Path
 from typing import Any
 
 from _machine import cpu_model
+
+from castiron.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "castiron.cli.main"]
@@ -94,12 +95,6 @@ services:
       HOST: 127.0.0.1
       PORT: "{port}"
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def get(port: int, timeout: float = 2.0) -> tuple[int, str]:

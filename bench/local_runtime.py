@@ -38,6 +38,7 @@ from castiron.images.build import BakeOptions, bake
 from castiron.images.rootfs import unpack_release
 from castiron.images.store import ImageStore
 from castiron.model import ImageRef, InstanceSpec, Isolation, ReleaseId
+from castiron.ports import free_port
 from castiron.settings import load_settings
 from castiron.spec.schema import ImageSection
 from castiron.traffic.base import Backend, BackendSet, RouteConfig
@@ -53,12 +54,6 @@ class H(BaseHTTPRequestHandler):
 ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
 """
 DOCKER_IMAGE = "castiron-bench/busybox:latest"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_ok(address: str, timeout: float = 60.0) -> float:

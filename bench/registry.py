@@ -40,6 +40,8 @@ from pathlib import Path
 
 from _machine import cpu_model
 
+from castiron.ports import free_port
+
 FILES = 5_000
 TOTAL_BYTES = 60 * 1024 * 1024
 SEED = 20241206
@@ -78,12 +80,6 @@ def machine() -> str:
         f"{os.cpu_count()} CPU ({cpu_model()}), Linux {platform.release()}, Python {py}, "
         f"{skopeo.strip()}, docker-registry (distribution) 2.8"
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager

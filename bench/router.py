@@ -43,6 +43,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from castiron.ports import free_port
+
 HERE = Path(__file__).resolve().parent
 BODY = b"hello, world\n"
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\nContent-Type: text/plain\r\n\r\n" + BODY
@@ -132,12 +134,6 @@ def run_router(kind: str, listen: str, backends: list[str], workdir: str) -> Non
         await router.close()
 
     asyncio.run(main())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def spawn(*args: str) -> subprocess.Popen[str]:

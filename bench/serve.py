@@ -44,6 +44,7 @@ from _machine import cpu_model
 
 from castiron.engine.access import create_token
 from castiron.model import Digest, ReleaseId
+from castiron.ports import free_port
 from castiron.state.base import (
     AuditDraft,
     DeploymentRow,
@@ -64,14 +65,6 @@ def machine() -> str:
         f"{os.cpu_count()} CPU ({cpu_model()}), kernel {platform.release()}, "
         f"Python {platform.python_version()}, load average {load[0]:.2f} at start"
     )
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def build_state(home: Path, envs: int, deployments: int) -> str:

@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -46,6 +45,7 @@ from audit_verify import build_chain
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the throwaway server the tests use
+from castiron.ports import free_port  # noqa: E402
 from pgserver import PostgresServer, find_bin  # noqa: E402
 
 APP = textwrap.dedent(
@@ -115,12 +115,6 @@ def machine() -> str:
         f"{os.cpu_count()} CPU ({cpu_model()}), kernel {platform.release()}, "
         f"Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}"
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def cli() -> list[str]:

@@ -31,7 +31,6 @@ import platform
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,8 @@ import time
 from pathlib import Path
 
 from _machine import cpu_model
+
+from castiron.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "src" / "castiron" / "examples" / "hello"
@@ -75,12 +76,6 @@ resource "castiron_deployment" "tf" {
   image       = var.image
 }
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def terraform() -> tuple[list[str], str]:

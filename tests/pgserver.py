@@ -14,11 +14,12 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from castiron.ports import free_port
 
 BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
 USER = "castiron"
@@ -35,12 +36,6 @@ def find_bin() -> Path | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class PostgresServer:
     """One running server; :meth:`stop` kills it and removes its directory."""
 
@@ -49,7 +44,7 @@ class PostgresServer:
         self.durable = durable
         """Keep PostgreSQL's default durability (benchmarks); tests turn fsync off."""
         self.password = secrets.token_hex(12)
-        self.port = _free_port()
+        self.port = free_port()
         # Under /tmp, not the test's tmp_path: the postgres user must be able to reach it.
         self.root = Path(tempfile.mkdtemp(prefix="castiron-pg-"))
         self.data = self.root / "data"
@@ -90,7 +85,7 @@ class PostgresServer:
             except RuntimeError:
                 if attempt == 2:
                     raise
-                self.port = _free_port()
+                self.port = free_port()
         self.create_database(TLS_ONLY_DATABASE)
         return self
 

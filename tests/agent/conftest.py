@@ -20,8 +20,9 @@ import pytest
 
 from castiron.agent.client import AgentClient, agent_pid, ensure_agent
 from castiron.agent.supervisor import process_start_time
+from castiron.ports import free_port
 from castiron.settings import Settings, load_settings
-from testkit import free_port, wait_for
+from testkit import wait_for
 
 APP = textwrap.dedent(
     """

@@ -14,7 +14,7 @@ from castiron.drivers.kubernetes.driver import KubernetesDriver
 from castiron.drivers.kubernetes.manifests import KubernetesOptions
 from castiron.errors import RuntimeDriverError
 from castiron.model import Digest, ImageRef, Instance, InstanceSpec, ReleaseId
-from testkit import free_port
+from castiron.ports import free_port
 
 KUBECONFIG = """\
 apiVersion: v1

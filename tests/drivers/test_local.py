@@ -24,9 +24,10 @@ from castiron.errors import DigestMismatchError, RuntimeDriverError
 from castiron.images.rootfs import unpack_release
 from castiron.images.store import ImageStore
 from castiron.model import ImageRef, Instance, InstanceSpec, Isolation, ReleaseId
+from castiron.ports import free_port
 from castiron.settings import Settings
 from castiron.traffic.base import Backend, BackendSet, RouteConfig
-from testkit import free_port, wait_for
+from testkit import wait_for
 
 from .localkit import (
     LocalImage,

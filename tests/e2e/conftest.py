@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from castiron.engine.journal import STEPS
-from testkit import free_port, wait_for
+from castiron.ports import free_port
+from testkit import wait_for
 
 APP = textwrap.dedent(
     """

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from testkit import free_port, wait_for
+from castiron.ports import free_port
+from testkit import wait_for
 
 from .conftest import Project
 

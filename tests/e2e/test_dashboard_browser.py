@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from testkit import free_port, wait_for
+from castiron.ports import free_port
+from testkit import wait_for
 
 from .conftest import Project
 from .servekit import serving, token

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from castiron.engine.journal import STEPS
-from testkit import free_port
+from castiron.ports import free_port
 
 from .conftest import APP, SPEC, Project, get, project_env, reap_home, wait_for
 

@@ -24,7 +24,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from tests.testkit import free_port, wait_for
+from tests.testkit import wait_for
+
+from castiron.ports import free_port
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"

@@ -370,7 +370,7 @@ def test_index_pull_selects_the_host_platform(registry: Registry, tmp_path: Path
 
 
 def test_unknown_and_unreachable_registries(tmp_path: Path) -> None:
-    from tests.testkit import free_port
+    from castiron.ports import free_port
 
     store, digest = _bake(tmp_path)
     with pytest.raises(RegistryError) as err:

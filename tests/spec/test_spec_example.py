@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from castiron.ports import free_port
 from castiron.spec.load import load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,15 +53,9 @@ def test_example_spec_is_valid() -> None:
     assert (loaded.base_dir / spec.image.context / "server.py").is_file()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def hello_server() -> Iterator[tuple[subprocess.Popen[str], int]]:
-    port = _free_port()
+    port = free_port()
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "PORT": str(port),

@@ -18,6 +18,7 @@ import psycopg
 import pytest
 
 from castiron.errors import SchemaTooNewError, StateCorruptError, UsageError
+from castiron.ports import free_port
 from castiron.settings import load_settings
 from castiron.state import audit
 from castiron.state.base import AuditDraft, EventRow
@@ -181,7 +182,7 @@ def test_the_password_can_come_from_a_variable(  # type: ignore[no-untyped-def]
 
 def _cases(server: Any) -> list[tuple[str, str]]:
     port = server.port
-    free = __import__("testkit").free_port()
+    free = free_port()
     return [
         (
             f"postgresql://castiron:wrong-pw-123@127.0.0.1:{port}/postgres",

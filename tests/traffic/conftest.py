@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from castiron.ports import free_port
 from castiron.traffic.base import (
     Backend,
     BackendSet,
@@ -27,7 +28,7 @@ from castiron.traffic.base import (
 )
 from castiron.traffic.proxy import BuiltinRouter
 from castiron.traffic.workers import WorkerPoolRouter
-from traffic.backends import HttpBackend, free_port
+from traffic.backends import HttpBackend
 
 T = TypeVar("T")
 

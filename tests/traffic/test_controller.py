@@ -13,6 +13,7 @@ import pytest
 
 from castiron.agent.client import agent_pid, ensure_agent
 from castiron.errors import RouterError
+from castiron.ports import free_port
 from castiron.settings import load_settings
 from castiron.traffic.controller import (
     AgentTraffic,
@@ -21,7 +22,7 @@ from castiron.traffic.controller import (
     backend_set,
 )
 
-from .backends import HttpBackend, free_port
+from .backends import HttpBackend
 
 
 @pytest.fixture(params=["memory", "agent"])

@@ -82,6 +82,7 @@ from castiron.agent.supervisor import (
 )
 from castiron.errors import AgentError, CastironError, NotFoundError, RouterError, UsageError
 from castiron.filemodes import make_private_dir, open_private
+from castiron.ports import free_port
 from castiron.redact import Redactor
 from castiron.traffic.base import Backend, BackendSet, RouteConfig, Router
 from castiron.traffic.stats import prometheus_text
@@ -976,7 +977,7 @@ class Agent:
         address = spawn.address
         if address:
             host, _ = split_address(address, "address")
-            port = _free_port(host)
+            port = free_port(host)
             address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             if "PORT" in env:
                 env["PORT"] = str(port)
@@ -1438,13 +1439,6 @@ def _with(backend_set: BackendSet, backend: Backend) -> BackendSet:
     if any(b.id == backend.id for b in backend_set.backends):
         return backend_set
     return BackendSet(backend_set.release, (*backend_set.backends, backend))
-
-
-def _free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def _check_health(check: HealthCheck | None) -> None:

@@ -58,6 +58,7 @@ from castiron.model import (
     ReleaseId,
     parse_memory,
 )
+from castiron.ports import free_port
 
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 """The engine address used when none is configured."""
@@ -781,9 +782,7 @@ def _family(host: str) -> socket.AddressFamily:
 
 def _free_port(host: str, where: str) -> int:
     try:
-        with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
-            sock.bind((host, 0))
-            return int(sock.getsockname()[1])
+        return free_port(host)
     except OSError as exc:
         raise RuntimeDriverError(f"{where}: no free port on {host}: {exc.strerror}") from exc
 

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -48,6 +47,7 @@ from castiron.model import (
     ReleaseId,
     parse_memory,
 )
+from castiron.ports import free_port
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 """``PATH`` given to an instance whose image and release set none."""
@@ -231,7 +231,7 @@ class LocalDriver:
                 raise RuntimeDriverError(f"{where}: memory: {exc}") from None
         if spec.cpus is not None and not (math.isfinite(spec.cpus) and spec.cpus > 0):
             raise RuntimeDriverError(f"{where}: cpus must be more than 0, not {spec.cpus}")
-        port = spec.port or _free_port(spec.host)
+        port = spec.port or free_port(spec.host)
         address = f"[{spec.host}]:{port}" if ":" in spec.host else f"{spec.host}:{port}"
         instance_dir = (self.instances_dir or self.releases_dir.parent / "instances") / spec.id
         subdirs = ("tmp", *(f"w{i}" for i in range(len(spec.writable))))
@@ -477,13 +477,6 @@ def _host_command(command: tuple[str, ...], rootfs: Path) -> tuple[str, ...]:
         if inside.is_file():
             return (str(inside), *command[1:])
     return command
-
-
-def _free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 __all__ = [

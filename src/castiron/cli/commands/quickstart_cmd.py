@@ -29,6 +29,7 @@ import click
 
 from castiron.cli.context import CliContext, pass_cli
 from castiron.errors import CastironError, UsageError
+from castiron.ports import free_port
 from castiron.settings import Settings
 
 DEFAULT_PORT = 8080
@@ -94,12 +95,6 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _copy_example(target: Path) -> bool:
     """Copy the example into ``target``; False when a previous quickstart is already there.
 
@@ -149,7 +144,7 @@ def choose_port(given: int | None, environ: dict[str, str], spec: Path, fresh: b
     previous = None if fresh else _listen_port(spec)
     if previous is not None:
         return previous
-    return DEFAULT_PORT if _port_free(DEFAULT_PORT) else _free_port()
+    return DEFAULT_PORT if _port_free(DEFAULT_PORT) else free_port()
 
 
 def _set_listen(spec: Path, port: int) -> None:

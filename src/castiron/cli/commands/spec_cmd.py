@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import socket
 from pathlib import Path
 
 import click
@@ -19,6 +18,7 @@ from castiron.cli.context import CliContext, pass_cli
 from castiron.cli.render import emit_json
 from castiron.errors import SpecError, UsageError
 from castiron.model import is_name
+from castiron.ports import free_ports
 from castiron.spec.load import load_spec
 from castiron.spec.references import check_references
 from castiron.spec.schema import spec_json_schema
@@ -41,20 +41,6 @@ def _find_app(base: Path) -> tuple[str, str]:
     root = base / context
     found = next((name for name in ENTRYPOINTS if (root / name).is_file()), "server.py")
     return context, found
-
-
-def _free_ports(count: int) -> list[int]:
-    """``count`` distinct ports free on 127.0.0.1 right now."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sockets.append(sock)
-            sock.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def _write_example(path: Path, staging_port: int, production_port: int) -> None:
@@ -108,7 +94,7 @@ def init(cli: CliContext, app: str | None, port: int | None, example: bool) -> N
     name = app if app is not None else _default_app_name(path.parent)
     if not path.parent.is_dir():
         raise UsageError(f"cannot write {path}: directory {path.parent} does not exist")
-    free = _free_ports(2)
+    free = free_ports(2)
     staging_port = port if port is not None else free[0]
     production_port = next(p for p in free if p != staging_port)
     if example:
