@@ -84,6 +84,67 @@ def is_name(value: str) -> bool:
 # --- values the engine hands to drivers (drivers never see the spec) -------------------------
 
 
+@value
+class Address:
+    """Where something listens or serves: ``HOST:PORT``, ``[V6]:PORT`` for IPv6.
+
+    ``host`` is kept without brackets; :meth:`__str__` adds them back for IPv6.
+    """
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Address:
+        """``HOST:PORT`` or ``[V6]:PORT`` as an address (the port 0 to 65535; the host is
+        not resolved or checked further).
+
+        Raises:
+            ValueError: naming ``text`` when it is not of that form.
+        """
+        host, sep, port_text = text.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+            bracketed = True
+        else:
+            bracketed = False
+        if not sep or not host or (":" in host and not bracketed):
+            hint = " (write IPv6 hosts in brackets: [::1]:80)" if ":" in host else ""
+            raise ValueError(f"{text!r} is not HOST:PORT{hint}")
+        if not port_text.isdigit() or int(port_text) > 65535:
+            raise ValueError(f"{text!r}: port {port_text!r} must be a number from 0 to 65535")
+        return cls(host, int(port_text))
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+HealthKind = _Literal["http", "tcp", "command", "none"]
+"""How an instance is judged healthy."""
+
+HEALTH_KINDS: tuple[HealthKind, ...] = ("http", "tcp", "command", "none")
+
+
+@value
+class HealthCheck:
+    """How an instance is judged ready for traffic: one value from the spec to the prober,
+    carried in :class:`InstanceSpec` and sent to the agent as is."""
+
+    kind: HealthKind = "tcp"
+    """``http`` (GET ``target`` answers 2xx), ``tcp`` (the port accepts), ``command`` (exits 0)
+    or ``none`` (the agent treats it as ``tcp``: a listening port is the least required)."""
+    target: str = ""
+    """The http path, or the command as a JSON array of strings; empty for tcp/none."""
+    interval: float = 1.0
+    """Seconds between probes."""
+    timeout: float = 2.0
+    """Seconds one probe may take."""
+    healthy_after: int = 1
+    """Consecutive successes needed."""
+    start_period: float = 30.0
+    """Failures during this many seconds after the start do not count."""
+
+
 Isolation = _Literal["auto", "sandbox", "none"]
 InstanceState = _Literal["starting", "running", "exited", "missing"]
 
@@ -179,7 +240,11 @@ def parse_memory(text: str) -> int:
 
 
 __all__ = [
+    "HEALTH_KINDS",
+    "Address",
     "Digest",
+    "HealthCheck",
+    "HealthKind",
     "ImageRef",
     "Instance",
     "InstanceSpec",

@@ -38,6 +38,7 @@ from castiron.agent.client import AgentClient, HealthCheck, InstanceRecord, Spaw
 from castiron.errors import AgentError, CastironError, NotFoundError, RuntimeDriverError
 from castiron.filemodes import make_private_dir
 from castiron.model import (
+    Address,
     Digest,
     ImageRef,
     Instance,
@@ -434,12 +435,15 @@ class LocalDriver:
             command = json.loads(labels.get("castiron.command", "null"))
         except ValueError:
             command = None
-        _, _, port_text = record.address.rpartition(":")
+        try:
+            port: int | None = Address.parse(record.address).port
+        except ValueError:
+            port = None
         config: dict[str, object] = {
             "env": dict(record.env_values),
             "secrets": secret_names,
             "command": command if isinstance(command, list) else list(record.argv),
-            "port": int(port_text) if port_text.isdigit() else None,
+            "port": port,
             "user": labels.get("castiron.user") or None,
             "workdir": labels.get("castiron.workdir"),
             "isolation": labels.get("castiron.isolation"),

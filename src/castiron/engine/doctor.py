@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from castiron.agent.client import agent_pid
 from castiron.drivers.local import probe_bwrap
+from castiron.model import Address
 from castiron.settings import Settings
 from castiron.spec.load import LoadedSpec, load_spec
 
@@ -205,11 +206,11 @@ def _git(path_env: str) -> Check:
 
 
 def _port(environment: str, listen: str, agent: int | None) -> Check:
-    host, _, port_s = listen.rpartition(":")
+    address = Address.parse(listen)
     name = f"port {listen}"
     try:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-            sock.bind((host.strip("[]"), int(port_s)))
+        with socket.socket(socket.AF_INET6 if ":" in address.host else socket.AF_INET) as sock:
+            sock.bind((address.host, address.port))
     except OSError as exc:
         if agent is not None:
             return Check(

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from castiron.engine.release import HealthConfig
+from castiron.model import Address
 from castiron.values import value
 
 
@@ -26,8 +27,8 @@ class ProbeResult:
 
 
 def _split(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
+    parsed = Address.parse(address)
+    return parsed.host, parsed.port
 
 
 def probe_http(address: str, path: str, timeout: float) -> ProbeResult:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Protocol
 
 from castiron.errors import RouterError
+from castiron.model import Address
 from castiron.traffic.accesslog import AccessLog, access_line
 from castiron.traffic.base import ROUTER_RELEASE, Backend, BackendSet, ReleaseCounters, RouteConfig
 from castiron.traffic.http import (
@@ -131,12 +132,11 @@ def parse_listen(listen: str) -> tuple[str, int]:
     Raises:
         RouterError: when ``listen`` is not of that form.
     """
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not host or int(port) > 65535:
-        raise RouterError(f"listen address {listen!r}: expected HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
+    try:
+        address = Address.parse(listen)
+    except ValueError:
+        raise RouterError(f"listen address {listen!r}: expected HOST:PORT") from None
+    return address.host, address.port
 
 
 def _nodelay(transport: asyncio.BaseTransport) -> None:
