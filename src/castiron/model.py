@@ -119,6 +119,11 @@ class Address:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+RuntimeName = _Literal["local", "docker", "kubernetes"]
+"""The runtimes an environment may run on."""
+
+RUNTIMES: tuple[RuntimeName, ...] = ("local", "docker", "kubernetes")
+
 HealthKind = _Literal["http", "tcp", "command", "none"]
 """How an instance is judged healthy."""
 
@@ -186,6 +191,9 @@ class InstanceSpec:
     memory: str | None = None
     cpus: float | None = None
     labels: _Mapping[str, str] = _dc.field(default_factory=dict)
+    health: HealthCheck | None = None
+    """The release's health check: the runtime's own probes (Kubernetes) and the agent's
+    replacements of an instance run it (None: none stated)."""
 
 
 @value
@@ -241,6 +249,7 @@ def parse_memory(text: str) -> int:
 
 __all__ = [
     "HEALTH_KINDS",
+    "RUNTIMES",
     "Address",
     "Digest",
     "HealthCheck",
@@ -252,6 +261,7 @@ __all__ = [
     "Isolation",
     "Observed",
     "ReleaseId",
+    "RuntimeName",
     "is_digest",
     "is_name",
     "parse_digest",

@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from castiron.agent.client import AgentClient, HealthCheck, SpawnRequest
+from castiron.agent.client import AgentClient, SpawnRequest
 from castiron.errors import AgentError
+from castiron.model import HealthCheck
 
 HTTP = HealthCheck(kind="http", target="/healthz", timeout=2.0)
 

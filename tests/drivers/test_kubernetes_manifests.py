@@ -22,7 +22,7 @@ from castiron.drivers.kubernetes.manifests import (
     service,
 )
 from castiron.errors import RuntimeDriverError
-from castiron.model import Digest, ImageRef, InstanceSpec, ReleaseId
+from castiron.model import Digest, HealthCheck, ImageRef, InstanceSpec, ReleaseId
 
 CASES = Path(__file__).parent / "kubernetes_cases"
 VERSIONS = [f"1.{minor}.0" for minor in range(25, 34)]
@@ -47,6 +47,7 @@ def _spec(data: dict[str, Any]) -> InstanceSpec:
         memory=data.get("memory"),
         cpus=data.get("cpus"),
         labels=dict(data.get("labels", {})),
+        health=HealthCheck(**data["health"]) if "health" in data else None,
     )
 
 

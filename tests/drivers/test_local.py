@@ -12,18 +12,19 @@ import stat
 import tarfile
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from castiron.agent.client import AgentClient, AgentEvent, HealthCheck, to_json
+from castiron.agent.client import AgentClient, AgentEvent, to_json
 from castiron.agent.daemon import ReplaceBackoff
 from castiron.drivers.local import LocalDriver, SandboxPolicy
 from castiron.errors import DigestMismatchError, RuntimeDriverError
 from castiron.images.rootfs import unpack_release
 from castiron.images.store import ImageStore
-from castiron.model import ImageRef, Instance, InstanceSpec, Isolation, ReleaseId
+from castiron.model import HealthCheck, ImageRef, Instance, InstanceSpec, Isolation, ReleaseId
 from castiron.ports import free_port
 from castiron.settings import Settings
 from castiron.traffic.base import Backend, BackendSet, RouteConfig
@@ -296,14 +297,14 @@ def test_killed_instance_is_replaced_and_routed(
     local: tuple[Settings, AgentClient], local_image: LocalImage
 ) -> None:
     settings, agent = local
-    driver = make_driver(
-        settings,
-        agent,
-        health=lambda s: HealthCheck(kind="http", target="/", interval=0.2, timeout=2.0),
-    )
+    driver = make_driver(settings, agent)
     driver.ensure_image(local_image.ref)
+    check = HealthCheck(kind="http", target="/", interval=0.2, timeout=2.0)
     old = driver.create(
-        spec(local_image, "rep-1", env={"TOKEN": SECRET}, secrets=frozenset({"TOKEN"}))
+        replace(
+            spec(local_image, "rep-1", env={"TOKEN": SECRET}, secrets=frozenset({"TOKEN"})),
+            health=check,
+        )
     )
     wait_for(lambda: serving(old.address), what="the first instance to serve")
     listen = f"127.0.0.1:{free_port()}"

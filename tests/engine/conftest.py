@@ -18,12 +18,11 @@ import pytest
 
 from castiron.drivers.fake import FakeDriver
 from castiron.engine.deploy import Engine
-from castiron.engine.health import ProbeResult
-from castiron.engine.release import HealthConfig
 from castiron.errors import UsageError
+from castiron.health import ProbeResult
 from castiron.images.build import BakeOptions, bake
 from castiron.images.store import ImageStore
-from castiron.model import Instance
+from castiron.model import HealthCheck, Instance
 from castiron.spec.load import LoadedSpec, load_spec
 from castiron.state.base import JsonObject, ManualClock, StateStore
 from castiron.state.sqlite import open_state
@@ -89,7 +88,7 @@ class Recorder:
         self.lines.append(message)
 
 
-def fake_prober(check: HealthConfig, address: str, env: Mapping[str, str]) -> ProbeResult:
+def fake_prober(check: HealthCheck, address: str, env: Mapping[str, str]) -> ProbeResult:
     """Healthy unless the release's env says ``SICK=1``."""
     if env.get("SICK") == "1":
         return ProbeResult(False, f"GET {check.target}: 503 Service Unavailable")

@@ -25,10 +25,10 @@ from castiron.engine.canary import (
     window_stats,
 )
 from castiron.engine.deploy import DeployResult
-from castiron.engine.health import ProbeResult
-from castiron.engine.release import HealthConfig
 from castiron.engine.resolve import AnalysisLimits, CanaryConfig, PrometheusQuery
 from castiron.errors import CanaryAbortedError, NotFoundError, SpecError, UsageError
+from castiron.health import ProbeResult
+from castiron.model import HealthCheck
 from castiron.spec.load import load_spec
 from castiron.traffic.base import ReleaseCounters, Stickiness
 from castiron.traffic.controller import MemoryTraffic
@@ -382,7 +382,7 @@ def test_http_checks_run_on_every_canary_instance(
     )
     asked: list[tuple[str, str]] = []
 
-    def prober(check: HealthConfig, address: str, env: Mapping[str, str]) -> ProbeResult:
+    def prober(check: HealthCheck, address: str, env: Mapping[str, str]) -> ProbeResult:
         asked.append((check.target, address))
         if check.target == "/broken":
             return ProbeResult(False, "GET /broken: 503 Service Unavailable")

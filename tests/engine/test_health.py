@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from castiron.engine.health import (
+from castiron.health import (
     HealthTracker,
     ProbeResult,
     probe,
@@ -18,7 +18,7 @@ from castiron.engine.health import (
     probe_http,
     probe_tcp,
 )
-from castiron.engine.release import HealthConfig
+from castiron.model import HealthCheck
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -71,14 +71,14 @@ def test_command_probe() -> None:
 
 
 def test_probe_dispatches_on_kind(server: str) -> None:
-    check = HealthConfig("http", "/healthz", 1.0, 1.0, 1, 0.0)
+    check = HealthCheck("http", "/healthz", 1.0, 1.0, 1, 0.0)
     assert probe(check, server).ok
-    cmd = HealthConfig("command", f'["{sys.executable}", "-c", "pass"]', 1.0, 5.0, 1, 0.0)
+    cmd = HealthCheck("command", f'["{sys.executable}", "-c", "pass"]', 1.0, 5.0, 1, 0.0)
     assert probe(cmd, server).ok
 
 
 def test_tracker_needs_consecutive_successes() -> None:
-    tracker = HealthTracker(HealthConfig("http", "/", 1.0, 1.0, 2, 10.0), started_at=0.0)
+    tracker = HealthTracker(HealthCheck("http", "/", 1.0, 1.0, 2, 10.0), started_at=0.0)
     ok, bad = ProbeResult(True, "ok"), ProbeResult(False, "bad")
     assert not tracker.record(ok, 1.0)
     assert not tracker.record(bad, 2.0)

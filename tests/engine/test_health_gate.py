@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from castiron.engine.release import HealthConfig
 from castiron.engine.resolve import default_deploy_timeout
 from castiron.errors import DeployFailedError
+from castiron.model import HealthCheck
 
 from .conftest import Recorder, World
 
@@ -50,5 +50,5 @@ def test_the_default_deploy_timeout_follows_the_health_check(world: World) -> No
 def test_default_deploy_timeout(
     start_period: float, interval: float, timeout: float, healthy_after: int, expected: float
 ) -> None:
-    check = HealthConfig("http", "/healthz", interval, timeout, healthy_after, start_period)
+    check = HealthCheck("http", "/healthz", interval, timeout, healthy_after, start_period)
     assert default_deploy_timeout(check) == expected

@@ -34,6 +34,7 @@ from typing import Any, Literal, TypeVar
 
 from castiron.errors import AgentError, NotFoundError, UsageError
 from castiron.filemodes import make_private_dir
+from castiron.model import HealthCheck
 from castiron.settings import Settings
 from castiron.values import value
 
@@ -49,26 +50,6 @@ T = TypeVar("T")
 
 
 # --- wire values ----------------------------------------------------------------------------------
-
-
-HealthKind = Literal["http", "tcp", "command", "none"]
-
-
-@value
-class HealthCheck:
-    """How the agent judges a replacement instance ready for traffic (see ``SpawnRequest``)."""
-
-    kind: HealthKind = "tcp"
-    """``http`` (GET ``target`` answers 2xx), ``tcp`` (the port accepts), ``command`` (exits 0)
-    or ``none`` (treated as ``tcp``: a listening port is the least required)."""
-    target: str = ""
-    """The http path, or the command as a JSON array of strings; empty for tcp/none."""
-    interval: float = 1.0
-    timeout: float = 2.0
-    healthy_after: int = 1
-    """Consecutive successes needed."""
-    start_period: float = 30.0
-    """Failures during this many seconds after the start do not count."""
 
 
 @value
@@ -947,8 +928,6 @@ __all__ = [
     "AgentStatus",
     "DriftWatch",
     "EventKind",
-    "HealthCheck",
-    "HealthKind",
     "InstanceRecord",
     "InstanceStateName",
     "SpawnRequest",

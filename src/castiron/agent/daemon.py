@@ -58,7 +58,6 @@ from castiron.agent.client import (
     AgentStatus,
     DriftWatch,
     EventKind,
-    HealthCheck,
     InstanceRecord,
     SpawnRequest,
     from_json,
@@ -82,6 +81,7 @@ from castiron.agent.supervisor import (
 )
 from castiron.errors import AgentError, CastironError, NotFoundError, RouterError, UsageError
 from castiron.filemodes import make_private_dir, open_private
+from castiron.model import HealthCheck
 from castiron.ports import free_port
 from castiron.redact import Redactor
 from castiron.traffic.base import Backend, BackendSet, RouteConfig, Router
@@ -1003,20 +1003,12 @@ class Agent:
     async def _wait_healthy(self, record: InstanceRecord, spawn: SpawnRequest) -> tuple[bool, str]:
         """Probe ``record`` until healthy, exited, or past its deadline."""
         # Imported here: the health module is only needed once an instance must be replaced.
-        from castiron.engine.health import HealthTracker, probe
-        from castiron.engine.release import HealthConfig
+        from castiron.health import HealthTracker, probe
 
         check = spawn.health or HealthCheck()
         if not record.address:
             return True, "no address to probe"
-        config = HealthConfig(
-            kind="tcp" if check.kind == "none" else check.kind,
-            target=check.target,
-            interval=check.interval,
-            timeout=check.timeout,
-            healthy_after=check.healthy_after,
-            start_period=check.start_period,
-        )
+        config = replace(check, kind="tcp") if check.kind == "none" else check
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         deadline = (
@@ -1293,17 +1285,10 @@ class Agent:
     ) -> list[str]:
         """Probe every backend once, concurrently; the failures as ``id: detail``."""
         # Imported here: the health module is only needed for flips and replacements.
-        from castiron.engine.health import probe
-        from castiron.engine.release import HealthConfig
+        from castiron.health import probe
 
-        config = HealthConfig(
-            kind="tcp" if check.kind == "none" else check.kind,
-            target=check.target,
-            interval=check.interval,
-            timeout=check.timeout,
-            healthy_after=1,
-            start_period=0.0,
-        )
+        kind = "tcp" if check.kind == "none" else check.kind
+        config = replace(check, kind=kind, healthy_after=1, start_period=0.0)
         loop = asyncio.get_running_loop()
         results = await asyncio.gather(
             *(loop.run_in_executor(None, probe, config, b.address, env) for b in backends)

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from castiron.agent.client import AgentClient, HealthCheck, InstanceRecord, SpawnRequest
+from castiron.agent.client import AgentClient, InstanceRecord, SpawnRequest
 from castiron.errors import AgentError, CastironError, NotFoundError, RuntimeDriverError
 from castiron.filemodes import make_private_dir
 from castiron.model import (
@@ -98,14 +98,6 @@ class SandboxPolicy:
 Unpacker = Callable[[ImageRef, Path], None]
 """Unpacks an image into a new, read-only rootfs directory (``images.rootfs.unpack_release``)."""
 
-HealthFor = Callable[[InstanceSpec], HealthCheck | None]
-"""The health check the agent runs on a replacement of an instance (from the release)."""
-
-
-def _no_health(spec: InstanceSpec) -> HealthCheck | None:
-    return None
-
-
 @dataclass
 class LocalDriver:
     """Instances as processes supervised by the host agent."""
@@ -118,7 +110,6 @@ class LocalDriver:
     instances_dir: Path | None = None
     """Private per-instance directories (scratch, writable paths); default
     ``releases_dir/../instances``."""
-    health: HealthFor = _no_health
     replace_on_exit: bool = True
     """Ask the agent to replace an instance that exits by itself (with backoff, health-gated)."""
     notice: Callable[[str], None] | None = None
@@ -285,7 +276,7 @@ class LocalDriver:
             instance_dir=str(instance_dir),
             instance_subdirs=subdirs,
             replace=self.replace_on_exit,
-            health=self.health(spec),
+            health=spec.health,
             memory_bytes=memory_bytes,
             cpus=spec.cpus,
         )

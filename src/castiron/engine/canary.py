@@ -33,11 +33,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from castiron.engine.release import HealthConfig
 from castiron.engine.resolve import AnalysisLimits, CanaryConfig, CanaryStep, PrometheusQuery
 from castiron.engine.strategies import Rollout, backends_of, blue_green
 from castiron.errors import CanaryAbortedError, NotFoundError, UsageError
-from castiron.model import Instance
+from castiron.model import HealthCheck, Instance
 from castiron.state.base import AuditDraft, DeploymentRow, StateStore, StateTx, StepRow
 from castiron.traffic.base import ReleaseCounters
 from castiron.traffic.stats import estimate_percentile
@@ -549,7 +548,7 @@ class _Canary:
         breaches: list[str] = []
         env = {**dict(r.runtime.env), **dict(r.release.config.env)}
         for path in limits.http:
-            check = HealthConfig("http", path, 1.0, HTTP_CHECK_TIMEOUT, 1, 0.0)
+            check = HealthCheck("http", path, 1.0, HTTP_CHECK_TIMEOUT, 1, 0.0)
             for instance in self.new:
                 result = r.prober(check, instance.address, env)
                 if not result.ok:

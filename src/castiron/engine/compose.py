@@ -13,20 +13,12 @@ settings carry what was captured at the edge).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from castiron.agent.client import (
-    AgentClient,
-    HealthCheck,
-    agent_pid,
-    ensure_agent,
-    from_json,
-    socket_path,
-)
+from castiron.agent.client import AgentClient, agent_pid, ensure_agent, socket_path
 from castiron.drivers.base import Driver, LogSource
 from castiron.engine.deploy import Engine
 from castiron.engine.journal import StepObserver
@@ -38,8 +30,8 @@ from castiron.engine.runtimes import (
     runtime_prober,
 )
 from castiron.engine.strategies import LOG_LINES
-from castiron.errors import CastironError, UsageError
-from castiron.model import ImageRef, Instance, InstanceSpec
+from castiron.errors import CastironError
+from castiron.model import ImageRef, Instance
 from castiron.settings import Settings
 from castiron.state.base import StateStore
 from castiron.state.store import open_state
@@ -71,18 +63,6 @@ class _Agent:
         return self._client
 
 
-def health_for(spec: InstanceSpec) -> HealthCheck | None:
-    """The health check the agent runs on a replacement of the instance ``spec`` describes
-    (the engine puts the release's check in the ``castiron.health`` label)."""
-    text = spec.labels.get("castiron.health")
-    if not text:
-        return None
-    try:
-        return from_json(HealthCheck, json.loads(text), "castiron.health")
-    except (ValueError, UsageError):
-        return None
-
-
 def local_driver(
     settings: Settings,
     agent: Callable[[], AgentClient],
@@ -108,7 +88,6 @@ def local_driver(
         releases_dir=settings.releases_path,
         unpack=unpack,
         sandbox=SandboxPolicy(bwrap=find_bwrap(path)),
-        health=health_for,
         notice=notice,
     )
 
@@ -258,7 +237,6 @@ __all__ = [
     "agent_running",
     "drift_dir",
     "driver_factory",
-    "health_for",
     "local_driver",
     "open_engine",
     "resolved_spec",

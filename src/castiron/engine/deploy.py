@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from castiron.drivers.base import Driver
-from castiron.engine.health import probe
 from castiron.engine.journal import (
     Journal,
     SilentObserver,
@@ -52,6 +51,7 @@ from castiron.errors import (
     NotFoundError,
     UsageError,
 )
+from castiron.health import probe
 from castiron.model import Digest, ImageRef, Instance, ReleaseId
 from castiron.settings import current_os_user
 from castiron.state.base import (

@@ -12,9 +12,6 @@ It writes nothing and talks to no cluster; it knows nothing of click.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
-
 from castiron.drivers.kubernetes.manifests import (
     KubernetesOptions,
     deployment,
@@ -75,7 +72,7 @@ def kubernetes_manifests(
         writable=cfg.writable,
         memory=cfg.memory,
         cpus=cfg.cpus,
-        labels={"castiron.health": json.dumps(asdict(cfg.health), sort_keys=True)},
+        health=cfg.health,
     )
     objects = [
         deployment(instance, options, replicas=cfg.replicas),

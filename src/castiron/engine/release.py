@@ -14,25 +14,19 @@ from typing import TYPE_CHECKING, Any
 
 from castiron.drivers.kubernetes.manifests import KubernetesOptions
 from castiron.errors import UsageError
-from castiron.model import Digest, ReleaseId
+from castiron.model import (
+    HEALTH_KINDS,
+    Digest,
+    HealthCheck,
+    HealthKind,
+    Isolation,
+    ReleaseId,
+    RuntimeName,
+)
 from castiron.values import value
 
 if TYPE_CHECKING:  # the schema (pydantic) is only needed when a spec is resolved
     from castiron.spec.schema import Kubernetes, SecretRef, Spec
-
-
-@value
-class HealthConfig:
-    """The resolved health check of a release."""
-
-    kind: str
-    """``http``, ``tcp``, ``command`` or ``none``."""
-    target: str
-    """The http path, or the command as a JSON list; empty for tcp/none."""
-    interval: float
-    timeout: float
-    healthy_after: int
-    start_period: float
 
 
 @value
@@ -41,15 +35,15 @@ class ReleaseConfig:
 
     app: str
     environment: str
-    runtime: str
+    runtime: RuntimeName
     replicas: int
     port: int
     env: tuple[tuple[str, str], ...]
     secrets: tuple[tuple[str, str], ...]
     """(NAME, reference) pairs: ``env:VAR``, ``file:PATH`` or ``tf:FILE#OUTPUT``; never
     values."""
-    health: HealthConfig
-    isolation: str
+    health: HealthCheck
+    isolation: Isolation
     network: str
     writable: tuple[str, ...]
     memory: str | None
@@ -117,6 +111,7 @@ def release_config(spec: Spec, environment: str) -> ReleaseConfig:
     env = spec.environments[environment]
     service = spec.service
     health = service.health
+    kind: HealthKind
     if health.http is not None:
         kind, target = "http", health.http
     elif health.tcp:
@@ -135,7 +130,7 @@ def release_config(spec: Spec, environment: str) -> ReleaseConfig:
         port=service.port,
         env=tuple(sorted(merged_env.items())),
         secrets=tuple(sorted(secrets.items())),
-        health=HealthConfig(
+        health=HealthCheck(
             kind=kind,
             target=target,
             interval=health.interval,
@@ -205,7 +200,9 @@ def config_from_json(data: dict[str, Any]) -> ReleaseConfig:
     cfg["env"] = tuple(sorted(dict(cfg["env"]).items()))
     cfg["secrets"] = tuple(sorted(dict(cfg["secrets"]).items()))
     cfg["writable"] = tuple(cfg["writable"])
-    cfg["health"] = HealthConfig(**cfg["health"])
+    cfg["health"] = HealthCheck(**cfg["health"])
+    if cfg["health"].kind not in HEALTH_KINDS:
+        raise ValueError(f"health.kind {cfg['health'].kind!r}")
     if cfg.get("kubernetes") is not None:
         cfg["kubernetes"] = KubernetesOptions.from_json(cfg["kubernetes"])
     return ReleaseConfig(**cfg)

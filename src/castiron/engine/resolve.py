@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from castiron.engine.release import (
-    HealthConfig,
     ReleaseConfig,
     canonical_json,
     config_from_json,
@@ -35,6 +34,7 @@ from castiron.engine.release import (
 )
 from castiron.errors import UsageError
 from castiron.filemodes import make_private_dir, open_private
+from castiron.model import HealthCheck
 from castiron.traffic.base import Stickiness
 from castiron.values import value
 
@@ -441,7 +441,7 @@ class ResolvedSpec:
         return env
 
 
-def default_deploy_timeout(health: HealthConfig) -> float:
+def default_deploy_timeout(health: HealthCheck) -> float:
     """How long a deployment waits for health when the spec does not say: the start period
     (where failures do not count) plus ``healthy_after`` + 2 probes of ``interval`` + ``timeout``
     each, so a slow but healthy app passes and a broken one fails soon after it may start."""

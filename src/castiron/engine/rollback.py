@@ -16,9 +16,8 @@ read from the state store).
 
 from __future__ import annotations
 
-from typing import cast
+from dataclasses import replace
 
-from castiron.agent.client import HealthCheck, HealthKind
 from castiron.engine.deploy import DeployResult, Engine, Target
 from castiron.engine.journal import Journal, new_deployment_id
 from castiron.engine.release import Release
@@ -179,15 +178,7 @@ def _flip(
         sleep=engine.sleep,
     )
     ids = [r.id for r in choice.warm]
-    health = release.config.health
-    check = HealthCheck(
-        kind=cast(HealthKind, health.kind),
-        target=health.target,
-        interval=health.interval,
-        timeout=health.timeout,
-        healthy_after=1,
-        start_period=0.0,
-    )
+    check = replace(release.config.health, healthy_after=1, start_period=0.0)
     step = {"to": ids, "keep": [], "final": True}
     journal.step("switch", step)
     try:

@@ -23,12 +23,11 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from castiron.agent.client import HealthCheck
 from castiron.drivers.base import Driver, ReadinessSource
-from castiron.engine.health import ProbeResult, probe
-from castiron.engine.release import HealthConfig, ReleaseConfig
+from castiron.engine.release import ReleaseConfig
 from castiron.errors import CastironError, UsageError
-from castiron.model import Digest, ImageRef, Observed, ReleaseId
+from castiron.health import ProbeResult, probe
+from castiron.model import RUNTIMES, Digest, HealthCheck, ImageRef, Observed, ReleaseId, RuntimeName
 from castiron.settings import Settings
 from castiron.state.base import StateStore
 from castiron.traffic.base import BackendSet, Limits, ReleaseCounters, Stickiness
@@ -39,7 +38,7 @@ if TYPE_CHECKING:  # the docker SDK is only imported when a Docker runtime is us
     from castiron.drivers.kubernetes.manifests import KubernetesOptions
     from castiron.engine.deploy import Engine
 
-AVAILABLE_RUNTIMES = ("local", "docker", "kubernetes")
+AVAILABLE_RUNTIMES: tuple[RuntimeName, ...] = RUNTIMES
 """Runtimes this castiron can deploy to."""
 
 DEFAULT_NETWORK = "host"
@@ -365,11 +364,11 @@ class RuntimeTraffic:
 
 def runtime_prober(
     driver_for: Callable[[str], Driver],
-) -> Callable[[HealthConfig, str, Mapping[str, str]], ProbeResult]:
+) -> Callable[[HealthCheck, str, Mapping[str, str]], ProbeResult]:
     """The engine's health prober: a real probe of the address, except for instances whose
     runtime judges readiness itself (their driver is asked)."""
 
-    def prober(check: HealthConfig, address: str, env: Mapping[str, str]) -> ProbeResult:
+    def prober(check: HealthCheck, address: str, env: Mapping[str, str]) -> ProbeResult:
         if address.startswith(KUBERNETES_ADDRESS_PREFIX):
             driver = driver_for("kubernetes")
             if isinstance(driver, ReadinessSource):

@@ -15,10 +15,10 @@ from dataclasses import replace
 from typing import Any
 
 from castiron.engine.deploy import Engine
-from castiron.engine.release import HealthConfig
 from castiron.engine.rollback import choose, known_good
 from castiron.engine.runtimes import environment_strays
 from castiron.errors import CastironError, NotFoundError
+from castiron.model import HealthCheck
 from castiron.state.base import DeploymentRow, format_time_short
 from castiron.state.locks import LockManager
 from castiron.traffic.controller import Routing
@@ -97,7 +97,7 @@ def environment_status(
         raise NotFoundError(f"environment {name!r} was never deployed")
     tags = tags if tags is not None else _tags_by_digest(engine)
     release = engine.load_release(row.current_release) if row.current_release else None
-    check: HealthConfig | None = None
+    check: HealthCheck | None = None
     env: dict[str, str] = {}
     if release is not None:
         check = replace(

@@ -13,28 +13,35 @@ It knows nothing of the CLI or the spec file.
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
 from castiron.drivers.base import Driver
-from castiron.engine.health import HealthTracker, ProbeResult, probe
 from castiron.engine.journal import Journal
-from castiron.engine.release import HealthConfig, Release
+from castiron.engine.release import Release
 from castiron.engine.resolve import CanaryConfig, StrategyName
 from castiron.engine.runtimes import KUBERNETES_ADDRESS_PREFIX, instance_port
 from castiron.errors import CastironError, DeployFailedError, UsageError
-from castiron.model import ImageRef, Instance, InstanceSpec, Isolation, Observed, ReleaseId
+from castiron.health import HealthTracker, ProbeResult, probe
+from castiron.model import (
+    HealthCheck,
+    ImageRef,
+    Instance,
+    InstanceSpec,
+    Isolation,
+    Observed,
+    ReleaseId,
+)
 from castiron.state.base import AuditDraft, EnvironmentRow, InstanceRow, StateTx, format_time
 from castiron.traffic.base import Backend, BackendSet, Limits
 from castiron.traffic.controller import TrafficController
 from castiron.values import value
 
-Prober = Callable[[HealthConfig, str, Mapping[str, str]], ProbeResult]
+Prober = Callable[[HealthCheck, str, Mapping[str, str]], ProbeResult]
 """Runs one health probe against an address (injected so tests need no real servers)."""
 
 LOG_LINES = 20
@@ -266,8 +273,8 @@ class Rollout:
                 "castiron.environment": cfg.environment,
                 "castiron.release": self.release.id,
                 "castiron.deployment": self.journal.id,
-                "castiron.health": json.dumps(asdict(cfg.health), sort_keys=True),
             },
+            health=cfg.health,
         )
 
     def create(self, count: int) -> list[Instance]:
@@ -501,7 +508,7 @@ def _draft(action: str, environment: str, ids: Sequence[str], why: str) -> Audit
     )
 
 
-def _describe(check: HealthConfig) -> str:
+def _describe(check: HealthCheck) -> str:
     if check.kind == "http":
         return f"GET {check.target}"
     if check.kind == "command":

@@ -16,8 +16,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from castiron.agent.client import AgentClient, HealthCheck, from_json
+from castiron.agent.client import AgentClient, from_json
 from castiron.errors import AgentError, NotFoundError, RouterError, UsageError
+from castiron.model import HealthCheck
 from castiron.traffic.base import (
     Backend,
     BackendSet,

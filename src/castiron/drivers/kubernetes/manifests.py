@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from castiron.errors import RuntimeDriverError
-from castiron.model import InstanceSpec
+from castiron.model import HealthCheck, InstanceSpec
 from castiron.values import value
 
 FIELD_MANAGER = "castiron"
@@ -184,26 +184,25 @@ def _quantity_cpu(cpus: float, where: str) -> str:
     return f"{max(1, round(cpus * 1000))}m"
 
 
-def _probe(health: Mapping[str, Any], port: int, liveness: bool) -> dict[str, Any] | None:
-    kind = str(health.get("kind", "none"))
+def _probe(health: HealthCheck | None, port: int, liveness: bool) -> dict[str, Any] | None:
+    if health is None:
+        return None
     probe: dict[str, Any]
-    if kind == "http":
-        probe = {"httpGet": {"path": str(health.get("target") or "/"), "port": port}}
-    elif kind == "tcp":
+    if health.kind == "http":
+        probe = {"httpGet": {"path": health.target or "/", "port": port}}
+    elif health.kind == "tcp":
         probe = {"tcpSocket": {"port": port}}
-    elif kind == "command":
-        probe = {"exec": {"command": list(json.loads(str(health.get("target") or "[]")))}}
+    elif health.kind == "command":
+        probe = {"exec": {"command": list(json.loads(health.target or "[]"))}}
     else:
         return None
-    interval = float(health.get("interval", 1.0))
-    timeout = float(health.get("timeout", 1.0))
-    probe["periodSeconds"] = max(1, math.ceil(interval))
-    probe["timeoutSeconds"] = max(1, math.ceil(timeout))
+    probe["periodSeconds"] = max(1, math.ceil(health.interval))
+    probe["timeoutSeconds"] = max(1, math.ceil(health.timeout))
     if liveness:
-        probe["initialDelaySeconds"] = max(0, math.ceil(float(health.get("start_period", 0.0))))
+        probe["initialDelaySeconds"] = max(0, math.ceil(health.start_period))
         probe["failureThreshold"] = 3
     else:
-        probe["successThreshold"] = max(1, int(health.get("healthy_after", 1)))
+        probe["successThreshold"] = max(1, health.healthy_after)
         probe["failureThreshold"] = 1
     return probe
 
@@ -293,7 +292,7 @@ def deployment(
         container["command"] = list(spec.command)
     if spec.workdir:
         container["workingDir"] = spec.workdir
-    health = _health(spec)
+    health = spec.health
     readiness = _probe(health, port, liveness=False)
     if readiness is not None:
         container["readinessProbe"] = readiness
@@ -336,18 +335,6 @@ def deployment(
             },
         },
     }
-
-
-def _health(spec: InstanceSpec) -> Mapping[str, Any]:
-    """The release's health check, carried in the ``castiron.health`` label by the engine."""
-    text = spec.labels.get("castiron.health", "")
-    if not text:
-        return {}
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def service(

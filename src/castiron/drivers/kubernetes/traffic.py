@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from castiron.agent.client import HealthCheck
 from castiron.drivers.kubernetes.driver import KubernetesDriver
 from castiron.drivers.kubernetes.manifests import (
     LABEL_ENVIRONMENT,
@@ -27,6 +26,7 @@ from castiron.drivers.kubernetes.manifests import (
     service,
 )
 from castiron.errors import RouterError
+from castiron.model import HealthCheck
 from castiron.traffic.base import Backend, BackendSet, Limits, ReleaseCounters, Stickiness
 from castiron.traffic.controller import FlipOutcome, Routing
 

@@ -1,8 +1,12 @@
 """Health checks: is an instance ready for traffic?
 
 Owns the probes (``http`` path answering 2xx, ``tcp`` connect, ``command`` exiting 0) and the
-judgement over time (start period, consecutive successes, deadline). Probes do real I/O on
-loopback; the judgement (:class:`HealthTracker`) is pure and takes the clock as input.
+judgement over time (start period, consecutive successes, deadline) of one
+:class:`~castiron.model.HealthCheck`. Probes do real I/O on loopback; the judgement
+(:class:`HealthTracker`) is pure and takes the clock as input.
+
+Both the engine (deployments) and the host agent (replacements, flips) use it, so it knows
+neither: it imports only the model.
 """
 
 from __future__ import annotations
@@ -13,8 +17,7 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from castiron.engine.release import HealthConfig
-from castiron.model import Address
+from castiron.model import Address, HealthCheck
 from castiron.values import value
 
 
@@ -113,7 +116,7 @@ def probe_command(
     return ProbeResult(False, f"command exited {proc.returncode}: {tail[0]}")
 
 
-def probe(check: HealthConfig, address: str, env: Mapping[str, str] | None = None) -> ProbeResult:
+def probe(check: HealthCheck, address: str, env: Mapping[str, str] | None = None) -> ProbeResult:
     """Run the probe ``check`` describes against ``address``."""
     if check.kind == "http":
         return probe_http(address, check.target, check.timeout)
@@ -133,7 +136,7 @@ class HealthTracker:
     ``start_period`` do not count against it; after that, any failure resets the streak.
     """
 
-    check: HealthConfig
+    check: HealthCheck
     started_at: float
     streak: int = 0
     healthy: bool = False
