@@ -28,6 +28,7 @@ This module knows nothing else of castiron and imports nothing from it.
     ├── RuntimeDriverError            exit 1  a runtime (local, docker, ...) failed
     ├── RouterError                   exit 1  the traffic router failed
     ├── AgentError                    exit 1  the host agent is unreachable or refused
+    │   └── AgentRefusedError                 the agent answered and refused the request
     └── DeployFailedError             exit 1  a deployment failed and was undone
         └── CanaryAbortedError                a canary failed its analysis or was aborted
 
@@ -189,6 +190,11 @@ class AgentError(CastironError):
     """The host agent is unreachable, failed to start, or refused a request."""
 
 
+class AgentRefusedError(AgentError):
+    """The agent answered and refused the request (its reason is in the message): the
+    request was wrong or impossible, not the agent unreachable."""
+
+
 class DeployFailedError(CastironError):
     """A deployment failed; the environment still serves the previous release."""
 
@@ -208,6 +214,7 @@ class CanaryAbortedError(DeployFailedError):
 
 __all__ = [
     "AgentError",
+    "AgentRefusedError",
     "AuditError",
     "CanaryAbortedError",
     "CastironError",

@@ -19,7 +19,7 @@ from castiron.agent.client import (
     unix_connect,
 )
 from castiron.agent.routes import counters_from_json
-from castiron.errors import AgentError, NotFoundError
+from castiron.errors import AgentError, AgentRefusedError, NotFoundError
 from castiron.settings import Settings
 
 
@@ -106,7 +106,8 @@ def test_bad_requests_get_a_status_and_a_reason(
 
 
 def test_the_client_raises_agent_error_with_the_reason(agent: AgentClient) -> None:
-    with pytest.raises(AgentError, match=r"body\.canary_weight: must be 0-100"):
+    # A refusal is its own type (callers classify by it, never by the message's words).
+    with pytest.raises(AgentRefusedError, match=r"body\.canary_weight: must be 0-100"):
         agent.put_route(
             "staging", {"environment": "staging", "listen": "127.0.0.1:1", "canary_weight": 500}
         )
@@ -116,8 +117,9 @@ def test_the_client_raises_agent_error_with_the_reason(agent: AgentClient) -> No
 
 def test_no_agent_means_a_clear_error(tmp_path: Path) -> None:
     client = AgentClient(tmp_path / "agent.sock")
-    with pytest.raises(AgentError, match=r"^agent not running at .*agent\.sock$"):
+    with pytest.raises(AgentError, match=r"^agent not running at .*agent\.sock$") as caught:
         client.status()
+    assert not isinstance(caught.value, AgentRefusedError)
     assert not client.health()
 
 

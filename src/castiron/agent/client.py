@@ -32,7 +32,7 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from castiron.errors import AgentError, NotFoundError, UsageError
+from castiron.errors import AgentError, AgentRefusedError, NotFoundError, UsageError
 from castiron.filemodes import make_private_dir
 from castiron.model import HealthCheck
 from castiron.settings import Settings
@@ -519,7 +519,7 @@ class AgentClient:
                 reason = raw.decode(errors="replace").strip() or response.reason
             if response.status == 404:
                 raise NotFoundError(f"agent: {reason}")
-            raise AgentError(f"agent refused {method} {target}: {reason}")
+            raise AgentRefusedError(f"agent refused {method} {target}: {reason}")
         return response
 
     def _call(

@@ -113,12 +113,11 @@ def parse_listen(value: object) -> str:
             raise ValueError(f"{host!r} is not an IPv6 address") from None
     elif host != "localhost":
         try:
-            if ipaddress.ip_address(host).version != 4:
-                raise ValueError(f"write IPv6 hosts in brackets: [{host}]:{port_s}")
-        except ValueError as exc:
-            if "brackets" in str(exc):
-                raise
+            version = ipaddress.ip_address(host).version
+        except ValueError:
             raise ValueError(f"{host!r} is not an IP address or 'localhost'") from None
+        if version != 4:
+            raise ValueError(f"write IPv6 hosts in brackets: [{host}]:{port_s}")
     if not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
         raise ValueError(f"port {port_s!r} must be a number from 1 to 65535")
     return f"{host}:{int(port_s)}"

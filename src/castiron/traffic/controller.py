@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from castiron.agent.client import AgentClient, from_json
-from castiron.errors import AgentError, NotFoundError, RouterError, UsageError
+from castiron.errors import AgentError, AgentRefusedError, NotFoundError, RouterError, UsageError
 from castiron.model import HealthCheck
 from castiron.traffic.base import (
     Backend,
@@ -192,10 +192,8 @@ def _refusal_as_router_error(environment: str) -> Iterator[None]:
     """Turn the agent's refusal of a route into a :class:`RouterError` naming ``environment``."""
     try:
         yield
-    except AgentError as exc:
-        if "refused" in exc.message:
-            raise RouterError(f"environment {environment!r}: {exc.message}") from exc
-        raise
+    except AgentRefusedError as exc:
+        raise RouterError(f"environment {environment!r}: {exc.message}") from exc
 
 
 def _agent_routing(raw: Any, where: str) -> Routing:
