@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 
 from castiron.cli.commands.canary_cmd import WatchObserver
-from castiron.cli.commands.deploy_cmd import CliObserver
+from castiron.cli.observer import CliObserver
 from castiron.engine.canary import CanaryProgress, WindowStats
 
 

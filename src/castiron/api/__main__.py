@@ -78,7 +78,8 @@ def main(argv: list[str]) -> int:
         options = options_from(config, environ)
         import uvicorn
 
-        from castiron.api.app import Server, build_app
+        from castiron.api.app import Server
+        from castiron.api.site import build_app
 
         server = Server(settings, options)
         app = build_app(server)

@@ -25,7 +25,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -708,71 +707,14 @@ def api_routes() -> list[Route]:
     ]
 
 
-SECURITY_HEADERS = {
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-    "Referrer-Policy": "same-origin",
-    "Content-Security-Policy": (
-        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-        "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
-    ),
-}
-
-
-class Headers:
-    """ASGI middleware: security headers and ``Server-Timing`` (milliseconds from the request
-    to the start of the response) on every response, and the request counter."""
-
-    def __init__(self, app: Any, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        started = time.perf_counter()
-
-        async def sending(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                for key, value in SECURITY_HEADERS.items():
-                    headers.append((key.lower().encode(), value.encode()))
-                took = (time.perf_counter() - started) * 1000
-                headers.append((b"server-timing", f"app;dur={took:.1f}".encode()))
-                message = {**message, "headers": headers}
-                self.metrics.requests.inc(
-                    method=scope.get("method", ""), status=str(message["status"])
-                )
-            await send(message)
-
-        await self.app(scope, receive, sending)
-
-
-def build_app(server: Server) -> Any:
-    """The ASGI app: ``/api/v1``, ``/metrics``, ``/healthz`` and the dashboard."""
-    from castiron.api.pages import page_routes
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        server.start()
-        try:
-            yield
-        finally:
-            server.stop()
-
-    app = Starlette(
-        routes=[
-            Mount(API, routes=api_routes()),
-            Route("/metrics", guarded(_metrics), methods=["GET"]),
-            Route("/healthz", _healthz, methods=["GET"]),
-            *page_routes(),
-        ],
-        lifespan=lifespan,
-    )
-    app.state.server = server
-    return Headers(app, server.metrics)
+def service_routes() -> list[Route | Mount]:
+    """The routes of the API itself: ``/api/v1``, ``/metrics`` and ``/healthz`` (the dashboard's
+    pages are :func:`castiron.api.pages.page_routes`; :mod:`castiron.api.site` composes both)."""
+    return [
+        Mount(API, routes=api_routes()),
+        Route("/metrics", guarded(_metrics), methods=["GET"]),
+        Route("/healthz", _healthz, methods=["GET"]),
+    ]
 
 
 __all__ = [
@@ -781,11 +723,11 @@ __all__ = [
     "ServeOptions",
     "Server",
     "api_routes",
-    "build_app",
     "check_csrf",
     "identify",
     "job_response",
     "principal",
+    "service_routes",
     "status_of",
     "submit",
 ]

@@ -39,6 +39,7 @@ from castiron.engine.strategies import (
     Policy,
     Prober,
     Rollout,
+    Target,
     backends_of,
     remove_instances,
     row_instance,
@@ -71,28 +72,9 @@ from castiron.values import value
 
 if TYPE_CHECKING:  # loading a spec needs pydantic; read commands never do
     from castiron.engine.plan import Plan
-    from castiron.engine.resolve import GatePolicy
     from castiron.images.store import ImageStore
     from castiron.spec.load import LoadedSpec
     from castiron.traffic.controller import TrafficController
-
-
-@value
-class Target:
-    """A release ready to deploy: digest resolved once, with the policy it deploys under."""
-
-    release: Release
-    policy: Policy
-    tag: str | None
-    """The tag the image was asked for by (None when given by digest or by default)."""
-    git_commit: str | None
-    gates: GatePolicy | None = None
-    """The environment's policy gates, enforced before any instance is created
-    (see :mod:`castiron.engine.policy`); None: no gates (a rollback's target)."""
-
-    @property
-    def environment(self) -> str:
-        return self.release.environment
 
 
 @value

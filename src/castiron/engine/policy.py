@@ -61,8 +61,9 @@ from castiron.state.base import (
 )
 
 if TYPE_CHECKING:
-    from castiron.engine.deploy import Engine, Target
+    from castiron.engine.context import EngineContext
     from castiron.engine.release import Release
+    from castiron.engine.strategies import Target
     from castiron.images.sign import VerifyKey
     from castiron.images.store import ImageStore
 
@@ -572,13 +573,13 @@ def secret_values(release: Release, environ: Mapping[str, str], base_dir: Path) 
 # --- evaluation -------------------------------------------------------------------------------
 
 
-def keys_dir_of(engine: Engine) -> Path:
+def keys_dir_of(engine: EngineContext) -> Path:
     """``CASTIRON_HOME/keys``: beside the engine's image store (``CASTIRON_HOME/images``)."""
     return engine.images.root.parent / KEYS_DIR
 
 
 def evaluate(
-    engine: Engine,
+    engine: EngineContext,
     target: Target,
     policy: GatePolicy,
     *,
@@ -628,7 +629,7 @@ def evaluate(
     )
 
 
-def preview(engine: Engine, target: Target, policy: GatePolicy) -> GateReport:
+def preview(engine: EngineContext, target: Target, policy: GatePolicy) -> GateReport:
     """What the gates would say now, without running the checks (for plans)."""
     return evaluate(engine, target, policy, run_checks=False)
 
@@ -700,7 +701,7 @@ def refuse(store: StateStore, target: Target, result: GateResult) -> PolicyRefus
 
 
 def enforce(
-    engine: Engine, target: Target, *, check_timeout: float = CHECK_TIMEOUT
+    engine: EngineContext, target: Target, *, check_timeout: float = CHECK_TIMEOUT
 ) -> GateReport | None:
     """Evaluate, record and enforce ``target``'s gates (call with the environment's lock
     held, after the plan is shown and before any instance is created). Returns the report

@@ -36,7 +36,7 @@ from castiron.traffic.controller import FlipOutcome, Routing, TrafficController
 if TYPE_CHECKING:  # the docker SDK is only imported when a Docker runtime is used
     from castiron.drivers.docker import ContainerOptions
     from castiron.drivers.kubernetes.manifests import KubernetesOptions
-    from castiron.engine.deploy import Engine
+    from castiron.engine.context import EngineContext
 
 AVAILABLE_RUNTIMES: tuple[RuntimeName, ...] = RUNTIMES
 """Runtimes this castiron can deploy to."""
@@ -465,7 +465,11 @@ def stray_json(observed: Observed) -> dict[str, Any]:
 
 
 def environment_strays(
-    engine: Engine, environment: str, known_ids: Collection[str], *, agent_running: bool
+    engine: EngineContext,
+    environment: str,
+    known_ids: Collection[str],
+    *,
+    agent_running: bool,
 ) -> list[dict[str, Any]] | None:
     """The strays of ``environment`` as JSON-ready objects; None when they cannot be told
     (the runtime cannot be reached, or it is the local runtime and the agent is not running:

@@ -23,7 +23,7 @@ from typing import Any
 from castiron.drivers.base import Driver
 from castiron.engine.journal import Journal
 from castiron.engine.release import Release
-from castiron.engine.resolve import CanaryConfig, StrategyName
+from castiron.engine.resolve import CanaryConfig, GatePolicy, StrategyName
 from castiron.engine.runtimes import KUBERNETES_ADDRESS_PREFIX, instance_port
 from castiron.errors import CastironError, DeployFailedError, UsageError
 from castiron.health import HealthTracker, ProbeResult, probe
@@ -134,6 +134,24 @@ class Policy:
             except UsageError:
                 known["canary"] = None  # damaged: a canary then refuses to run without it
         return cls(**known)
+
+
+@value
+class Target:
+    """A release ready to deploy: digest resolved once, with the policy it deploys under."""
+
+    release: Release
+    policy: Policy
+    tag: str | None
+    """The tag the image was asked for by (None when given by digest or by default)."""
+    git_commit: str | None
+    gates: GatePolicy | None = None
+    """The environment's policy gates, enforced before any instance is created
+    (see :mod:`castiron.engine.policy`); None: no gates (a rollback's target)."""
+
+    @property
+    def environment(self) -> str:
+        return self.release.environment
 
 
 class DriverOnUse:
@@ -559,6 +577,7 @@ __all__ = [
     "Policy",
     "Prober",
     "Rollout",
+    "Target",
     "backends_of",
     "blue_green",
     "instance_row",

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from castiron.cli.commands.deploy_cmd import CliObserver, accept_yes_option, observer_for
 from castiron.cli.context import CliContext, pass_cli
+from castiron.cli.observer import CliObserver, observer_for
+from castiron.cli.options import accept_yes_option
 from castiron.cli.render import emit_json
 from castiron.errors import CanaryAbortedError, DeployFailedError, NotFoundError
 

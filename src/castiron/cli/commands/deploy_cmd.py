@@ -5,178 +5,25 @@ They resolve the spec once (the result is cached, see
 (:mod:`castiron.engine.compose`), show the plan, ask for confirmation on a terminal, and
 render the result; progress goes to stderr so ``--json`` output on stdout stays one object.
 The engine is imported inside the commands so CLI start-up stays fast.
-
-``CASTIRON_TEST_PAUSE_AT=STEP`` (read here from the captured environment, never below the CLI)
-makes a deployment stop right after journaling STEP: it writes ``paused-at-STEP`` into the
-state directory and sleeps, so a test can kill the process (or the agent, an instance, the
-router) at that exact point; a ``resume-STEP`` file there lets it go on.
 """
 
 from __future__ import annotations
 
-import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from castiron.cli.context import CliContext, pass_cli
+from castiron.cli.observer import observer_for
+from castiron.cli.options import accept_yes_option, confirm, lock_wait_option, yes_option
+from castiron.cli.planview import confirm_plan, render_plan, tag_of
 from castiron.cli.render import emit_json
 from castiron.errors import UsageError
-from castiron.redact import Redactor
 
 if TYPE_CHECKING:
-    from castiron.engine.deploy import Engine, Target
+    from castiron.engine.deploy import Engine
     from castiron.engine.plan import Plan
     from castiron.engine.resolve import ResolvedSpec
-    from castiron.state.base import JsonObject
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-PAUSE_ENV = "CASTIRON_TEST_PAUSE_AT"
-PAUSE_SECONDS = 300.0
-
-
-class CliObserver:
-    """Progress lines on stderr, and the test-only pause at a journal step."""
-
-    def __init__(
-        self,
-        home: Path,
-        pause_at: str | None,
-        quiet: bool = False,
-        redactor: Redactor | None = None,
-    ) -> None:
-        self.home = home
-        self.pause_at = pause_at or None
-        self.quiet = quiet
-        self.redactor = redactor if redactor is not None else Redactor()
-        self.started = time.monotonic()
-
-    def step(self, step: str, data: JsonObject) -> None:
-        if step == self.pause_at:
-            marker = self.home / f"paused-at-{step}"
-            marker.write_text(f"{step}\n")
-            deadline = time.monotonic() + PAUSE_SECONDS
-            resume = self.home / f"resume-{step}"
-            while not resume.exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
-
-    def progress(self, message: str) -> None:
-        if not self.quiet:
-            elapsed = time.monotonic() - self.started
-            click.echo(f"[{elapsed:6.2f}s] {self.redactor.text(message)}", err=True)
-
-
-def observer_for(cli: CliContext, quiet: bool = False) -> CliObserver:
-    """The observer of one CLI invocation."""
-    return CliObserver(
-        cli.settings.home, cli.settings.environ.get(PAUSE_ENV), quiet, cli.settings.redactor
-    )
-
-
-def confirm(cli: CliContext, question: str, yes: bool) -> None:
-    """Ask ``question`` on a terminal unless ``--yes``; refuse without a terminal.
-
-    Raises:
-        UsageError: without a terminal and without ``--yes``.
-        click.Abort: when the answer is no.
-    """
-    if yes:
-        return
-    if not sys.stdin.isatty():
-        raise UsageError(f"{question} needs confirmation: pass --yes (no terminal to ask on)")
-    if not click.confirm(question, default=False, err=True):
-        raise click.Abort()
-
-
-def yes_option(f: F) -> F:
-    """The ``--yes`` option of a command that asks for confirmation (see :func:`confirm`)."""
-    return click.option(
-        "--yes", is_flag=True, help="Do not ask for confirmation (needed without a TTY)."
-    )(f)
-
-
-def accept_yes_option(f: F) -> F:
-    """The ``--yes`` option of a mutating command that never asks (accepted so scripts can
-    pass ``--yes`` to every mutating command)."""
-    return click.option(
-        "--yes", is_flag=True, help="Accepted for scripts; this command never asks."
-    )(f)
-
-
-def lock_wait_option(help_text: str) -> Callable[[F], F]:
-    """The ``--lock-wait S`` option (seconds to wait for a lock, default 0), with ``help_text``."""
-
-    def decorate(f: F) -> F:
-        return click.option(
-            "--lock-wait",
-            type=click.FloatRange(min=0),
-            default=0.0,
-            metavar="S",
-            help=help_text,
-        )(f)
-
-    return decorate
-
-
-def confirm_plan(
-    cli: CliContext,
-    engine: Engine,
-    target: Target,
-    plan: Plan,
-    question: str,
-    yes: bool,
-    why: str | None = None,
-) -> None:
-    """Show ``plan`` and ``target``'s gates on stderr, then ask ``question`` (see
-    :func:`confirm`) when the plan changes anything.
-
-    Raises:
-        UsageError: without a terminal and without ``--yes``.
-        click.Abort: when the answer is no.
-    """
-    for line in render_plan(plan, tag_of(engine, target), target.policy.keep_warm, why):
-        click.echo(line, err=True)
-    if target.gates is not None and target.gates.active:
-        from castiron.cli.commands.promote_cmd import render_gates
-
-        for line in render_gates(engine, target):
-            click.echo(line, err=True)
-    if plan.has_changes:
-        confirm(cli, question, yes)
-
-
-def render_plan(plan: Plan, tag: str | None, keep_warm: float, why: str | None = None) -> list[str]:
-    """The plan as lines for people (``why``: how the image was chosen)."""
-    src = plan.current.id if plan.current is not None else "nothing"
-    lines = [
-        f"plan for {plan.environment}: {src} -> {plan.target.id} ({plan.strategy})",
-        f"  image: {plan.target.digest}" + (f" (tag {tag})" if tag else ""),
-    ]
-    if why:
-        lines.append(f"  image chosen: {why}")
-    if not plan.has_changes:
-        lines.append("  no changes: the environment already runs this release")
-        return lines
-    for change in plan.changes:
-        if change.field == "image" or (
-            plan.current is None and not change.field.startswith("env.")
-        ):
-            continue
-        before = "(none)" if change.before is None else change.before
-        after = "(none)" if change.after is None else change.after
-        lines.append(f"  {change.field}: {before} -> {after}")
-    if plan.current is None:
-        cfg = plan.target.config
-        lines.append(f"  new environment: {cfg.replicas} replica(s), health {cfg.health.kind}")
-    warm = f"kept warm {keep_warm:g}s" if keep_warm > 0 else "destroyed after draining"
-    drain = f", drain {plan.destroy} ({warm})" if plan.destroy else ""
-    lines.append(f"  instances: create {plan.create}{drain}")
-    return lines
-
 
 def _from_registry(engine: Engine, image: str | None, environ: Any) -> str | None:
     """``--image`` as the store knows it: a registry reference is pulled and pinned by digest
@@ -232,16 +79,6 @@ def choose_image(cli: CliContext, spec: ResolvedSpec, image: str | None) -> tupl
     return digest, BAKED_WHY
 
 
-def tag_of(engine: Engine, target: Target) -> str | None:
-    """The target's tag: the one it was named by, else the first tag bound to its digest."""
-    if target.tag is not None:
-        return target.tag
-    for tag, digest in engine.images.tags().items():
-        if digest == target.release.digest:
-            return tag
-    return None
-
-
 @click.command("plan")
 @click.argument("environment")
 @click.option(
@@ -277,7 +114,7 @@ def plan_cmd(
         target = engine.resolve(spec, environment, ref)
         tag = tag_of(engine, target)
         plan = engine.plan(target)
-        from castiron.cli.commands.promote_cmd import gates_json, render_gates
+        from castiron.cli.planview import gates_json, render_gates
 
         gates = gates_json(engine, target) if as_json else None
         gate_lines = [] if as_json else render_gates(engine, target)

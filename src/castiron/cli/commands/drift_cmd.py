@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from castiron.cli.commands.deploy_cmd import accept_yes_option
 from castiron.cli.context import CliContext, pass_cli
+from castiron.cli.options import accept_yes_option
 from castiron.cli.render import emit_json
 from castiron.engine.driftwatch import drift_rules, sync_watch
 from castiron.errors import CastironError, ExitCode, NotFoundError
@@ -80,7 +80,7 @@ def drift_cmd(
     findings: list[DriftFinding] = []
     remaining = False
     quiet = as_json or not fix
-    from castiron.cli.commands.deploy_cmd import observer_for
+    from castiron.cli.observer import observer_for
 
     with open_engine(settings, observer=observer_for(cli, quiet=quiet)) as engine:
         if settings.state_present():

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import click
 
-from castiron.cli.commands.deploy_cmd import confirm, yes_option
 from castiron.cli.context import CliContext, pass_cli
+from castiron.cli.options import confirm, yes_option
 from castiron.cli.render import emit_json
 from castiron.errors import UsageError
 from castiron.model import is_name

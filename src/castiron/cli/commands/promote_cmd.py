@@ -14,79 +14,16 @@ from typing import TYPE_CHECKING
 
 import click
 
-from castiron.cli.commands.deploy_cmd import (
-    accept_yes_option,
-    confirm_plan,
-    lock_wait_option,
-    observer_for,
-    yes_option,
-)
 from castiron.cli.context import CliContext, pass_cli
+from castiron.cli.observer import observer_for
+from castiron.cli.options import accept_yes_option, lock_wait_option, yes_option
+from castiron.cli.planview import confirm_plan
 from castiron.cli.render import emit_json
 
 PASSPHRASE_HELP = "Read the key's passphrase from this environment variable."
 
 if TYPE_CHECKING:
-    from castiron.engine.deploy import Engine, Target
-    from castiron.engine.resolve import GatePolicy
-
-
-def _describe(gates: GatePolicy, gate: str, url: str) -> str:
-    from castiron.engine.policy import human_duration
-
-    if gate == "require_signature":
-        named = (
-            ", ".join(gates.require_signature)
-            if isinstance(gates.require_signature, tuple)
-            else "any key in CASTIRON_HOME/keys"
-        )
-        return f"require_signature ({named})"
-    if gate == "promote_from":
-        return f"promote_from {gates.source}"
-    if gate == "soak":
-        return f"soak {human_duration(gates.soak or 0.0)} in {gates.source}"
-    if gate == "approvals":
-        return f"approvals {gates.approvals}"
-    return f"checks: {len(gates.checks)} command(s) against {url}"
-
-
-def render_gates(engine: Engine, target: Target) -> list[str]:
-    """The plan's lines about ``target``'s gates: each gate and what it would say now (the
-    checks run only when deploying). No lines when the environment has no gates."""
-    from castiron.engine.policy import preview
-
-    gates = target.gates
-    if gates is None or not gates.active:
-        return []
-    report = preview(engine, target, gates)
-    said = {r.gate: r for r in report.results}
-    url = gates.check_url(engine.store)
-    lines = [f"  gates of {target.environment} (checked before any instance is created):"]
-    for gate in gates.active:
-        result = said.get(gate)
-        if result is None:
-            verdict = "run when deploying"
-        elif result.passed:
-            verdict = f"ok: {result.reason}"
-        else:
-            verdict = f"would refuse: {result.reason}"
-        lines.append(f"    {_describe(gates, gate, url)}: {verdict}")
-    return lines
-
-
-def gates_json(engine: Engine, target: Target) -> dict[str, object] | None:
-    """The ``gates`` member of plan JSON: the policy and what each gate would say now."""
-    from castiron.engine.policy import preview
-
-    gates = target.gates
-    if gates is None or not gates.active:
-        return None
-    report = preview(engine, target, gates)
-    return {
-        **gates.to_json(),
-        "url": gates.check_url(engine.store),
-        "preview": [r.to_json() for r in report.results],
-    }
+    pass
 
 
 @click.command("promote")

@@ -94,14 +94,14 @@ def status_cmd(cli: CliContext, environment: str | None, as_json: bool) -> None:
     else:
         with open_engine(settings, start_agent=False) as engine:
             if revive_agent(settings, engine, environment):
-                from castiron.cli.commands.deploy_cmd import observer_for
+                from castiron.cli.observer import observer_for
 
                 observer_for(cli).progress(
                     "the host agent was not running: started it again (it adopts the running "
                     "instances and restores the routes)"
                 )
             if engine.needs_housekeeping(environment):
-                from castiron.cli.commands.deploy_cmd import observer_for
+                from castiron.cli.observer import observer_for
 
                 with open_engine(settings, observer=observer_for(cli)) as tidy:
                     tidy.housekeeping(environment)
