@@ -22,7 +22,6 @@ from castiron.agent.client import AgentClient, agent_pid, ensure_agent, socket_p
 from castiron.drivers.base import Driver, LogSource
 from castiron.engine.deploy import Engine
 from castiron.engine.journal import StepObserver
-from castiron.engine.resolve import ResolvedSpec, cached_resolve_spec
 from castiron.engine.runtimes import (
     AVAILABLE_RUNTIMES,
     RuntimeTraffic,
@@ -38,6 +37,7 @@ from castiron.state.store import open_state
 from castiron.traffic.controller import AgentTraffic, TrafficController
 
 if TYPE_CHECKING:
+    from castiron.engine.resolve import ResolvedSpec
     from castiron.images.store import ImageStore
 
 
@@ -229,6 +229,8 @@ def resolved_spec(settings: Settings) -> ResolvedSpec:
     Raises:
         SpecError: when the spec cannot be read or does not validate.
     """
+    from castiron.engine.resolve import cached_resolve_spec
+
     return cached_resolve_spec(settings.spec_path, settings.environ, settings.home / "cache")
 
 

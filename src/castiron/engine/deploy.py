@@ -32,7 +32,6 @@ from castiron.engine.journal import (
     new_deployment_id,
 )
 from castiron.engine.release import Release, release_from_json, release_id
-from castiron.engine.resolve import STRATEGY_NAMES, ResolvedSpec, resolve_spec
 from castiron.engine.strategies import (
     STRATEGIES,
     ImageRuntime,
@@ -72,6 +71,7 @@ from castiron.values import value
 
 if TYPE_CHECKING:  # loading a spec needs pydantic; read commands never do
     from castiron.engine.plan import Plan
+    from castiron.engine.resolve import ResolvedSpec
     from castiron.images.store import ImageStore
     from castiron.spec.load import LoadedSpec
     from castiron.traffic.controller import TrafficController
@@ -118,7 +118,7 @@ def strategy_runner(name: str) -> Callable[[Rollout], None]:
     for known, run in STRATEGIES.items():
         if known == name:
             return run
-    names = ", ".join(STRATEGY_NAMES)
+    names = ", ".join([*STRATEGIES, "canary"])
     raise UsageError(f"strategy {name!r} is not available (use one of: {names})")
 
 
@@ -246,6 +246,7 @@ class Engine:
             UsageError: unknown environment, no image, unsupported strategy.
             NotFoundError: when ``image`` names nothing in the store.
         """
+        from castiron.engine.resolve import STRATEGY_NAMES, ResolvedSpec, resolve_spec
         from castiron.images import oci
 
         resolved = spec if isinstance(spec, ResolvedSpec) else resolve_spec(spec)

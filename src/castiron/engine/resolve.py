@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -56,7 +56,7 @@ STRATEGY_NAMES: tuple[StrategyName, ...] = ("blue-green", "rolling", "canary")
 # --- the canary -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@value
 class CanaryStep:
     """Send ``weight`` percent of requests to the canary, then hold for ``pause`` seconds
     (None: until ``castiron deploy ENV --continue``)."""
@@ -65,7 +65,7 @@ class CanaryStep:
     pause: float | None
 
 
-@dataclass(frozen=True)
+@value
 class PrometheusQuery:
     """An instant query whose value (every sample of a vector) must be at most ``max``."""
 
@@ -74,7 +74,7 @@ class PrometheusQuery:
     max: float
 
 
-@dataclass(frozen=True)
+@value
 class AnalysisLimits:
     """What a step's window must show before the canary may go on."""
 
@@ -85,7 +85,7 @@ class AnalysisLimits:
     prometheus: tuple[PrometheusQuery, ...] = ()
 
 
-@dataclass(frozen=True)
+@value
 class CanaryConfig:
     """An environment's canary: its steps, analysis and stickiness."""
 
@@ -226,7 +226,7 @@ def canary_config(strategy: Strategy) -> CanaryConfig | None:
 # --- the gates --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@value
 class GatePolicy:
     """The gates of one environment, as its spec states them."""
 
@@ -335,7 +335,7 @@ def gates_from_json(data: Mapping[str, Any], base_dir: Path) -> GatePolicy:
 # --- drift -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@value
 class DriftRules:
     """What the spec's ``drift`` section says for one environment."""
 

@@ -18,12 +18,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from castiron.drivers.base import Driver
 from castiron.engine.journal import Journal
 from castiron.engine.release import Release
-from castiron.engine.resolve import CanaryConfig, GatePolicy, StrategyName
 from castiron.engine.runtimes import KUBERNETES_ADDRESS_PREFIX, instance_port
 from castiron.errors import CastironError, DeployFailedError, UsageError
 from castiron.health import HealthTracker, ProbeResult, probe
@@ -40,6 +39,9 @@ from castiron.state.base import AuditDraft, EnvironmentRow, InstanceRow, StateTx
 from castiron.traffic.base import Backend, BackendSet, Limits
 from castiron.traffic.controller import TrafficController
 from castiron.values import value
+
+if TYPE_CHECKING:  # values of the resolved spec; resolving is imported only when deploying
+    from castiron.engine.resolve import CanaryConfig, GatePolicy, StrategyName
 
 Prober = Callable[[HealthCheck, str, Mapping[str, str]], ProbeResult]
 """Runs one health probe against an address (injected so tests need no real servers)."""
@@ -129,6 +131,8 @@ class Policy:
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         canary = known.get("canary")
         if canary is not None:
+            from castiron.engine.resolve import CanaryConfig
+
             try:
                 known["canary"] = CanaryConfig.from_json(canary)
             except UsageError:
