@@ -31,6 +31,8 @@ from pathlib import Path
 
 from _machine import cpu_model
 
+from castiron.ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "src" / "castiron" / "examples" / "hello"
 COMMANDS = {"version": ["version"], "status": ["status"], "plan": ["plan", "staging", "--json"]}
@@ -71,6 +73,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="castiron-startup-") as tmp:
         project = Path(tmp) / "hello"
         shutil.copytree(EXAMPLE, project, ignore=shutil.ignore_patterns("__pycache__"))
+        spec = project / "castiron.yaml"
+        spec.write_text(spec.read_text().replace("127.0.0.1:8080", f"127.0.0.1:{free_port()}"))
         base = {k: v for k, v in os.environ.items() if not k.startswith("CASTIRON_")}
         base.pop("PYTHONPATH", None)
         base.update({"NO_COLOR": "1", "CASTIRON_HOME": str(project / ".castiron")})
@@ -105,11 +109,14 @@ def main() -> int:
     by_name = {r["command"]: r for r in results}
     for what in COMMANDS:
         before, after = by_name[f"{what} before"], by_name[f"{what} after"]
+        cpu_before = before["user"] + before["system"]
+        cpu_after = after["user"] + after["system"]
         print(
-            f"{what}: before mean {before['mean'] * 1000:.1f} ms (median "
-            f"{before['median'] * 1000:.1f}), after mean {after['mean'] * 1000:.1f} ms (median "
-            f"{after['median'] * 1000:.1f}); after/before {after['mean'] / before['mean']:.2f} "
-            f"(medians {after['median'] / before['median']:.2f})"
+            f"{what}: median {before['median'] * 1000:.1f} -> {after['median'] * 1000:.1f} ms "
+            f"(x{after['median'] / before['median']:.2f}), mean {before['mean'] * 1000:.1f} -> "
+            f"{after['mean'] * 1000:.1f} ms (x{after['mean'] / before['mean']:.2f}), CPU "
+            f"(user+system) {cpu_before * 1000:.1f} -> {cpu_after * 1000:.1f} ms "
+            f"(x{cpu_after / cpu_before:.2f})"
         )
     return 0
 
