@@ -18,8 +18,11 @@ from castiron.drivers.kubernetes.manifests import (
     KubernetesOptions,
     deployment,
     dump,
+    release_name,
+    scale,
     secret,
     service,
+    wanted_instances,
 )
 from castiron.errors import RuntimeDriverError
 from castiron.model import Digest, ImageRef, InstanceSpec, ReleaseId
@@ -105,8 +108,54 @@ def test_secret_values_only_in_the_secret() -> None:
     env = made["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {
         "name": "DB_PASSWORD",
-        "valueFrom": {"secretKeyRef": {"name": "hello-prod-abc-secrets", "key": "DB_PASSWORD"}},
+        "valueFrom": {
+            "secretKeyRef": {"name": "hello-prod-9f8e7d6c5b4a3f2e-secrets", "key": "DB_PASSWORD"}
+        },
     } in env
+    assert held["metadata"]["name"] == "hello-prod-9f8e7d6c5b4a3f2e-secrets"
+
+
+def test_one_deployment_per_release() -> None:
+    case = json.loads((CASES / "secrets-and-limits.json").read_text())
+    one = _spec({**case["spec"], "id": "first"})
+    two = _spec({**case["spec"], "id": "second"})
+    options = KubernetesOptions.from_json(case.get("options", {}))
+    made = deployment(one, options)
+    assert made == deployment(two, options)  # the instance is not in the Deployment
+    assert made["metadata"]["name"] == "hello-prod-9f8e7d6c5b4a3f2e"
+    assert "replicas" not in made["spec"]  # the scale's own field manager sets them
+    assert made["spec"]["selector"]["matchLabels"] == {
+        "app.kubernetes.io/managed-by": "castiron",
+        "app.kubernetes.io/name": "hello",
+        "castiron.dev/environment": "prod",
+        "castiron.dev/release": "9f8e7d6c5b4a3f2e",
+    }
+    assert deployment(one, options, replicas=3)["spec"]["replicas"] == 3
+
+
+def test_release_name_fits_a_dns_label() -> None:
+    release = "0123456789abcdef"
+    assert release_name("hello", "prod", release) == f"hello-prod-{release}"
+    long = release_name("a" * 80, "production", release)
+    assert len(long) == 63 and long.endswith(f"-{release}")
+    assert release_name("a" * 45 + "-", "x", release) == "a" * 45 + f"-{release}"
+
+
+def test_scale_names_the_wanted_instances() -> None:
+    made = scale("hello-prod-r", "web", ["i-1", "i-2"], "42")
+    assert made == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": "hello-prod-r",
+            "namespace": "web",
+            "annotations": {"castiron.dev/instances": "i-1,i-2"},
+            "resourceVersion": "42",
+        },
+        "spec": {"replicas": 2},
+    }
+    assert wanted_instances(made) == ["i-1", "i-2"]
+    assert wanted_instances(scale("d", "web", [])) == []
 
 
 def test_canary_selector_spans_releases() -> None:

@@ -318,9 +318,9 @@ def config_findings(expected: Expected, observed: Observed, row: InstanceRow) ->
         for key, want in want_labels.items():
             if labels.get(key) != want:
                 add(f"labels.{key}", want, labels.get(key))
-    if cfg.get("replicas") is not None and cfg["replicas"] != 1:
-        # Kubernetes: an instance is the one pod of its Deployment (`kubectl scale` drifts).
-        add("replicas", 1, cfg["replicas"])
+    if cfg.get("replicas") is not None and cfg["replicas"] != cfg.get("wanted", 1):
+        # Kubernetes: one pod of its release's Deployment per instance (`kubectl scale`).
+        add("replicas", cfg.get("wanted", 1), cfg["replicas"])
     if "read_only" in cfg and not cfg["read_only"]:
         add("read_only", "true", "false")
     mounts = cfg.get("mounts")

@@ -211,13 +211,19 @@ def kubernetes_driver(settings: Settings, store: StateStore) -> Driver:
         ) from None
     from castiron.drivers.kubernetes.driver import KubernetesDriver
 
-    kubeconfig_env = settings.environ.get("KUBECONFIG", "")
-    kubeconfig = Path(kubeconfig_env.split(":")[0]) if kubeconfig_env else None
+    kubeconfig = [Path(p) for p in settings.environ.get("KUBECONFIG", "").split(":") if p]
+    in_cluster = {
+        k: settings.environ[k]
+        for k in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT")
+        if settings.environ.get(k)
+    }
     clients: dict[str | None, KubeClient] = {}
 
     def client(options: KubernetesOptions) -> KubeClient:
         if options.context not in clients:
-            clients[options.context] = KubeClient(kubeconfig=kubeconfig, context=options.context)
+            clients[options.context] = KubeClient(
+                kubeconfig=kubeconfig or None, context=options.context, in_cluster=in_cluster
+            )
         return clients[options.context]
 
     load: Callable[[ImageRef], None] | None = None

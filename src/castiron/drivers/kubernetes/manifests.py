@@ -2,12 +2,15 @@
 
 Owns the shape of every object castiron sends to a cluster, and nothing else:
 
-* one ``apps/v1`` Deployment per instance (:func:`deployment`), named by the instance id, one
-  replica, labelled with castiron's labels (managed-by, app, environment, release, instance),
-  the image by digest, readiness and liveness probes from the release's health check, and the
-  same hardening as the Docker runtime (non-root, read-only root filesystem, every capability
-  dropped, no privilege escalation, no service-account token);
-* one ``v1`` Secret per instance holding the resolved secret values (:func:`secret`), read by
+* one ``apps/v1`` Deployment per release (:func:`deployment`), named ``APP-ENV-<release id>``
+  (:func:`release_name`), labelled with castiron's labels (managed-by, app, environment,
+  release), the image by digest, readiness and liveness probes from the release's health
+  check, and the same hardening as the Docker runtime (non-root, read-only root filesystem,
+  every capability dropped, no privilege escalation, no service-account token). Its pods are
+  the release's instances; their number is set apart (:func:`scale`: ``replicas`` and the
+  annotation listing the wanted instances, applied by a field manager of its own), so applying
+  the Deployment again never changes how many pods run;
+* one ``v1`` Secret per release holding the resolved secret values (:func:`secret`), read by
   the container through ``valueFrom``; castiron's state only ever holds the names;
 * one stable ``v1`` Service per environment (:func:`service`) whose selector names the
   serving release: changing the selector is the traffic switch.
@@ -24,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from castiron.errors import RuntimeDriverError
@@ -32,13 +35,20 @@ from castiron.model import InstanceSpec
 from castiron.values import value
 
 FIELD_MANAGER = "castiron"
-"""The field manager of every server-side apply castiron makes."""
+"""The field manager of every server-side apply castiron makes of a whole object."""
+SCALE_MANAGER = "castiron-scale"
+"""The field manager of the scale of a release's Deployment (``replicas`` and the annotation
+listing the wanted instances): the Deployment's other fields are castiron's own."""
 
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_ENVIRONMENT = "castiron.dev/environment"
 LABEL_RELEASE = "castiron.dev/release"
 LABEL_INSTANCE = "castiron.dev/instance"
+"""Only on Deployments of earlier versions (one per instance); read, never written."""
+ANNOTATION_INSTANCES = "castiron.dev/instances"
+"""The ids of the instances a release's Deployment runs, in creation order, comma-separated;
+``replicas`` is their number."""
 ANNOTATION_IMAGE = "castiron.dev/image"
 """The image's manifest digest (its castiron identity)."""
 ANNOTATION_CONFIG = "castiron.dev/config-digest"
@@ -144,26 +154,34 @@ def pod_port(spec: InstanceSpec) -> int:
     return spec.port or DEFAULT_PORT
 
 
-def secret_name(instance_id: str) -> str:
-    """The name of the Secret holding ``instance_id``'s secret values."""
-    return f"{instance_id}-secrets"
+def release_name(app: str, environment: str, release: str) -> str:
+    """The name of ``release``'s Deployment (and of its own Service): ``APP-ENV-<release>``,
+    the prefix cut so the whole fits a DNS label (63 characters)."""
+    prefix = f"{app}-{environment}"[: 62 - len(release)].rstrip("-")
+    return f"{prefix}-{release}"
+
+
+def secret_name(deployment_name: str) -> str:
+    """The name of the Secret holding the secret values of the Deployment ``deployment_name``."""
+    return f"{deployment_name}-secrets"
+
+
+def release_labels(app: str, environment: str, release: str) -> dict[str, str]:
+    """The labels of every object of ``release`` (and the selector of its pods)."""
+    return {**labels(app, environment), LABEL_RELEASE: release}
 
 
 def secret(spec: InstanceSpec, options: KubernetesOptions) -> dict[str, Any] | None:
-    """The Secret of ``spec``'s secret values (None when it has none)."""
+    """The Secret of the secret values of ``spec``'s release (None when it has none)."""
     if not spec.secret_names:
         return None
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {
-            "name": secret_name(spec.id),
+            "name": secret_name(release_name(spec.app, spec.environment, spec.release)),
             "namespace": options.namespace,
-            "labels": {
-                **labels(spec.app, spec.environment),
-                LABEL_RELEASE: spec.release,
-                LABEL_INSTANCE: spec.id,
-            },
+            "labels": release_labels(spec.app, spec.environment, spec.release),
         },
         "type": "Opaque",
         "stringData": {name: spec.env[name] for name in sorted(spec.secret_names)},
@@ -219,16 +237,17 @@ def _run_as(user: str | None) -> tuple[int, int]:
 
 
 def deployment(
-    spec: InstanceSpec, options: KubernetesOptions, *, replicas: int = 1
+    spec: InstanceSpec, options: KubernetesOptions, *, replicas: int | None = None
 ) -> dict[str, Any]:
-    """The Deployment of one instance (one replica; its pod is the instance), or of a whole
-    release for export (``replicas``).
+    """The Deployment of ``spec``'s release; without ``replicas`` (the driver's apply: the
+    scale is :func:`scale`'s), or with them (an export of the whole release).
 
     Raises:
         RuntimeDriverError: for a bad memory size, CPU count or writable path (naming the
             environment and instance).
     """
     where = f"{spec.environment}/{spec.id}"
+    name = release_name(spec.app, spec.environment, spec.release)
     image, pull = image_reference(spec, options)
     port = pod_port(spec)
     env: list[dict[str, Any]] = []
@@ -239,13 +258,12 @@ def deployment(
         CASTIRON_APP=spec.app,
         CASTIRON_ENVIRONMENT=spec.environment,
     )
-    for name in sorted(plain):
-        env.append({"name": name, "value": plain[name]})
-    for name in sorted(spec.secret_names):
-        ref = {"name": secret_name(spec.id), "key": name}
-        env.append({"name": name, "valueFrom": {"secretKeyRef": ref}})
-    obj_labels = {**labels(spec.app, spec.environment), LABEL_RELEASE: spec.release}
-    pod_labels = {**obj_labels, LABEL_INSTANCE: spec.id}
+    for key in sorted(plain):
+        env.append({"name": key, "value": plain[key]})
+    for key in sorted(spec.secret_names):
+        ref = {"name": secret_name(name), "key": key}
+        env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    obj_labels = release_labels(spec.app, spec.environment, spec.release)
     annotations = {
         ANNOTATION_IMAGE: spec.image.digest,
         ANNOTATION_CONFIG: spec.image.config_digest,
@@ -316,26 +334,63 @@ def deployment(
         pod_spec["imagePullSecrets"] = [{"name": options.image_pull_secret}]
     if options.node_selector:
         pod_spec["nodeSelector"] = dict(options.node_selector)
+    body: dict[str, Any] = {
+        "revisionHistoryLimit": 0,
+        "selector": {"matchLabels": obj_labels},
+        # The template changes only when drift is fixed: pods are then replaced one by one,
+        # never fewer ready than wanted.
+        "strategy": {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+        },
+        "template": {
+            "metadata": {"labels": dict(obj_labels), "annotations": annotations},
+            "spec": pod_spec,
+        },
+    }
+    if replicas is not None:
+        body = {"replicas": replicas, **body}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {
-            "name": spec.id,
+            "name": name,
             "namespace": options.namespace,
-            "labels": {**obj_labels, LABEL_INSTANCE: spec.id},
+            "labels": obj_labels,
             "annotations": annotations,
         },
-        "spec": {
-            "replicas": replicas,
-            "revisionHistoryLimit": 0,
-            "selector": {"matchLabels": {LABEL_INSTANCE: spec.id}},
-            "strategy": {"type": "Recreate"},
-            "template": {
-                "metadata": {"labels": pod_labels, "annotations": annotations},
-                "spec": pod_spec,
-            },
-        },
+        "spec": body,
     }
+
+
+def scale(
+    name: str,
+    namespace: str,
+    instances: Sequence[str],
+    resource_version: str | None = None,
+) -> dict[str, Any]:
+    """The scale of the release's Deployment ``name``, applied by :data:`SCALE_MANAGER`:
+    one replica per wanted instance, the instances' ids in an annotation. With
+    ``resource_version``, the server refuses it (409) when the Deployment changed since read."""
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": namespace,
+        "annotations": {ANNOTATION_INSTANCES: ",".join(instances)},
+    }
+    if resource_version:
+        meta["resourceVersion"] = resource_version
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta,
+        "spec": {"replicas": len(instances)},
+    }
+
+
+def wanted_instances(obj: Mapping[str, Any]) -> list[str]:
+    """The instances a release's Deployment runs (its :func:`scale` annotation)."""
+    annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    return [i for i in str(annotations.get(ANNOTATION_INSTANCES, "")).split(",") if i]
 
 
 def _health(spec: InstanceSpec) -> Mapping[str, Any]:
@@ -393,6 +448,7 @@ def dump(objects: list[dict[str, Any]]) -> str:
 __all__ = [
     "ANNOTATION_CONFIG",
     "ANNOTATION_IMAGE",
+    "ANNOTATION_INSTANCES",
     "ANNOTATION_PORT",
     "ANNOTATION_SECRETS",
     "CONTAINER",
@@ -404,6 +460,7 @@ __all__ = [
     "LABEL_NAME",
     "LABEL_RELEASE",
     "LOADED_REPOSITORY",
+    "SCALE_MANAGER",
     "KubernetesOptions",
     "PullPolicy",
     "ServiceType",
@@ -412,8 +469,12 @@ __all__ = [
     "image_reference",
     "labels",
     "pod_port",
+    "release_labels",
+    "release_name",
+    "scale",
     "secret",
     "secret_name",
     "selector",
     "service",
+    "wanted_instances",
 ]
