@@ -175,9 +175,7 @@ def make_project(
 
 
 def _deployments(project: KubeProject) -> list[dict[str, Any]]:
-    data = json.loads(
-        project.kubectl("get", "deployments", "-o", "json", "--show-managed-fields")
-    )
+    data = json.loads(project.kubectl("get", "deployments", "-o", "json", "--show-managed-fields"))
     return list(data["items"])
 
 
@@ -282,10 +280,19 @@ def test_rolling_under_load(make_project: Callable[..., KubeProject]) -> None:
     project.bake("v1")
     project.deploy("v1", "one")
     with ServiceLoad(project) as load:
-        project.deploy("v1", "two")
+        second = project.deploy("v1", "two")
         wait_for(lambda: project.served() == "two", timeout=30, what="two served")
     assert load.failed == 0, load.errors[:5]
     assert load.bodies <= {"one", "two"}
+    # The previous release was scaled down batch by batch, to nothing.
+    wait_for(
+        lambda: (
+            [d["metadata"]["name"] for d in _deployments(project)]
+            == [f"{APP}-staging-{second['release']}"]
+        ),
+        timeout=30,
+        what="only the new release's Deployment left",
+    )
 
 
 def test_drift_found_and_fixed(make_project: Callable[..., KubeProject]) -> None:

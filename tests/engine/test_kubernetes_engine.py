@@ -1,0 +1,202 @@
+"""The engine on the in-memory Kubernetes cluster: the real driver and traffic controller, the
+engine's strategies, and what a cluster shows after each step (no real control plane)."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from castiron.drivers.base import Driver
+from castiron.drivers.kubernetes.driver import KubernetesDriver
+from castiron.drivers.kubernetes.fake import FakeCluster
+from castiron.drivers.kubernetes.manifests import KubernetesOptions
+from castiron.engine.deploy import Engine
+from castiron.engine.runtimes import ReleaseKubernetes, RuntimeTraffic, runtime_prober
+from castiron.errors import UsageError
+from castiron.images.store import ImageStore
+from castiron.state.base import ManualClock
+from castiron.state.sqlite import open_state
+from castiron.traffic.controller import TrafficController
+
+from .conftest import FakeTime, Recorder, World
+
+SPEC = textwrap.dedent(
+    """
+    app: hello
+    image:
+      context: ./app
+      entrypoint: ["python3", "server.py"]
+    service:
+      port: 8000
+      replicas: 3
+      health: {http: /healthz, interval: 100ms, start_period: 1s}
+      env: {APP_VERSION: "${APP_VERSION:-1}"}
+      secrets: {TOKEN: {env: HELLO_TOKEN}}
+    environments:
+      blue:
+        runtime: kubernetes
+        listen: 127.0.0.1:18090
+        keep_warm: 10m
+        drain_timeout: 1s
+        kubernetes: {namespace: web, context: prod}
+      roll:
+        runtime: kubernetes
+        listen: 127.0.0.1:18091
+        drain_timeout: 1s
+        strategy: {type: rolling, batch: 1}
+        kubernetes: {namespace: web, context: prod}
+    """
+)
+NS = "web"
+
+
+@dataclass
+class WatchedCluster(FakeCluster):
+    """A fake cluster that records, after each change, how many Ready pods each Service
+    selects."""
+
+    served: dict[str, list[int]] = field(default_factory=dict)
+
+    def _reconcile(self) -> None:
+        super()._reconcile()
+        for (kind, ns, name), svc in list(self.objects.items()):
+            if kind != "Service":
+                continue
+            selector = svc["spec"]["selector"]
+            ready = 0
+            for (k, n, _), pod in self.objects.items():
+                labels = pod.get("metadata", {}).get("labels", {})
+                if k == "Pod" and n == ns and all(labels.get(a) == b for a, b in selector.items()):
+                    conditions = pod.get("status", {}).get("conditions", [])
+                    ready += any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+            self.served.setdefault(name, []).append(ready)
+
+
+@dataclass
+class KubeWorld:
+    world: World
+    cluster: WatchedCluster
+    driver: KubernetesDriver
+
+    def engine(self) -> Engine:
+        world = self.world
+
+        def driver_for(runtime: str) -> Driver:
+            if runtime != "kubernetes":
+                raise UsageError(f"runtime {runtime!r} is not available here")
+            return self.driver
+
+        def no_agent() -> TrafficController:
+            raise UsageError("no host agent here")
+
+        return Engine(
+            store=world.store,
+            images=world.images,
+            driver_for=driver_for,
+            traffic=lambda: RuntimeTraffic(world.store, no_agent, driver_for),
+            environ=world.environ,
+            observer=Recorder(),
+            prober=runtime_prober(driver_for),
+            monotonic=world.time.monotonic,
+            sleep=world.time.sleep,
+        )
+
+    def deploy(self, environment: str, tag: str, **env: str) -> Any:
+        self.world.environ.update(env)
+        engine = self.engine()
+        return engine.deploy(engine.resolve(self.world.spec(), environment, tag))
+
+    def deployments(self) -> dict[str, dict[str, Any]]:
+        return {d["metadata"]["name"]: d for d in self.cluster.find("Deployment", NS, {})}
+
+    def selector(self, environment: str) -> dict[str, str]:
+        svc = self.cluster.get("Service", NS, f"hello-{environment}")
+        assert svc is not None
+        return dict(svc["spec"]["selector"])
+
+
+@pytest.fixture
+def kube(tmp_path: Path) -> Iterator[KubeWorld]:
+    root = tmp_path / "project"
+    (root / "app").mkdir(parents=True)
+    (root / "castiron.yaml").write_text(SPEC)
+    clock = ManualClock()
+    store = open_state(root / ".castiron" / "state.db", actor="tester@testhost", clock=clock)
+    world = World(
+        root=root,
+        store=store,
+        images=ImageStore(root / ".castiron" / "images"),
+        driver=None,  # type: ignore[arg-type]
+        traffic=None,  # type: ignore[arg-type]
+        time=FakeTime(),
+        clock=clock,
+        environ={"HELLO_TOKEN": "s3cret-value"},
+    )
+    world.bake("v1", "one")
+    world.bake("v2", "two")
+    cluster = WatchedCluster(context="prod")
+
+    def client(options: KubernetesOptions) -> FakeCluster:
+        assert options.context == "prod", f"a call without the environment's context: {options}"
+        return cluster
+
+    driver = KubernetesDriver(client=client, options=ReleaseKubernetes(store))
+    try:
+        yield KubeWorld(world, cluster, driver)
+    finally:
+        store.close()
+
+
+def test_blue_green_is_one_deployment_per_release_kept_warm(kube: KubeWorld) -> None:
+    first = kube.deploy("blue", "v1")
+    made = kube.deployments()
+    assert list(made) == [f"hello-blue-{first.release}"]
+    assert made[f"hello-blue-{first.release}"]["spec"]["replicas"] == 3
+    assert kube.selector("blue")["castiron.dev/release"] == first.release
+    second = kube.deploy("blue", "v2")
+    assert sorted(kube.deployments()) == sorted(
+        [f"hello-blue-{first.release}", f"hello-blue-{second.release}"]
+    )
+    assert kube.selector("blue")["castiron.dev/release"] == second.release
+    assert min(kube.cluster.served["hello-blue"]) >= 3  # never fewer ready pods than wanted
+    secrets = [s["metadata"]["name"] for s in kube.cluster.find("Secret", NS, {})]
+    assert secrets == sorted(
+        [f"hello-blue-{first.release}-secrets", f"hello-blue-{second.release}-secrets"]
+    )
+
+
+def test_rolling_scales_new_up_and_old_down_behind_one_service(kube: KubeWorld) -> None:
+    first = kube.deploy("roll", "v1")
+    old_name = f"hello-roll-{first.release}"
+    kube.cluster.served.clear()
+    replicas: list[tuple[int, int]] = []
+    original = kube.cluster.apply
+
+    def watching(obj: Any, **kwargs: Any) -> dict[str, Any]:
+        done = original(obj, **kwargs)
+        made = kube.deployments()
+        replicas.append(
+            tuple(  # type: ignore[arg-type]
+                made[n]["spec"]["replicas"] if n in made else 0
+                for n in (old_name, next((m for m in made if m != old_name), ""))
+            )
+        )
+        return done
+
+    kube.cluster.apply = watching  # type: ignore[method-assign]
+    second = kube.deploy("roll", "v2")
+    kube.cluster.apply = original  # type: ignore[method-assign]
+    assert list(kube.deployments()) == [f"hello-roll-{second.release}"]
+    assert kube.selector("roll")["castiron.dev/release"] == second.release
+    # Ready pods behind the Service never fell below the release's 3.
+    assert min(kube.cluster.served["hello-roll"]) >= 3
+    # The new release went up one by one while the old one went down one by one.
+    scales = [r for i, r in enumerate(replicas) if i == 0 or r != replicas[i - 1]]
+    assert (3, 1) in scales and (2, 2) in scales and (1, 3) in scales
+    rows = kube.world.store.list_instances("roll")
+    assert {r.release for r in rows} == {second.release}
