@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from castiron.drivers.kubernetes.driver import KubernetesDriver, address_of, parse_address
+from castiron.drivers.kubernetes.driver import (
+    KubernetesDriver,
+    address_of,
+    differences,
+    parse_address,
+)
 from castiron.drivers.kubernetes.fake import FakeCluster
 from castiron.drivers.kubernetes.manifests import KubernetesOptions
 from castiron.errors import RuntimeDriverError
@@ -229,3 +234,51 @@ def test_a_bare_address_reaches_the_context_of_its_environment(cluster: FakeClus
     assert second.readiness(made.address)[0]
     assert second.logs(made, 5).startswith("pod hello-prod-r1-")
     assert seen and set(seen) == {"prod-cluster"}
+
+
+def test_differences_compare_named_lists_by_name_and_skip_server_fields() -> None:
+    want = {
+        "metadata": {"name": "d", "resourceVersion": "1", "labels": {"a": "1"}},
+        "spec": {"containers": [{"name": "app", "env": [{"name": "X", "value": "1"}]}]},
+        "status": {"replicas": 1},
+    }
+    have = {
+        "metadata": {"name": "d", "resourceVersion": "9", "labels": {"a": "2"}},
+        "spec": {
+            "containers": [
+                {"name": "app", "env": [{"name": "X", "value": "1"}, {"name": "Y", "value": "2"}]}
+            ]
+        },
+        "status": {"replicas": 3},
+    }
+    assert differences(want, have) == [
+        ("metadata.labels.a", "1", "2"),
+        ("spec.containers[app].env[Y]", None, {"name": "Y", "value": "2"}),
+    ]
+    assert differences({"args": ["a", "b"]}, {"args": ["a", "c"]}) == [("args[1]", "b", "c")]
+    assert differences({"args": ["a"]}, {"args": ["a", "c"]}) == [("args", ["a"], ["a", "c"])]
+
+
+def test_live_diff_is_a_dry_run_that_writes_nothing(
+    driver: KubernetesDriver, cluster: FakeCluster
+) -> None:
+    driver.create(_spec("i-1"))
+    assert driver.live_diff(_spec("drift")) == []  # defaults cancel out
+    before = cluster.get("Deployment", NS, DEPLOYMENT)
+    cluster.kubectl_patch(
+        "Deployment", NS, DEPLOYMENT, ("spec", "template", "spec", "enableServiceLinks"), True
+    )
+    (diff,) = driver.live_diff(_spec("drift"))
+    assert (diff.target, diff.path, diff.want, diff.have) == (
+        f"Deployment {NS}/{DEPLOYMENT}",
+        "spec.template.spec.enableServiceLinks",
+        False,
+        True,
+    )
+    after = cluster.get("Deployment", NS, DEPLOYMENT)
+    assert after is not None and before is not None
+    assert after["spec"]["template"]["spec"]["enableServiceLinks"] is True  # not applied
+    cluster.kubectl_delete("Secret", NS, f"{DEPLOYMENT}-secrets")
+    assert [d.target for d in driver.live_diff(_spec("drift"))][-1] == (
+        f"Secret {NS}/{DEPLOYMENT}-secrets"
+    )

@@ -404,6 +404,18 @@ def test_drift_selector_elsewhere_and_deleted_by_hand(
     project = make_project(replicas=1)
     project.bake("v1")
     first = project.deploy("v1", "one")
+    assert project.run("drift", "staging").returncode == 0  # server defaults are not drift
+    # An edit of a field castiron set, found by the server-side apply dry-run diff.
+    (made,) = _deployments(project)
+    loosen = {"spec": {"template": {"spec": {"automountServiceAccountToken": True}}}}
+    project.kubectl("patch", "deployment", made["metadata"]["name"], "-p", json.dumps(loosen))
+    found = project.run("drift", "staging", "--json")
+    assert found.returncode == 3, found.stdout + found.stderr
+    paths = {f["path"] for f in json.loads(found.stdout)["findings"]}
+    assert any(p.endswith("spec.template.spec.automountServiceAccountToken") for p in paths)
+    fixed = project.run("drift", "staging", "--fix")
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert project.run("drift", "staging").returncode == 0
     patch = json.dumps({"spec": {"selector": {"castiron.dev/release": "elsewhere"}}})
     project.kubectl("patch", "service", SERVICE, "-p", patch)
     found = project.run("drift", "staging", "--json")

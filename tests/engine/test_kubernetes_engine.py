@@ -16,6 +16,7 @@ from castiron.drivers.kubernetes.driver import KubernetesDriver
 from castiron.drivers.kubernetes.fake import FakeCluster
 from castiron.drivers.kubernetes.manifests import KubernetesOptions
 from castiron.engine.deploy import Engine
+from castiron.engine.drift import detect_drift, fix_drift
 from castiron.engine.runtimes import ReleaseKubernetes, RuntimeTraffic, runtime_prober
 from castiron.errors import UsageError
 from castiron.images.store import ImageStore
@@ -200,3 +201,102 @@ def test_rolling_scales_new_up_and_old_down_behind_one_service(kube: KubeWorld) 
     assert (3, 1) in scales and (2, 2) in scales and (1, 3) in scales
     rows = kube.world.store.list_instances("roll")
     assert {r.release for r in rows} == {second.release}
+
+
+def _drift(kube: KubeWorld, tmp_path: Path) -> list[tuple[str, str, str]]:
+    report = detect_drift(kube.engine(), "blue", baselines=tmp_path / "drift")
+    return [(f.kind, f.instance, f.path) for f in report.findings]
+
+
+def _fix(kube: KubeWorld, tmp_path: Path) -> None:
+    fix_drift(kube.engine(), "blue", baselines=tmp_path / "drift")
+    assert _drift(kube, tmp_path) == []
+
+
+def test_no_drift_right_after_a_deploy(kube: KubeWorld, tmp_path: Path) -> None:
+    kube.deploy("blue", "v1")
+    assert _drift(kube, tmp_path) == []  # server-defaulted fields are not drift
+
+
+def test_kubectl_scale_is_drift_and_fixed(kube: KubeWorld, tmp_path: Path) -> None:
+    first = kube.deploy("blue", "v1")
+    name = f"hello-blue-{first.release}"
+    kube.cluster.kubectl_scale(NS, name, 5)
+    found = _drift(kube, tmp_path)
+    assert {p for _, _, p in found} == {"replicas"}
+    _fix(kube, tmp_path)
+    assert kube.deployments()[name]["spec"]["replicas"] == 3
+
+
+def test_kubectl_set_image_is_drift_and_fixed(kube: KubeWorld, tmp_path: Path) -> None:
+    first = kube.deploy("blue", "v1")
+    name = f"hello-blue-{first.release}"
+    kube.cluster.kubectl_set_image(NS, name, "evil/image:latest")
+    assert {(k, p) for k, _, p in _drift(kube, tmp_path)} == {("image", "image")}
+    _fix(kube, tmp_path)
+    container = kube.deployments()[name]["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] != "evil/image:latest"
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "finding"),
+    [
+        (
+            ("metadata", "labels", "castiron.dev/release"),
+            "other",
+            "metadata.labels.castiron.dev/release",
+        ),
+        (
+            ("spec", "template", "spec", "containers"),
+            None,  # the container's securityContext loosened by hand
+            "spec.template.spec.containers[app].securityContext.readOnlyRootFilesystem",
+        ),
+        (
+            ("spec", "template", "spec", "automountServiceAccountToken"),
+            True,
+            "spec.template.spec.automountServiceAccountToken",
+        ),
+    ],
+)
+def test_edits_of_castiron_fields_are_found_by_a_dry_run_diff(
+    kube: KubeWorld, tmp_path: Path, path: tuple[str, ...], value: object, finding: str
+) -> None:
+    first = kube.deploy("blue", "v1")
+    name = f"hello-blue-{first.release}"
+    if value is None:
+        containers = kube.deployments()[name]["spec"]["template"]["spec"]["containers"]
+        containers[0]["securityContext"]["readOnlyRootFilesystem"] = False
+        value = containers
+    kube.cluster.kubectl_patch("Deployment", NS, name, path, value)
+    found = _drift(kube, tmp_path)
+    assert {(k, p) for k, _, p in found} >= {("config", f"Deployment {NS}/{name}: {finding}")}
+    _fix(kube, tmp_path)
+
+
+def test_a_label_added_by_hand_is_not_castiron_s_field(kube: KubeWorld, tmp_path: Path) -> None:
+    first = kube.deploy("blue", "v1")
+    kube.cluster.kubectl_label("Deployment", NS, f"hello-blue-{first.release}", "team", "web")
+    assert _drift(kube, tmp_path) == []
+
+
+def test_selector_elsewhere_and_objects_deleted_by_hand(kube: KubeWorld, tmp_path: Path) -> None:
+    first = kube.deploy("blue", "v1")
+    name = f"hello-blue-{first.release}"
+    kube.cluster.kubectl_patch(
+        "Service", NS, "hello-blue", ("spec", "selector", "castiron.dev/release"), "elsewhere"
+    )
+    assert {p for _, _, p in _drift(kube, tmp_path)} == {"route"}
+    _fix(kube, tmp_path)
+    assert kube.selector("blue")["castiron.dev/release"] == first.release
+    kube.cluster.kubectl_delete("Secret", NS, f"{name}-secrets")
+    assert any(p == f"Secret {NS}/{name}-secrets" for _, _, p in _drift(kube, tmp_path))
+    _fix(kube, tmp_path)
+    assert kube.cluster.get("Secret", NS, f"{name}-secrets") is not None
+    kube.cluster.kubectl_delete("Deployment", NS, name)
+    assert {p for _, _, p in _drift(kube, tmp_path)} >= {"state"}
+    _fix(kube, tmp_path)
+    assert kube.deployments()[name]["spec"]["replicas"] == 3
+    kube.cluster.kubectl_delete("Service", NS, "hello-blue")
+    assert _drift(kube, tmp_path) != []
+    _fix(kube, tmp_path)
+    assert kube.selector("blue")["castiron.dev/release"] == first.release

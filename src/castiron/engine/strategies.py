@@ -233,34 +233,8 @@ class Rollout:
         """
         if self.image is None:
             raise DeployFailedError(f"release {self.release.id}: no image to create from")
-        cfg = self.release.config
-        env = {**dict(self.runtime.env), **dict(cfg.env), **dict(self.secrets)}
-        isolation: Isolation = "auto"
-        if cfg.isolation in ("sandbox", "none"):
-            isolation = "sandbox" if cfg.isolation == "sandbox" else "none"
-        return InstanceSpec(
-            id=instance_id,
-            app=cfg.app,
-            environment=cfg.environment,
-            release=self.release.id,
-            image=self.image,
-            command=self.runtime.command,
-            env=env,
-            workdir=self.runtime.workdir,
-            port=instance_port(cfg),
-            user=self.runtime.user,
-            secret_names=frozenset(self.secrets),
-            isolation=isolation,
-            writable=cfg.writable,
-            memory=cfg.memory,
-            cpus=cfg.cpus,
-            labels={
-                "castiron.app": cfg.app,
-                "castiron.environment": cfg.environment,
-                "castiron.release": self.release.id,
-                "castiron.deployment": self.journal.id,
-                "castiron.health": json.dumps(asdict(cfg.health), sort_keys=True),
-            },
+        return release_instance_spec(
+            self.release, self.image, self.runtime, self.secrets, instance_id, self.journal.id
         )
 
     def create(self, count: int) -> list[Instance]:
@@ -485,6 +459,47 @@ class Rollout:
         self.progress(f"{len(ids)} previous instance(s) drained and destroyed")
 
 
+def release_instance_spec(
+    release: Release,
+    image: ImageRef,
+    runtime: ImageRuntime,
+    secrets: Mapping[str, str],
+    instance_id: str,
+    deployment_id: str,
+) -> InstanceSpec:
+    """What a driver needs to create instance ``instance_id`` of ``release`` (its secret
+    values in ``secrets``) during the deployment ``deployment_id``."""
+    cfg = release.config
+    env = {**dict(runtime.env), **dict(cfg.env), **dict(secrets)}
+    isolation: Isolation = "auto"
+    if cfg.isolation in ("sandbox", "none"):
+        isolation = "sandbox" if cfg.isolation == "sandbox" else "none"
+    return InstanceSpec(
+        id=instance_id,
+        app=cfg.app,
+        environment=cfg.environment,
+        release=release.id,
+        image=image,
+        command=runtime.command,
+        env=env,
+        workdir=runtime.workdir,
+        port=instance_port(cfg),
+        user=runtime.user,
+        secret_names=frozenset(secrets),
+        isolation=isolation,
+        writable=cfg.writable,
+        memory=cfg.memory,
+        cpus=cfg.cpus,
+        labels={
+            "castiron.app": cfg.app,
+            "castiron.environment": cfg.environment,
+            "castiron.release": release.id,
+            "castiron.deployment": deployment_id,
+            "castiron.health": json.dumps(asdict(cfg.health), sort_keys=True),
+        },
+    )
+
+
 def remove_instances(tx: StateTx, ids: Sequence[str]) -> None:
     """Forget destroyed instances."""
     for instance_id in ids:
@@ -578,6 +593,7 @@ __all__ = [
     "backends_of",
     "blue_green",
     "instance_row",
+    "release_instance_spec",
     "rolling",
     "routes_whole_releases",
     "row_instance",

@@ -75,6 +75,7 @@ from castiron.model import (
     Observed,
     ReleaseId,
 )
+from castiron.values import value
 
 ADDRESS_PREFIX = "k8s://"
 """Addresses of instances: ``k8s://NAMESPACE/DEPLOYMENT/INSTANCE:PORT`` (reached through a
@@ -399,6 +400,37 @@ class KubernetesDriver:
         self._releases[key] = read
         return read
 
+    # --- drift -----------------------------------------------------------------------------
+
+    def live_diff(self, spec: InstanceSpec) -> list[LiveDifference]:
+        """How the live objects of ``spec``'s release differ from what castiron would apply:
+        the Deployment is applied as a server-side dry run (castiron's field manager, forced)
+        and the answer compared with the live object, so fields the server defaults are in
+        both and cancel out, and only what someone changed in castiron's fields shows; a
+        Secret the release needs that is gone is a difference too. Nothing is written.
+
+        Raises:
+            RuntimeDriverError: when the cluster cannot be read, or refuses the dry run.
+        """
+        options = self.options_for(spec.environment)
+        api = self.client(options)
+        name = release_name(spec.app, spec.environment, spec.release)
+        live = api.get("Deployment", options.namespace, name)
+        if live is None or not _ours(live):
+            return []  # a missing release is found from its instances; foreign ones as strays
+        would = api.apply(deployment(spec, options), dry_run=True)
+        kind = f"Deployment {options.namespace}/{name}"
+        out = [
+            LiveDifference(kind, path, want, have) for path, want, have in differences(would, live)
+        ]
+        if spec.secret_names and api.get("Secret", options.namespace, secret_name(name)) is None:
+            out.append(
+                LiveDifference(
+                    f"Secret {options.namespace}/{secret_name(name)}", "", "present", None
+                )
+            )
+        return out
+
     # --- logs ------------------------------------------------------------------------------
 
     def _pod_of(self, instance: Instance) -> tuple[KubeApi, str, str]:
@@ -517,6 +549,72 @@ class KubernetesDriver:
             stray=stray,
             exit_code=exit_code,
         )
+
+
+@value
+class LiveDifference:
+    """One field of a live object that differs from what castiron would apply."""
+
+    target: str
+    """The object: ``KIND NAMESPACE/NAME``."""
+    path: str
+    """The field, e.g. ``spec.template.spec.containers[app].env[VERSION].value`` ('' for the
+    whole object)."""
+    want: object
+    have: object
+
+
+SERVER_FIELDS: frozenset[tuple[str, ...]] = frozenset(
+    {
+        ("status",),
+        ("metadata", "managedFields"),
+        ("metadata", "resourceVersion"),
+        ("metadata", "generation"),
+        ("metadata", "uid"),
+        ("metadata", "creationTimestamp"),
+        ("metadata", "selfLink"),
+        ("metadata", "annotations", "deployment.kubernetes.io/revision"),
+        ("metadata", "annotations", "kubectl.kubernetes.io/last-applied-configuration"),
+    }
+)
+"""Fields the server (or kubectl) keeps for itself: never drift."""
+
+
+def differences(
+    want: Any, have: Any, path: tuple[str, ...] = ()
+) -> list[tuple[str, object, object]]:
+    """(path, wanted, found) for every leaf where ``have`` differs from ``want`` (both as
+    the server returns them), leaving out :data:`SERVER_FIELDS`; lists of named items
+    (containers, env, ports, volumes) are compared by name, others by position."""
+    if path in SERVER_FIELDS:
+        return []
+    if isinstance(want, Mapping) and isinstance(have, Mapping):
+        out: list[tuple[str, object, object]] = []
+        for key in sorted(set(want) | set(have), key=str):
+            out += differences(want.get(key), have.get(key), (*path, str(key)))
+        return out
+    if isinstance(want, list) and isinstance(have, list):
+        if _named(want) and _named(have):
+            wanted = {str(i["name"]): i for i in want}
+            found = {str(i["name"]): i for i in have}
+            out = []
+            for key in sorted(set(wanted) | set(found)):
+                step = (*path[:-1], f"{path[-1]}[{key}]") if path else (f"[{key}]",)
+                out += differences(wanted.get(key), found.get(key), step)
+            return out
+        if len(want) == len(have):
+            out = []
+            for index, (a, b) in enumerate(zip(want, have, strict=True)):
+                step = (*path[:-1], f"{path[-1]}[{index}]") if path else (f"[{index}]",)
+                out += differences(a, b, step)
+            return out
+    if want == have:
+        return []
+    return [(".".join(path), want, have)]
+
+
+def _named(items: list[Any]) -> bool:
+    return all(isinstance(i, Mapping) and "name" in i for i in items)
 
 
 def replace_stray(observed: Observed) -> Observed:
@@ -661,9 +759,12 @@ def _exit_code(pods: list[dict[str, Any]]) -> int | None:
 __all__ = [
     "ADDRESS_PREFIX",
     "SCALE_ATTEMPTS",
+    "SERVER_FIELDS",
     "ImageLoader",
     "KubernetesDriver",
+    "LiveDifference",
     "address_of",
+    "differences",
     "parse_address",
     "replace_stray",
 ]
