@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import pytest
 
@@ -18,7 +19,10 @@ from castiron.drivers.kubernetes.manifests import (
     KubernetesOptions,
     deployment,
     dump,
+    http_route,
     release_name,
+    release_service,
+    route_weights,
     scale,
     secret,
     service,
@@ -185,3 +189,106 @@ def test_bad_values_name_the_instance(field: str, value: object, message: str) -
     with pytest.raises(RuntimeDriverError) as caught:
         deployment(_spec(data), KubernetesOptions())
     assert str(caught.value) == message
+
+
+GATEWAY = KubernetesOptions(
+    namespace="web", gateway="edge", gateway_namespace="infra", hostnames=("hello.example.com",)
+)
+
+HTTP_ROUTE_SCHEMA: dict[str, Any] = {
+    # The fields castiron writes, with the constraints of the Gateway API's v1 HTTPRoute
+    # (kubernetes-validate has no schema for it: it is not part of Kubernetes itself).
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "gateway.networking.k8s.io/v1"},
+        "kind": {"const": "HTTPRoute"},
+        "metadata": {"type": "object", "required": ["name", "namespace"]},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "parentRefs": {
+                    "type": "array",
+                    "maxItems": 32,
+                    "items": {
+                        "type": "object",
+                        "required": ["name"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "group": {"type": "string"},
+                            "kind": {"type": "string"},
+                            "name": {"type": "string", "minLength": 1, "maxLength": 253},
+                            "namespace": {"type": "string", "minLength": 1, "maxLength": 63},
+                        },
+                    },
+                },
+                "hostnames": {"type": "array", "maxItems": 16, "items": {"type": "string"}},
+                "rules": {
+                    "type": "array",
+                    "maxItems": 16,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "backendRefs": {
+                                "type": "array",
+                                "maxItems": 16,
+                                "items": {
+                                    "type": "object",
+                                    "required": ["name", "port"],
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "group": {"type": "string"},
+                                        "kind": {"type": "string"},
+                                        "name": {"type": "string", "minLength": 1},
+                                        "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+                                        "weight": {
+                                            "type": "integer",
+                                            "minimum": 0,
+                                            "maximum": 1000000,
+                                        },
+                                    },
+                                },
+                            }
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_release_services_are_valid_on_current_kubernetes(version: str) -> None:
+    made = release_service("hello", "prod", "0123456789abcdef", 8000, GATEWAY)
+    assert made["metadata"]["name"] == "hello-prod-0123456789abcdef"
+    assert made["spec"]["selector"]["castiron.dev/release"] == "0123456789abcdef"
+    kubernetes_validate.validate(made, version, strict=True)
+
+
+def test_http_route_splits_by_exact_weights() -> None:
+    made = http_route("hello", "prod", [("aaaa", 90), ("bbbb", 10)], GATEWAY)
+    jsonschema.validate(made, HTTP_ROUTE_SCHEMA)
+    assert made["metadata"] == {
+        "name": "hello-prod",
+        "namespace": "web",
+        "labels": {
+            "app.kubernetes.io/managed-by": "castiron",
+            "app.kubernetes.io/name": "hello",
+            "castiron.dev/environment": "prod",
+        },
+    }
+    assert made["spec"]["parentRefs"][0]["namespace"] == "infra"
+    assert route_weights(made) == [("hello-prod-aaaa", 90), ("hello-prod-bbbb", 10)]
+    assert made["spec"]["rules"][0]["backendRefs"][0]["port"] == 80
+    with pytest.raises(RuntimeDriverError, match="weight 101"):
+        http_route("hello", "prod", [("aaaa", 101)], GATEWAY)
+    with pytest.raises(RuntimeDriverError, match="no Gateway"):
+        http_route("hello", "prod", [("aaaa", 100)], KubernetesOptions())
+
+
+def test_gateway_options_round_trip_and_leave_older_releases_alone() -> None:
+    assert KubernetesOptions.from_json(GATEWAY.to_json()) == GATEWAY
+    assert "gateway" not in KubernetesOptions().to_json()  # release ids made before stay

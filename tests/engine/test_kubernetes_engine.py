@@ -14,7 +14,7 @@ import pytest
 from castiron.drivers.base import Driver
 from castiron.drivers.kubernetes.driver import KubernetesDriver
 from castiron.drivers.kubernetes.fake import FakeCluster
-from castiron.drivers.kubernetes.manifests import KubernetesOptions
+from castiron.drivers.kubernetes.manifests import KubernetesOptions, route_weights
 from castiron.engine.deploy import Engine
 from castiron.engine.drift import detect_drift, fix_drift
 from castiron.engine.runtimes import ReleaseKubernetes, RuntimeTraffic, runtime_prober
@@ -22,6 +22,7 @@ from castiron.errors import UsageError
 from castiron.images.store import ImageStore
 from castiron.state.base import ManualClock
 from castiron.state.sqlite import open_state
+from castiron.traffic.base import Backend, BackendSet
 from castiron.traffic.controller import TrafficController
 
 from .conftest import FakeTime, Recorder, World
@@ -51,6 +52,16 @@ SPEC = textwrap.dedent(
         drain_timeout: 1s
         strategy: {type: rolling, batch: 1}
         kubernetes: {namespace: web, context: prod}
+      gw:
+        runtime: kubernetes
+        listen: 127.0.0.1:18092
+        keep_warm: 10m
+        drain_timeout: 1s
+        strategy: {type: canary, steps: [{weight: 10, pause: 1s}, {weight: 50, pause: 1s}]}
+        kubernetes:
+          namespace: web
+          context: prod
+          gateway: {name: edge, namespace: infra, hostnames: [hello.example.com]}
     """
 )
 NS = "web"
@@ -300,3 +311,64 @@ def test_selector_elsewhere_and_objects_deleted_by_hand(kube: KubeWorld, tmp_pat
     assert _drift(kube, tmp_path) != []
     _fix(kube, tmp_path)
     assert kube.selector("blue")["castiron.dev/release"] == first.release
+
+
+def test_canary_through_an_http_route_has_exact_weights(kube: KubeWorld) -> None:
+    first = kube.deploy("gw", "v1")
+    stable = f"hello-gw-{first.release}"
+    route = kube.cluster.get("HTTPRoute", NS, "hello-gw")
+    assert route is not None
+    assert route["spec"]["parentRefs"] == [
+        {
+            "group": "gateway.networking.k8s.io",
+            "kind": "Gateway",
+            "name": "edge",
+            "namespace": "infra",
+        }
+    ]
+    assert route["spec"]["hostnames"] == ["hello.example.com"]
+    assert route_weights(route) == [(stable, 100)]
+    seen: list[list[tuple[str, int]]] = []
+    original = kube.cluster.apply
+
+    def watching(obj: Any, **kwargs: Any) -> dict[str, Any]:
+        done = original(obj, **kwargs)
+        if obj["kind"] == "HTTPRoute":
+            seen.append(route_weights(done))
+        return done
+
+    kube.cluster.apply = watching  # type: ignore[method-assign]
+    second = kube.deploy("gw", "v2", APP_VERSION="2")
+    kube.cluster.apply = original  # type: ignore[method-assign]
+    canary = f"hello-gw-{second.release}"
+    assert seen == [
+        [(stable, 90), (canary, 10)],
+        [(stable, 50), (canary, 50)],
+        [(canary, 100)],
+    ]
+    # One Service per release behind the route; the stable Service on one release at a time.
+    services = {s["metadata"]["name"] for s in kube.cluster.find("Service", NS, {})}
+    assert services == {"hello-gw", stable, canary}
+    assert kube.selector("gw")["castiron.dev/release"] == second.release
+
+
+def test_http_route_weights_read_back_and_deleted_with_the_release(kube: KubeWorld) -> None:
+    first = kube.deploy("gw", "v1")
+    engine = kube.engine()
+    rows = kube.world.store.list_instances("gw")
+    observed = kube.driver.observe("hello", "gw")
+    traffic = engine.traffic
+    old = BackendSet(first.release, tuple(Backend(r.id, r.address) for r in rows))
+    new_release = "f" * 16
+    traffic.switch("gw", "", old, canary=BackendSet(new_release, ()), canary_weight=25)
+    route = kube.cluster.get("HTTPRoute", NS, "hello-gw")
+    assert route is not None
+    assert route_weights(route) == [
+        (f"hello-gw-{first.release}", 75),
+        (f"hello-gw-{new_release}", 25),
+    ]
+    assert kube.selector("gw")["castiron.dev/release"] == first.release
+    assert len(observed) == 3
+    kube.driver.down("hello", "gw")
+    assert kube.cluster.find("HTTPRoute", NS, {}) == []
+    assert kube.cluster.find("Service", NS, {"castiron.dev/environment": "gw"}) == []

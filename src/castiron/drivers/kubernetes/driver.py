@@ -41,7 +41,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from castiron.drivers.kubernetes.api import CONFLICT, KubeApi
+from castiron.drivers.kubernetes.api import CONFLICT, Kind, KubeApi
 from castiron.drivers.kubernetes.manifests import (
     ANNOTATION_CONFIG,
     ANNOTATION_IMAGE,
@@ -273,9 +273,12 @@ class KubernetesDriver:
         self._delete_secret(api, namespace, name)
 
     def _delete_secret(self, api: KubeApi, namespace: str, name: str) -> None:
-        held = api.get("Secret", namespace, secret_name(name))
-        if held is not None and _ours(held):
-            api.delete("Secret", namespace, secret_name(name))
+        """Delete the Secret and the Service of the release's Deployment ``name``."""
+        owned: tuple[tuple[Kind, str], ...] = (("Secret", secret_name(name)), ("Service", name))
+        for kind, held in owned:
+            found = api.get(kind, namespace, held)
+            if found is not None and _ours(found):
+                api.delete(kind, namespace, held)
 
     def down(self, app: str, environment: str, grace: float = 10.0) -> list[str]:
         """Delete every Deployment and Secret castiron made for ``app``/``environment`` and
@@ -292,6 +295,9 @@ class KubernetesDriver:
             api.delete("Secret", options.namespace, str(obj["metadata"]["name"]))
         for obj in api.find("Service", options.namespace, wanted):
             api.delete("Service", options.namespace, str(obj["metadata"]["name"]))
+        if options.gateway is not None:
+            for obj in api.find("HTTPRoute", options.namespace, wanted):
+                api.delete("HTTPRoute", options.namespace, str(obj["metadata"]["name"]))
         self._releases.clear()
         return removed
 

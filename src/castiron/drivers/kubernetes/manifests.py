@@ -13,9 +13,13 @@ Owns the shape of every object castiron sends to a cluster, and nothing else:
 * one ``v1`` Secret per release holding the resolved secret values (:func:`secret`), read by
   the container through ``valueFrom``; castiron's state only ever holds the names;
 * one stable ``v1`` Service per environment (:func:`service`) whose selector names the
-  serving release: changing the selector is the traffic switch.
+  serving release: changing the selector is the traffic switch;
+* when the environment names a Gateway API Gateway: one Service per release
+  (:func:`release_service`) and the environment's ``gateway.networking.k8s.io/v1`` HTTPRoute
+  (:func:`http_route`) splitting requests between those Services by exact weights (a canary).
 
-Only ``apps/v1`` and ``core/v1`` are used; every port spells out ``protocol: TCP`` (server-side
+Only ``apps/v1`` and ``core/v1`` are used (and the Gateway API's HTTPRoute when a Gateway is
+named); every port spells out ``protocol: TCP`` (server-side
 apply on 1.20 needs it). The output of a builder depends only on its arguments (sorted keys
 and lists), so an exported manifest is byte-identical for the same release.
 
@@ -92,14 +96,28 @@ class KubernetesOptions:
     node_selector: tuple[tuple[str, str], ...] = ()
     cpu_request: str | None = None
     memory_request: str | None = None
+    gateway: str | None = None
+    """The Gateway API Gateway whose HTTPRoute splits a canary's traffic by exact weights
+    (None: weights are replica ratios behind the stable Service)."""
+    gateway_namespace: str | None = None
+    """The Gateway's namespace (None: the environment's)."""
+    route_name: str = ""
+    """The HTTPRoute's name ('': ``APP-ENVIRONMENT``)."""
+    hostnames: tuple[str, ...] = ()
+    """The HTTPRoute's hostnames (none: every request the Gateway's listener takes)."""
 
     def service_for(self, app: str, environment: str) -> str:
         """The Service's name for ``app``/``environment``."""
         return self.service_name or f"{app}-{environment}"
 
+    def route_for(self, app: str, environment: str) -> str:
+        """The HTTPRoute's name for ``app``/``environment``."""
+        return self.route_name or f"{app}-{environment}"
+
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict (see :meth:`from_json`)."""
-        return {
+        """A JSON-ready dict (see :meth:`from_json`); the Gateway only when one is named (the
+        release id hashes this: releases made before it existed keep theirs)."""
+        data: dict[str, Any] = {
             "namespace": self.namespace,
             "context": self.context,
             "service_name": self.service_name,
@@ -111,6 +129,14 @@ class KubernetesOptions:
             "cpu_request": self.cpu_request,
             "memory_request": self.memory_request,
         }
+        if self.gateway is not None:
+            data["gateway"] = {
+                "name": self.gateway,
+                "namespace": self.gateway_namespace,
+                "route": self.route_name,
+                "hostnames": list(self.hostnames),
+            }
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> KubernetesOptions:
@@ -121,6 +147,12 @@ class KubernetesOptions:
         """
         fields = dict(data)
         fields["node_selector"] = tuple(sorted(dict(fields.get("node_selector") or {}).items()))
+        gateway = fields.pop("gateway", None)
+        if gateway is not None:
+            fields["gateway"] = str(gateway["name"])
+            fields["gateway_namespace"] = gateway.get("namespace")
+            fields["route_name"] = str(gateway.get("route") or "")
+            fields["hostnames"] = tuple(str(h) for h in gateway.get("hostnames") or ())
         return cls(**fields)
 
 
@@ -440,6 +472,95 @@ def service(
     }
 
 
+def release_service(
+    app: str, environment: str, release: str, port: int, options: KubernetesOptions
+) -> dict[str, Any]:
+    """The Service of one release alone (``APP-ENV-<release>``), a backend of the
+    environment's HTTPRoute; deleted with the release's Deployment."""
+    chosen = release_labels(app, environment, release)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": release_name(app, environment, release),
+            "namespace": options.namespace,
+            "labels": dict(chosen),
+        },
+        "spec": {
+            "type": "ClusterIP",
+            "selector": chosen,
+            "ports": [
+                {
+                    "name": "http",
+                    "port": options.service_port,
+                    "targetPort": port,
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
+ROUTE_API = "gateway.networking.k8s.io/v1"
+"""The Gateway API version of the HTTPRoute (the only object beyond apps/v1 and core/v1)."""
+
+
+def http_route(
+    app: str, environment: str, weights: Sequence[tuple[str, int]], options: KubernetesOptions
+) -> dict[str, Any]:
+    """The environment's HTTPRoute on ``options.gateway``: one rule sending each request to
+    the Service of one release, in proportion to ``weights`` ((release, weight) pairs, weights
+    from 0 to 100: the exact split of a canary).
+
+    Raises:
+        RuntimeDriverError: when no Gateway is named, or a weight is out of range.
+    """
+    if options.gateway is None:
+        raise RuntimeDriverError(f"{environment}: no Gateway named for an HTTPRoute")
+    parent: dict[str, Any] = {
+        "group": "gateway.networking.k8s.io",
+        "kind": "Gateway",
+        "name": options.gateway,
+    }
+    if options.gateway_namespace:
+        parent["namespace"] = options.gateway_namespace
+    backends = []
+    for release, weight in weights:
+        if not 0 <= weight <= 100:
+            raise RuntimeDriverError(f"{environment}: weight {weight} is not from 0 to 100")
+        backends.append(
+            {
+                "group": "",
+                "kind": "Service",
+                "name": release_name(app, environment, release),
+                "port": options.service_port,
+                "weight": weight,
+            }
+        )
+    spec: dict[str, Any] = {"parentRefs": [parent], "rules": [{"backendRefs": backends}]}
+    if options.hostnames:
+        spec["hostnames"] = list(options.hostnames)
+    return {
+        "apiVersion": ROUTE_API,
+        "kind": "HTTPRoute",
+        "metadata": {
+            "name": options.route_for(app, environment),
+            "namespace": options.namespace,
+            "labels": labels(app, environment),
+        },
+        "spec": spec,
+    }
+
+
+def route_weights(route: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """(Service name, weight) of each backend of an HTTPRoute's first rule."""
+    rules = (route.get("spec") or {}).get("rules") or [{}]
+    out = []
+    for ref in rules[0].get("backendRefs") or []:
+        out.append((str(ref.get("name", "")), int(ref.get("weight", 1))))
+    return out
+
+
 def dump(objects: list[dict[str, Any]]) -> str:
     """Objects as one YAML-compatible JSON document stream (sorted keys: byte-stable)."""
     return "".join("---\n" + json.dumps(obj, sort_keys=True, indent=2) + "\n" for obj in objects)
@@ -460,17 +581,21 @@ __all__ = [
     "LABEL_NAME",
     "LABEL_RELEASE",
     "LOADED_REPOSITORY",
+    "ROUTE_API",
     "SCALE_MANAGER",
     "KubernetesOptions",
     "PullPolicy",
     "ServiceType",
     "deployment",
     "dump",
+    "http_route",
     "image_reference",
     "labels",
     "pod_port",
     "release_labels",
     "release_name",
+    "release_service",
+    "route_weights",
     "scale",
     "secret",
     "secret_name",
