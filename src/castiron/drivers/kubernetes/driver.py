@@ -256,7 +256,7 @@ class KubernetesDriver:
         self._releases.pop(f"{namespace}/{name}", None)
         found = api.get("Deployment", namespace, name)
         if found is None:
-            self._delete_secret(api, namespace, name)
+            self._delete_release_objects(api, namespace, name)
             return
         if not _ours(found):
             raise RuntimeDriverError(
@@ -270,9 +270,9 @@ class KubernetesDriver:
         elif len(wanted) > 1 and self._scale(api, namespace, name, remove=instance.id, read=found):
             return
         api.delete("Deployment", namespace, name, grace=grace)
-        self._delete_secret(api, namespace, name)
+        self._delete_release_objects(api, namespace, name)
 
-    def _delete_secret(self, api: KubeApi, namespace: str, name: str) -> None:
+    def _delete_release_objects(self, api: KubeApi, namespace: str, name: str) -> None:
         """Delete the Secret and the Service of the release's Deployment ``name``."""
         owned: tuple[tuple[Kind, str], ...] = (("Secret", secret_name(name)), ("Service", name))
         for kind, held in owned:
