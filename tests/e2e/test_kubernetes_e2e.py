@@ -317,6 +317,16 @@ def test_drift_found_and_fixed(make_project: Callable[..., KubeProject]) -> None
     assert instance not in _instances(after)  # replaced, never modified
     env = after["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "VERSION", "value": "one"} in env
+    # `kubectl scale`: more pods than castiron's instances.
+    project.kubectl("scale", f"deployment/{name}", "--replicas=3")
+    proc = project.run("drift", "staging", "--json")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert {f["path"] for f in json.loads(proc.stdout)["findings"]} == {"replicas"}
+    fixed = project.run("drift", "staging", "--fix")
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    (scaled,) = _deployments(project)
+    assert scaled["spec"]["replicas"] == 1 == len(_instances(scaled))
+    assert project.run("drift", "staging").returncode == 0
 
 
 @pytest.mark.parametrize("step", ["health", "switched"])
