@@ -181,6 +181,9 @@ class TagConflictError(ImageError):
 class RuntimeDriverError(CastironError):
     """A runtime driver (local processes, Docker, ...) failed."""
 
+    status: int | None = None
+    """The HTTP status a runtime's API answered with (a cluster's 404, 409), when it did."""
+
 
 class RouterError(CastironError):
     """The traffic router failed or refused a configuration."""

@@ -72,6 +72,18 @@ def _kubernetes_case(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator
         driver.client(options).close()
 
 
+@contextlib.contextmanager
+def _kubernetes_fake_case(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[DriverCase]:
+    from castiron.drivers.kubernetes.driver import KubernetesDriver
+    from castiron.drivers.kubernetes.fake import FakeCluster
+    from castiron.drivers.kubernetes.manifests import KubernetesOptions
+
+    cluster = FakeCluster()
+    image = ImageRef(Digest("sha256:" + "a" * 64), Digest("sha256:" + "b" * 64), tmp_path)
+    options = {"test": KubernetesOptions(namespace="conf")}
+    yield DriverCase(KubernetesDriver(client=lambda _o: cluster, options=options), image, ("srv",))
+
+
 DRIVER_CASES: dict[
     str, Callable[[Path, pytest.FixtureRequest], AbstractContextManager[DriverCase]]
 ] = {
@@ -79,6 +91,7 @@ DRIVER_CASES: dict[
     "local": _local_case,
     "docker": _docker_case,
     "kubernetes": _kubernetes_case,
+    "kubernetes-fake": _kubernetes_fake_case,
 }
 
 CASE_MARKS: dict[str, tuple[pytest.MarkDecorator, ...]] = {

@@ -1,8 +1,9 @@
 """The engine on a real Kubernetes control plane (``scripts/k8s-testbed``), through the real CLI,
 with requests sent through the environment's Service (the API server's service proxy) during
 switches: blue-green, rolling, an unhealthy release refused, a warm rollback, drift found and
-fixed, secrets as a Secret per instance (never in castiron's state), ``down``, and ``kill -9``
-of the CLI mid-deploy recovered by the next command.
+fixed, secrets as a Secret per release (never in castiron's state), ``down``, and ``kill -9``
+of the CLI mid-deploy recovered by the next command. Each release is one Deployment whose pods
+are its instances (their ids in the ``castiron.dev/instances`` annotation).
 
 The image is baked by castiron from ``/bin/busybox`` (busybox-static). The test bed's node runs
 its own Docker engine: castiron loads the image there from its store
@@ -174,8 +175,14 @@ def make_project(
 
 
 def _deployments(project: KubeProject) -> list[dict[str, Any]]:
-    data = json.loads(project.kubectl("get", "deployments", "-o", "json"))
+    data = json.loads(project.kubectl("get", "deployments", "-o", "json", "--show-managed-fields"))
     return list(data["items"])
+
+
+def _instances(made: dict[str, Any]) -> list[str]:
+    """The instances a release's Deployment runs (its annotation)."""
+    text = made["metadata"].get("annotations", {}).get("castiron.dev/instances", "")
+    return [i for i in text.split(",") if i]
 
 
 def test_blue_green_rollback_secrets_down(make_project: Callable[..., KubeProject]) -> None:
@@ -186,9 +193,15 @@ def test_blue_green_rollback_secrets_down(make_project: Callable[..., KubeProjec
     assert project.ok("logs", "staging").count("serving one") == 2  # the pods' own output
     status = project.status()
     assert status["release"] == first["release"]
-    # One Deployment per instance, castiron's labels, image by ID, never pulled, hardened.
+    # One Deployment per release, its pods the instances; castiron's labels, image by ID,
+    # never pulled, hardened.
     made = _deployments(project)
-    assert len(made) == 2
+    assert len(made) == 1
+    assert made[0]["metadata"]["name"] == f"{APP}-staging-{first['release']}"
+    assert made[0]["spec"]["replicas"] == 2
+    assert len(_instances(made[0])) == 2
+    managers = {m["manager"] for m in made[0]["metadata"]["managedFields"]}
+    assert {"castiron", "castiron-scale"} <= managers
     labels = made[0]["metadata"]["labels"]
     assert labels["app.kubernetes.io/managed-by"] == "castiron"
     assert labels["castiron.dev/release"] == first["release"]
@@ -196,13 +209,13 @@ def test_blue_green_rollback_secrets_down(make_project: Callable[..., KubeProjec
     assert container["imagePullPolicy"] == "Never"
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
-    # Secrets: a Secret per instance, referenced by valueFrom; never in castiron's state.
+    # Secrets: a Secret per release, referenced by valueFrom; never in castiron's state.
     secrets = json.loads(
         project.kubectl(
             "get", "secrets", "-l", "app.kubernetes.io/managed-by=castiron", "-o", "json"
         )
     )
-    assert len(secrets["items"]) == 2
+    assert len(secrets["items"]) == 1
     assert {
         "name": "API_KEY",
         "valueFrom": {
@@ -219,7 +232,7 @@ def test_blue_green_rollback_secrets_down(make_project: Callable[..., KubeProjec
     assert load.failed == 0, load.errors[:5]
     assert load.bodies <= {"one", "two"}
     assert project.served() == "two"
-    assert len(_deployments(project)) == 4  # the previous release is kept warm
+    assert len(_deployments(project)) == 2  # the previous release is kept warm
     # Warm rollback: the selector flips back to the warm release.
     with ServiceLoad(project) as load:
         rolled = project.json("rollback", "staging")
@@ -267,10 +280,19 @@ def test_rolling_under_load(make_project: Callable[..., KubeProject]) -> None:
     project.bake("v1")
     project.deploy("v1", "one")
     with ServiceLoad(project) as load:
-        project.deploy("v1", "two")
+        second = project.deploy("v1", "two")
         wait_for(lambda: project.served() == "two", timeout=30, what="two served")
     assert load.failed == 0, load.errors[:5]
     assert load.bodies <= {"one", "two"}
+    # The previous release was scaled down batch by batch, to nothing.
+    wait_for(
+        lambda: (
+            [d["metadata"]["name"] for d in _deployments(project)]
+            == [f"{APP}-staging-{second['release']}"]
+        ),
+        timeout=30,
+        what="only the new release's Deployment left",
+    )
 
 
 def test_drift_found_and_fixed(make_project: Callable[..., KubeProject]) -> None:
@@ -279,18 +301,32 @@ def test_drift_found_and_fixed(make_project: Callable[..., KubeProject]) -> None
     project.deploy("v1", "one")
     (made,) = _deployments(project)
     name = made["metadata"]["name"]
+    (instance,) = _instances(made)
     project.kubectl("set", "env", f"deployment/{name}", "VERSION=hacked")
     proc = project.run("drift", "staging", "--json")
     assert proc.returncode == 3, proc.stdout + proc.stderr
     findings = json.loads(proc.stdout)["findings"]
-    assert {"kind": "config", "instance": name, "path": "env.VERSION"}.items() <= findings[
+    assert {"kind": "config", "instance": instance, "path": "env.VERSION"}.items() <= findings[
         0
     ].items()
     fixed = project.run("drift", "staging", "--fix")
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
     wait_for(lambda: project.served() == "one", timeout=60, what="fixed instance serving")
     assert project.run("drift", "staging").returncode == 0
-    assert name not in {d["metadata"]["name"] for d in _deployments(project)}
+    (after,) = _deployments(project)
+    assert instance not in _instances(after)  # replaced, never modified
+    env = after["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "VERSION", "value": "one"} in env
+    # `kubectl scale`: more pods than castiron's instances.
+    project.kubectl("scale", f"deployment/{name}", "--replicas=3")
+    proc = project.run("drift", "staging", "--json")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert {f["path"] for f in json.loads(proc.stdout)["findings"]} == {"replicas"}
+    fixed = project.run("drift", "staging", "--fix")
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    (scaled,) = _deployments(project)
+    assert scaled["spec"]["replicas"] == 1 == len(_instances(scaled))
+    assert project.run("drift", "staging").returncode == 0
 
 
 @pytest.mark.parametrize("step", ["health", "switched"])
@@ -333,7 +369,7 @@ def test_kill_during_deploy_then_recovery(
         recorded = {row[0] for row in db.execute("select id from instances")}
     finally:
         db.close()
-    assert recorded == {d["metadata"]["name"] for d in _deployments(project)}
+    assert recorded == {i for d in _deployments(project) for i in _instances(d)}
 
 
 def test_canary_abort_restores_stable(make_project: Callable[..., KubeProject]) -> None:
@@ -378,6 +414,18 @@ def test_drift_selector_elsewhere_and_deleted_by_hand(
     project = make_project(replicas=1)
     project.bake("v1")
     first = project.deploy("v1", "one")
+    assert project.run("drift", "staging").returncode == 0  # server defaults are not drift
+    # An edit of a field castiron set, found by the server-side apply dry-run diff.
+    (made,) = _deployments(project)
+    loosen = {"spec": {"template": {"spec": {"automountServiceAccountToken": True}}}}
+    project.kubectl("patch", "deployment", made["metadata"]["name"], "-p", json.dumps(loosen))
+    found = project.run("drift", "staging", "--json")
+    assert found.returncode == 3, found.stdout + found.stderr
+    paths = {f["path"] for f in json.loads(found.stdout)["findings"]}
+    assert any(p.endswith("spec.template.spec.automountServiceAccountToken") for p in paths)
+    fixed = project.run("drift", "staging", "--fix")
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert project.run("drift", "staging").returncode == 0
     patch = json.dumps({"spec": {"selector": {"castiron.dev/release": "elsewhere"}}})
     project.kubectl("patch", "service", SERVICE, "-p", patch)
     found = project.run("drift", "staging", "--json")

@@ -56,6 +56,7 @@ def test_the_docker_driver_is_wired_from_settings(world: World, tmp_path: Path) 
 
 def test_the_kubernetes_driver_is_wired_from_settings(world: World, tmp_path: Path) -> None:
     from castiron.drivers.kubernetes.driver import KubernetesDriver
+    from castiron.drivers.kubernetes.manifests import KubernetesOptions
 
     environ = {
         "KUBECONFIG": f"{tmp_path / 'a'}:{tmp_path / 'b'}",
@@ -66,7 +67,12 @@ def test_the_kubernetes_driver_is_wired_from_settings(world: World, tmp_path: Pa
     assert isinstance(driver, KubernetesDriver)
     assert isinstance(driver.options, ReleaseKubernetes)
     assert driver.load is not None  # images go into the node's Docker engine
-    assert driver.client(driver.options_for("staging")).where == str(tmp_path / "a")
+    # Every file of KUBECONFIG is read (merged like kubectl), with the environment's context.
+    assert (
+        driver.client(driver.options_for("staging")).where == f"{tmp_path / 'a'}:{tmp_path / 'b'}"
+    )
+    other = driver.client(KubernetesOptions(context="other"))
+    assert other.context == "other" and other is driver.client(KubernetesOptions(context="other"))
     bare = runtime_driver("kubernetes", Settings(home=tmp_path / "h2", environ={}), world.store)
     assert isinstance(bare, KubernetesDriver) and bare.load is None  # nodes pull by digest
 

@@ -52,6 +52,17 @@ def _issues(text: str) -> list[str]:
             id="other-runtime",
         ),
         pytest.param(
+            HEAD + "    kubernetes:\n      gateway: {name: edge, hostnames: [Bad_Host]}\n",
+            "castiron.yaml:7:41: environments.k.kubernetes.gateway.hostnames.0: 'Bad_Host' is "
+            "not a hostname such as app.example.com",
+            id="gateway-hostname",
+        ),
+        pytest.param(
+            HEAD + "    kubernetes:\n      gateway: {namespace: infra}\n",
+            "castiron.yaml:7:16: environments.k.kubernetes.gateway: missing required key 'name'",
+            id="gateway-name",
+        ),
+        pytest.param(
             HEAD + "    kubernetes:\n      resources: {cpu: lots}\n",
             "castiron.yaml:7:24: environments.k.kubernetes.resources.cpu: 'lots' is not a "
             "Kubernetes quantity such as 250m or 128Mi",

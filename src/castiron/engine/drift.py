@@ -26,12 +26,16 @@ one ``drift.fix`` audit entry per run listing what it replaced.
 
 Drift is a result, not an exception. It knows nothing of click or rendering, never reads the
 process environment, and reaches runtimes only through the driver protocol plus the optional
-read-only capabilities below (:class:`RootfsHolder`, :class:`ChangeLister`).
+read-only capabilities below (:class:`RootfsHolder`, :class:`ChangeLister`,
+:class:`LiveDiffer`: a Kubernetes Deployment compared with a server-side apply dry run of the
+one castiron would apply, so what the server defaults cancels out and what someone changed in
+castiron's fields shows).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import posixpath
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -50,6 +54,7 @@ from castiron.engine.strategies import (
     ImageRuntime,
     Policy,
     backends_of,
+    release_instance_spec,
     remove_instances,
     row_instance,
 )
@@ -58,7 +63,7 @@ from castiron.errors import (
     ImageError,
     NotFoundError,
 )
-from castiron.model import Digest, ImageRef, Instance, Observed
+from castiron.model import Digest, ImageRef, Instance, InstanceSpec, Observed
 from castiron.state.base import AuditDraft, DeploymentRow, InstanceRow, StateTx, format_time
 
 if TYPE_CHECKING:
@@ -205,6 +210,33 @@ class ChangeLister(Protocol):
     def changes(self, instance: Instance) -> list[tuple[str, str]]: ...
 
 
+class LiveDiff(Protocol):
+    """One field of a live runtime object that differs from what castiron would apply."""
+
+    @property
+    def target(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def want(self) -> object: ...
+    @property
+    def have(self) -> object: ...
+
+
+@runtime_checkable
+class LiveDiffer(Protocol):
+    """A driver that can ask its runtime how the live objects of a release differ from those
+    it would create (Kubernetes: a server-side apply dry run, server defaults cancelled out)."""
+
+    def live_diff(self, spec: InstanceSpec) -> Sequence[LiveDiff]: ...
+
+
+COVERED_LIVE_PATHS = ("spec.replicas", "spec.template.spec.containers[app].image")
+"""Live differences already reported by name elsewhere (``replicas``, ``image``)."""
+COVERED_LIVE_PREFIXES = ("spec.template.spec.containers[app].env[",)
+"""Live differences already reported as ``env.NAME``."""
+
+
 # --- what the release expects -------------------------------------------------------------------
 
 
@@ -307,9 +339,9 @@ def config_findings(expected: Expected, observed: Observed, row: InstanceRow) ->
         for key, want in want_labels.items():
             if labels.get(key) != want:
                 add(f"labels.{key}", want, labels.get(key))
-    if cfg.get("replicas") is not None and cfg["replicas"] != 1:
-        # Kubernetes: an instance is the one pod of its Deployment (`kubectl scale` drifts).
-        add("replicas", 1, cfg["replicas"])
+    if cfg.get("replicas") is not None and cfg["replicas"] != cfg.get("wanted", 1):
+        # Kubernetes: one pod of its release's Deployment per instance (`kubectl scale`).
+        add("replicas", cfg.get("wanted", 1), cfg["replicas"])
     if "read_only" in cfg and not cfg["read_only"]:
         add("read_only", "true", "false")
     mounts = cfg.get("mounts")
@@ -570,6 +602,18 @@ def _detect(ctx: _Context) -> DriftReport:
         if routing is not None and r.id not in routed:
             findings.append(DriftFinding("membership", r.id, "route", "routed", "not routed"))
             reroute = True
+    # live objects against what would be applied (server-side dry run)
+    if isinstance(driver, LiveDiffer):
+        present = {o.instance.id for o in observed_list if o.state in ("running", "starting")}
+        unchanged = [r for r in serving if r.release == release.id and r.id in present]
+        if unchanged:
+            for diff in _live_diffs(ctx, driver):
+                path = f"{diff.target}: {diff.path}" if diff.path else diff.target
+                for r in unchanged:
+                    want, have = _shown(diff.want), _shown(diff.have)
+                    findings.append(DriftFinding("config", r.id, path, want, have))
+                    if r.id not in replace:
+                        replace.append(r.id)
     # surplus of the current release beyond its replicas
     current = [r for r in serving if r.release == release.id]
     replicas = release.config.replicas
@@ -683,6 +727,29 @@ def _detect(ctx: _Context) -> DriftReport:
         modified_trees=tuple(modified),
         recreated=tuple(recreated),
     )
+
+
+def _shown(value: object) -> str | None:
+    """A live value as text (JSON for structures)."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True)
+
+
+def _live_diffs(ctx: _Context, driver: LiveDiffer) -> list[LiveDiff]:
+    """The differences of the current release's live objects not reported elsewhere."""
+    expected = ctx.expect(ctx.release.id)
+    image = ImageRef(
+        ctx.release.digest, Digest(expected.config_digest or ""), ctx.engine.images.root
+    )
+    # Secret values are not compared (the Secret is checked for presence only): names will do.
+    secrets = dict.fromkeys(expected.secret_names, "")
+    spec = release_instance_spec(ctx.release, image, expected.runtime, secrets, "drift", "drift")
+    return [
+        d
+        for d in driver.live_diff(spec)
+        if d.path not in COVERED_LIVE_PATHS and not d.path.startswith(COVERED_LIVE_PREFIXES)
+    ]
 
 
 def record_detection(engine: Engine, report: DriftReport, source: str) -> None:
@@ -987,6 +1054,8 @@ __all__ = [
     "Expected",
     "FindingKind",
     "FixResult",
+    "LiveDiff",
+    "LiveDiffer",
     "RootfsHolder",
     "baseline_path",
     "config_findings",

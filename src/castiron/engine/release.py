@@ -171,6 +171,10 @@ def _kubernetes_options(section: Kubernetes | None) -> KubernetesOptions:
         node_selector=tuple(sorted(section.node_selector.items())),
         cpu_request=section.resources.cpu,
         memory_request=section.resources.memory,
+        gateway=section.gateway.name if section.gateway else None,
+        gateway_namespace=section.gateway.namespace if section.gateway else None,
+        route_name=(section.gateway.route or "") if section.gateway else "",
+        hostnames=tuple(section.gateway.hostnames) if section.gateway else (),
     )
 
 

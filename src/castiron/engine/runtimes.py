@@ -34,7 +34,7 @@ from castiron.traffic.base import BackendSet, Limits, ReleaseCounters, Stickines
 from castiron.traffic.controller import FlipOutcome, Routing, TrafficController
 
 if TYPE_CHECKING:  # the docker SDK is only imported when a Docker runtime is used
-    from castiron.drivers.docker import ContainerOptions
+    from castiron.drivers.docker import ContainerOptions, DockerDriver
     from castiron.drivers.kubernetes.manifests import KubernetesOptions
     from castiron.engine.context import EngineContext
 
@@ -210,28 +210,40 @@ def kubernetes_driver(settings: Settings, store: StateStore) -> Driver:
         ) from None
     from castiron.drivers.kubernetes.driver import KubernetesDriver
 
-    kubeconfig_env = settings.environ.get("KUBECONFIG", "")
-    kubeconfig = Path(kubeconfig_env.split(":")[0]) if kubeconfig_env else None
+    kubeconfig = [Path(p) for p in settings.environ.get("KUBECONFIG", "").split(":") if p]
+    in_cluster = {
+        k: settings.environ[k]
+        for k in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT")
+        if settings.environ.get(k)
+    }
     clients: dict[str | None, KubeClient] = {}
 
     def client(options: KubernetesOptions) -> KubeClient:
         if options.context not in clients:
-            clients[options.context] = KubeClient(kubeconfig=kubeconfig, context=options.context)
+            clients[options.context] = KubeClient(
+                kubeconfig=kubeconfig or None, context=options.context, in_cluster=in_cluster
+            )
         return clients[options.context]
 
     load: Callable[[ImageRef], None] | None = None
     node_docker = settings.environ.get("CASTIRON_KUBERNETES_DOCKER_HOST")
     if node_docker:
-        from castiron.drivers.docker import DockerDriver, DockerEndpoint
-        from castiron.drivers.kubernetes.manifests import LOADED_REPOSITORY
-
-        loader = DockerDriver(
-            export=archive_exporter(docker_cache(settings)),
-            endpoint=DockerEndpoint(base_url=node_docker),
-        )
+        loaders: list[DockerDriver] = []
 
         def load(image: ImageRef) -> None:
-            loader.name_image(image, LOADED_REPOSITORY)
+            # Built on first use: a rollback or a status never loads an image, and the Docker
+            # SDK costs a quarter of a second to import.
+            from castiron.drivers.docker import DockerDriver, DockerEndpoint
+            from castiron.drivers.kubernetes.manifests import LOADED_REPOSITORY
+
+            if not loaders:
+                loaders.append(
+                    DockerDriver(
+                        export=archive_exporter(docker_cache(settings)),
+                        endpoint=DockerEndpoint(base_url=str(node_docker)),
+                    )
+                )
+            loaders[0].name_image(image, LOADED_REPOSITORY)
 
     return KubernetesDriver(client=client, options=ReleaseKubernetes(store), load=load)
 

@@ -269,34 +269,8 @@ class Rollout:
         """
         if self.image is None:
             raise DeployFailedError(f"release {self.release.id}: no image to create from")
-        cfg = self.release.config
-        env = {**dict(self.runtime.env), **dict(cfg.env), **dict(self.secrets)}
-        isolation: Isolation = "auto"
-        if cfg.isolation in ("sandbox", "none"):
-            isolation = "sandbox" if cfg.isolation == "sandbox" else "none"
-        return InstanceSpec(
-            id=instance_id,
-            app=cfg.app,
-            environment=cfg.environment,
-            release=self.release.id,
-            image=self.image,
-            command=self.runtime.command,
-            env=env,
-            workdir=self.runtime.workdir,
-            port=instance_port(cfg),
-            user=self.runtime.user,
-            secret_names=frozenset(self.secrets),
-            isolation=isolation,
-            writable=cfg.writable,
-            memory=cfg.memory,
-            cpus=cfg.cpus,
-            labels={
-                "castiron.app": cfg.app,
-                "castiron.environment": cfg.environment,
-                "castiron.release": self.release.id,
-                "castiron.deployment": self.journal.id,
-            },
-            health=cfg.health,
+        return release_instance_spec(
+            self.release, self.image, self.runtime, self.secrets, instance_id, self.journal.id
         )
 
     def create(self, count: int) -> list[Instance]:
@@ -485,14 +459,14 @@ class Rollout:
             )
         )
 
-    def drain(self, leaving: Sequence[InstanceRow]) -> None:
+    def drain(self, leaving: Sequence[InstanceRow], *, keep_warm: bool = True) -> None:
         """Take ``leaving`` out of service: kept warm for ``keep_warm``, or destroyed at once
-        (after the router's drain) when it is 0."""
+        (after the router's drain) when it is 0 or ``keep_warm`` is False."""
         if not leaving:
             return
         ids = [r.id for r in leaving]
         until = self.journal.store.clock.now() + timedelta(seconds=self.policy.keep_warm)
-        warm = self.policy.keep_warm > 0
+        warm = keep_warm and self.policy.keep_warm > 0
 
         def apply(tx: StateTx) -> None:
             for instance_id in ids:
@@ -502,7 +476,9 @@ class Rollout:
                     {"warm_until": format_time(until)},
                 )
 
-        self.journal.step("drain", {"instances": ids, "keep_warm": self.policy.keep_warm}, apply)
+        self.journal.step(
+            "drain", {"instances": ids, "keep_warm": self.policy.keep_warm if warm else 0}, apply
+        )
         if warm:
             self.progress(
                 f"{len(ids)} previous instance(s) drained, kept warm for "
@@ -511,11 +487,53 @@ class Rollout:
             return
         for row in leaving:
             self.driver.destroy(row_instance(row), grace=self.policy.drain_timeout)
+        why = "keep_warm is 0" if keep_warm else "replaced by a rolling batch"
         self.journal.store.mutate(
-            _draft("instance.destroy", self.environment, ids, "keep_warm is 0"),
+            _draft("instance.destroy", self.environment, ids, why),
             lambda tx: remove_instances(tx, ids),
         )
         self.progress(f"{len(ids)} previous instance(s) drained and destroyed")
+
+
+def release_instance_spec(
+    release: Release,
+    image: ImageRef,
+    runtime: ImageRuntime,
+    secrets: Mapping[str, str],
+    instance_id: str,
+    deployment_id: str,
+) -> InstanceSpec:
+    """What a driver needs to create instance ``instance_id`` of ``release`` (its secret
+    values in ``secrets``) during the deployment ``deployment_id``."""
+    cfg = release.config
+    env = {**dict(runtime.env), **dict(cfg.env), **dict(secrets)}
+    isolation: Isolation = "auto"
+    if cfg.isolation in ("sandbox", "none"):
+        isolation = "sandbox" if cfg.isolation == "sandbox" else "none"
+    return InstanceSpec(
+        id=instance_id,
+        app=cfg.app,
+        environment=cfg.environment,
+        release=release.id,
+        image=image,
+        command=runtime.command,
+        env=env,
+        workdir=runtime.workdir,
+        port=instance_port(cfg),
+        user=runtime.user,
+        secret_names=frozenset(secrets),
+        isolation=isolation,
+        writable=cfg.writable,
+        memory=cfg.memory,
+        cpus=cfg.cpus,
+        labels={
+            "castiron.app": cfg.app,
+            "castiron.environment": cfg.environment,
+            "castiron.release": release.id,
+            "castiron.deployment": deployment_id,
+        },
+        health=cfg.health,
+    )
 
 
 def remove_instances(tx: StateTx, ids: Sequence[str]) -> None:
@@ -547,12 +565,26 @@ def blue_green(rollout: Rollout) -> None:
     rollout.drain(rollout.previous)
 
 
+def routes_whole_releases(policy: Policy) -> bool:
+    """Whether ``policy``'s runtime routes to every instance of a release or to none (a
+    Kubernetes Service selects pods by release): an instance of the previous release that
+    leaves service in a rolling batch must then go at once, or it keeps taking a share."""
+    return policy.runtime == "kubernetes"
+
+
 def rolling(rollout: Rollout) -> None:
-    """Replace in batches of ``policy.batch`` with no instance less in service at any time."""
+    """Replace in batches of ``policy.batch`` with no instance less in service at any time.
+
+    Where the runtime routes whole releases (Kubernetes), each batch scales the new release
+    up, waits until it is ready, then scales the previous release down by as many: the
+    previous instances are destroyed batch by batch instead of kept warm (a rollback after a
+    rolling deployment there starts the previous release again)."""
     replicas = rollout.release.config.replicas
     batch = max(1, rollout.policy.batch)
     old = list(rollout.previous)
     new: list[Instance] = []
+    retire = routes_whole_releases(rollout.policy)
+    retired = 0
     while len(new) < replicas:
         count = min(batch, replicas - len(new))
         made = rollout.create(count)
@@ -560,7 +592,12 @@ def rolling(rollout: Rollout) -> None:
         new.extend(made)
         keep = old[len(new) :] if len(new) < replicas else []
         rollout.switch(new, keep, final=not keep)
-    rollout.drain(old)
+        if retire:
+            leaving = old[retired : len(old) - len(keep)]
+            rollout.drain(leaving, keep_warm=False)
+            retired += len(leaving)
+    if not retire:
+        rollout.drain(old)
 
 
 STRATEGIES: dict[StrategyName, Callable[[Rollout], None]] = {
@@ -585,6 +622,8 @@ __all__ = [
     "backends_of",
     "blue_green",
     "instance_row",
+    "release_instance_spec",
     "rolling",
+    "routes_whole_releases",
     "row_instance",
 ]

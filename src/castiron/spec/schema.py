@@ -547,6 +547,26 @@ class KubernetesResources(_Section):
     """Memory requested per pod, e.g. 128Mi."""
 
 
+_HOSTNAME_RE = re.compile(
+    r"^(?:\*\.)?[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$"
+)
+
+
+class KubernetesGateway(_Section):
+    """The Gateway API Gateway a canary's exact weights go through (``kubernetes.gateway``)."""
+
+    name: DnsLabel
+    """The Gateway's name: the environment's HTTPRoute attaches to it."""
+    namespace: DnsLabel | None = None
+    """The Gateway's namespace (default: the environment's)."""
+    route: DnsLabel | None = None
+    """The HTTPRoute's name (default: APP-ENVIRONMENT)."""
+    hostnames: list[
+        Annotated[str, _matching(_HOSTNAME_RE, "a hostname such as app.example.com")]
+    ] = Field(default_factory=list)
+    """Hostnames the HTTPRoute matches (default: every request of the Gateway's listener)."""
+
+
 class Kubernetes(_Section):
     """Where the pods of a ``runtime: kubernetes`` environment run (``kubernetes:``)."""
 
@@ -571,6 +591,9 @@ class Kubernetes(_Section):
         Annotated[str, _matching(_LABEL_VALUE_RE, "a label value")],
     ] = Field(default_factory=dict)
     """Node labels the pods must be scheduled on."""
+    gateway: KubernetesGateway | None = None
+    """A Gateway API Gateway: a canary then splits traffic by exact weights through an
+    HTTPRoute and one Service per release (default: replica-ratio weights)."""
 
 
 class Environment(_Section):

@@ -2,17 +2,24 @@
 
 Owns the shape of every object castiron sends to a cluster, and nothing else:
 
-* one ``apps/v1`` Deployment per instance (:func:`deployment`), named by the instance id, one
-  replica, labelled with castiron's labels (managed-by, app, environment, release, instance),
-  the image by digest, readiness and liveness probes from the release's health check, and the
-  same hardening as the Docker runtime (non-root, read-only root filesystem, every capability
-  dropped, no privilege escalation, no service-account token);
-* one ``v1`` Secret per instance holding the resolved secret values (:func:`secret`), read by
+* one ``apps/v1`` Deployment per release (:func:`deployment`), named ``APP-ENV-<release id>``
+  (:func:`release_name`), labelled with castiron's labels (managed-by, app, environment,
+  release), the image by digest, readiness and liveness probes from the release's health
+  check, and the same hardening as the Docker runtime (non-root, read-only root filesystem,
+  every capability dropped, no privilege escalation, no service-account token). Its pods are
+  the release's instances; their number is set apart (:func:`scale`: ``replicas`` and the
+  annotation listing the wanted instances, applied by a field manager of its own), so applying
+  the Deployment again never changes how many pods run;
+* one ``v1`` Secret per release holding the resolved secret values (:func:`secret`), read by
   the container through ``valueFrom``; castiron's state only ever holds the names;
 * one stable ``v1`` Service per environment (:func:`service`) whose selector names the
-  serving release: changing the selector is the traffic switch.
+  serving release: changing the selector is the traffic switch;
+* when the environment names a Gateway API Gateway: one Service per release
+  (:func:`release_service`) and the environment's ``gateway.networking.k8s.io/v1`` HTTPRoute
+  (:func:`http_route`) splitting requests between those Services by exact weights (a canary).
 
-Only ``apps/v1`` and ``core/v1`` are used; every port spells out ``protocol: TCP`` (server-side
+Only ``apps/v1`` and ``core/v1`` are used (and the Gateway API's HTTPRoute when a Gateway is
+named); every port spells out ``protocol: TCP`` (server-side
 apply on 1.20 needs it). The output of a builder depends only on its arguments (sorted keys
 and lists), so an exported manifest is byte-identical for the same release.
 
@@ -24,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from castiron.errors import RuntimeDriverError
@@ -32,13 +39,20 @@ from castiron.model import HealthCheck, InstanceSpec
 from castiron.values import value
 
 FIELD_MANAGER = "castiron"
-"""The field manager of every server-side apply castiron makes."""
+"""The field manager of every server-side apply castiron makes of a whole object."""
+SCALE_MANAGER = "castiron-scale"
+"""The field manager of the scale of a release's Deployment (``replicas`` and the annotation
+listing the wanted instances): the Deployment's other fields are castiron's own."""
 
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_ENVIRONMENT = "castiron.dev/environment"
 LABEL_RELEASE = "castiron.dev/release"
 LABEL_INSTANCE = "castiron.dev/instance"
+"""Only on Deployments of earlier versions (one per instance); read, never written."""
+ANNOTATION_INSTANCES = "castiron.dev/instances"
+"""The ids of the instances a release's Deployment runs, in creation order, comma-separated;
+``replicas`` is their number."""
 ANNOTATION_IMAGE = "castiron.dev/image"
 """The image's manifest digest (its castiron identity)."""
 ANNOTATION_CONFIG = "castiron.dev/config-digest"
@@ -82,14 +96,28 @@ class KubernetesOptions:
     node_selector: tuple[tuple[str, str], ...] = ()
     cpu_request: str | None = None
     memory_request: str | None = None
+    gateway: str | None = None
+    """The Gateway API Gateway whose HTTPRoute splits a canary's traffic by exact weights
+    (None: weights are replica ratios behind the stable Service)."""
+    gateway_namespace: str | None = None
+    """The Gateway's namespace (None: the environment's)."""
+    route_name: str = ""
+    """The HTTPRoute's name ('': ``APP-ENVIRONMENT``)."""
+    hostnames: tuple[str, ...] = ()
+    """The HTTPRoute's hostnames (none: every request the Gateway's listener takes)."""
 
     def service_for(self, app: str, environment: str) -> str:
         """The Service's name for ``app``/``environment``."""
         return self.service_name or f"{app}-{environment}"
 
+    def route_for(self, app: str, environment: str) -> str:
+        """The HTTPRoute's name for ``app``/``environment``."""
+        return self.route_name or f"{app}-{environment}"
+
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict (see :meth:`from_json`)."""
-        return {
+        """A JSON-ready dict (see :meth:`from_json`); the Gateway only when one is named (the
+        release id hashes this: releases made before it existed keep theirs)."""
+        data: dict[str, Any] = {
             "namespace": self.namespace,
             "context": self.context,
             "service_name": self.service_name,
@@ -101,6 +129,14 @@ class KubernetesOptions:
             "cpu_request": self.cpu_request,
             "memory_request": self.memory_request,
         }
+        if self.gateway is not None:
+            data["gateway"] = {
+                "name": self.gateway,
+                "namespace": self.gateway_namespace,
+                "route": self.route_name,
+                "hostnames": list(self.hostnames),
+            }
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> KubernetesOptions:
@@ -111,6 +147,12 @@ class KubernetesOptions:
         """
         fields = dict(data)
         fields["node_selector"] = tuple(sorted(dict(fields.get("node_selector") or {}).items()))
+        gateway = fields.pop("gateway", None)
+        if gateway is not None:
+            fields["gateway"] = str(gateway["name"])
+            fields["gateway_namespace"] = gateway.get("namespace")
+            fields["route_name"] = str(gateway.get("route") or "")
+            fields["hostnames"] = tuple(str(h) for h in gateway.get("hostnames") or ())
         return cls(**fields)
 
 
@@ -144,26 +186,34 @@ def pod_port(spec: InstanceSpec) -> int:
     return spec.port or DEFAULT_PORT
 
 
-def secret_name(instance_id: str) -> str:
-    """The name of the Secret holding ``instance_id``'s secret values."""
-    return f"{instance_id}-secrets"
+def release_name(app: str, environment: str, release: str) -> str:
+    """The name of ``release``'s Deployment (and of its own Service): ``APP-ENV-<release>``,
+    the prefix cut so the whole fits a DNS label (63 characters)."""
+    prefix = f"{app}-{environment}"[: 62 - len(release)].rstrip("-")
+    return f"{prefix}-{release}"
+
+
+def secret_name(deployment_name: str) -> str:
+    """The name of the Secret holding the secret values of the Deployment ``deployment_name``."""
+    return f"{deployment_name}-secrets"
+
+
+def release_labels(app: str, environment: str, release: str) -> dict[str, str]:
+    """The labels of every object of ``release`` (and the selector of its pods)."""
+    return {**labels(app, environment), LABEL_RELEASE: release}
 
 
 def secret(spec: InstanceSpec, options: KubernetesOptions) -> dict[str, Any] | None:
-    """The Secret of ``spec``'s secret values (None when it has none)."""
+    """The Secret of the secret values of ``spec``'s release (None when it has none)."""
     if not spec.secret_names:
         return None
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {
-            "name": secret_name(spec.id),
+            "name": secret_name(release_name(spec.app, spec.environment, spec.release)),
             "namespace": options.namespace,
-            "labels": {
-                **labels(spec.app, spec.environment),
-                LABEL_RELEASE: spec.release,
-                LABEL_INSTANCE: spec.id,
-            },
+            "labels": release_labels(spec.app, spec.environment, spec.release),
         },
         "type": "Opaque",
         "stringData": {name: spec.env[name] for name in sorted(spec.secret_names)},
@@ -218,16 +268,17 @@ def _run_as(user: str | None) -> tuple[int, int]:
 
 
 def deployment(
-    spec: InstanceSpec, options: KubernetesOptions, *, replicas: int = 1
+    spec: InstanceSpec, options: KubernetesOptions, *, replicas: int | None = None
 ) -> dict[str, Any]:
-    """The Deployment of one instance (one replica; its pod is the instance), or of a whole
-    release for export (``replicas``).
+    """The Deployment of ``spec``'s release; without ``replicas`` (the driver's apply: the
+    scale is :func:`scale`'s), or with them (an export of the whole release).
 
     Raises:
         RuntimeDriverError: for a bad memory size, CPU count or writable path (naming the
             environment and instance).
     """
     where = f"{spec.environment}/{spec.id}"
+    name = release_name(spec.app, spec.environment, spec.release)
     image, pull = image_reference(spec, options)
     port = pod_port(spec)
     env: list[dict[str, Any]] = []
@@ -238,13 +289,12 @@ def deployment(
         CASTIRON_APP=spec.app,
         CASTIRON_ENVIRONMENT=spec.environment,
     )
-    for name in sorted(plain):
-        env.append({"name": name, "value": plain[name]})
-    for name in sorted(spec.secret_names):
-        ref = {"name": secret_name(spec.id), "key": name}
-        env.append({"name": name, "valueFrom": {"secretKeyRef": ref}})
-    obj_labels = {**labels(spec.app, spec.environment), LABEL_RELEASE: spec.release}
-    pod_labels = {**obj_labels, LABEL_INSTANCE: spec.id}
+    for key in sorted(plain):
+        env.append({"name": key, "value": plain[key]})
+    for key in sorted(spec.secret_names):
+        ref = {"name": secret_name(name), "key": key}
+        env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    obj_labels = release_labels(spec.app, spec.environment, spec.release)
     annotations = {
         ANNOTATION_IMAGE: spec.image.digest,
         ANNOTATION_CONFIG: spec.image.config_digest,
@@ -315,26 +365,63 @@ def deployment(
         pod_spec["imagePullSecrets"] = [{"name": options.image_pull_secret}]
     if options.node_selector:
         pod_spec["nodeSelector"] = dict(options.node_selector)
+    body: dict[str, Any] = {
+        "revisionHistoryLimit": 0,
+        "selector": {"matchLabels": obj_labels},
+        # The template changes only when drift is fixed: pods are then replaced one by one,
+        # never fewer ready than wanted.
+        "strategy": {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+        },
+        "template": {
+            "metadata": {"labels": dict(obj_labels), "annotations": annotations},
+            "spec": pod_spec,
+        },
+    }
+    if replicas is not None:
+        body = {"replicas": replicas, **body}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {
-            "name": spec.id,
+            "name": name,
             "namespace": options.namespace,
-            "labels": {**obj_labels, LABEL_INSTANCE: spec.id},
+            "labels": obj_labels,
             "annotations": annotations,
         },
-        "spec": {
-            "replicas": replicas,
-            "revisionHistoryLimit": 0,
-            "selector": {"matchLabels": {LABEL_INSTANCE: spec.id}},
-            "strategy": {"type": "Recreate"},
-            "template": {
-                "metadata": {"labels": pod_labels, "annotations": annotations},
-                "spec": pod_spec,
-            },
-        },
+        "spec": body,
     }
+
+
+def scale(
+    name: str,
+    namespace: str,
+    instances: Sequence[str],
+    resource_version: str | None = None,
+) -> dict[str, Any]:
+    """The scale of the release's Deployment ``name``, applied by :data:`SCALE_MANAGER`:
+    one replica per wanted instance, the instances' ids in an annotation. With
+    ``resource_version``, the server refuses it (409) when the Deployment changed since read."""
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": namespace,
+        "annotations": {ANNOTATION_INSTANCES: ",".join(instances)},
+    }
+    if resource_version:
+        meta["resourceVersion"] = resource_version
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta,
+        "spec": {"replicas": len(instances)},
+    }
+
+
+def wanted_instances(obj: Mapping[str, Any]) -> list[str]:
+    """The instances a release's Deployment runs (its :func:`scale` annotation)."""
+    annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    return [i for i in str(annotations.get(ANNOTATION_INSTANCES, "")).split(",") if i]
 
 
 def service(
@@ -372,6 +459,95 @@ def service(
     }
 
 
+def release_service(
+    app: str, environment: str, release: str, port: int, options: KubernetesOptions
+) -> dict[str, Any]:
+    """The Service of one release alone (``APP-ENV-<release>``), a backend of the
+    environment's HTTPRoute; deleted with the release's Deployment."""
+    chosen = release_labels(app, environment, release)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": release_name(app, environment, release),
+            "namespace": options.namespace,
+            "labels": dict(chosen),
+        },
+        "spec": {
+            "type": "ClusterIP",
+            "selector": chosen,
+            "ports": [
+                {
+                    "name": "http",
+                    "port": options.service_port,
+                    "targetPort": port,
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
+ROUTE_API = "gateway.networking.k8s.io/v1"
+"""The Gateway API version of the HTTPRoute (the only object beyond apps/v1 and core/v1)."""
+
+
+def http_route(
+    app: str, environment: str, weights: Sequence[tuple[str, int]], options: KubernetesOptions
+) -> dict[str, Any]:
+    """The environment's HTTPRoute on ``options.gateway``: one rule sending each request to
+    the Service of one release, in proportion to ``weights`` ((release, weight) pairs, weights
+    from 0 to 100: the exact split of a canary).
+
+    Raises:
+        RuntimeDriverError: when no Gateway is named, or a weight is out of range.
+    """
+    if options.gateway is None:
+        raise RuntimeDriverError(f"{environment}: no Gateway named for an HTTPRoute")
+    parent: dict[str, Any] = {
+        "group": "gateway.networking.k8s.io",
+        "kind": "Gateway",
+        "name": options.gateway,
+    }
+    if options.gateway_namespace:
+        parent["namespace"] = options.gateway_namespace
+    backends = []
+    for release, weight in weights:
+        if not 0 <= weight <= 100:
+            raise RuntimeDriverError(f"{environment}: weight {weight} is not from 0 to 100")
+        backends.append(
+            {
+                "group": "",
+                "kind": "Service",
+                "name": release_name(app, environment, release),
+                "port": options.service_port,
+                "weight": weight,
+            }
+        )
+    spec: dict[str, Any] = {"parentRefs": [parent], "rules": [{"backendRefs": backends}]}
+    if options.hostnames:
+        spec["hostnames"] = list(options.hostnames)
+    return {
+        "apiVersion": ROUTE_API,
+        "kind": "HTTPRoute",
+        "metadata": {
+            "name": options.route_for(app, environment),
+            "namespace": options.namespace,
+            "labels": labels(app, environment),
+        },
+        "spec": spec,
+    }
+
+
+def route_weights(route: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """(Service name, weight) of each backend of an HTTPRoute's first rule."""
+    rules = (route.get("spec") or {}).get("rules") or [{}]
+    out = []
+    for ref in rules[0].get("backendRefs") or []:
+        out.append((str(ref.get("name", "")), int(ref.get("weight", 1))))
+    return out
+
+
 def dump(objects: list[dict[str, Any]]) -> str:
     """Objects as one YAML-compatible JSON document stream (sorted keys: byte-stable)."""
     return "".join("---\n" + json.dumps(obj, sort_keys=True, indent=2) + "\n" for obj in objects)
@@ -380,6 +556,7 @@ def dump(objects: list[dict[str, Any]]) -> str:
 __all__ = [
     "ANNOTATION_CONFIG",
     "ANNOTATION_IMAGE",
+    "ANNOTATION_INSTANCES",
     "ANNOTATION_PORT",
     "ANNOTATION_SECRETS",
     "CONTAINER",
@@ -391,16 +568,25 @@ __all__ = [
     "LABEL_NAME",
     "LABEL_RELEASE",
     "LOADED_REPOSITORY",
+    "ROUTE_API",
+    "SCALE_MANAGER",
     "KubernetesOptions",
     "PullPolicy",
     "ServiceType",
     "deployment",
     "dump",
+    "http_route",
     "image_reference",
     "labels",
     "pod_port",
+    "release_labels",
+    "release_name",
+    "release_service",
+    "route_weights",
+    "scale",
     "secret",
     "secret_name",
     "selector",
     "service",
+    "wanted_instances",
 ]

@@ -3,19 +3,23 @@
 Owns how the engine's traffic moves on a cluster: :meth:`KubernetesTraffic.switch` applies the
 environment's stable Service (server-side, castiron's field manager) with a selector naming the
 serving release, so the endpoints controller moves traffic to that release's *ready* pods only;
-a canary with a weight above 0 selects every pod of the environment (replica-ratio weights);
+a canary with a weight above 0 selects every pod of the environment (replica-ratio weights),
+unless the environment names a Gateway API Gateway: then each release has a Service of its own
+and the environment's HTTPRoute sends the canary exactly its weight (``backendRefs`` weights),
+while the stable Service keeps selecting the stable release;
 :meth:`~KubernetesTraffic.flip` is a warm rollback (the selector flips back, after checking the
 Service still serves the expected release and the warm pods are Ready);
 :meth:`~KubernetesTraffic.current` reads the selector back, so a second machine sees the truth.
 
-The Service is the only object it writes. It reaches the cluster through the driver's client
-factory and knows nothing of the spec, the engine or the state store.
+The Services and the HTTPRoute are the only objects it writes. It reaches the cluster through
+the driver's client factory and knows nothing of the spec, the engine or the state store.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from castiron.drivers.kubernetes.driver import KubernetesDriver
 from castiron.drivers.kubernetes.manifests import (
@@ -23,10 +27,14 @@ from castiron.drivers.kubernetes.manifests import (
     LABEL_MANAGED_BY,
     LABEL_RELEASE,
     MANAGER,
+    http_route,
+    release_name,
+    release_service,
+    route_weights,
     service,
 )
 from castiron.errors import RouterError
-from castiron.model import HealthCheck
+from castiron.model import HealthCheck, Observed
 from castiron.traffic.base import Backend, BackendSet, Limits, ReleaseCounters, Stickiness
 from castiron.traffic.controller import FlipOutcome, Routing
 
@@ -46,17 +54,31 @@ class KubernetesTraffic:
         obj = service(
             self.app_of(environment), environment, release, self.port_of(environment), options
         )
+        self._apply_ours(environment, obj)
+
+    def _apply_ours(self, environment: str, obj: dict[str, Any]) -> None:
+        options = self.driver.options_for(environment)
         api = self.driver.client(options)
-        found = api.get("Service", options.namespace, obj["metadata"]["name"])
+        kind, name = obj["kind"], obj["metadata"]["name"]
+        found = api.get(kind, options.namespace, name)
         if (
             found is not None
             and (found.get("metadata") or {}).get("labels", {}).get(LABEL_MANAGED_BY) != MANAGER
         ):
             raise RouterError(
-                f"environment {environment!r}: Service {options.namespace}/"
-                f"{obj['metadata']['name']} was not created by castiron; leaving it alone"
+                f"environment {environment!r}: {kind} {options.namespace}/{name} was not "
+                "created by castiron; leaving it alone"
             )
         api.apply(obj)
+
+    def _route(self, environment: str, weights: list[tuple[str, int]]) -> None:
+        """Send ``weights`` of the environment's requests to each release's own Service
+        through its HTTPRoute (the Services first, so the route never names a missing one)."""
+        options = self.driver.options_for(environment)
+        app, port = self.app_of(environment), self.port_of(environment)
+        for release, _weight in weights:
+            self._apply_ours(environment, release_service(app, environment, release, port, options))
+        self._apply_ours(environment, http_route(app, environment, weights, options))
 
     def switch(
         self,
@@ -77,6 +99,13 @@ class KubernetesTraffic:
         release = None if both else stable.release
         if canary is not None and canary_weight >= 100:
             release = canary.release
+        if self.driver.options_for(environment).gateway is not None:
+            weights = [(release or stable.release, 100)]
+            if canary is not None and 0 < canary_weight < 100:
+                weights = [(stable.release, 100 - canary_weight), (canary.release, canary_weight)]
+            self._route(environment, weights)
+            # Requests that bypass the Gateway keep reaching one release only.
+            release = weights[0][0]
         self._apply(environment, release)
 
     def flip(
@@ -101,6 +130,8 @@ class KubernetesTraffic:
             ready, detail = self.driver.readiness(backend.address)
             if not ready:
                 return FlipOutcome(False, f"{backend.id}: {detail}", previous)
+        if self.driver.options_for(environment).gateway is not None:
+            self._route(environment, [(stable.release, 100)])
         self._apply(environment, stable.release)
         return FlipOutcome(True, "", previous)
 
@@ -108,6 +139,11 @@ class KubernetesTraffic:
         options = self.driver.options_for(environment)
         name = options.service_for(self.app_of(environment), environment)
         api = self.driver.client(options)
+        if options.gateway is not None:
+            route = options.route_for(self.app_of(environment), environment)
+            found_route = api.get("HTTPRoute", options.namespace, route)
+            if found_route is not None and _ours(found_route):
+                api.delete("HTTPRoute", options.namespace, route)
         found = api.get("Service", options.namespace, name)
         if found is None:
             return False
@@ -127,6 +163,10 @@ class KubernetesTraffic:
             return Routing(environment, _listen(options.namespace, name), None)
         observed = self.driver.observe(app, environment)
         release = selector.get(LABEL_RELEASE)
+        if options.gateway is not None and release is not None:
+            routed = self._routed(environment, release, observed)
+            if routed is not None:
+                return routed
         if release is None:  # a canary: every release of the environment takes traffic
             by_release: dict[str, list[Backend]] = {}
             for o in observed:
@@ -156,10 +196,53 @@ class KubernetesTraffic:
         )
         return Routing(environment, _listen(options.namespace, name), BackendSet(release, backends))
 
+    def _routed(self, environment: str, stable: str, observed: list[Observed]) -> Routing | None:
+        """The routing an HTTPRoute says, when it splits requests between two releases."""
+        options = self.driver.options_for(environment)
+        app = self.app_of(environment)
+        found = self.driver.client(options).get(
+            "HTTPRoute", options.namespace, options.route_for(app, environment)
+        )
+        if found is None:
+            return None
+        by_service = dict(route_weights(found))
+        name_of = {
+            o.instance.release: release_name(app, environment, o.instance.release) for o in observed
+        }
+        weights = {r: by_service.get(n, 0) for r, n in name_of.items() if n in by_service}
+        others = [(w, r) for r, w in weights.items() if r != stable and w > 0]
+        if not others:
+            return None
+        weight, canary = max(others)
+        total = sum(weights.values()) or 1
+
+        def backends(release: str) -> BackendSet:
+            return BackendSet(
+                release,
+                tuple(
+                    Backend(o.instance.id, o.instance.address)
+                    for o in observed
+                    if o.instance.release == release
+                ),
+            )
+
+        listen = _listen(options.namespace, options.service_for(app, environment))
+        return Routing(
+            environment,
+            listen,
+            backends(stable),
+            backends(canary),
+            round(100 * weight / total),
+        )
+
     def counters(self, environment: str) -> list[ReleaseCounters]:
         """None: a Service keeps no per-release counters (canary analysis reads Prometheus
         or pod readiness and restarts)."""
         return []
+
+
+def _ours(obj: Mapping[str, Any]) -> bool:
+    return bool((obj.get("metadata") or {}).get("labels", {}).get(LABEL_MANAGED_BY) == MANAGER)
 
 
 def _listen(namespace: str, name: str) -> str:
