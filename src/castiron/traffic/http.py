@@ -428,12 +428,8 @@ class _HttptoolsRequestParser:
         self._headers: list[tuple[bytes, bytes]] = []
         self._error: HttpParseError | None = None
 
-    # httptools callbacks
-    def on_message_begin(self) -> None:
-        self._in_head = True
-        self._url = b""
-        self._headers = []
-
+    # httptools callbacks (no on_message_begin: a call per message that state reset where a
+    # message's head is consumed and where it ends makes unnecessary)
     def on_url(self, url: bytes) -> None:
         self._url += url
 
@@ -456,16 +452,20 @@ class _HttptoolsRequestParser:
             self._error = HttpParseError(400, "invalid header value")
             raise self._error
         try:
-            head = _request_head(p.get_method(), self._url, minor, self._headers)
+            head = _request_head(p.get_method(), self._url, minor, headers)
         except HttpParseError as exc:
             self._error = exc
             raise
+        self._url = b""
+        self._headers = []
         self._handler.on_request(head)
 
     def on_body(self, body: bytes) -> None:
         self._handler.on_body(body)
 
     def on_message_complete(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
         self._handler.on_request_end()
 
     def feed(self, data: bytes) -> bytes | None:
@@ -613,13 +613,7 @@ class _HttptoolsResponseParser:
         self._until_close = False
         self._in_head = True
 
-    # httptools callbacks
-    def on_message_begin(self) -> None:
-        self._in_head = True
-        self._reason = b""
-        self._headers = []
-        self._until_close = False
-
+    # httptools callbacks (no on_message_begin, as in the request parser)
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
@@ -633,6 +627,9 @@ class _HttptoolsResponseParser:
         status = self._status = p.get_status_code()
         minor = 1 if p.get_http_version() == "1.1" else 0
         headers = self._headers
+        reason = self._reason
+        self._headers = []
+        self._reason = b""
         chunked = False
         length: int | None = None
         tokens: set[bytes] = set()
@@ -650,7 +647,7 @@ class _HttptoolsResponseParser:
         if status == 101:
             if not any(n.lower() == b"upgrade" for n, _ in headers):
                 raise HttpParseError(502, "101 response without Upgrade from backend")
-            head = ResponseHead(101, self._reason, minor, headers, False, False, None, False, True)
+            head = ResponseHead(101, reason, minor, headers, False, False, None, False, True)
             self._handler.on_response(head)
             return
         no_body = status < 200 or status in (204, 304)
@@ -658,7 +655,7 @@ class _HttptoolsResponseParser:
         self._handler.on_response(
             ResponseHead(
                 status,
-                self._reason,
+                reason,
                 minor,
                 headers,
                 keep_alive and not until_close,
@@ -673,6 +670,7 @@ class _HttptoolsResponseParser:
         self._handler.on_body(body)
 
     def on_message_complete(self) -> None:
+        self._in_head = True
         if self._status >= 200:
             self._handler.on_response_end()
 
