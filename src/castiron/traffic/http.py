@@ -16,6 +16,7 @@ caller feeds bytes and receives callbacks on a handler; a parser never buffers a
 from __future__ import annotations
 
 import functools
+import operator
 import re
 from typing import Literal, NamedTuple, Protocol
 
@@ -412,6 +413,10 @@ class PythonRequestParser(_Framer):
         self._handler.on_request_end()
 
 
+_NAME_OF = operator.itemgetter(0)
+_VALUE_OF = operator.itemgetter(1)
+
+
 class _HttptoolsRequestParser:
     """The llhttp request parser through ``httptools``; same events as the Python one."""
 
@@ -443,8 +448,9 @@ class _HttptoolsRequestParser:
         p = self._parser
         minor = 1 if p.get_http_version() == "1.1" else 0
         headers = self._headers
-        values = b"".join([v for _, v in headers])
-        size = len(self._url) + 16 + len(values) + sum([len(n) + 4 for n, _ in headers])
+        values = b"".join(map(_VALUE_OF, headers))
+        size = len(self._url) + 16 + len(values) + sum(map(len, map(_NAME_OF, headers)))
+        size += 4 * len(headers)
         if size > self._max:
             self._error = HttpParseError(431, "request headers too large")
             raise self._error
