@@ -12,6 +12,10 @@ builtin router process (``builtin-1``, the router inside the agent: ``--router-w
 the p99 added by each router at half of the builtin's maximum throughput; and, once, failed
 requests across 50 backend-set switches under constant wrk load.
 
+With each throughput figure goes the CPU time the router used per request (user and system,
+its whole process tree: the workers, HAProxy's processes; for ``direct``, the backend's),
+read from /proc. On a machine shared with others this moves much less than throughput does.
+
 ``--busy`` starts one CPU-bound Python process (pinned to no CPU) before all measurements and
 stops it at the end: the machine shared with another tenant. The load average is printed
 before and after each run.
@@ -321,6 +325,34 @@ def switches(router: subprocess.Popen[str], port: int, n: int = 50) -> dict[str,
     return {"total": total, "errors": errors}
 
 
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (the router's workers, HAProxy's processes)."""
+    pids = [pid]
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                for child in f.read().split():
+                    pids += _tree(int(child))
+    except OSError:
+        pass
+    return pids
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds used so far by ``pid`` and its descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
+    user = system = 0
+    for p in _tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        user += int(fields[11])
+        system += int(fields[12])
+    return user / tick, system / tick
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     with open("/proc/cpuinfo") as f:
@@ -345,7 +377,12 @@ def busy() -> None:
 
 
 def one_run(
-    ports: list[int], b_port: int, one_port: int, h_port: int, args: argparse.Namespace
+    ports: list[int],
+    b_port: int,
+    one_port: int,
+    h_port: int,
+    pids: dict[str, int],
+    args: argparse.Namespace,
 ) -> dict[str, dict[str, float]]:
     d, c, pc = args.duration, args.connections, args.paced_connections
     print(f"\n== max throughput: wrk -t2 -c{c} -d{d}s --latency   (load average {loadavg()})")
@@ -356,11 +393,16 @@ def one_run(
         ("haproxy", h_port),
         ("builtin-1", one_port),
     ):
+        before = cpu_seconds(pids[name])
         res[name] = wrk(port, d, c)
+        after = cpu_seconds(pids[name])
         r = res[name]
+        r["user_us"] = (after[0] - before[0]) / max(1, r["total"]) * 1e6
+        r["sys_us"] = (after[1] - before[1]) / max(1, r["total"]) * 1e6
         print(
             f"{name:10s} {r['rps']:10.0f} req/s   p99 {r['p99_ms']:7.2f} ms"
-            f"   errors {r['errors']:.0f}"
+            f"   errors {r['errors']:.0f}   CPU/request {r['user_us'] + r['sys_us']:5.1f} us"
+            f" (user {r['user_us']:.1f}, system {r['sys_us']:.1f})"
         )
     ratio = res["builtin"]["rps"] / res["haproxy"]["rps"]
     res["ratio"] = {"builtin": ratio, "builtin-1": res["builtin-1"]["rps"] / res["haproxy"]["rps"]}
@@ -424,7 +466,9 @@ def main() -> None:
         one = spawn("router", "builtin:1proc", f"127.0.0.1:{one_port}", addrs[0], workdir)
         hap = spawn("router", "haproxy", f"127.0.0.1:{h_port}", ",".join(addrs), workdir)
         procs += [builtin, one, hap]
-        runs = [one_run(ports, b_port, one_port, h_port, args) for _ in range(args.runs)]
+        pids = {"direct": procs[0].pid, "builtin": builtin.pid, "haproxy": hap.pid}
+        pids["builtin-1"] = one.pid
+        runs = [one_run(ports, b_port, one_port, h_port, pids, args) for _ in range(args.runs)]
 
         def med(name: str, key: str) -> str:
             values = [r[name][key] for r in runs]
@@ -434,6 +478,9 @@ def main() -> None:
         print(f"\n== medians of {len(runs)} runs (per-run values in brackets)")
         for name in ("direct", "builtin", "haproxy", "builtin-1"):
             print(f"{name:10s} req/s {med(name, 'rps')}")
+        for name in ("builtin", "haproxy", "builtin-1"):
+            print(f"{name:10s} CPU us/request user {med(name, 'user_us')}")
+            print(f"{name:10s} CPU us/request system {med(name, 'sys_us')}")
         print(f"builtin/haproxy ratio {med('ratio', 'builtin')}")
         print(f"one builtin process/haproxy ratio {med('ratio', 'builtin-1')}")
         for name in ("direct", "builtin", "haproxy"):
