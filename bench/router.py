@@ -12,6 +12,13 @@ builtin router process (``builtin-1``, the router inside the agent: ``--router-w
 the p99 added by each router at half of the builtin's maximum throughput; and, once, failed
 requests across 50 backend-set switches under constant wrk load.
 
+With each throughput figure goes the CPU time the router used per request (user and system,
+its whole process tree: the workers, HAProxy's processes; for ``direct``, the backend's),
+read from /proc. On a machine shared with others this moves much less than throughput does.
+``--pipe`` adds a ``pipe`` row: a byte pipe on the same event loop (as many processes as
+builtin workers, one upstream connection per client, no HTTP), the floor under any Python
+router here.
+
 ``--busy`` starts one CPU-bound Python process (pinned to no CPU) before all measurements and
 stops it at the end: the machine shared with another tenant. The load average is printed
 before and after each run.
@@ -132,6 +139,63 @@ def run_router(kind: str, listen: str, backends: list[str], workdir: str) -> Non
                 await router.apply(config(i))
                 print("switched", flush=True)
         await router.close()
+
+    asyncio.run(main())
+
+
+class _PipeUp(asyncio.Protocol):
+    def __init__(self, client: _PipeClient) -> None:
+        self.client = client
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t: asyncio.Transport = transport  # type: ignore[assignment]
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        self.client.t.write(data)
+
+
+class _PipeClient(asyncio.Protocol):
+    """A byte pipe: one upstream connection per client, bytes forwarded as they come."""
+
+    backend = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t: asyncio.Transport = transport  # type: ignore[assignment]
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.up: _PipeUp | None = None
+        self.pending: list[bytes] = []
+        asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        _, self.up = await loop.create_connection(lambda: _PipeUp(self), "127.0.0.1", self.backend)
+        self.up.t.writelines(self.pending)
+
+    def data_received(self, data: bytes) -> None:
+        if self.up is None:
+            self.pending.append(data)
+        else:
+            self.up.t.write(data)
+
+
+def run_pipe(listen: int, backend: int, processes: int) -> None:
+    """``--pipe``: the floor under any Python router on this event loop (no HTTP at all)."""
+    sock = socket.create_server(("127.0.0.1", listen), backlog=1024)
+    _PipeClient.backend = backend
+    for _ in range(processes - 1):
+        if os.fork() == 0:
+            break
+    else:
+        print("ready", flush=True)
+    _loop_policy()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        await loop.create_server(_PipeClient, sock=sock)
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        await reader.read()  # every process exits when the benchmark closes stdin
 
     asyncio.run(main())
 
@@ -317,6 +381,34 @@ def switches(router: subprocess.Popen[str], port: int, n: int = 50) -> dict[str,
     return {"total": total, "errors": errors}
 
 
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (the router's workers, HAProxy's processes)."""
+    pids = [pid]
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                for child in f.read().split():
+                    pids += _tree(int(child))
+    except OSError:
+        pass
+    return pids
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds used so far by ``pid`` and its descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
+    user = system = 0
+    for p in _tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        user += int(fields[11])
+        system += int(fields[12])
+    return user / tick, system / tick
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     with open("/proc/cpuinfo") as f:
@@ -341,22 +433,32 @@ def busy() -> None:
 
 
 def one_run(
-    ports: list[int], b_port: int, one_port: int, h_port: int, args: argparse.Namespace
+    ports: list[int],
+    b_port: int,
+    one_port: int,
+    h_port: int,
+    pipe_port: int,
+    pids: dict[str, int],
+    args: argparse.Namespace,
 ) -> dict[str, dict[str, float]]:
     d, c, pc = args.duration, args.connections, args.paced_connections
     print(f"\n== max throughput: wrk -t2 -c{c} -d{d}s --latency   (load average {loadavg()})")
     res: dict[str, dict[str, float]] = {}
-    for name, port in (
-        ("direct", ports[0]),
-        ("builtin", b_port),
-        ("haproxy", h_port),
-        ("builtin-1", one_port),
-    ):
+    rows = [("direct", ports[0]), ("builtin", b_port), ("haproxy", h_port)]
+    rows.append(("builtin-1", one_port))
+    if "pipe" in pids:
+        rows.append(("pipe", pipe_port))
+    for name, port in rows:
+        before = cpu_seconds(pids[name])
         res[name] = wrk(port, d, c)
+        after = cpu_seconds(pids[name])
         r = res[name]
+        r["user_us"] = (after[0] - before[0]) / max(1, r["total"]) * 1e6
+        r["sys_us"] = (after[1] - before[1]) / max(1, r["total"]) * 1e6
         print(
             f"{name:10s} {r['rps']:10.0f} req/s   p99 {r['p99_ms']:7.2f} ms"
-            f"   errors {r['errors']:.0f}"
+            f"   errors {r['errors']:.0f}   CPU/request {r['user_us'] + r['sys_us']:5.1f} us"
+            f" (user {r['user_us']:.1f}, system {r['sys_us']:.1f})"
         )
     ratio = res["builtin"]["rps"] / res["haproxy"]["rps"]
     res["ratio"] = {"builtin": ratio, "builtin-1": res["builtin-1"]["rps"] / res["haproxy"]["rps"]}
@@ -400,6 +502,11 @@ def main() -> None:
         help="connections of the open-loop run (enough that each sends rarely)",
     )
     ap.add_argument("--no-switches", action="store_true", help="skip the 50-switch run")
+    ap.add_argument(
+        "--pipe",
+        action="store_true",
+        help="add a row: a byte pipe on the same event loop, as many processes as workers",
+    )
     args = ap.parse_args()
     for tool in ("wrk", "haproxy"):
         if shutil.which(tool) is None:
@@ -420,7 +527,18 @@ def main() -> None:
         one = spawn("router", "builtin:1proc", f"127.0.0.1:{one_port}", addrs[0], workdir)
         hap = spawn("router", "haproxy", f"127.0.0.1:{h_port}", ",".join(addrs), workdir)
         procs += [builtin, one, hap]
-        runs = [one_run(ports, b_port, one_port, h_port, args) for _ in range(args.runs)]
+        pids = {"direct": procs[0].pid, "builtin": builtin.pid, "haproxy": hap.pid}
+        pids["builtin-1"] = one.pid
+        pipe_port = free_port()
+        if args.pipe:
+            workers = args.workers or min(os.cpu_count() or 1, 8)
+            pipe = spawn("pipe", str(pipe_port), str(ports[0]), str(workers))
+            procs.append(pipe)
+            pids["pipe"] = pipe.pid
+        runs = [
+            one_run(ports, b_port, one_port, h_port, pipe_port, pids, args)
+            for _ in range(args.runs)
+        ]
 
         def med(name: str, key: str) -> str:
             values = [r[name][key] for r in runs]
@@ -430,6 +548,11 @@ def main() -> None:
         print(f"\n== medians of {len(runs)} runs (per-run values in brackets)")
         for name in ("direct", "builtin", "haproxy", "builtin-1"):
             print(f"{name:10s} req/s {med(name, 'rps')}")
+        for name in ("builtin", "haproxy", "builtin-1", "pipe"):
+            if name not in pids:
+                continue
+            print(f"{name:10s} CPU us/request user {med(name, 'user_us')}")
+            print(f"{name:10s} CPU us/request system {med(name, 'sys_us')}")
         print(f"builtin/haproxy ratio {med('ratio', 'builtin')}")
         print(f"one builtin process/haproxy ratio {med('ratio', 'builtin-1')}")
         for name in ("direct", "builtin", "haproxy"):
@@ -464,6 +587,8 @@ if __name__ == "__main__":
         busy()
     elif len(sys.argv) > 1 and sys.argv[1] == "backend":
         run_backend(int(sys.argv[2]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "pipe":
+        run_pipe(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
     elif len(sys.argv) > 1 and sys.argv[1] == "router":
         run_router(sys.argv[2], sys.argv[3], sys.argv[4].split(","), sys.argv[5])
     else:

@@ -16,9 +16,9 @@ caller feeds bytes and receives callbacks on a handler; a parser never buffers a
 from __future__ import annotations
 
 import functools
+import operator
 import re
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 __all__ = [
     "HttpParseError",
@@ -60,9 +60,11 @@ class HttpParseError(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
-class RequestHead:
-    """The request line and headers of one request, with its framing decided."""
+class RequestHead(NamedTuple):
+    """The request line and headers of one request, with its framing decided.
+
+    A named tuple rather than a frozen dataclass: one is built per request, and a frozen
+    dataclass's ``__init__`` (one ``object.__setattr__`` per field) cost four times as much."""
 
     method: bytes
     target: bytes
@@ -77,9 +79,9 @@ class RequestHead:
     """The lower-cased tokens of the ``Connection`` header(s) (hop-by-hop header names)."""
 
 
-@dataclass(frozen=True, slots=True)
-class ResponseHead:
-    """The status line and headers of one response, with its framing decided."""
+class ResponseHead(NamedTuple):
+    """The status line and headers of one response, with its framing decided (a named
+    tuple, like :class:`RequestHead`)."""
 
     status: int
     reason: bytes
@@ -411,6 +413,10 @@ class PythonRequestParser(_Framer):
         self._handler.on_request_end()
 
 
+_NAME_OF = operator.itemgetter(0)
+_VALUE_OF = operator.itemgetter(1)
+
+
 class _HttptoolsRequestParser:
     """The llhttp request parser through ``httptools``; same events as the Python one."""
 
@@ -427,12 +433,8 @@ class _HttptoolsRequestParser:
         self._headers: list[tuple[bytes, bytes]] = []
         self._error: HttpParseError | None = None
 
-    # httptools callbacks
-    def on_message_begin(self) -> None:
-        self._in_head = True
-        self._url = b""
-        self._headers = []
-
+    # httptools callbacks (no on_message_begin: a call per message that state reset where a
+    # message's head is consumed and where it ends makes unnecessary)
     def on_url(self, url: bytes) -> None:
         self._url += url
 
@@ -446,8 +448,9 @@ class _HttptoolsRequestParser:
         p = self._parser
         minor = 1 if p.get_http_version() == "1.1" else 0
         headers = self._headers
-        values = b"".join([v for _, v in headers])
-        size = len(self._url) + 16 + len(values) + sum([len(n) + 4 for n, _ in headers])
+        values = b"".join(map(_VALUE_OF, headers))
+        size = len(self._url) + 16 + len(values) + sum(map(len, map(_NAME_OF, headers)))
+        size += 4 * len(headers)
         if size > self._max:
             self._error = HttpParseError(431, "request headers too large")
             raise self._error
@@ -455,16 +458,20 @@ class _HttptoolsRequestParser:
             self._error = HttpParseError(400, "invalid header value")
             raise self._error
         try:
-            head = _request_head(p.get_method(), self._url, minor, self._headers)
+            head = _request_head(p.get_method(), self._url, minor, headers)
         except HttpParseError as exc:
             self._error = exc
             raise
+        self._url = b""
+        self._headers = []
         self._handler.on_request(head)
 
     def on_body(self, body: bytes) -> None:
         self._handler.on_body(body)
 
     def on_message_complete(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
         self._handler.on_request_end()
 
     def feed(self, data: bytes) -> bytes | None:
@@ -612,13 +619,7 @@ class _HttptoolsResponseParser:
         self._until_close = False
         self._in_head = True
 
-    # httptools callbacks
-    def on_message_begin(self) -> None:
-        self._in_head = True
-        self._reason = b""
-        self._headers = []
-        self._until_close = False
-
+    # httptools callbacks (no on_message_begin, as in the request parser)
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
@@ -632,6 +633,9 @@ class _HttptoolsResponseParser:
         status = self._status = p.get_status_code()
         minor = 1 if p.get_http_version() == "1.1" else 0
         headers = self._headers
+        reason = self._reason
+        self._headers = []
+        self._reason = b""
         chunked = False
         length: int | None = None
         tokens: set[bytes] = set()
@@ -649,7 +653,7 @@ class _HttptoolsResponseParser:
         if status == 101:
             if not any(n.lower() == b"upgrade" for n, _ in headers):
                 raise HttpParseError(502, "101 response without Upgrade from backend")
-            head = ResponseHead(101, self._reason, minor, headers, False, False, None, False, True)
+            head = ResponseHead(101, reason, minor, headers, False, False, None, False, True)
             self._handler.on_response(head)
             return
         no_body = status < 200 or status in (204, 304)
@@ -657,7 +661,7 @@ class _HttptoolsResponseParser:
         self._handler.on_response(
             ResponseHead(
                 status,
-                self._reason,
+                reason,
                 minor,
                 headers,
                 keep_alive and not until_close,
@@ -672,6 +676,7 @@ class _HttptoolsResponseParser:
         self._handler.on_body(body)
 
     def on_message_complete(self) -> None:
+        self._in_head = True
         if self._status >= 200:
             self._handler.on_response_end()
 

@@ -95,6 +95,8 @@ _REASONS = {
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
 }
+_STATUS_PREFIX = {status: b"HTTP/1.1 %03d " % status for status in range(1000)}
+"""The start of a status line, by code (both parsers accept any three digits), made once."""
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:+/=-]{1,128}\Z")
 """A client's X-Request-Id is kept only when it is one header of this form."""
 _PENDING_LIMIT = 1 << 20
@@ -182,13 +184,14 @@ class _Pool:
 
 
 class _Group:
-    """The pools of one release in one snapshot, picked round-robin."""
+    """The pools of one release in one snapshot, picked round-robin, and its counters."""
 
-    __slots__ = ("pools", "release", "rr")
+    __slots__ = ("pools", "release", "rr", "stats")
 
-    def __init__(self, release: str, pools: list[_Pool]) -> None:
+    def __init__(self, release: str, pools: list[_Pool], stats: ReleaseStats) -> None:
         self.release = release
         self.pools = pools
+        self.stats = stats
         self.rr = 0
 
     def pick(self, tried: list[_Pool]) -> _Pool | None:
@@ -292,7 +295,7 @@ class _Listener:
                 pool = _Pool(key, self.stats_for(bset.release))
             keep[key] = pool
             pools.append(pool)
-        return _Group(bset.release, pools)
+        return _Group(bset.release, pools, self.stats_for(bset.release))
 
     def install(self, config: RouteConfig) -> None:
         """Switch to ``config``: one assignment; leaving backends start draining."""
@@ -745,7 +748,7 @@ class _Client(asyncio.Protocol):
             self.parser = None
             self.close()
             return
-        if len(self.queue) <= 1:
+        if self.paused & _P_PIPELINE and len(self.queue) <= 1:
             self.resume(_P_PIPELINE)
         if self.queue:
             if not self.queue[0].started:
@@ -977,7 +980,7 @@ class _Exchange:
             return
         self.group = group
         self.cookie = cookie
-        self.stats = listener.stats_for(group.release)
+        self.stats = group.stats
         self.stats.requests += 1
         self.upstream_head = self._build_head(listener)
         self._next_backend()
@@ -1059,7 +1062,7 @@ class _Exchange:
         self.resp_head_sent = True
 
     def _client_head(self, rh: ResponseHead, interim: bool = False) -> bytes:
-        parts = [b"HTTP/1.1 %d " % rh.status, rh.reason, _CRLF]
+        parts = [_STATUS_PREFIX[rh.status], rh.reason, _CRLF]
         has_rid = False
         drop_length = rh.chunked
         for name, value in rh.headers:
@@ -1110,7 +1113,8 @@ class _Exchange:
         client = self.client
         if self.out_chunked and not client.closed:
             client.write(_LAST_CHUNK)
-        latency = (client.loop.time() - self.t0) * 1000.0
+        now = client.loop.time()
+        latency = (now - self.t0) * 1000.0
         self.stats.observe(rh.status, latency)
         self.done = True
         self.upstream = None
@@ -1132,7 +1136,7 @@ class _Exchange:
             and not pool.draining
             and not listener.closing
         ):
-            up.idle_since = client.loop.time()
+            up.idle_since = now
             pool.idle.append(up)
         else:
             up.transport.close()
