@@ -167,31 +167,8 @@ def _opt_float(value: Any) -> float | None:
 
 def canary_json(strategy: Strategy) -> dict[str, Any] | None:
     """The recorded form of a validated ``strategy:`` (None unless it is a canary)."""
-    if strategy.type != "canary":
-        return None
-    analysis = None
-    if strategy.analysis is not None:
-        a = strategy.analysis
-        analysis = AnalysisLimits(
-            max_error_rate=a.max_error_rate,
-            max_p95_ms=a.max_p95_ms,
-            min_requests=a.min_requests,
-            http=tuple(a.http),
-            prometheus=tuple(PrometheusQuery(p.url, p.query, p.max) for p in a.prometheus),
-        )
-    sticky = None
-    if strategy.sticky is not None:
-        s = strategy.sticky
-        sticky = (
-            Stickiness("cookie", s.cookie)
-            if s.cookie is not None
-            else Stickiness("header", s.header or "")
-        )
-    steps = tuple(
-        CanaryStep(s.weight, None if s.pause == "manual" else float(s.pause))
-        for s in strategy.steps
-    )
-    return CanaryConfig(steps, analysis, sticky).to_json()
+    config = canary_config(strategy)
+    return None if config is None else config.to_json()
 
 
 def canary_config(strategy: Strategy) -> CanaryConfig | None:

@@ -447,16 +447,15 @@ def service(
         "spec": {
             "type": options.service_type,
             "selector": chosen,
-            "ports": [
-                {
-                    "name": "http",
-                    "port": options.service_port,
-                    "targetPort": port,
-                    "protocol": "TCP",
-                }
-            ],
+            "ports": _service_ports(options, port),
         },
     }
+
+
+def _service_ports(options: KubernetesOptions, port: int) -> list[dict[str, Any]]:
+    """The one HTTP port of a Service (``protocol`` spelled out: 1.20's server-side apply
+    needs it)."""
+    return [{"name": "http", "port": options.service_port, "targetPort": port, "protocol": "TCP"}]
 
 
 def release_service(
@@ -476,14 +475,7 @@ def release_service(
         "spec": {
             "type": "ClusterIP",
             "selector": chosen,
-            "ports": [
-                {
-                    "name": "http",
-                    "port": options.service_port,
-                    "targetPort": port,
-                    "protocol": "TCP",
-                }
-            ],
+            "ports": _service_ports(options, port),
         },
     }
 
