@@ -212,7 +212,7 @@ def _cmdline(pid: int) -> str:
 
 
 def reap_home(home: Path) -> None:
-    """Kill every process left for ``home``: agent, fd keeper, instances."""
+    """Kill every process left for ``home``: agent, fd keeper, instances, data plane."""
     agent_dir = home / "agent"
     with contextlib.suppress(OSError, ValueError):
         records = json.loads((agent_dir / "instances.json").read_text())["instances"]
@@ -224,6 +224,13 @@ def reap_home(home: Path) -> None:
             pid = int((agent_dir / name).read_text())
             if "castiron" in _cmdline(pid):
                 os.kill(pid, signal.SIGKILL)
+    # What outlives a killed agent by design (its HAProxy data plane, router workers) names a
+    # path under the home on its command line.
+    marker = str(agent_dir) + "/"
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and marker in _cmdline(int(entry.name)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(entry.name), signal.SIGKILL)
 
 
 def project_env(root: Path, app_vars: tuple[str, ...] = ("VERSION", "HEALTHY")) -> dict[str, str]:
