@@ -18,7 +18,7 @@ from castiron.drivers.kubernetes.manifests import KubernetesOptions, route_weigh
 from castiron.engine.deploy import Engine
 from castiron.engine.drift import detect_drift, fix_drift
 from castiron.engine.runtimes import ReleaseKubernetes, RuntimeTraffic, runtime_prober
-from castiron.errors import UsageError
+from castiron.errors import CanaryAbortedError, UsageError
 from castiron.images.store import ImageStore
 from castiron.state.base import ManualClock
 from castiron.state.sqlite import open_state
@@ -62,6 +62,13 @@ SPEC = textwrap.dedent(
           namespace: web
           context: prod
           gateway: {name: edge, namespace: infra, hostnames: [hello.example.com]}
+      can:
+        runtime: kubernetes
+        listen: 127.0.0.1:18093
+        keep_warm: 10m
+        drain_timeout: 1s
+        strategy: {type: canary, steps: [{weight: 10, pause: 3s}, {weight: 50, pause: 3s}]}
+        kubernetes: {namespace: web, context: prod}
     """
 )
 NS = "web"
@@ -372,3 +379,74 @@ def test_http_route_weights_read_back_and_deleted_with_the_release(kube: KubeWor
     kube.driver.down("hello", "gw")
     assert kube.cluster.find("HTTPRoute", NS, {}) == []
     assert kube.cluster.find("Service", NS, {"castiron.dev/environment": "gw"}) == []
+
+
+def _during_canary(kube: KubeWorld, stable: str, act: Any) -> list[float]:
+    """Run ``act(canary_labels)`` once, two seconds into the canary's first step (when the
+    Service selects both releases); returns the fake times at which the pods were touched."""
+    done: list[float] = []
+    time = kube.world.time
+    started: list[float] = []
+    tick = type(time).sleep
+
+    def sleep(seconds: float) -> None:
+        tick(time, seconds)
+        svc = kube.cluster.get("Service", NS, "hello-can")
+        if done or svc is None or "castiron.dev/release" in svc["spec"]["selector"]:
+            return
+        if not started:
+            started.append(time.now)
+        if time.now - started[0] >= 2.0:
+            canary = {
+                d["metadata"]["labels"]["castiron.dev/release"]
+                for d in kube.cluster.find("Deployment", NS, {"castiron.dev/environment": "can"})
+            } - {stable}
+            act({"castiron.dev/environment": "can", "castiron.dev/release": canary.pop()})
+            done.append(time.now)
+
+    time.sleep = sleep  # type: ignore[method-assign]
+    return done
+
+
+def test_canary_with_healthy_pods_reaches_every_request(kube: KubeWorld) -> None:
+    first = kube.deploy("can", "v1")
+    second = kube.deploy("can", "v2", APP_VERSION="2")
+    assert second.outcome == "succeeded"
+    assert kube.selector("can")["castiron.dev/release"] == second.release
+    steps = [s for s in kube.world.store.steps(second.deployment) if s.step == "analysis"]
+    assert [s.data["verdict"] for s in steps] == ["passed", "passed"]
+    assert f"hello-can-{first.release}" in kube.deployments()  # kept warm
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        (
+            "restart",
+            r"pod hello-can-\w+-\w+-\w+ restarted 1 time\(s\) during the canary "
+            r"\(exited with status 137\)",
+        ),
+        ("unready", r"pod hello-can-\w+-\w+-\w+ is not Ready"),
+    ],
+)
+def test_canary_pod_restarted_or_unready_during_a_step_aborts(
+    kube: KubeWorld, fault: str, reason: str
+) -> None:
+    first = kube.deploy("can", "v1")
+
+    def act(labels: dict[str, str]) -> None:
+        if fault == "restart":
+            kube.cluster.restart_containers(NS, labels)
+        else:
+            kube.cluster.set_pods("starting", NS, labels)
+
+    touched = _during_canary(kube, first.release, act)
+    with pytest.raises(CanaryAbortedError, match=reason) as caught:
+        kube.deploy("can", "v2", APP_VERSION="2")
+    assert touched, "the canary never reached its first step"
+    assert "aborted at step 1/2 (weight 10%)" in str(caught.value)
+    # Back on the stable release alone; the canary's Deployment is gone.
+    assert kube.selector("can")["castiron.dev/release"] == first.release
+    assert list(kube.deployments()) == [f"hello-can-{first.release}"]
+    env = kube.world.store.get_environment("can")
+    assert env is not None and env.current_release == first.release

@@ -8,10 +8,11 @@ health judgement): the engine does.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
 from castiron.model import ImageRef, Instance, InstanceSpec, Observed
+from castiron.values import value
 
 MUTATING_VERBS = ("update", "exec", "patch", "restart", "modify", "set")
 """Verbs a driver must never offer (a conformance test checks every driver)."""
@@ -87,6 +88,36 @@ class ReadinessSource(Protocol):
 
     def readiness(self, address: str) -> tuple[bool, str]:
         """Whether the instance at ``address`` is ready, and a one-line detail.
+
+        Raises:
+            RuntimeDriverError: when the runtime cannot be read.
+        """
+        ...
+
+
+@value
+class UnitHealth:
+    """How the runtime sees one unit running a release's instances (a pod), as its own
+    supervisor judges it."""
+
+    unit: str
+    """The runtime's name of the unit (the pod's name)."""
+    ready: bool
+    """Whether the runtime counts it ready (the kubelet's readiness probe passed)."""
+    restarts: int
+    """Times the runtime restarted its processes since the unit was created."""
+    detail: str = ""
+    """Why it is not ready, or how it last stopped (one line)."""
+
+
+@runtime_checkable
+class UnitHealthSource(Protocol):
+    """A driver whose runtime restarts instances' processes by itself (Kubernetes: the kubelet
+    restarts a container that exits or fails its liveness probe), so a restart never shows as
+    a failed probe unless the runtime is asked; reading never changes an instance."""
+
+    def unit_health(self, instances: Sequence[Instance]) -> list[UnitHealth]:
+        """The units that run ``instances`` (every unit of their releases), each once.
 
         Raises:
             RuntimeDriverError: when the runtime cannot be read.

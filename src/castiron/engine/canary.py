@@ -8,7 +8,11 @@ Owns the canary strategy (:func:`run_canary`) and everything it decides by:
   cumulative per-release counters are read at the window's start and end and diffed, giving
   the canary's request count, error rate (5xx and failed connects over all requests) and p95
   (from the diffed latency histogram); plus optional ``http`` checks on every canary instance
-  and Prometheus instant queries (:func:`query_prometheus`);
+  and Prometheus instant queries (:func:`query_prometheus`); and, where the runtime restarts
+  instances by itself and judges their readiness (a driver that is a
+  :class:`~castiron.drivers.base.UnitHealthSource`: Kubernetes), the canary's units
+  themselves (:func:`unit_breaches`): one not ready or restarted since the canary became
+  healthy fails the step, whatever the analysis limits say;
 * control requests from other processes (:func:`request_control`): ``castiron deploy ENV
   --continue`` and ``castiron abort ENV`` append a ``continue`` / ``abort`` row to the running
   deployment's journal (audited); the canary polls its journal between and during steps.
@@ -29,13 +33,14 @@ import math
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from castiron.drivers.base import UnitHealth, UnitHealthSource
 from castiron.engine.resolve import AnalysisLimits, CanaryConfig, CanaryStep, PrometheusQuery
 from castiron.engine.strategies import Rollout, backends_of, blue_green
-from castiron.errors import CanaryAbortedError, NotFoundError, UsageError
+from castiron.errors import CanaryAbortedError, CastironError, NotFoundError, UsageError
 from castiron.model import HealthCheck, Instance
 from castiron.state.base import AuditDraft, DeploymentRow, StateStore, StateTx, StepRow
 from castiron.traffic.base import ReleaseCounters
@@ -53,6 +58,10 @@ HTTP_CHECK_TIMEOUT = 2.0
 
 PROMETHEUS_TIMEOUT = 5.0
 """Seconds a Prometheus query may take."""
+
+UNIT_CHECK_EVERY = 1.0
+"""Seconds between two reads of the canary's units from a runtime that judges their health
+itself (and at the end of every step): the kubelet probes at most once a second."""
 
 ControlAction = Literal["continue", "abort"]
 CONTROL_ACTIONS: tuple[str, ...] = ("continue", "abort")
@@ -183,6 +192,25 @@ def query_prometheus(check: PrometheusQuery, release: str, environment: str) -> 
         for value in values
         if math.isnan(value) or value > check.max
     ]
+
+
+def unit_breaches(
+    units: Sequence[UnitHealth], baseline: Mapping[str, int], wanted: int
+) -> list[str]:
+    """The canary's units that fail it, as sentences (empty: none): a unit not ready, a unit
+    restarted more times than ``baseline`` says (a unit absent from it counts from 0: it was
+    created during the canary), or fewer units than the ``wanted`` instances."""
+    breaches = []
+    for unit in sorted(units, key=lambda u: u.unit):
+        why = f" ({unit.detail})" if unit.detail else ""
+        restarted = unit.restarts - baseline.get(unit.unit, 0)
+        if restarted > 0:
+            breaches.append(f"pod {unit.unit} restarted {restarted} time(s) during the canary{why}")
+        elif not unit.ready:
+            breaches.append(f"pod {unit.unit} is not Ready{why}")
+    if len(units) < wanted:
+        breaches.append(f"{len(units)} of the canary's {wanted} pods exist")
+    return breaches
 
 
 # --- control requests --------------------------------------------------------------------------
@@ -319,6 +347,10 @@ class _Canary:
     new: list[Instance]
     inbox: ControlInbox
     results: list[dict[str, Any]] = field(default_factory=list)
+    restarts: dict[str, int] = field(default_factory=dict)
+    """Restarts of each canary unit when the canary became healthy (runtimes that restart
+    instances by themselves)."""
+    units_read_at: float = -math.inf
 
     @property
     def stable_release(self) -> str:
@@ -328,6 +360,36 @@ class _Canary:
         observer = self.rollout.journal.observer
         if isinstance(observer, CanaryWatcher):
             observer.canary(progress)
+
+    def units(self) -> list[UnitHealth] | None:
+        """The canary's units as the runtime judges them (None: it does not judge them).
+
+        Raises:
+            CastironError: when the runtime cannot be read.
+        """
+        driver = self.rollout.driver
+        if not isinstance(driver, UnitHealthSource):
+            return None
+        return driver.unit_health(self.new)
+
+    def baseline(self) -> None:
+        """Remember each canary unit's restarts: those to come fail the analysis.
+
+        Raises:
+            CastironError: when the runtime cannot be read.
+        """
+        self.restarts = {u.unit: u.restarts for u in self.units() or []}
+
+    def unit_breaches(self) -> list[str]:
+        """Breaches of the canary's units (a runtime that cannot be read is one: fail-safe)."""
+        self.units_read_at = self.rollout.monotonic()
+        try:
+            units = self.units()
+        except CastironError as exc:
+            return [f"the canary's pods cannot be read: {exc}"]
+        if units is None:
+            return []
+        return unit_breaches(units, self.restarts, len(self.new))
 
     def counters(self) -> dict[str, ReleaseCounters]:
         return {c.release: c for c in self.rollout.traffic.counters(self.rollout.environment)}
@@ -449,6 +511,10 @@ class _Canary:
             self.check_abort(index, step)
             if self.inbox.take_continue():
                 continued = True
+            if now - self.units_read_at >= UNIT_CHECK_EVERY:
+                breaches = self.unit_breaches()
+                if breaches:
+                    raise self.abort(index, step, breaches, canary, stable)
             enough = limits is not None and canary.requests >= limits.min_requests
             if judged and limits is not None and enough:
                 breaches = judge(limits, canary)
@@ -503,7 +569,7 @@ class _Canary:
                     f"continued with {canary.requests} of {limits.min_requests} requests: "
                     "traffic analysis not judged"
                 )
-            breaches = self.checks()
+            breaches = self.unit_breaches() + self.checks()
             if breaches:
                 raise self.abort(index, step, breaches, canary, stable)
             figures = {
@@ -586,6 +652,7 @@ def run_canary(rollout: Rollout) -> None:
     new = rollout.create(rollout.release.config.replicas)
     rollout.wait_healthy(new)
     canary = _Canary(rollout, config, new, ControlInbox(rollout.journal.store, rollout.journal.id))
+    canary.baseline()
     for index, step in enumerate(config.steps):
         canary.check_abort(index, step)
         canary.shift(step.weight)
@@ -598,6 +665,7 @@ __all__ = [
     "CONTROL_ACTIONS",
     "EXTEND_FACTOR",
     "POLL",
+    "UNIT_CHECK_EVERY",
     "AnalysisLimits",
     "CanaryConfig",
     "CanaryProgress",
@@ -613,5 +681,6 @@ __all__ = [
     "request_control",
     "run_canary",
     "running_deployment",
+    "unit_breaches",
     "window_stats",
 ]

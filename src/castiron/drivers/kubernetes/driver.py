@@ -37,10 +37,11 @@ It knows nothing of the spec, the engine, the state store or traffic, and decide
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from castiron.drivers.base import UnitHealth
 from castiron.drivers.kubernetes.api import CONFLICT, Kind, KubeApi
 from castiron.drivers.kubernetes.manifests import (
     ANNOTATION_CONFIG,
@@ -390,6 +391,36 @@ class KubernetesDriver:
         if _pod_ready(pod):
             return True, f"pod {pod['metadata']['name']} is Ready"
         return False, _waiting_reason(pod) or "not ready"
+
+    def unit_health(self, instances: Sequence[Instance]) -> list[UnitHealth]:
+        """The pods of the Deployments that run ``instances``, each with the kubelet's
+        verdict (Ready) and its containers' restart count, read afresh (a canary judges them
+        during each step); terminating pods are left out.
+
+        Raises:
+            RuntimeDriverError: when the cluster cannot be read.
+        """
+        out: list[UnitHealth] = []
+        seen: set[str] = set()
+        for instance in instances:
+            api, namespace, name = self._client_at(instance)
+            if f"{namespace}/{name}" in seen:
+                continue
+            seen.add(f"{namespace}/{name}")
+            found = api.get("Deployment", namespace, name)
+            if found is None:
+                continue
+            pods = [
+                p for p in api.find("Pod", namespace, _pod_selector(found)) if _selects(found, p)
+            ]
+            for pod in pods:
+                if (pod.get("metadata") or {}).get("deletionTimestamp"):
+                    continue
+                restarts = sum(int(s.get("restartCount") or 0) for s in _container_statuses(pod))
+                ready = _pod_ready(pod)
+                detail = "" if ready and not restarts else _waiting_reason(pod)
+                out.append(UnitHealth(str(pod["metadata"]["name"]), ready, restarts, detail or ""))
+        return out
 
     def _release(self, namespace: str, name: str) -> _Release:
         key = f"{namespace}/{name}"

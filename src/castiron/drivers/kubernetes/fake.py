@@ -12,7 +12,9 @@ objects in a dict and behaves like an API server where castiron relies on it:
   ``replicas`` and template (``pod-template-hash`` label; a changed template replaces pods
   one by one, never fewer ready than wanted), and deleting a Deployment deletes its pods;
 * pods become Ready as :attr:`FakeCluster.pod_outcome` says (by default at once; ``"crash"``
-  for a container that keeps exiting), and write one log line;
+  for a container that keeps exiting), and write one log line; the kubelet restarting a
+  container that comes back Ready (:meth:`FakeCluster.restart_containers`) shows only in its
+  ``restartCount``;
 * what people do by hand with ``kubectl`` (:meth:`FakeCluster.kubectl_scale`,
   :meth:`~FakeCluster.kubectl_set_image`, :meth:`~FakeCluster.kubectl_label`,
   :meth:`~FakeCluster.kubectl_patch`, :meth:`~FakeCluster.kubectl_delete`), as other field
@@ -289,6 +291,20 @@ class FakeCluster:
                 self._pod_status(pod, outcome)
         self._reconcile()
 
+    def restart_containers(
+        self, namespace: str, labels: Mapping[str, str], exit_code: int = 137
+    ) -> None:
+        """The kubelet restarts the containers of the pods carrying ``labels`` (they exited
+        with ``exit_code`` or failed their liveness probe) and they come back Ready: only
+        their ``restartCount`` and ``lastState`` tell."""
+        for key, pod in list(self.objects.items()):
+            same = all(_labels(pod).get(a) == b for a, b in labels.items())
+            if key[0] == "Pod" and key[1] == namespace and same:
+                for status in (pod.get("status") or {}).get("containerStatuses") or []:
+                    status["restartCount"] = int(status.get("restartCount") or 0) + 1
+                    status["lastState"] = {"terminated": {"exitCode": exit_code}}
+        self._reconcile()
+
     # --- the server's own doing ------------------------------------------------------------
 
     def _existing(self, key: tuple[str, str, str]) -> dict[str, Any]:
@@ -382,12 +398,15 @@ class FakeCluster:
         self.objects.pop(("Pod", meta["namespace"], meta["name"]), None)
 
     def _pod_status(self, pod: dict[str, Any], outcome: PodOutcome) -> None:
+        statuses = (pod.get("status") or {}).get("containerStatuses") or [{}]
+        restarts = int(statuses[0].get("restartCount") or 0)
         if outcome == "crash":
             state: dict[str, Any] = {
                 "waiting": {"reason": "CrashLoopBackOff", "message": "back-off"}
             }
             last = {"terminated": {"exitCode": 1}}
             phase, ready = "Running", False
+            restarts += 1
         else:
             state, last = {"running": {}}, {}
             phase, ready = "Running", outcome == "ready"
@@ -395,7 +414,13 @@ class FakeCluster:
             "phase": phase,
             "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
             "containerStatuses": [
-                {"name": "app", "ready": ready, "state": state, "lastState": last}
+                {
+                    "name": "app",
+                    "ready": ready,
+                    "restartCount": restarts,
+                    "state": state,
+                    "lastState": last,
+                }
             ],
         }
 
