@@ -450,3 +450,50 @@ def test_canary_pod_restarted_or_unready_during_a_step_aborts(
     assert list(kube.deployments()) == [f"hello-can-{first.release}"]
     env = kube.world.store.get_environment("can")
     assert env is not None and env.current_release == first.release
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "finding"),
+    [
+        (("spec", "type"), "NodePort", "spec.type"),
+        (
+            ("spec", "ports"),
+            [{"name": "http", "port": 8080, "targetPort": 8000, "protocol": "TCP"}],
+            "spec.ports[http].port",
+        ),
+        (
+            ("spec", "ports"),
+            [
+                {"name": "http", "port": 80, "targetPort": 8000, "protocol": "TCP"},
+                {"name": "debug", "port": 9000, "targetPort": 9000, "protocol": "TCP"},
+            ],
+            "spec.ports[debug]",
+        ),
+        (("spec", "selector", "tier"), "canary", "spec.selector.tier"),
+        (
+            ("spec", "selector", "app.kubernetes.io/name"),
+            "other",
+            "spec.selector.app.kubernetes.io/name",
+        ),
+    ],
+)
+def test_service_edited_by_hand_is_drift_fixed_by_applying_it_again(
+    kube: KubeWorld, tmp_path: Path, path: tuple[str, ...], value: object, finding: str
+) -> None:
+    first = kube.deploy("blue", "v1")
+    before = kube.cluster.get("Service", NS, "hello-blue")
+    assert before is not None
+    kube.cluster.kubectl_patch("Service", NS, "hello-blue", path, value)
+    found = _drift(kube, tmp_path)
+    assert ("config", "-", f"Service {NS}/hello-blue: {finding}") in found
+    _fix(kube, tmp_path)
+    after = kube.cluster.get("Service", NS, "hello-blue")
+    assert after is not None
+    for key in ("type", "ports", "selector"):
+        assert after["spec"][key] == before["spec"][key]
+    assert after["spec"]["selector"]["castiron.dev/release"] == first.release
+    assert after["metadata"]["uid"] == before["metadata"]["uid"]  # applied, not re-created
+    assert kube.deployments()  # no instance was replaced for it
+    assert {r.id for r in kube.world.store.list_instances("blue")} == {
+        o.instance.id for o in kube.driver.observe("hello", "blue")
+    }

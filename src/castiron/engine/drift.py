@@ -15,7 +15,10 @@ kinds:
   about a shared tree is reported for every serving instance of it. Docker: ``docker diff``
   judged against the manifest;
 - ``membership``: instances missing or stopped, extra instances, strays, serving instances the
-  router does not send to, and a router pointing at something outside the release.
+  router does not send to, and a router pointing at something outside the release; and
+  (``config``, instance ``-``) the route's own object edited by hand, where the traffic
+  controller keeps one (:class:`~castiron.traffic.controller.RouteDiffer`: a Kubernetes
+  Service's type, ports or selector), fixed by re-applying the route.
 
 It also owns :func:`fix_drift`, the remedy, which never patches: under the environment's lock
 it destroys strays (audited), re-unpacks a modified release tree to a fresh directory,
@@ -65,6 +68,7 @@ from castiron.errors import (
 )
 from castiron.model import Digest, ImageRef, Instance, InstanceSpec, Observed
 from castiron.state.base import AuditDraft, DeploymentRow, InstanceRow, StateTx, format_time
+from castiron.traffic.controller import RouteDiffer
 
 if TYPE_CHECKING:
     from castiron.engine.deploy import Engine
@@ -558,7 +562,8 @@ def _detect(ctx: _Context) -> DriftReport:
     observed_list = driver.observe(ctx.policy.app, environment)
     observed = {o.instance.id: o for o in observed_list}
     successors = _successors(observed_list)
-    routing = engine.traffic.current(environment)
+    traffic = engine.traffic
+    routing = traffic.current(environment)
     routed = routing.backend_ids if routing is not None else frozenset()
     findings: list[DriftFinding] = []
     replace: list[str] = []
@@ -694,6 +699,19 @@ def _detect(ctx: _Context) -> DriftReport:
                         DriftFinding("membership", b.id, "route", None, f"routed ({b.address})")
                     )
                     reroute = True
+    # the route's own object, edited by hand (a Kubernetes Service's type, ports, selector)
+    if routing is not None and routing.stable is not None and isinstance(traffic, RouteDiffer):
+        for diff in traffic.route_diff(environment, release.id):
+            findings.append(
+                DriftFinding(
+                    "config",
+                    "-",
+                    f"{diff.target}: {diff.path}",
+                    _shown(diff.want),
+                    _shown(diff.have),
+                )
+            )
+            reroute = True
     # strays
     images: list[ImageRef] = []
     for rel_row in engine.store.list_releases(environment):

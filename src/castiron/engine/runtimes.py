@@ -31,7 +31,13 @@ from castiron.model import RUNTIMES, Digest, HealthCheck, ImageRef, Observed, Re
 from castiron.settings import Settings
 from castiron.state.base import StateStore
 from castiron.traffic.base import BackendSet, Limits, ReleaseCounters, Stickiness
-from castiron.traffic.controller import FlipOutcome, Routing, TrafficController
+from castiron.traffic.controller import (
+    FlipOutcome,
+    RouteDiffer,
+    RouteDifference,
+    Routing,
+    TrafficController,
+)
 
 if TYPE_CHECKING:  # the docker SDK is only imported when a Docker runtime is used
     from castiron.drivers.docker import ContainerOptions, DockerDriver
@@ -372,6 +378,14 @@ class RuntimeTraffic:
 
     def counters(self, environment: str) -> list[ReleaseCounters]:
         return self._for(environment).counters(environment)
+
+    def route_diff(self, environment: str, release: str) -> list[RouteDifference]:
+        """How the environment's route object differs from castiron's (a Kubernetes
+        Service); empty for a route with no object to edit (the host agent's router)."""
+        controller = self._for(environment)
+        if isinstance(controller, RouteDiffer):
+            return controller.route_diff(environment, release)
+        return []
 
 
 def runtime_prober(

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from castiron.agent.client import AgentClient, from_json
 from castiron.errors import AgentError, AgentRefusedError, NotFoundError, RouterError, UsageError
@@ -67,6 +67,36 @@ class FlipOutcome:
     reason: str
     previous: Routing | None
     """The routing before the flip (None when there was no listener)."""
+
+
+@value
+class RouteDifference:
+    """One field of a route kept as a live object of the runtime (a Kubernetes Service) that
+    differs from what castiron applies."""
+
+    target: str
+    """The object: ``KIND NAMESPACE/NAME``."""
+    path: str
+    """The field, e.g. ``spec.type`` or ``spec.ports[http].port``."""
+    want: object
+    have: object
+
+
+@runtime_checkable
+class RouteDiffer(Protocol):
+    """A traffic controller whose route is an object people can edit by hand (a Kubernetes
+    Service: ``kubectl edit``/``patch``); re-applying the route (:meth:`~TrafficController.switch`)
+    puts it back."""
+
+    def route_diff(self, environment: str, release: str) -> list[RouteDifference]:
+        """How ``environment``'s route differs from the one castiron applies while it serves
+        ``release``, beyond which release it sends to (:meth:`~TrafficController.current`
+        tells that); empty when it has no such route.
+
+        Raises:
+            RouterError, RuntimeDriverError: when the route cannot be read.
+        """
+        ...
 
 
 class TrafficController(Protocol):
@@ -410,6 +440,8 @@ __all__ = [
     "AgentTraffic",
     "FlipOutcome",
     "MemoryTraffic",
+    "RouteDiffer",
+    "RouteDifference",
     "Routing",
     "TrafficController",
     "backend_set",

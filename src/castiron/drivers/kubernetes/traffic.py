@@ -9,7 +9,11 @@ and the environment's HTTPRoute sends the canary exactly its weight (``backendRe
 while the stable Service keeps selecting the stable release;
 :meth:`~KubernetesTraffic.flip` is a warm rollback (the selector flips back, after checking the
 Service still serves the expected release and the warm pods are Ready);
-:meth:`~KubernetesTraffic.current` reads the selector back, so a second machine sees the truth.
+:meth:`~KubernetesTraffic.current` reads the selector back, so a second machine sees the truth;
+:meth:`~KubernetesTraffic.route_diff` compares the fields castiron sets on the stable Service
+(type, ports, selector: :func:`service_differences`) with the live one, for drift; applying a
+Service takes back, then drops, selector keys and ports someone else added (server-side apply
+alone leaves a field another manager owns).
 
 The Services and the HTTPRoute are the only objects it writes. It reaches the cluster through
 the driver's client factory and knows nothing of the spec, the engine or the state store.
@@ -17,6 +21,7 @@ the driver's client factory and knows nothing of the spec, the engine or the sta
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +41,7 @@ from castiron.drivers.kubernetes.manifests import (
 from castiron.errors import RouterError
 from castiron.model import HealthCheck, Observed
 from castiron.traffic.base import Backend, BackendSet, Limits, ReleaseCounters, Stickiness
-from castiron.traffic.controller import FlipOutcome, Routing
+from castiron.traffic.controller import FlipOutcome, RouteDifference, Routing
 
 
 @dataclass
@@ -69,7 +74,34 @@ class KubernetesTraffic:
                 f"environment {environment!r}: {kind} {options.namespace}/{name} was not "
                 "created by castiron; leaving it alone"
             )
-        api.apply(obj)
+        applied = api.apply(obj)
+        if kind == "Service" and service_differences(obj, applied, exact=True):
+            # Selector keys or ports another field manager added survive a server-side apply
+            # of castiron's own: own them (with their live values), then apply without them.
+            api.apply(_claiming(obj, applied))
+            api.apply(obj)
+
+    def route_diff(self, environment: str, release: str) -> list[RouteDifference]:
+        """How the environment's stable Service differs from the one castiron applies while
+        it serves ``release``: type, ports and selector (see :func:`service_differences`).
+        A missing Service, or one castiron did not create, shows no difference here.
+
+        Raises:
+            RuntimeDriverError: when the cluster cannot be read.
+        """
+        options = self.driver.options_for(environment)
+        want = service(
+            self.app_of(environment), environment, release, self.port_of(environment), options
+        )
+        name = str(want["metadata"]["name"])
+        live = self.driver.client(options).get("Service", options.namespace, name)
+        if live is None or not _ours(live):
+            return []
+        target = f"Service {options.namespace}/{name}"
+        return [
+            RouteDifference(target, path, wanted, found)
+            for path, wanted, found in service_differences(want, live)
+        ]
 
     def _route(self, environment: str, weights: list[tuple[str, int]]) -> None:
         """Send ``weights`` of the environment's requests to each release's own Service
@@ -241,6 +273,65 @@ class KubernetesTraffic:
         return []
 
 
+SERVICE_PORT_FIELDS = ("port", "targetPort", "protocol")
+"""The fields castiron sets on each port of a Service (besides its name)."""
+
+
+def _port_key(port: Mapping[str, Any]) -> str:
+    return str(port.get("name") or f"{port.get('port')}/{port.get('protocol') or 'TCP'}")
+
+
+def service_differences(
+    want: Mapping[str, Any], live: Mapping[str, Any], *, exact: bool = False
+) -> list[tuple[str, object, object]]:
+    """(path, wanted, found) for each field castiron sets on a Service that ``live`` has
+    otherwise: ``spec.type``; each port's number, target port and protocol, and any port
+    added or removed; the selector compared key by key *both ways* (a key added by hand
+    changes which pods it selects although castiron never set it). The selector's release
+    key is left out unless ``exact`` (which release a Service selects is the route itself).
+    Fields the server fills in (``clusterIP``, ``nodePort``, ``sessionAffinity``) are not
+    compared."""
+    out: list[tuple[str, object, object]] = []
+    wspec: Mapping[str, Any] = want.get("spec") or {}
+    lspec: Mapping[str, Any] = live.get("spec") or {}
+    if wspec.get("type", "ClusterIP") != lspec.get("type", "ClusterIP"):
+        out.append(("spec.type", wspec.get("type", "ClusterIP"), lspec.get("type", "ClusterIP")))
+    wports = {_port_key(p): p for p in wspec.get("ports") or []}
+    lports = {_port_key(p): p for p in lspec.get("ports") or []}
+    for key in sorted(set(wports) | set(lports)):
+        wanted, found = wports.get(key), lports.get(key)
+        if wanted is None or found is None:
+            out.append((f"spec.ports[{key}]", wanted, found))
+            continue
+        for name in SERVICE_PORT_FIELDS:
+            if wanted.get(name) != found.get(name):
+                out.append((f"spec.ports[{key}].{name}", wanted.get(name), found.get(name)))
+    wsel: Mapping[str, Any] = wspec.get("selector") or {}
+    lsel: Mapping[str, Any] = lspec.get("selector") or {}
+    for key in sorted(set(wsel) | set(lsel)):
+        if key == LABEL_RELEASE and not exact:
+            continue
+        if wsel.get(key) != lsel.get(key):
+            out.append((f"spec.selector.{key}", wsel.get(key), lsel.get(key)))
+    return out
+
+
+def _claiming(want: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str, Any]:
+    """``want`` with the selector keys and ports only ``live`` has added, at their live
+    values: applied (forced), it makes castiron their field manager, so applying ``want``
+    right after removes them."""
+    claim = copy.deepcopy(dict(want))
+    spec = claim["spec"]
+    lspec: Mapping[str, Any] = live.get("spec") or {}
+    spec["selector"] = {**dict(lspec.get("selector") or {}), **spec["selector"]}
+    mine = {_port_key(p) for p in spec["ports"]}
+    spec["ports"] = [
+        *spec["ports"],
+        *(copy.deepcopy(p) for p in lspec.get("ports") or [] if _port_key(p) not in mine),
+    ]
+    return claim
+
+
 def _ours(obj: Mapping[str, Any]) -> bool:
     return bool((obj.get("metadata") or {}).get("labels", {}).get(LABEL_MANAGED_BY) == MANAGER)
 
@@ -249,4 +340,4 @@ def _listen(namespace: str, name: str) -> str:
     return f"service/{namespace}/{name}"
 
 
-__all__ = ["KubernetesTraffic"]
+__all__ = ["SERVICE_PORT_FIELDS", "KubernetesTraffic", "service_differences"]
