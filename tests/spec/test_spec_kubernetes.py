@@ -74,6 +74,22 @@ def _issues(text: str) -> list[str]:
             "number from 1 to 65535",
             id="service-port",
         ),
+        pytest.param(
+            HEAD + "    strategy:\n      type: canary\n      steps: [{weight: 10}]\n"
+            "      analysis: {max_error_rate: 0.01}\n",
+            "castiron.yaml:9:34: environments.k.strategy.analysis.max_error_rate: a Kubernetes "
+            "Service counts no requests; judge error rate and latency with "
+            "analysis.prometheus (the canary's pods' readiness and restarts are always judged)",
+            id="canary-error-rate",
+        ),
+        pytest.param(
+            HEAD + "    strategy:\n      type: canary\n      steps: [{weight: 10}]\n"
+            "      analysis: {http: [/ready]}\n",
+            "castiron.yaml:9:24: environments.k.strategy.analysis.http: pods are not reachable "
+            "from castiron's host; judge error rate and latency with analysis.prometheus "
+            "(the canary's pods' readiness and restarts are always judged)",
+            id="canary-http",
+        ),
     ],
 )
 def test_located_errors(text: str, expected: str) -> None:
@@ -110,3 +126,13 @@ def test_other_runtimes_release_ids_do_not_change() -> None:
     config = release_config(load_spec_text(text, "castiron.yaml", {}), "s")
     assert config.kubernetes is None
     assert "kubernetes" not in config.to_json()
+
+
+def test_a_kubernetes_canary_is_judged_by_prometheus() -> None:
+    text = (
+        HEAD + "    strategy:\n      type: canary\n      steps: [{weight: 10}]\n"
+        "      analysis:\n        prometheus: {url: 'http://p:9090', query: up, max: 1}\n"
+    )
+    spec = load_spec_text(text, "castiron.yaml", {})
+    analysis = spec.environments["k"].strategy.analysis
+    assert analysis is not None and len(analysis.prometheus) == 1

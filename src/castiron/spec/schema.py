@@ -644,6 +644,26 @@ class Environment(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _kubernetes_canary_without_router_counters(self) -> Environment:
+        analysis = self.strategy.analysis
+        if self.runtime != "kubernetes" or analysis is None:
+            return self
+        # Either could only ever abort the canary on a cluster ("not enough to judge it").
+        why = {
+            "max_error_rate": "a Kubernetes Service counts no requests",
+            "max_p95_ms": "a Kubernetes Service counts no requests",
+            "http": "pods are not reachable from castiron's host",
+        }
+        for name, reason in why.items():
+            if getattr(analysis, name):
+                raise ValueError(
+                    f"strategy.analysis.{name}: {reason}; judge error rate and latency with "
+                    "analysis.prometheus (the canary's pods' readiness and restarts are "
+                    "always judged)"
+                )
+        return self
+
 
 class Spec(_Section):
     """The whole of ``castiron.yaml``."""
