@@ -3,16 +3,22 @@
 The engine runs against a real SQLite state store and a real image store, with
 :class:`castiron.drivers.fake.FakeDriver` and :class:`castiron.traffic.controller.MemoryTraffic`
 as runtime and router, a health prober steered by the instances' env (``SICK=1`` fails), and
-a fake monotonic clock that ``sleep`` advances (so timeouts pass instantly).
+a fake monotonic clock that ``sleep`` advances (so timeouts pass instantly), and a Prometheus
+query API on loopback for canary analysis (:class:`FakePrometheus`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import textwrap
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 
@@ -183,3 +189,55 @@ def world(tmp_path: Path) -> Iterator[World]:
         yield w
     finally:
         store.close()
+
+
+# --- a Prometheus query API ----------------------------------------------------------------
+
+
+@dataclass
+class FakePrometheus:
+    """A tiny Prometheus query API on loopback: answers each query from ``answers``."""
+
+    answers: dict[str, Any]
+    queries: list[str] = field(default_factory=list)
+    url: str = ""
+
+
+@pytest.fixture
+def prometheus() -> Iterator[FakePrometheus]:
+    fake = FakePrometheus({})
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            parsed = urlparse(self.path)
+            query = parse_qs(parsed.query).get("query", [""])[0]
+            fake.queries.append(query)
+            answer = fake.answers.get(query)
+            if parsed.path != "/api/v1/query" or answer is None:
+                body, status = b'{"status":"error","error":"unknown query"}', 400
+            else:
+                body, status = json.dumps(answer).encode(), 200
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield fake
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def vector(*values: float) -> dict[str, Any]:
+    samples = [{"metric": {"i": str(i)}, "value": [1.0, str(v)]} for i, v in enumerate(values)]
+    return {"status": "success", "data": {"resultType": "vector", "result": samples}}

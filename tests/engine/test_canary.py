@@ -7,13 +7,9 @@ is undone by recovery.
 
 from __future__ import annotations
 
-import json
-import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlparse
 
 import pytest
 
@@ -34,7 +30,7 @@ from castiron.traffic.base import ReleaseCounters, Stickiness
 from castiron.traffic.controller import MemoryTraffic
 from castiron.traffic.stats import ReleaseStats
 
-from .conftest import SPEC, Crash, Recorder, World, fake_prober
+from .conftest import SPEC, Crash, FakePrometheus, Recorder, World, fake_prober, vector
 
 CANARY_ENV = """
   canary:
@@ -271,55 +267,6 @@ def test_the_first_deployment_has_nothing_to_compare_and_switches_at_once(world:
 
 
 # --- http checks and Prometheus --------------------------------------------------------------
-
-
-@dataclass
-class FakePrometheus:
-    """A tiny Prometheus query API on loopback: answers each query from ``answers``."""
-
-    answers: dict[str, Any]
-    queries: list[str] = field(default_factory=list)
-    url: str = ""
-
-
-@pytest.fixture
-def prometheus() -> Iterator[FakePrometheus]:
-    fake = FakePrometheus({})
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            parsed = urlparse(self.path)
-            query = parse_qs(parsed.query).get("query", [""])[0]
-            fake.queries.append(query)
-            answer = fake.answers.get(query)
-            if parsed.path != "/api/v1/query" or answer is None:
-                body, status = b'{"status":"error","error":"unknown query"}', 400
-            else:
-                body, status = json.dumps(answer).encode(), 200
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
-        yield fake
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
-
-
-def vector(*values: float) -> dict[str, Any]:
-    samples = [{"metric": {"i": str(i)}, "value": [1.0, str(v)]} for i, v in enumerate(values)]
-    return {"status": "success", "data": {"resultType": "vector", "result": samples}}
 
 
 @pytest.mark.parametrize(

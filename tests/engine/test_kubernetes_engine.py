@@ -25,7 +25,7 @@ from castiron.state.sqlite import open_state
 from castiron.traffic.base import Backend, BackendSet
 from castiron.traffic.controller import TrafficController
 
-from .conftest import FakeTime, Recorder, World
+from .conftest import FakePrometheus, FakeTime, Recorder, World, vector
 
 SPEC = textwrap.dedent(
     """
@@ -497,3 +497,33 @@ def test_service_edited_by_hand_is_drift_fixed_by_applying_it_again(
     assert {r.id for r in kube.world.store.list_instances("blue")} == {
         o.instance.id for o in kube.driver.observe("hello", "blue")
     }
+
+
+@pytest.mark.parametrize(("value", "outcome"), [(0.001, "succeeded"), (0.2, "aborted")])
+def test_canary_judged_by_prometheus_without_counted_requests(
+    kube: KubeWorld, prometheus: FakePrometheus, value: float, outcome: str
+) -> None:
+    query = 'errors{release="$RELEASE",env="$ENVIRONMENT"}'
+    spec = kube.world.root / "castiron.yaml"
+    spec.write_text(
+        spec.read_text().replace(
+            "strategy: {type: canary, steps: [{weight: 10, pause: 3s}, {weight: 50, pause: 3s}]}",
+            "strategy: {type: canary, steps: [{weight: 10, pause: 3s}, {weight: 50, pause: 3s}], "
+            f"analysis: {{prometheus: {{url: '{prometheus.url}', query: '{query}', max: 0.01}}}}}}",
+        )
+    )
+    first = kube.deploy("can", "v1")
+    kube.world.environ["APP_VERSION"] = "2"
+    engine = kube.engine()
+    target = engine.resolve(kube.world.spec(), "can", "v2")
+    asked = f'errors{{release="{target.release.id}",env="can"}}'
+    prometheus.answers[asked] = vector(value)
+    if outcome == "aborted":
+        with pytest.raises(CanaryAbortedError, match=r"= 0\.2 > max 0\.01"):
+            engine.deploy(target)
+        assert kube.selector("can")["castiron.dev/release"] == first.release
+        assert prometheus.queries == [asked]  # at the end of the first step
+    else:
+        assert engine.deploy(target).outcome == "succeeded"
+        assert kube.selector("can")["castiron.dev/release"] == target.release.id
+        assert prometheus.queries == [asked, asked]  # one per step

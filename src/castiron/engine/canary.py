@@ -44,6 +44,7 @@ from castiron.errors import CanaryAbortedError, CastironError, NotFoundError, Us
 from castiron.model import HealthCheck, Instance
 from castiron.state.base import AuditDraft, DeploymentRow, StateStore, StateTx, StepRow
 from castiron.traffic.base import ReleaseCounters
+from castiron.traffic.controller import RequestCounting
 from castiron.traffic.stats import estimate_percentile
 
 POLL = 0.2
@@ -488,9 +489,12 @@ class _Canary:
         manual = step.pause is None
         deadline = math.inf if step.pause is None else start + step.pause
         cap = math.inf if step.pause is None else start + step.pause * EXTEND_FACTOR
-        # Traffic analysis needs traffic and a window: a weight-0 step or a pause of 0 only
-        # runs the http and Prometheus checks.
-        judged = limits is not None and step.weight > 0 and step.pause != 0
+        # Traffic analysis needs traffic, a window and a route that counts requests: a
+        # weight-0 step, a pause of 0 or a Kubernetes Service only runs the other checks.
+        counted = not isinstance(r.traffic, RequestCounting) or r.traffic.counts_requests(
+            r.environment
+        )
+        judged = counted and limits is not None and step.weight > 0 and step.pause != 0
         extended = False
         continued = False
         pause_text = "until --continue" if manual else f"{step.pause:g}s"

@@ -33,6 +33,7 @@ from castiron.state.base import StateStore
 from castiron.traffic.base import BackendSet, Limits, ReleaseCounters, Stickiness
 from castiron.traffic.controller import (
     FlipOutcome,
+    RequestCounting,
     RouteDiffer,
     RouteDifference,
     Routing,
@@ -378,6 +379,14 @@ class RuntimeTraffic:
 
     def counters(self, environment: str) -> list[ReleaseCounters]:
         return self._for(environment).counters(environment)
+
+    def counts_requests(self, environment: str) -> bool:
+        """Whether the environment's route counts requests per release (the host agent's
+        routers do; a Kubernetes Service does not)."""
+        controller = self._for(environment)
+        if isinstance(controller, RequestCounting):
+            return controller.counts_requests(environment)
+        return True
 
     def route_diff(self, environment: str, release: str) -> list[RouteDifference]:
         """How the environment's route object differs from castiron's (a Kubernetes

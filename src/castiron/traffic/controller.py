@@ -99,6 +99,17 @@ class RouteDiffer(Protocol):
         ...
 
 
+@runtime_checkable
+class RequestCounting(Protocol):
+    """A traffic controller that can say whether an environment's route counts requests per
+    release (a Kubernetes Service does not: :meth:`~TrafficController.counters` is always
+    empty there, and an analysis must not wait for requests it can never see)."""
+
+    def counts_requests(self, environment: str) -> bool:
+        """Whether :meth:`~TrafficController.counters` of ``environment`` counts requests."""
+        ...
+
+
 class TrafficController(Protocol):
     """Moves one host's environments' traffic between backend sets."""
 
@@ -440,6 +451,7 @@ __all__ = [
     "AgentTraffic",
     "FlipOutcome",
     "MemoryTraffic",
+    "RequestCounting",
     "RouteDiffer",
     "RouteDifference",
     "Routing",

@@ -272,6 +272,10 @@ class KubernetesTraffic:
         or pod readiness and restarts)."""
         return []
 
+    def counts_requests(self, environment: str) -> bool:
+        """False: a Service counts no requests."""
+        return False
+
 
 SERVICE_PORT_FIELDS = ("port", "targetPort", "protocol")
 """The fields castiron sets on each port of a Service (besides its name)."""
