@@ -533,6 +533,7 @@ def release_instance_spec(
             "castiron.deployment": deployment_id,
         },
         health=cfg.health,
+        network=cfg.network,
     )
 
 
