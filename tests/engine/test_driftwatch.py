@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.driftkit import CHECK_OUTPUT_SCHEMA, violations
 
 from castiron.agent.client import AgentClient, DriftWatch, agent_pid, ensure_agent, socket_path
 from castiron.engine.drift import check_output, detect_drift, fix_drift
@@ -150,87 +151,6 @@ def test_a_rollback_target_leaves_the_watch_alone(world: World, agent: AgentClie
 
 # --- what a watch's check prints -------------------------------------------------------------
 
-_FINDING = {
-    "type": "object",
-    "required": ["kind", "instance", "path", "expected", "actual"],
-    "properties": {
-        "kind": {"enum": ["image", "config", "filesystem", "membership"]},
-        "instance": {"type": "string"},
-        "path": {"type": "string"},
-        "expected": {"type": ["string", "null"]},
-        "actual": {"type": ["string", "null"]},
-    },
-}
-_STRINGS = {"type": "array", "items": {"type": "string"}}
-CHECK_OUTPUT_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["findings", "environments"],
-    "properties": {
-        "findings": {"type": "array", "items": _FINDING},
-        "environments": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["environment", "release", "findings"],
-                "properties": {
-                    "environment": {"type": "string"},
-                    "release": {"type": ["string", "null"]},
-                    "findings": {"type": "array", "items": _FINDING},
-                    "fixed": {
-                        "type": "object",
-                        "required": [
-                            "replaced",
-                            "created",
-                            "destroyed",
-                            "strays_destroyed",
-                            "route_reapplied",
-                            "trees_renewed",
-                            "deployment",
-                        ],
-                        "properties": {
-                            "replaced": _STRINGS,
-                            "created": _STRINGS,
-                            "destroyed": _STRINGS,
-                            "strays_destroyed": _STRINGS,
-                            "route_reapplied": {"type": "boolean"},
-                            "trees_renewed": _STRINGS,
-                            "deployment": {"type": ["string", "null"]},
-                        },
-                    },
-                },
-            },
-        },
-    },
-}
-"""What the agent reads from ``castiron drift ENV --json [--fix]`` (a JSON Schema)."""
-
-_TYPES: dict[str, tuple[type, ...]] = {
-    "object": (dict,),
-    "array": (list,),
-    "string": (str,),
-    "boolean": (bool,),
-    "null": (type(None),),
-}
-
-
-def _violations(value: object, schema: dict[str, Any], where: str = "$") -> list[str]:
-    """Where ``value`` breaks ``schema`` (the JSON Schema keywords used above)."""
-    if "enum" in schema:
-        return [] if value in schema["enum"] else [f"{where}: {value!r} not in {schema['enum']}"]
-    kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
-    if not any(isinstance(value, _TYPES[k]) for k in kinds):
-        return [f"{where}: {type(value).__name__} is not {' or '.join(kinds)}"]
-    out: list[str] = []
-    if isinstance(value, dict):
-        out += [f"{where}: no {key!r}" for key in schema.get("required", []) if key not in value]
-        for key, sub in schema.get("properties", {}).items():
-            if key in value:
-                out += _violations(value[key], sub, f"{where}.{key}")
-    if isinstance(value, list) and "items" in schema:
-        for i, item in enumerate(value):
-            out += _violations(item, schema["items"], f"{where}[{i}]")
-    return out
-
 
 def _printed(data: dict[str, Any]) -> dict[str, Any]:
     """``data`` as the agent reads it: one line of JSON, parsed."""
@@ -240,10 +160,10 @@ def _printed(data: dict[str, Any]) -> dict[str, Any]:
 
 def test_the_schema_catches_a_missing_or_retyped_field() -> None:
     good = {"findings": [], "environments": [{"environment": "s", "release": None, "findings": []}]}
-    assert _violations(good, CHECK_OUTPUT_SCHEMA) == []
-    assert _violations({"environments": []}, CHECK_OUTPUT_SCHEMA) == ["$: no 'findings'"]
+    assert violations(good, CHECK_OUTPUT_SCHEMA) == []
+    assert violations({"environments": []}, CHECK_OUTPUT_SCHEMA) == ["$: no 'findings'"]
     bad = {"findings": [], "environments": [{"environment": 1, "release": None, "findings": []}]}
-    assert _violations(bad, CHECK_OUTPUT_SCHEMA) == [
+    assert violations(bad, CHECK_OUTPUT_SCHEMA) == [
         "$.environments[0].environment: int is not string"
     ]
 
@@ -262,7 +182,7 @@ def test_what_a_watch_check_prints_keeps_its_schema(world: World, tmp_path: Path
 
     for results in ([(clean, None)], [(found, None)], [(fixed.report, fixed)]):
         printed = _printed(check_output(results))
-        assert _violations(printed, CHECK_OUTPUT_SCHEMA) == [], printed
+        assert violations(printed, CHECK_OUTPUT_SCHEMA) == [], printed
     printed = _printed(check_output([(fixed.report, fixed)]))
     assert printed["findings"] == printed["environments"][0]["findings"]
     assert {f["kind"] for f in printed["findings"]} == {"membership"}
