@@ -194,6 +194,9 @@ class InstanceSpec:
     health: HealthCheck | None = None
     """The release's health check: the runtime's own probes (Kubernetes) and the agent's
     replacements of an instance run it (None: none stated)."""
+    network: str | None = None
+    """The network the instance joins where the runtime offers a choice (Docker: ``host``, or
+    the name of a user bridge network); None: the runtime's default (Docker: ``host``)."""
 
 
 @value

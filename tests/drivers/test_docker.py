@@ -242,8 +242,9 @@ def test_container_args_on_the_host_network() -> None:
 
 
 def test_container_args_on_a_bridge_network_publish_on_loopback_only() -> None:
-    options = ContainerOptions(network="castiron-web", cap_add=("NET_BIND_SERVICE",), init=False)
-    args = container_args(spec_for(IMAGE, "i-2", command=()), options, "sha256:x", 8000)
+    options = ContainerOptions(cap_add=("NET_BIND_SERVICE",), init=False)
+    spec = spec_for(IMAGE, "i-2", command=(), network="castiron-web")
+    args = container_args(spec, options, "sha256:x", 8000)
     assert args["network"] == "castiron-web"
     assert "network_mode" not in args
     assert args["ports"] == {"8000/tcp": ("127.0.0.1",)}
@@ -270,7 +271,7 @@ def test_network_args_label_the_network() -> None:
         ({"memory": "lots"}, ContainerOptions(), "test/i-9: memory: not a memory size: 'lots'"),
         ({"cpus": 0.0}, ContainerOptions(), "test/i-9: cpus must be more than 0"),
         ({"writable": ("data",)}, ContainerOptions(), "test/i-9: writable path 'data'"),
-        ({}, ContainerOptions(network="none"), "test/i-9: network 'none' cannot serve"),
+        ({"network": "none"}, ContainerOptions(), "test/i-9: network 'none' cannot serve"),
     ],
 )
 def test_container_args_refuse_bad_values(

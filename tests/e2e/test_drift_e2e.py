@@ -11,11 +11,14 @@ with another environment, a container stopped by hand.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.driftkit import CHECK_OUTPUT_SCHEMA, violations
 
 from castiron.agent.client import AgentClient
 
@@ -250,6 +253,25 @@ def test_a_watch_without_fix_reports_and_audits_drift_but_changes_nothing(
     assert any(e.kind == "drift-found" for e in agent.events())
     assert serving_ids(project) == before  # found, not fixed
     assert project.served() == "one"
+    # The deployment registered the watch through the engine, audited with its interval.
+    (registered,) = [
+        e for e in project.json("audit")["entries"] if e["action"] == "drift.watch.registered"
+    ]
+    assert registered["details"] == {"interval": 1.0, "fix": False}
+    # Exactly what the agent runs prints what the agent reads: the pinned schema.
+    ran = subprocess.run(
+        watch.argv,
+        cwd=watch.cwd,
+        env={**os.environ, **dict(watch.env), "CASTIRON_DRIFT_WATCH": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert ran.returncode == 3, ran.stderr  # drift found
+    printed = json.loads(ran.stdout.strip().splitlines()[-1])
+    assert violations(printed, CHECK_OUTPUT_SCHEMA) == []
+    assert [f["kind"] for f in printed["findings"]] == ["filesystem"]
 
 
 # --- Docker --------------------------------------------------------------------------------------

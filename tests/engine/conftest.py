@@ -13,7 +13,7 @@ import json
 import os
 import textwrap
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,6 +24,7 @@ import pytest
 
 from castiron.drivers.fake import FakeDriver
 from castiron.engine.deploy import Engine
+from castiron.engine.driftwatch import DriftWatches
 from castiron.errors import UsageError
 from castiron.health import ProbeResult
 from castiron.images.build import BakeOptions, bake
@@ -138,7 +139,11 @@ class World:
         self.digests[tag] = result.digest
         return result.digest
 
-    def engine(self, observer: Recorder | None = None) -> Engine:
+    def engine(
+        self,
+        observer: Recorder | None = None,
+        drift_watches: Callable[[], DriftWatches] | None = None,
+    ) -> Engine:
         def driver_for(runtime: str) -> FakeDriver:
             if runtime != "local":
                 raise UsageError(f"runtime {runtime!r} is not available yet")
@@ -158,6 +163,7 @@ class World:
             prober=fake_prober,
             monotonic=self.time.monotonic,
             sleep=self.time.sleep,
+            drift_watches=drift_watches,
         )
 
     def deploy(self, environment: str, tag: str, observer: Recorder | None = None) -> object:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from castiron.engine.deploy import image_runtime
 from castiron.engine.runtimes import (
     ReleaseKubernetes,
-    ReleaseNetworks,
     archive_exporter,
     docker_cache,
     environment_strays,
@@ -20,6 +20,7 @@ from castiron.engine.runtimes import (
     runtime_driver,
 )
 from castiron.engine.status import status
+from castiron.engine.strategies import release_instance_spec
 from castiron.errors import UsageError
 from castiron.model import Digest, ImageRef, Instance, ReleaseId
 from castiron.settings import Settings
@@ -48,7 +49,7 @@ def test_the_docker_driver_is_wired_from_settings(world: World, tmp_path: Path) 
     driver = runtime_driver("docker", settings, world.store)
     assert isinstance(driver, DockerDriver)
     assert driver.endpoint.base_url == "tcp://127.0.0.1:1"
-    assert isinstance(driver.options, ReleaseNetworks)
+    assert driver.options == {}  # the network comes with each instance spec
     assert docker_cache(settings) == tmp_path / "home" / "cache" / "docker"
     with pytest.raises(UsageError, match=r"runtime 'nomad' is not available yet"):
         runtime_driver("nomad", settings, world.store)
@@ -77,12 +78,15 @@ def test_the_kubernetes_driver_is_wired_from_settings(world: World, tmp_path: Pa
     assert isinstance(bare, KubernetesDriver) and bare.load is None  # nodes pull by digest
 
 
-def test_container_options_follow_the_release_network(world: World) -> None:
-    networks = ReleaseNetworks(world.store)
-    assert "staging" not in networks and networks.get("staging") is None
-    world.deploy("staging", "v1")
-    assert networks["staging"].network == "host"
-    assert list(networks) == []  # only environments on the docker runtime are listed
+@pytest.mark.parametrize("network", ["host", "castiron-web"])
+def test_the_instance_spec_carries_the_release_network(world: World, network: str) -> None:
+    target = world.engine().resolve(world.spec(), "staging", "v1")
+    release = replace(target.release, config=replace(target.release.config, network=network))
+    digest = Digest(world.digests["v1"])
+    image = ImageRef(digest, world.images.image(digest).config_digest, world.images.root)
+    runtime = image_runtime(world.images, digest)
+    spec = release_instance_spec(release, image, runtime, {}, "i-1", "d-1")
+    assert spec.network == network
 
 
 def test_the_exporter_writes_a_docker_archive_once(world: World, tmp_path: Path) -> None:

@@ -442,13 +442,10 @@ def deploy(
     observer: StepObserver,
 ) -> dict[str, Any]:
     """``castiron deploy ENV [--image REF] --yes`` as ``identity``."""
-    from castiron.engine.driftwatch import watch_after_deploy
-
     spec = resolved_spec(settings)
     with acting(settings, identity, observer) as engine:
         target = engine.resolve(spec, name, image)
         result = engine.deploy(target, lock_wait=lock_wait).to_json()
-    watch_after_deploy(settings, name, spec.environment(name).drift)
     return result
 
 

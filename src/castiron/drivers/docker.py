@@ -11,10 +11,12 @@ read back for status, strays and drift:
   create arguments as data): read-only root filesystem, a private tmpfs ``/tmp``,
   ``no-new-privileges``, every capability dropped, restart policy ``no``, memory (without swap)
   and CPU limits, an init process that forwards signals, and castiron's labels;
-* networking per environment (:class:`ContainerOptions`): ``host`` (castiron assigns ``$PORT``,
-  the address is ``HOST:PORT``) or a user bridge network, created when missing with the
-  ``com.castiron`` label, with the port published on ``127.0.0.1`` only (an ephemeral host
-  port; the address is ``127.0.0.1:<published>``).
+* networking as the instance spec says (``InstanceSpec.network``, set by the engine from the
+  release): ``host`` (castiron assigns ``$PORT``, the address is ``HOST:PORT``) or a user
+  bridge network, created when missing with the ``com.castiron`` label, with the port
+  published on ``127.0.0.1`` only (an ephemeral host port; the address is
+  ``127.0.0.1:<published>``). Existing containers are read back from the engine itself
+  (their network mode and published ports), so destroying or observing one needs no network.
 
 This is the only castiron module that imports the docker SDK (an import-linter contract
 enforces it). Every SDK, HTTP and socket error is wrapped in a
@@ -62,6 +64,9 @@ from castiron.ports import free_port
 
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 """The engine address used when none is configured."""
+
+DEFAULT_NETWORK = "host"
+"""The network of an instance whose spec names none."""
 
 DEFAULT_CONTAINER_PORT = 8000
 """The port an app listens on inside its container on a bridge network when the spec sets none."""
@@ -125,14 +130,9 @@ class DockerEndpoint:
 
 @dataclass(frozen=True)
 class ContainerOptions:
-    """How the containers of one environment run, beyond what the instance spec says.
+    """How the containers of one environment run, beyond what the instance spec says: the
+    documented extension points of the hardened defaults (the network is the spec's)."""
 
-    The engine builds one per environment from its settings (``network``); the rest are the
-    documented extension points of the hardened defaults.
-    """
-
-    network: str = "host"
-    """``host``, or the name of a user bridge network (created when missing)."""
     cap_add: tuple[str, ...] = ()
     """Capabilities given back after ``cap_drop=ALL`` (e.g. ``NET_BIND_SERVICE``)."""
     tmp_size: str = "64m"
@@ -152,6 +152,11 @@ def container_name(app: str, environment: str, instance_id: str) -> str:
     return _NAME_BAD.sub("-", f"{app}.{environment}.{instance_id}").lstrip("_.-") or "castiron"
 
 
+def network_of(spec: InstanceSpec) -> str:
+    """The network ``spec``'s container joins: its own, else :data:`DEFAULT_NETWORK`."""
+    return spec.network or DEFAULT_NETWORK
+
+
 def network_args(name: str) -> dict[str, Any]:
     """Arguments of ``client.networks.create`` for castiron's bridge network ``name``."""
     return {"name": name, "driver": "bridge", "labels": {NETWORK_LABEL: "true"}}
@@ -166,7 +171,8 @@ def container_args(
     """Arguments of ``client.containers.create`` for ``spec`` (pure: returns data, runs nothing).
 
     ``port`` is the port the app listens on: on the host network the port castiron assigned,
-    on a bridge network the container port, published on ``127.0.0.1`` at an ephemeral port.
+    on a bridge network (``spec.network``) the container port, published on ``127.0.0.1`` at
+    an ephemeral port.
     ``spec.command``, when given, replaces the image's entrypoint and command entirely.
 
     Raises:
@@ -174,8 +180,9 @@ def container_args(
             environment and instance).
     """
     where = f"{spec.environment}/{spec.id}"
-    host_mode = options.network == "host"
-    if options.network == "none":
+    network = network_of(spec)
+    host_mode = network == "host"
+    if network == "none":
         raise RuntimeDriverError(
             f"{where}: network 'none' cannot serve traffic; use host or a name"
         )
@@ -242,7 +249,7 @@ def container_args(
     if host_mode:
         args["network_mode"] = "host"
     else:
-        args["network"] = options.network
+        args["network"] = network
         args["ports"] = {f"{port}/tcp": ("127.0.0.1",)}
     return args
 
@@ -350,7 +357,8 @@ class DockerDriver:
         """
         where = f"{spec.environment}/{spec.id}"
         options = self.options_for(spec.environment)
-        host_mode = options.network == "host"
+        network = network_of(spec)
+        host_mode = network == "host"
         with self._client(where) as client:
             image_id = _image_id(client, spec.image)
             if image_id is None:
@@ -368,7 +376,7 @@ class DockerDriver:
                 port = spec.port or DEFAULT_CONTAINER_PORT
             args = container_args(spec, options, image_id, port)
             if not host_mode:
-                self._ensure_network(client, options.network, where)
+                self._ensure_network(client, network, where)
             try:
                 container = client.containers.create(**args)
             except docker.errors.APIError as exc:
@@ -837,6 +845,7 @@ def _one_line(text: object) -> str:
 __all__ = [
     "DEFAULT_CONTAINER_PORT",
     "DEFAULT_DOCKER_HOST",
+    "DEFAULT_NETWORK",
     "LABELS",
     "NETWORK_LABEL",
     "ContainerOptions",
@@ -846,5 +855,6 @@ __all__ = [
     "container_args",
     "container_name",
     "network_args",
+    "network_of",
     "parse_memory",
 ]

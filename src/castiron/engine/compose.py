@@ -37,7 +37,8 @@ from castiron.state.store import open_state
 from castiron.traffic.controller import AgentTraffic, TrafficController
 
 if TYPE_CHECKING:
-    from castiron.engine.resolve import ResolvedSpec
+    from castiron.engine.driftwatch import DriftWatches
+    from castiron.engine.resolve import DriftRules, ResolvedSpec
     from castiron.images.store import ImageStore
 
 
@@ -180,6 +181,7 @@ def open_engine(
             instance_logs=instance_logs,
             prober=runtime_prober(driver_for),
             os_user=settings.os_user,
+            drift_watches=lambda: drift_watches(settings),
         )
     finally:
         store.close()
@@ -234,10 +236,39 @@ def resolved_spec(settings: Settings) -> ResolvedSpec:
     return cached_resolve_spec(settings.spec_path, settings.environ, settings.home / "cache")
 
 
+def drift_watches(settings: Settings) -> DriftWatches:
+    """What keeps the host agent's drift watches for ``settings`` (imported on use: a read
+    command never needs it). It talks to a running agent only and never starts one: an agent
+    that is not running has no watch to keep."""
+    from castiron.engine.driftwatch import DriftWatches, watch_command
+
+    return DriftWatches(
+        agent=lambda: AgentClient(socket_path(settings), timeout=5.0),
+        command=watch_command(settings),
+    )
+
+
+def drift_rules(settings: Settings, environment: str) -> DriftRules:
+    """The ``drift`` section of ``environment`` in the settings' resolved spec (defaults
+    without a spec file or without that environment in it).
+
+    Raises:
+        SpecError: when the spec file exists but does not validate.
+    """
+    from castiron.engine.resolve import DriftRules
+
+    if not settings.spec_path.is_file():
+        return DriftRules()
+    env = resolved_spec(settings).environments.get(environment)
+    return DriftRules() if env is None else env.drift
+
+
 __all__ = [
     "AVAILABLE_RUNTIMES",
     "agent_running",
     "drift_dir",
+    "drift_rules",
+    "drift_watches",
     "driver_factory",
     "local_driver",
     "open_engine",

@@ -70,8 +70,9 @@ from castiron.state.locks import LockManager
 from castiron.values import value
 
 if TYPE_CHECKING:  # loading a spec needs pydantic; read commands never do
+    from castiron.engine.driftwatch import DriftWatches
     from castiron.engine.plan import Plan
-    from castiron.engine.resolve import ResolvedSpec
+    from castiron.engine.resolve import DriftRules, ResolvedSpec
     from castiron.images.store import ImageStore
     from castiron.spec.load import LoadedSpec
     from castiron.traffic.controller import TrafficController
@@ -189,6 +190,7 @@ class Engine:
         sleep: Callable[[float], None] = time.sleep,
         locks: LockManager | None = None,
         os_user: str | None = None,
+        drift_watches: Callable[[], DriftWatches] | None = None,
     ) -> None:
         self.store = store
         self.os_user = os_user if os_user is not None else current_os_user()
@@ -204,6 +206,9 @@ class Engine:
         self.monotonic = monotonic
         self.sleep = sleep
         self.locks = locks if locks is not None else LockManager(store)
+        self.drift_watches = drift_watches
+        """Makes what registers the host agent's drift watches after a deployment, on use
+        (None: never)."""
 
     # --- collaborators (built on first use: read commands stay fast) -------------------------
 
@@ -277,7 +282,14 @@ class Engine:
             canary=env.canary,
             router=env.router,
         )
-        return Target(release, policy, tag, stored.annotations.get(oci.ANN_REVISION), env.gates)
+        return Target(
+            release,
+            policy,
+            tag,
+            stored.annotations.get(oci.ANN_REVISION),
+            env.gates,
+            env.drift,
+        )
 
     def current_release(self, environment: str) -> Release | None:
         """The release the environment serves, as recorded (None before the first deploy)."""
@@ -722,7 +734,9 @@ class Engine:
     def deploy(
         self, target: Target, *, lock_wait: float = 0.0, strategy: str | None = None
     ) -> DeployResult:
-        """Deploy ``target`` under the environment's lock.
+        """Deploy ``target`` under the environment's lock; then (deployed, or already
+        serving it) keep the host agent's drift watch of the environment in line with
+        ``target.drift`` (:meth:`keep_drift_watch`).
 
         Raises:
             LockedError: when another deployment holds the environment.
@@ -731,6 +745,20 @@ class Engine:
             RuntimeDriverError, RouterError, AgentError, StateError: on infrastructure
                 failures (after undoing what was created).
         """
+        result = self._deploy(target, lock_wait, strategy)
+        if target.drift is not None:
+            self.keep_drift_watch(target.environment, target.drift)
+        return result
+
+    def keep_drift_watch(self, environment: str, rules: DriftRules) -> None:
+        """Register (or drop) the host agent's drift watch of ``environment`` per ``rules``,
+        audited (``drift.watch.registered`` with its interval, ``drift.watch.dropped``) when
+        the agent's schedule changes. An agent that cannot be reached does not fail the
+        caller; nothing happens without :attr:`drift_watches`."""
+        if self.drift_watches is not None:
+            self.drift_watches().keep(self.store, environment, rules)
+
+    def _deploy(self, target: Target, lock_wait: float, strategy: str | None) -> DeployResult:
         started = self.monotonic()
         release = target.release
         with self.locked(target.environment, f"deploy {release.id}", lock_wait):

@@ -204,6 +204,19 @@ class FixResult:
         }
 
 
+def check_output(results: Sequence[tuple[DriftReport, FixResult | None]]) -> dict[str, Any]:
+    """The one JSON object ``castiron drift --json`` prints, which the host agent reads back
+    for a drift watch: every finding, and per environment its report (with ``fixed`` after a
+    fix). ``tests/engine/test_driftwatch.py`` pins its shape."""
+    return {
+        "findings": [f.to_json() for report, _ in results for f in report.findings],
+        "environments": [
+            report.to_json() if fixed is None else {**report.to_json(), "fixed": fixed.to_json()}
+            for report, fixed in results
+        ],
+    }
+
+
 # --- optional driver capabilities (read only) ---------------------------------------------------
 
 
@@ -1076,6 +1089,7 @@ __all__ = [
     "LiveDiffer",
     "RootfsHolder",
     "baseline_path",
+    "check_output",
     "config_findings",
     "default_threads",
     "detect_drift",

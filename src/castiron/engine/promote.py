@@ -144,7 +144,8 @@ def prepare(
         gates = with_source(gates, source, deploy.environments[source].listen)
     elif gates.source != source:
         wrong = gates.source
-    return Promotion(source, chosen, replace(target, gates=gates), wrong)
+    # A promotion leaves the host agent's drift watch as it is (only a deployment keeps it).
+    return Promotion(source, chosen, replace(target, gates=gates, drift=None), wrong)
 
 
 def promote(engine: Engine, promotion: Promotion, *, lock_wait: float = 0.0) -> PromoteResult:

@@ -6,8 +6,8 @@ Owns:
   is a :class:`~castiron.drivers.docker.DockerDriver` on the engine at ``DOCKER_HOST`` (from
   the captured settings), fed by :func:`archive_exporter`, which writes a docker-archive of an
   image from castiron's store into a cache file under ``CASTIRON_HOME`` (``cache/docker/``);
-  its container options follow the network of the release being deployed
-  (:class:`ReleaseNetworks`, read from the state store when a container is created);
+  the network a container joins comes with its instance spec (``InstanceSpec.network``, from
+  the release), never from a look-up in the state store;
 * the port an instance is given (:func:`instance_port`): 0 — "the driver picks a free one" —
   wherever replicas share the host's network, so each replica gets its own;
 * what a driver offers beyond the protocol: finding strays (:func:`find_strays`,
@@ -41,15 +41,12 @@ from castiron.traffic.controller import (
 )
 
 if TYPE_CHECKING:  # the docker SDK is only imported when a Docker runtime is used
-    from castiron.drivers.docker import ContainerOptions, DockerDriver
+    from castiron.drivers.docker import DockerDriver
     from castiron.drivers.kubernetes.manifests import KubernetesOptions
     from castiron.engine.context import EngineContext
 
 AVAILABLE_RUNTIMES: tuple[RuntimeName, ...] = RUNTIMES
 """Runtimes this castiron can deploy to."""
-
-DEFAULT_NETWORK = "host"
-"""The Docker network of an environment whose release does not say (the spec's default)."""
 
 
 def instance_port(config: ReleaseConfig) -> int:
@@ -93,48 +90,7 @@ def archive_exporter(cache: Path) -> Callable[[ImageRef], Path]:
     return export
 
 
-class ReleaseNetworks(Mapping[str, "ContainerOptions"]):
-    """Container options by environment, following the network of the release being
-    deployed there (else the one it serves), read from the state store on each look-up, so
-    a deployment that changes ``network`` creates its containers on the new one."""
-
-    def __init__(self, store: StateStore) -> None:
-        self._store = store
-
-    def network(self, environment: str) -> str | None:
-        """The network of the release ``environment`` is moving to or serves (None: unknown)."""
-        release: ReleaseId | None = None
-        for deployment in self._store.list_deployments(environment, limit=5):
-            if deployment.outcome == "running":
-                release = ReleaseId(deployment.to_release)
-                break
-        if release is None:
-            row = self._store.get_environment(environment)
-            release = row.current_release if row is not None else None
-        if release is None:
-            return None
-        found = self._store.get_release(release)
-        if found is None:
-            return None
-        network = found.config.get("network")
-        return str(network) if network else DEFAULT_NETWORK
-
-    def __getitem__(self, environment: str) -> ContainerOptions:
-        from castiron.drivers.docker import ContainerOptions
-
-        network = self.network(environment)
-        if network is None:
-            raise KeyError(environment)
-        return ContainerOptions(network=network)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter([e.name for e in self._store.list_environments() if e.runtime == "docker"])
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-
-def docker_driver(settings: Settings, store: StateStore) -> Driver:
+def docker_driver(settings: Settings) -> Driver:
     """The Docker runtime: the engine at ``DOCKER_HOST`` (default: the local socket).
 
     Raises:
@@ -152,7 +108,6 @@ def docker_driver(settings: Settings, store: StateStore) -> Driver:
         endpoint=DockerEndpoint(
             base_url=settings.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
         ),
-        options=ReleaseNetworks(store),
     )
 
 
@@ -262,7 +217,7 @@ def runtime_driver(runtime: str, settings: Settings, store: StateStore) -> Drive
         UsageError: when the runtime is not available (or its SDK is missing).
     """
     if runtime == "docker":
-        return docker_driver(settings, store)
+        return docker_driver(settings)
     if runtime == "kubernetes":
         return kubernetes_driver(settings, store)
     raise UsageError(
@@ -534,10 +489,8 @@ def environment_strays(
 
 __all__ = [
     "AVAILABLE_RUNTIMES",
-    "DEFAULT_NETWORK",
     "KUBERNETES_ADDRESS_PREFIX",
     "ReleaseKubernetes",
-    "ReleaseNetworks",
     "RuntimeTraffic",
     "StrayFinder",
     "Sweeper",

@@ -41,7 +41,7 @@ from castiron.traffic.controller import TrafficController
 from castiron.values import value
 
 if TYPE_CHECKING:  # values of the resolved spec; resolving is imported only when deploying
-    from castiron.engine.resolve import CanaryConfig, GatePolicy, StrategyName
+    from castiron.engine.resolve import CanaryConfig, DriftRules, GatePolicy, StrategyName
 
 Prober = Callable[[HealthCheck, str, Mapping[str, str]], ProbeResult]
 """Runs one health probe against an address (injected so tests need no real servers)."""
@@ -152,6 +152,9 @@ class Target:
     gates: GatePolicy | None = None
     """The environment's policy gates, enforced before any instance is created
     (see :mod:`castiron.engine.policy`); None: no gates (a rollback's target)."""
+    drift: DriftRules | None = None
+    """The environment's drift rules: after a deployment the host agent's drift watch is
+    registered (or dropped) per them; None: the watch is left as it is (a rollback's target)."""
 
     @property
     def environment(self) -> str:
@@ -533,6 +536,7 @@ def release_instance_spec(
             "castiron.deployment": deployment_id,
         },
         health=cfg.health,
+        network=cfg.network,
     )
 
 

@@ -183,7 +183,8 @@ def deploy(settings: Settings, args: DeploymentArgs, *, fix_drift: bool = False)
 
             promote(engine, promotion)
         else:
-            engine.deploy(target)
+            # The provider's scans report and fix drift on Terraform's terms: no agent watch.
+            engine.deploy(replace(target, drift=None))
         if fix_drift:
             from castiron.engine.drift import fix_drift as fix
 
@@ -255,7 +256,7 @@ def _drift_rules(settings: Settings, environment: str) -> DriftRules:
     """The drift rules of ``environment`` in the settings' resolved spec, with only their ignore
     patterns: the provider's scans report and fix on Terraform's terms, never on the agent's
     watch schedule."""
-    from castiron.engine.driftwatch import drift_rules
+    from castiron.engine.compose import drift_rules
     from castiron.engine.resolve import DriftRules
 
     return DriftRules(ignore=drift_rules(settings, environment).ignore)

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from castiron.engine.plan import Plan
     from castiron.engine.resolve import ResolvedSpec
 
+
 def _from_registry(engine: Engine, image: str | None, environ: Any) -> str | None:
     """``--image`` as the store knows it: a registry reference is pulled and pinned by digest
     here, before the plan (see :mod:`castiron.engine.imageref`)."""
@@ -189,9 +190,6 @@ def deploy_cmd(
         confirm_plan(cli, engine, target, plan, question, yes, why)
         with report_abort(environment, as_json):
             result = engine.deploy(target, lock_wait=lock_wait)
-    from castiron.engine.driftwatch import watch_after_deploy
-
-    watch_after_deploy(settings, environment, spec.environment(environment).drift)
     if as_json:
         emit_json(result.to_json())
         return

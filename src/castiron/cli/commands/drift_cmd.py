@@ -4,12 +4,12 @@ A thin edge over :mod:`castiron.engine.drift`: it reads the environment's ``drif
 the spec (ignore patterns, watch schedule) when the spec file is there, builds an engine,
 prints one finding per line (or one JSON object with ``--json``) and exits with 3 when drift
 was found (0 when clean, or when ``--fix`` removed all of it). It also keeps the host agent's
-drift watch of an environment in line with the spec (:mod:`castiron.engine.driftwatch`).
+drift watch of an environment in line with the spec, through the engine (audited; see
+:mod:`castiron.engine.driftwatch`).
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -17,11 +17,10 @@ import click
 from castiron.cli.context import CliContext, pass_cli
 from castiron.cli.options import accept_yes_option
 from castiron.cli.render import emit_json
-from castiron.engine.driftwatch import drift_rules, sync_watch
-from castiron.errors import CastironError, ExitCode, NotFoundError
+from castiron.errors import ExitCode, NotFoundError
 
 if TYPE_CHECKING:
-    from castiron.engine.drift import DriftFinding
+    from castiron.engine.drift import DriftFinding, DriftReport, FixResult
 
 WATCHER_ENV = "CASTIRON_DRIFT_WATCH"
 """Set by the host agent on the drift checks it runs (so they do not re-register the watch)."""
@@ -68,16 +67,21 @@ def drift_cmd(
     One line per finding: kind (image, config, filesystem, membership), instance, path or
     field, expected, actual. Exits 3 when drift is found, 0 when clean.
     """
-    from castiron.engine.compose import drift_dir, open_engine
-    from castiron.engine.drift import default_threads, detect_drift, fix_drift, record_detection
+    from castiron.engine.compose import drift_dir, drift_rules, open_engine
+    from castiron.engine.drift import (
+        check_output,
+        default_threads,
+        detect_drift,
+        fix_drift,
+        record_detection,
+    )
 
     settings = cli.settings
     if not settings.state_present():
         if environment is not None:
             raise NotFoundError(f"environment {environment!r} was never deployed")
         names: list[str] = []
-    reports: list[dict[str, Any]] = []
-    findings: list[DriftFinding] = []
+    results: list[tuple[DriftReport, FixResult | None]] = []
     remaining = False
     quiet = as_json or not fix
     from castiron.cli.observer import observer_for
@@ -94,8 +98,7 @@ def drift_cmd(
             if environment is not None and not settings.environ.get(WATCHER_ENV):
                 # Keep the agent's schedule in line with the spec (best effort: a check that
                 # cannot reach the agent fails on its own below).
-                with contextlib.suppress(CastironError):
-                    sync_watch(settings, name, rules)
+                engine.keep_drift_watch(name, rules)
             options: dict[str, Any] = {
                 "baselines": drift_dir(settings),
                 "rules": rules,
@@ -104,18 +107,18 @@ def drift_cmd(
             }
             if fix:
                 result = fix_drift(engine, name, lock_wait=lock_wait, **options)
-                report = result.report
-                data = {**report.to_json(), "fixed": result.to_json()}
+                results.append((result.report, result))
             else:
                 report = detect_drift(engine, name, **options)
                 if settings.environ.get(WATCHER_ENV):
                     record_detection(engine, report, "agent watch")
-                data = report.to_json()
+                results.append((report, None))
                 remaining = remaining or not report.clean
-            reports.append(data)
-            findings.extend(report.findings)
+    output = check_output(results)
+    findings = [f for report, _ in results for f in report.findings]
+    reports: list[dict[str, Any]] = output["environments"]
     if as_json:
-        emit_json({"findings": [f.to_json() for f in findings], "environments": reports})
+        emit_json(output)
     else:
         for f in findings:
             click.echo(_line(f))
