@@ -171,30 +171,43 @@ class World:
         return engine.deploy(engine.resolve(self.spec(), environment, tag))
 
 
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    """A spec with two baked images (``v1``, ``v2``), a fake runtime and router."""
-    root = tmp_path / "project"
+def baked_world(
+    root: Path,
+    spec: str,
+    clock: ManualClock,
+    *,
+    driver: FakeDriver | None = None,
+    traffic: MemoryTraffic | None = None,
+    environ: dict[str, str] | None = None,
+) -> World:
+    """The project ``spec`` under ``root`` with two baked images (``v1``, ``v2``); by default a
+    fake runtime and router (a test may put its own in their place)."""
     (root / "app").mkdir(parents=True)
-    (root / "castiron.yaml").write_text(SPEC)
-    clock = ManualClock()
+    (root / "castiron.yaml").write_text(spec)
     store = open_state(root / ".castiron" / "state.db", actor="tester@testhost", clock=clock)
     w = World(
         root=root,
         store=store,
         images=ImageStore(root / ".castiron" / "images"),
-        driver=FakeDriver(name="local"),
-        traffic=MemoryTraffic(),
+        driver=driver if driver is not None else FakeDriver(name="local"),
+        traffic=traffic if traffic is not None else MemoryTraffic(),
         time=FakeTime(),
         clock=clock,
-        environ={"HELLO_TOKEN": "s3cret-value"},
+        environ=environ if environ is not None else {"HELLO_TOKEN": "s3cret-value"},
     )
     w.bake("v1", "one")
     w.bake("v2", "two")
+    return w
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    """A spec with two baked images (``v1``, ``v2``), a fake runtime and router."""
+    w = baked_world(tmp_path / "project", SPEC, ManualClock())
     try:
         yield w
     finally:
-        store.close()
+        w.store.close()
 
 
 # --- a Prometheus query API ----------------------------------------------------------------

@@ -13,16 +13,13 @@ from typing import Any
 
 import pytest
 
-from castiron.drivers.fake import FakeDriver
 from castiron.images import oci
 from castiron.images.sign import KeyPair, generate_keypair, load_signer, sign_image
 from castiron.images.store import ImageStore
 from castiron.model import Digest
 from castiron.state.base import ManualClock
-from castiron.state.sqlite import open_state
-from castiron.traffic.controller import MemoryTraffic
 
-from .conftest import FakeTime, World
+from .conftest import World, baked_world
 
 SPEC = textwrap.dedent(
     """
@@ -100,22 +97,9 @@ def forge(
 
 
 def make_world(root: Path, clock: ManualClock) -> World:
-    (root / "app").mkdir(parents=True)
-    (root / "castiron.yaml").write_text(SPEC)
-    store = open_state(root / ".castiron" / "state.db", actor="tester@testhost", clock=clock)
-    world = World(
-        root=root,
-        store=store,
-        images=ImageStore(root / ".castiron" / "images"),
-        driver=FakeDriver(name="local"),
-        traffic=MemoryTraffic(),
-        time=FakeTime(),
-        clock=clock,
-        environ={"HELLO_TOKEN": "s3cret-value", "PATH": "/usr/bin:/bin"},
+    return baked_world(
+        root, SPEC, clock, environ={"HELLO_TOKEN": "s3cret-value", "PATH": "/usr/bin:/bin"}
     )
-    world.bake("v1", "one")
-    world.bake("v2", "two")
-    return world
 
 
 @pytest.fixture

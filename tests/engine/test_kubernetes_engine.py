@@ -19,13 +19,11 @@ from castiron.engine.deploy import Engine
 from castiron.engine.drift import detect_drift, fix_drift
 from castiron.engine.runtimes import ReleaseKubernetes, RuntimeTraffic, runtime_prober
 from castiron.errors import CanaryAbortedError, UsageError
-from castiron.images.store import ImageStore
 from castiron.state.base import ManualClock
-from castiron.state.sqlite import open_state
 from castiron.traffic.base import Backend, BackendSet
 from castiron.traffic.controller import TrafficController
 
-from .conftest import FakePrometheus, FakeTime, Recorder, World, vector
+from .conftest import FakePrometheus, Recorder, World, baked_world, vector
 
 SPEC = textwrap.dedent(
     """
@@ -141,23 +139,9 @@ class KubeWorld:
 
 @pytest.fixture
 def kube(tmp_path: Path) -> Iterator[KubeWorld]:
-    root = tmp_path / "project"
-    (root / "app").mkdir(parents=True)
-    (root / "castiron.yaml").write_text(SPEC)
-    clock = ManualClock()
-    store = open_state(root / ".castiron" / "state.db", actor="tester@testhost", clock=clock)
-    world = World(
-        root=root,
-        store=store,
-        images=ImageStore(root / ".castiron" / "images"),
-        driver=None,  # type: ignore[arg-type]
-        traffic=None,  # type: ignore[arg-type]
-        time=FakeTime(),
-        clock=clock,
-        environ={"HELLO_TOKEN": "s3cret-value"},
-    )
-    world.bake("v1", "one")
-    world.bake("v2", "two")
+    # The fake runtime and router of the world are not used: the engine gets the cluster's.
+    world = baked_world(tmp_path / "project", SPEC, ManualClock())
+    store = world.store
     cluster = WatchedCluster(context="prod")
 
     def client(options: KubernetesOptions) -> FakeCluster:
