@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from castiron.cli.commands import quickstart_cmd
-from castiron.cli.commands.quickstart_cmd import choose_port, try_next
+from castiron.cli.commands.quickstart_cmd import choose_port, invoked_as, try_next
 from castiron.errors import UsageError
 
 SPEC = "environments:\n  staging:\n    runtime: local\n    listen: 127.0.0.1:{port}\n"
@@ -50,3 +50,16 @@ def test_try_next_ends_with_a_clean_teardown() -> None:
         "castiron --home /srv/h down staging --yes",
         "castiron --home /srv/h agent stop",
     ]
+
+
+def test_suggested_commands_name_a_castiron_the_shell_finds(tmp_path: Path) -> None:
+    script = tmp_path / "venv" / "bin" / "castiron"
+    # found on PATH (an activated virtualenv, an installed tool): the bare name
+    assert invoked_as(str(script), str(script)) == "castiron"
+    # not on PATH, or another castiron first on it: the running script's absolute path
+    assert invoked_as(str(script), None) == str(script)
+    assert invoked_as(str(script), "/usr/local/bin/castiron") == str(script)
+    spaced = tmp_path / "my venv" / "bin" / "castiron"
+    assert invoked_as(str(spaced), None) == f"'{spaced}'"
+    # python -m castiron.cli.main: the bare name, as before
+    assert invoked_as("/x/castiron/cli/main.py", None) == "castiron"

@@ -127,10 +127,12 @@ def test_readme_first_command_from_a_fresh_clone_twice(tmp_path: Path) -> None:
         assert again == first  # the same images bound to the same tags: not an error
         directory, commands = try_next(runs[1])
         assert directory == str(target)
-        assert commands[-2:] == ["castiron down staging --yes", "castiron agent stop"]
-        run_env = {**env, "PATH": f"{clone / '.venv' / 'bin'}:{env.get('PATH', '')}"}
-        outputs = run_as_printed(directory, commands, run_env)
-        assert outputs[commands.index("castiron audit verify")].startswith("ok: ")
+        # The virtualenv is not activated, so `castiron` alone would not be found: the
+        # commands name the script that ran, and work as printed with the user's own PATH.
+        program = str(clone / ".venv" / "bin" / "castiron")
+        assert commands[-2:] == [f"{program} down staging --yes", f"{program} agent stop"]
+        outputs = run_as_printed(directory, commands, env)
+        assert outputs[commands.index(f"{program} audit verify")].startswith("ok: ")
         check_teardown(outputs, target / ".castiron")
         assert processes_under(clone) == []
     finally:

@@ -17,8 +17,10 @@ inside the command so CLI start-up stays fast.
 from __future__ import annotations
 
 import http.client
+import shlex
 import shutil
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -287,11 +289,24 @@ def quickstart_cmd(ctx: click.Context, cli: CliContext, directory: Path, port: i
     out.say(f"Done in {took:.1f}s: two releases, zero failed requests, one instant rollback.")
     out.say(f"staging keeps serving {url} — try next:")
     out.say(f"  cd {target_dir}")
-    prefix = f"castiron --home {home}" if home_flag is not None else "castiron"
+    program = invoked_as(sys.argv[0], shutil.which("castiron"))
+    prefix = f"{program} --home {shlex.quote(str(home))}" if home_flag is not None else program
     for command, what in try_next(prefix):
         out.say(f"  {command:<38}  {what}")
     if load.failed:
         raise CastironError(f"{load.failed} request(s) failed during the deployment")
+
+
+def invoked_as(argv0: str, on_path: str | None) -> str:
+    """How to type this castiron again: ``castiron`` when that name on ``PATH`` is the script
+    that is running, else the running script's absolute path (``.venv/bin/castiron`` of a
+    virtualenv that is not activated). Run as ``python -m``, the name stays ``castiron``."""
+    if Path(argv0).name != "castiron":
+        return "castiron"
+    running = Path(argv0).absolute()
+    if on_path is not None and Path(on_path).absolute() == running:
+        return "castiron"
+    return shlex.quote(str(running))
 
 
 def try_next(prefix: str = "castiron") -> list[tuple[str, str]]:
