@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -136,6 +137,14 @@ class _Handler(BaseHTTPRequestHandler):
         }
         with self.server.lock:
             self.server.records.append(record)
+        if q.get("crash") == self.server.name:
+            # as if the process died with the request in flight: a reset, no byte of answer
+            self.connection.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+            self.close_connection = True
+            self.connection.close()
+            return
         if "sleep" in q:
             time.sleep(float(q["sleep"]))
         if path == "/stream":

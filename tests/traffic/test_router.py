@@ -382,3 +382,33 @@ def test_slow_client_is_cut_off(harness: Harness, backends: MakeBackend) -> None
             got += chunk
     assert got == b"" or got.split(b" ", 2)[1] == b"408"
     assert a.records == []
+
+
+def test_a_backend_dying_mid_request_is_replayed_elsewhere_only_when_idempotent(
+    harness: Harness, backends: MakeBackend
+) -> None:
+    """A backend that dies with a bodiless GET in flight (reset, no byte of answer): the
+    builtin router sends the request to another backend of the release (HAProxy, as castiron
+    configures it, answers 502: docs/reliability.md); a POST is never sent twice (502)."""
+    a, b = backends("a"), backends("b")
+    harness.apply(harness.config(bset("A", a, b)))
+    gets = set()
+    for _ in range(6):
+        c = conn(harness)
+        status, body, _ = get_json(c, "/echo?crash=a")
+        gets.add(body.get("backend", status))
+        c.close()
+    assert gets == ({502, "b"} if harness.kind == "haproxy" else {"b"})
+    assert any(r["path"] == "/echo?crash=a" for r in a.records)  # a did get (and drop) some
+    posts = {"a": 0, "b": 0}
+    for _ in range(6):
+        c = conn(harness)
+        c.request("POST", "/echo?crash=a", body=b"once", headers={"Content-Type": "text/plain"})
+        r = c.getresponse()
+        r.read()
+        posts["b" if r.status == 200 else "a"] += 1
+        assert r.status in (200, 502)
+        c.close()
+    sent = [x for x in a.records + b.records if x["method"] == "POST"]
+    assert len(sent) == 6  # none was replayed
+    assert posts["a"] >= 1 and posts["b"] >= 1

@@ -1210,25 +1210,38 @@ class _Exchange:
             self._finish_broken()
             return
         if not self.resp_head_sent and not self.dead:
-            if (
-                self.reused
-                and not up.got_bytes
-                and not self.retried_fresh
+            replayable = (
+                not up.got_bytes
                 and self.req_done
                 and self.head.method in _REPLAYABLE
                 and not self.head.chunked
                 and not self.head.content_length
                 and self.pool is not None
-                and not self.pool.draining
-            ):
-                # A keep-alive connection the backend closed as we reused it: replay once.
-                self.retried_fresh = True
-                self.reused = False
-                self.client.listener.spawn(self._connect(self.pool))
+            )
+            if replayable and self._replay():
                 return
             self.respond_error(502, "the backend closed the connection before responding")
             return
         self._finish_broken()
+
+    def _replay(self) -> bool:
+        """Send an idempotent, bodiless request again after its backend closed the connection
+        without a byte of answer: once more on the same backend when a kept-alive connection was
+        closed as it was reused, otherwise on another backend of the same release (a backend
+        that died with the request in flight). Each backend is tried at most once."""
+        pool = self.pool
+        assert pool is not None and self.group is not None
+        if self.reused and not self.retried_fresh and not pool.draining:
+            self.retried_fresh = True
+            self.reused = False
+            self.client.listener.spawn(self._connect(pool))
+            return True
+        if not any(p not in self.tried and not p.draining for p in self.group.pools):
+            return False
+        pool.active.discard(self)
+        self.reused = False
+        self._next_backend()
+        return True
 
     def tunnel_active(self) -> bool:
         return self.client.tunnel is not None
