@@ -20,10 +20,11 @@ added: nothing half stored. Knows nothing of the spec or of any runtime.
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import json
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -90,7 +91,7 @@ class TransferOptions:
     monolithic_max: int = 32 * 1024 * 1024
     """Blobs up to this size are uploaded in one request; larger ones in chunks."""
     chunk_size: int = 16 * 1024 * 1024
-    workers: int = 4
+    workers: int = 8
     """Blobs moved at the same time."""
 
 
@@ -571,6 +572,48 @@ def _download(
     return BlobReport(desc.digest, desc.size, "downloaded")
 
 
+def _download_all(
+    client: RegistryClient,
+    store: ImageStore,
+    repo: str,
+    todo: list[tuple[oci.Descriptor, str]],
+    options: TransferOptions,
+    observer: TransferObserver,
+    referrers: _Pull,
+    subject: oci.Descriptor,
+) -> list[BlobReport]:
+    """Download the blobs of ``todo`` (reports in its order) and fetch ``subject``'s
+    signatures and provenance; with several workers all at once, the largest blobs first (the
+    longest download starts at once), the referrers next to them."""
+    if options.workers <= 1 or len(todo) <= 1:
+        done = [_download(client, store, repo, d, w, options, observer) for d, w in todo]
+        referrers.fetch(subject)
+        return done
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    order = sorted(range(len(todo)), key=lambda i: -todo[i][0].size)
+    with ThreadPoolExecutor(max_workers=min(options.workers, len(todo) + 1)) as pool:
+        found = pool.submit(referrers.fetch, subject)
+        futures: dict[int, Future[BlobReport]] = {
+            i: pool.submit(_download, client, store, repo, *todo[i], options, observer)
+            for i in order
+        }
+        errors: list[BaseException] = []
+        reports: list[BlobReport] = []
+        for i in range(len(todo)):
+            try:
+                reports.append(futures[i].result())
+            except BaseException as exc:  # every worker finishes before we leave
+                errors.append(exc)
+        try:
+            found.result()
+        except BaseException as exc:
+            errors.append(exc)
+        if errors:
+            raise errors[0]
+    return reports
+
+
 def _fetch_manifest(client: RegistryClient, repo: str, selector: str) -> Manifest:
     found = client.get_manifest(repo, selector)
     if found is None:
@@ -600,11 +643,16 @@ def _pick_platform(client: RegistryClient, repo: str, index: Manifest) -> oci.De
 
 
 class _Pull:
+    """The signatures and provenance of a pulled image, in two phases: :meth:`fetch` (network
+    and blobs only, so it can run while the layers download) and :meth:`publish` (the index
+    entries, once the image itself is stored)."""
+
     def __init__(self, store: ImageStore, client: RegistryClient, repo: str) -> None:
         self.store = store
         self.client = client
         self.repo = repo
         self.added: list[Digest] = []
+        self._pending: list[Callable[[], None]] = []
 
     def small_blob(self, desc: oci.Descriptor, limit: int) -> bytes:
         if desc.size > limit:
@@ -621,18 +669,19 @@ class _Pull:
             self.small_blob(d, oci.MAX_JSON_BYTES)
         self.store.put_bytes(found.data, desc.digest)
         artifact_type = art.get("artifactType")
-        self.store.add_referrer(
-            oci.Descriptor(
-                oci.MANIFEST,
-                desc.digest,
-                len(found.data),
-                annotations={oci.ANN_SUBJECT: subject},
-                artifact_type=artifact_type
-                if isinstance(artifact_type, str)
-                else desc.artifact_type,
-            )
+        listed = oci.Descriptor(
+            oci.MANIFEST,
+            desc.digest,
+            len(found.data),
+            annotations={oci.ANN_SUBJECT: subject},
+            artifact_type=artifact_type if isinstance(artifact_type, str) else desc.artifact_type,
         )
-        self.added.append(desc.digest)
+
+        def publish() -> None:
+            self.store.add_referrer(listed)
+            self.added.append(desc.digest)
+
+        self._pending.append(publish)
 
     def cosign(self, subject: oci.Descriptor) -> None:
         kinds: tuple[tuple[Literal["sig", "att"], str, str], ...] = (
@@ -664,8 +713,21 @@ class _Pull:
                     if predicate:
                         manifest_ann[oci.ANN_PREDICATE_TYPE] = predicate
                     desc = oci.Descriptor(oci.DSSE, layer.digest, layer.size)
-                    self._statement_from_envelope(subject, data)
-                self.added.append(self.store.attach(subject, kind, desc, manifest_ann))
+                self._pending.append(
+                    functools.partial(self._attach, subject, kind, desc, manifest_ann, data)
+                )
+
+    def _attach(
+        self,
+        subject: oci.Descriptor,
+        kind: str,
+        desc: oci.Descriptor,
+        annotations: dict[str, str],
+        data: bytes,
+    ) -> None:
+        self.added.append(self.store.attach(subject, kind, desc, annotations))
+        if kind == oci.DSSE:
+            self._statement_from_envelope(subject, data)
 
     def _statement_from_envelope(self, subject: oci.Descriptor, envelope: bytes) -> None:
         from castiron.images import provenance  # (its layer module is costly to import)
@@ -677,7 +739,9 @@ class _Pull:
             if statement.get("_type") == provenance.STATEMENT_TYPE:
                 self.added.append(provenance.attach(self.store, subject, statement))
 
-    def referrers(self, subject: oci.Descriptor) -> None:
+    def fetch(self, subject: oci.Descriptor) -> None:
+        """Find ``subject``'s signatures and provenance and store their blobs (not listed in
+        the index yet: see :meth:`publish`)."""
         listed = self.client.referrers(self.repo, subject.digest)
         if listed is None:
             index = self.client.get_manifest(self.repo, fallback_tag(subject.digest))
@@ -695,6 +759,12 @@ class _Pull:
         for desc in listed:
             if desc.artifact_type in wanted and desc.size <= oci.MAX_JSON_BYTES:
                 self.artifact(desc, subject.digest)
+
+    def publish(self) -> None:
+        """List what :meth:`fetch` found in the index (call once the image is stored)."""
+        pending, self._pending = self._pending, []
+        for step in pending:
+            step()
 
     def take_back(self) -> None:
         added = set(self.added)
@@ -762,33 +832,13 @@ def pull(
             layers = oci.manifest_layers(manifest, where)
             if config.size > oci.MAX_JSON_BYTES:
                 raise ImageError(f"{where}: config of {config.size} bytes is too large")
-            reports = [_download(client, store, repo, config, "config", options, observer)]
-            oci.parse_json_object(store.read_blob(config.digest), f"{where}: config")
-            todo = [(d, f"layer {i + 1}") for i, d in enumerate(layers)]
-            if options.workers > 1 and len(todo) > 1:
-                from concurrent.futures import ThreadPoolExecutor
-
-                with ThreadPoolExecutor(max_workers=options.workers) as pool:
-                    futures = [
-                        pool.submit(_download, client, store, repo, d, w, options, observer)
-                        for d, w in todo
-                    ]
-                    errors: list[BaseException] = []
-                    for f in futures:
-                        try:
-                            reports.append(f.result())
-                        except BaseException as exc:  # every worker finishes before we leave
-                            errors.append(exc)
-                    if errors:
-                        raise errors[0]
-            else:
-                reports += [
-                    _download(client, store, repo, d, w, options, observer) for d, w in todo
-                ]
-            store.put_bytes(found.data, found.digest, where)
             subject = oci.Descriptor(found.media_type, found.digest, len(found.data))
+            todo = [(config, "config"), *((d, f"layer {i + 1}") for i, d in enumerate(layers))]
+            reports = _download_all(client, store, repo, todo, options, observer, state, subject)
+            oci.parse_json_object(store.read_blob(config.digest), f"{where}: config")
+            store.put_bytes(found.data, found.digest, where)
             store.image(found.digest)
-            state.referrers(subject)
+            state.publish()
             verified_by = None
             if keys:
                 from castiron.images.sign import verify_image
