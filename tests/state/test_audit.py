@@ -77,6 +77,22 @@ class Chain:
                 pg.execute(statement.replace("?", "%s"), params)
 
 
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("postgres-halves", marks=pytest.mark.postgres),
+    ]
+)
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The state backend under test; ``postgres-halves`` verifies every chain in two halves
+    read at once (as PostgreSQL does from PARALLEL_VERIFY_MIN entries on)."""
+    if request.param == "postgres-halves":
+        monkeypatch.setattr("castiron.state.postgres.PARALLEL_VERIFY_MIN", 2)
+        return "postgres"
+    return str(request.param)
+
+
 @pytest.fixture
 def chain(
     home: Path, backend: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
@@ -196,6 +212,32 @@ def _rewrite(chain: Chain, change: Callable[[list[Any]], None]) -> None:
         )
 
 
+def test_a_tail_rewritten_from_a_forged_prev_is_caught_where_it_starts(  # type: ignore[no-untyped-def]
+    run_cli, chain: Chain
+) -> None:
+    """Entries 4..N re-hashed from a prev that is not entry 3's hash: each is consistent with
+    its own prev, so only the link from 3 to 4 (the middle, when read in halves) is wrong."""
+    rows = [
+        list(r)
+        for r in chain.rows(
+            "SELECT seq, time, actor, action, environment, subject, from_value, to_value, result,"
+            " details, prev, hash FROM audit WHERE seq >= 4 ORDER BY seq"
+        )
+    ]
+    prev = "c" * 64
+    statements, params = [], []
+    for row in rows:
+        row[10] = prev
+        row[11] = prev = audit.entry_hash(prev, audit.canonical_bytes(tuple(row)))
+        statements.append("UPDATE audit SET prev = ?, hash = ? WHERE seq = ?")
+        params.append((row[10], row[11], row[0]))
+    for statement, values in zip(statements, params, strict=True):
+        chain.sql(statement, params=values)
+    code, seq, stderr = _verify(run_cli)
+    assert (code, seq) == (1, 4)
+    assert "error: audit chain does not verify at seq 4" in stderr
+
+
 def _set_actor(rows: list[Any]) -> None:
     rows[1][2] = "mallory@host"
 
@@ -214,9 +256,7 @@ def test_rewriting_and_re_signing_with_another_key_is_caught(  # type: ignore[no
 ) -> None:
     _rewrite(chain, _set_actor)
     last_hash = chain.rows("SELECT hash FROM audit WHERE seq = ?", (N,))[0][0]
-    forged = audit.AuditKey(chain.home / "x", Ed25519PrivateKey.generate()).sign_head(
-        N, last_hash
-    )
+    forged = audit.AuditKey(chain.home / "x", Ed25519PrivateKey.generate()).sign_head(N, last_hash)
     _sql(
         chain,
         "UPDATE audit_head SET hash = ?, public_key = ?, signature = ?",

@@ -23,10 +23,12 @@ without it.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from json.encoder import encode_basestring
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -417,6 +419,66 @@ def _gap(expected: int, seq: object) -> AuditError:
     return AuditError(f"entry {expected}: found seq {seq!r} in its place", expected)
 
 
+ChainPart = tuple[int, Iterable[ChainLink]]
+"""A run of consecutive entries: the seq it must start at, and its links in seq order."""
+
+
+@dataclass
+class PartResult:
+    """What walking one part found: where it ended, and the first fault (if any)."""
+
+    first_prev: str | None = None
+    last_seq: int = 0
+    last_hash: str | None = None
+    at_file_seq: str | None = None
+    bad: tuple[int | None, str] | None = None
+
+
+def _walk(links: Iterable[ChainLink], first: int, file_seq: int) -> PartResult:
+    """Check each link's hash against its contents and its prev against the link before it.
+    The part starting at seq 1 must start from the genesis value; any other part starts from
+    its first link's prev, which the caller checks against the part before (see
+    :func:`verify_chain_parts`)."""
+    out = PartResult(last_seq=first - 1)
+    prev: str | None = GENESIS if first == 1 else None
+    expected = first
+    sha256 = hashlib.sha256
+    try:
+        for seq, stored_prev, stored_hash, text in links:
+            if seq != expected:
+                gap = _gap(expected, seq)
+                raise _Bad(gap.seq, gap.message)
+            if prev is None:
+                prev = out.first_prev = stored_prev
+            try:
+                computed = sha256(prev.encode("ascii") + text).hexdigest()
+            except (TypeError, UnicodeError, AttributeError):
+                raise _Bad(seq, f"entry {seq}: a field has the wrong type") from None
+            if computed != stored_hash:
+                raise _Bad(seq, f"entry {seq}: its hash does not match its contents")
+            if stored_prev != prev:  # pragma: no cover - the hash check catches it first
+                raise _Bad(seq, f"entry {seq}: its prev does not match entry {seq - 1}")
+            prev = stored_hash
+            if seq == file_seq:
+                out.at_file_seq = prev
+            expected += 1
+    except _Bad as bad:
+        out.bad = (bad.seq, bad.reason)
+    finally:
+        close = getattr(links, "close", None)
+        if close is not None:  # a stream left early (a fault) ends here, not when collected
+            close()
+    out.last_seq = expected - 1
+    out.last_hash = prev
+    if first == 1:
+        out.first_prev = GENESIS
+    return out
+
+
+def _in_order(walks: Sequence[Callable[[], PartResult]]) -> list[PartResult]:
+    return [walk() for walk in walks]
+
+
 def verify_chain(
     links: Iterable[ChainLink],
     db_head: SignedHead | None,
@@ -433,36 +495,55 @@ def verify_chain(
     Raises:
         AuditError: only when the key file exists but cannot be read or parsed.
     """
+    return verify_chain_parts([(1, links)], db_head, key_path, head_file)
+
+
+def verify_chain_parts(
+    parts: Sequence[ChainPart],
+    db_head: SignedHead | None,
+    key_path: Path,
+    head_file: Path,
+    *,
+    run: Callable[[Sequence[Callable[[], PartResult]]], Sequence[PartResult]] = _in_order,
+) -> AuditReport:
+    """:func:`verify_chain` over consecutive parts of the chain (the first starting at seq 1),
+    which ``run`` may walk at the same time (it gets one call per part and returns their
+    results in order). Each part is checked on its own, then each one's first prev against
+    the hash the part before ended with: the same verdict as one walk over the whole chain.
+
+    Raises:
+        AuditError: only when the key file exists but cannot be read or parsed.
+    """
     try:
         file_head = read_head_file(head_file)
         file_unreadable: str | None = None
     except _HeadFileUnreadable as exc:
         file_head, file_unreadable = None, str(exc)
     file_seq = file_head.seq if file_head is not None else -1
+    results = run([functools.partial(_walk, links, first, file_seq) for first, links in parts])
     hash_at_file_seq: str | None = None
-    prev = GENESIS
-    expected = 1
-    sha256 = hashlib.sha256
+    last_seq, last_hash = 0, GENESIS
     try:
-        for seq, stored_prev, stored_hash, text in links:
-            if seq != expected:
-                gap = _gap(expected, seq)
-                raise _Bad(gap.seq, gap.message)
-            try:
-                computed = sha256(prev.encode("ascii") + text).hexdigest()
-            except TypeError:
-                raise _Bad(seq, f"entry {seq}: a field has the wrong type") from None
-            if computed != stored_hash:
-                raise _Bad(seq, f"entry {seq}: its hash does not match its contents")
-            if stored_prev != prev:  # pragma: no cover - the hash check catches it first
-                raise _Bad(seq, f"entry {seq}: its prev does not match entry {seq - 1}")
-            prev = stored_hash
-            if seq == file_seq:
-                hash_at_file_seq = prev
-            expected += 1
+        for (first, _), part in zip(parts, results, strict=True):
+            if first != 1 and part.first_prev is not None:
+                if last_seq != first - 1:
+                    gap = _gap(last_seq + 1, first)
+                    raise _Bad(gap.seq, gap.message)
+                if part.first_prev != last_hash:
+                    raise _Bad(
+                        first,
+                        f"entry {first}: its prev does not match the hash of entry {first - 1}",
+                    )
+            if part.at_file_seq is not None:
+                hash_at_file_seq = part.at_file_seq
+            if part.bad is not None:
+                last_seq = part.last_seq
+                raise _Bad(*part.bad)
+            if part.last_hash is not None and part.last_seq >= first:
+                last_seq, last_hash = part.last_seq, part.last_hash
         _check_heads(
-            expected - 1,
-            prev,
+            last_seq,
+            last_hash,
             db_head,
             key_path,
             head_file,
@@ -471,8 +552,8 @@ def verify_chain(
             hash_at_file_seq,
         )
     except _Bad as bad:
-        return AuditReport(expected - 1, db_head, False, bad.seq, bad.reason)
-    return AuditReport(expected - 1, db_head, True)
+        return AuditReport(last_seq, db_head, False, bad.seq, bad.reason)
+    return AuditReport(last_seq, db_head, True)
 
 
 def _check_heads(
@@ -561,6 +642,7 @@ __all__ = [
     "GENESIS",
     "AuditKey",
     "ChainLink",
+    "ChainPart",
     "advance_head_file",
     "canonical_bytes",
     "canonical_json",
@@ -576,4 +658,5 @@ __all__ = [
     "row_to_entry",
     "signature_valid",
     "verify_chain",
+    "verify_chain_parts",
 ]
