@@ -396,9 +396,9 @@ def unix_connect(path: Path, timeout: float | None) -> socket.socket:
     Raises:
         OSError: as ``connect`` does (``FileNotFoundError``, ``ConnectionRefusedError``, ...).
     """
+    address, dir_fd = unix_address(path)  # may raise: no socket is open yet
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
-    address, dir_fd = unix_address(path)
     try:
         sock.connect(address)
     except BaseException:
