@@ -9,7 +9,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from castiron.agent.client import AgentClient, AgentEvent, SpawnRequest, agent_pid, start_agent
+from castiron.agent.client import AgentClient, AgentEvent, SpawnRequest
+from castiron.agent.lifecycle import agent_pid, start_agent
 from castiron.agent.replacement import REQUESTS_NAME
 from castiron.model import HealthCheck
 from castiron.settings import Settings

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 from castiron import __version__
-from castiron.agent.client import AgentStatus, DriftWatch, SpawnRequest, from_json, to_json
 from castiron.agent.events import EventLog
 from castiron.agent.http import STREAMED, Handler, Request, json_body, query_number
 from castiron.agent.metrics import METRICS_NAME, MetricsListener
@@ -24,6 +23,7 @@ from castiron.agent.routes import counters_to_json, route_from_json, route_to_js
 from castiron.agent.routing import RouteTable
 from castiron.agent.supervisor import Supervisor, write_json_atomic
 from castiron.agent.watches import WatchScheduler
+from castiron.agent.wire import AgentStatus, DriftWatch, SpawnRequest, from_json, to_json
 from castiron.errors import NotFoundError, UsageError
 from castiron.model import HealthCheck
 from castiron.redact import Redactor
@@ -353,9 +353,8 @@ class ControlApi:
             raise UsageError("body.argv: the command is empty")
         if not 1.0 <= watch.interval <= 86400.0 or not 1.0 <= watch.timeout <= 86400.0:
             raise UsageError("body.interval, body.timeout: must be from 1 to 86400 seconds")
-        if (
-            self.watches.watches.get(watch.environment) != watch
-        ):  # the same again keeps its schedule
+        known = self.watches.watches.get(watch.environment)
+        if known != watch:  # the same again keeps its schedule
             self.watches.start(watch)
             self.watches.save()
         return to_json(watch)

@@ -44,16 +44,18 @@ from pathlib import Path
 from typing import Literal
 
 from castiron.agent.api import ControlApi
-from castiron.agent.client import LOCK_NAME, PID_NAME, SOCKET_NAME, InstanceRecord, unix_address
+from castiron.agent.client import unix_address
 from castiron.agent.events import EVENTS_NAME, EventLog
 from castiron.agent.fdkeeper import FdKeeperClient
 from castiron.agent.http import MAX_HEAD, Endpoints
+from castiron.agent.lifecycle import LOCK_NAME, PID_NAME, SOCKET_NAME
 from castiron.agent.metrics import MetricsListener
 from castiron.agent.notify import Notifier
 from castiron.agent.replacement import ReplaceBackoff, Replacer
 from castiron.agent.routing import RouteTable
 from castiron.agent.supervisor import LogPolicy, Supervisor, rotate_file
 from castiron.agent.watches import WatchScheduler
+from castiron.agent.wire import InstanceRecord
 from castiron.errors import AgentError, CastironError
 from castiron.filemodes import make_private_dir, open_private
 from castiron.redact import Redactor

@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import replace
 from pathlib import Path
 
-from castiron.agent.client import AgentEvent, EventKind, from_json, to_json
+from castiron.agent.wire import AgentEvent, EventKind, from_json, to_json
 from castiron.errors import UsageError
 from castiron.filemodes import open_private
 from castiron.redact import Redactor

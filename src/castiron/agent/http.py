@@ -18,7 +18,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from castiron.agent.client import API_VERSION
+from castiron.agent.wire import API_VERSION
 from castiron.errors import CastironError, NotFoundError, UsageError
 
 log = logging.getLogger("castiron.agent")

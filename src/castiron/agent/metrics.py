@@ -59,9 +59,7 @@ class MetricsListener:
             self._server = None
         self.listen = None
 
-    async def _serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request = await asyncio.wait_for(read_request(reader), HEAD_TIMEOUT)
             if request.path != "/metrics":

@@ -18,7 +18,11 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from castiron.agent.client import (
+from castiron.agent.events import EventLog
+from castiron.agent.routes import split_address
+from castiron.agent.routing import RouteTable
+from castiron.agent.supervisor import Supervisor, write_json_atomic
+from castiron.agent.wire import (
     AgentEvent,
     EventKind,
     InstanceRecord,
@@ -26,10 +30,6 @@ from castiron.agent.client import (
     from_json,
     to_json,
 )
-from castiron.agent.events import EventLog
-from castiron.agent.routes import split_address
-from castiron.agent.routing import RouteTable
-from castiron.agent.supervisor import Supervisor, write_json_atomic
 from castiron.errors import CastironError, NotFoundError, UsageError
 from castiron.model import HealthCheck
 from castiron.ports import free_port

@@ -17,11 +17,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Literal, Protocol
 
-from castiron.agent.client import InstanceRecord
 from castiron.agent.events import EventLog
 from castiron.agent.fdkeeper import FdKeeperClient
 from castiron.agent.routes import route_from_json, route_to_json, split_address
 from castiron.agent.supervisor import write_json_atomic
+from castiron.agent.wire import InstanceRecord
 from castiron.errors import AgentError, CastironError, NotFoundError, RouterError
 from castiron.model import HealthCheck
 from castiron.traffic.base import Backend, BackendSet, RouteConfig, Router

@@ -15,9 +15,9 @@ import logging
 import os
 from pathlib import Path
 
-from castiron.agent.client import DriftWatch, from_json, to_json
 from castiron.agent.events import EventLog
 from castiron.agent.supervisor import write_json_atomic
+from castiron.agent.wire import DriftWatch, from_json, to_json
 from castiron.errors import UsageError
 
 log = logging.getLogger("castiron.agent")
