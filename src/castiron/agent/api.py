@@ -36,6 +36,7 @@ class ControlApi:
         self,
         *,
         home: Path,
+        agent_dir: Path,
         started_at: float,
         redactor: Redactor,
         events: EventLog,
@@ -47,7 +48,7 @@ class ControlApi:
         stop: asyncio.Event,
     ) -> None:
         self.home = home
-        self.dir = home / "agent"
+        self.dir = agent_dir
         self.started_at = started_at
         self.redactor = redactor
         self.events = events

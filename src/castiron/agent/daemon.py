@@ -160,6 +160,7 @@ class Agent:
         self._control: asyncio.Server | None = None
         self.api = ControlApi(
             home=options.home,
+            agent_dir=self.dir,
             started_at=self.started_at,
             redactor=self.redactor,
             events=self.events,

@@ -155,6 +155,8 @@ def query_number(request: Request, name: str, default: float, low: float, high: 
 
 
 Handler = Callable[[Request, "asyncio.StreamWriter", dict[str, str]], Awaitable[object]]
+"""A handler: the request, the connection (to stream an answer) and the path's parameters; it
+returns a JSON value, ``(status, value)``, or :data:`STREAMED`."""
 
 
 class _Streamed:
@@ -171,6 +173,7 @@ class Endpoints:
         self._endpoints = [(re.compile(pattern), methods) for pattern, methods in table]
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer one connection: read its request, dispatch it, write the JSON answer."""
         status, payload, headers = 200, b"", {}
         try:
             try:
@@ -208,6 +211,11 @@ class Endpoints:
                 await writer.wait_closed()
 
     async def dispatch(self, request: Request, writer: asyncio.StreamWriter) -> object:
+        """The answer of the handler ``request`` goes to.
+
+        Raises:
+            HttpError: 404 for an unknown path, 405 for a method the path does not take.
+        """
         prefix = f"/{API_VERSION}"
         if not request.path.startswith(prefix + "/"):
             raise HttpError(404, f"no such endpoint: {request.path} (the API lives under {prefix})")

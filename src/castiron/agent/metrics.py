@@ -31,6 +31,7 @@ class MetricsListener:
         self._server: asyncio.Server | None = None
 
     def recorded(self) -> str | None:
+        """The address recorded by the last ``PUT /v1/metrics`` (None: none or unreadable)."""
         try:
             value = json.loads((self.dir / METRICS_NAME).read_bytes()).get("listen")
         except (OSError, ValueError, AttributeError):
@@ -38,6 +39,12 @@ class MetricsListener:
         return value if isinstance(value, str) else None
 
     async def set(self, listen: str | None) -> None:
+        """Listen on ``listen`` instead (None: stop listening).
+
+        Raises:
+            UsageError: for an address that is not loopback.
+            AgentError: when the address cannot be listened on.
+        """
         if listen is not None:
             host, port = split_address(listen, "listen")
             if not is_loopback(host):
@@ -53,6 +60,7 @@ class MetricsListener:
         self.listen = listen
 
     async def close(self) -> None:
+        """Stop listening."""
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()

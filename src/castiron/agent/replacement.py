@@ -3,8 +3,11 @@
 Owns the spawn requests of replaceable instances (``agent/requests.json``, written without
 secret values) and the replacement of one that exits by itself: out of its route, a backoff
 (1 s, 2 s, 4 s … at most 60 s; back to 1 s once an instance has lived 60 s), a new instance
-(new id, new port), a health check, and into the route in the dead one's place. Each step is
-recorded as an event. It never stops an instance that was not its own failed replacement.
+(new id, new port), a health check, and into the route in the dead one's place;
+``instance-replaced`` records old id, new id and exit code. Spawn requests are kept in memory
+with their secret values and persisted without them: after an agent restart an instance that
+had secrets cannot be re-created (``instance-unreplaceable``); the engine's next command
+reconciles. It never stops an instance that was not its own failed replacement.
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ class Replacer:
             log.error("cannot write %s: %s", self.dir / REQUESTS_NAME, exc)
 
     def remember(self, spawn: SpawnRequest) -> None:
+        """Replace the instance of ``spawn`` when it exits by itself."""
         self._requests[spawn.id] = (spawn, True)
         self._save()
 
@@ -126,6 +130,7 @@ class Replacer:
             self._save()
 
     def on_instance_exit(self, record: InstanceRecord) -> None:
+        """The supervisor saw ``record`` exit: start its replacement if it has a request."""
         entry = self._requests.get(record.id)
         if entry is None or record.id in self.replacing:
             return

@@ -65,6 +65,7 @@ class RouteTable:
         self.router: Router = router if router is not None else self.make_router()
 
     def make_router(self) -> Router:
+        """The router the options choose: HAProxy, the builtin proxy in-process, or its workers."""
         if self._options.router == "haproxy":
             from castiron.traffic.haproxy import HaproxyRouter
 
@@ -115,6 +116,11 @@ class RouteTable:
         return sock
 
     async def restore(self) -> None:
+        """Re-apply the recorded routes; let the fd keeper drop listeners no route uses.
+
+        Raises:
+            AgentError: when the routes file is unreadable.
+        """
         path = self.dir / ROUTES_NAME
         try:
             data = json.loads(path.read_bytes())
@@ -142,12 +148,18 @@ class RouteTable:
                     self.keeper.delete(name)
 
     def save(self) -> None:
+        """Record the applied routes in ``routes.json``."""
         write_json_atomic(
             self.dir / ROUTES_NAME,
             {"version": 1, "routes": {e: route_to_json(c) for e, c in sorted(self.routes.items())}},
         )
 
     def route(self, env: str) -> RouteConfig:
+        """The route of ``env``.
+
+        Raises:
+            NotFoundError: when ``env`` has none.
+        """
         try:
             return self.routes[env]
         except KeyError:
@@ -184,6 +196,7 @@ class RouteTable:
             await self.apply_locked(replace(config, stable=stable, canary=canary), why)
 
     async def apply_locked(self, config: RouteConfig, why: str) -> None:
+        """Apply ``config`` (the lock held) and record it; a refusal is recorded, not raised."""
         try:
             await self.router.apply(config)
         except CastironError as exc:

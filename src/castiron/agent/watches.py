@@ -37,6 +37,7 @@ class WatchScheduler:
         self.tasks: dict[str, asyncio.Task[None]] = {}
 
     def restore(self) -> None:
+        """Start the watches recorded in ``watches.json`` (a bad one is logged and skipped)."""
         path = self.dir / WATCHES_NAME
         try:
             data = json.loads(path.read_bytes())
@@ -55,12 +56,14 @@ class WatchScheduler:
             self.start(watch)
 
     def save(self) -> None:
+        """Record the watches in ``watches.json``."""
         write_json_atomic(
             self.dir / WATCHES_NAME,
             {"version": 1, "watches": [to_json(w) for _, w in sorted(self.watches.items())]},
         )
 
     def start(self, watch: DriftWatch) -> None:
+        """Schedule ``watch``, in place of its environment's previous one."""
         old = self.tasks.pop(watch.environment, None)
         if old is not None:
             old.cancel()
