@@ -29,7 +29,8 @@ import threading
 import time
 from pathlib import Path
 
-from castiron.agent.client import SpawnRequest, agent_pid, ensure_agent, stop_agent
+from castiron.agent.client import SpawnRequest
+from castiron.agent.lifecycle import agent_pid, ensure_agent, stop_agent
 from castiron.agent.supervisor import process_start_time
 from castiron.ports import free_port
 from castiron.settings import load_settings

@@ -32,7 +32,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from castiron.agent.client import ensure_agent, stop_agent
+from castiron.agent.lifecycle import ensure_agent, stop_agent
 from castiron.drivers.local import LocalDriver, SandboxPolicy, find_bwrap
 from castiron.images.build import BakeOptions, bake
 from castiron.images.rootfs import unpack_release

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from castiron.agent.client import AgentClient, agent_pid, ensure_agent
+from castiron.agent.client import AgentClient
+from castiron.agent.lifecycle import agent_pid, ensure_agent
 from castiron.agent.supervisor import process_start_time
 from castiron.ports import free_port
 from castiron.settings import Settings, load_settings

@@ -11,13 +11,8 @@ from typing import Any
 
 import pytest
 
-from castiron.agent.client import (
-    AgentClient,
-    SpawnRequest,
-    agent_pid,
-    socket_path,
-    unix_connect,
-)
+from castiron.agent.client import AgentClient, SpawnRequest, unix_connect
+from castiron.agent.lifecycle import agent_pid, socket_path
 from castiron.agent.routes import counters_from_json
 from castiron.errors import AgentError, AgentRefusedError, NotFoundError
 from castiron.settings import Settings

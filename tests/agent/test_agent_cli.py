@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from castiron.agent.client import AgentClient, SpawnRequest, agent_pid, daemon_argv, ensure_agent
+from castiron.agent.client import AgentClient, SpawnRequest
+from castiron.agent.lifecycle import agent_pid, daemon_argv, ensure_agent
 from castiron.settings import Settings
 
 

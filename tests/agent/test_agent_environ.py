@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from castiron.agent.client import agent_pid, ensure_agent, minimal_environ
 from castiron.agent.fdkeeper import FdKeeperClient
+from castiron.agent.lifecycle import agent_pid, ensure_agent, minimal_environ
 from castiron.settings import Settings, load_settings
 
 DEPLOYER_ENV = {

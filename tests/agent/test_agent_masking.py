@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from castiron.agent.client import AgentClient, AgentEvent, SpawnRequest
-from castiron.agent.daemon import EventLog, mask_log
+from castiron.agent.daemon import mask_log
+from castiron.agent.events import EventLog
 from castiron.redact import Redactor
 from castiron.settings import Settings
 

@@ -9,8 +9,9 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from castiron.agent.client import AgentClient, AgentEvent, SpawnRequest, agent_pid, start_agent
-from castiron.agent.daemon import REQUESTS_NAME
+from castiron.agent.client import AgentClient, AgentEvent, SpawnRequest
+from castiron.agent.lifecycle import agent_pid, start_agent
+from castiron.agent.replacement import REQUESTS_NAME
 from castiron.model import HealthCheck
 from castiron.settings import Settings
 from castiron.traffic.base import Backend, BackendSet, RouteConfig

@@ -12,8 +12,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from castiron.agent.client import AgentClient, SpawnRequest, agent_pid, ensure_agent
+from castiron.agent.client import AgentClient, SpawnRequest
 from castiron.agent.fdkeeper import FdKeeperClient
+from castiron.agent.lifecycle import agent_pid, ensure_agent
 from castiron.settings import Settings
 
 
@@ -138,7 +139,7 @@ def test_an_instance_that_died_while_no_agent_ran_is_recorded_as_lost(
 def test_graceful_stop_closes_listeners_and_leaves_instances(
     settings: Settings, agent: AgentClient, app_script: Path, helpers: Any
 ) -> None:
-    from castiron.agent.client import stop_agent
+    from castiron.agent.lifecycle import stop_agent
 
     listen, ports = _serve_two(agent, app_script, helpers)
     pids = [r.pid for r in agent.instances()]

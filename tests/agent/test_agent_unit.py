@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from castiron.agent.client import AgentClient, socket_path
+from castiron.agent.client import AgentClient
+from castiron.agent.lifecycle import socket_path
 from castiron.agent.notify import Notifier
 from castiron.agent.unit import service_unit
 from castiron.settings import Settings, load_settings

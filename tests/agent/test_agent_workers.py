@@ -12,7 +12,8 @@ from typing import Any
 
 from test_agent_restart import _serve_two, get, kill_agent
 
-from castiron.agent.client import AgentClient, agent_pid, ensure_agent, socket_path
+from castiron.agent.client import AgentClient
+from castiron.agent.lifecycle import agent_pid, ensure_agent, socket_path
 from castiron.settings import Settings
 from castiron.traffic.workers import default_workers
 

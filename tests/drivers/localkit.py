@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from castiron.agent.client import AgentClient, ensure_agent, stop_agent
+from castiron.agent.client import AgentClient
+from castiron.agent.lifecycle import ensure_agent, stop_agent
 from castiron.agent.supervisor import kill_session, process_start_time
 from castiron.drivers.local import LocalDriver, SandboxPolicy, find_bwrap, probe_bwrap
 from castiron.images.build import BakeOptions, bake

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from castiron.agent.client import AgentClient, AgentEvent, to_json
-from castiron.agent.daemon import ReplaceBackoff
+from castiron.agent.replacement import ReplaceBackoff
 from castiron.drivers.local import LocalDriver, SandboxPolicy
 from castiron.errors import DigestMismatchError, RuntimeDriverError
 from castiron.images.rootfs import unpack_release

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 from tests.driftkit import CHECK_OUTPUT_SCHEMA, violations
 
-from castiron.agent.client import AgentClient, DriftWatch, agent_pid, ensure_agent, socket_path
+from castiron.agent.client import AgentClient, DriftWatch
+from castiron.agent.lifecycle import agent_pid, ensure_agent, socket_path
 from castiron.engine.drift import check_output, detect_drift, fix_drift
 from castiron.engine.driftwatch import DriftWatches, WatchCommand, drift_watch
 from castiron.engine.resolve import DriftRules

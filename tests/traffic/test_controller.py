@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from castiron.agent.client import agent_pid, ensure_agent
+from castiron.agent.lifecycle import agent_pid, ensure_agent
 from castiron.errors import RouterError
 from castiron.ports import free_port
 from castiron.settings import load_settings

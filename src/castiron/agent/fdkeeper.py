@@ -32,7 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-from castiron.agent.client import minimal_environ, unix_address, unix_connect
+from castiron.agent.client import unix_address, unix_connect
+from castiron.agent.lifecycle import minimal_environ
 from castiron.errors import AgentError
 
 SOCKET_NAME = "fdkeeper.sock"

@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from castiron.agent.client import from_json, to_json
+from castiron.agent.wire import from_json, to_json
 from castiron.errors import UsageError
 from castiron.model import is_name
 from castiron.traffic.base import ReleaseCounters, RouteConfig

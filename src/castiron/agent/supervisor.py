@@ -44,13 +44,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from castiron.agent import cgroups
-from castiron.agent.client import (
+from castiron.agent.lifecycle import minimal_environ
+from castiron.agent.wire import (
     AgentEvent,
     EventKind,
     InstanceRecord,
     SpawnRequest,
     from_json,
-    minimal_environ,
     to_json,
 )
 from castiron.errors import AgentError, NotFoundError, UsageError

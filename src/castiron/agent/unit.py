@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from castiron.agent.client import daemon_argv
+from castiron.agent.lifecycle import daemon_argv
 from castiron.settings import Settings
 
 UNIT_NAME = "castiron-agent.service"

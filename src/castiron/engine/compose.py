@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from castiron.agent.client import AgentClient, agent_pid, ensure_agent, socket_path
+from castiron.agent.client import AgentClient
+from castiron.agent.lifecycle import agent_pid, ensure_agent, socket_path
 from castiron.drivers.base import Driver, LogSource
 from castiron.engine.deploy import Engine
 from castiron.engine.journal import StepObserver

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from castiron.agent.client import agent_pid
+from castiron.agent.lifecycle import agent_pid
 from castiron.drivers.local import probe_bwrap
 from castiron.model import Address
 from castiron.settings import Settings

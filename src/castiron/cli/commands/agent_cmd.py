@@ -14,15 +14,14 @@ from pathlib import Path
 
 import click
 
-from castiron.agent.client import (
+from castiron.agent.client import AgentClient, to_json
+from castiron.agent.lifecycle import (
     LOG_NAME,
-    AgentClient,
     agent_pid,
     daemon_argv,
     socket_path,
     start_agent,
     stop_agent,
-    to_json,
 )
 from castiron.cli.context import CliContext, pass_cli
 from castiron.cli.render import emit_json

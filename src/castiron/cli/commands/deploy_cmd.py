@@ -242,7 +242,7 @@ def down_cmd(cli: CliContext, environment: str, yes: bool, lock_wait: float, as_
     confirm(cli, f"take {environment} down (route removed, every instance destroyed)?", yes)
     with open_engine(cli.settings, observer=observer_for(cli)) as engine:
         destroyed = engine.down(environment, lock_wait=lock_wait)
-    from castiron.agent.client import agent_pid
+    from castiron.agent.lifecycle import agent_pid
 
     pid = agent_pid(cli.settings)
     if as_json:

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from castiron.agent.client import AgentClient, InstanceRecord, socket_path
+from castiron.agent.client import AgentClient, InstanceRecord
+from castiron.agent.lifecycle import socket_path
 from castiron.cli.context import CliContext, pass_cli
 from castiron.cli.render import emit_json
 from castiron.errors import AgentError, CastironError, NotFoundError, UsageError
