@@ -313,17 +313,26 @@ class Engine:
         """Recorded instances of ``environment`` that serve (or are about to)."""
         return [r for r in self.store.list_instances(environment) if r.status == "running"]
 
-    def plan(self, target: Target) -> Plan:
-        """What deploying ``target`` would do (reads state; changes nothing)."""
+    def plan(self, target: Target, strategy: str | None = None) -> Plan:
+        """What deploying ``target`` with ``strategy`` (default: its policy's) would do, with
+        the operations that will run (reads state; changes nothing)."""
         current = self.current_release(target.environment)
         running = [
             r
             for r in self.in_service(target.environment)
             if current is not None and r.release == current.id
         ]
-        from castiron.engine.plan import plan_deployment
+        from dataclasses import replace
 
-        return plan_deployment(current, target.release, len(running), target.policy.strategy)
+        from castiron.engine.operations import Serving, plan_deploy
+        from castiron.engine.plan import plan_deployment
+        from castiron.engine.strategies import desired_of
+
+        strategy = strategy or target.policy.strategy
+        plan = plan_deployment(current, target.release, len(running), strategy)
+        serving = Serving(None if current is None else current.id, len(running))
+        operations = plan_deploy(serving, desired_of(target.release, target.policy, strategy))
+        return replace(plan, operations=operations if plan.has_changes else ())
 
     # --- locking, recovery, reaping ------------------------------------------------------------
 
@@ -762,7 +771,7 @@ class Engine:
         started = self.monotonic()
         release = target.release
         with self.locked(target.environment, f"deploy {release.id}", lock_wait):
-            plan = self.plan(target)
+            plan = self.plan(target, strategy)
             if not plan.has_changes:
                 self.observer.progress(f"{target.environment} already runs release {release.id}")
                 return DeployResult(
