@@ -31,6 +31,7 @@ from castiron.engine.journal import (
     finish_deployment,
     new_deployment_id,
 )
+from castiron.engine.operations import Operation
 from castiron.engine.release import Release, release_from_json, release_id
 from castiron.engine.strategies import (
     STRATEGIES,
@@ -91,6 +92,8 @@ class DeployResult:
     deployment: str | None = None
     timings: Mapping[str, float] = field(default_factory=dict)
     """``switch_s`` (start to traffic switched), ``health_s`` (waiting for health)."""
+    operations: tuple[Operation, ...] = ()
+    """The operations the executor ran (see :mod:`castiron.engine.operations`)."""
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` object of ``castiron deploy`` / ``rollback``."""
@@ -916,6 +919,7 @@ class Engine:
             self.monotonic() - started,
             deployment.id,
             timings,
+            tuple(rollout.executed),
         )
 
     # --- down ----------------------------------------------------------------------------------

@@ -63,12 +63,14 @@ class Operation:
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict: ``kind`` and the fields that apply (defaults are left out)."""
         out: dict[str, Any] = {"kind": self.kind}
-        for name in ("release", "count", "keep", "final", "source", "warm", "step", "weight"):
+        for name in ("release", "count", "keep", "final", "source", "warm"):
             value = getattr(self, name)
-            if value not in (None, 0, False) or (name == "weight" and value == 0):
+            if value:
                 out[name] = value
-        if self.reason is not None:
-            out["reason"] = self.reason
+        for name in ("step", "weight", "reason"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
         return out
 
     @classmethod

@@ -1,0 +1,92 @@
+"""The executor runs exactly the operations a plan shows, and journals each as before.
+
+On the fake runtime and router, for blue-green, rolling, canary and a cold rollback: the
+operations the deployment ran are the plan's, and its journal holds the steps those
+operations write, in their order."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+from castiron.engine.deploy import DeployResult
+from castiron.engine.operations import Desired, Operation, Serving, plan_rollback
+from castiron.engine.rollback import rollback
+
+from .conftest import SPEC, World
+from .test_canary import ANALYSIS, CANARY_ENV, GOOD_STEPS, LoadTraffic
+
+STEPS_OF: dict[str, tuple[str, ...]] = {
+    "wait_healthy": ("health",),
+    "switch": ("switch", "switched"),
+    "set_weight": ("switch", "switched"),
+    "analyse": ("analysis",),
+    "drain": ("drain",),
+    "destroy": (),
+}
+
+
+def journal_of(operations: Sequence[Operation]) -> list[str]:
+    """The journal steps a deployment running ``operations`` writes."""
+    steps = ["start"]
+    for op in operations:
+        steps += ["create", "created"] * op.count if op.kind == "create" else STEPS_OF[op.kind]
+    return [*steps, "finish"]
+
+
+def deploy_as_planned(world: World, environment: str, tag: str) -> DeployResult:
+    engine = world.engine()
+    target = engine.resolve(world.spec(), environment, tag)
+    plan = engine.plan(target)
+    result = engine.deploy(target)
+    assert result.outcome == "succeeded"
+    assert plan.operations and result.operations == plan.operations
+    steps = [s.step for s in world.store.steps(str(result.deployment))]
+    assert steps == journal_of(plan.operations)
+    return result
+
+
+@pytest.mark.parametrize("environment", ["staging", "cold", "rolling"])
+def test_a_deployment_runs_its_plan(world: World, environment: str) -> None:
+    first = deploy_as_planned(world, environment, "v1")
+    assert "drain" not in [op.kind for op in first.operations]
+    second = deploy_as_planned(world, environment, "v2")
+    assert second.operations[-1].kind in ("drain", "destroy")
+
+
+def test_rolling_switches_batch_by_batch_and_drains_the_previous_set_once(world: World) -> None:
+    deploy_as_planned(world, "rolling", "v1")
+    result = deploy_as_planned(world, "rolling", "v2")
+    switches = [(op.count, op.keep, op.final) for op in result.operations if op.kind == "switch"]
+    assert switches == [(1, 2, False), (2, 1, False), (3, 0, True)]
+    assert [op.kind for op in result.operations].count("drain") == 1
+    assert {r.status for r in world.store.list_instances("rolling")} == {"running", "warm"}
+
+
+def test_a_canary_runs_its_steps_as_planned(world: World) -> None:
+    spec = SPEC + CANARY_ENV.format(steps=GOOD_STEPS, analysis=ANALYSIS)
+    (world.root / "castiron.yaml").write_text(spec)
+    world.traffic = LoadTraffic()
+    first = deploy_as_planned(world, "canary", "v1")
+    assert "set_weight" not in [op.kind for op in first.operations]
+    result = deploy_as_planned(world, "canary", "v2")
+    assert [(op.kind, op.weight) for op in result.operations if op.weight is not None] == [
+        ("set_weight", 10),
+        ("set_weight", 50),
+    ]
+
+
+def test_a_cold_rollback_runs_the_blue_green_it_plans(world: World) -> None:
+    deploy_as_planned(world, "cold", "v1")
+    v2 = deploy_as_planned(world, "cold", "v2")
+    engine = world.engine()
+    result = rollback(engine, "cold")
+    previous = engine.load_release(result.release)
+    expected = plan_rollback(
+        Serving(v2.release, previous.config.replicas),
+        Desired(result.release, previous.config.replicas, keep_warm=0.0),
+    )
+    assert result.operations == expected
+    steps = [s.step for s in world.store.steps(str(result.deployment))]
+    assert steps == journal_of(expected)
