@@ -1,17 +1,19 @@
 """The executor runs exactly the operations a plan shows, and journals each as before.
 
-On the fake runtime and router, for blue-green, rolling, canary and a cold rollback: the
-operations the deployment ran are the plan's, and its journal holds the steps those
+On the fake runtime and router, for blue-green, rolling, canary, a cold rollback and a drift
+fix: the operations the deployment ran are the plan's, and its journal holds the steps those
 operations write, in their order."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
 from castiron.engine.deploy import DeployResult
-from castiron.engine.operations import Desired, Operation, Serving, plan_rollback
+from castiron.engine.drift import fix_drift
+from castiron.engine.operations import Desired, Operation, Serving, plan_drift_fix, plan_rollback
 from castiron.engine.rollback import rollback
 
 from .conftest import SPEC, World
@@ -90,3 +92,20 @@ def test_a_cold_rollback_runs_the_blue_green_it_plans(world: World) -> None:
     assert result.operations == expected
     steps = [s.step for s in world.store.steps(str(result.deployment))]
     assert steps == journal_of(expected)
+
+
+def test_a_drift_fix_runs_the_replacement_it_plans(world: World, tmp_path: Path) -> None:
+    deploy_as_planned(world, "staging", "v1")
+    first, second = sorted(
+        r.id for r in world.store.list_instances("staging") if r.status == "running"
+    )
+    world.driver.kill(first)
+    result = fix_drift(world.engine(), "staging", baselines=tmp_path)
+    assert result.replaced == (first,) and len(result.created) == 1
+    release = world.store.list_deployments("staging", limit=1)[0].to_release
+    expected = plan_drift_fix(release, kept=1, replace=1)
+    steps = [s.step for s in world.store.steps(str(result.deployment))]
+    assert steps == journal_of(expected)
+    route = world.traffic.routes["staging"]
+    assert route.stable is not None
+    assert sorted(b.id for b in route.stable.backends) == sorted([second, *result.created])

@@ -662,8 +662,7 @@ def execute(
         elif op.kind == "drain":
             drained = old[retired : retired + op.count]
             retired += len(drained)
-            if drained:
-                rollout.take_out(drained, warm=op.warm and rollout.policy.keep_warm > 0)
+            rollout.take_out(drained, warm=op.warm and rollout.policy.keep_warm > 0)
         elif op.kind == "destroy" and drained:
             rollout.destroy(drained, op.reason or KEEP_WARM_ZERO)
         elif op.kind != "destroy":
