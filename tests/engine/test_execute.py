@@ -2,7 +2,7 @@
 
 On the fake runtime and router, for blue-green, rolling, canary, a cold rollback and a drift
 fix: the operations the deployment ran are the plan's, and its journal holds the steps those
-operations write, in their order."""
+operations write, in their order; ``down`` runs its plan through the same executor."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from castiron.engine.deploy import DeployResult
+from castiron.engine.deploy import DeployResult, Teardown
 from castiron.engine.drift import fix_drift
 from castiron.engine.operations import Desired, Operation, Serving, plan_drift_fix, plan_rollback
 from castiron.engine.rollback import rollback
+from castiron.engine.strategies import execute
+from castiron.errors import UsageError
 
 from .conftest import SPEC, World
 from .test_canary import ANALYSIS, CANARY_ENV, GOOD_STEPS, LoadTraffic
@@ -109,3 +111,21 @@ def test_a_drift_fix_runs_the_replacement_it_plans(world: World, tmp_path: Path)
     route = world.traffic.routes["staging"]
     assert route.stable is not None
     assert sorted(b.id for b in route.stable.backends) == sorted([second, *result.created])
+
+
+def test_down_runs_its_plan_through_the_executor(world: World) -> None:
+    deploy_as_planned(world, "staging", "v1")
+    deploy_as_planned(world, "staging", "v2")
+    rows = sorted(r.id for r in world.store.list_instances("staging"))
+    assert len(rows) == 4  # two serving, two warm
+    destroyed = world.engine().down("staging")
+    assert sorted(destroyed) == rows
+    assert "staging" not in world.traffic.routes
+    assert world.store.list_instances("staging") == []
+    assert set(rows) <= set(world.driver.destroyed)
+
+
+def test_taking_down_creates_nothing(world: World) -> None:
+    teardown = Teardown(world.engine(), "staging", None, [])  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="creates, routes and drains nothing"):
+        execute(teardown, (Operation("create", "r", 1),))

@@ -650,8 +650,7 @@ def run_canary(rollout: Rollout) -> None:
             "(redeploy from the spec)"
         )
     config = rollout.policy.canary
-    current = rollout.previous[0].release if rollout.previous else None
-    ops = strategy_operations(serving(rollout.previous, current), desired(rollout, "canary"))
+    ops = strategy_operations(serving(rollout), desired(rollout, "canary"))
     if not rollout.previous:
         rollout.progress("first deployment: no stable release to compare with, switching at once")
         execute(rollout, ops)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +31,7 @@ from castiron.engine.journal import (
     finish_deployment,
     new_deployment_id,
 )
-from castiron.engine.operations import Operation
+from castiron.engine.operations import Operation, plan_down
 from castiron.engine.release import Release, release_from_json, release_id
 from castiron.engine.strategies import (
     STRATEGIES,
@@ -41,6 +41,7 @@ from castiron.engine.strategies import (
     Rollout,
     Target,
     backends_of,
+    execute,
     remove_instances,
     row_instance,
 )
@@ -944,14 +945,11 @@ class Engine:
                 ),
                 lambda tx: None,
             )
-            self.traffic.remove(environment)
-            driver = self.driver(policy.runtime)
-            ids = [r.id for r in rows]
-            for row in rows:
-                driver.destroy(row_instance(row), grace=min(policy.drain_timeout, 10.0))
-            from castiron.engine.runtimes import sweep
-
-            ids += sweep(driver, policy.app, environment, ids)
+            env_row = self.store.get_environment(environment)
+            current = env_row.current_release if env_row is not None else None
+            teardown = Teardown(self, environment, policy, rows)
+            execute(teardown, plan_down(current, len(rows)))
+            ids = teardown.destroyed
 
             def apply(tx: StateTx) -> None:
                 remove_instances(tx, [r.id for r in rows])
@@ -967,6 +965,49 @@ class Engine:
             )
         self.observer.progress(f"{environment}: route removed, {len(ids)} instance(s) destroyed")
         return ids
+
+
+@dataclass
+class Teardown:
+    """Takes an environment down for the executor
+    (:func:`~castiron.engine.strategies.execute`): ``remove_route`` removes its route,
+    ``destroy`` destroys its recorded instances and any stray of it the runtime still runs.
+    It creates, routes and drains nothing."""
+
+    engine: Engine
+    environment: str
+    policy: Policy
+    previous: list[InstanceRow]
+    executed: list[Operation] = field(default_factory=list)
+    destroyed: list[str] = field(default_factory=list)
+    """Ids of the instances destroyed (strays included)."""
+
+    def remove_route(self) -> None:
+        self.engine.traffic.remove(self.environment)
+
+    def destroy(self, leaving: Sequence[InstanceRow], why: str) -> None:
+        from castiron.engine.runtimes import sweep
+
+        driver = self.engine.driver(self.policy.runtime)
+        ids = [r.id for r in leaving]
+        for row in leaving:
+            driver.destroy(row_instance(row), grace=min(self.policy.drain_timeout, 10.0))
+        self.destroyed += [*ids, *sweep(driver, self.policy.app, self.environment, ids)]
+
+    def _refuse(self) -> UsageError:
+        return UsageError(f"taking {self.environment!r} down creates, routes and drains nothing")
+
+    def create(self, count: int) -> list[Instance]:
+        raise self._refuse()
+
+    def wait_healthy(self, instances: Sequence[Instance]) -> None:
+        raise self._refuse()
+
+    def switch(self, new: Sequence[Instance], keep: Sequence[InstanceRow], *, final: bool) -> None:
+        raise self._refuse()
+
+    def take_out(self, leaving: Sequence[InstanceRow], *, warm: bool) -> None:
+        raise self._refuse()
 
 
 def surplus_warm(

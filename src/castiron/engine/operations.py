@@ -263,11 +263,12 @@ def plan_drift_fix(
 
 def plan_down(release: str | None, instances: int) -> tuple[Operation, ...]:
     """The operations of taking an environment down: its route removed, then every one of
-    its ``instances`` (in service, warm or stopping) destroyed."""
-    ops = [Operation("remove_route", release)]
-    if instances:
-        ops.append(Operation("destroy", release, instances, reason="down"))
-    return tuple(ops)
+    its ``instances`` (in service, warm or stopping) destroyed, and any stray of it the
+    runtime still runs (so there is a ``destroy`` even with no instance recorded)."""
+    return (
+        Operation("remove_route", release),
+        Operation("destroy", release, instances, reason="down"),
+    )
 
 
 __all__ = [

@@ -1,8 +1,10 @@
 """Deployment strategies: blue-green and rolling, on top of the mechanics of one rollout.
 
 Owns :class:`Rollout`, the steps every strategy is made of (create an instance, wait for
-health, switch traffic, drain the previous instances, destroy), each journaled before it acts,
-and the strategies themselves: :func:`blue_green` (start the whole new set, switch at once) and
+health, switch traffic, drain the previous instances, destroy), each journaled before it acts;
+the executor (:func:`execute`), which runs a plan's operations
+(:mod:`castiron.engine.operations`) through those steps; and the strategies themselves, each
+its planner and the executor: :func:`blue_green` (start the whole new set, switch at once) and
 :func:`rolling` (batches behind the router with ``max_unavailable`` 0: a batch of new instances
 becomes healthy, then takes the place of as many previous ones, which are drained).
 
@@ -505,6 +507,14 @@ class Rollout:
                 f"{self.policy.keep_warm:g}s (instant rollback)"
             )
 
+    def remove_route(self) -> None:
+        """A rollout never removes its environment's route.
+
+        Raises:
+            UsageError: always.
+        """
+        raise UsageError("a rollout never removes the route (castiron down does)")
+
     def destroy(self, leaving: Sequence[InstanceRow], why: str) -> None:
         """Destroy ``leaving`` (taken out of service: the router drains them first) and
         forget them, audited with ``why``.
@@ -616,31 +626,62 @@ def desired_of(release: Release, policy: Policy, strategy: str | None = None) ->
     )
 
 
-def serving(previous: Sequence[InstanceRow], release: str | None) -> Serving:
-    """What serves before a rollout: ``previous``, the instances of ``release`` in service."""
-    return Serving(release, len(previous))
+def serving(rollout: Rollout) -> Serving:
+    """What serves before ``rollout``: its previous instances, of one release."""
+    previous = rollout.previous
+    return Serving(previous[0].release if previous else None, len(previous))
+
+
+class Mechanics(Protocol):
+    """What the executor runs operations through: a :class:`Rollout` (journaled as a
+    deployment), or what takes an environment down."""
+
+    @property
+    def previous(self) -> Sequence[InstanceRow]:
+        """The instances the operations take out of service, in order."""
+        ...
+
+    @property
+    def executed(self) -> list[Operation]:
+        """The operations run so far."""
+        ...
+
+    def create(self, count: int) -> list[Instance]: ...
+
+    def wait_healthy(self, instances: Sequence[Instance]) -> None: ...
+
+    def switch(
+        self, new: Sequence[Instance], keep: Sequence[InstanceRow], *, final: bool
+    ) -> None: ...
+
+    def take_out(self, leaving: Sequence[InstanceRow], *, warm: bool) -> None: ...
+
+    def destroy(self, leaving: Sequence[InstanceRow], why: str) -> None: ...
+
+    def remove_route(self) -> None: ...
 
 
 def execute(
-    rollout: Rollout, operations: Sequence[Operation], canary: CanarySteps | None = None
+    rollout: Mechanics, operations: Sequence[Operation], canary: CanarySteps | None = None
 ) -> None:
-    """Run ``operations`` in order through ``rollout`` (each of its steps journaled before it
-    acts): ``create`` and ``wait_healthy`` make a batch of new instances healthy, ``switch``
-    routes every new instance so far (with the last ``keep`` previous ones beside them),
-    ``set_weight`` and ``analyse`` go to ``canary``, ``drain`` takes the next previous
-    instances out of service, ``destroy`` destroys those just drained. Every operation run
-    is appended to ``rollout.executed``.
+    """Run ``operations`` in order through ``rollout`` (a :class:`Rollout` journals each of
+    its steps before it acts): ``create`` and ``wait_healthy`` make a batch of new instances
+    healthy, ``switch`` routes every new instance so far (with the last ``keep`` previous
+    ones beside them), ``set_weight`` and ``analyse`` go to ``canary``, ``drain`` takes the
+    next previous instances out of service, ``destroy`` destroys those just drained (or,
+    after no drain, the next ``count`` previous ones), ``remove_route`` removes the route.
+    Every operation run is appended to ``rollout.executed``.
 
     Raises:
         DeployFailedError: when new instances do not become healthy.
         UsageError: when an operation cannot run here (a canary step without a canary,
-            ``remove_route``).
+            or an operation ``rollout`` refuses).
         RuntimeDriverError, RouterError, AgentError, StateError: on infrastructure failures.
     """
     old = list(rollout.previous)
     new: list[Instance] = []
     batch: list[Instance] = []
-    drained: list[InstanceRow] = []
+    drained: list[InstanceRow] | None = None
     retired = 0
     for op in operations:
         rollout.executed.append(op)
@@ -653,27 +694,30 @@ def execute(
         elif op.kind == "switch":
             keep = old[len(old) - op.keep :] if op.keep else []
             rollout.switch(new, keep, final=op.final)
-        elif op.kind in ("set_weight", "analyse") and canary is not None:
-            step = op.step or 0
+        elif op.kind in ("set_weight", "analyse"):
+            if canary is None:
+                raise UsageError(f"operation {op.kind!r} needs a canary")
             if op.kind == "set_weight":
-                canary.set_weight(new, step)
+                canary.set_weight(new, op.step or 0)
             else:
-                canary.analyse(step)
+                canary.analyse(op.step or 0)
         elif op.kind == "drain":
             drained = old[retired : retired + op.count]
             retired += len(drained)
-            rollout.take_out(drained, warm=op.warm and rollout.policy.keep_warm > 0)
-        elif op.kind == "destroy" and drained:
+            rollout.take_out(drained, warm=op.warm)
+        elif op.kind == "destroy":
+            if drained is None:
+                drained = old[retired : retired + op.count]
+                retired += len(drained)
             rollout.destroy(drained, op.reason or KEEP_WARM_ZERO)
-        elif op.kind != "destroy":
-            raise UsageError(f"operation {op.kind!r} cannot run in a rollout")
+            drained = None
+        else:
+            rollout.remove_route()
 
 
 def blue_green(rollout: Rollout) -> None:
     """Start the whole new set, wait until every one is healthy, switch at once, drain."""
-    current = rollout.previous[0].release if rollout.previous else None
-    ops = strategy_operations(serving(rollout.previous, current), desired(rollout, "blue-green"))
-    execute(rollout, ops)
+    execute(rollout, strategy_operations(serving(rollout), desired(rollout, "blue-green")))
 
 
 def routes_whole_releases(policy: Policy) -> bool:
@@ -690,9 +734,7 @@ def rolling(rollout: Rollout) -> None:
     up, waits until it is ready, then scales the previous release down by as many: the
     previous instances are destroyed batch by batch instead of kept warm (a rollback after a
     rolling deployment there starts the previous release again)."""
-    current = rollout.previous[0].release if rollout.previous else None
-    ops = strategy_operations(serving(rollout.previous, current), desired(rollout, "rolling"))
-    execute(rollout, ops)
+    execute(rollout, strategy_operations(serving(rollout), desired(rollout, "rolling")))
 
 
 STRATEGIES: dict[StrategyName, Callable[[Rollout], None]] = {
@@ -711,6 +753,7 @@ __all__ = [
     "CanarySteps",
     "DriverOnUse",
     "ImageRuntime",
+    "Mechanics",
     "Policy",
     "Prober",
     "Rollout",
