@@ -72,3 +72,8 @@ def test_operations_read_compactly() -> None:
         "switch traffic v1 → v2",
         "drain 2 × v1 (keep warm)",
     ]
+
+
+def test_a_first_deployment_routes_traffic_rather_than_switching_it() -> None:
+    switch = plan_deploy(Serving(None), Desired("v1", 1))[-1]
+    assert switch.describe() == "route traffic to v1"

@@ -87,17 +87,18 @@ class Operation:
         return cls(**known)
 
     def describe(self) -> str:
-        """One line for people, e.g. ``create 2 × 3f2a… `` or ``switch traffic a → b``."""
+        """One line for people, e.g. ``create 2 × REL`` or ``switch traffic OLD → REL``."""
         release = self.release or "?"
         if self.kind == "create":
             return f"create {self.count} × {release}"
         if self.kind == "wait_healthy":
             return f"wait until {self.count} healthy"
         if self.kind == "switch":
-            source = self.source or "nothing"
             share = f" ({self.count}/{self.count + self.keep} instances)" if self.keep else ""
             warm = " (warm instances, a pointer flip)" if self.warm else ""
-            return f"switch traffic {source} → {release}{share}{warm}"
+            if self.source is None:
+                return f"route traffic to {release}{share}{warm}"
+            return f"switch traffic {self.source} → {release}{share}{warm}"
         if self.kind == "set_weight":
             return f"canary step {(self.step or 0) + 1}: {self.weight}% to {release}"
         if self.kind == "analyse":
