@@ -71,6 +71,23 @@ def render_plan(plan: Plan, tag: str | None, keep_warm: float, why: str | None =
     warm = f"kept warm {keep_warm:g}s" if keep_warm > 0 else "destroyed after draining"
     drain = f", drain {plan.destroy} ({warm})" if plan.destroy else ""
     lines.append(f"  instances: create {plan.create}{drain}")
+    if plan.operations:
+        lines.append("  operations:")
+        lines += [f"    {n}. {line}" for n, line in enumerate(operation_lines(plan), 1)]
+    return lines
+
+
+def operation_lines(plan: Plan) -> list[str]:
+    """The plan's operations, one compact line each, releases named by their id (the
+    first ``create`` also names the strategy)."""
+    lines = []
+    named = False
+    for op in plan.operations:
+        line = op.describe()
+        if op.kind == "create" and not named:
+            line += f" ({plan.strategy})"
+            named = True
+        lines.append(line)
     return lines
 
 
@@ -142,4 +159,11 @@ def gates_json(engine: Engine, target: Target) -> dict[str, object] | None:
     }
 
 
-__all__ = ["confirm_plan", "gates_json", "render_gates", "render_plan", "tag_of"]
+__all__ = [
+    "confirm_plan",
+    "gates_json",
+    "operation_lines",
+    "render_gates",
+    "render_plan",
+    "tag_of",
+]

@@ -38,8 +38,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from castiron.drivers.base import UnitHealth, UnitHealthSource
+from castiron.engine.operations import strategy_operations
 from castiron.engine.resolve import AnalysisLimits, CanaryConfig, CanaryStep, PrometheusQuery
-from castiron.engine.strategies import Rollout, backends_of, blue_green
+from castiron.engine.strategies import Rollout, backends_of, desired, execute, serving
 from castiron.errors import CanaryAbortedError, CastironError, NotFoundError, UsageError
 from castiron.model import HealthCheck, Instance
 from castiron.state.base import AuditDraft, DeploymentRow, StateStore, StateTx, StepRow
@@ -649,20 +650,33 @@ def run_canary(rollout: Rollout) -> None:
             "(redeploy from the spec)"
         )
     config = rollout.policy.canary
+    ops = strategy_operations(serving(rollout), desired(rollout, "canary"))
     if not rollout.previous:
         rollout.progress("first deployment: no stable release to compare with, switching at once")
-        blue_green(rollout)
+        execute(rollout, ops)
         return
-    new = rollout.create(rollout.release.config.replicas)
-    rollout.wait_healthy(new)
-    canary = _Canary(rollout, config, new, ControlInbox(rollout.journal.store, rollout.journal.id))
-    canary.baseline()
-    for index, step in enumerate(config.steps):
-        canary.check_abort(index, step)
-        canary.shift(step.weight)
-        canary.hold(index, step)
-    rollout.switch(new, [], final=True)
-    rollout.drain(rollout.previous)
+    execute(rollout, ops, _Steps(rollout, config))
+
+
+@dataclass
+class _Steps:
+    """The executor's canary steps: the analysis starts when the first weight is set."""
+
+    rollout: Rollout
+    config: CanaryConfig
+    canary: _Canary | None = None
+
+    def set_weight(self, new: Sequence[Instance], step: int) -> None:
+        if self.canary is None:
+            inbox = ControlInbox(self.rollout.journal.store, self.rollout.journal.id)
+            self.canary = _Canary(self.rollout, self.config, list(new), inbox)
+            self.canary.baseline()
+        self.canary.check_abort(step, self.config.steps[step])
+        self.canary.shift(self.config.steps[step].weight)
+
+    def analyse(self, step: int) -> None:
+        assert self.canary is not None  # a step's weight is set before its analysis
+        self.canary.hold(step, self.config.steps[step])
 
 
 __all__ = [

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +31,7 @@ from castiron.engine.journal import (
     finish_deployment,
     new_deployment_id,
 )
+from castiron.engine.operations import Operation, plan_down
 from castiron.engine.release import Release, release_from_json, release_id
 from castiron.engine.strategies import (
     STRATEGIES,
@@ -40,6 +41,7 @@ from castiron.engine.strategies import (
     Rollout,
     Target,
     backends_of,
+    execute,
     remove_instances,
     row_instance,
 )
@@ -91,6 +93,8 @@ class DeployResult:
     deployment: str | None = None
     timings: Mapping[str, float] = field(default_factory=dict)
     """``switch_s`` (start to traffic switched), ``health_s`` (waiting for health)."""
+    operations: tuple[Operation, ...] = ()
+    """The operations the executor ran (see :mod:`castiron.engine.operations`)."""
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` object of ``castiron deploy`` / ``rollback``."""
@@ -313,17 +317,26 @@ class Engine:
         """Recorded instances of ``environment`` that serve (or are about to)."""
         return [r for r in self.store.list_instances(environment) if r.status == "running"]
 
-    def plan(self, target: Target) -> Plan:
-        """What deploying ``target`` would do (reads state; changes nothing)."""
+    def plan(self, target: Target, strategy: str | None = None) -> Plan:
+        """What deploying ``target`` with ``strategy`` (default: its policy's) would do, with
+        the operations that will run (reads state; changes nothing)."""
         current = self.current_release(target.environment)
         running = [
             r
             for r in self.in_service(target.environment)
             if current is not None and r.release == current.id
         ]
-        from castiron.engine.plan import plan_deployment
+        from dataclasses import replace
 
-        return plan_deployment(current, target.release, len(running), target.policy.strategy)
+        from castiron.engine.operations import Serving, plan_deploy
+        from castiron.engine.plan import plan_deployment
+        from castiron.engine.strategies import desired_of
+
+        strategy = strategy or target.policy.strategy
+        plan = plan_deployment(current, target.release, len(running), strategy)
+        serving = Serving(None if current is None else current.id, len(running))
+        operations = plan_deploy(serving, desired_of(target.release, target.policy, strategy))
+        return replace(plan, operations=operations if plan.has_changes else ())
 
     # --- locking, recovery, reaping ------------------------------------------------------------
 
@@ -762,7 +775,7 @@ class Engine:
         started = self.monotonic()
         release = target.release
         with self.locked(target.environment, f"deploy {release.id}", lock_wait):
-            plan = self.plan(target)
+            plan = self.plan(target, strategy)
             if not plan.has_changes:
                 self.observer.progress(f"{target.environment} already runs release {release.id}")
                 return DeployResult(
@@ -907,6 +920,7 @@ class Engine:
             self.monotonic() - started,
             deployment.id,
             timings,
+            tuple(rollout.executed),
         )
 
     # --- down ----------------------------------------------------------------------------------
@@ -931,14 +945,11 @@ class Engine:
                 ),
                 lambda tx: None,
             )
-            self.traffic.remove(environment)
-            driver = self.driver(policy.runtime)
-            ids = [r.id for r in rows]
-            for row in rows:
-                driver.destroy(row_instance(row), grace=min(policy.drain_timeout, 10.0))
-            from castiron.engine.runtimes import sweep
-
-            ids += sweep(driver, policy.app, environment, ids)
+            env_row = self.store.get_environment(environment)
+            current = env_row.current_release if env_row is not None else None
+            teardown = Teardown(self, environment, policy, rows)
+            execute(teardown, plan_down(current, len(rows)))
+            ids = teardown.destroyed
 
             def apply(tx: StateTx) -> None:
                 remove_instances(tx, [r.id for r in rows])
@@ -954,6 +965,49 @@ class Engine:
             )
         self.observer.progress(f"{environment}: route removed, {len(ids)} instance(s) destroyed")
         return ids
+
+
+@dataclass
+class Teardown:
+    """Takes an environment down for the executor
+    (:func:`~castiron.engine.strategies.execute`): ``remove_route`` removes its route,
+    ``destroy`` destroys its recorded instances and any stray of it the runtime still runs.
+    It creates, routes and drains nothing."""
+
+    engine: Engine
+    environment: str
+    policy: Policy
+    previous: list[InstanceRow]
+    executed: list[Operation] = field(default_factory=list)
+    destroyed: list[str] = field(default_factory=list)
+    """Ids of the instances destroyed (strays included)."""
+
+    def remove_route(self) -> None:
+        self.engine.traffic.remove(self.environment)
+
+    def destroy(self, leaving: Sequence[InstanceRow], why: str) -> None:
+        from castiron.engine.runtimes import sweep
+
+        driver = self.engine.driver(self.policy.runtime)
+        ids = [r.id for r in leaving]
+        for row in leaving:
+            driver.destroy(row_instance(row), grace=min(self.policy.drain_timeout, 10.0))
+        self.destroyed += [*ids, *sweep(driver, self.policy.app, self.environment, ids)]
+
+    def _refuse(self) -> UsageError:
+        return UsageError(f"taking {self.environment!r} down creates, routes and drains nothing")
+
+    def create(self, count: int) -> list[Instance]:
+        raise self._refuse()
+
+    def wait_healthy(self, instances: Sequence[Instance]) -> None:
+        raise self._refuse()
+
+    def switch(self, new: Sequence[Instance], keep: Sequence[InstanceRow], *, final: bool) -> None:
+        raise self._refuse()
+
+    def take_out(self, leaving: Sequence[InstanceRow], *, warm: bool) -> None:
+        raise self._refuse()
 
 
 def surplus_warm(

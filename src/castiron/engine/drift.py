@@ -50,13 +50,16 @@ from castiron.drivers.base import Driver
 from castiron.engine.baselines import BaselineDriver, RootfsHolder, baseline_path, check_tree
 from castiron.engine.fsdrift import Finding, PathFilter, ScanResult
 from castiron.engine.journal import Journal, new_deployment_id
+from castiron.engine.operations import Operation, plan_drift_fix
 from castiron.engine.release import Release
 from castiron.engine.resolve import DriftRules
 from castiron.engine.runtimes import find_strays, instance_port
 from castiron.engine.strategies import (
     ImageRuntime,
     Policy,
+    Rollout,
     backends_of,
+    execute,
     release_instance_spec,
     remove_instances,
     row_instance,
@@ -899,12 +902,15 @@ def _fix(engine: Engine, report: DriftReport) -> FixResult:
         for r in rows.values()
         if r.status == "running" and r.id not in report.replace and r.id not in report.extra
     ]
-    count = len([i for i in report.replace if i in rows]) + report.add
+    replacing = len([i for i in report.replace if i in rows])
+    operations = plan_drift_fix(
+        release.id, len(kept), replacing, report.add, len(leaving) - replacing
+    )
     created: list[Instance] = []
     deployment: str | None = None
     route_reapplied = False
-    if count or leaving:
-        created, deployment = _replace(engine, release, policy, driver, kept, leaving, count)
+    if operations:
+        created, deployment = _replace(engine, release, policy, driver, kept, leaving, operations)
         route_reapplied = True
         for instance in report.recreated:
             driver.destroy(instance, grace=grace)
@@ -955,6 +961,66 @@ def _fix(engine: Engine, report: DriftReport) -> FixResult:
     return result
 
 
+@dataclass
+class Replacement(Rollout):
+    """A rollout that replaces instances of the release already serving: the fresh ones join
+    ``kept`` (its instances that stay) in one switch, and the leaving ones are destroyed once
+    the router has drained them (forgotten when the replacement finishes)."""
+
+    kept: Sequence[InstanceRow] = ()
+
+    def switch(self, new: Sequence[Instance], keep: Sequence[InstanceRow], *, final: bool) -> None:
+        """Route ``kept`` and ``new`` together, atomically.
+
+        Raises:
+            RouterError, AgentError: when the router refuses or cannot be reached.
+        """
+        to: list[Instance | InstanceRow] = [*self.kept, *new]
+        ids = [i.id for i in to]
+        self.journal.step("switch", {"to": ids, "keep": [], "final": True})
+        self.traffic.switch(
+            self.environment,
+            self.policy.listen,
+            backends_of(self.release.id, to),
+            drain_timeout=self.policy.drain_timeout,
+            limits=self.policy.limits,
+            access_log=self.policy.access_log,
+        )
+        new_ids = [i.id for i in new]
+
+        def serve(tx: StateTx) -> None:
+            for iid in new_ids:
+                tx.set_instance_status(iid, "running")
+
+        self.journal.step("switched", {"to": ids, "keep": [], "final": True}, serve)
+        self.progress(
+            f"traffic switched: {len(new)} fresh instance(s) in, {len(self.previous)} out"
+        )
+
+    def take_out(self, leaving: Sequence[InstanceRow], *, warm: bool) -> None:
+        """Journal ``leaving`` as stopping (never kept warm: it drifted)."""
+        leaving_ids = [r.id for r in leaving]
+        until = format_time(self.journal.store.clock.now())
+
+        def stopping(tx: StateTx) -> None:
+            for iid in leaving_ids:
+                tx.set_instance_status(iid, "stopping", {"warm_until": until})
+
+        self.journal.step("drain", {"instances": leaving_ids, "keep_warm": 0}, stopping)
+
+    def destroy(self, leaving: Sequence[InstanceRow], why: str) -> None:
+        """Destroy ``leaving`` once requests already sent to them had time to finish.
+
+        Raises:
+            RuntimeDriverError: when the runtime cannot destroy one.
+        """
+        if leaving:
+            # Let requests already sent to the leaving instances finish (the router drains them).
+            self.sleep(min(self.policy.drain_timeout, 1.0))
+        for r in leaving:
+            self.driver.destroy(row_instance(r), grace=min(self.policy.drain_timeout, 10.0))
+
+
 def _replace(
     engine: Engine,
     release: Release,
@@ -962,10 +1028,11 @@ def _replace(
     driver: Driver,
     kept: list[InstanceRow],
     leaving: list[InstanceRow],
-    count: int,
+    operations: Sequence[Operation],
 ) -> tuple[list[Instance], str]:
-    """Create ``count`` fresh instances, health-gate them, route ``kept`` + them atomically,
-    then drain and destroy ``leaving``; journaled as a deployment so a crash is recovered."""
+    """Run ``operations`` (see :func:`~castiron.engine.operations.plan_drift_fix`): create
+    fresh instances, health-gate them, route ``kept`` + them atomically, then drain and
+    destroy ``leaving``; journaled as a deployment so a crash is recovered."""
     from castiron.engine.deploy import image_runtime
     from castiron.engine.secrets import resolve_secrets
 
@@ -994,43 +1061,27 @@ def _replace(
         lambda tx: None,
         {"previous": [r.id for r in leaving], "release": release.id, "why": "drift"},
     )
-    rollout = engine.rollout(
-        journal,
-        release,
-        policy,
+    rollout = Replacement(
+        journal=journal,
+        release=release,
+        policy=policy,
         image=image,
         runtime=runtime,
         secrets=secret_values,
         driver=driver,
+        traffic=engine.traffic,
         previous=leaving,
+        prober=engine.prober,
+        instance_logs=engine.instance_logs,
+        monotonic=engine.monotonic,
+        sleep=engine.sleep,
+        kept=kept,
     )
-    new: list[Instance] = []
+    # Up to the switch a failure is undone; after it the environment serves the fresh set.
+    switched = next(i for i, op in enumerate(operations) if op.kind == "switch") + 1
     try:
         driver.ensure_image(image)
-        if count:
-            new = rollout.create(count)
-            rollout.wait_healthy(new)
-        to: list[Instance | InstanceRow] = [*kept, *new]
-        ids = [i.id for i in to]
-        journal.step("switch", {"to": ids, "keep": [], "final": True})
-        engine.traffic.switch(
-            environment,
-            policy.listen,
-            backends_of(release.id, to),
-            drain_timeout=policy.drain_timeout,
-            limits=policy.limits,
-            access_log=policy.access_log,
-        )
-        new_ids = [i.id for i in new]
-
-        def serve(tx: StateTx) -> None:
-            for iid in new_ids:
-                tx.set_instance_status(iid, "running")
-
-        journal.step("switched", {"to": ids, "keep": [], "final": True}, serve)
-        engine.observer.progress(
-            f"traffic switched: {len(new)} fresh instance(s) in, {len(leaving)} out"
-        )
+        execute(rollout, operations[:switched])
     except (Exception, KeyboardInterrupt) as exc:
         engine.observer.progress("replacing drifted instances failed: undoing it")
         engine.undo_failed(
@@ -1042,19 +1093,9 @@ def _replace(
             what=f"replacing drifted instances of {environment!r}",
         )
         raise
+    execute(rollout, operations[switched:])
+    new = list(rollout.created)
     leaving_ids = [r.id for r in leaving]
-    until = format_time(engine.store.clock.now())
-
-    def stopping(tx: StateTx) -> None:
-        for iid in leaving_ids:
-            tx.set_instance_status(iid, "stopping", {"warm_until": until})
-
-    journal.step("drain", {"instances": leaving_ids, "keep_warm": 0}, stopping)
-    if leaving:
-        # Let requests already sent to the leaving instances finish (the router drains them).
-        engine.sleep(min(policy.drain_timeout, 1.0))
-    for r in leaving:
-        driver.destroy(row_instance(r), grace=min(policy.drain_timeout, 10.0))
 
     def forget(tx: StateTx) -> None:
         remove_instances(tx, leaving_ids)

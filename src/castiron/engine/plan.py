@@ -1,7 +1,8 @@
 """Plans: what a deployment will do, computed by a pure function and shown before acting.
 
 Owns the release diff (digest, config changes with secrets masked, instance counts, strategy).
-It performs no I/O: inputs are the current release, the target release and what runs.
+It performs no I/O: inputs are the current release, the target release and what runs. The
+operations a plan runs are computed by :mod:`castiron.engine.operations` and carried here.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from castiron.engine.operations import Operation
 from castiron.engine.release import Release
 
 MASK = "(secret)"
@@ -34,6 +36,8 @@ class Plan:
     changes: tuple[Change, ...]
     create: int
     destroy: int
+    operations: tuple[Operation, ...] = ()
+    """What will run, in order (see :mod:`castiron.engine.operations`)."""
 
     @property
     def has_changes(self) -> bool:
@@ -53,6 +57,7 @@ class Plan:
             "create": self.create,
             "destroy": self.destroy,
             "has_changes": self.has_changes,
+            "operations": [op.to_json() for op in self.operations],
         }
 
 

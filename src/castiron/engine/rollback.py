@@ -129,7 +129,7 @@ def rollback(
             "deploying it afresh (blue-green)"
         )
         target = Target(release, policy, None, None)
-        plan = engine.plan(target)
+        plan = engine.plan(target, "blue-green")
         return engine.run(target, plan, started, "blue-green", label="rollback")
 
 

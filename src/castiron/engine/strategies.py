@@ -1,8 +1,10 @@
 """Deployment strategies: blue-green and rolling, on top of the mechanics of one rollout.
 
 Owns :class:`Rollout`, the steps every strategy is made of (create an instance, wait for
-health, switch traffic, drain the previous instances, destroy), each journaled before it acts,
-and the strategies themselves: :func:`blue_green` (start the whole new set, switch at once) and
+health, switch traffic, drain the previous instances, destroy), each journaled before it acts;
+the executor (:func:`execute`), which runs a plan's operations
+(:mod:`castiron.engine.operations`) through those steps; and the strategies themselves, each
+its planner and the executor: :func:`blue_green` (start the whole new set, switch at once) and
 :func:`rolling` (batches behind the router with ``max_unavailable`` 0: a batch of new instances
 becomes healthy, then takes the place of as many previous ones, which are drained).
 
@@ -18,10 +20,18 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from castiron.drivers.base import Driver
 from castiron.engine.journal import Journal
+from castiron.engine.operations import (
+    KEEP_WARM_ZERO,
+    ROLLING_BATCH,
+    Desired,
+    Operation,
+    Serving,
+    strategy_operations,
+)
 from castiron.engine.release import Release
 from castiron.engine.runtimes import KUBERNETES_ADDRESS_PREFIX, instance_port
 from castiron.errors import CastironError, DeployFailedError, UsageError
@@ -254,6 +264,8 @@ class Rollout:
     """Seconds spent waiting for new instances to become healthy."""
     switched_at: float | None = None
     """``monotonic()`` when traffic moved to the new set for good."""
+    executed: list[Operation] = field(default_factory=list)
+    """The operations run so far (see :func:`execute`)."""
 
     @property
     def environment(self) -> str:
@@ -467,9 +479,16 @@ class Rollout:
         (after the router's drain) when it is 0 or ``keep_warm`` is False."""
         if not leaving:
             return
+        warm = keep_warm and self.policy.keep_warm > 0
+        self.take_out(leaving, warm=warm)
+        if not warm:
+            self.destroy(leaving, KEEP_WARM_ZERO if keep_warm else ROLLING_BATCH)
+
+    def take_out(self, leaving: Sequence[InstanceRow], *, warm: bool) -> None:
+        """Journal ``leaving`` out of service: kept warm for the policy's ``keep_warm`` when
+        ``warm``, else about to be destroyed (``stopping``)."""
         ids = [r.id for r in leaving]
         until = self.journal.store.clock.now() + timedelta(seconds=self.policy.keep_warm)
-        warm = keep_warm and self.policy.keep_warm > 0
 
         def apply(tx: StateTx) -> None:
             for instance_id in ids:
@@ -487,10 +506,25 @@ class Rollout:
                 f"{len(ids)} previous instance(s) drained, kept warm for "
                 f"{self.policy.keep_warm:g}s (instant rollback)"
             )
-            return
+
+    def remove_route(self) -> None:
+        """A rollout never removes its environment's route.
+
+        Raises:
+            UsageError: always.
+        """
+        raise UsageError("a rollout never removes the route (castiron down does)")
+
+    def destroy(self, leaving: Sequence[InstanceRow], why: str) -> None:
+        """Destroy ``leaving`` (taken out of service: the router drains them first) and
+        forget them, audited with ``why``.
+
+        Raises:
+            RuntimeDriverError: when the runtime cannot destroy one.
+        """
+        ids = [r.id for r in leaving]
         for row in leaving:
             self.driver.destroy(row_instance(row), grace=self.policy.drain_timeout)
-        why = "keep_warm is 0" if keep_warm else "replaced by a rolling batch"
         self.journal.store.mutate(
             _draft("instance.destroy", self.environment, ids, why),
             lambda tx: remove_instances(tx, ids),
@@ -560,13 +594,130 @@ def _describe(check: HealthCheck) -> str:
     return "a TCP connect"
 
 
+class CanarySteps(Protocol):
+    """Runs a canary's steps for the executor (see :mod:`castiron.engine.canary`)."""
+
+    def set_weight(self, new: Sequence[Instance], step: int) -> None:
+        """Route canary step ``step``'s weight to ``new`` (after honouring an abort)."""
+        ...
+
+    def analyse(self, step: int) -> None:
+        """Hold step ``step``'s window under analysis; raises when it fails."""
+        ...
+
+
+def desired(rollout: Rollout, strategy: str) -> Desired:
+    """What ``rollout`` moves its environment to, for the planner."""
+    return desired_of(rollout.release, rollout.policy, strategy)
+
+
+def desired_of(release: Release, policy: Policy, strategy: str | None = None) -> Desired:
+    """What deploying ``release`` under ``policy`` (with ``strategy``, default the
+    policy's) moves its environment to, for the planner."""
+    weights = tuple(s.weight for s in policy.canary.steps) if policy.canary is not None else ()
+    return Desired(
+        release=release.id,
+        replicas=release.config.replicas,
+        strategy=strategy or policy.strategy,
+        batch=policy.batch,
+        canary_weights=weights,
+        keep_warm=policy.keep_warm,
+        whole_releases=routes_whole_releases(policy),
+    )
+
+
+def serving(rollout: Rollout) -> Serving:
+    """What serves before ``rollout``: its previous instances, of one release."""
+    previous = rollout.previous
+    return Serving(previous[0].release if previous else None, len(previous))
+
+
+class Mechanics(Protocol):
+    """What the executor runs operations through: a :class:`Rollout` (journaled as a
+    deployment), or what takes an environment down."""
+
+    @property
+    def previous(self) -> Sequence[InstanceRow]:
+        """The instances the operations take out of service, in order."""
+        ...
+
+    @property
+    def executed(self) -> list[Operation]:
+        """The operations run so far."""
+        ...
+
+    def create(self, count: int) -> list[Instance]: ...
+
+    def wait_healthy(self, instances: Sequence[Instance]) -> None: ...
+
+    def switch(
+        self, new: Sequence[Instance], keep: Sequence[InstanceRow], *, final: bool
+    ) -> None: ...
+
+    def take_out(self, leaving: Sequence[InstanceRow], *, warm: bool) -> None: ...
+
+    def destroy(self, leaving: Sequence[InstanceRow], why: str) -> None: ...
+
+    def remove_route(self) -> None: ...
+
+
+def execute(
+    rollout: Mechanics, operations: Sequence[Operation], canary: CanarySteps | None = None
+) -> None:
+    """Run ``operations`` in order through ``rollout`` (a :class:`Rollout` journals each of
+    its steps before it acts): ``create`` and ``wait_healthy`` make a batch of new instances
+    healthy, ``switch`` routes every new instance so far (with the last ``keep`` previous
+    ones beside them), ``set_weight`` and ``analyse`` go to ``canary``, ``drain`` takes the
+    next previous instances out of service, ``destroy`` destroys those just drained (or,
+    after no drain, the next ``count`` previous ones), ``remove_route`` removes the route.
+    Every operation run is appended to ``rollout.executed``.
+
+    Raises:
+        DeployFailedError: when new instances do not become healthy.
+        UsageError: when an operation cannot run here (a canary step without a canary,
+            or an operation ``rollout`` refuses).
+        RuntimeDriverError, RouterError, AgentError, StateError: on infrastructure failures.
+    """
+    old = list(rollout.previous)
+    new: list[Instance] = []
+    batch: list[Instance] = []
+    drained: list[InstanceRow] | None = None
+    retired = 0
+    for op in operations:
+        rollout.executed.append(op)
+        if op.kind == "create":
+            batch = rollout.create(op.count)
+        elif op.kind == "wait_healthy":
+            rollout.wait_healthy(batch)
+            new.extend(batch)
+            batch = []
+        elif op.kind == "switch":
+            keep = old[len(old) - op.keep :] if op.keep else []
+            rollout.switch(new, keep, final=op.final)
+        elif op.kind in ("set_weight", "analyse"):
+            if canary is None:
+                raise UsageError(f"operation {op.kind!r} needs a canary")
+            if op.kind == "set_weight":
+                canary.set_weight(new, op.step or 0)
+            else:
+                canary.analyse(op.step or 0)
+        elif op.kind == "drain":
+            drained = old[retired : retired + op.count]
+            retired += len(drained)
+            rollout.take_out(drained, warm=op.warm)
+        elif op.kind == "destroy":
+            if drained is None:
+                drained = old[retired : retired + op.count]
+                retired += len(drained)
+            rollout.destroy(drained, op.reason or KEEP_WARM_ZERO)
+            drained = None
+        else:
+            rollout.remove_route()
+
+
 def blue_green(rollout: Rollout) -> None:
     """Start the whole new set, wait until every one is healthy, switch at once, drain."""
-    replicas = rollout.release.config.replicas
-    new = rollout.create(replicas)
-    rollout.wait_healthy(new)
-    rollout.switch(new, [], final=True)
-    rollout.drain(rollout.previous)
+    execute(rollout, strategy_operations(serving(rollout), desired(rollout, "blue-green")))
 
 
 def routes_whole_releases(policy: Policy) -> bool:
@@ -583,25 +734,7 @@ def rolling(rollout: Rollout) -> None:
     up, waits until it is ready, then scales the previous release down by as many: the
     previous instances are destroyed batch by batch instead of kept warm (a rollback after a
     rolling deployment there starts the previous release again)."""
-    replicas = rollout.release.config.replicas
-    batch = max(1, rollout.policy.batch)
-    old = list(rollout.previous)
-    new: list[Instance] = []
-    retire = routes_whole_releases(rollout.policy)
-    retired = 0
-    while len(new) < replicas:
-        count = min(batch, replicas - len(new))
-        made = rollout.create(count)
-        rollout.wait_healthy(made)
-        new.extend(made)
-        keep = old[len(new) :] if len(new) < replicas else []
-        rollout.switch(new, keep, final=not keep)
-        if retire:
-            leaving = old[retired : len(old) - len(keep)]
-            rollout.drain(leaving, keep_warm=False)
-            retired += len(leaving)
-    if not retire:
-        rollout.drain(old)
+    execute(rollout, strategy_operations(serving(rollout), desired(rollout, "rolling")))
 
 
 STRATEGIES: dict[StrategyName, Callable[[Rollout], None]] = {
@@ -617,17 +750,23 @@ __all__ = [
     "INSPECT_EVERY",
     "LOG_LINES",
     "STRATEGIES",
+    "CanarySteps",
     "DriverOnUse",
     "ImageRuntime",
+    "Mechanics",
     "Policy",
     "Prober",
     "Rollout",
     "Target",
     "backends_of",
     "blue_green",
+    "desired",
+    "desired_of",
+    "execute",
     "instance_row",
     "release_instance_spec",
     "rolling",
     "routes_whole_releases",
     "row_instance",
+    "serving",
 ]
