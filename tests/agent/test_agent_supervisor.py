@@ -268,7 +268,9 @@ def test_logs_are_rotated_by_copy_truncate_while_the_instance_writes(state: Path
     for path in rotated:
         assert path.stat().st_size >= 4096
         assert path.read_text().startswith("line ")
-    assert log.stat().st_size < 4096 + 200
+    # The instance keeps writing between two rotation checks (a busy machine stretches the
+    # gap), so the live file may pass the limit a little; unrotated it would hold ~40 KB.
+    assert log.stat().st_size < 2 * 4096
     # The writer's O_APPEND descriptor goes on at the start of the truncated file (no holes).
     assert "\0" not in log.read_text()
 

@@ -7,6 +7,7 @@ of processes can get wrong.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -265,3 +266,36 @@ def test_merged_counters_add_up_and_percentiles_come_from_the_summed_histogram()
     assert [c.release for c in merged] == ["A", "B"]
     assert merged[0] == both.snapshot()
     assert merged[1] == other.snapshot()
+
+
+def test_a_connection_not_yet_read_when_the_agent_dies_is_served_not_cut(
+    loop_thread: LoopThread, backends: MakeBackend
+) -> None:
+    """The agent dies (the pool's end of the channel goes away) just after a worker accepted a
+    connection whose request it has not read yet: the worker, going away, still answers it."""
+    h = Harness("workers", WorkerPoolRouter(1), loop_thread)
+    try:
+        a = backends("a")
+        h.apply(h.config(bset("A", a)))
+        router = _pool(h)
+        (worker,) = [p for p in router._procs.values() if p.alive]
+        sock = socket.create_connection(("127.0.0.1", h.port), timeout=10)
+        time.sleep(0.3)  # accepted by the worker (nothing else accepts), nothing sent yet
+
+        def lifeline_cut() -> None:
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(worker.channel.fileno())
+            worker.channel.shutdown(socket.SHUT_RDWR)
+
+        loop_thread.call(lifeline_cut)
+        time.sleep(0.1)  # the worker saw its channel end and started going away
+        sock.sendall(b"GET /echo HTTP/1.1\r\nHost: web\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        assert b'"backend": "a"' in answer or b'"backend":"a"' in answer
+        assert worker.proc.wait(timeout=10) == 0
+    finally:
+        h.close()

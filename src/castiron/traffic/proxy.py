@@ -107,6 +107,9 @@ _REPLAYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 _P_UPSTREAM, _P_PENDING, _P_PIPELINE = 1, 2, 4
 # what a client connection's deadline guards
 _D_NONE, _D_HEADER, _D_IDLE, _D_BODY = 0, 1, 2, 3
+
+FRESH_GRACE = 0.5
+"""Seconds a connection that has sent nothing yet is kept when its process goes away."""
 _NO_BODY_METHODS = frozenset({b"GET", b"HEAD"})
 
 
@@ -430,10 +433,26 @@ class _Listener:
                 )
             )
         for client in list(self.clients):
-            if not client.queue:
+            if not client.queue and not (keep_routes and client.deadline_kind == _D_HEADER):
                 client.close()
         deadline = self.loop.time() + drain_timeout + 1.0
-        while self.draining and self.loop.time() < deadline:
+        # A connection accepted just before the process started going away may not have been
+        # read yet: its request is served (and the connection then closed) rather than cut.
+        # One that sends nothing within FRESH_GRACE is closed; so is any kept-alive idle one.
+        fresh_until = self.loop.time() + min(FRESH_GRACE, drain_timeout)
+        while self.loop.time() < deadline:
+            waiting = False
+            if keep_routes:
+                late = self.loop.time() >= fresh_until
+                for client in list(self.clients):
+                    if client.queue:
+                        waiting = True
+                    elif client.deadline_kind != _D_HEADER or (late and not client.got_bytes):
+                        client.close()
+                    else:
+                        waiting = True
+            if not (waiting or self.draining):
+                break
             await asyncio.sleep(0.02)
         self.sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
