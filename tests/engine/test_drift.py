@@ -218,7 +218,7 @@ def test_building_drivers_does_not_load_the_drift_scanner() -> None:
     """``status`` and ``deploy`` build the local driver (wrapped to take baselines); the drift
     scanner is loaded only when an instance is created or a scan runs."""
     code = (
-        "import sys, castiron.engine.compose, castiron.engine.baselines; "
+        "import sys, castiron.compose, castiron.engine.baselines; "
         "print(sorted(m for m in sys.modules if m.startswith(('castiron.engine.drift', "
         "'castiron.engine.fsdrift'))))"
     )

@@ -22,8 +22,8 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
 
 from castiron.api.events import EventWatcher
+from castiron.compose import agent_running, drift_dir, open_engine, resolved_spec
 from castiron.engine.access import Identity
-from castiron.engine.compose import agent_running, drift_dir, open_engine, resolved_spec
 from castiron.engine.deploy import Engine
 from castiron.engine.journal import StepObserver
 from castiron.errors import CastironError, NotFoundError, UsageError

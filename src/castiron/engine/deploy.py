@@ -10,7 +10,7 @@ it is undone, after it it is completed), reaping warm instances past ``keep_warm
 
 The engine is given its collaborators (state store, image store, drivers by runtime, the
 traffic controller, a clock) and never reads the process environment, prints, or exits; see
-:mod:`castiron.engine.compose` for how the CLI builds one.
+:mod:`castiron.compose` for how the CLI builds one.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ def drift_cmd(
     One line per finding: kind (image, config, filesystem, membership), instance, path or
     field, expected, actual. Exits 3 when drift is found, 0 when clean.
     """
-    from castiron.engine.compose import drift_dir, drift_rules, open_engine
+    from castiron.compose import drift_dir, drift_rules, open_engine
     from castiron.engine.drift import (
         check_output,
         default_threads,

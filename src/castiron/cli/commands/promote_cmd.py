@@ -50,7 +50,7 @@ def promote_cmd(
 ) -> None:
     """Deploy the exact image FROM serves (or --release) to TO, with TO's config, through
     TO's policy gates (exit 5 when one refuses)."""
-    from castiron.engine.compose import open_engine, resolved_spec
+    from castiron.compose import open_engine, resolved_spec
     from castiron.engine.promote import prepare, promote
 
     settings = cli.settings
@@ -111,7 +111,7 @@ def approve_cmd(
     with your OS user. One key, or one OS user, counts once; the deployer's own OS user never
     counts; $CASTIRON_ACTOR is only a label."""
     from castiron.cli.commands.sign_cmd import read_passphrase
-    from castiron.engine.compose import resolved_spec
+    from castiron.compose import resolved_spec
     from castiron.engine.promote import approve
     from castiron.images.sign import load_signer
     from castiron.state.store import open_state

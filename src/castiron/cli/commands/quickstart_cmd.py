@@ -203,7 +203,7 @@ class _Printer:
 @click.pass_context
 def quickstart_cmd(ctx: click.Context, cli: CliContext, directory: Path, port: int | None) -> None:
     """Bake, deploy, update with zero downtime and roll back the bundled example app."""
-    from castiron.engine.compose import open_engine
+    from castiron.compose import open_engine
     from castiron.engine.rollback import rollback
     from castiron.images.build import BakeOptions, bake, default_skips
     from castiron.images.store import ImageStore
