@@ -418,7 +418,7 @@ def gates(settings: Settings, name: str) -> dict[str, Any]:
         active = target.gates if target.gates is not None else policy
         out["candidate"] = {"release": target.release.id, "digest": target.release.digest}
         if active.active:
-            out["preview"] = [r.to_json() for r in preview(engine, target, active).results]
+            out["preview"] = [r.to_json() for r in preview(engine.context, target, active).results]
         out["approvals"] = [
             {
                 "actor": a.actor,

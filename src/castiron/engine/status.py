@@ -155,7 +155,9 @@ def environment_status(
         item["in_route"] = item["id"] in routing.backend_ids if routing else None
     warm = _warm_releases(engine, name, [r for r in rows if r.status == "warm"])
     pending = [d.id for d in engine.store.list_deployments(name, limit=5) if d.outcome == "running"]
-    strays = environment_strays(engine, name, seen | {r.id for r in rows}, agent_running=router)
+    strays = environment_strays(
+        engine.context, name, seen | {r.id for r in rows}, agent_running=router
+    )
     locks = LockManager(engine.store).status(name)
     return {
         "name": name,
