@@ -85,7 +85,7 @@ def test_a_cold_rollback_runs_the_blue_green_it_plans(world: World) -> None:
     deploy_as_planned(world, "cold", "v1")
     v2 = deploy_as_planned(world, "cold", "v2")
     engine = world.engine()
-    result = rollback(engine, "cold")
+    result = rollback(engine.context, "cold")
     previous = engine.load_release(result.release)
     expected = plan_rollback(
         Serving(v2.release, previous.config.replicas),

@@ -409,7 +409,7 @@ def gates(settings: Settings, name: str) -> dict[str, Any]:
         }
         try:
             if policy.source is not None:
-                target = prepare(engine, spec, policy.source, name).target
+                target = prepare(engine.context, spec, policy.source, name).target
             else:
                 target = engine.resolve(spec, name, None)
         except CastironError as exc:
@@ -461,7 +461,7 @@ def rollback(
     from castiron.engine.rollback import rollback as roll_back
 
     with acting(settings, identity, observer) as engine:
-        return roll_back(engine, name, to=to, lock_wait=lock_wait).to_json()
+        return roll_back(engine.context, name, to=to, lock_wait=lock_wait).to_json()
 
 
 def promote(
@@ -479,8 +479,8 @@ def promote(
 
     spec = resolved_spec(settings)
     with acting(settings, identity, observer) as engine:
-        promotion = prepare(engine, spec, source, name, release=release_id)
-        return run_promotion(engine, promotion, lock_wait=lock_wait).to_json()
+        promotion = prepare(engine.context, spec, source, name, release=release_id)
+        return run_promotion(engine.context, promotion, lock_wait=lock_wait).to_json()
 
 
 def approve(

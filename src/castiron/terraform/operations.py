@@ -122,7 +122,7 @@ def _target(
         return engine.resolve(spec, args.environment, args.image), None
     from castiron.engine.promote import prepare
 
-    promotion = prepare(engine, spec, args.promote_from, args.environment)
+    promotion = prepare(engine.context, spec, args.promote_from, args.environment)
     if args.image is not None:
         wanted = engine.images.resolve(args.image)
         if wanted != promotion.target.release.digest:
@@ -181,7 +181,7 @@ def deploy(settings: Settings, args: DeploymentArgs, *, fix_drift: bool = False)
         if promotion is not None:
             from castiron.engine.promote import promote
 
-            promote(engine, promotion)
+            promote(engine.context, promotion)
         else:
             # The provider's scans report and fix drift on Terraform's terms: no agent watch.
             engine.deploy(replace(target, drift=None))

@@ -222,7 +222,7 @@ def rollback_cmd(
     from castiron.engine.rollback import rollback
 
     with open_engine(cli.settings, observer=observer_for(cli)) as engine:
-        result = rollback(engine, environment, to=to, lock_wait=lock_wait)
+        result = rollback(engine.context, environment, to=to, lock_wait=lock_wait)
     if as_json:
         emit_json(result.to_json())
         return

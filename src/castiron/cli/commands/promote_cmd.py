@@ -56,7 +56,7 @@ def promote_cmd(
     settings = cli.settings
     spec = resolved_spec(settings)
     with open_engine(settings, observer=observer_for(cli)) as engine:
-        promotion = prepare(engine, spec, source, environment, release=release)
+        promotion = prepare(engine.context, spec, source, environment, release=release)
         target = promotion.target
         plan = engine.plan(target)
         click.echo(
@@ -67,7 +67,7 @@ def promote_cmd(
         confirm_plan(
             cli, engine, target, plan, f"promote release {target.release.id} to {environment}?", yes
         )
-        result = promote(engine, promotion, lock_wait=lock_wait)
+        result = promote(engine.context, promotion, lock_wait=lock_wait)
     if as_json:
         emit_json(result.to_json())
         return

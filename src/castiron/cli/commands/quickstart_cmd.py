@@ -281,7 +281,7 @@ def quickstart_cmd(ctx: click.Context, cli: CliContext, directory: Path, port: i
     out.say(f"   $ curl {url}\n   {fetch(port)[1]}")
     out.say("6. roll back (v1 is still warm: a pointer flip of the router)")
     with open_engine(settings_for("1"), observer=out) as engine:
-        back = rollback(engine, "staging")
+        back = rollback(engine.context, "staging")
     out.say(f"   rolled back to {back.release} in {back.duration_s * 1000:.0f} ms")
     out.say(f"   $ curl {url}\n   {fetch(port)[1]}")
     took = time.monotonic() - began
