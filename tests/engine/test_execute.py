@@ -102,7 +102,7 @@ def test_a_drift_fix_runs_the_replacement_it_plans(world: World, tmp_path: Path)
         r.id for r in world.store.list_instances("staging") if r.status == "running"
     )
     world.driver.kill(first)
-    result = fix_drift(world.engine(), "staging", baselines=tmp_path)
+    result = fix_drift(world.engine().context, "staging", baselines=tmp_path)
     assert result.replaced == (first,) and len(result.created) == 1
     release = world.store.list_deployments("staging", limit=1)[0].to_release
     expected = plan_drift_fix(release, kept=1, replace=1)

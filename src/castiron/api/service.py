@@ -353,7 +353,7 @@ def drift(settings: Settings, name: str) -> dict[str, Any]:
 
     with reading(settings) as engine:
         known(engine, name)
-        return detect_drift(engine, name, baselines=drift_dir(settings)).to_json()
+        return detect_drift(engine.context, name, baselines=drift_dir(settings)).to_json()
 
 
 def locks(settings: Settings) -> dict[str, Any]:

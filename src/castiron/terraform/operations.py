@@ -189,7 +189,7 @@ def deploy(settings: Settings, args: DeploymentArgs, *, fix_drift: bool = False)
             from castiron.engine.drift import fix_drift as fix
 
             fix(
-                engine,
+                engine.context,
                 args.environment,
                 baselines=drift_dir(settings),
                 rules=_drift_rules(settings, args.environment),
@@ -228,7 +228,7 @@ def _observe(
         from castiron.engine.drift import detect_drift
 
         report = detect_drift(
-            engine,
+            engine.context,
             environment,
             baselines=drift_dir(settings),
             rules=_drift_rules(settings, environment),

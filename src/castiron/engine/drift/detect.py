@@ -23,6 +23,7 @@ from castiron.drivers.base import Driver
 from castiron.engine.baselines import RootfsHolder, check_tree
 from castiron.engine.drift.report import DriftFinding, DriftReport
 from castiron.engine.fsdrift import Finding, PathFilter, ScanResult
+from castiron.engine.records import load_release
 from castiron.engine.release import Release
 from castiron.engine.resolve import DriftRules
 from castiron.engine.runtimes import find_strays, instance_port
@@ -42,7 +43,7 @@ from castiron.state.base import AuditDraft, InstanceRow
 from castiron.traffic.controller import RouteDiffer
 
 if TYPE_CHECKING:
-    from castiron.engine.deploy import Engine
+    from castiron.engine.context import EngineContext
     from castiron.images.manifest import FileEntry
 
 
@@ -321,7 +322,7 @@ def _skipped(paths: PathFilter, path: str) -> bool:
 
 @dataclass
 class _Context:
-    engine: Engine
+    context: EngineContext
     environment: str
     policy: Policy
     release: Release
@@ -335,11 +336,11 @@ class _Context:
 
     def expect(self, release_id: str) -> Expected:
         if release_id not in self.expected:
-            release = self.engine.load_release(release_id)
+            release = load_release(self.context.store, release_id)
             from castiron.engine.deploy import image_runtime
 
-            runtime = image_runtime(self.engine.images, release.digest)
-            config_digest = self.engine.images.image(release.digest).config_digest
+            runtime = image_runtime(self.context.images, release.digest)
+            config_digest = self.context.images.image(release.digest).config_digest
             self.expected[release_id] = Expected(release, runtime, config_digest)
         return self.expected[release_id]
 
@@ -348,7 +349,7 @@ class _Context:
             if digest not in self.manifests:
                 from castiron.images.manifest import file_index
 
-                self.manifests[digest] = file_index(self.engine.images, Digest(digest))
+                self.manifests[digest] = file_index(self.context.images, Digest(digest))
             return self.manifests[digest]
 
         return load
@@ -379,7 +380,7 @@ def _final(successors: Mapping[str, str], iid: str) -> str:
 
 
 def detect_drift(
-    engine: Engine,
+    context: EngineContext,
     environment: str,
     *,
     baselines: Path,
@@ -397,19 +398,19 @@ def detect_drift(
         RuntimeDriverError, AgentError: when the runtime or the router cannot be asked.
         ImageError: when the image or a tree cannot be read, or an ignore pattern is bad.
     """
-    row = engine.store.get_environment(environment)
+    row = context.store.get_environment(environment)
     if row is None:
         raise NotFoundError(f"environment {environment!r} was never deployed")
     policy = Policy.from_json(row.config)
     if row.current_release is None:
         return DriftReport(environment, None)
-    release = engine.load_release(row.current_release)
+    release = load_release(context.store, row.current_release)
     ctx = _Context(
-        engine,
+        context,
         environment,
         policy,
         release,
-        engine.driver(policy.runtime),
+        context.driver(policy.runtime),
         baselines,
         rules or DriftRules(),
         full,
@@ -419,13 +420,13 @@ def detect_drift(
 
 
 def _detect(ctx: _Context) -> DriftReport:
-    engine, environment, release, driver = ctx.engine, ctx.environment, ctx.release, ctx.driver
-    rows = engine.store.list_instances(environment)
+    context, environment, release, driver = ctx.context, ctx.environment, ctx.release, ctx.driver
+    rows = context.store.list_instances(environment)
     serving = [r for r in rows if r.status == "running"]
     observed_list = driver.observe(ctx.policy.app, environment)
     observed = {o.instance.id: o for o in observed_list}
     successors = _successors(observed_list)
-    traffic = engine.traffic
+    traffic = context.traffic
     routing = traffic.current(environment)
     routed = routing.backend_ids if routing is not None else frozenset()
     findings: list[DriftFinding] = []
@@ -577,10 +578,10 @@ def _detect(ctx: _Context) -> DriftReport:
             reroute = True
     # strays
     images: list[ImageRef] = []
-    for rel_row in engine.store.list_releases(environment):
+    for rel_row in context.store.list_releases(environment):
         with contextlib.suppress(CastironError):
-            stored = engine.images.image(rel_row.digest)
-            ref = ImageRef(Digest(rel_row.digest), stored.config_digest, engine.images.root)
+            stored = context.images.image(rel_row.digest)
+            ref = ImageRef(Digest(rel_row.digest), stored.config_digest, context.images.root)
             if ref not in images:
                 images.append(ref)
     pending = {o.instance.id for o in observed_list if o.config.get("replaces") and not o.stray}
@@ -621,7 +622,7 @@ def _live_diffs(ctx: _Context, driver: LiveDiffer) -> list[LiveDiff]:
     """The differences of the current release's live objects not reported elsewhere."""
     expected = ctx.expect(ctx.release.id)
     image = ImageRef(
-        ctx.release.digest, Digest(expected.config_digest or ""), ctx.engine.images.root
+        ctx.release.digest, Digest(expected.config_digest or ""), ctx.context.images.root
     )
     # Secret values are not compared (the Secret is checked for presence only): names will do.
     secrets = dict.fromkeys(expected.secret_names, "")
@@ -633,7 +634,7 @@ def _live_diffs(ctx: _Context, driver: LiveDiffer) -> list[LiveDiff]:
     ]
 
 
-def record_detection(engine: Engine, report: DriftReport, source: str) -> None:
+def record_detection(context: EngineContext, report: DriftReport, source: str) -> None:
     """Record drift found without fixing it as one ``drift.detected`` audit entry (what the
     agent's watch does on each check that finds something; a clean report records nothing).
 
@@ -645,7 +646,7 @@ def record_detection(engine: Engine, report: DriftReport, source: str) -> None:
     kinds: dict[str, int] = {}
     for finding in report.findings:
         kinds[finding.kind] = kinds.get(finding.kind, 0) + 1
-    engine.store.mutate(
+    context.store.mutate(
         AuditDraft(
             "drift.detected",
             environment=report.environment,

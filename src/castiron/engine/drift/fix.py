@@ -22,6 +22,8 @@ from castiron.engine.drift.detect import detect_drift
 from castiron.engine.drift.report import DriftReport, FixResult
 from castiron.engine.journal import Journal, new_deployment_id
 from castiron.engine.operations import Operation, plan_drift_fix
+from castiron.engine.records import load_release
+from castiron.engine.recovery import locked, undo_failed
 from castiron.engine.release import Release
 from castiron.engine.resolve import DriftRules
 from castiron.engine.strategies import (
@@ -40,7 +42,7 @@ from castiron.model import ImageRef, Instance
 from castiron.state.base import AuditDraft, DeploymentRow, InstanceRow, StateTx, format_time
 
 if TYPE_CHECKING:
-    from castiron.engine.deploy import Engine
+    from castiron.engine.context import EngineContext
 
 
 FIX_STRATEGY = "drift-fix"
@@ -51,7 +53,7 @@ FIX_STRATEGY = "drift-fix"
 
 
 def fix_drift(
-    engine: Engine,
+    context: EngineContext,
     environment: str,
     *,
     baselines: Path,
@@ -78,29 +80,29 @@ def fix_drift(
         RuntimeDriverError, RouterError, AgentError, ImageError, StateError: on
             infrastructure failures.
     """
-    if engine.store.get_environment(environment) is None:
+    if context.store.get_environment(environment) is None:
         raise NotFoundError(f"environment {environment!r} was never deployed")
-    with engine.locked(environment, "drift fix", lock_wait):
+    with locked(context, environment, "drift fix", lock_wait):
         report = detect_drift(
-            engine, environment, baselines=baselines, rules=rules, full=full, threads=threads
+            context, environment, baselines=baselines, rules=rules, full=full, threads=threads
         )
         if report.clean or report.release is None:
             return FixResult(report)
-        return _fix(engine, report)
+        return _fix(context, report)
 
 
-def _fix(engine: Engine, report: DriftReport) -> FixResult:
+def _fix(context: EngineContext, report: DriftReport) -> FixResult:
     environment = report.environment
-    row = engine.store.get_environment(environment)
+    row = context.store.get_environment(environment)
     assert row is not None and report.release is not None
     policy = Policy.from_json(row.config)
-    release = engine.load_release(report.release)
-    driver = engine.driver(policy.runtime)
+    release = load_release(context.store, report.release)
+    driver = context.driver(policy.runtime)
     grace = min(policy.drain_timeout, 10.0)
     strays_destroyed: list[str] = []
     for stray in report.strays:
         name = str(stray.config.get("container") or stray.instance.id or stray.instance.handle)
-        engine.store.mutate(
+        context.store.mutate(
             AuditDraft(
                 "drift.stray.destroy",
                 environment=environment,
@@ -111,23 +113,23 @@ def _fix(engine: Engine, report: DriftReport) -> FixResult:
         )
         driver.destroy(stray.instance, grace=grace)
         strays_destroyed.append(name)
-        engine.observer.progress(f"destroyed stray {name}")
+        context.observer.progress(f"destroyed stray {name}")
     renewed: list[tuple[str, Path | None]] = []
     if report.modified_trees and isinstance(driver, RootfsHolder):
-        stored = engine.images.image(release.digest)
+        stored = context.images.image(release.digest)
         for digest in report.modified_trees:
-            engine.store.mutate(
+            context.store.mutate(
                 AuditDraft("drift.tree.renew", environment=environment, subject=digest),
                 lambda tx: None,
             )
-            image = ImageRef(digest, stored.config_digest, engine.images.root)
+            image = ImageRef(digest, stored.config_digest, context.images.root)
             if digest != release.digest:
                 image = ImageRef(
-                    digest, engine.images.image(digest).config_digest, engine.images.root
+                    digest, context.images.image(digest).config_digest, context.images.root
                 )
             renewed.append((digest, driver.renew_rootfs(image)))
-            engine.observer.progress(f"re-unpacked the modified tree of {digest[:19]}")
-    rows = {r.id: r for r in engine.store.list_instances(environment)}
+            context.observer.progress(f"re-unpacked the modified tree of {digest[:19]}")
+    rows = {r.id: r for r in context.store.list_instances(environment)}
     leaving = [rows[i] for i in (*report.replace, *report.extra) if i in rows]
     kept = [
         r
@@ -142,12 +144,12 @@ def _fix(engine: Engine, report: DriftReport) -> FixResult:
     deployment: str | None = None
     route_reapplied = False
     if operations:
-        created, deployment = _replace(engine, release, policy, driver, kept, leaving, operations)
+        created, deployment = _replace(context, release, policy, driver, kept, leaving, operations)
         route_reapplied = True
         for instance in report.recreated:
             driver.destroy(instance, grace=grace)
     elif report.reroute:
-        engine.traffic.switch(
+        context.traffic.switch(
             environment,
             policy.listen,
             backends_of(release.id, kept),
@@ -156,7 +158,7 @@ def _fix(engine: Engine, report: DriftReport) -> FixResult:
             access_log=policy.access_log,
         )
         route_reapplied = True
-        engine.observer.progress(f"route of {environment} re-applied from the records")
+        context.observer.progress(f"route of {environment} re-applied from the records")
     for _digest, aside in renewed:
         if aside is not None and isinstance(driver, RootfsHolder):
             with contextlib.suppress(CastironError):
@@ -179,7 +181,7 @@ def _fix(engine: Engine, report: DriftReport) -> FixResult:
         "findings": len(report.findings),
         "kinds": sorted({f.kind for f in report.findings}),
     }
-    engine.store.mutate(
+    context.store.mutate(
         AuditDraft(
             "drift.fix",
             environment=environment,
@@ -254,7 +256,7 @@ class Replacement(Rollout):
 
 
 def _replace(
-    engine: Engine,
+    context: EngineContext,
     release: Release,
     policy: Policy,
     driver: Driver,
@@ -270,26 +272,26 @@ def _replace(
 
     environment = release.environment
     secret_values = resolve_secrets(
-        release, engine.environ, Path(policy.base_dir), engine.store.redactor
+        release, context.environ, Path(policy.base_dir), context.store.redactor
     )
-    runtime = image_runtime(engine.images, release.digest)
-    stored = engine.images.image(release.digest)
-    image = ImageRef(release.digest, stored.config_digest, engine.images.root)
-    now = engine.store.clock.now()
+    runtime = image_runtime(context.images, release.digest)
+    stored = context.images.image(release.digest)
+    image = ImageRef(release.digest, stored.config_digest, context.images.root)
+    now = context.store.clock.now()
     deployment = DeploymentRow(
         id=new_deployment_id(),
         environment=environment,
         from_release=release.id,
         to_release=release.id,
         strategy=FIX_STRATEGY,
-        actor=engine.store.actor,
+        actor=context.store.actor,
         started=now,
         details={"digest": release.digest, "replace": [r.id for r in leaving]},
     )
     journal = Journal.open(
-        engine.store,
+        context.store,
         deployment,
-        engine.observer,
+        context.observer,
         lambda tx: None,
         {"previous": [r.id for r in leaving], "release": release.id, "why": "drift"},
     )
@@ -301,12 +303,12 @@ def _replace(
         runtime=runtime,
         secrets=secret_values,
         driver=driver,
-        traffic=engine.traffic,
+        traffic=context.traffic,
         previous=leaving,
-        prober=engine.prober,
-        instance_logs=engine.instance_logs,
-        monotonic=engine.monotonic,
-        sleep=engine.sleep,
+        prober=context.prober,
+        instance_logs=context.instance_logs,
+        monotonic=context.monotonic,
+        sleep=context.sleep,
         kept=kept,
     )
     # Up to the switch a failure is undone; after it the environment serves the fresh set.
@@ -315,8 +317,9 @@ def _replace(
         driver.ensure_image(image)
         execute(rollout, operations[:switched])
     except (Exception, KeyboardInterrupt) as exc:
-        engine.observer.progress("replacing drifted instances failed: undoing it")
-        engine.undo_failed(
+        context.observer.progress("replacing drifted instances failed: undoing it")
+        undo_failed(
+            context,
             exc,
             deployment,
             journal.steps(),
@@ -338,5 +341,5 @@ def _replace(
         forget,
     )
     for iid in leaving_ids:
-        engine.observer.progress(f"drained and destroyed {iid}")
+        context.observer.progress(f"drained and destroyed {iid}")
     return new, deployment.id
