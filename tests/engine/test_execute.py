@@ -13,9 +13,9 @@ import pytest
 
 from castiron.engine.deploy import DeployResult, Teardown
 from castiron.engine.drift import fix_drift
+from castiron.engine.execute import execute
 from castiron.engine.operations import Desired, Operation, Serving, plan_drift_fix, plan_rollback
 from castiron.engine.rollback import rollback
-from castiron.engine.strategies import execute
 from castiron.errors import UsageError
 
 from .conftest import SPEC, World

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from castiron.drivers.base import Driver
 from castiron.engine import recovery
 from castiron.engine.context import EngineContext, Lazy
+from castiron.engine.execute import execute
 from castiron.engine.journal import (
     Journal,
     SilentObserver,
@@ -43,7 +44,6 @@ from castiron.engine.strategies import (
     Prober,
     Rollout,
     Target,
-    execute,
     remove_instances,
     row_instance,
 )

@@ -20,20 +20,14 @@ from castiron.drivers.base import Driver
 from castiron.engine.baselines import RootfsHolder
 from castiron.engine.drift.detect import detect_drift
 from castiron.engine.drift.report import DriftReport, FixResult
+from castiron.engine.execute import execute
 from castiron.engine.journal import Journal, new_deployment_id
 from castiron.engine.operations import Operation, plan_drift_fix
 from castiron.engine.records import load_release
 from castiron.engine.recovery import locked, undo_failed
 from castiron.engine.release import Release
 from castiron.engine.resolve import DriftRules
-from castiron.engine.strategies import (
-    Policy,
-    Rollout,
-    backends_of,
-    execute,
-    remove_instances,
-    row_instance,
-)
+from castiron.engine.strategies import Policy, Rollout, backends_of, remove_instances, row_instance
 from castiron.errors import (
     CastironError,
     NotFoundError,
