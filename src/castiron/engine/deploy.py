@@ -1,12 +1,11 @@
-"""The deploy verbs — resolve, plan, deploy, run, down — and :class:`Engine`, their facade.
+"""The deploy verbs — deploy, run, down — and :class:`Engine`, the facade of every verb.
 
-Owns where the spec meets the runtime: an image reference is resolved to a digest once
-(:func:`resolve`), a deployment is planned (:func:`plan_target`, pure apart from reads) and
-run under the environment's lock (:func:`deploy`, :func:`run`): every step is journaled
-before it acts, a failure undoes what was created and leaves traffic where it was. It also
-takes an environment down (:func:`down`). Each verb takes the
-:class:`~castiron.engine.context.EngineContext`; recovery, undoing and reaping are the verbs
-of :mod:`castiron.engine.recovery`.
+Owns running a deployment under the environment's lock (:func:`deploy`: plan, gates, then
+:func:`run`): every step is journaled before it acts, a failure undoes what was created and
+leaves traffic where it was. It also takes an environment down (:func:`down`). Each verb takes
+the :class:`~castiron.engine.context.EngineContext`; resolving and planning are the verbs of
+:mod:`castiron.engine.targets` (re-exported here), recovery, undoing and reaping those of
+:mod:`castiron.engine.recovery`.
 
 :class:`Engine` holds one context and offers every verb as a method (what the CLI, the API,
 the Terraform provider and the other verbs call). The engine is given its collaborators and
@@ -36,7 +35,7 @@ from castiron.engine.journal import (
 from castiron.engine.operations import Operation, plan_down
 from castiron.engine.records import current_release, in_service, load_release
 from castiron.engine.recovery import locked, policy_of, set_env, surplus_warm, undo_failed
-from castiron.engine.release import Release, release_id
+from castiron.engine.release import Release
 from castiron.engine.strategies import (
     STRATEGIES,
     ImageRuntime,
@@ -47,14 +46,13 @@ from castiron.engine.strategies import (
     remove_instances,
     row_instance,
 )
+from castiron.engine.targets import image_runtime, newest_image, plan_target, resolve
 from castiron.errors import (
     CastironError,
-    ImageError,
-    NotFoundError,
     UsageError,
 )
 from castiron.health import probe
-from castiron.model import Digest, ImageRef, Instance, ReleaseId
+from castiron.model import ImageRef, Instance, ReleaseId
 from castiron.settings import current_os_user
 from castiron.state.base import (
     AuditDraft,
@@ -123,55 +121,6 @@ def strategy_runner(name: str) -> Callable[[Rollout], None]:
             return run
     names = ", ".join([*STRATEGIES, "canary"])
     raise UsageError(f"strategy {name!r} is not available (use one of: {names})")
-
-
-def image_runtime(images: ImageStore, digest: str) -> ImageRuntime:
-    """How the image ``digest`` says to run it: entrypoint + cmd, env, workdir, user.
-
-    Raises:
-        NotFoundError: when the image is not in the store.
-        ImageError: when its config is damaged.
-    """
-    config = images.image(digest).config.get("config") or {}
-    if not isinstance(config, dict):
-        raise ImageError(f"image {digest}: config is not an object")
-    command = [*(config.get("Entrypoint") or []), *(config.get("Cmd") or [])]
-    env: list[tuple[str, str]] = []
-    for item in config.get("Env") or []:
-        name, sep, value = str(item).partition("=")
-        if sep:
-            env.append((name, value))
-    if not command:
-        raise ImageError(f"image {digest} has no entrypoint or cmd: nothing to run")
-    user = config.get("User")
-    return ImageRuntime(
-        command=tuple(str(a) for a in command),
-        env=tuple(env),
-        workdir=str(config.get("WorkingDir") or "/"),
-        user=str(user) if user else None,
-    )
-
-
-def newest_image(images: ImageStore, app: str) -> tuple[Digest, str | None]:
-    """The most recently added image of ``app`` in the store, and its most recent tag.
-
-    Raises:
-        UsageError: when the store has no image of ``app`` (bake one first).
-    """
-    from castiron.images import oci
-
-    for descriptor in reversed(images.index()):
-        if descriptor.artifact_type is not None:
-            continue
-        try:
-            title = images.image(descriptor.digest).annotations.get(oci.ANN_TITLE)
-        except (ImageError, NotFoundError):
-            continue
-        if title == app:
-            return descriptor.digest, descriptor.annotations.get(oci.ANN_REF_NAME)
-    raise UsageError(
-        f"no image of app {app!r} in {images.root}: run `castiron bake` first (or pass --image REF)"
-    )
 
 
 class Engine:
@@ -446,83 +395,6 @@ class Engine:
     def down(self, environment: str, *, lock_wait: float = 0.0) -> list[str]:
         """See :func:`down`."""
         return down(self.context, environment, lock_wait=lock_wait)
-
-
-def resolve(
-    ctx: EngineContext, spec: ResolvedSpec | LoadedSpec, environment: str, image: str | None = None
-) -> Target:
-    """Resolve ``environment`` of the spec with image ``image`` (a tag, digest or unique
-    prefix; default: the newest baked image of the app) to a :class:`Target`.
-
-    ``spec`` is the resolved spec (:func:`~castiron.engine.resolve.cached_resolve_spec`
-    gives it without pydantic), or a validated one, resolved here.
-    The reference is resolved to a digest here, once; everything after uses the digest.
-
-    Raises:
-        UsageError: unknown environment, no image, unsupported strategy.
-        NotFoundError: when ``image`` names nothing in the store.
-    """
-    from castiron.engine.resolve import STRATEGY_NAMES, ResolvedSpec, resolve_spec
-    from castiron.images import oci
-
-    resolved = spec if isinstance(spec, ResolvedSpec) else resolve_spec(spec)
-    env = resolved.environment(environment)
-    if image is None:
-        digest, tag = newest_image(ctx.images, resolved.app)
-    else:
-        digest = ctx.images.resolve(image)
-        tag = image if image in ctx.images.tags() else None
-    if env.strategy not in STRATEGY_NAMES:
-        raise UsageError(
-            f"environments.{environment}.strategy.type: {env.strategy!r} is not "
-            f"available yet (use one of: {', '.join(STRATEGY_NAMES)})"
-        )
-    stored = ctx.images.image(digest)
-    release = Release(id=release_id(digest, env.config), digest=digest, config=env.config)
-    policy = Policy(
-        app=resolved.app,
-        runtime=env.config.runtime,
-        listen=env.listen,
-        strategy=env.strategy,
-        batch=env.batch,
-        drain_timeout=env.drain_timeout,
-        keep_warm=env.keep_warm,
-        keep_warm_releases=env.keep_warm_releases,
-        deploy_timeout=env.deploy_timeout,
-        base_dir=str(resolved.base_dir),
-        canary=env.canary,
-        router=env.router,
-    )
-    return Target(
-        release,
-        policy,
-        tag,
-        stored.annotations.get(oci.ANN_REVISION),
-        env.gates,
-        env.drift,
-    )
-
-
-def plan_target(ctx: EngineContext, target: Target, strategy: str | None = None) -> Plan:
-    """What deploying ``target`` with ``strategy`` (default: its policy's) would do, with
-    the operations that will run (reads state; changes nothing)."""
-    current = current_release(ctx.store, target.environment)
-    running = [
-        r
-        for r in in_service(ctx.store, target.environment)
-        if current is not None and r.release == current.id
-    ]
-    from dataclasses import replace
-
-    from castiron.engine.operations import Serving, plan_deploy
-    from castiron.engine.plan import plan_deployment
-    from castiron.engine.strategies import desired_of
-
-    strategy = strategy or target.policy.strategy
-    plan = plan_deployment(current, target.release, len(running), strategy)
-    serving = Serving(None if current is None else current.id, len(running))
-    operations = plan_deploy(serving, desired_of(target.release, target.policy, strategy))
-    return replace(plan, operations=operations if plan.has_changes else ())
 
 
 def new_rollout(

@@ -337,7 +337,7 @@ class _Context:
     def expect(self, release_id: str) -> Expected:
         if release_id not in self.expected:
             release = load_release(self.context.store, release_id)
-            from castiron.engine.deploy import image_runtime
+            from castiron.engine.targets import image_runtime
 
             runtime = image_runtime(self.context.images, release.digest)
             config_digest = self.context.images.image(release.digest).config_digest

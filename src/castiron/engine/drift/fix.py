@@ -261,8 +261,8 @@ def _replace(
     """Run ``operations`` (see :func:`~castiron.engine.operations.plan_drift_fix`): create
     fresh instances, health-gate them, route ``kept`` + them atomically, then drain and
     destroy ``leaving``; journaled as a deployment so a crash is recovered."""
-    from castiron.engine.deploy import image_runtime
     from castiron.engine.secrets import resolve_secrets
+    from castiron.engine.targets import image_runtime
 
     environment = release.environment
     secret_values = resolve_secrets(
