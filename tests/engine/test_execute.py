@@ -126,6 +126,6 @@ def test_down_runs_its_plan_through_the_executor(world: World) -> None:
 
 
 def test_taking_down_creates_nothing(world: World) -> None:
-    teardown = Teardown(world.engine(), "staging", None, [])  # type: ignore[arg-type]
+    teardown = Teardown(world.engine().context, "staging", None, [])  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="creates, routes and drains nothing"):
         execute(teardown, (Operation("create", "r", 1),))
