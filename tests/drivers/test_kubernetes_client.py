@@ -94,7 +94,7 @@ def test_cli_start_up_does_not_import_the_client_library() -> None:
     code = (
         "import sys\n"
         "from castiron.cli.main import main\n"
-        "import castiron.engine.compose, castiron.engine.release\n"
+        "import castiron.compose, castiron.engine.release\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightkube', 'httpx2')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

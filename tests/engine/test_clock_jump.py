@@ -25,11 +25,11 @@ def test_deploys_rollbacks_and_reaping_survive_the_clock_going_back(world: World
 
     history = world.store.list_deployments("staging")
     assert [d.to_release for d in history[:3]] == [third.release, second.release, first.release]
-    assert choose(world.engine(), "staging").release.id == second.release
+    assert choose(world.engine().context, "staging").release.id == second.release
     warm = {r.release for r in world.store.list_instances("staging") if r.status == "warm"}
     assert warm == {second.release}  # the release just left, not the older one
 
-    back = rollback(world.engine(), "staging")
+    back = rollback(world.engine().context, "staging")
     assert back.release == second.release and back.outcome == "succeeded"
     running = {r.release for r in world.store.list_instances("staging") if r.status == "running"}
     assert running == {second.release}

@@ -198,7 +198,7 @@ def test_warm_rollback_is_a_pointer_flip(world: World) -> None:
     world.deploy("staging", "v2")
     assert isinstance(first, DeployResult)
     created = len(world.driver.created)
-    result = rollback(world.engine(), "staging")
+    result = rollback(world.engine().context, "staging")
     assert result.outcome == "succeeded" and result.release == first.release
     assert len(world.driver.created) == created  # nothing new was started
     assert served_release(world) == first.release
@@ -216,17 +216,17 @@ def test_rollback_skips_failed_releases(world: World) -> None:
     world.environ["SICK"] = "1"
     with pytest.raises(DeployFailedError):
         world.deploy("staging", "v2")
-    choice = choose(world.engine(), "staging")
+    choice = choose(world.engine().context, "staging")
     assert choice.release.id == first.release
     failed = world.store.list_deployments("staging")[0].to_release
     with pytest.raises(UsageError, match="never deployed successfully"):
-        choose(world.engine(), "staging", failed)
+        choose(world.engine().context, "staging", failed)
 
 
 def test_rollback_without_a_known_good_target_is_refused(world: World) -> None:
     world.deploy("staging", "v1")
     with pytest.raises(UsageError, match="no known-good release"):
-        rollback(world.engine(), "staging")
+        rollback(world.engine().context, "staging")
 
 
 def test_cold_rollback_deploys_the_stored_release_afresh(world: World) -> None:
@@ -237,7 +237,7 @@ def test_cold_rollback_deploys_the_stored_release_afresh(world: World) -> None:
         "running": [world.store.list_deployments("cold")[0].to_release] * 2
     }
     created = len(world.driver.created)
-    result = rollback(world.engine(), "cold")
+    result = rollback(world.engine().context, "cold")
     assert result.release == first.release and result.outcome == "succeeded"
     assert len(world.driver.created) == created + 2
     assert served_release(world, "cold") == first.release

@@ -30,7 +30,7 @@ def _serving(world: World, environment: str = "staging") -> list[str]:
 
 
 def _detect(world: World, tmp_path: Path, environment: str = "staging") -> list[tuple[str, ...]]:
-    report = detect_drift(world.engine(), environment, baselines=tmp_path / "drift")
+    report = detect_drift(world.engine().context, environment, baselines=tmp_path / "drift")
     return [(f.kind, f.instance, f.path, str(f.expected), str(f.actual)) for f in report.findings]
 
 
@@ -71,7 +71,7 @@ def test_a_fresh_deployment_has_no_drift(world: World, tmp_path: Path) -> None:
 
 def test_an_environment_never_deployed_is_not_found(world: World, tmp_path: Path) -> None:
     with pytest.raises(NotFoundError, match="'staging' was never deployed"):
-        detect_drift(world.engine(), "staging", baselines=tmp_path)
+        detect_drift(world.engine().context, "staging", baselines=tmp_path)
 
 
 def test_env_drift_is_a_config_finding(world: World, tmp_path: Path) -> None:
@@ -91,7 +91,7 @@ def test_secrets_are_compared_by_name_and_their_values_never_shown(
     first, second = _serving(world)
     _recreate(world, first, env={"TOKEN": "another-value"})  # a changed value: not seen
     _recreate(world, second, drop=("TOKEN",))
-    report = detect_drift(world.engine(), "staging", baselines=tmp_path)
+    report = detect_drift(world.engine().context, "staging", baselines=tmp_path)
     text = json.dumps(report.to_json())
     assert "s3cret-value" not in text and "another-value" not in text
     assert [(f.instance, f.path, f.expected, f.actual) for f in report.findings] == [
@@ -135,7 +135,7 @@ def test_fix_replaces_drifted_instances_and_audits_it(world: World, tmp_path: Pa
     world.driver.add_stray(
         Instance("by-hand", "hello", "staging", ReleaseId(""), "local", "", "h1", Digest(""))
     )
-    result = fix_drift(world.engine(), "staging", baselines=tmp_path)
+    result = fix_drift(world.engine().context, "staging", baselines=tmp_path)
     assert sorted(result.replaced) == sorted([first, second])
     assert len(result.created) == 2 and result.strays_destroyed == ("by-hand",)
     now = _serving(world)
@@ -157,7 +157,7 @@ def test_fix_reapplies_a_wrong_route_without_replacing(world: World, tmp_path: P
     world.deploy("staging", "v1")
     serving = _serving(world)
     world.traffic.switch("staging", "127.0.0.1:18080", BackendSet("other", ()))
-    result = fix_drift(world.engine(), "staging", baselines=tmp_path)
+    result = fix_drift(world.engine().context, "staging", baselines=tmp_path)
     assert result.route_reapplied and result.replaced == () and result.created == ()
     route = world.traffic.routes["staging"]
     assert sorted(b.id for b in route.stable.backends) == serving
@@ -171,7 +171,7 @@ def test_a_replacement_that_is_not_healthy_is_undone(world: World, tmp_path: Pat
     route_before = world.traffic.routes["staging"]
     world.driver.fail_creates = 1
     with pytest.raises(DeployFailedError, match="failed and was undone"):
-        fix_drift(world.engine(), "staging", baselines=tmp_path)
+        fix_drift(world.engine().context, "staging", baselines=tmp_path)
     assert world.traffic.routes["staging"] == route_before
     assert _serving(world) == sorted([first, second])
     assert world.store.list_deployments("staging", limit=1)[0].outcome == "failed"
@@ -180,7 +180,7 @@ def test_a_replacement_that_is_not_healthy_is_undone(world: World, tmp_path: Pat
 def test_a_clean_environment_is_left_alone(world: World, tmp_path: Path) -> None:
     world.deploy("staging", "v1")
     before = len(world.store.audit_entries("staging"))
-    result = fix_drift(world.engine(), "staging", baselines=tmp_path)
+    result = fix_drift(world.engine().context, "staging", baselines=tmp_path)
     assert not result.acted and result.report.clean
     assert all(e.action.startswith("lock.") for e in world.store.audit_entries("staging")[before:])
 
@@ -218,7 +218,7 @@ def test_building_drivers_does_not_load_the_drift_scanner() -> None:
     """``status`` and ``deploy`` build the local driver (wrapped to take baselines); the drift
     scanner is loaded only when an instance is created or a scan runs."""
     code = (
-        "import sys, castiron.engine.compose, castiron.engine.baselines; "
+        "import sys, castiron.compose, castiron.engine.baselines; "
         "print(sorted(m for m in sys.modules if m.startswith(('castiron.engine.drift', "
         "'castiron.engine.fsdrift'))))"
     )

@@ -171,14 +171,14 @@ def test_the_schema_catches_a_missing_or_retyped_field() -> None:
 
 def test_what_a_watch_check_prints_keeps_its_schema(world: World, tmp_path: Path) -> None:
     world.deploy("staging", "v1")
-    clean = detect_drift(world.engine(), "staging", baselines=tmp_path / "drift")
+    clean = detect_drift(world.engine().context, "staging", baselines=tmp_path / "drift")
     first = sorted(r.id for r in world.store.list_instances("staging"))[0]
     world.driver.kill(first)
     stray = Instance("by-hand", "hello", "staging", ReleaseId(""), "local", "", "h1", Digest(""))
     world.driver.add_stray(stray)
-    found = detect_drift(world.engine(), "staging", baselines=tmp_path / "drift")
+    found = detect_drift(world.engine().context, "staging", baselines=tmp_path / "drift")
     assert found.findings  # a stopped instance and a stray
-    fixed = fix_drift(world.engine(), "staging", baselines=tmp_path / "drift")
+    fixed = fix_drift(world.engine().context, "staging", baselines=tmp_path / "drift")
     assert fixed.replaced and fixed.strays_destroyed
 
     for results in ([(clean, None)], [(found, None)], [(fixed.report, fixed)]):

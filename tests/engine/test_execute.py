@@ -13,9 +13,9 @@ import pytest
 
 from castiron.engine.deploy import DeployResult, Teardown
 from castiron.engine.drift import fix_drift
+from castiron.engine.execute import execute
 from castiron.engine.operations import Desired, Operation, Serving, plan_drift_fix, plan_rollback
 from castiron.engine.rollback import rollback
-from castiron.engine.strategies import execute
 from castiron.errors import UsageError
 
 from .conftest import SPEC, World
@@ -85,7 +85,7 @@ def test_a_cold_rollback_runs_the_blue_green_it_plans(world: World) -> None:
     deploy_as_planned(world, "cold", "v1")
     v2 = deploy_as_planned(world, "cold", "v2")
     engine = world.engine()
-    result = rollback(engine, "cold")
+    result = rollback(engine.context, "cold")
     previous = engine.load_release(result.release)
     expected = plan_rollback(
         Serving(v2.release, previous.config.replicas),
@@ -102,7 +102,7 @@ def test_a_drift_fix_runs_the_replacement_it_plans(world: World, tmp_path: Path)
         r.id for r in world.store.list_instances("staging") if r.status == "running"
     )
     world.driver.kill(first)
-    result = fix_drift(world.engine(), "staging", baselines=tmp_path)
+    result = fix_drift(world.engine().context, "staging", baselines=tmp_path)
     assert result.replaced == (first,) and len(result.created) == 1
     release = world.store.list_deployments("staging", limit=1)[0].to_release
     expected = plan_drift_fix(release, kept=1, replace=1)
@@ -126,6 +126,6 @@ def test_down_runs_its_plan_through_the_executor(world: World) -> None:
 
 
 def test_taking_down_creates_nothing(world: World) -> None:
-    teardown = Teardown(world.engine(), "staging", None, [])  # type: ignore[arg-type]
+    teardown = Teardown(world.engine().context, "staging", None, [])  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="creates, routes and drains nothing"):
         execute(teardown, (Operation("create", "r", 1),))

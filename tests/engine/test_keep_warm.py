@@ -83,7 +83,7 @@ def test_rollback_still_flips_to_the_warm_release(world: World) -> None:
     warm = {r.release for r in world.store.list_instances("staging") if r.status == "warm"}
     assert first.release not in warm and len(warm) == 1  # v1 went: older than keep_warm_releases
     created = len(world.driver.created)
-    result = rollback(world.engine(), "staging")
+    result = rollback(world.engine().context, "staging")
     assert result.outcome == "succeeded" and len(world.driver.created) == created
     back = {r.release for r in world.store.list_instances("staging") if r.status == "running"}
     assert back == warm

@@ -206,12 +206,12 @@ def test_rolling_scales_new_up_and_old_down_behind_one_service(kube: KubeWorld) 
 
 
 def _drift(kube: KubeWorld, tmp_path: Path) -> list[tuple[str, str, str]]:
-    report = detect_drift(kube.engine(), "blue", baselines=tmp_path / "drift")
+    report = detect_drift(kube.engine().context, "blue", baselines=tmp_path / "drift")
     return [(f.kind, f.instance, f.path) for f in report.findings]
 
 
 def _fix(kube: KubeWorld, tmp_path: Path) -> None:
-    fix_drift(kube.engine(), "blue", baselines=tmp_path / "drift")
+    fix_drift(kube.engine().context, "blue", baselines=tmp_path / "drift")
     assert _drift(kube, tmp_path) == []
 
 

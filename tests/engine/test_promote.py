@@ -49,7 +49,7 @@ def approve_as(
 
 def promotion(world: World, source: str = "staging", release: str | None = None) -> Promotion:
     engine = world.engine()
-    return prepare(engine, world.spec(), source, "production", release=release)
+    return prepare(engine.context, world.spec(), source, "production", release=release)
 
 
 def test_promotion_through_every_gate_deploys_the_same_digest(gated: World) -> None:
@@ -72,12 +72,12 @@ def test_promotion_through_every_gate_deploys_the_same_digest(gated: World) -> N
     assert isinstance(staged, DeployResult)
     world.clock.advance(11 * 60)
     engine = world.engine()
-    prepared = prepare(engine, world.spec(), "staging", "production")
+    prepared = prepare(engine.context, world.spec(), "staging", "production")
     assert prepared.source_release.id == staged.release
     target = prepared.target
     assert target.release.digest == staged.digest and target.release.id != staged.release
     approve_as(world, "alice", "alice", target.release.id)
-    result = promote(engine, prepared)
+    result = promote(engine.context, prepared)
     assert result.result.outcome == "succeeded"
     assert [g["gate"] for g in result.gates] == [
         "require_signature", "promote_from", "soak", "approvals", "checks",
@@ -121,7 +121,7 @@ def test_a_refusal_creates_nothing_and_moves_no_traffic(gated: World) -> None:
     before = list(world.traffic.history)
     created = len(world.driver._records)
     with pytest.raises(PolicyRefusedError) as err:
-        promote(world.engine(), promotion(world))
+        promote(world.engine().context, promotion(world))
     assert err.value.rule == "soak"
     assert "less than the soak of 1h" in str(err.value)
     assert world.traffic.history == before
@@ -191,7 +191,7 @@ def test_approvals_count_distinct_keys_and_users_other_than_the_deployer(gated: 
     assert not approve_as(world, "bob", "bob", release, actor="robert@b")  # one key: once
     assert approve_as(world, "bob", "carol", release, actor="carol@c")  # one user, two keys
     with pytest.raises(PolicyRefusedError) as err:
-        promote(world.engine(), prepared)
+        promote(world.engine().context, prepared)
     assert err.value.rule == "approvals"
     assert str(err.value) == (
         f"refused by policy (approvals): release {release} for production needs 2 "
@@ -202,7 +202,7 @@ def test_approvals_count_distinct_keys_and_users_other_than_the_deployer(gated: 
         f"another key: run `castiron approve production {release} --key KEY`"
     )
     assert approve_as(world, "dave", "dave", release)
-    done = promote(world.engine(), prepared)
+    done = promote(world.engine().context, prepared)
     assert done.result.outcome == "succeeded"
     approvals = [
         e for e in world.store.audit_entries("production") if e.action == "release.approve"
@@ -243,7 +243,7 @@ def test_a_label_or_a_forged_signature_never_counts(gated: World) -> None:
 
     world.store.mutate(AuditDraft("test.forge", environment="production"), insert)
     with pytest.raises(PolicyRefusedError) as err:
-        promote(world.engine(), prepared)
+        promote(world.engine().context, prepared)
     reason = str(err.value)
     assert "it has 0; not counted: alice@h: not signed" in reason
     assert "eve: the signature by keys/alice.pub does not verify" in reason
@@ -273,7 +273,7 @@ def test_promote_from_another_environment_is_refused(gated: World) -> None:
     write_policy(world)
     world.deploy("dev", "v1")
     with pytest.raises(PolicyRefusedError) as err:
-        promote(world.engine(), promotion(world, source="dev"))
+        promote(world.engine().context, promotion(world, source="dev"))
     assert err.value.rule == "promote_from"
     assert "accepts releases from staging only" in str(err.value)
 
@@ -286,9 +286,9 @@ def test_without_promote_from_the_environment_promoted_from_is_the_source(gated:
     gates = prepared.gates
     assert gates.source == "dev" and gates.active == ["promote_from", "soak"]
     with pytest.raises(PolicyRefusedError, match=r"\(soak\)"):
-        promote(world.engine(), prepared)
+        promote(world.engine().context, prepared)
     world.clock.advance(61)
-    assert promote(world.engine(), prepared).result.outcome == "succeeded"
+    assert promote(world.engine().context, prepared).result.outcome == "succeeded"
 
 
 def test_promote_a_named_release_and_nothing_to_promote(gated: World) -> None:

@@ -44,7 +44,7 @@ def image(tmp_path: Path) -> ImageRef:
 
 
 def _unpack(image: ImageRef, target: Path) -> None:
-    # What the engine hands the local runtime (castiron.engine.compose.local_driver).
+    # What the engine hands the local runtime (castiron.compose.local_driver).
     unpack_release(image.store, image.digest, target)
     certify_tree(target)
 

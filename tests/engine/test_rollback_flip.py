@@ -19,7 +19,7 @@ def test_warm_rollback_journals_the_switch_before_one_flip(world: World) -> None
     world.deploy("staging", "v2")
     assert isinstance(first, DeployResult)
     switches = len(world.traffic.history)
-    result = rollback(world.engine(), "staging")
+    result = rollback(world.engine().context, "staging")
     assert result.release == first.release and _served(world) == first.release
     assert len(world.traffic.history) == switches + 1  # one route change, nothing else
     latest = world.store.list_deployments("staging")[0]
@@ -35,7 +35,7 @@ def test_a_refused_flip_leaves_traffic_alone_and_deploys_afresh(world: World) ->
     assert isinstance(first, DeployResult) and isinstance(second, DeployResult)
     world.traffic.refuse_flip = "i-1: GET /healthz: connection refused"
     created = len(world.driver.created)
-    result = rollback(world.engine(), "staging")
+    result = rollback(world.engine().context, "staging")
     assert result.outcome == "succeeded" and result.release == first.release
     assert len(world.driver.created) > created  # the cold path started new instances
     assert _served(world) == first.release

@@ -19,7 +19,7 @@ def test_router_settings_reach_every_route(world: World) -> None:
     )
     world.deploy("staging", "v1")
     world.deploy("staging", "v2")
-    rollback(world.engine(), "staging")
+    rollback(world.engine().context, "staging")
     expected = Limits(max_body_bytes=1024, body_timeout=2.0, max_connections=7, allow_get_body=True)
     routes = [c for c in world.traffic.history if c.environment == "staging"]
     assert len(routes) >= 3

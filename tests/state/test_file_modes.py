@@ -115,7 +115,7 @@ def test_another_user_gets_one_clean_permission_denied_line(tmp_path: Path) -> N
     # Import what the command loads lazily first: the other user may not be able to read this
     # checkout or the interpreter's library.
     import castiron.cli.commands.status_cmd
-    import castiron.engine.compose  # noqa: F401
+    import castiron.compose  # noqa: F401
 
     with shared_dir() as shared:
         home = shared / "home"

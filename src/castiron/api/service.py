@@ -22,8 +22,8 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
 
 from castiron.api.events import EventWatcher
+from castiron.compose import agent_running, drift_dir, open_engine, resolved_spec
 from castiron.engine.access import Identity
-from castiron.engine.compose import agent_running, drift_dir, open_engine, resolved_spec
 from castiron.engine.deploy import Engine
 from castiron.engine.journal import StepObserver
 from castiron.errors import CastironError, NotFoundError, UsageError
@@ -353,7 +353,7 @@ def drift(settings: Settings, name: str) -> dict[str, Any]:
 
     with reading(settings) as engine:
         known(engine, name)
-        return detect_drift(engine, name, baselines=drift_dir(settings)).to_json()
+        return detect_drift(engine.context, name, baselines=drift_dir(settings)).to_json()
 
 
 def locks(settings: Settings) -> dict[str, Any]:
@@ -409,7 +409,7 @@ def gates(settings: Settings, name: str) -> dict[str, Any]:
         }
         try:
             if policy.source is not None:
-                target = prepare(engine, spec, policy.source, name).target
+                target = prepare(engine.context, spec, policy.source, name).target
             else:
                 target = engine.resolve(spec, name, None)
         except CastironError as exc:
@@ -418,7 +418,7 @@ def gates(settings: Settings, name: str) -> dict[str, Any]:
         active = target.gates if target.gates is not None else policy
         out["candidate"] = {"release": target.release.id, "digest": target.release.digest}
         if active.active:
-            out["preview"] = [r.to_json() for r in preview(engine, target, active).results]
+            out["preview"] = [r.to_json() for r in preview(engine.context, target, active).results]
         out["approvals"] = [
             {
                 "actor": a.actor,
@@ -461,7 +461,7 @@ def rollback(
     from castiron.engine.rollback import rollback as roll_back
 
     with acting(settings, identity, observer) as engine:
-        return roll_back(engine, name, to=to, lock_wait=lock_wait).to_json()
+        return roll_back(engine.context, name, to=to, lock_wait=lock_wait).to_json()
 
 
 def promote(
@@ -479,8 +479,8 @@ def promote(
 
     spec = resolved_spec(settings)
     with acting(settings, identity, observer) as engine:
-        promotion = prepare(engine, spec, source, name, release=release_id)
-        return run_promotion(engine, promotion, lock_wait=lock_wait).to_json()
+        promotion = prepare(engine.context, spec, source, name, release=release_id)
+        return run_promotion(engine.context, promotion, lock_wait=lock_wait).to_json()
 
 
 def approve(

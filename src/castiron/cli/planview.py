@@ -128,7 +128,7 @@ def render_gates(engine: Engine, target: Target) -> list[str]:
     gates = target.gates
     if gates is None or not gates.active:
         return []
-    report = preview(engine, target, gates)
+    report = preview(engine.context, target, gates)
     said = {r.gate: r for r in report.results}
     url = gates.check_url(engine.store)
     lines = [f"  gates of {target.environment} (checked before any instance is created):"]
@@ -151,7 +151,7 @@ def gates_json(engine: Engine, target: Target) -> dict[str, object] | None:
     gates = target.gates
     if gates is None or not gates.active:
         return None
-    report = preview(engine, target, gates)
+    report = preview(engine.context, target, gates)
     return {
         **gates.to_json(),
         "url": gates.check_url(engine.store),

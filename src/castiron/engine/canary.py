@@ -38,9 +38,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from castiron.drivers.base import UnitHealth, UnitHealthSource
+from castiron.engine.execute import execute
 from castiron.engine.operations import strategy_operations
 from castiron.engine.resolve import AnalysisLimits, CanaryConfig, CanaryStep, PrometheusQuery
-from castiron.engine.strategies import Rollout, backends_of, desired, execute, serving
+from castiron.engine.strategies import Rollout, backends_of, desired, serving
 from castiron.errors import CanaryAbortedError, CastironError, NotFoundError, UsageError
 from castiron.model import HealthCheck, Instance
 from castiron.state.base import AuditDraft, DeploymentRow, StateStore, StateTx, StepRow

@@ -19,9 +19,10 @@ from castiron.drivers.kubernetes.manifests import (
     secret_name,
     service,
 )
-from castiron.engine.deploy import Engine, image_runtime
+from castiron.engine.deploy import Engine
 from castiron.engine.release import Release
 from castiron.engine.resolve import ResolvedSpec
+from castiron.engine.targets import image_runtime
 from castiron.errors import UsageError
 from castiron.model import ImageRef, InstanceSpec
 

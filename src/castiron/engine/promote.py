@@ -6,7 +6,7 @@ turning it into a :class:`~castiron.engine.deploy.Target` of the destination env
 does not), and approvals (:func:`approve`), the input of the ``approvals`` gate: each is
 signed by an approver's key over the environment, the release id and the OS user recording
 it. The gates themselves live in :mod:`castiron.engine.policy`; they are enforced by
-:meth:`~castiron.engine.deploy.Engine.deploy` for promotions and plain deployments alike.
+:func:`~castiron.engine.deploy.deploy` for promotions and plain deployments alike.
 
 A promotion to an environment whose ``promote_from`` names another environment is refused
 (rule ``promote_from``). To an environment without ``promote_from``, the environment promoted
@@ -23,7 +23,8 @@ import re
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from castiron.engine.deploy import DeployResult, Engine, Target
+from castiron.engine.context import EngineContext
+from castiron.engine.deploy import DeployResult, Target, deploy, resolve
 from castiron.engine.policy import (
     GatePolicy,
     GateResult,
@@ -32,6 +33,7 @@ from castiron.engine.policy import (
     refuse,
     with_source,
 )
+from castiron.engine.records import current_release, load_release
 from castiron.engine.release import Release
 from castiron.engine.resolve import ResolvedSpec, resolve_spec
 from castiron.errors import UsageError
@@ -88,7 +90,7 @@ class PromoteResult:
         }
 
 
-def source_release(engine: Engine, source: str, release: str | None = None) -> Release:
+def source_release(ctx: EngineContext, source: str, release: str | None = None) -> Release:
     """The release of ``source`` to promote: ``release`` (an id or unique prefix of a release
     recorded for ``source``), else the one ``source`` serves.
 
@@ -97,24 +99,24 @@ def source_release(engine: Engine, source: str, release: str | None = None) -> R
             several).
     """
     if release is None:
-        current = engine.current_release(source)
+        current = current_release(ctx.store, source)
         if current is None:
             raise UsageError(
                 f"{source!r} serves no release: deploy it first (or pass --release RELEASE)"
             )
         return current
-    hits = [r.id for r in engine.store.list_releases(source) if r.id.startswith(release)]
+    hits = [r.id for r in ctx.store.list_releases(source) if r.id.startswith(release)]
     if not hits:
         raise UsageError(f"no release {release!r} was ever deployed to {source!r}")
     if len(hits) > 1:
         raise UsageError(
             f"release prefix {release!r} is ambiguous in {source!r}: {', '.join(hits)}"
         )
-    return engine.load_release(hits[0])
+    return load_release(ctx.store, hits[0])
 
 
 def prepare(
-    engine: Engine,
+    ctx: EngineContext,
     spec: ResolvedSpec | LoadedSpec,
     source: str,
     environment: str,
@@ -129,35 +131,35 @@ def prepare(
         NotFoundError: when the image is no longer in the store.
         SpecError: when the spec cannot be read.
     """
-    deploy = spec if isinstance(spec, ResolvedSpec) else resolve_spec(spec)
+    resolved = spec if isinstance(spec, ResolvedSpec) else resolve_spec(spec)
     if source == environment:
         raise UsageError(f"cannot promote {environment!r} to itself")
     for name in (source, environment):
-        if name not in deploy.environments:
-            known = ", ".join(sorted(deploy.environments)) or "none"
-            raise UsageError(f"no environment {name!r} in {deploy.path} (known: {known})")
-    chosen = source_release(engine, source, release)
-    target = engine.resolve(deploy, environment, chosen.digest)
-    gates = target.gates or deploy.environments[environment].gates
+        if name not in resolved.environments:
+            known = ", ".join(sorted(resolved.environments)) or "none"
+            raise UsageError(f"no environment {name!r} in {resolved.path} (known: {known})")
+    chosen = source_release(ctx, source, release)
+    target = resolve(ctx, resolved, environment, chosen.digest)
+    gates = target.gates or resolved.environments[environment].gates
     wrong = None
     if gates.source is None:
-        gates = with_source(gates, source, deploy.environments[source].listen)
+        gates = with_source(gates, source, resolved.environments[source].listen)
     elif gates.source != source:
         wrong = gates.source
     # A promotion leaves the host agent's drift watch as it is (only a deployment keeps it).
     return Promotion(source, chosen, replace(target, gates=gates, drift=None), wrong)
 
 
-def promote(engine: Engine, promotion: Promotion, *, lock_wait: float = 0.0) -> PromoteResult:
+def promote(ctx: EngineContext, promotion: Promotion, *, lock_wait: float = 0.0) -> PromoteResult:
     """Deploy ``promotion`` through the destination's gates (after its plan was shown).
 
     Raises:
         PolicyRefusedError: (exit 5) when a gate refuses; recorded and audited.
-        LockedError, DeployFailedError, StateError: as :meth:`Engine.deploy`.
+        LockedError, DeployFailedError, StateError: as :func:`~castiron.engine.deploy.deploy`.
     """
     if promotion.wrong_source is not None:
         raise refuse(
-            engine.store,
+            ctx.store,
             promotion.target,
             GateResult(
                 "promote_from",
@@ -167,10 +169,10 @@ def promote(engine: Engine, promotion: Promotion, *, lock_wait: float = 0.0) -> 
                 {"source": promotion.wrong_source, "requested": promotion.source},
             ),
         )
-    result = engine.deploy(promotion.target, lock_wait=lock_wait)
+    result = deploy(ctx, promotion.target, lock_wait=lock_wait)
     gates: list[dict[str, Any]] = []
     if result.deployment is not None:
-        row = engine.store.get_deployment(result.deployment)
+        row = ctx.store.get_deployment(result.deployment)
         recorded = row.details.get("gates") if row is not None else None
         if isinstance(recorded, dict) and isinstance(recorded.get("results"), list):
             gates = list(recorded["results"])

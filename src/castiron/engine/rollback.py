@@ -10,7 +10,8 @@ blue-green deployment of the stored release, also taken when the flip is refused
 is then left untouched and the refused attempt is closed as ``aborted``). Both are journaled
 and audited as deployments with strategy ``rollback``.
 
-It knows nothing of the CLI; it needs no spec (the release and the environment's policy are
+Every verb takes the :class:`~castiron.engine.context.EngineContext`. It knows nothing of the
+CLI; it needs no spec (the release and the environment's policy are
 read from the state store).
 """
 
@@ -18,8 +19,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from castiron.engine.deploy import DeployResult, Engine, Target
+from castiron.engine.context import EngineContext
+from castiron.engine.deploy import DeployResult, Target, plan_target, run
 from castiron.engine.journal import Journal, new_deployment_id
+from castiron.engine.records import in_service, load_release
+from castiron.engine.recovery import locked, set_env, undo
 from castiron.engine.release import Release
 from castiron.engine.strategies import (
     DriverOnUse,
@@ -44,31 +48,31 @@ class RollbackChoice:
     """The target's instances still running and warm (empty: a cold rollback)."""
 
 
-def known_good(engine: Engine, environment: str) -> list[str]:
+def known_good(ctx: EngineContext, environment: str) -> list[str]:
     """Releases that a deployment to ``environment`` completed successfully, newest first."""
     seen: list[str] = []
-    for deployment in engine.store.list_deployments(environment):
+    for deployment in ctx.store.list_deployments(environment):
         if deployment.outcome == "succeeded" and deployment.to_release not in seen:
             seen.append(deployment.to_release)
     return seen
 
 
-def choose(engine: Engine, environment: str, to: str | None = None) -> RollbackChoice:
+def choose(ctx: EngineContext, environment: str, to: str | None = None) -> RollbackChoice:
     """Pick the rollback target of ``environment`` (``to``: a release id or unique prefix).
 
     Raises:
         NotFoundError: when the environment was never deployed.
         UsageError: when there is no known-good release to go back to, or ``to`` is not one.
     """
-    row = engine.store.get_environment(environment)
+    row = ctx.store.get_environment(environment)
     if row is None:
         raise NotFoundError(f"environment {environment!r} was never deployed")
     current = row.current_release
-    good = known_good(engine, environment)
+    good = known_good(ctx, environment)
     if to is not None:
         hits = [r for r in good if r.startswith(to)]
         if not hits:
-            failed = [r.id for r in engine.store.list_releases(environment) if r.id.startswith(to)]
+            failed = [r.id for r in ctx.store.list_releases(environment) if r.id.startswith(to)]
             why = "it never deployed successfully there" if failed else "there is no such release"
             raise UsageError(
                 f"cannot roll {environment!r} back to {to!r}: {why} "
@@ -87,17 +91,17 @@ def choose(engine: Engine, environment: str, to: str | None = None) -> RollbackC
                 f"(serving {current or 'nothing'})"
             )
         target = candidates[0]
-    release = engine.load_release(target)
+    release = load_release(ctx.store, target)
     warm = tuple(
         r
-        for r in engine.store.list_instances(environment)
+        for r in ctx.store.list_instances(environment)
         if r.release == target and r.status == "warm"
     )
     return RollbackChoice(release, current, warm)
 
 
 def rollback(
-    engine: Engine, environment: str, *, to: str | None = None, lock_wait: float = 0.0
+    ctx: EngineContext, environment: str, *, to: str | None = None, lock_wait: float = 0.0
 ) -> DeployResult:
     """Roll ``environment`` back to its last known-good release (or ``to``).
 
@@ -106,35 +110,35 @@ def rollback(
         LockedError: when another process holds the environment.
         DeployFailedError: when a cold rollback's new instances fail (traffic never moved).
     """
-    started = engine.monotonic()
-    with engine.locked(environment, f"rollback {to or 'known-good'}", lock_wait):
-        choice = choose(engine, environment, to)
-        row = engine.store.get_environment(environment)
+    started = ctx.monotonic()
+    with locked(ctx, environment, f"rollback {to or 'known-good'}", lock_wait):
+        choice = choose(ctx, environment, to)
+        row = ctx.store.get_environment(environment)
         assert row is not None  # choose() checked it
         policy = Policy.from_json(row.config)
         release = choice.release
         if len(choice.warm) >= release.config.replicas:
-            engine.observer.progress(
+            ctx.observer.progress(
                 f"rolling {environment} back to release {release.id}: "
                 f"{len(choice.warm)} warm instance(s), switching traffic"
             )
-            flipped = _flip(engine, choice, policy, started)
+            flipped = _flip(ctx, choice, policy, started)
             if isinstance(flipped, DeployResult):
                 return flipped
             why = f"the flip was refused ({flipped})"
         else:
             why = "no warm instances"
-        engine.observer.progress(
+        ctx.observer.progress(
             f"rolling {environment} back to release {release.id}: {why}, "
             "deploying it afresh (blue-green)"
         )
         target = Target(release, policy, None, None)
-        plan = engine.plan(target, "blue-green")
-        return engine.run(target, plan, started, "blue-green", label="rollback")
+        plan = plan_target(ctx, target, "blue-green")
+        return run(ctx, target, plan, started, "blue-green", label="rollback")
 
 
 def _flip(
-    engine: Engine, choice: RollbackChoice, policy: Policy, started: float
+    ctx: EngineContext, choice: RollbackChoice, policy: Policy, started: float
 ) -> DeployResult | str:
     """Flip the route to the warm set; the reason when the traffic controller refused (the
     attempt is then closed as ``aborted`` and traffic never moved)."""
@@ -142,7 +146,7 @@ def _flip(
     environment = release.environment
     previous = [
         r
-        for r in engine.in_service(environment)
+        for r in in_service(ctx.store, environment)
         if r.release != release.id and r.release == choice.current
     ]
     deployment = DeploymentRow(
@@ -151,14 +155,14 @@ def _flip(
         from_release=choice.current,
         to_release=release.id,
         strategy="rollback",
-        actor=engine.store.actor,
-        started=engine.store.clock.now(),
+        actor=ctx.store.actor,
+        started=ctx.store.clock.now(),
         details={"digest": release.digest, "warm": True},
     )
     journal = Journal.open(
-        engine.store,
+        ctx.store,
         deployment,
-        engine.observer,
+        ctx.observer,
         lambda tx: None,
         {"previous": [r.id for r in previous], "release": release.id, "warm": True},
     )
@@ -170,19 +174,19 @@ def _flip(
         image=None,
         runtime=ImageRuntime((), (), "/", None),
         secrets={},
-        driver=DriverOnUse(policy.runtime, engine.driver),
-        traffic=engine.traffic,
+        driver=DriverOnUse(policy.runtime, ctx.driver),
+        traffic=ctx.traffic,
         previous=previous,
-        prober=engine.prober,
-        monotonic=engine.monotonic,
-        sleep=engine.sleep,
+        prober=ctx.prober,
+        monotonic=ctx.monotonic,
+        sleep=ctx.sleep,
     )
     ids = [r.id for r in choice.warm]
     check = replace(release.config.health, healthy_after=1, start_period=0.0)
     step = {"to": ids, "keep": [], "final": True}
     journal.step("switch", step)
     try:
-        outcome = engine.traffic.flip(
+        outcome = ctx.traffic.flip(
             environment,
             policy.listen,
             backends_of(release.id, choice.warm),
@@ -194,24 +198,24 @@ def _flip(
             access_log=policy.access_log,
         )
     except (Exception, KeyboardInterrupt) as exc:
-        engine.undo(deployment, journal.steps(), policy, "failed", error=str(exc))
+        undo(ctx, deployment, journal.steps(), policy, "failed", error=str(exc))
         raise
     if not outcome.flipped:
         journal.finish("aborted", {"warm": True, "refused": outcome.reason})
         return outcome.reason
-    switched = engine.monotonic()
+    switched = ctx.monotonic()
 
     def on(tx: StateTx) -> None:
         for instance_id in ids:
             tx.set_instance_status(instance_id, "running")
-        engine.set_env(tx, environment, policy, current=release.id)
+        set_env(ctx, tx, environment, policy, current=release.id)
 
     journal.step("switched", step, on)
-    engine.observer.progress(f"traffic switched: all on release {release.id}")
+    ctx.observer.progress(f"traffic switched: all on release {release.id}")
     rollout.drain(previous)
 
     def apply(tx: StateTx) -> None:
-        engine.set_env(tx, environment, policy, current=release.id, known_good=release.id)
+        set_env(ctx, tx, environment, policy, current=release.id, known_good=release.id)
 
     journal.finish("succeeded", {"warm": True}, apply)
     return DeployResult(
@@ -219,7 +223,7 @@ def _flip(
         release.id,
         release.digest,
         "succeeded",
-        engine.monotonic() - started,
+        ctx.monotonic() - started,
         deployment.id,
         {"switch_s": switched - started, "health_s": 0.0},
     )

@@ -47,7 +47,7 @@ def _warm_releases(engine: Engine, name: str, warm_rows: list[Any]) -> list[dict
     by_release: dict[str, list[Any]] = {}
     for r in warm_rows:
         by_release.setdefault(r.release, []).append(r)
-    rank = {rid: i for i, rid in enumerate(known_good(engine, name))}
+    rank = {rid: i for i, rid in enumerate(known_good(engine.context, name))}
     out: list[dict[str, Any]] = []
     for release_id in sorted(by_release, key=lambda rid: rank.get(rid, len(rank))):
         members = by_release[release_id]
@@ -73,7 +73,7 @@ def _warm_releases(engine: Engine, name: str, warm_rows: list[Any]) -> list[dict
 def _rollback_target(engine: Engine, name: str) -> dict[str, Any] | None:
     """Exactly what ``castiron rollback NAME`` would choose now (None: nothing to go back to)."""
     try:
-        choice = choose(engine, name)
+        choice = choose(engine.context, name)
     except CastironError:
         return None
     return {
@@ -155,7 +155,9 @@ def environment_status(
         item["in_route"] = item["id"] in routing.backend_ids if routing else None
     warm = _warm_releases(engine, name, [r for r in rows if r.status == "warm"])
     pending = [d.id for d in engine.store.list_deployments(name, limit=5) if d.outcome == "running"]
-    strays = environment_strays(engine, name, seen | {r.id for r in rows}, agent_running=router)
+    strays = environment_strays(
+        engine.context, name, seen | {r.id for r in rows}, agent_running=router
+    )
     locks = LockManager(engine.store).status(name)
     return {
         "name": name,
@@ -230,7 +232,7 @@ def history(engine: Engine, environment: str, limit: int | None = None) -> dict[
 def releases(engine: Engine, environment: str) -> dict[str, Any]:
     """Every release recorded for ``environment``, newest first, with its standing."""
     row = engine.store.get_environment(environment)
-    good = set(known_good(engine, environment))
+    good = set(known_good(engine.context, environment))
     warm = {r.release for r in engine.store.list_instances(environment) if r.status == "warm"}
     tags = _tags_by_digest(engine)
     last: dict[str, str] = {}

@@ -2,11 +2,11 @@
 
 Owns :class:`Rollout`, the steps every strategy is made of (create an instance, wait for
 health, switch traffic, drain the previous instances, destroy), each journaled before it acts;
-the executor (:func:`execute`), which runs a plan's operations
-(:mod:`castiron.engine.operations`) through those steps; and the strategies themselves, each
-its planner and the executor: :func:`blue_green` (start the whole new set, switch at once) and
-:func:`rolling` (batches behind the router with ``max_unavailable`` 0: a batch of new instances
-becomes healthy, then takes the place of as many previous ones, which are drained).
+and the strategies themselves, each its planner and the executor
+(:func:`castiron.engine.execute.execute`, which runs a plan's operations through those steps):
+:func:`blue_green` (start the whole new set, switch at once) and :func:`rolling` (batches
+behind the router with ``max_unavailable`` 0: a batch of new instances becomes healthy, then
+takes the place of as many previous ones, which are drained).
 
 Instances leaving service are never destroyed by a strategy: they are kept warm (for an
 instant rollback, and so an interrupted rollout can always be undone) unless ``keep_warm`` is 0.
@@ -20,9 +20,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from castiron.drivers.base import Driver
+from castiron.engine.execute import CanarySteps, Mechanics, execute
 from castiron.engine.journal import Journal
 from castiron.engine.operations import (
     KEEP_WARM_ZERO,
@@ -594,18 +595,6 @@ def _describe(check: HealthCheck) -> str:
     return "a TCP connect"
 
 
-class CanarySteps(Protocol):
-    """Runs a canary's steps for the executor (see :mod:`castiron.engine.canary`)."""
-
-    def set_weight(self, new: Sequence[Instance], step: int) -> None:
-        """Route canary step ``step``'s weight to ``new`` (after honouring an abort)."""
-        ...
-
-    def analyse(self, step: int) -> None:
-        """Hold step ``step``'s window under analysis; raises when it fails."""
-        ...
-
-
 def desired(rollout: Rollout, strategy: str) -> Desired:
     """What ``rollout`` moves its environment to, for the planner."""
     return desired_of(rollout.release, rollout.policy, strategy)
@@ -630,89 +619,6 @@ def serving(rollout: Rollout) -> Serving:
     """What serves before ``rollout``: its previous instances, of one release."""
     previous = rollout.previous
     return Serving(previous[0].release if previous else None, len(previous))
-
-
-class Mechanics(Protocol):
-    """What the executor runs operations through: a :class:`Rollout` (journaled as a
-    deployment), or what takes an environment down."""
-
-    @property
-    def previous(self) -> Sequence[InstanceRow]:
-        """The instances the operations take out of service, in order."""
-        ...
-
-    @property
-    def executed(self) -> list[Operation]:
-        """The operations run so far."""
-        ...
-
-    def create(self, count: int) -> list[Instance]: ...
-
-    def wait_healthy(self, instances: Sequence[Instance]) -> None: ...
-
-    def switch(
-        self, new: Sequence[Instance], keep: Sequence[InstanceRow], *, final: bool
-    ) -> None: ...
-
-    def take_out(self, leaving: Sequence[InstanceRow], *, warm: bool) -> None: ...
-
-    def destroy(self, leaving: Sequence[InstanceRow], why: str) -> None: ...
-
-    def remove_route(self) -> None: ...
-
-
-def execute(
-    rollout: Mechanics, operations: Sequence[Operation], canary: CanarySteps | None = None
-) -> None:
-    """Run ``operations`` in order through ``rollout`` (a :class:`Rollout` journals each of
-    its steps before it acts): ``create`` and ``wait_healthy`` make a batch of new instances
-    healthy, ``switch`` routes every new instance so far (with the last ``keep`` previous
-    ones beside them), ``set_weight`` and ``analyse`` go to ``canary``, ``drain`` takes the
-    next previous instances out of service, ``destroy`` destroys those just drained (or,
-    after no drain, the next ``count`` previous ones), ``remove_route`` removes the route.
-    Every operation run is appended to ``rollout.executed``.
-
-    Raises:
-        DeployFailedError: when new instances do not become healthy.
-        UsageError: when an operation cannot run here (a canary step without a canary,
-            or an operation ``rollout`` refuses).
-        RuntimeDriverError, RouterError, AgentError, StateError: on infrastructure failures.
-    """
-    old = list(rollout.previous)
-    new: list[Instance] = []
-    batch: list[Instance] = []
-    drained: list[InstanceRow] | None = None
-    retired = 0
-    for op in operations:
-        rollout.executed.append(op)
-        if op.kind == "create":
-            batch = rollout.create(op.count)
-        elif op.kind == "wait_healthy":
-            rollout.wait_healthy(batch)
-            new.extend(batch)
-            batch = []
-        elif op.kind == "switch":
-            keep = old[len(old) - op.keep :] if op.keep else []
-            rollout.switch(new, keep, final=op.final)
-        elif op.kind in ("set_weight", "analyse"):
-            if canary is None:
-                raise UsageError(f"operation {op.kind!r} needs a canary")
-            if op.kind == "set_weight":
-                canary.set_weight(new, op.step or 0)
-            else:
-                canary.analyse(op.step or 0)
-        elif op.kind == "drain":
-            drained = old[retired : retired + op.count]
-            retired += len(drained)
-            rollout.take_out(drained, warm=op.warm)
-        elif op.kind == "destroy":
-            if drained is None:
-                drained = old[retired : retired + op.count]
-                retired += len(drained)
-            rollout.destroy(drained, op.reason or KEEP_WARM_ZERO)
-            drained = None
-        else:
-            rollout.remove_route()
 
 
 def blue_green(rollout: Rollout) -> None:

@@ -90,7 +90,7 @@ def _resolved_spec(settings: Settings, args: DeploymentArgs) -> ResolvedSpec:
         SpecError: when the spec cannot be read or does not validate.
         UsageError: when the environment is not in the spec, or an override is invalid.
     """
-    from castiron.engine.compose import resolved_spec
+    from castiron.compose import resolved_spec
 
     spec = resolved_spec(settings)
     env = spec.environment(args.environment)
@@ -122,7 +122,7 @@ def _target(
         return engine.resolve(spec, args.environment, args.image), None
     from castiron.engine.promote import prepare
 
-    promotion = prepare(engine, spec, args.promote_from, args.environment)
+    promotion = prepare(engine.context, spec, args.promote_from, args.environment)
     if args.image is not None:
         wanted = engine.images.resolve(args.image)
         if wanted != promotion.target.release.digest:
@@ -143,7 +143,7 @@ def plan(settings: Settings, args: DeploymentArgs) -> Planned:
     Raises:
         SpecError, UsageError, NotFoundError: when the spec, environment or image is wrong.
     """
-    from castiron.engine.compose import open_engine
+    from castiron.compose import open_engine
 
     with open_engine(settings, start_agent=False) as engine:
         if args.promote_from is not None and args.image is not None:
@@ -174,14 +174,14 @@ def deploy(settings: Settings, args: DeploymentArgs, *, fix_drift: bool = False)
         LockedError, RuntimeDriverError, RouterError, AgentError, StateError: as
             :meth:`Engine.deploy`.
     """
-    from castiron.engine.compose import drift_dir, open_engine
+    from castiron.compose import drift_dir, open_engine
 
     with open_engine(settings) as engine:
         target, promotion = _target(engine, settings, args)
         if promotion is not None:
             from castiron.engine.promote import promote
 
-            promote(engine, promotion)
+            promote(engine.context, promotion)
         else:
             # The provider's scans report and fix drift on Terraform's terms: no agent watch.
             engine.deploy(replace(target, drift=None))
@@ -189,7 +189,7 @@ def deploy(settings: Settings, args: DeploymentArgs, *, fix_drift: bool = False)
             from castiron.engine.drift import fix_drift as fix
 
             fix(
-                engine,
+                engine.context,
                 args.environment,
                 baselines=drift_dir(settings),
                 rules=_drift_rules(settings, args.environment),
@@ -207,7 +207,7 @@ def observe(settings: Settings, environment: str) -> Observed | None:
         SpecError: when the spec's drift rules cannot be read.
         RuntimeDriverError, AgentError, ImageError, StateError: when what runs cannot be seen.
     """
-    from castiron.engine.compose import open_engine
+    from castiron.compose import open_engine
 
     if not settings.state_present():
         return None
@@ -224,11 +224,11 @@ def _observe(
     release = engine.load_release(row.current_release)
     drift: tuple[str, ...] = ()
     if with_drift:
-        from castiron.engine.compose import drift_dir
+        from castiron.compose import drift_dir
         from castiron.engine.drift import detect_drift
 
         report = detect_drift(
-            engine,
+            engine.context,
             environment,
             baselines=drift_dir(settings),
             rules=_drift_rules(settings, environment),
@@ -256,7 +256,7 @@ def _drift_rules(settings: Settings, environment: str) -> DriftRules:
     """The drift rules of ``environment`` in the settings' resolved spec, with only their ignore
     patterns: the provider's scans report and fix on Terraform's terms, never on the agent's
     watch schedule."""
-    from castiron.engine.compose import drift_rules
+    from castiron.compose import drift_rules
     from castiron.engine.resolve import DriftRules
 
     return DriftRules(ignore=drift_rules(settings, environment).ignore)
@@ -269,7 +269,7 @@ def take_down(settings: Settings, environment: str) -> list[str]:
         LockedError, RuntimeDriverError, RouterError, AgentError, StateError: as
             :meth:`Engine.down`.
     """
-    from castiron.engine.compose import open_engine
+    from castiron.compose import open_engine
 
     if not settings.state_present():
         return []
@@ -353,7 +353,7 @@ def environment_facts(settings: Settings, environment: str) -> dict[str, Any]:
         NotFoundError: when the environment was never deployed.
         StateError: when the state store cannot be read.
     """
-    from castiron.engine.compose import agent_running, open_engine
+    from castiron.compose import agent_running, open_engine
     from castiron.engine.status import environment_status
 
     if not settings.state_present():

@@ -178,8 +178,8 @@ def continue_deployment(cli: CliContext, environment: str, as_json: bool) -> Non
 def abort_cmd(cli: CliContext, environment: str, wait: float, yes: bool, as_json: bool) -> None:
     """Abort ENVIRONMENT's running deployment (a canary at any step): traffic back on the
     stable release, the new instances destroyed."""
+    from castiron.compose import open_engine
     from castiron.engine.canary import request_control
-    from castiron.engine.compose import open_engine
 
     with open_engine(cli.settings, observer=observer_for(cli)) as engine:
         deployment = request_control(engine.store, environment, "abort")

@@ -2,7 +2,7 @@
 
 They resolve the spec once (the result is cached, see
 :func:`castiron.engine.resolve.cached_resolve_spec`), read the settings, build an engine
-(:mod:`castiron.engine.compose`), show the plan, ask for confirmation on a terminal, and
+(:mod:`castiron.compose`), show the plan, ask for confirmation on a terminal, and
 render the result; progress goes to stderr so ``--json`` output on stdout stays one object.
 The engine is imported inside the commands so CLI start-up stays fast.
 """
@@ -105,7 +105,7 @@ def plan_cmd(
     as_json: bool,
 ) -> None:
     """Show what deploying to ENVIRONMENT would change; changes nothing."""
-    from castiron.engine.compose import open_engine, resolved_spec
+    from castiron.compose import open_engine, resolved_spec
 
     settings = cli.settings
     spec = resolved_spec(settings)
@@ -173,7 +173,7 @@ def deploy_cmd(
     """Deploy the image baked from the current spec and context (or --image) to ENVIRONMENT
     with zero downtime."""
     from castiron.cli.commands.canary_cmd import continue_deployment, report_abort, watch_observer
-    from castiron.engine.compose import open_engine, resolved_spec
+    from castiron.compose import open_engine, resolved_spec
 
     if continue_:
         continue_deployment(cli, environment, as_json)
@@ -218,11 +218,11 @@ def rollback_cmd(
     cli: CliContext, environment: str, to: str | None, yes: bool, lock_wait: float, as_json: bool
 ) -> None:
     """Go back to ENVIRONMENT's last known-good release (a pointer flip while it is warm)."""
-    from castiron.engine.compose import open_engine
+    from castiron.compose import open_engine
     from castiron.engine.rollback import rollback
 
     with open_engine(cli.settings, observer=observer_for(cli)) as engine:
-        result = rollback(engine, environment, to=to, lock_wait=lock_wait)
+        result = rollback(engine.context, environment, to=to, lock_wait=lock_wait)
     if as_json:
         emit_json(result.to_json())
         return
@@ -237,7 +237,7 @@ def rollback_cmd(
 @pass_cli
 def down_cmd(cli: CliContext, environment: str, yes: bool, lock_wait: float, as_json: bool) -> None:
     """Stop everything in ENVIRONMENT: remove its route and destroy its instances."""
-    from castiron.engine.compose import open_engine
+    from castiron.compose import open_engine
 
     confirm(cli, f"take {environment} down (route removed, every instance destroyed)?", yes)
     with open_engine(cli.settings, observer=observer_for(cli)) as engine:

@@ -67,7 +67,7 @@ def drift_cmd(
     One line per finding: kind (image, config, filesystem, membership), instance, path or
     field, expected, actual. Exits 3 when drift is found, 0 when clean.
     """
-    from castiron.engine.compose import drift_dir, drift_rules, open_engine
+    from castiron.compose import drift_dir, drift_rules, open_engine
     from castiron.engine.drift import (
         check_output,
         default_threads,
@@ -106,12 +106,12 @@ def drift_cmd(
                 "threads": default_threads() if full else 1,
             }
             if fix:
-                result = fix_drift(engine, name, lock_wait=lock_wait, **options)
+                result = fix_drift(engine.context, name, lock_wait=lock_wait, **options)
                 results.append((result.report, result))
             else:
-                report = detect_drift(engine, name, **options)
+                report = detect_drift(engine.context, name, **options)
                 if settings.environ.get(WATCHER_ENV):
-                    record_detection(engine, report, "agent watch")
+                    record_detection(engine.context, report, "agent watch")
                 results.append((report, None))
                 remaining = remaining or not report.clean
     output = check_output(results)

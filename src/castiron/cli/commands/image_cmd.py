@@ -384,7 +384,7 @@ def export_cmd(
 def _export_manifests(
     cli: CliContext, environment: str, image: str | None, output: Path | None, as_json: bool
 ) -> None:
-    from castiron.engine.compose import open_engine, resolved_spec
+    from castiron.compose import open_engine, resolved_spec
     from castiron.engine.kubeexport import kubernetes_manifests
 
     settings = cli.settings

@@ -142,8 +142,8 @@ def _runtime_logs(cli: CliContext, environment: str, instance: str | None) -> _R
     settings = cli.settings
     if not settings.state_present():
         return None
+    from castiron.compose import open_engine
     from castiron.drivers.base import LogSource
-    from castiron.engine.compose import open_engine
     from castiron.engine.strategies import Policy, row_instance
 
     with open_engine(settings, start_agent=False) as engine:

@@ -50,13 +50,13 @@ def promote_cmd(
 ) -> None:
     """Deploy the exact image FROM serves (or --release) to TO, with TO's config, through
     TO's policy gates (exit 5 when one refuses)."""
-    from castiron.engine.compose import open_engine, resolved_spec
+    from castiron.compose import open_engine, resolved_spec
     from castiron.engine.promote import prepare, promote
 
     settings = cli.settings
     spec = resolved_spec(settings)
     with open_engine(settings, observer=observer_for(cli)) as engine:
-        promotion = prepare(engine, spec, source, environment, release=release)
+        promotion = prepare(engine.context, spec, source, environment, release=release)
         target = promotion.target
         plan = engine.plan(target)
         click.echo(
@@ -67,7 +67,7 @@ def promote_cmd(
         confirm_plan(
             cli, engine, target, plan, f"promote release {target.release.id} to {environment}?", yes
         )
-        result = promote(engine, promotion, lock_wait=lock_wait)
+        result = promote(engine.context, promotion, lock_wait=lock_wait)
     if as_json:
         emit_json(result.to_json())
         return
@@ -111,7 +111,7 @@ def approve_cmd(
     with your OS user. One key, or one OS user, counts once; the deployer's own OS user never
     counts; $CASTIRON_ACTOR is only a label."""
     from castiron.cli.commands.sign_cmd import read_passphrase
-    from castiron.engine.compose import resolved_spec
+    from castiron.compose import resolved_spec
     from castiron.engine.promote import approve
     from castiron.images.sign import load_signer
     from castiron.state.store import open_state

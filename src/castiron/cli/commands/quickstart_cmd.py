@@ -203,7 +203,7 @@ class _Printer:
 @click.pass_context
 def quickstart_cmd(ctx: click.Context, cli: CliContext, directory: Path, port: int | None) -> None:
     """Bake, deploy, update with zero downtime and roll back the bundled example app."""
-    from castiron.engine.compose import open_engine
+    from castiron.compose import open_engine
     from castiron.engine.rollback import rollback
     from castiron.images.build import BakeOptions, bake, default_skips
     from castiron.images.store import ImageStore
@@ -281,7 +281,7 @@ def quickstart_cmd(ctx: click.Context, cli: CliContext, directory: Path, port: i
     out.say(f"   $ curl {url}\n   {fetch(port)[1]}")
     out.say("6. roll back (v1 is still warm: a pointer flip of the router)")
     with open_engine(settings_for("1"), observer=out) as engine:
-        back = rollback(engine, "staging")
+        back = rollback(engine.context, "staging")
     out.say(f"   rolled back to {back.release} in {back.duration_s * 1000:.0f} ms")
     out.say(f"   $ curl {url}\n   {fetch(port)[1]}")
     took = time.monotonic() - began

@@ -81,7 +81,7 @@ def _render_env(env: dict[str, Any]) -> list[str]:
 @pass_cli
 def status_cmd(cli: CliContext, environment: str | None, as_json: bool) -> None:
     """Show what each environment (or ENVIRONMENT) serves: release, instances, health, router."""
-    from castiron.engine.compose import agent_running, open_engine, revive_agent
+    from castiron.compose import agent_running, open_engine, revive_agent
     from castiron.engine.status import status
 
     settings = cli.settings
@@ -126,7 +126,7 @@ def status_cmd(cli: CliContext, environment: str | None, as_json: bool) -> None:
 @pass_cli
 def history_cmd(cli: CliContext, environment: str, limit: int | None, as_json: bool) -> None:
     """List ENVIRONMENT's deployments: from -> to, strategy, who, when, duration, outcome."""
-    from castiron.engine.compose import open_engine
+    from castiron.compose import open_engine
     from castiron.engine.status import history
 
     with open_engine(cli.settings, start_agent=False) as engine:
@@ -163,7 +163,7 @@ def history_cmd(cli: CliContext, environment: str, limit: int | None, as_json: b
 @pass_cli
 def releases_cmd(cli: CliContext, environment: str, as_json: bool) -> None:
     """List ENVIRONMENT's releases, newest first: current, known-good, warm."""
-    from castiron.engine.compose import open_engine
+    from castiron.compose import open_engine
     from castiron.engine.status import releases
 
     with open_engine(cli.settings, start_agent=False) as engine:

@@ -1,4 +1,5 @@
-"""The one place that builds an :class:`~castiron.engine.deploy.Engine` from settings.
+"""The composition root: the one place that builds an :class:`~castiron.engine.deploy.Engine`
+from settings, for the CLI, the API and the Terraform provider alike.
 
 Owns wiring: the state store (SQLite or PostgreSQL), the image store, the host agent's client
 (started on first use, and only when a command needs the runtime or the router), the drivers by
@@ -7,7 +8,8 @@ runtime (``local`` is the local process runtime; the others come from
 never starts the agent.
 
 It knows nothing of click or of rendering; it does not read the process environment (the
-settings carry what was captured at the edge).
+settings carry what was captured at the edge). It sits above the engine: the engine never
+imports it (an import-linter contract says so).
 """
 
 from __future__ import annotations

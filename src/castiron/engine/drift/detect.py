@@ -1,38 +1,11 @@
-"""Drift: what runs compared with what each instance's release says, and its remedy.
+"""Drift detection: what runs compared with what each instance's release says.
 
-Owns :func:`detect_drift`, which reports one :class:`DriftFinding` per difference, of four
-kinds:
-
-- ``image``: an instance runs another image than its release's digest;
-- ``config``: its command, environment (secrets by name only, never values), user, working
-  directory, port, labels, mounts or limits differ from what the release and the image's
-  config say (or the container was re-created outside castiron);
-- ``filesystem``: its root filesystem differs from the image's file manifest. Local runtime:
-  the release's shared read-only tree, by a fast scan against the baseline taken when the
-  tree was unpacked (``releases/sha256/<hex>/rootfs.baseline``, see
-  :func:`~castiron.engine.baselines.check_tree`) or a full re-hash
-  (:mod:`castiron.engine.fsdrift`), so a tree changed before an instance started is found; a finding
-  about a shared tree is reported for every serving instance of it. Docker: ``docker diff``
-  judged against the manifest;
-- ``membership``: instances missing or stopped, extra instances, strays, serving instances the
-  router does not send to, and a router pointing at something outside the release; and
-  (``config``, instance ``-``) the route's own object edited by hand, where the traffic
-  controller keeps one (:class:`~castiron.traffic.controller.RouteDiffer`: a Kubernetes
-  Service's type, ports or selector), fixed by re-applying the route.
-
-It also owns :func:`fix_drift`, the remedy, which never patches: under the environment's lock
-it destroys strays (audited), re-unpacks a modified release tree to a fresh directory,
-replaces every drifted instance with a fresh one of the same release with zero downtime
-(created, health-gated, swapped into the route atomically, drained, destroyed: journaled like
-a deployment, strategy ``drift-fix``), re-applies a wrong route from the records, and writes
-one ``drift.fix`` audit entry per run listing what it replaced.
-
-Drift is a result, not an exception. It knows nothing of click or rendering, never reads the
-process environment, and reaches runtimes only through the driver protocol plus the optional
+Owns :func:`detect_drift`, which reports one :class:`~castiron.engine.drift.report.DriftFinding`
+per difference (see :mod:`castiron.engine.drift` for the four kinds), and
+:func:`record_detection`, the ``drift.detected`` audit entry of a check that did not fix.
+It changes nothing, and reaches runtimes only through the driver protocol plus the optional
 read-only capabilities below (:class:`RootfsHolder`, :class:`ChangeLister`,
-:class:`LiveDiffer`: a Kubernetes Deployment compared with a server-side apply dry run of the
-one castiron would apply, so what the server defaults cancels out and what someone changed in
-castiron's fields shows).
+:class:`LiveDiffer`).
 """
 
 from __future__ import annotations
@@ -44,24 +17,20 @@ import posixpath
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from castiron.drivers.base import Driver
-from castiron.engine.baselines import BaselineDriver, RootfsHolder, baseline_path, check_tree
+from castiron.engine.baselines import RootfsHolder, check_tree
+from castiron.engine.drift.report import DriftFinding, DriftReport
 from castiron.engine.fsdrift import Finding, PathFilter, ScanResult
-from castiron.engine.journal import Journal, new_deployment_id
-from castiron.engine.operations import Operation, plan_drift_fix
+from castiron.engine.records import load_release
 from castiron.engine.release import Release
 from castiron.engine.resolve import DriftRules
 from castiron.engine.runtimes import find_strays, instance_port
 from castiron.engine.strategies import (
     ImageRuntime,
     Policy,
-    Rollout,
-    backends_of,
-    execute,
     release_instance_spec,
-    remove_instances,
     row_instance,
 )
 from castiron.errors import (
@@ -70,17 +39,13 @@ from castiron.errors import (
     NotFoundError,
 )
 from castiron.model import Digest, ImageRef, Instance, InstanceSpec, Observed
-from castiron.state.base import AuditDraft, DeploymentRow, InstanceRow, StateTx, format_time
+from castiron.state.base import AuditDraft, InstanceRow
 from castiron.traffic.controller import RouteDiffer
 
 if TYPE_CHECKING:
-    from castiron.engine.deploy import Engine
+    from castiron.engine.context import EngineContext
     from castiron.images.manifest import FileEntry
 
-FindingKind = Literal["image", "config", "filesystem", "membership"]
-"""What differs: the image, the runtime config, the filesystem, or who serves."""
-
-KINDS: tuple[FindingKind, ...] = ("image", "config", "filesystem", "membership")
 
 RUNTIME_ENV = frozenset(
     {"PORT", "HOST", "TMPDIR", "PATH", "HOSTNAME", "HOME", "CASTIRON_APP", "CASTIRON_ENVIRONMENT"}
@@ -101,123 +66,6 @@ DOCKER_RUNTIME_PATHS = (
     "/sbin/docker-init",
 )
 """Paths the Docker engine itself creates or mounts in every container: never drift."""
-
-FIX_STRATEGY = "drift-fix"
-"""The strategy name a fix run is recorded under in the deployment history."""
-
-
-@dataclass(frozen=True)
-class DriftFinding:
-    """One difference between what runs and what the release says."""
-
-    kind: FindingKind
-    instance: str
-    """The instance concerned (``-`` for the environment as a whole)."""
-    path: str
-    """A file path (filesystem) or a field (``env.LOG_LEVEL``, ``command``, ``route``...)."""
-    expected: str | None
-    """What the release says (None: nothing should be there)."""
-    actual: str | None
-    """What runs (None: it is not there)."""
-
-    def to_json(self) -> dict[str, Any]:
-        """The object ``castiron drift --json`` prints for this finding."""
-        return {
-            "kind": self.kind,
-            "instance": self.instance,
-            "path": self.path,
-            "expected": self.expected,
-            "actual": self.actual,
-        }
-
-
-@dataclass(frozen=True)
-class DriftReport:
-    """What :func:`detect_drift` found in one environment, and what fixing it needs."""
-
-    environment: str
-    release: str | None
-    findings: tuple[DriftFinding, ...] = ()
-    replace: tuple[str, ...] = ()
-    """Serving instances to replace (drifted, stopped or gone)."""
-    extra: tuple[str, ...] = ()
-    """Serving instances beyond the release's replicas (or of another release)."""
-    add: int = 0
-    """Instances to create beyond the replacements (replicas missing)."""
-    strays: tuple[Observed, ...] = ()
-    reroute: bool = False
-    """The route must be re-applied from the records."""
-    modified_trees: tuple[Digest, ...] = ()
-    """Images whose shared local tree was modified (re-unpacked before replacing)."""
-    recreated: tuple[Instance, ...] = ()
-    """What runs under a recorded instance's name but was re-created outside castiron (a
-    new handle): destroyed with the instance it stands in for."""
-
-    @property
-    def clean(self) -> bool:
-        """True when nothing differs."""
-        return not self.findings
-
-    def to_json(self) -> dict[str, Any]:
-        """The object ``castiron drift --json`` prints for this environment."""
-        return {
-            "environment": self.environment,
-            "release": self.release,
-            "findings": [f.to_json() for f in self.findings],
-        }
-
-
-@dataclass(frozen=True)
-class FixResult:
-    """What :func:`fix_drift` did."""
-
-    report: DriftReport
-    """The drift found (under the lock, right before fixing)."""
-    replaced: tuple[str, ...] = ()
-    created: tuple[str, ...] = ()
-    destroyed: tuple[str, ...] = ()
-    """Extra instances taken out of service and destroyed."""
-    strays_destroyed: tuple[str, ...] = ()
-    route_reapplied: bool = False
-    trees_renewed: tuple[str, ...] = ()
-    deployment: str | None = None
-
-    @property
-    def acted(self) -> bool:
-        """True when anything was changed."""
-        return bool(
-            self.replaced
-            or self.created
-            or self.destroyed
-            or self.strays_destroyed
-            or self.route_reapplied
-            or self.trees_renewed
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        """The ``fixed`` object of ``castiron drift --fix --json``."""
-        return {
-            "replaced": list(self.replaced),
-            "created": list(self.created),
-            "destroyed": list(self.destroyed),
-            "strays_destroyed": list(self.strays_destroyed),
-            "route_reapplied": self.route_reapplied,
-            "trees_renewed": list(self.trees_renewed),
-            "deployment": self.deployment,
-        }
-
-
-def check_output(results: Sequence[tuple[DriftReport, FixResult | None]]) -> dict[str, Any]:
-    """The one JSON object ``castiron drift --json`` prints, which the host agent reads back
-    for a drift watch: every finding, and per environment its report (with ``fixed`` after a
-    fix). ``tests/engine/test_driftwatch.py`` pins its shape."""
-    return {
-        "findings": [f.to_json() for report, _ in results for f in report.findings],
-        "environments": [
-            report.to_json() if fixed is None else {**report.to_json(), "fixed": fixed.to_json()}
-            for report, fixed in results
-        ],
-    }
 
 
 # --- optional driver capabilities (read only) ---------------------------------------------------
@@ -474,7 +322,7 @@ def _skipped(paths: PathFilter, path: str) -> bool:
 
 @dataclass
 class _Context:
-    engine: Engine
+    context: EngineContext
     environment: str
     policy: Policy
     release: Release
@@ -488,11 +336,11 @@ class _Context:
 
     def expect(self, release_id: str) -> Expected:
         if release_id not in self.expected:
-            release = self.engine.load_release(release_id)
-            from castiron.engine.deploy import image_runtime
+            release = load_release(self.context.store, release_id)
+            from castiron.engine.targets import image_runtime
 
-            runtime = image_runtime(self.engine.images, release.digest)
-            config_digest = self.engine.images.image(release.digest).config_digest
+            runtime = image_runtime(self.context.images, release.digest)
+            config_digest = self.context.images.image(release.digest).config_digest
             self.expected[release_id] = Expected(release, runtime, config_digest)
         return self.expected[release_id]
 
@@ -501,7 +349,7 @@ class _Context:
             if digest not in self.manifests:
                 from castiron.images.manifest import file_index
 
-                self.manifests[digest] = file_index(self.engine.images, Digest(digest))
+                self.manifests[digest] = file_index(self.context.images, Digest(digest))
             return self.manifests[digest]
 
         return load
@@ -532,7 +380,7 @@ def _final(successors: Mapping[str, str], iid: str) -> str:
 
 
 def detect_drift(
-    engine: Engine,
+    context: EngineContext,
     environment: str,
     *,
     baselines: Path,
@@ -550,19 +398,19 @@ def detect_drift(
         RuntimeDriverError, AgentError: when the runtime or the router cannot be asked.
         ImageError: when the image or a tree cannot be read, or an ignore pattern is bad.
     """
-    row = engine.store.get_environment(environment)
+    row = context.store.get_environment(environment)
     if row is None:
         raise NotFoundError(f"environment {environment!r} was never deployed")
     policy = Policy.from_json(row.config)
     if row.current_release is None:
         return DriftReport(environment, None)
-    release = engine.load_release(row.current_release)
+    release = load_release(context.store, row.current_release)
     ctx = _Context(
-        engine,
+        context,
         environment,
         policy,
         release,
-        engine.driver(policy.runtime),
+        context.driver(policy.runtime),
         baselines,
         rules or DriftRules(),
         full,
@@ -572,13 +420,13 @@ def detect_drift(
 
 
 def _detect(ctx: _Context) -> DriftReport:
-    engine, environment, release, driver = ctx.engine, ctx.environment, ctx.release, ctx.driver
-    rows = engine.store.list_instances(environment)
+    context, environment, release, driver = ctx.context, ctx.environment, ctx.release, ctx.driver
+    rows = context.store.list_instances(environment)
     serving = [r for r in rows if r.status == "running"]
     observed_list = driver.observe(ctx.policy.app, environment)
     observed = {o.instance.id: o for o in observed_list}
     successors = _successors(observed_list)
-    traffic = engine.traffic
+    traffic = context.traffic
     routing = traffic.current(environment)
     routed = routing.backend_ids if routing is not None else frozenset()
     findings: list[DriftFinding] = []
@@ -730,10 +578,10 @@ def _detect(ctx: _Context) -> DriftReport:
             reroute = True
     # strays
     images: list[ImageRef] = []
-    for rel_row in engine.store.list_releases(environment):
+    for rel_row in context.store.list_releases(environment):
         with contextlib.suppress(CastironError):
-            stored = engine.images.image(rel_row.digest)
-            ref = ImageRef(Digest(rel_row.digest), stored.config_digest, engine.images.root)
+            stored = context.images.image(rel_row.digest)
+            ref = ImageRef(Digest(rel_row.digest), stored.config_digest, context.images.root)
             if ref not in images:
                 images.append(ref)
     pending = {o.instance.id for o in observed_list if o.config.get("replaces") and not o.stray}
@@ -774,7 +622,7 @@ def _live_diffs(ctx: _Context, driver: LiveDiffer) -> list[LiveDiff]:
     """The differences of the current release's live objects not reported elsewhere."""
     expected = ctx.expect(ctx.release.id)
     image = ImageRef(
-        ctx.release.digest, Digest(expected.config_digest or ""), ctx.engine.images.root
+        ctx.release.digest, Digest(expected.config_digest or ""), ctx.context.images.root
     )
     # Secret values are not compared (the Secret is checked for presence only): names will do.
     secrets = dict.fromkeys(expected.secret_names, "")
@@ -786,7 +634,7 @@ def _live_diffs(ctx: _Context, driver: LiveDiffer) -> list[LiveDiff]:
     ]
 
 
-def record_detection(engine: Engine, report: DriftReport, source: str) -> None:
+def record_detection(context: EngineContext, report: DriftReport, source: str) -> None:
     """Record drift found without fixing it as one ``drift.detected`` audit entry (what the
     agent's watch does on each check that finds something; a clean report records nothing).
 
@@ -798,7 +646,7 @@ def record_detection(engine: Engine, report: DriftReport, source: str) -> None:
     kinds: dict[str, int] = {}
     for finding in report.findings:
         kinds[finding.kind] = kinds.get(finding.kind, 0) + 1
-    engine.store.mutate(
+    context.store.mutate(
         AuditDraft(
             "drift.detected",
             environment=report.environment,
@@ -815,327 +663,6 @@ def record_detection(engine: Engine, report: DriftReport, source: str) -> None:
     )
 
 
-# --- the remedy ---------------------------------------------------------------------------------
-
-
-def fix_drift(
-    engine: Engine,
-    environment: str,
-    *,
-    baselines: Path,
-    rules: DriftRules | None = None,
-    full: bool = False,
-    threads: int = 1,
-    lock_wait: float = 0.0,
-) -> FixResult:
-    """Find drift in ``environment`` under its lock and remove it by replacement.
-
-    Strays are destroyed; a modified local tree is re-unpacked to a fresh directory; each
-    drifted, stopped or missing instance is replaced by a fresh one of the same release
-    (created, health-gated, swapped into the route atomically with the healthy ones, then the
-    drifted ones are drained and destroyed); extra instances leave the route and are
-    destroyed; a wrong route is re-applied from the records. Nothing is patched. One
-    ``drift.fix`` audit entry lists what was done.
-
-    Raises:
-        NotFoundError: when the environment was never deployed.
-        LockedError: when another process holds the environment's lock.
-        DeployFailedError: when a replacement does not become healthy (it was undone; the
-            environment serves as before).
-        UsageError: when a secret of the release cannot be resolved.
-        RuntimeDriverError, RouterError, AgentError, ImageError, StateError: on
-            infrastructure failures.
-    """
-    if engine.store.get_environment(environment) is None:
-        raise NotFoundError(f"environment {environment!r} was never deployed")
-    with engine.locked(environment, "drift fix", lock_wait):
-        report = detect_drift(
-            engine, environment, baselines=baselines, rules=rules, full=full, threads=threads
-        )
-        if report.clean or report.release is None:
-            return FixResult(report)
-        return _fix(engine, report)
-
-
-def _fix(engine: Engine, report: DriftReport) -> FixResult:
-    environment = report.environment
-    row = engine.store.get_environment(environment)
-    assert row is not None and report.release is not None
-    policy = Policy.from_json(row.config)
-    release = engine.load_release(report.release)
-    driver = engine.driver(policy.runtime)
-    grace = min(policy.drain_timeout, 10.0)
-    strays_destroyed: list[str] = []
-    for stray in report.strays:
-        name = str(stray.config.get("container") or stray.instance.id or stray.instance.handle)
-        engine.store.mutate(
-            AuditDraft(
-                "drift.stray.destroy",
-                environment=environment,
-                subject=name,
-                details={"instance": stray.instance.id, "handle": stray.instance.handle},
-            ),
-            lambda tx: None,
-        )
-        driver.destroy(stray.instance, grace=grace)
-        strays_destroyed.append(name)
-        engine.observer.progress(f"destroyed stray {name}")
-    renewed: list[tuple[str, Path | None]] = []
-    if report.modified_trees and isinstance(driver, RootfsHolder):
-        stored = engine.images.image(release.digest)
-        for digest in report.modified_trees:
-            engine.store.mutate(
-                AuditDraft("drift.tree.renew", environment=environment, subject=digest),
-                lambda tx: None,
-            )
-            image = ImageRef(digest, stored.config_digest, engine.images.root)
-            if digest != release.digest:
-                image = ImageRef(
-                    digest, engine.images.image(digest).config_digest, engine.images.root
-                )
-            renewed.append((digest, driver.renew_rootfs(image)))
-            engine.observer.progress(f"re-unpacked the modified tree of {digest[:19]}")
-    rows = {r.id: r for r in engine.store.list_instances(environment)}
-    leaving = [rows[i] for i in (*report.replace, *report.extra) if i in rows]
-    kept = [
-        r
-        for r in rows.values()
-        if r.status == "running" and r.id not in report.replace and r.id not in report.extra
-    ]
-    replacing = len([i for i in report.replace if i in rows])
-    operations = plan_drift_fix(
-        release.id, len(kept), replacing, report.add, len(leaving) - replacing
-    )
-    created: list[Instance] = []
-    deployment: str | None = None
-    route_reapplied = False
-    if operations:
-        created, deployment = _replace(engine, release, policy, driver, kept, leaving, operations)
-        route_reapplied = True
-        for instance in report.recreated:
-            driver.destroy(instance, grace=grace)
-    elif report.reroute:
-        engine.traffic.switch(
-            environment,
-            policy.listen,
-            backends_of(release.id, kept),
-            drain_timeout=policy.drain_timeout,
-            limits=policy.limits,
-            access_log=policy.access_log,
-        )
-        route_reapplied = True
-        engine.observer.progress(f"route of {environment} re-applied from the records")
-    for _digest, aside in renewed:
-        if aside is not None and isinstance(driver, RootfsHolder):
-            with contextlib.suppress(CastironError):
-                driver.discard_rootfs(aside)
-    replaced = tuple(i for i in report.replace if i in rows)
-    destroyed = tuple(i for i in report.extra if i in rows)
-    result = FixResult(
-        report=report,
-        replaced=replaced,
-        created=tuple(i.id for i in created),
-        destroyed=destroyed,
-        strays_destroyed=tuple(strays_destroyed),
-        route_reapplied=route_reapplied,
-        trees_renewed=tuple(d for d, _ in renewed),
-        deployment=deployment,
-    )
-    details = {
-        **result.to_json(),
-        "release": release.id,
-        "findings": len(report.findings),
-        "kinds": sorted({f.kind for f in report.findings}),
-    }
-    engine.store.mutate(
-        AuditDraft(
-            "drift.fix",
-            environment=environment,
-            subject=release.id,
-            from_=release.id,
-            to=release.id,
-            details=details,
-        ),
-        lambda tx: None,
-    )
-    return result
-
-
-@dataclass
-class Replacement(Rollout):
-    """A rollout that replaces instances of the release already serving: the fresh ones join
-    ``kept`` (its instances that stay) in one switch, and the leaving ones are destroyed once
-    the router has drained them (forgotten when the replacement finishes)."""
-
-    kept: Sequence[InstanceRow] = ()
-
-    def switch(self, new: Sequence[Instance], keep: Sequence[InstanceRow], *, final: bool) -> None:
-        """Route ``kept`` and ``new`` together, atomically.
-
-        Raises:
-            RouterError, AgentError: when the router refuses or cannot be reached.
-        """
-        to: list[Instance | InstanceRow] = [*self.kept, *new]
-        ids = [i.id for i in to]
-        self.journal.step("switch", {"to": ids, "keep": [], "final": True})
-        self.traffic.switch(
-            self.environment,
-            self.policy.listen,
-            backends_of(self.release.id, to),
-            drain_timeout=self.policy.drain_timeout,
-            limits=self.policy.limits,
-            access_log=self.policy.access_log,
-        )
-        new_ids = [i.id for i in new]
-
-        def serve(tx: StateTx) -> None:
-            for iid in new_ids:
-                tx.set_instance_status(iid, "running")
-
-        self.journal.step("switched", {"to": ids, "keep": [], "final": True}, serve)
-        self.progress(
-            f"traffic switched: {len(new)} fresh instance(s) in, {len(self.previous)} out"
-        )
-
-    def take_out(self, leaving: Sequence[InstanceRow], *, warm: bool) -> None:
-        """Journal ``leaving`` as stopping (never kept warm: it drifted)."""
-        leaving_ids = [r.id for r in leaving]
-        until = format_time(self.journal.store.clock.now())
-
-        def stopping(tx: StateTx) -> None:
-            for iid in leaving_ids:
-                tx.set_instance_status(iid, "stopping", {"warm_until": until})
-
-        self.journal.step("drain", {"instances": leaving_ids, "keep_warm": 0}, stopping)
-
-    def destroy(self, leaving: Sequence[InstanceRow], why: str) -> None:
-        """Destroy ``leaving`` once requests already sent to them had time to finish.
-
-        Raises:
-            RuntimeDriverError: when the runtime cannot destroy one.
-        """
-        if leaving:
-            # Let requests already sent to the leaving instances finish (the router drains them).
-            self.sleep(min(self.policy.drain_timeout, 1.0))
-        for r in leaving:
-            self.driver.destroy(row_instance(r), grace=min(self.policy.drain_timeout, 10.0))
-
-
-def _replace(
-    engine: Engine,
-    release: Release,
-    policy: Policy,
-    driver: Driver,
-    kept: list[InstanceRow],
-    leaving: list[InstanceRow],
-    operations: Sequence[Operation],
-) -> tuple[list[Instance], str]:
-    """Run ``operations`` (see :func:`~castiron.engine.operations.plan_drift_fix`): create
-    fresh instances, health-gate them, route ``kept`` + them atomically, then drain and
-    destroy ``leaving``; journaled as a deployment so a crash is recovered."""
-    from castiron.engine.deploy import image_runtime
-    from castiron.engine.secrets import resolve_secrets
-
-    environment = release.environment
-    secret_values = resolve_secrets(
-        release, engine.environ, Path(policy.base_dir), engine.store.redactor
-    )
-    runtime = image_runtime(engine.images, release.digest)
-    stored = engine.images.image(release.digest)
-    image = ImageRef(release.digest, stored.config_digest, engine.images.root)
-    now = engine.store.clock.now()
-    deployment = DeploymentRow(
-        id=new_deployment_id(),
-        environment=environment,
-        from_release=release.id,
-        to_release=release.id,
-        strategy=FIX_STRATEGY,
-        actor=engine.store.actor,
-        started=now,
-        details={"digest": release.digest, "replace": [r.id for r in leaving]},
-    )
-    journal = Journal.open(
-        engine.store,
-        deployment,
-        engine.observer,
-        lambda tx: None,
-        {"previous": [r.id for r in leaving], "release": release.id, "why": "drift"},
-    )
-    rollout = Replacement(
-        journal=journal,
-        release=release,
-        policy=policy,
-        image=image,
-        runtime=runtime,
-        secrets=secret_values,
-        driver=driver,
-        traffic=engine.traffic,
-        previous=leaving,
-        prober=engine.prober,
-        instance_logs=engine.instance_logs,
-        monotonic=engine.monotonic,
-        sleep=engine.sleep,
-        kept=kept,
-    )
-    # Up to the switch a failure is undone; after it the environment serves the fresh set.
-    switched = next(i for i, op in enumerate(operations) if op.kind == "switch") + 1
-    try:
-        driver.ensure_image(image)
-        execute(rollout, operations[:switched])
-    except (Exception, KeyboardInterrupt) as exc:
-        engine.observer.progress("replacing drifted instances failed: undoing it")
-        engine.undo_failed(
-            exc,
-            deployment,
-            journal.steps(),
-            policy,
-            "failed",
-            what=f"replacing drifted instances of {environment!r}",
-        )
-        raise
-    execute(rollout, operations[switched:])
-    new = list(rollout.created)
-    leaving_ids = [r.id for r in leaving]
-
-    def forget(tx: StateTx) -> None:
-        remove_instances(tx, leaving_ids)
-
-    journal.finish(
-        "succeeded",
-        {"replaced": leaving_ids, "created": [i.id for i in new], "why": "drift"},
-        forget,
-    )
-    for iid in leaving_ids:
-        engine.observer.progress(f"drained and destroyed {iid}")
-    return new, deployment.id
-
-
 def default_threads() -> int:
     """Threads a full scan hashes on: every core."""
     return os.cpu_count() or 1
-
-
-__all__ = [
-    "FIX_STRATEGY",
-    "KINDS",
-    "BaselineDriver",
-    "ChangeLister",
-    "DriftFinding",
-    "DriftReport",
-    "DriftRules",
-    "Expected",
-    "FindingKind",
-    "FixResult",
-    "LiveDiff",
-    "LiveDiffer",
-    "RootfsHolder",
-    "baseline_path",
-    "check_output",
-    "config_findings",
-    "default_threads",
-    "detect_drift",
-    "fix_drift",
-    "image_finding",
-    "record_detection",
-    "scan_tree",
-]
