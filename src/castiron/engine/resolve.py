@@ -328,7 +328,103 @@ class DriftRules:
 
 
 @value
-class ResolvedEnvironment:
+class DeploySettings:
+    """How an environment's deployments run. One value: the resolved environment holds it, and
+    the policy recorded with each environment (for rollback, recovery and ``down``, which need
+    no spec file) holds the same value."""
+
+    strategy: StrategyName = "blue-green"
+    batch: int = 1
+    drain_timeout: float = 30.0
+    keep_warm: float = 600.0
+    deploy_timeout: float = 60.0
+    keep_warm_releases: int = 1
+    """Previous releases kept warm at most (older warm instances are destroyed)."""
+    canary: CanaryConfig | None = None
+    """The canary's steps, analysis and stickiness (``strategy.type: canary`` only)."""
+    router: Mapping[str, Any] | None = None
+    """The router's limits and access log switch as JSON (see :func:`router_json`); None:
+    the defaults."""
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (flat: the keys sit beside the policy's or environment's own)."""
+        return {
+            "strategy": self.strategy,
+            "batch": self.batch,
+            "drain_timeout": self.drain_timeout,
+            "keep_warm": self.keep_warm,
+            "keep_warm_releases": self.keep_warm_releases,
+            "deploy_timeout": self.deploy_timeout,
+            "canary": None if self.canary is None else self.canary.to_json(),
+            "router": None if self.router is None else dict(self.router),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> DeploySettings:
+        """The settings among ``data``'s keys (other keys ignored, missing ones defaulted); a
+        damaged canary section reads as none (a canary then refuses to run without it)."""
+        known = {k: data[k] for k in _SETTINGS_FIELDS if k in data}
+        canary = known.get("canary")
+        if canary is not None:
+            try:
+                known["canary"] = CanaryConfig.from_json(canary)
+            except UsageError:
+                known["canary"] = None
+        return cls(**known)
+
+
+_SETTINGS_FIELDS = (
+    "strategy",
+    "batch",
+    "drain_timeout",
+    "keep_warm",
+    "deploy_timeout",
+    "keep_warm_releases",
+    "canary",
+    "router",
+)
+
+
+class SettingsView:
+    """Read access to the :class:`DeploySettings` a value holds as ``settings``."""
+
+    settings: DeploySettings
+
+    @property
+    def strategy(self) -> StrategyName:
+        return self.settings.strategy
+
+    @property
+    def batch(self) -> int:
+        return self.settings.batch
+
+    @property
+    def drain_timeout(self) -> float:
+        return self.settings.drain_timeout
+
+    @property
+    def keep_warm(self) -> float:
+        return self.settings.keep_warm
+
+    @property
+    def deploy_timeout(self) -> float:
+        return self.settings.deploy_timeout
+
+    @property
+    def keep_warm_releases(self) -> int:
+        return self.settings.keep_warm_releases
+
+    @property
+    def canary(self) -> CanaryConfig | None:
+        return self.settings.canary
+
+    @property
+    def router(self) -> Mapping[str, Any] | None:
+        return self.settings.router
+
+
+@value
+class ResolvedEnvironment(SettingsView):
     """Everything the spec says about one environment, resolved."""
 
     config: ReleaseConfig
@@ -336,16 +432,8 @@ class ResolvedEnvironment:
     listen: str
     gates: GatePolicy
     """The gates a change must pass before any instance is created."""
-    strategy: StrategyName = "blue-green"
-    batch: int = 1
-    drain_timeout: float = 30.0
-    keep_warm: float = 600.0
-    deploy_timeout: float = 60.0
-    keep_warm_releases: int = 1
-    canary: CanaryConfig | None = None
-    """The canary's steps, analysis and stickiness (``strategy.type: canary`` only)."""
-    router: Mapping[str, Any] | None = None
-    """The router's limits and access log switch as JSON (see :func:`router_json`)."""
+    settings: DeploySettings = field(default_factory=DeploySettings)
+    """How its deployments run (strategy, batch, timeouts, keep-warm, canary, router)."""
     drift: DriftRules = field(default_factory=DriftRules)
     """The ``drift`` section: watch schedule, fix, ignore patterns."""
 
@@ -354,11 +442,10 @@ class ResolvedEnvironment:
         gates = asdict(self.gates)
         del gates["base_dir"]
         return {
-            **asdict(self),
             "config": self.config.to_json(),
+            "listen": self.listen,
             "gates": gates,
-            "canary": None if self.canary is None else self.canary.to_json(),
-            "router": None if self.router is None else dict(self.router),
+            **self.settings.to_json(),
             "drift": asdict(self.drift),
         }
 
@@ -372,15 +459,16 @@ class ResolvedEnvironment:
         drift = data["drift"]
         canary = data["canary"]
         return cls(
-            **{
-                **dict(data),
-                "config": config_from_json(dict(data["config"])),
-                "gates": gates_from_json(data["gates"], base_dir),
-                "canary": None if canary is None else CanaryConfig.from_json(canary),
-                "drift": DriftRules(
-                    watch=drift["watch"], fix=bool(drift["fix"]), ignore=tuple(drift["ignore"])
-                ),
-            }
+            config=config_from_json(dict(data["config"])),
+            listen=str(data["listen"]),
+            gates=gates_from_json(data["gates"], base_dir),
+            settings=DeploySettings(
+                **{k: data[k] for k in _SETTINGS_FIELDS if k != "canary"},
+                canary=None if canary is None else CanaryConfig.from_json(canary),
+            ),
+            drift=DriftRules(
+                watch=drift["watch"], fix=bool(drift["fix"]), ignore=tuple(drift["ignore"])
+            ),
         )
 
 
@@ -449,18 +537,20 @@ def resolve_spec(loaded: LoadedSpec) -> ResolvedSpec:
             config=config,
             listen=env.listen,
             gates=gates_of(spec, name, loaded.base_dir),
-            strategy=env.strategy.type,
-            batch=env.strategy.batch,
-            drain_timeout=env.drain_timeout,
-            keep_warm=env.keep_warm,
-            keep_warm_releases=env.keep_warm_releases,
-            deploy_timeout=(
-                env.deploy_timeout
-                if env.deploy_timeout is not None
-                else default_deploy_timeout(config.health)
+            settings=DeploySettings(
+                strategy=env.strategy.type,
+                batch=env.strategy.batch,
+                drain_timeout=env.drain_timeout,
+                keep_warm=env.keep_warm,
+                keep_warm_releases=env.keep_warm_releases,
+                deploy_timeout=(
+                    env.deploy_timeout
+                    if env.deploy_timeout is not None
+                    else default_deploy_timeout(config.health)
+                ),
+                canary=canary_config(env.strategy),
+                router=router_json(env.router),
             ),
-            canary=canary_config(env.strategy),
-            router=router_json(env.router),
             drift=DriftRules(watch=env.drift.watch, fix=env.drift.fix, ignore=env.drift.ignore),
         )
     return ResolvedSpec(

@@ -34,6 +34,7 @@ from castiron.engine.operations import (
     strategy_operations,
 )
 from castiron.engine.release import Release
+from castiron.engine.resolve import DeploySettings, SettingsView
 from castiron.engine.runtimes import KUBERNETES_ADDRESS_PREFIX, instance_port
 from castiron.errors import CastironError, DeployFailedError, UsageError
 from castiron.health import HealthTracker, ProbeResult, probe
@@ -51,8 +52,8 @@ from castiron.traffic.base import Backend, BackendSet, Limits
 from castiron.traffic.controller import TrafficController
 from castiron.values import value
 
-if TYPE_CHECKING:  # values of the resolved spec; resolving is imported only when deploying
-    from castiron.engine.resolve import CanaryConfig, DriftRules, GatePolicy, StrategyName
+if TYPE_CHECKING:
+    from castiron.engine.resolve import DriftRules, GatePolicy, StrategyName
 
 Prober = Callable[[HealthCheck, str, Mapping[str, str]], ProbeResult]
 """Runs one health probe against an address (injected so tests need no real servers)."""
@@ -82,30 +83,20 @@ class ImageRuntime:
 
 
 @value
-class Policy:
-    """An environment's deployment policy, as recorded with the environment.
+class Policy(SettingsView):
+    """An environment's deployment policy, as recorded with the environment: the app, its
+    runtime and address, and the :class:`DeploySettings` it was resolved with.
 
     Kept in the state store (not only in the spec) so rollback, recovery and ``down`` need
-    no spec file.
+    no spec file. Its JSON is flat (the settings' keys beside its own), as recorded so far.
     """
 
     app: str
     runtime: str
     listen: str
-    strategy: str = "blue-green"
-    batch: int = 1
-    drain_timeout: float = 30.0
-    keep_warm: float = 600.0
-    deploy_timeout: float = 60.0
-    keep_warm_releases: int = 1
-    """Previous releases kept warm at most (older warm instances are destroyed)."""
+    settings: DeploySettings = field(default_factory=DeploySettings)
     base_dir: str = "."
     """The spec's directory: ``file:`` secrets are read relative to it."""
-    canary: CanaryConfig | None = None
-    """The canary's steps, analysis and stickiness (``strategy: canary`` only)."""
-    router: Mapping[str, Any] | None = None
-    """The router's limits and access log switch as JSON (see :func:`router_json`); None:
-    the defaults."""
 
     @property
     def limits(self) -> Limits:
@@ -125,30 +116,15 @@ class Policy:
             "app": self.app,
             "runtime": self.runtime,
             "listen": self.listen,
-            "strategy": self.strategy,
-            "batch": self.batch,
-            "drain_timeout": self.drain_timeout,
-            "keep_warm": self.keep_warm,
-            "keep_warm_releases": self.keep_warm_releases,
-            "deploy_timeout": self.deploy_timeout,
+            **self.settings.to_json(),
             "base_dir": self.base_dir,
-            "canary": None if self.canary is None else self.canary.to_json(),
-            "router": None if self.router is None else dict(self.router),
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Policy:
         """The policy recorded as ``data`` (unknown keys ignored, missing ones defaulted)."""
-        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        canary = known.get("canary")
-        if canary is not None:
-            from castiron.engine.resolve import CanaryConfig
-
-            try:
-                known["canary"] = CanaryConfig.from_json(canary)
-            except UsageError:
-                known["canary"] = None  # damaged: a canary then refuses to run without it
-        return cls(**known)
+        own = {k: data[k] for k in ("app", "runtime", "listen", "base_dir") if k in data}
+        return cls(**own, settings=DeploySettings.from_json(data))
 
 
 @value

@@ -109,15 +109,8 @@ def resolve(
         app=resolved.app,
         runtime=env.config.runtime,
         listen=env.listen,
-        strategy=env.strategy,
-        batch=env.batch,
-        drain_timeout=env.drain_timeout,
-        keep_warm=env.keep_warm,
-        keep_warm_releases=env.keep_warm_releases,
-        deploy_timeout=env.deploy_timeout,
+        settings=env.settings,
         base_dir=str(resolved.base_dir),
-        canary=env.canary,
-        router=env.router,
     )
     return Target(
         release,
