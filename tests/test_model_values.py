@@ -46,3 +46,26 @@ def test_a_health_check_is_a_value_with_a_closed_kind() -> None:
     assert hash(check) == hash(HealthCheck("http", "/healthz", 0.5))
     assert HealthCheck().kind == "tcp"
     assert set(HEALTH_KINDS) == {"http", "tcp", "command", "none"}
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("8080", "'8080' is not HOST:PORT"),
+        ("example.com:80", "'example.com' is not an IP address or 'localhost'"),
+        ("::1:80", r"write IPv6 hosts in brackets: \[::1\]:80"),
+        ("[10.0.0.1]:80", r"'\[10.0.0.1\]' is not an IPv6 address"),
+        ("127.0.0.1:0", "port '0' must be a number from 1 to 65535"),
+    ],
+)
+def test_a_listen_address_is_checked_in_one_place(text: str, error: str) -> None:
+    """The spec's listen, the agent's routes and backends take addresses through this one
+    parser (the same words wherever an address is refused)."""
+    with pytest.raises(ValueError, match=error):
+        Address.parse_listen(text)
+
+
+def test_listen_addresses_parse_to_one_value() -> None:
+    assert Address.parse_listen("[::1]:8080") == Address("::1", 8080)
+    assert str(Address.parse_listen("[::1]:8080")) == "[::1]:8080"
+    assert Address.parse_listen("localhost:80") == Address("localhost", 80)

@@ -115,6 +115,38 @@ class Address:
             raise ValueError(f"{text!r}: port {port_text!r} must be a number from 0 to 65535")
         return cls(host, int(port_text))
 
+    @classmethod
+    def parse_listen(cls, text: str, example: str = "127.0.0.1:8080") -> Address:
+        """A listen or backend address as the spec, the agent and ``serve`` take it: the host
+        an IP address (IPv6 in brackets) or ``localhost``, the port 1 to 65535.
+
+        Raises:
+            ValueError: saying what is wrong with ``text`` (``example`` shows the form).
+        """
+        import ipaddress  # (only validation needs it)
+
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"{text!r} is not HOST:PORT (e.g. {example})")
+        if host.startswith("[") and host.endswith("]"):
+            bare = host[1:-1]
+            try:
+                if ipaddress.ip_address(bare).version != 6:
+                    raise ValueError
+            except ValueError:
+                raise ValueError(f"{host!r} is not an IPv6 address") from None
+            host = bare
+        elif host != "localhost":
+            try:
+                version = ipaddress.ip_address(host).version
+            except ValueError:
+                raise ValueError(f"{host!r} is not an IP address or 'localhost'") from None
+            if version != 4:
+                raise ValueError(f"write IPv6 hosts in brackets: [{host}]:{port_text}")
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise ValueError(f"port {port_text!r} must be a number from 1 to 65535")
+        return cls(host, int(port_text))
+
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 

@@ -15,34 +15,22 @@ from typing import Any
 
 from castiron.agent.wire import from_json, to_json
 from castiron.errors import UsageError
-from castiron.model import is_name
+from castiron.model import Address, is_name
 from castiron.traffic.base import ReleaseCounters, RouteConfig
 
 
 def split_address(text: str, where: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT`` as ``(host, port)``; the host is an IP or ``localhost``.
+    """``HOST:PORT`` or ``[V6]:PORT`` as ``(host, port)``; the host is an IP or ``localhost``
+    (see :meth:`castiron.model.Address.parse_listen`).
 
     Raises:
         UsageError: naming ``where`` when the address is malformed.
     """
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host:
-        raise UsageError(f"{where}: {text!r} is not HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        version = 6
-    else:
-        version = 4
-    if host != "localhost":
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            raise UsageError(f"{where}: {host!r} is not an IP address or localhost") from None
-        if ip.version != version:
-            raise UsageError(f"{where}: write IPv6 addresses as [ADDRESS]:PORT")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise UsageError(f"{where}: port {port_text!r} must be 1-65535")
-    return host, int(port_text)
+    try:
+        address = Address.parse_listen(text)
+    except ValueError as exc:
+        raise UsageError(f"{where}: {exc}") from None
+    return address.host, address.port
 
 
 def is_loopback(host: str) -> bool:

@@ -8,7 +8,6 @@ Keys starting with ``x-`` are stripped by the loader before validation and kept 
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from typing import Annotated, Any, Literal
 
@@ -22,6 +21,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from castiron.model import Address
 
 NAME_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -92,7 +93,8 @@ def _check_name(value: str) -> str:
 
 
 def parse_listen(value: object) -> str:
-    """Validate a listen address ``HOST:PORT`` (``[v6]:PORT`` for IPv6) and normalise it.
+    """Validate a listen address ``HOST:PORT`` (``[v6]:PORT`` for IPv6) and normalise it
+    (see :meth:`castiron.model.Address.parse_listen`).
 
     Raises:
         ValueError: when the host is not an IP address or ``localhost``, or the port is bad.
@@ -101,26 +103,7 @@ def parse_listen(value: object) -> str:
         value = f"127.0.0.1:{value}"
     if not isinstance(value, str):
         raise ValueError("must be an address such as 127.0.0.1:8080")
-    host, sep, port_s = value.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:8080)")
-    if host.startswith("[") and host.endswith("]"):
-        host_ip = host[1:-1]
-        try:
-            if ipaddress.ip_address(host_ip).version != 6:
-                raise ValueError
-        except ValueError:
-            raise ValueError(f"{host!r} is not an IPv6 address") from None
-    elif host != "localhost":
-        try:
-            version = ipaddress.ip_address(host).version
-        except ValueError:
-            raise ValueError(f"{host!r} is not an IP address or 'localhost'") from None
-        if version != 4:
-            raise ValueError(f"write IPv6 hosts in brackets: [{host}]:{port_s}")
-    if not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
-        raise ValueError(f"port {port_s!r} must be a number from 1 to 65535")
-    return f"{host}:{int(port_s)}"
+    return str(Address.parse_listen(value))
 
 
 def _port_from_text(value: object) -> object:

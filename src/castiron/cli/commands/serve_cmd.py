@@ -18,7 +18,7 @@ import click
 
 from castiron.cli.context import CliContext, pass_cli
 from castiron.errors import UsageError
-from castiron.model import is_name
+from castiron.model import Address, is_name
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -27,11 +27,13 @@ def parse_listen(value: str) -> tuple[str, int]:
     Raises:
         UsageError: when it is not one.
     """
-    host, sep, port_text = value.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    try:
+        address = Address.parse(value)
+    except ValueError:
+        address = None
+    if address is None or address.port == 0:
         raise UsageError(f"--listen: {value!r} is not HOST:PORT (e.g. 127.0.0.1:8700)")
-    return host, int(port_text)
+    return address.host, address.port
 
 
 def parse_webhook(value: str, fmt: str) -> dict[str, str | None]:
