@@ -437,6 +437,27 @@ def test_drift_selector_elsewhere_and_deleted_by_hand(
     svc = json.loads(project.kubectl("get", "service", SERVICE, "-o", "json"))
     assert svc["spec"]["selector"]["castiron.dev/release"] == first["release"]
     assert project.served() == "one"
+    # The Service's type and ports edited by hand: found key by key, fixed by applying it
+    # again (the same object, no instance replaced).
+    before = svc
+    extra = {"name": "debug", "port": 9000, "targetPort": 9000, "protocol": "TCP"}
+    edit = {"spec": {"type": "NodePort", "ports": [*svc["spec"]["ports"], extra]}}
+    project.kubectl("patch", "service", SERVICE, "-p", json.dumps(edit))
+    found = project.run("drift", "staging", "--json")
+    assert found.returncode == 3, found.stdout + found.stderr
+    paths = {f["path"] for f in json.loads(found.stdout)["findings"]}
+    assert any("spec.type" in p for p in paths), paths
+    assert any("spec.ports[debug]" in p for p in paths), paths
+    pods = {d["metadata"]["name"] for d in _deployments(project)}
+    fixed = project.run("drift", "staging", "--fix")
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    svc = json.loads(project.kubectl("get", "service", SERVICE, "-o", "json"))
+    assert svc["spec"]["type"] == before["spec"]["type"]
+    assert [p["name"] for p in svc["spec"]["ports"]] == [p["name"] for p in before["spec"]["ports"]]
+    assert svc["metadata"]["uid"] == before["metadata"]["uid"]
+    assert {d["metadata"]["name"] for d in _deployments(project)} == pods
+    assert project.run("drift", "staging").returncode == 0
+    assert project.served() == "one"
     (made,) = _deployments(project)
     project.kubectl("delete", "deployment", made["metadata"]["name"])
     found = project.run("drift", "staging", "--json")

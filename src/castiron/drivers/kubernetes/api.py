@@ -53,6 +53,14 @@ class KubeApi(Protocol):
         """Events of the object named ``involved``, oldest first."""
         ...
 
+    def merge_patch(
+        self, kind: Kind, namespace: str, name: str, patch: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """A JSON merge patch (RFC 7386: ``None`` removes a key, a list replaces the list) as
+        castiron's field manager; the object as the server has it. A ``resourceVersion`` in
+        the patch's metadata makes it fail with 409 if the object changed since."""
+        ...
+
     def delete(self, kind: Kind, namespace: str, name: str, *, grace: float | None = None) -> bool:
         """Delete ``kind`` ``namespace``/``name``; False when it did not exist."""
         ...

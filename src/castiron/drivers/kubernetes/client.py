@@ -28,7 +28,7 @@ from lightkube.core.exceptions import ApiError, ConfigError, LoadResourceError
 from lightkube.generic_resource import GenericNamespacedResource, create_api_info
 from lightkube.resources.apps_v1 import Deployment
 from lightkube.resources.core_v1 import Event, Namespace, Pod, Secret, Service
-from lightkube.types import CascadeType
+from lightkube.types import CascadeType, PatchType
 
 from castiron.drivers.kubernetes.api import Kind
 from castiron.errors import RuntimeDriverError
@@ -254,6 +254,27 @@ class KubeClient:
         with self._wrapped(f"list events in {namespace}"):
             found = api.list(Event, namespace=namespace, fields={"involvedObject.name": involved})
             return [dict(item.to_dict()) for item in found]
+
+    def merge_patch(
+        self, kind: Kind, namespace: str, name: str, patch: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """A JSON merge patch of ``kind`` ``namespace``/``name`` as castiron's field manager
+        (see :meth:`castiron.drivers.kubernetes.api.KubeApi.merge_patch`).
+
+        Raises:
+            RuntimeDriverError: when the server refuses (409: the resourceVersion moved on).
+        """
+        api = self._api()
+        with self._wrapped(f"patch {kind} {namespace}/{name}"):
+            done = api.patch(
+                _KINDS[kind],
+                name,
+                dict(patch),
+                namespace=namespace,
+                patch_type=PatchType.MERGE,
+                field_manager=FIELD_MANAGER,
+            )
+            return dict(done.to_dict())
 
     def delete(self, kind: Kind, namespace: str, name: str, *, grace: float | None = None) -> bool:
         """Delete ``kind`` ``namespace``/``name`` (its dependents in the background); False

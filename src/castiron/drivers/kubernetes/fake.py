@@ -72,6 +72,19 @@ def _leaves(obj: Mapping[str, Any], prefix: Path = ()) -> set[Path]:
     return out
 
 
+def _merge_leaves(patch: Mapping[str, Any], prefix: Path = ()) -> list[tuple[Path, Any]]:
+    """A JSON merge patch as (path, value) pairs: a non-empty object recurses, anything else
+    (a list, a scalar, None for a removal) is one leaf."""
+    out: list[tuple[Path, Any]] = []
+    for key, value in patch.items():
+        path = (*prefix, str(key))
+        if isinstance(value, Mapping) and value:
+            out += _merge_leaves(value, path)
+        else:
+            out.append((path, value))
+    return out
+
+
 def _get_path(obj: Mapping[str, Any], path: Path) -> Any:
     current: Any = obj
     for key in path:
@@ -188,10 +201,12 @@ class FakeCluster:
             if not any(path in paths for m, paths in owners.items() if m != field_manager):
                 _drop_path(result, path)
         for path in sent_paths:
+            same = _get_path(result, path) == _get_path(sent, path)
             _set_path(result, path, _get_path(sent, path))
             for manager, paths in owners.items():
-                if manager != field_manager:
-                    paths.discard(path)
+                if manager != field_manager and not same:
+                    paths.discard(path)  # forced: a conflicting value changes owner
+            # (the same value as another manager's: the server shares the field)
         owners[field_manager] = sent_paths
         result["apiVersion"], result["kind"] = _API_VERSIONS[kind], kind
         result["metadata"]["namespace"], result["metadata"]["name"] = namespace, name
@@ -208,6 +223,41 @@ class FakeCluster:
         self.owners[key] = owners
         self._reconcile()
         return copy.deepcopy(self.objects[key])
+
+    def merge_patch(
+        self, kind: Kind, namespace: str, name: str, patch: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        self.calls.append(("patch", kind, f"{namespace}/{name}", "castiron"))
+        self._reconcile()
+        key = (kind, namespace, name)
+        live = self.objects.get(key)
+        if live is None:
+            raise _error(NOT_FOUND, f"{kind} {namespace}/{name} not found")
+        meta = dict(patch.get("metadata") or {})
+        wanted_version = meta.pop("resourceVersion", None)
+        if wanted_version is not None and live["metadata"].get("resourceVersion") != str(
+            wanted_version
+        ):
+            raise _error(CONFLICT, f"{kind} {namespace}/{name}: the object has been modified")
+        before = copy.deepcopy(live)
+        body = {**dict(patch), "metadata": meta} if meta else {
+            k: v for k, v in patch.items() if k != "metadata"
+        }
+        owners = self.owners.setdefault(key, {})
+        for path, value in _merge_leaves(body):
+            if value is None:
+                _drop_path(live, path)
+                for paths in owners.values():  # a removed field has no owner left
+                    for owned in [p for p in paths if p[: len(path)] == path]:
+                        paths.discard(owned)
+                continue
+            _set_path(live, path, value)
+            for paths in owners.values():
+                paths.discard(path)
+            owners.setdefault("castiron-update", set()).add(path)
+        self._stamp(live, before)
+        self._reconcile()
+        return copy.deepcopy(live)
 
     def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
         self.calls.append(("get", kind, f"{namespace}/{name}"))

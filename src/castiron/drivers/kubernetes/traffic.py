@@ -12,8 +12,8 @@ Service still serves the expected release and the warm pods are Ready);
 :meth:`~KubernetesTraffic.current` reads the selector back, so a second machine sees the truth;
 :meth:`~KubernetesTraffic.route_diff` compares the fields castiron sets on the stable Service
 (type, ports, selector: :func:`service_differences`) with the live one, for drift; applying a
-Service takes back, then drops, selector keys and ports someone else added (server-side apply
-alone leaves a field another manager owns).
+Service removes selector keys and ports someone else added (with a merge patch guarded by the
+resourceVersion: server-side apply alone shares, and so keeps, a field another manager set).
 
 The Services and the HTTPRoute are the only objects it writes. It reaches the cluster through
 the driver's client factory and knows nothing of the spec, the engine or the state store.
@@ -77,8 +77,10 @@ class KubernetesTraffic:
         applied = api.apply(obj)
         if kind == "Service" and service_differences(obj, applied, exact=True):
             # Selector keys or ports another field manager added survive a server-side apply
-            # of castiron's own: own them (with their live values), then apply without them.
-            api.apply(_claiming(obj, applied))
+            # of castiron's own (the server shares, never drops, a field another manager set):
+            # remove them with a merge patch guarded by the resourceVersion just read, then
+            # apply again so castiron's manager owns what is left.
+            api.merge_patch(kind, options.namespace, name, _removal(obj, applied))
             api.apply(obj)
 
     def route_diff(self, environment: str, release: str) -> list[RouteDifference]:
@@ -320,20 +322,22 @@ def service_differences(
     return out
 
 
-def _claiming(want: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str, Any]:
-    """``want`` with the selector keys and ports only ``live`` has added, at their live
-    values: applied (forced), it makes castiron their field manager, so applying ``want``
-    right after removes them."""
-    claim = copy.deepcopy(dict(want))
-    spec = claim["spec"]
+def _removal(want: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch taking from ``live`` the selector keys and ports ``want`` does not
+    have (its ports list replaced by ``want``'s), valid only for ``live``'s resourceVersion."""
     lspec: Mapping[str, Any] = live.get("spec") or {}
-    spec["selector"] = {**dict(lspec.get("selector") or {}), **spec["selector"]}
-    mine = {_port_key(p) for p in spec["ports"]}
-    spec["ports"] = [
-        *spec["ports"],
-        *(copy.deepcopy(p) for p in lspec.get("ports") or [] if _port_key(p) not in mine),
+    wspec: Mapping[str, Any] = want.get("spec") or {}
+    extra = {k: None for k in lspec.get("selector") or {} if k not in wspec.get("selector", {})}
+    mine = {_port_key(p) for p in wspec.get("ports") or []}
+    kept = [
+        copy.deepcopy(p)
+        for p in lspec.get("ports") or []
+        if _port_key(p) in mine  # the server's nodePort and the like stay
     ]
-    return claim
+    return {
+        "metadata": {"resourceVersion": (live.get("metadata") or {}).get("resourceVersion")},
+        "spec": {"selector": extra, "ports": kept} if extra else {"ports": kept},
+    }
 
 
 def _ours(obj: Mapping[str, Any]) -> bool:
