@@ -28,7 +28,7 @@ import functools
 import operator
 import re
 from collections.abc import Iterable
-from typing import Literal, NamedTuple, Protocol
+from typing import Generic, Literal, NamedTuple, Protocol, TypeVar
 
 __all__ = [
     "REASONS",
@@ -858,7 +858,10 @@ class Receiver(Protocol):
     def recv(self, bufsize: int, /) -> bytes: ...
 
 
-class BlockingResponse:
+_R = TypeVar("_R", bound=Receiver)
+
+
+class BlockingResponse(Generic[_R]):
     """One HTTP/1.x response read from a blocking socket, through the Python response parser.
 
     Made for one request and one ``Connection: close`` response (the agent's client, the
@@ -872,9 +875,7 @@ class BlockingResponse:
         OSError: as ``recv`` does (a timeout, a reset).
     """
 
-    def __init__(
-        self, sock: Receiver, *, max_head: int = 65536, head_request: bool = False
-    ) -> None:
+    def __init__(self, sock: _R, *, max_head: int = 65536, head_request: bool = False) -> None:
         self.sock = sock
         self._pieces: list[bytes] = []
         self._head: ResponseHead | None = None
@@ -885,11 +886,11 @@ class BlockingResponse:
             if not self._receive(65536):
                 raise ConnectionError("connection closed before the response head")
         head = self._head
-        self.status = head.status
-        self.reason = head.reason.decode("latin-1")
-        self.minor = head.minor
-        self.header_list = head.headers
-        self.headers = {
+        self.status: int = head.status
+        self.reason: str = head.reason.decode("latin-1")
+        self.minor: int = head.minor
+        self.header_list: list[tuple[bytes, bytes]] = head.headers
+        self.headers: dict[str, str] = {
             name.decode("latin-1").lower(): value.decode("latin-1") for name, value in head.headers
         }
         """The headers by lower-cased name (the last of repeated ones)."""
