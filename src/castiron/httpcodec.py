@@ -768,7 +768,12 @@ def parse_request_head(block: bytes) -> tuple[bytes, bytes, int, list[tuple[byte
     m = _REQUEST_LINE.match(lines[0])
     if m is None:
         parts = lines[0].split(b" ")
-        if len(parts) == 3 and _TOKEN.match(parts[0]) and _VERSION.match(parts[2]):
+        if (
+            len(parts) == 3
+            and _TOKEN.match(parts[0])
+            and _VERSION.match(parts[2])
+            and parts[2] not in (b"HTTP/1.0", b"HTTP/1.1")
+        ):
             version = parts[2].decode("ascii")
             raise HttpParseError(505, f"unsupported protocol {version!r}")
         raise HttpParseError(400, "invalid request line")
