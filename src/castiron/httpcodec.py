@@ -408,8 +408,6 @@ class _Framer:
                 return buf[pos:]
         return None
 
-    _headers = staticmethod(parse_headers)
-
 
 class PythonRequestParser(_Framer):
     """The pure-Python request parser (strict: refuses what llhttp refuses)."""
@@ -424,7 +422,7 @@ class PythonRequestParser(_Framer):
         m = _REQUEST_LINE.match(lines[0])
         if m is None:
             raise HttpParseError(400, "invalid request line")
-        head = _request_head(m.group(1), m.group(2), int(m.group(3)), self._headers(lines[1:]))
+        head = _request_head(m.group(1), m.group(2), int(m.group(3)), parse_headers(lines[1:]))
         self._handler.on_request(head)
         if head.chunked:
             nxt, length = _CHUNK_SIZE_LINE, None
@@ -566,7 +564,7 @@ class PythonResponseParser(_Framer):
             raise HttpParseError(502, "invalid status line from backend")
         status = int(m.group(2))
         minor = int(m.group(1))
-        headers = self._headers(lines[1:])
+        headers = parse_headers(lines[1:])
         tokens = _connection_tokens(headers)
         keep_alive = (b"close" not in tokens) if minor == 1 else (b"keep-alive" in tokens)
         chunked = False
