@@ -7,7 +7,8 @@ the Unix socket addressing the agent's processes share (:func:`unix_address`,
 is :mod:`castiron.agent.lifecycle`.
 
 It sits low in the layers: it imports only the wire, :mod:`castiron.model`,
-:mod:`castiron.errors` and the standard library. It must not know the routers, the
+:mod:`castiron.errors`, the HTTP/1.1 codec (:mod:`castiron.httpcodec`) and the standard
+library. It must not know the routers, the
 supervisor or the daemon's internals; route configurations travel as JSON objects (a
 dataclass such as ``castiron.traffic.base.RouteConfig`` is turned into one by
 :func:`to_json`).
@@ -36,6 +37,7 @@ from castiron.agent.wire import (
     to_json,
 )
 from castiron.errors import AgentError, AgentRefusedError, NotFoundError, UsageError
+from castiron.httpcodec import BlockingResponse, HttpParseError, encode_request_head
 from castiron.model import HealthCheck
 
 T = TypeVar("T")
@@ -80,64 +82,13 @@ def unix_connect(path: Path, timeout: float | None) -> socket.socket:
 _MAX_HEAD = 64 * 1024
 
 
-class _Response:
-    """One HTTP/1.1 response read from a connected socket (the agent answers with
-    ``Connection: close``: the body runs to ``Content-Length`` or, when streaming, to EOF)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        buffer = b""
-        while b"\r\n\r\n" not in buffer:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("connection closed before the response head")
-            buffer += chunk
-            if len(buffer) > _MAX_HEAD:
-                raise ConnectionError("response head too long")
-        head, _, self._rest = buffer.partition(b"\r\n\r\n")
-        status_line, *header_lines = head.decode("latin-1").split("\r\n")
-        parts = status_line.split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-            raise ConnectionError(f"bad status line {status_line[:80]!r}")
-        self.status = int(parts[1])
-        self.reason = parts[2] if len(parts) > 2 else ""
-        self.headers: dict[str, str] = {}
-        for line in header_lines:
-            name, _, value = line.partition(":")
-            self.headers[name.strip().lower()] = value.strip()
-        length = self.headers.get("content-length")
-        self.length = int(length) if length is not None and length.isdigit() else None
-
-    def read(self) -> bytes:
-        """The whole body."""
-        data = bytearray(self._rest)
-        self._rest = b""
-        while self.length is None or len(data) < self.length:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        if self.length is not None:
-            if len(data) < self.length:
-                raise ConnectionError("body shorter than its Content-Length")
-            del data[self.length :]
-        return bytes(data)
-
-    def read1(self, size: int) -> bytes:
-        """The next piece of the body as it arrives (empty at its end)."""
-        if self._rest:
-            data, self._rest = self._rest, b""
-            return data
-        return self.sock.recv(size)
-
-
 def _request_bytes(method: str, target: str, payload: bytes | None) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", "Host: castiron-agent", "Connection: close"]
+    headers = [("Host", "castiron-agent"), ("Connection", "close")]
     if payload is not None:
-        lines += ["Content-Type: application/json", f"Content-Length: {len(payload)}"]
+        headers += [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
     elif method in ("POST", "PUT"):
-        lines.append("Content-Length: 0")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (payload or b"")
+        headers.append(("Content-Length", "0"))
+    return encode_request_head(method, target, headers) + (payload or b"")
 
 
 class AgentClient:
@@ -156,7 +107,7 @@ class AgentClient:
 
     def _open(
         self, method: str, path: str, body: object | None = None, timeout: float | None = None
-    ) -> _Response:
+    ) -> BlockingResponse[socket.socket]:
         # A plain HTTP/1.1 exchange over the socket: http.client would pull in ssl and email
         # (~25 ms of imports) for what is one request and one Connection: close response.
         payload = None if body is None else json.dumps(body).encode()
@@ -169,14 +120,14 @@ class AgentClient:
             raise AgentError(f"agent at {self.socket_path} did not answer: {exc}") from exc
         try:
             sock.sendall(_request_bytes(method, target, payload))
-            response = _Response(sock)
-        except (OSError, ValueError) as exc:
+            response = BlockingResponse(sock, max_head=_MAX_HEAD)
+        except (OSError, ValueError, HttpParseError) as exc:
             sock.close()
             raise AgentError(f"agent at {self.socket_path} did not answer: {exc}") from exc
         if response.status >= 400:
             try:
                 raw = response.read()
-            except OSError:
+            except (OSError, HttpParseError):
                 raw = b""
             finally:
                 sock.close()
@@ -195,7 +146,7 @@ class AgentClient:
         response = self._open(method, path, body, timeout)
         try:
             raw = response.read()
-        except OSError as exc:
+        except (OSError, HttpParseError) as exc:
             raise AgentError(f"agent at {self.socket_path} broke off: {exc}") from exc
         finally:
             response.sock.close()
@@ -363,7 +314,7 @@ class AgentClient:
         try:
             while chunk := response.read1(65536):
                 yield chunk
-        except OSError as exc:
+        except (OSError, HttpParseError) as exc:
             raise AgentError(f"agent at {self.socket_path} broke off: {exc}") from exc
         finally:
             response.sock.close()

@@ -1,7 +1,8 @@
 """The agent's side of HTTP/1.1: reading a request, writing a response, dispatching to handlers.
 
 Owns the request limits (head size, body size, head timeout), the JSON error answers and the
-status each error type maps to (404 not found, 400 usage, 409 refused, 500 internal). The
+status each error type maps to (404 not found, 400 usage, 409 refused, 500 internal). Heads
+are parsed and written by :mod:`castiron.httpcodec`, with the router's rules. The
 control API and the metrics listener both speak through it. It knows nothing of instances,
 routes or watches: handlers are handed to it as a table.
 """
@@ -20,6 +21,12 @@ from dataclasses import dataclass
 
 from castiron.agent.wire import API_VERSION
 from castiron.errors import CastironError, NotFoundError, UsageError
+from castiron.httpcodec import (
+    HttpParseError,
+    encode_response_head,
+    message_framing,
+    parse_request_head,
+)
 
 log = logging.getLogger("castiron.agent")
 
@@ -48,23 +55,8 @@ class Request:
     body: bytes
 
 
-_REASONS = {
-    200: "OK",
-    201: "Created",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    409: "Conflict",
-    411: "Length Required",
-    413: "Content Too Large",
-    500: "Internal Server Error",
-    505: "HTTP Version Not Supported",
-}
-
-
 async def read_request(reader: asyncio.StreamReader) -> Request:
-    """Read one HTTP/1.x request (``Content-Length`` bodies only).
+    """Read one HTTP/1.x request (``Content-Length`` bodies only), parsed by the shared codec.
 
     Raises:
         HttpError: for malformed, oversized or chunked requests.
@@ -77,38 +69,30 @@ async def read_request(reader: asyncio.StreamReader) -> Request:
         raise HttpError(400, "incomplete request") from None
     if len(head) > MAX_HEAD:
         raise HttpError(413, "request head too large")
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3:
-        raise HttpError(400, "malformed request line")
-    method, target, version = parts
-    if version not in ("HTTP/1.1", "HTTP/1.0"):
-        raise HttpError(505, f"unsupported protocol {version!r}")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
-            raise HttpError(400, "malformed header line")
-        headers[name.lower()] = value.strip()
-    if "transfer-encoding" in headers:
-        raise HttpError(411, "chunked request bodies are not supported; send Content-Length")
-    length_text = headers.get("content-length", "0")
-    if not length_text.isdigit():
-        raise HttpError(400, "bad Content-Length")
-    length = int(length_text)
+    try:
+        method, target, _, headers = parse_request_head(head[:-4])
+        if any(name.lower() == b"transfer-encoding" for name, _ in headers):
+            raise HttpError(411, "chunked request bodies are not supported; send Content-Length")
+        _, length = message_framing(headers)
+    except HttpParseError as exc:
+        raise HttpError(exc.status, exc.reason) from None
+    length = length or 0
     if length > _MAX_BODY:
         raise HttpError(413, f"body larger than {_MAX_BODY} bytes")
     try:
         body = await reader.readexactly(length)
     except asyncio.IncompleteReadError:
         raise HttpError(400, "body shorter than its Content-Length") from None
-    split = urllib.parse.urlsplit(target)
+    split = urllib.parse.urlsplit(target.decode("latin-1"))
     query: dict[str, str] = {}
     for key, value in urllib.parse.parse_qsl(split.query, keep_blank_values=True):
         query[key] = value
-    return Request(method=method, path=urllib.parse.unquote(split.path), query=query, body=body)
+    return Request(
+        method=method.decode("latin-1"),
+        path=urllib.parse.unquote(split.path),
+        query=query,
+        body=body,
+    )
 
 
 def response_bytes(
@@ -118,14 +102,13 @@ def response_bytes(
     headers: dict[str, str] | None = None,
 ) -> bytes:
     """A complete ``Connection: close`` HTTP/1.1 response."""
-    lines = [
-        f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}",
-        f"Content-Type: {content_type}",
-        f"Content-Length: {len(body)}",
-        "Connection: close",
-        *(f"{k}: {v}" for k, v in (headers or {}).items()),
+    fields = [
+        ("Content-Type", content_type),
+        ("Content-Length", str(len(body))),
+        ("Connection", "close"),
+        *(headers or {}).items(),
     ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    return encode_response_head(status, fields) + body
 
 
 def _refuse_constant(name: str) -> object:

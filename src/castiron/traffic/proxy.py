@@ -13,7 +13,8 @@ its headers are parsed (the event loop runs one callback at a time, so ``apply``
 snapshot between two requests, never inside one). Backends that leave the snapshot drain.
 
 It knows nothing of runtimes, the spec, the state store or the agent; wire parsing is
-:mod:`castiron.traffic.http`, counting is :mod:`castiron.traffic.stats`.
+:mod:`castiron.httpcodec` (shared with the agent and the health probe), counting is
+:mod:`castiron.traffic.stats`.
 """
 
 from __future__ import annotations
@@ -31,10 +32,7 @@ from pathlib import Path
 from typing import Protocol
 
 from castiron.errors import RouterError
-from castiron.model import Address
-from castiron.traffic.accesslog import AccessLog, access_line
-from castiron.traffic.base import ROUTER_RELEASE, Backend, BackendSet, ReleaseCounters, RouteConfig
-from castiron.traffic.http import (
+from castiron.httpcodec import (
     HttpParseError,
     ParserKind,
     RequestHead,
@@ -42,9 +40,14 @@ from castiron.traffic.http import (
     ResponseHead,
     ResponseParser,
     encode_chunk,
+    encode_response_head,
     make_request_parser,
     make_response_parser,
+    reason_phrase,
 )
+from castiron.model import Address
+from castiron.traffic.accesslog import AccessLog, access_line
+from castiron.traffic.base import ROUTER_RELEASE, Backend, BackendSet, ReleaseCounters, RouteConfig
 from castiron.traffic.stats import ReleaseStats
 
 __all__ = [
@@ -84,17 +87,6 @@ _RESP_DROP = frozenset(
         b"upgrade",
     }
 )
-_REASONS = {
-    400: b"Bad Request",
-    405: b"Method Not Allowed",
-    408: b"Request Timeout",
-    413: b"Content Too Large",
-    431: b"Request Header Fields Too Large",
-    501: b"Not Implemented",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-    504: b"Gateway Timeout",
-}
 _STATUS_PREFIX = {status: b"HTTP/1.1 %03d " % status for status in range(1000)}
 """The start of a status line, by code (both parsers accept any three digits), made once."""
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:+/=-]{1,128}\Z")
@@ -154,16 +146,12 @@ def _nodelay(transport: asyncio.BaseTransport) -> None:
 
 def _error_response(status: int, message: str) -> bytes:
     body = (message + "\n").encode()
-    return (
-        b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
-        % (
-            status,
-            _REASONS.get(status, b"Error"),
-            len(body),
-        )
-        + b"Connection: close\r\n\r\n"
-        + body
-    )
+    headers = [
+        ("Content-Type", "text/plain"),
+        ("Content-Length", str(len(body))),
+        ("Connection", "close"),
+    ]
+    return encode_response_head(status, headers, reason_phrase(status, "Error")) + body
 
 
 class _Pool:

@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from castiron.errors import CastironError
+from castiron.httpcodec import ParserKind
 from castiron.traffic.base import ReleaseCounters, RouteConfig
-from castiron.traffic.http import ParserKind
 from castiron.traffic.proxy import BuiltinRouter
 
 __all__ = ["MAX_MESSAGE", "SLOTS", "ConnectionTable", "main"]

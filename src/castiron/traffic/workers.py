@@ -45,8 +45,8 @@ from pathlib import Path
 from typing import Any
 
 from castiron.errors import RouterError
+from castiron.httpcodec import ParserKind
 from castiron.traffic.base import ReleaseCounters, RouteConfig
-from castiron.traffic.http import ParserKind
 from castiron.traffic.proxy import bind_listener, validate_route
 from castiron.traffic.stats import merge_counters
 from castiron.traffic.worker import MAX_MESSAGE, SLOTS, ConnectionTable
