@@ -206,8 +206,9 @@ class Fault:
 
     kind: str
     """``drop`` (close mid-body after ``after`` bytes), ``corrupt`` (flip a byte of the body),
-    ``close`` (hang up without answering), ``huge`` (announce a 5 MiB manifest) or ``status``
-    (answer ``status`` without asking the registry)."""
+    ``close`` (hang up without answering), ``swallow`` (pass the request on, then hang up
+    without answering), ``huge`` (announce a 5 MiB manifest) or ``status`` (answer ``status``
+    without asking the registry)."""
     after: int = 0
     status: int = 503
 
@@ -400,6 +401,8 @@ class FaultProxy:
                 if fault is not None and fault.kind == "drop":
                     conn.sendall(head.encode() + data[: fault.after])
                     return
+                if fault is not None and fault.kind == "swallow":
+                    return  # the registry has it; the client never hears so
                 conn.sendall(head.encode() + (b"" if method == "HEAD" else data))
         except OSError:
             return

@@ -420,26 +420,28 @@ class _Listener:
                     timeouts=self.config.timeouts,
                 )
             )
+        # A connection accepted just before the process started going away may not have been
+        # read yet: with ``keep_routes`` its request is served (and the connection then
+        # closed) rather than cut. One that sends nothing within FRESH_GRACE is closed.
+        fresh: set[_Client] = set()
         for client in list(self.clients):
-            if not client.queue and not (keep_routes and client.deadline_kind == _D_HEADER):
+            if client.queue:
+                continue
+            if keep_routes and client.deadline_kind == _D_HEADER:
+                fresh.add(client)
+            else:
                 client.close()
         deadline = self.loop.time() + drain_timeout + 1.0
-        # A connection accepted just before the process started going away may not have been
-        # read yet: its request is served (and the connection then closed) rather than cut.
-        # One that sends nothing within FRESH_GRACE is closed; so is any kept-alive idle one.
         fresh_until = self.loop.time() + min(FRESH_GRACE, drain_timeout)
         while self.loop.time() < deadline:
-            waiting = False
-            if keep_routes:
-                late = self.loop.time() >= fresh_until
-                for client in list(self.clients):
-                    if client.queue:
-                        waiting = True
-                    elif client.deadline_kind != _D_HEADER or (late and not client.got_bytes):
-                        client.close()
-                    else:
-                        waiting = True
-            if not (waiting or self.draining):
+            late = self.loop.time() >= fresh_until
+            for client in list(fresh):
+                if client.closed:
+                    fresh.discard(client)
+                elif late and not client.queue and not client.got_bytes:
+                    client.close()
+                    fresh.discard(client)
+            if not (fresh or self.draining):
                 break
             await asyncio.sleep(0.02)
         self.sweeper.cancel()

@@ -288,18 +288,25 @@ class RegistryClient:
             raise self._unexpected(resp, "uploading a chunk")
         return self._location(resp)
 
-    def upload_status(self, repo: str, location: str) -> tuple[str, int]:
-        """How many bytes the upload session holds: (next location, next offset).
+    def upload_status(self, repo: str, location: str) -> tuple[str, int] | None:
+        """How many bytes the upload session holds: (next location, next offset); None when
+        the registry no longer knows the session at ``location`` (404: e.g. distribution,
+        whose locations carry the session's state, once a chunk's answer was lost).
 
         Raises:
             RegistryError, RegistryAuthError: see :meth:`send`.
         """
         resp = self.send("GET", location, self.scope(repo, True))
+        if resp.status == 404:
+            return None
         if resp.status != 204:
             raise self._unexpected(resp, "asking for the upload's progress")
         held = resp.header("Range") or ""
         _, dash, end = held.partition("-")
-        offset = int(end) + 1 if dash and end.isdigit() else 0
+        # "0-0" is what registries (distribution among them) answer for an empty session as
+        # well as for one byte held; chunks are never one byte long, so it means nothing held
+        # (reading it as 1 resumed one byte late: a digest mismatch at the end).
+        offset = int(end) + 1 if dash and end.isdigit() and end != "0" else 0
         return self._location(resp), offset
 
     def get_blob(self, repo: str, digest: str, offset: int = 0) -> Response:

@@ -91,7 +91,7 @@ class TransferOptions:
     monolithic_max: int = 32 * 1024 * 1024
     """Blobs up to this size are uploaded in one request; larger ones in chunks."""
     chunk_size: int = 16 * 1024 * 1024
-    workers: int = 8
+    workers: int = 4
     """Blobs moved at the same time."""
 
 
@@ -277,7 +277,12 @@ class _Pusher:
             transport.sleep(min(delay, 5.0))
             delay *= 2
             held_at = offset
-            location, offset = self.client.upload_status(self.repo, location)
+            status = self.client.upload_status(self.repo, location)
+            if status is None:  # the session is gone: this blob starts over in a new one
+                location, offset = self.client.start_upload(self.repo), 0
+                self.observer.advance(desc.digest, -held_at)
+                continue
+            location, offset = status
             if offset > held_at + len(chunk):
                 raise RegistryError(
                     f"registry {self.client.host}: upload of {desc.digest} reports "
