@@ -42,6 +42,8 @@ APP = "kube"
 SCRIPT = (
     'mkdir -p /tmp/www; if [ "$HEALTHY" = 0 ]; then echo "refusing to serve: HEALTHY=0"; '
     'else echo "$VERSION" > /tmp/www/index.html; echo "serving $VERSION"; fi; '
+    'if [ "$CRASH_AFTER" != 0 ]; then /bin/busybox httpd -f -p "$HOST:$PORT" -h /tmp/www & '
+    'sleep "$CRASH_AFTER"; echo "crashing after $CRASH_AFTER s"; exit 3; fi; '
     'exec /bin/busybox httpd -f -p "$HOST:$PORT" -h /tmp/www'
 )
 SPEC = """
@@ -57,6 +59,7 @@ service:
   env:
     VERSION: ${{VERSION:-v1}}
     HEALTHY: ${{HEALTHY:-1}}
+    CRASH_AFTER: ${{CRASH_AFTER:-0}}
   secrets: {{API_KEY: {{env: KUBE_E2E_API_KEY}}}}
 environments:
   staging:
@@ -143,7 +146,10 @@ def make_project(
         pytest.skip(f"{BUSYBOX} is missing: install busybox-static")
 
     def _make(
-        replicas: int = 2, deploy_timeout: str = "60s", strategy: str = "blue-green"
+        replicas: int = 2,
+        deploy_timeout: str = "60s",
+        strategy: str = "blue-green",
+        steps: str = "[{weight: 50, pause: manual}]",
     ) -> KubeProject:
         root = tmp_path / "project"
         (root / "app" / "bin").mkdir(parents=True)
@@ -157,11 +163,11 @@ def make_project(
                 port=port,
                 deploy_timeout=deploy_timeout,
                 strategy=strategy,
-                steps=", steps: [{weight: 50, pause: manual}]" if strategy == "canary" else "",
+                steps=f", steps: {steps}" if strategy == "canary" else "",
                 namespace=kube_namespace,
             )
         )
-        env = project_env(root, ("VERSION", "HEALTHY", "KUBE_E2E_API_KEY"))
+        env = project_env(root, ("VERSION", "HEALTHY", "CRASH_AFTER", "KUBE_E2E_API_KEY"))
         env["CASTIRON_KUBERNETES_DOCKER_HOST"] = kube_testbed.docker_host
         env["KUBECONFIG"] = str(kube_testbed.kubeconfig)
         env["KUBE_E2E_API_KEY"] = SECRET_VALUE
@@ -395,6 +401,34 @@ def test_canary_abort_restores_stable(make_project: Callable[..., KubeProject]) 
             proc.kill()
     assert result["outcome"] == "aborted" and result["release"] == stable
     assert proc.returncode == 1, err
+    svc = json.loads(project.kubectl("get", "service", SERVICE, "-o", "json"))
+    assert svc["spec"]["selector"]["castiron.dev/release"] == stable
+    assert {project.served() for _ in range(6)} == {"one"}
+    wait_for(
+        lambda: (
+            {d["metadata"]["labels"]["castiron.dev/release"] for d in _deployments(project)}
+            == {stable}
+        ),
+        timeout=30,
+        what="the canary's Deployment deleted",
+    )
+
+
+def test_canary_pods_failing_abort_it(make_project: Callable[..., KubeProject]) -> None:
+    """The canary's pods become Ready, then their container exits (the kubelet would restart
+    it): the analysis (from the pods: a Service counts no requests) aborts the canary during
+    its step, and stable serves everything again."""
+    project = make_project(replicas=1, strategy="canary", steps="[{weight: 50, pause: 40s}]")
+    project.bake("v1")
+    stable = project.deploy("v1", "one")["release"]
+    proc = project.run(
+        "deploy", "staging", "--image", "v1", "--yes",
+        extra={"VERSION": "two", "CRASH_AFTER": "3"},
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "aborted at step 1/1" in proc.stderr, proc.stderr
+    assert "is not Ready (exited with status 3)" in proc.stderr, proc.stderr
     svc = json.loads(project.kubectl("get", "service", SERVICE, "-o", "json"))
     assert svc["spec"]["selector"]["castiron.dev/release"] == stable
     assert {project.served() for _ in range(6)} == {"one"}
