@@ -84,6 +84,14 @@ _TRANSIENT_STATES = frozenset(
 PARALLEL_VERIFY_MIN = 20_000
 """From this many entries on, ``audit verify`` reads the chain in two halves at once."""
 
+_IN_SEQ_ORDER = (
+    "SET LOCAL enable_seqscan = off; SET LOCAL enable_sort = off; "
+    "SET LOCAL max_parallel_workers_per_gather = 0"
+)
+"""Read the chain by walking its primary key, whatever the planner's statistics say: on a
+table not analysed yet (right after a migration) it would otherwise sort the whole chain,
+canonical texts and all, with parallel workers competing with the other half's backend."""
+
 _SNAPSHOT_ID = re.compile(r"[0-9A-Fa-f]+-[0-9A-Fa-f]+(-[0-9A-Fa-f]+)?")
 
 
@@ -669,6 +677,7 @@ class PostgresStateStore(SqlStateStore):
         with self._lock, self._errors():
             self._pg.execute(self._BEGIN_SNAPSHOT)  # one snapshot of rows and head
             try:
+                self._pg.execute(_IN_SEQ_ORDER)
                 head = self._read_head()
                 low, high, count = self._pg.execute(
                     "SELECT min(seq), max(seq), count(*) FROM audit"
@@ -688,6 +697,7 @@ class PostgresStateStore(SqlStateStore):
         try:
             other.execute(self._BEGIN_SNAPSHOT)
             other.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+            other.execute(_IN_SEQ_ORDER)
             parts = [
                 (1, self._links(self._pg, f"seq < {int(middle)}")),
                 (middle, self._links(other, f"seq >= {int(middle)}")),
