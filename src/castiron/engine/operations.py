@@ -13,8 +13,9 @@ It performs no I/O and knows nothing of drivers, traffic, the state store or the
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Literal, get_args
+
+from castiron.values import value
 
 OperationKind = Literal[
     "create",
@@ -35,7 +36,7 @@ KEEP_WARM_ZERO = "keep_warm is 0"
 """Why drained instances are destroyed at once (recorded in their audit entry)."""
 
 
-@dataclass(frozen=True)
+@value
 class Operation:
     """One step of a plan; fields that do not apply to its kind keep their defaults."""
 
@@ -112,7 +113,7 @@ class Operation:
         return "remove the route"
 
 
-@dataclass(frozen=True)
+@value
 class Serving:
     """What is observed in an environment before a plan."""
 
@@ -124,7 +125,7 @@ class Serving:
     """Instances of the target release kept warm (a rollback flips to them)."""
 
 
-@dataclass(frozen=True)
+@value
 class Desired:
     """What the environment is to run, as resolved (or recorded, for a rollback)."""
 
