@@ -282,3 +282,32 @@ def test_live_diff_is_a_dry_run_that_writes_nothing(
     assert [d.target for d in driver.live_diff(_spec("drift"))][-1] == (
         f"Secret {NS}/{DEPLOYMENT}-secrets"
     )
+
+
+def _pod(phase: str, waiting: str | None = None) -> dict[str, object]:
+    state = {"waiting": {"reason": waiting, "message": "…"}} if waiting else {"running": {}}
+    return {
+        "metadata": {"name": "p"},
+        "status": {"phase": phase, "containerStatuses": [{"name": "app", "state": state}]},
+    }
+
+
+@pytest.mark.parametrize(
+    ("pod", "state"),
+    [
+        # the kubelet retries it: right after a release's Secret is created, a node under load
+        # shows "failed to sync secret cache" for a while, then starts the container
+        (_pod("Pending", "CreateContainerConfigError"), "starting"),
+        (_pod("Pending", "ContainerCreating"), "starting"),
+        (_pod("Running", "CrashLoopBackOff"), "exited"),
+        (_pod("Pending", "ErrImageNeverPull"), "exited"),
+        (_pod("Failed"), "exited"),
+        (_pod("Running"), "running"),
+    ],
+)
+def test_a_pod_state_is_terminal_only_when_it_will_not_come_up_by_itself(
+    pod: dict[str, object], state: str
+) -> None:
+    from castiron.drivers.kubernetes.driver import _state
+
+    assert _state([pod]) == state

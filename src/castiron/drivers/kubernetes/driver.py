@@ -758,11 +758,14 @@ _FAILED_WAITING = frozenset(
         "ImagePullBackOff",
         "ErrImagePull",
         "InvalidImageName",
-        "CreateContainerConfigError",
         "CreateContainerError",
         "RunContainerError",
     }
 )
+"""Waiting reasons that mean the container will not come up by itself. Not among them:
+``CreateContainerConfigError``, which the kubelet retries and which a node under load shows
+for a while right after a release's Secret is created ("failed to sync secret cache"); a
+reference that really is missing ends at the deploy timeout, its reason shown."""
 
 
 def _state(pods: list[dict[str, Any]]) -> InstanceState:
