@@ -11,14 +11,14 @@ from collections.abc import Callable
 import pytest
 
 from castiron.errors import RouterError
-from castiron.traffic.base import Limits, RouteConfig
-from castiron.traffic.http import (
+from castiron.httpcodec import (
     HttpParseError,
     RequestHead,
     ResponseHead,
     make_request_parser,
     make_response_parser,
 )
+from castiron.traffic.base import Limits, RouteConfig
 from castiron.traffic.proxy import BuiltinRouter
 from castiron.traffic.stats import ReleaseStats, estimate_percentile, prometheus_text
 from traffic.backends import HttpBackend
