@@ -26,11 +26,11 @@ from castiron.agent.routes import split_address
 from castiron.agent.routing import RouteTable
 from castiron.agent.supervisor import Supervisor, write_json_atomic
 from castiron.agent.wire import (
-    AgentEvent,
     EventKind,
     InstanceRecord,
     SpawnRequest,
     from_json,
+    instance_event,
     to_json,
 )
 from castiron.errors import CastironError, NotFoundError, UsageError
@@ -139,14 +139,10 @@ class Replacer:
             self._requests.pop(record.id)
             self._save()
             self.events.record(
-                AgentEvent(
-                    seq=0,
-                    at=time.time(),
-                    kind="instance-unreplaceable",
-                    instance=record.id,
-                    environment=record.environment,
-                    release=record.release,
-                    exit_code=record.exit_code,
+                instance_event(
+                    "instance-unreplaceable",
+                    record,
+                    time.time(),
                     detail="its secret values are not kept across agent restarts; "
                     "the next deploy or status reconciles it",
                 )
@@ -284,16 +280,5 @@ class Replacer:
         self, kind: EventKind, dead: InstanceRecord, *, replaced_by: str = "", detail: str = ""
     ) -> None:
         self.events.record(
-            AgentEvent(
-                seq=0,
-                at=time.time(),
-                kind=kind,
-                instance=dead.id,
-                environment=dead.environment,
-                release=dead.release,
-                pid=dead.pid,
-                exit_code=dead.exit_code,
-                detail=detail,
-                replaced_by=replaced_by,
-            )
+            instance_event(kind, dead, time.time(), detail=detail, replaced_by=replaced_by)
         )

@@ -51,6 +51,7 @@ from castiron.agent.wire import (
     InstanceRecord,
     SpawnRequest,
     from_json,
+    instance_event,
     to_json,
 )
 from castiron.errors import AgentError, NotFoundError, UsageError
@@ -550,19 +551,7 @@ class Supervisor:
             self._on_exit(final)
 
     def _emit(self, kind: EventKind, record: InstanceRecord, *, detail: str = "") -> None:
-        self._on_event(
-            AgentEvent(
-                seq=0,
-                at=self._clock(),
-                kind=kind,
-                instance=record.id,
-                environment=record.environment,
-                release=record.release,
-                pid=record.pid,
-                exit_code=record.exit_code,
-                detail=detail,
-            )
-        )
+        self._on_event(instance_event(kind, record, self._clock(), detail=detail))
 
     def _load(self) -> list[InstanceRecord]:
         try:

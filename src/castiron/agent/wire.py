@@ -195,6 +195,29 @@ class AgentEvent:
     """For ``instance-replaced``: the id of the new instance (``instance`` is the old one)."""
 
 
+def instance_event(
+    kind: EventKind,
+    record: InstanceRecord,
+    at: float,
+    *,
+    detail: str = "",
+    replaced_by: str = "",
+) -> AgentEvent:
+    """An event about the instance ``record`` (the event log numbers it when recorded)."""
+    return AgentEvent(
+        seq=0,
+        at=at,
+        kind=kind,
+        instance=record.id,
+        environment=record.environment,
+        release=record.release,
+        pid=record.pid,
+        exit_code=record.exit_code,
+        detail=detail,
+        replaced_by=replaced_by,
+    )
+
+
 @value
 class AgentStatus:
     """The agent's own health and inventory (``GET /v1/status``)."""
@@ -365,5 +388,6 @@ __all__ = [
     "InstanceStateName",
     "SpawnRequest",
     "from_json",
+    "instance_event",
     "to_json",
 ]
