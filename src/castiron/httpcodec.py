@@ -452,7 +452,8 @@ class _HttptoolsRequestParser:
     def __init__(self, handler: RequestHandler, max_header_bytes: int) -> None:
         import httptools
 
-        self._ht = httptools
+        self._upgrade: type[Exception] = httptools.HttpParserUpgrade
+        self._invalid: type[Exception] = httptools.HttpParserError
         self._handler = handler
         self._max = max_header_bytes
         self._parser = httptools.HttpRequestParser(self)
@@ -508,9 +509,9 @@ class _HttptoolsRequestParser:
             self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
-        except self._ht.HttpParserUpgrade as exc:
+        except self._upgrade as exc:
             return data[int(exc.args[0]) :]
-        except self._ht.HttpParserError as exc:
+        except self._invalid as exc:
             if self._error is not None:
                 raise self._error from None
             if isinstance(exc.__context__, HttpParseError):  # raised by the handler (a limit)
@@ -637,7 +638,8 @@ class _HttptoolsResponseParser:
     def __init__(self, handler: ResponseHandler) -> None:
         import httptools
 
-        self._ht = httptools
+        self._upgrade: type[Exception] = httptools.HttpParserUpgrade
+        self._invalid: type[Exception] = httptools.HttpParserError
         self._handler = handler
         self._parser = httptools.HttpResponseParser(self)
         self._python: PythonResponseParser | None = None
@@ -717,9 +719,9 @@ class _HttptoolsResponseParser:
             return self._python.feed(data)
         try:
             self._parser.feed_data(data)
-        except self._ht.HttpParserUpgrade as exc:
+        except self._upgrade as exc:
             return data[int(exc.args[0]) :]
-        except self._ht.HttpParserError as exc:
+        except self._invalid as exc:
             cause = exc.__context__
             if cause is not None:  # raised by a callback: ours or the handler's
                 raise cause from None
@@ -885,10 +887,7 @@ class BlockingResponse(Generic[_R]):
         self._done = False
         self._parser = PythonResponseParser(self, max_head)
         self._parser.head_request = head_request
-        while self._head is None:
-            if not self._receive(65536):
-                raise ConnectionError("connection closed before the response head")
-        head = self._head
+        head = self._read_head()
         self.status: int = head.status
         self.reason: str = head.reason.decode("latin-1")
         self.minor: int = head.minor
@@ -900,6 +899,14 @@ class BlockingResponse(Generic[_R]):
         self.length: int | None = head.content_length
         self.until_close: bool = head.until_close
         """The body runs to the end of the connection."""
+
+    def _read_head(self) -> ResponseHead:
+        # a method of its own: in __init__, a type checker (and mypyc) takes ``self._head`` for
+        # the None assigned there, which ``on_response`` changes behind its back
+        while self._head is None:
+            if not self._receive(65536):
+                raise ConnectionError("connection closed before the response head")
+        return self._head
 
     # the parser's handler
     def on_response(self, head: ResponseHead) -> None:

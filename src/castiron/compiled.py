@@ -1,0 +1,111 @@
+"""Which of castiron's modules run compiled, and the guard that keeps a stale build out.
+
+The builtin router's per-request path (:mod:`castiron.httpcodec` and
+:mod:`castiron.traffic.proxy`) is typed Python that the build also compiles to C extensions
+with mypyc when it can (``setup.py``). Python would import such an extension in place of its
+source whenever both are there, even once the source has changed; so the build records the
+SHA-256 of every source it compiled (``castiron/compiled.json``), and :func:`install` puts a
+finder in front of the import system that loads these modules from their source unless
+
+- every one of them has an extension that was built from the source now on disk, and
+- ``CASTIRON_COMPILED`` is not ``0`` (set it to compare, or to rule the extensions out).
+
+The modules are compiled as one group, which calls between them directly, so they are used
+all compiled or all from source, never mixed. :func:`status` says which, and why.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.machinery import ModuleSpec
+from pathlib import Path
+from types import ModuleType
+
+__all__ = ["MODULES", "Status", "install", "status"]
+
+MODULES = ("castiron.httpcodec", "castiron.traffic.proxy")
+"""The modules the build compiles (``setup.py`` lists their sources)."""
+
+MANIFEST = "compiled.json"
+ENV = "CASTIRON_COMPILED"
+_PACKAGE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Status:
+    """Whether :data:`MODULES` run compiled; ``reason`` says why not."""
+
+    compiled: bool
+    reason: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"compiled": self.compiled, "reason": self.reason, "modules": list(MODULES)}
+
+
+def _source(module: str) -> Path:
+    parts = module.split(".")[1:]
+    return _PACKAGE.joinpath(*parts).with_suffix(".py")
+
+
+def _has_extension(module: str) -> bool:
+    source = _source(module)
+    stem = source.with_suffix("")
+    return any(
+        stem.with_name(stem.name + suffix).exists()
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES
+    )
+
+
+def _decide() -> Status:
+    import hashlib  # here: most processes never import the compiled modules
+    import json
+
+    if os.environ.get(ENV, "") == "0":
+        return Status(False, f"{ENV}=0: running from source")
+    if not all(_has_extension(m) for m in MODULES):
+        return Status(False, "not compiled (no C extensions were built for this install)")
+    try:
+        recorded = json.loads((_PACKAGE / MANIFEST).read_text())["modules"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return Status(False, f"the build record {MANIFEST} is missing or unreadable")
+    for module in MODULES:
+        try:
+            digest = hashlib.sha256(_source(module).read_bytes()).hexdigest()
+        except OSError:
+            return Status(False, f"{module}: its source is not readable: running from source")
+        if not isinstance(recorded, dict) or recorded.get(module) != digest:
+            return Status(False, f"{module} changed since it was compiled: running from source")
+    return Status(True, "compiled with mypyc")
+
+
+_decided: Status | None = None
+
+
+def status() -> Status:
+    """Whether the compiled modules are in use in this process (decided once, on first use)."""
+    global _decided
+    if _decided is None:
+        _decided = _decide()
+    return _decided
+
+
+class _Finder:
+    """A meta path finder: the source of :data:`MODULES` when the extensions may not be used."""
+
+    def find_spec(
+        self, name: str, path: Sequence[str] | None = None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
+        if name not in MODULES or status().compiled:
+            return None  # the import system's own finders: the extension, or the only source
+        return importlib.util.spec_from_file_location(name, _source(name))
+
+
+def install() -> None:
+    """Put the guard in front of the import system (once per process)."""
+    if not any(isinstance(f, _Finder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _Finder())
