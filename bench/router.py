@@ -15,6 +15,8 @@ requests across 50 backend-set switches under constant wrk load.
 With each throughput figure goes the CPU time the router used per request (user and system,
 its whole process tree: the workers, HAProxy's processes; for ``direct``, the backend's),
 read from /proc. On a machine shared with others this moves much less than throughput does.
+``--source`` adds a ``builtin-src`` row: the same worker pool running the router from its
+Python source (``CASTIRON_COMPILED=0``), to see what the compiled per-request path gains.
 ``--pipe`` adds a ``pipe`` row: a byte pipe on the same event loop (as many processes as
 builtin workers, one upstream connection per client, no HTTP), the floor under any Python
 router here.
@@ -200,9 +202,10 @@ def run_pipe(listen: int, backend: int, processes: int) -> None:
     asyncio.run(main())
 
 
-def spawn(*args: str) -> subprocess.Popen[str]:
+def spawn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [sys.executable, str(Path(__file__)), *args],
+        env=env,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -438,6 +441,7 @@ def one_run(
     one_port: int,
     h_port: int,
     pipe_port: int,
+    src_port: int,
     pids: dict[str, int],
     args: argparse.Namespace,
 ) -> dict[str, dict[str, float]]:
@@ -446,6 +450,8 @@ def one_run(
     res: dict[str, dict[str, float]] = {}
     rows = [("direct", ports[0]), ("builtin", b_port), ("haproxy", h_port)]
     rows.append(("builtin-1", one_port))
+    if "builtin-src" in pids:
+        rows.append(("builtin-src", src_port))
     if "pipe" in pids:
         rows.append(("pipe", pipe_port))
     for name, port in rows:
@@ -462,6 +468,9 @@ def one_run(
         )
     ratio = res["builtin"]["rps"] / res["haproxy"]["rps"]
     res["ratio"] = {"builtin": ratio, "builtin-1": res["builtin-1"]["rps"] / res["haproxy"]["rps"]}
+    if "builtin-src" in res:
+        res["ratio"]["builtin-src"] = res["builtin-src"]["rps"] / res["haproxy"]["rps"]
+        print(f"builtin from source/haproxy ratio: {res['ratio']['builtin-src']:.2f}")
     print(
         f"builtin/haproxy throughput ratio: {ratio:.2f}"
         f"   (one builtin process: {res['ratio']['builtin-1']:.2f})"
@@ -507,11 +516,19 @@ def main() -> None:
         action="store_true",
         help="add a row: a byte pipe on the same event loop, as many processes as workers",
     )
+    ap.add_argument(
+        "--source",
+        action="store_true",
+        help="add a row: the same worker pool run from its Python source (CASTIRON_COMPILED=0)",
+    )
     args = ap.parse_args()
     for tool in ("wrk", "haproxy"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed")
     print(f"machine: {machine()}   load average {loadavg()}")
+    from castiron import compiled
+
+    print(f"builtin router: {compiled.status().reason}")
     ports = [free_port(), free_port()]
     procs = [spawn("backend", str(p)) for p in ports]
     addrs = [f"127.0.0.1:{p}" for p in ports]
@@ -530,13 +547,19 @@ def main() -> None:
         pids = {"direct": procs[0].pid, "builtin": builtin.pid, "haproxy": hap.pid}
         pids["builtin-1"] = one.pid
         pipe_port = free_port()
+        src_port = free_port()
+        if args.source:
+            env = {**os.environ, compiled.ENV: "0"}
+            src = spawn("router", kind, f"127.0.0.1:{src_port}", ",".join(addrs), workdir, env=env)
+            procs.append(src)
+            pids["builtin-src"] = src.pid
         if args.pipe:
             workers = args.workers or min(os.cpu_count() or 1, 8)
             pipe = spawn("pipe", str(pipe_port), str(ports[0]), str(workers))
             procs.append(pipe)
             pids["pipe"] = pipe.pid
         runs = [
-            one_run(ports, b_port, one_port, h_port, pipe_port, pids, args)
+            one_run(ports, b_port, one_port, h_port, pipe_port, src_port, pids, args)
             for _ in range(args.runs)
         ]
 
@@ -546,15 +569,18 @@ def main() -> None:
             return f"{statistics.median(values):.2f} ({listed})"
 
         print(f"\n== medians of {len(runs)} runs (per-run values in brackets)")
-        for name in ("direct", "builtin", "haproxy", "builtin-1"):
-            print(f"{name:10s} req/s {med(name, 'rps')}")
-        for name in ("builtin", "haproxy", "builtin-1", "pipe"):
+        for name in ("direct", "builtin", "haproxy", "builtin-1", "builtin-src"):
+            if name in pids:
+                print(f"{name:10s} req/s {med(name, 'rps')}")
+        for name in ("builtin", "haproxy", "builtin-1", "builtin-src", "pipe"):
             if name not in pids:
                 continue
             print(f"{name:10s} CPU us/request user {med(name, 'user_us')}")
             print(f"{name:10s} CPU us/request system {med(name, 'sys_us')}")
         print(f"builtin/haproxy ratio {med('ratio', 'builtin')}")
         print(f"one builtin process/haproxy ratio {med('ratio', 'builtin-1')}")
+        if "builtin-src" in pids:
+            print(f"builtin from source/haproxy ratio {med('ratio', 'builtin-src')}")
         for name in ("direct", "builtin", "haproxy"):
             print(f"{name:10s} p99 at half load ms {med(name, 'half_p99_ms')}")
         for name in ("builtin", "haproxy"):

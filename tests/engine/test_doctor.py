@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from castiron import compiled
 from castiron.engine.doctor import Check, diagnose, failed
 from castiron.settings import load_settings
 
@@ -55,6 +56,7 @@ def test_a_bare_host_against_a_demanding_spec(tmp_path: Path, taken: int) -> Non
         bwrap_probe=lambda _: None,
         find_module=lambda _: None,
         limits_probe=lambda: "no cgroup hierarchy with the memory or cpu controller is mounted",
+        router_speed=compiled.Status(False, "not compiled (no C extensions were built)"),
     )
     assert loaded is not None and loaded.spec.app == "shop"
     home = tmp_path / ".castiron"
@@ -113,6 +115,16 @@ def test_a_bare_host_against_a_demanding_spec(tmp_path: Path, taken: int) -> Non
             "git not found: bake tags images by digest instead of commit",
             "apt-get install git",
         ),
+        Check(
+            "builtin router",
+            "warning",
+            False,
+            "builtin router: not compiled (no C extensions were built); uvloop and httptools "
+            "not installed",
+            "pip install 'castiron[fast]'; reinstall where mypy and a C compiler are available "
+            "(pip install --no-deps --force-reinstall . in a checkout; ./scripts/test rebuilds "
+            "it there)",
+        ),
         Check(f"port 127.0.0.1:{free}", "ok", True, "dev: free"),
         Check(
             f"port 127.0.0.1:{taken}",
@@ -142,6 +154,33 @@ def test_without_a_spec_only_the_host_is_checked_and_nothing_optional_fails(
     assert loaded is None
     assert failed(checks) == []
     assert {c.name for c in checks if c.required} == {"python", "state directory"}
+
+
+@pytest.mark.parametrize(
+    ("speed", "detail", "fix"),
+    [
+        (compiled.Status(True, "compiled with mypyc"), "compiled with mypyc", None),
+        (
+            compiled.Status(False, "CASTIRON_COMPILED=0: running from source"),
+            "CASTIRON_COMPILED=0: running from source",
+            "unset CASTIRON_COMPILED",
+        ),
+    ],
+)
+def test_the_builtin_routers_fast_path(
+    tmp_path: Path, speed: compiled.Status, detail: str, fix: str | None
+) -> None:
+    _, checks = diagnose(
+        load_settings({}, cwd=tmp_path), find_module=lambda _: 1, router_speed=speed
+    )
+    check = next(c for c in checks if c.name == "builtin router")
+    assert check == Check(
+        "builtin router",
+        "ok" if fix is None else "warning",
+        False,
+        f"builtin router: {detail}",
+        fix,
+    )
 
 
 def test_a_state_directory_readable_by_others_is_a_warning(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 Owns the checks and their verdicts: Python's version, bubblewrap (the local runtime's
 sandbox), the Docker engine and its SDK (the docker runtime), HAProxy (the haproxy router),
-git (commit tags), the spec's listen ports, the state directory's permissions and the agent.
+git (commit tags), the builtin router's fast path (compiled modules, uvloop, llhttp), the
+spec's listen ports, the state directory's permissions and the agent.
 A check is *required* when the spec in use needs it (its runtimes, routers, isolation and
 ports) or castiron cannot run without it; every missing thing comes with the command that
 installs or fixes it. It changes nothing and starts nothing.
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from castiron import compiled
 from castiron.agent.lifecycle import agent_pid
 from castiron.drivers.local import probe_bwrap
 from castiron.model import Address
@@ -276,6 +278,28 @@ def _agent(pid: int | None) -> Check:
     return Check("agent", "ok", False, "not running (the CLI starts it when a deploy needs it)")
 
 
+def _router(speed: compiled.Status, find_module: Callable[[str], object]) -> Check:
+    """The builtin router's fast path: its compiled modules, uvloop and llhttp (httptools)."""
+    absent = [name for name in ("uvloop", "httptools") if find_module(name) is None]
+    parts = [speed.reason]
+    if absent:
+        parts.append(f"{' and '.join(absent)} not installed")
+    detail = "builtin router: " + "; ".join(parts)
+    if speed.compiled and not absent:
+        return Check("builtin router", "ok", False, detail)
+    fixes = []
+    if absent:
+        fixes.append("pip install 'castiron[fast]'")
+    if speed.reason.startswith(compiled.ENV):
+        fixes.append(f"unset {compiled.ENV}")
+    elif not speed.compiled:
+        fixes.append(
+            "reinstall where mypy and a C compiler are available (pip install --no-deps "
+            "--force-reinstall . in a checkout; ./scripts/test rebuilds it there)"
+        )
+    return Check("builtin router", "warning", False, detail, "; ".join(fixes))
+
+
 def diagnose(
     settings: Settings,
     *,
@@ -283,6 +307,7 @@ def diagnose(
     bwrap_probe: Callable[[str], str | None] = probe_bwrap,
     find_module: Callable[[str], object] = importlib.util.find_spec,
     limits_probe: Callable[[], str | None] = probe_limits,
+    router_speed: compiled.Status | None = None,
 ) -> tuple[LoadedSpec | None, list[Check]]:
     """Every check for ``settings`` (and its spec, when one exists and validates).
 
@@ -306,6 +331,7 @@ def diagnose(
         _docker_sdk(needs.docker, find_module),
         _haproxy(path_env, needs.haproxy),
         _git(path_env),
+        _router(router_speed or compiled.status(), find_module),
         *(_port(env, listen, pid) for env, listen in needs.listens),
     ]
     return loaded, checks
