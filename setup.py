@@ -1,10 +1,10 @@
 """Build hook: compiles the builtin router's per-request path with mypyc where it can.
 
 Everything else about the package is declared in ``pyproject.toml``. The modules named in
-``castiron/compiled.py`` (the HTTP codec and the proxy) are plain, typed Python; when mypyc and
-a C compiler are there, they are also compiled to C extensions, which the router then runs
-(about 1.6x less CPU per proxied request). Nothing is lost without them: the same source runs
-as Python. ``CASTIRON_COMPILE=0`` skips the compilation.
+``castiron/compiled.py`` (the HTTP codec, the proxy and its counters) are plain, typed
+Python; when mypyc and a C compiler are there, they are also compiled to C extensions, which
+the router then runs (less CPU per proxied request). Nothing is lost without them: the same
+source runs as Python. ``CASTIRON_COMPILE=0`` skips the compilation.
 
 Next to the extensions the build writes ``castiron/compiled.json``, the SHA-256 of each source
 it compiled: castiron imports an extension only while its source still has that digest, so an
@@ -27,6 +27,7 @@ HERE = Path(__file__).resolve().parent
 SOURCES = {
     "castiron.httpcodec": "src/castiron/httpcodec.py",
     "castiron.traffic.proxy": "src/castiron/traffic/proxy.py",
+    "castiron.traffic.stats": "src/castiron/traffic/stats.py",
 }
 """The compiled modules and their sources; ``castiron.compiled.MODULES`` names the same."""
 

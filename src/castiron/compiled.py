@@ -1,11 +1,12 @@
 """Which of castiron's modules run compiled, and the guard that keeps a stale build out.
 
-The builtin router's per-request path (:mod:`castiron.httpcodec` and
-:mod:`castiron.traffic.proxy`) is typed Python that the build also compiles to C extensions
-with mypyc when it can (``setup.py``). Python would import such an extension in place of its
-source whenever both are there, even once the source has changed; so the build records the
-SHA-256 of every source it compiled (``castiron/compiled.json``), and :func:`install` puts a
-finder in front of the import system that loads these modules from their source unless
+The builtin router's per-request path (:mod:`castiron.httpcodec`,
+:mod:`castiron.traffic.proxy` and its counters, :mod:`castiron.traffic.stats`) is typed
+Python that the build also compiles to C extensions with mypyc when it can (``setup.py``).
+Python would import such an extension in place of its source whenever both are there, even
+once the source has changed; so the build records the SHA-256 of every source it compiled
+(``castiron/compiled.json``), and :func:`install` puts a finder in front of the import system
+that loads these modules from their source unless
 
 - every one of them has an extension that was built from the source now on disk, and
 - ``CASTIRON_COMPILED`` is not ``0`` (set it to compare, or to rule the extensions out).
@@ -16,28 +17,27 @@ all compiled or all from source, never mixed. :func:`status` says which, and why
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from importlib.machinery import ModuleSpec
-from pathlib import Path
 from types import ModuleType
+from typing import NamedTuple
+
+# Imported by the package itself, so by every castiron process: only what Python has loaded
+# at start-up, the rest (hashing, JSON, importlib.util) when a compiled module is imported.
 
 __all__ = ["MODULES", "Status", "install", "status"]
 
-MODULES = ("castiron.httpcodec", "castiron.traffic.proxy")
+MODULES = ("castiron.httpcodec", "castiron.traffic.proxy", "castiron.traffic.stats")
 """The modules the build compiles (``setup.py`` lists their sources)."""
 
 MANIFEST = "compiled.json"
 ENV = "CASTIRON_COMPILED"
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
 
-@dataclass(frozen=True)
-class Status:
+class Status(NamedTuple):
     """Whether :data:`MODULES` run compiled; ``reason`` says why not."""
 
     compiled: bool
@@ -47,22 +47,19 @@ class Status:
         return {"compiled": self.compiled, "reason": self.reason, "modules": list(MODULES)}
 
 
-def _source(module: str) -> Path:
-    parts = module.split(".")[1:]
-    return _PACKAGE.joinpath(*parts).with_suffix(".py")
+def _source(module: str) -> str:
+    return os.path.join(_PACKAGE, *module.split(".")[1:]) + ".py"
 
 
 def _has_extension(module: str) -> bool:
-    source = _source(module)
-    stem = source.with_suffix("")
-    return any(
-        stem.with_name(stem.name + suffix).exists()
-        for suffix in importlib.machinery.EXTENSION_SUFFIXES
-    )
+    from importlib.machinery import EXTENSION_SUFFIXES
+
+    stem = _source(module)[: -len(".py")]
+    return any(os.path.exists(stem + suffix) for suffix in EXTENSION_SUFFIXES)
 
 
 def _decide() -> Status:
-    import hashlib  # here: most processes never import the compiled modules
+    import hashlib
     import json
 
     if os.environ.get(ENV, "") == "0":
@@ -70,12 +67,14 @@ def _decide() -> Status:
     if not all(_has_extension(m) for m in MODULES):
         return Status(False, "not compiled (no C extensions were built for this install)")
     try:
-        recorded = json.loads((_PACKAGE / MANIFEST).read_text())["modules"]
+        with open(os.path.join(_PACKAGE, MANIFEST), "rb") as f:
+            recorded = json.load(f)["modules"]
     except (OSError, ValueError, KeyError, TypeError):
         return Status(False, f"the build record {MANIFEST} is missing or unreadable")
     for module in MODULES:
         try:
-            digest = hashlib.sha256(_source(module).read_bytes()).hexdigest()
+            with open(_source(module), "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
         except OSError:
             return Status(False, f"{module}: its source is not readable: running from source")
         if not isinstance(recorded, dict) or recorded.get(module) != digest:
@@ -102,7 +101,9 @@ class _Finder:
     ) -> ModuleSpec | None:
         if name not in MODULES or status().compiled:
             return None  # the import system's own finders: the extension, or the only source
-        return importlib.util.spec_from_file_location(name, _source(name))
+        from importlib.util import spec_from_file_location
+
+        return spec_from_file_location(name, _source(name))
 
 
 def install() -> None:

@@ -28,7 +28,7 @@ import functools
 import operator
 import re
 from collections.abc import Iterable
-from typing import Generic, Literal, NamedTuple, Protocol, TypeVar
+from typing import Final, Generic, Literal, NamedTuple, Protocol, TypeVar
 
 __all__ = [
     "REASONS",
@@ -58,17 +58,21 @@ __all__ = [
 
 ParserKind = Literal["auto", "httptools", "python"]
 
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*\Z")
-_REQUEST_LINE = re.compile(
+_TOKEN: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_VALUE: Final = re.compile(rb"[\t\x20-\x7e\x80-\xff]*\Z")
+_REQUEST_LINE: Final = re.compile(
     rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e\x80-\xff]+) HTTP/1\.([01])\Z"
 )
-_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?\Z")
-_HOST = re.compile(rb"(?:(?:[A-Za-z0-9._~!$&'()*+,;=%-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{0,5})?)?\Z")
+_STATUS_LINE: Final = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?\Z")
+_HOST: Final = re.compile(
+    rb"(?:(?:[A-Za-z0-9._~!$&'()*+,;=%-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{0,5})?)?\Z"
+)
 """A Host value: reg-name or IPv4 or [IPv6], optional port (RFC 9110 section 7.2); may be
 empty when the target has no authority."""
-_ABSOLUTE = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://([^/?#@]*)(?:[/?#][\x21-\x7e\x80-\xff]*)?\Z")
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[\t\x20-\x7e\x80-\xff]*)?\Z")
+_ABSOLUTE: Final = re.compile(
+    rb"[A-Za-z][A-Za-z0-9+.-]*://([^/?#@]*)(?:[/?#][\x21-\x7e\x80-\xff]*)?\Z"
+)
+_CHUNK_SIZE: Final = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[\t\x20-\x7e\x80-\xff]*)?\Z")
 
 
 class HttpParseError(Exception):
@@ -200,8 +204,8 @@ def message_framing(headers: list[tuple[bytes, bytes]]) -> tuple[bool, int | Non
     return chunked, length
 
 
-_SPECIAL = frozenset({b"connection", b"content-length", b"transfer-encoding", b"upgrade"})
-_HOP_FORBIDDEN = frozenset({b"host", b"content-length", b"transfer-encoding"})
+_SPECIAL: Final = frozenset({b"connection", b"content-length", b"transfer-encoding", b"upgrade"})
+_HOP_FORBIDDEN: Final = frozenset({b"host", b"content-length", b"transfer-encoding"})
 """End-to-end headers a ``Connection`` header may not declare hop-by-hop (dropping them
 would change what the backend is asked)."""
 
@@ -292,7 +296,7 @@ def parse_headers(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
 (_HEAD, _LENGTH, _CHUNK_SIZE_LINE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_CLOSE, _TUNNEL) = (
     range(8)
 )
-_INTERIM = -1  # an interim (1xx) response: the next head follows, no message ended
+_INTERIM: Final = -1  # an interim (1xx) response: the next head follows, no message ended
 
 
 class _Framer:
@@ -442,8 +446,8 @@ class PythonRequestParser(_Framer):
         self._handler.on_request_end()
 
 
-_NAME_OF = operator.itemgetter(0)
-_VALUE_OF = operator.itemgetter(1)
+_NAME_OF: Final = operator.itemgetter(0)
+_VALUE_OF: Final = operator.itemgetter(1)
 
 
 class _HttptoolsRequestParser:
@@ -753,7 +757,7 @@ def make_response_parser(kind: ParserKind, handler: ResponseHandler) -> Response
 
 # --- whole heads: the agent's server reads a head, then parses it ------------------------------
 
-_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]\Z")
+_VERSION: Final = re.compile(rb"HTTP/[0-9]\.[0-9]\Z")
 
 
 def parse_request_head(block: bytes) -> tuple[bytes, bytes, int, list[tuple[bytes, bytes]]]:

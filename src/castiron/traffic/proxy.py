@@ -29,7 +29,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Final, Protocol
 
 from castiron.errors import RouterError
 from castiron.httpcodec import (
@@ -58,9 +58,9 @@ __all__ = [
     "validate_route",
 ]
 
-_CRLF = b"\r\n"
-_LAST_CHUNK = b"0\r\n\r\n"
-_REQ_DROP = frozenset(
+_CRLF: Final = b"\r\n"
+_LAST_CHUNK: Final = b"0\r\n\r\n"
+_REQ_DROP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -76,7 +76,7 @@ _REQ_DROP = frozenset(
         b"x-request-id",
     }
 )
-_RESP_DROP = frozenset(
+_RESP_DROP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -87,22 +87,27 @@ _RESP_DROP = frozenset(
         b"upgrade",
     }
 )
-_STATUS_PREFIX = {status: b"HTTP/1.1 %03d " % status for status in range(1000)}
+_STATUS_PREFIX: Final = {status: b"HTTP/1.1 %03d " % status for status in range(1000)}
 """The start of a status line, by code (both parsers accept any three digits), made once."""
-_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:+/=-]{1,128}\Z")
+_REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._:+/=-]{1,128}\Z")
 """A client's X-Request-Id is kept only when it is one header of this form."""
-_PENDING_LIMIT = 1 << 20
+_PENDING_LIMIT: Final = 1 << 20
 """Request body bytes held while the upstream connects before the client is paused."""
-_REPLAYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+_REPLAYABLE: Final = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 
 # reasons a client connection's reading is paused (a bit set)
-_P_UPSTREAM, _P_PENDING, _P_PIPELINE = 1, 2, 4
+_P_UPSTREAM: Final = 1
+_P_PENDING: Final = 2
+_P_PIPELINE: Final = 4
 # what a client connection's deadline guards
-_D_NONE, _D_HEADER, _D_IDLE, _D_BODY = 0, 1, 2, 3
+_D_NONE: Final = 0
+_D_HEADER: Final = 1
+_D_IDLE: Final = 2
+_D_BODY: Final = 3
 
-FRESH_GRACE = 0.5
+FRESH_GRACE: Final = 0.5
 """Seconds a connection that has sent nothing yet is kept when its process goes away."""
-_NO_BODY_METHODS = frozenset({b"GET", b"HEAD"})
+_NO_BODY_METHODS: Final = frozenset({b"GET", b"HEAD"})
 
 
 class SharedListener(Protocol):

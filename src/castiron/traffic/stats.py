@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Mapping, Sequence
+from typing import Final
 
 from castiron.traffic.base import LatencySummary, ReleaseCounters
 
@@ -22,7 +23,7 @@ __all__ = [
     "prometheus_text",
 ]
 
-BUCKETS_MS: tuple[float, ...] = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+BUCKETS_MS: Final[tuple[float, ...]] = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 """Upper bounds (ms) of the latency histogram's finite buckets; a ``+Inf`` bucket follows."""
 
 
