@@ -558,3 +558,55 @@ def test_no_user_parses_a_status_or_request_line_itself(name: str) -> None:
     text = _source(importlib.import_module(name))
     for private in ('startswith("HTTP/', 'split(" ", 2)', "_REQUEST_LINE", "_STATUS_LINE"):
         assert private not in text, f"{name} contains {private}"
+
+
+# --- the version and keep-alive of each message, whatever its Connection headers say -----------
+VERSIONS = [
+    # (version, Connection headers, minor, keep-alive)
+    (b"1.1", b"", 1, True),
+    (b"1.1", b"Connection: close\r\n", 1, False),
+    (b"1.1", b"Connection: keep-alive\r\n", 1, True),
+    (b"1.1", b"cOnNeCtIoN: Close\r\n", 1, False),
+    (b"1.0", b"", 0, False),
+    (b"1.0", b"Connection: keep-alive\r\n", 0, True),
+    (b"1.0", b"Connection: close\r\n", 0, False),
+    (b"1.0", b"Connection: x-hop\r\nConnection: Keep-Alive\r\n", 0, True),
+]
+
+
+@pytest.mark.parametrize(("version", "connection", "minor", "keep_alive"), VERSIONS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_requests_version_and_keep_alive(
+    kind: ParserKind, version: bytes, connection: bytes, minor: int, keep_alive: bool
+) -> None:
+    raw = b"GET / HTTP/" + version + b"\r\nHost: a\r\n" + connection + b"\r\n"
+    handler = feed_request(kind, raw)
+    assert [(h.minor, h.keep_alive) for h in handler.heads] == [(minor, keep_alive)]
+
+
+@pytest.mark.parametrize(("version", "connection", "minor", "keep_alive"), VERSIONS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_responses_version_and_keep_alive(
+    kind: ParserKind, version: bytes, connection: bytes, minor: int, keep_alive: bool
+) -> None:
+    raw = b"HTTP/" + version + b" 200 OK\r\nContent-Length: 2\r\n" + connection + b"\r\nok"
+    handler = Responses()
+    make_response_parser(kind, handler).feed(raw)
+    assert [(h.minor, h.keep_alive) for h in handler.heads] == [(minor, keep_alive)]
+    assert handler.ended == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_nothing_of_one_heads_connection_header_carries_to_the_next(kind: ParserKind) -> None:
+    requests = feed_request(
+        kind,
+        b"GET / HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n"
+        b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.0\r\nHost: a\r\n\r\n",
+    )
+    assert [(h.minor, h.keep_alive) for h in requests.heads] == [(0, True), (1, True), (0, False)]
+    responses = Responses()
+    make_response_parser(kind, responses).feed(
+        b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\nConnection: keep-alive\r\n\r\n"
+        b"HTTP/1.1 204 No Content\r\n\r\nHTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n"
+    )
+    assert [(h.minor, h.keep_alive) for h in responses.heads] == [(0, True), (1, True), (0, False)]

@@ -25,10 +25,9 @@ bottom of the layers: it imports only the standard library (and ``httptools`` wh
 from __future__ import annotations
 
 import functools
-import operator
 import re
 from collections.abc import Iterable
-from typing import Final, Generic, Literal, NamedTuple, Protocol, TypeVar
+from typing import Any, Final, Generic, Literal, Protocol, TypeVar
 
 __all__ = [
     "REASONS",
@@ -84,39 +83,94 @@ class HttpParseError(Exception):
         self.reason = reason
 
 
-class RequestHead(NamedTuple):
+class RequestHead:
     """The request line and headers of one request, with its framing decided.
 
-    A named tuple rather than a frozen dataclass: one is built per request, and a frozen
-    dataclass's ``__init__`` (one ``object.__setattr__`` per field) cost four times as much."""
+    A plain class with slots: one is built per request, and compiled (``castiron.compiled``)
+    it is built without running any Python (a named tuple's ``__new__`` is Python code; a
+    frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``)."""
 
-    method: bytes
-    target: bytes
-    minor: int
-    """HTTP/1.``minor`` (0 or 1)."""
-    headers: list[tuple[bytes, bytes]]
-    keep_alive: bool
-    upgrade: bool
-    chunked: bool
-    content_length: int | None
-    connection: frozenset[bytes] = frozenset()
-    """The lower-cased tokens of the ``Connection`` header(s) (hop-by-hop header names)."""
+    __slots__ = (
+        "chunked",
+        "connection",
+        "content_length",
+        "headers",
+        "keep_alive",
+        "method",
+        "minor",
+        "target",
+        "upgrade",
+    )
+
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        minor: int,
+        headers: list[tuple[bytes, bytes]],
+        keep_alive: bool,
+        upgrade: bool,
+        chunked: bool,
+        content_length: int | None,
+        connection: frozenset[bytes] = frozenset(),
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.minor = minor
+        """HTTP/1.``minor`` (0 or 1)."""
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.upgrade = upgrade
+        self.chunked = chunked
+        self.content_length = content_length
+        self.connection = connection
+        """The lower-cased tokens of the ``Connection`` header(s) (hop-by-hop header names)."""
+
+    def __repr__(self) -> str:
+        return f"RequestHead({self.method!r}, {self.target!r}, HTTP/1.{self.minor})"
 
 
-class ResponseHead(NamedTuple):
-    """The status line and headers of one response, with its framing decided (a named
-    tuple, like :class:`RequestHead`)."""
+class ResponseHead:
+    """The status line and headers of one response, with its framing decided (a plain class,
+    like :class:`RequestHead`)."""
 
-    status: int
-    reason: bytes
-    minor: int
-    headers: list[tuple[bytes, bytes]]
-    keep_alive: bool
-    chunked: bool
-    content_length: int | None
-    until_close: bool
-    """The body ends when the backend closes the connection."""
-    no_body: bool
+    __slots__ = (
+        "chunked",
+        "content_length",
+        "headers",
+        "keep_alive",
+        "minor",
+        "no_body",
+        "reason",
+        "status",
+        "until_close",
+    )
+
+    def __init__(
+        self,
+        status: int,
+        reason: bytes,
+        minor: int,
+        headers: list[tuple[bytes, bytes]],
+        keep_alive: bool,
+        chunked: bool,
+        content_length: int | None,
+        until_close: bool,
+        no_body: bool,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.minor = minor
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.chunked = chunked
+        self.content_length = content_length
+        self.until_close = until_close
+        """The body ends when the backend closes the connection."""
+        self.no_body = no_body
+
+    def __repr__(self) -> str:
+        return f"ResponseHead({self.status}, HTTP/1.{self.minor})"
 
 
 class RequestHandler(Protocol):
@@ -205,6 +259,7 @@ def message_framing(headers: list[tuple[bytes, bytes]]) -> tuple[bool, int | Non
 
 
 _SPECIAL: Final = frozenset({b"connection", b"content-length", b"transfer-encoding", b"upgrade"})
+_SPECIAL_SIZES: Final = frozenset(len(name) for name in _SPECIAL)
 _HOP_FORBIDDEN: Final = frozenset({b"host", b"content-length", b"transfer-encoding"})
 """End-to-end headers a ``Connection`` header may not declare hop-by-hop (dropping them
 would change what the backend is asked)."""
@@ -251,11 +306,12 @@ def _request_head(
     hosts = 0
     host: bytes | None = None
     for name, value in headers:
-        lname = name.lower()
-        if lname == b"host":
-            hosts += 1
-            host = value
-        elif lname in _SPECIAL:
+        size = len(name)
+        if size == 4:
+            if name.lower() == b"host":
+                hosts += 1
+                host = value
+        elif size in _SPECIAL_SIZES and name.lower() in _SPECIAL:
             special = True
     if hosts != 1 or target[:1] != b"/" or not _valid_host(host or b""):
         _check_host(target, minor, host, hosts)  # raises unless an HTTP/1.0 or absolute form
@@ -446,10 +502,6 @@ class PythonRequestParser(_Framer):
         self._handler.on_request_end()
 
 
-_NAME_OF: Final = operator.itemgetter(0)
-_VALUE_OF: Final = operator.itemgetter(1)
-
-
 class _HttptoolsRequestParser:
     """The llhttp request parser through ``httptools``; same events as the Python one."""
 
@@ -465,6 +517,8 @@ class _HttptoolsRequestParser:
         self._head_bytes = 0
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        self._connection = False
+        """The head has a ``Connection`` header."""
         self._error: HttpParseError | None = None
 
     # httptools callbacks (no on_message_begin: a call per message that state reset where a
@@ -475,16 +529,20 @@ class _HttptoolsRequestParser:
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._in_head:  # trailers (after a chunked body) are dropped
             self._headers.append((name, value))
+            if len(name) == 10 and name.lower() == b"connection":
+                self._connection = True
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._head_bytes = 0
         p = self._parser
-        minor = 1 if p.get_http_version() == "1.1" else 0
+        minor = _minor(p, self._connection)
+        self._connection = False
         headers = self._headers
-        values = b"".join(map(_VALUE_OF, headers))
-        size = len(self._url) + 16 + len(values) + sum(map(len, map(_NAME_OF, headers)))
-        size += 4 * len(headers)
+        size = len(self._url) + 16
+        for name, value in headers:
+            size += len(name) + len(value) + 4
+        values = b"".join([value for _, value in headers])
         if size > self._max:
             self._error = HttpParseError(431, "request headers too large")
             raise self._error
@@ -526,6 +584,16 @@ class _HttptoolsRequestParser:
         if self._in_head and self._head_bytes > self._max:
             raise HttpParseError(431, "request headers too large")
         return None
+
+
+def _minor(parser: Any, connection: bool) -> int:
+    """The minor HTTP version of the message ``parser`` (httptools) is in (0 or 1).
+
+    Without a ``Connection`` header, llhttp keeps only an HTTP/1.1 connection alive, so its
+    cheap keep-alive answer settles the common case; ``get_http_version`` formats a string."""
+    if not connection and parser.should_keep_alive():
+        return 1
+    return 1 if parser.get_http_version() == "1.1" else 0
 
 
 def httptools_available() -> bool:
@@ -653,6 +721,7 @@ class _HttptoolsResponseParser:
         self._status = 0
         self._until_close = False
         self._in_head = True
+        self._connection = False
 
     # httptools callbacks (no on_message_begin, as in the request parser)
     def on_status(self, reason: bytes) -> None:
@@ -661,12 +730,15 @@ class _HttptoolsResponseParser:
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._in_head:  # trailers (after a chunked body) are dropped
             self._headers.append((name, value))
+            if len(name) == 10 and name.lower() == b"connection":
+                self._connection = True
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         p = self._parser
         status = self._status = p.get_status_code()
-        minor = 1 if p.get_http_version() == "1.1" else 0
+        minor = _minor(p, self._connection)
+        self._connection = False
         headers = self._headers
         reason = self._reason
         self._headers = []
@@ -675,13 +747,13 @@ class _HttptoolsResponseParser:
         length: int | None = None
         tokens: set[bytes] = set()
         for name, value in headers:
-            lname = name.lower()
-            if lname == b"content-length":
+            size = len(name)  # only the names of these lengths can matter: no lower() for others
+            if size == 14 and name.lower() == b"content-length":
                 length = int(value)  # llhttp has checked it
-            elif lname == b"transfer-encoding":
+            elif size == 17 and name.lower() == b"transfer-encoding":
                 chunked = value.strip().lower().endswith(b"chunked")
-            elif lname == b"connection":
-                tokens.update(t.strip().lower() for t in value.split(b","))
+            elif size == 10 and name.lower() == b"connection":
+                tokens.update([t.strip().lower() for t in value.split(b",")])
         if chunked:
             length = None
         keep_alive = (b"close" not in tokens) if minor == 1 else (b"keep-alive" in tokens)
