@@ -574,26 +574,27 @@ VERSIONS = [
 ]
 
 
-@pytest.mark.parametrize(("version", "connection", "minor", "keep_alive"), VERSIONS)
-@pytest.mark.parametrize("kind", KINDS)
-def test_each_requests_version_and_keep_alive(
-    kind: ParserKind, version: bytes, connection: bytes, minor: int, keep_alive: bool
-) -> None:
-    raw = b"GET / HTTP/" + version + b"\r\nHost: a\r\n" + connection + b"\r\n"
-    handler = feed_request(kind, raw)
-    assert [(h.minor, h.keep_alive) for h in handler.heads] == [(minor, keep_alive)]
-
-
-@pytest.mark.parametrize(("version", "connection", "minor", "keep_alive"), VERSIONS)
-@pytest.mark.parametrize("kind", KINDS)
-def test_each_responses_version_and_keep_alive(
-    kind: ParserKind, version: bytes, connection: bytes, minor: int, keep_alive: bool
-) -> None:
+def _first_head(kind: ParserKind, side: str, version: bytes, connection: bytes) -> tuple[int, bool]:
+    """(minor, keep_alive) of the one request or response (``side``) with these headers."""
+    if side == "request":
+        raw = b"GET / HTTP/" + version + b"\r\nHost: a\r\n" + connection + b"\r\n"
+        requests = feed_request(kind, raw)
+        assert len(requests.heads) == 1
+        return requests.heads[0].minor, requests.heads[0].keep_alive
     raw = b"HTTP/" + version + b" 200 OK\r\nContent-Length: 2\r\n" + connection + b"\r\nok"
-    handler = Responses()
-    make_response_parser(kind, handler).feed(raw)
-    assert [(h.minor, h.keep_alive) for h in handler.heads] == [(minor, keep_alive)]
-    assert handler.ended == 1
+    responses = Responses()
+    make_response_parser(kind, responses).feed(raw)
+    assert len(responses.heads) == 1 and responses.ended == 1
+    return responses.heads[0].minor, responses.heads[0].keep_alive
+
+
+@pytest.mark.parametrize(("version", "connection", "minor", "keep_alive"), VERSIONS)
+@pytest.mark.parametrize("side", ["request", "response"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_messages_version_and_keep_alive(
+    kind: ParserKind, side: str, version: bytes, connection: bytes, minor: int, keep_alive: bool
+) -> None:
+    assert _first_head(kind, side, version, connection) == (minor, keep_alive)
 
 
 @pytest.mark.parametrize("kind", KINDS)
