@@ -74,7 +74,7 @@ class BuildExt(build_ext):  # type: ignore[misc]
         if not self.extensions:
             return
         built = all(Path(self.get_ext_fullpath(e.name)).exists() for e in self.extensions)
-        package = Path(self.get_ext_fullpath("castiron.x")).parent
+        package = Path(self.get_ext_fullpath("castiron.httpcodec")).parent
         manifest = package / MANIFEST
         if not built:
             _say("the C compiler failed: the router runs as pure Python")

@@ -59,7 +59,9 @@ def test_a_missing_extension_or_record_means_source(package: Path) -> None:
 
 def test_the_environment_can_rule_them_out(package: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(compiled.ENV, "0")
-    assert compiled._decide() == compiled.Status(False, "CASTIRON_COMPILED=0: running from source")
+    assert compiled._decide() == compiled.Status(
+        False, "CASTIRON_COMPILED=0: running from source", turned_off=True
+    )
 
 
 def test_the_finder_hands_out_the_source_only_when_the_extensions_are_off(

@@ -42,9 +42,8 @@ class Status(NamedTuple):
 
     compiled: bool
     reason: str
-
-    def to_json(self) -> dict[str, object]:
-        return {"compiled": self.compiled, "reason": self.reason, "modules": list(MODULES)}
+    turned_off: bool = False
+    """Ruled out by ``CASTIRON_COMPILED=0`` (not by the build)."""
 
 
 def _source(module: str) -> str:
@@ -63,7 +62,7 @@ def _decide() -> Status:
     import json
 
     if os.environ.get(ENV, "") == "0":
-        return Status(False, f"{ENV}=0: running from source")
+        return Status(False, f"{ENV}=0: running from source", turned_off=True)
     if not all(_has_extension(m) for m in MODULES):
         return Status(False, "not compiled (no C extensions were built for this install)")
     try:

@@ -161,7 +161,7 @@ def test_without_a_spec_only_the_host_is_checked_and_nothing_optional_fails(
     [
         (compiled.Status(True, "compiled with mypyc"), "compiled with mypyc", None),
         (
-            compiled.Status(False, "CASTIRON_COMPILED=0: running from source"),
+            compiled.Status(False, "CASTIRON_COMPILED=0: running from source", turned_off=True),
             "CASTIRON_COMPILED=0: running from source",
             "unset CASTIRON_COMPILED",
         ),

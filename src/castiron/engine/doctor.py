@@ -290,7 +290,7 @@ def _router(speed: compiled.Status, find_module: Callable[[str], object]) -> Che
     fixes = []
     if absent:
         fixes.append("pip install 'castiron[fast]'")
-    if speed.reason.startswith(compiled.ENV):
+    if speed.turned_off:
         fixes.append(f"unset {compiled.ENV}")
     elif not speed.compiled:
         fixes.append(
